@@ -1,0 +1,1 @@
+"""Backends, one per module or package, each importing only ``squadbus.core``."""

@@ -1,0 +1,1 @@
+"""The ``squadbus`` command line."""

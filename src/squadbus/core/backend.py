@@ -1,0 +1,265 @@
+"""The Backend protocol every transport implements, and its companions.
+
+A backend moves :class:`~squadbus.core.envelope.Message` objects between
+publishers and subscribers. Everything else (envelope building, retries,
+dead letters, request/reply, inboxes) lives in :class:`squadbus.core.bus.Bus`
+so that it behaves the same on every backend.
+
+Extra abilities are separate protocols checked with ``isinstance``:
+:class:`Replayable` (read one execution's history back from the broker) and
+:class:`Requester` (a native request/reply faster than publish + reply subject).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol, runtime_checkable
+from uuid import UUID
+
+from squadbus.core.envelope import Message
+from squadbus.core.errors import ConfigError
+
+
+class StartFrom(enum.Enum):
+    """Where a consumer group that does not exist yet starts reading."""
+
+    EARLIEST = "earliest"
+    """Everything the backend still retains that matches (default for groups)."""
+    NEW = "new"
+    """Only messages published after the group was created."""
+
+
+class SlowConsumerPolicy(enum.Enum):
+    """What an in-process buffer does when a consumer falls behind."""
+
+    BLOCK = "block"
+    """The publisher waits for space: nothing is dropped (default)."""
+    DROP_OLDEST = "drop_oldest"
+    """The oldest buffered message is dropped and the next delivery reports the gap."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ConsumerOptions:
+    """How a subscription consumes.
+
+    ``max_deliver`` attempts are made before a message is dead-lettered;
+    ``backoff_base``·2^(attempt-1) seconds, capped at ``backoff_max``, is the
+    delay before a redelivery after a failure; ``ack_wait`` is how long a
+    delivery may stay unsettled before the backend redelivers it to another
+    member (consumer crashed or hung); ``batch_size`` is how many messages a
+    backend fetches per round trip; ``max_pending`` bounds in-process buffers.
+    """
+
+    max_deliver: int = 5
+    backoff_base: float = 0.05
+    backoff_max: float = 30.0
+    ack_wait: float = 30.0
+    batch_size: int = 256
+    max_pending: int = 10_000
+    start: StartFrom = StartFrom.EARLIEST
+    slow_consumer: SlowConsumerPolicy = SlowConsumerPolicy.BLOCK
+
+    def __post_init__(self) -> None:
+        if self.max_deliver < 1:
+            raise ConfigError("max_deliver must be at least 1")
+        if self.backoff_base < 0 or self.backoff_max < self.backoff_base:
+            raise ConfigError("need 0 <= backoff_base <= backoff_max")
+        if self.ack_wait <= 0:
+            raise ConfigError("ack_wait must be positive")
+        if self.batch_size < 1 or self.max_pending < 1:
+            raise ConfigError("batch_size and max_pending must be at least 1")
+
+    def backoff(self, attempt: int) -> float:
+        """Delay before redelivering a message whose attempt ``attempt`` failed."""
+        return min(self.backoff_max, self.backoff_base * (2 ** max(0, attempt - 1)))
+
+
+def durable_name(group: str, pattern: str) -> str:
+    """A broker-safe durable name for the consumer group ``(group, pattern)``.
+
+    A group is identified by its name *and* pattern: ``db-writer`` reading
+    ``agent.>`` and ``db-writer`` reading ``agent.dlq.>`` are two groups. Names
+    contain only ``[A-Za-z0-9_-]`` so every broker accepts them.
+    """
+    digest = hashlib.sha1(pattern.encode()).hexdigest()[:8]
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in group)
+    return f"{safe}-{digest}"
+
+
+class Delivery:
+    """One delivery of a message to one consumer.
+
+    ``attempt`` is 1 on the first delivery. ``ack``, ``nack`` and ``term``
+    are idempotent: the first call wins and returns True; later calls return
+    False and never raise. ``gap_before`` counts messages this consumer lost
+    just before this one under the ``DROP_OLDEST`` policy (0 otherwise).
+
+    Backends subclass it and implement ``_ack``, ``_nack`` and ``_term``.
+    """
+
+    __slots__ = ("message", "attempt", "group", "gap_before", "_settled", "_waiter")
+
+    def __init__(self, message: Message, *, attempt: int = 1, group: str | None = None, gap_before: int = 0) -> None:
+        self.message = message
+        self.attempt = attempt
+        self.group = group
+        self.gap_before = gap_before
+        self._settled: str | None = None
+        self._waiter: asyncio.Future[str] | None = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(self._settled or "")
+
+    def settled_future(self) -> asyncio.Future[str]:
+        """A future resolved with the outcome once the delivery is settled."""
+        if self._waiter is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+            if self._settled is not None:
+                self._waiter.set_result(self._settled)
+        return self._waiter
+
+    @property
+    def subject(self) -> str:
+        """The subject the message was published on."""
+        return self.message.subject
+
+    @property
+    def settled(self) -> str | None:
+        """None while unsettled, else "ack", "nack" or "term"."""
+        return self._settled
+
+    async def ack(self) -> bool:
+        """Mark the message processed. True if this call settled it."""
+        if self._settled is not None:
+            return False
+        self._settled = "ack"
+        try:
+            await self._ack()
+        finally:
+            self._wake()
+        return True
+
+    async def nack(self, delay: float = 0.0) -> bool:
+        """Ask for redelivery after ``delay`` seconds. True if this call settled it."""
+        if self._settled is not None:
+            return False
+        self._settled = "nack"
+        try:
+            await self._nack(max(0.0, delay))
+        finally:
+            self._wake()
+        return True
+
+    async def term(self) -> bool:
+        """Stop redelivering this message (it was dead-lettered). True if this call settled it."""
+        if self._settled is not None:
+            return False
+        self._settled = "term"
+        try:
+            await self._term()
+        finally:
+            self._wake()
+        return True
+
+    async def in_progress(self) -> None:
+        """Tell the backend the handler is still working (extends ``ack_wait``)."""
+
+    async def _ack(self) -> None:
+        raise NotImplementedError
+
+    async def _nack(self, delay: float) -> None:
+        raise NotImplementedError
+
+    async def _term(self) -> None:
+        await self._ack()
+
+
+RawHandler = Callable[[Delivery], Awaitable[None]]
+"""What a backend calls for each delivery; the Bus's wrapper always settles it."""
+
+
+class Subscription(Protocol):
+    """A running consumer. ``close()`` stops fetching, lets the handler in
+    progress finish and settle, and returns unsettled deliveries to the
+    backend for redelivery; it is idempotent."""
+
+    @property
+    def pattern(self) -> str: ...
+
+    @property
+    def group(self) -> str | None: ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A transport for messages.
+
+    Contracts every implementation keeps (the conformance suite checks them):
+
+    * ``connect()`` is called once before use; ``close()`` is idempotent,
+      stops every subscription (see :class:`Subscription`) and flushes
+      publishes in flight.
+    * ``publish(message)`` returns only once the backend has stored the
+      message (durable backends: acknowledged by the broker). It raises a
+      :class:`~squadbus.core.errors.BackendError` subclass, never hangs
+      beyond the backend's timeout. Concurrent calls are safe and may be
+      batched.
+    * ``subscribe(pattern, handler, group=..., options=...)``: with
+      ``group=None`` every such subscription gets every matching message
+      published after it started (fan-out, not durable); with a group name,
+      members of the same ``(group, pattern)`` compete for messages and each
+      message goes to one of them; different groups each get every message.
+      A group that does not exist yet starts where ``options.start`` says.
+      One subscription calls ``handler`` for one delivery at a time, in the
+      order the backend holds messages of one ``task_execution_id``.
+    * A delivery not settled within ``options.ack_wait``, or whose consumer
+      closed or died, is delivered again with ``attempt`` increased.
+    """
+
+    name: str
+
+    async def connect(self) -> None: ...
+
+    async def publish(self, message: Message) -> None: ...
+
+    async def subscribe(
+        self,
+        pattern: str,
+        handler: RawHandler,
+        *,
+        group: str | None,
+        options: ConsumerOptions,
+    ) -> Subscription: ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class Replayable(Protocol):
+    """A backend that can read one execution's messages back.
+
+    ``replay`` yields ``(position, message)`` in publish order for
+    ``task_execution_id``, starting at ``from_seq`` (a position returned by a
+    previous replay, exclusive of nothing: positions >= from_seq) or at
+    ``since`` (messages created at or after it).
+    """
+
+    def replay(
+        self, task_execution_id: UUID, *, from_seq: int = 0, since: datetime | None = None
+    ) -> AsyncIterator[tuple[int, Message]]: ...
+
+
+@runtime_checkable
+class Requester(Protocol):
+    """A backend with a native request/reply (e.g. NATS core request)."""
+
+    async def request(self, message: Message, *, timeout: float) -> Message: ...

@@ -1,0 +1,453 @@
+"""The Bus: what agent code talks to, the same on every backend.
+
+>>> async with Bus.from_url("memory://") as bus:
+...     await bus.send("pm", "dev-1", "Please build the login page", "task")
+
+The Bus builds and validates envelopes, routes them to subjects, wraps
+handlers so every delivery is acked, retried or dead-lettered, and provides
+inboxes and request/reply on top of any :class:`~squadbus.core.backend.Backend`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import secrets
+from collections.abc import AsyncIterator, Iterable
+from datetime import datetime
+from types import TracebackType
+from typing import Any
+from uuid import UUID
+
+from squadbus.core import envelope, subjects
+from squadbus.core.backend import (
+    Backend,
+    ConsumerOptions,
+    Delivery,
+    Replayable,
+    Requester,
+    StartFrom,
+    Subscription,
+)
+from squadbus.core.dispatch import DispatchStats, Handler, wrap
+from squadbus.core.envelope import DEFAULT_MAX_CONTENT_BYTES, Message
+from squadbus.core.errors import Closed, ConfigError, RequestTimeout
+from squadbus.core.registry import open_backend
+from squadbus.core.settings import Settings
+
+logger = logging.getLogger("squadbus.bus")
+
+REPLY_TO = "reply_to"
+CORRELATION_ID = "correlation_id"
+DEADLINE = "deadline"
+
+
+class Bus:
+    """Send, broadcast, subscribe, request and replay over one backend.
+
+    Use as an async context manager, or call :meth:`start` and :meth:`close`.
+    ``close()`` stops every subscription the Bus made (each finishes the
+    handler in progress) and then closes the backend if the Bus owns it.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        max_content_bytes: int = DEFAULT_MAX_CONTENT_BYTES,
+        consumer_options: ConsumerOptions | None = None,
+        owns_backend: bool = True,
+    ) -> None:
+        self.backend = backend
+        self.max_content_bytes = max_content_bytes
+        self.consumer_options = consumer_options or ConsumerOptions()
+        self.stats = DispatchStats()
+        self._owns_backend = owns_backend
+        self._subscriptions: list[Subscription] = []
+        self._started = False
+        self._closed = False
+        self._reply_token = secrets.token_hex(8)
+        self._reply_sub: Subscription | None = None
+        self._reply_lock = asyncio.Lock()
+        self._pending_replies: dict[str, asyncio.Future[Message]] = {}
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> Bus:
+        """A Bus over the backend named by ``url`` (not yet started)."""
+        return cls(open_backend(url), **kwargs)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **kwargs: Any) -> Bus:
+        """A Bus built from a :class:`Settings` object (see ``Settings.from_env``)."""
+        return cls(open_backend(settings.url), max_content_bytes=settings.max_content_bytes, **kwargs)
+
+    async def start(self) -> Bus:
+        """Connect the backend (idempotent)."""
+        if self._closed:
+            raise Closed("bus is closed")
+        if not self._started:
+            if self._owns_backend:
+                await self.backend.connect()
+            self._started = True
+        return self
+
+    async def close(self) -> None:
+        """Stop subscriptions, fail pending requests, close the backend. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        subs, self._subscriptions = self._subscriptions, []
+        for sub in reversed(subs):
+            await sub.close()
+        for fut in self._pending_replies.values():
+            if not fut.done():
+                fut.set_exception(Closed("bus closed while waiting for a reply"))
+        self._pending_replies.clear()
+        if self._owns_backend and self._started:
+            await self.backend.close()
+
+    async def __aenter__(self) -> Bus:
+        return await self.start()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Closed("bus is closed")
+        if not self._started:
+            raise Closed("bus is not started: use 'async with' or await bus.start()")
+
+    # ---- publishing -------------------------------------------------------------------------
+
+    async def publish(self, message: Message) -> Message:
+        """Publish a ready-made message on its own subject; returns it once stored."""
+        self._check_open()
+        envelope.validate(message, max_content_bytes=self.max_content_bytes)
+        await self.backend.publish(message)
+        return message
+
+    async def send(
+        self,
+        sender_id: object,
+        recipient_id: object | None,
+        content: str,
+        message_type: str = "message",
+        *,
+        task_execution_id: UUID | str | None = None,
+        metadata: dict[str, Any] | None = None,
+        id: UUID | str | None = None,
+        domain: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Message:
+        """Send a direct message; ``recipient_id=None`` broadcasts to the whole squad."""
+        self._check_open()
+        if recipient_id is None:
+            subject = subjects.BROADCAST if domain is None else subjects.domain(domain)
+        else:
+            subject = subjects.direct(str(recipient_id))
+        message = envelope.build(
+            subject=subject,
+            sender_id=sender_id,
+            recipient_id=recipient_id,
+            content=content,
+            message_type=message_type,
+            domain=domain,
+            task_execution_id=task_execution_id,
+            metadata=metadata,
+            headers=headers,
+            id=id,
+            max_content_bytes=self.max_content_bytes,
+        )
+        await self.backend.publish(message)
+        return message
+
+    async def broadcast(
+        self,
+        sender_id: object,
+        content: str,
+        message_type: str = "broadcast",
+        *,
+        domain: str | None = None,
+        task_execution_id: UUID | str | None = None,
+        metadata: dict[str, Any] | None = None,
+        id: UUID | str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Message:
+        """Broadcast to every agent of ``domain``, or to the whole squad when None."""
+        return await self.send(
+            sender_id, None, content, message_type,
+            domain=domain, task_execution_id=task_execution_id, metadata=metadata, id=id, headers=headers,
+        )
+
+    async def send_message(
+        self,
+        sender_id: object,
+        recipient_id: object | None,
+        content: str,
+        message_type: str,
+        metadata: dict[str, Any] | None = None,
+        task_execution_id: UUID | str | None = None,
+        db: object | None = None,
+    ) -> Message:
+        """The guide's ``MessageBus.send_message``, unchanged for agent code written against it.
+
+        ``db`` is accepted and ignored: history is written by the db-writer
+        consumer group, idempotently, not inside the send path.
+        """
+        return await self.send(
+            sender_id, recipient_id, content, message_type,
+            metadata=metadata, task_execution_id=task_execution_id,
+        )
+
+    # ---- consuming --------------------------------------------------------------------------
+
+    async def subscribe(
+        self,
+        pattern: str,
+        handler: Handler,
+        *,
+        group: str | None = None,
+        options: ConsumerOptions | None = None,
+    ) -> Subscription:
+        """Run ``handler`` for every message matching ``pattern``.
+
+        ``group=None``: this subscription alone sees every new message (fan-out).
+        With a group name, subscriptions of the same group and pattern share
+        the work and each group gets every message. The handler returning
+        acks; raising nacks (retried with backoff, dead-lettered after
+        ``max_deliver``); see :mod:`squadbus.core.dispatch`.
+        """
+        self._check_open()
+        subjects.validate_pattern(pattern)
+        if group is not None:
+            subjects.validate_token(group, what="group")
+        opts = options or self.consumer_options
+        raw = wrap(handler, opts, self.backend.publish, self.stats)
+        sub = await self.backend.subscribe(pattern, raw, group=group, options=opts)
+        self._subscriptions.append(sub)
+        return sub
+
+    async def unsubscribe(self, sub: Subscription) -> None:
+        """Close one subscription made by this Bus."""
+        if sub in self._subscriptions:
+            self._subscriptions.remove(sub)
+        await sub.close()
+
+    def inbox(
+        self,
+        agent_id: object,
+        *,
+        domains: Iterable[str] = (),
+        broadcasts: bool = True,
+        options: ConsumerOptions | None = None,
+    ) -> Inbox:
+        """The inbox of ``agent_id``: its direct messages, plus squad and domain broadcasts.
+
+        Direct messages sent before the inbox was first opened wait for it
+        (within what the backend retains); broadcasts are received from the
+        first opening on. Use ``async with bus.inbox("dev-1") as inbox:`` and
+        ``async for delivery in inbox``.
+        """
+        return Inbox(self, str(agent_id), tuple(domains), broadcasts, options or self.consumer_options)
+
+    # ---- request / reply --------------------------------------------------------------------
+
+    async def _ensure_reply_subscription(self) -> None:
+        if self._reply_sub is not None:
+            return
+        async with self._reply_lock:
+            if self._reply_sub is not None:
+                return
+
+            async def on_reply(delivery: Delivery) -> None:
+                correlation = delivery.message.headers.get(CORRELATION_ID)
+                fut = self._pending_replies.pop(correlation or "", None)
+                if fut is not None and not fut.done():
+                    fut.set_result(delivery.message)
+
+            pattern = f"{subjects.REPLY_PREFIX}.{self._reply_token}.*"
+            options = ConsumerOptions(max_deliver=1, start=StartFrom.NEW)
+            self._reply_sub = await self.subscribe(pattern, on_reply, options=options)
+
+    async def request(
+        self,
+        sender_id: object,
+        recipient_id: object,
+        content: str,
+        message_type: str = "request",
+        *,
+        timeout: float = 5.0,
+        task_execution_id: UUID | str | None = None,
+        metadata: dict[str, Any] | None = None,
+        id: UUID | str | None = None,
+    ) -> Message:
+        """Send a request to ``recipient_id`` and wait for its reply.
+
+        Raises :class:`~squadbus.core.errors.RequestTimeout` when no reply
+        arrives within ``timeout`` seconds. The responder calls :meth:`reply`.
+        """
+        self._check_open()
+        if timeout <= 0:
+            raise ConfigError("timeout must be positive")
+        message_id = envelope.new_id() if id is None else UUID(str(id))
+        deadline = envelope.utcnow().timestamp() + timeout
+        backend = self.backend
+        if isinstance(backend, Requester):
+            message = envelope.build(
+                subject=subjects.direct(str(recipient_id)), sender_id=sender_id, recipient_id=recipient_id,
+                content=content, message_type=message_type, task_execution_id=task_execution_id,
+                metadata=metadata, id=message_id, headers={DEADLINE: f"{deadline:.6f}"},
+                max_content_bytes=self.max_content_bytes,
+            )
+            return await backend.request(message, timeout=timeout)
+        await self._ensure_reply_subscription()
+        key = str(message_id)
+        fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._pending_replies[key] = fut
+        try:
+            await self.send(
+                sender_id, recipient_id, content, message_type,
+                task_execution_id=task_execution_id, metadata=metadata, id=message_id,
+                headers={REPLY_TO: subjects.reply(self._reply_token, key), DEADLINE: f"{deadline:.6f}"},
+            )
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError as exc:
+            raise RequestTimeout(f"no reply from {recipient_id} within {timeout}s") from exc
+        finally:
+            self._pending_replies.pop(key, None)
+
+    async def reply(
+        self,
+        request: Message,
+        sender_id: object,
+        content: str,
+        message_type: str = "reply",
+        *,
+        metadata: dict[str, Any] | None = None,
+    ) -> Message:
+        """Answer ``request`` (a message that came from :meth:`request`)."""
+        self._check_open()
+        reply_to = request.headers.get(REPLY_TO)
+        if not reply_to:
+            raise ConfigError(f"message {request.id} has no {REPLY_TO} header: it is not a request")
+        message = envelope.build(
+            subject=reply_to, sender_id=sender_id, recipient_id=request.sender_id, content=content,
+            message_type=message_type, task_execution_id=request.task_execution_id, metadata=metadata,
+            headers={CORRELATION_ID: str(request.id)}, max_content_bytes=self.max_content_bytes,
+        )
+        await self.backend.publish(message)
+        return message
+
+    # ---- history ----------------------------------------------------------------------------
+
+    def can_replay(self) -> bool:
+        """True when the backend can replay an execution."""
+        return isinstance(self.backend, Replayable)
+
+    async def replay(
+        self, task_execution_id: UUID | str, *, from_seq: int = 0, since: datetime | None = None
+    ) -> AsyncIterator[tuple[int, Message]]:
+        """Yield ``(position, message)`` of one execution from the backend, in order.
+
+        Raises ConfigError when the backend cannot replay (see :meth:`can_replay`);
+        the full history is always in the HistoryStore.
+        """
+        self._check_open()
+        backend = self.backend
+        if not isinstance(backend, Replayable):
+            raise ConfigError(f"backend {backend.name!r} cannot replay; query the history store instead")
+        execution = task_execution_id if isinstance(task_execution_id, UUID) else UUID(str(task_execution_id))
+        async for item in backend.replay(execution, from_seq=from_seq, since=since):
+            yield item
+
+
+class Inbox:
+    """An agent's inbox: an async iterator of deliveries, one at a time.
+
+    Each delivery must be settled (``ack``/``nack``) before the next arrives;
+    asking for the next one acks the previous one if it is still unsettled.
+    """
+
+    def __init__(
+        self, bus: Bus, agent_id: str, domains: tuple[str, ...], broadcasts: bool, options: ConsumerOptions
+    ) -> None:
+        subjects.validate_token(agent_id, what="agent_id")
+        self.agent_id = agent_id
+        self._bus = bus
+        self._patterns: list[tuple[str, StartFrom]] = [(subjects.direct(agent_id), StartFrom.EARLIEST)]
+        if broadcasts:
+            self._patterns.append((subjects.BROADCAST, StartFrom.NEW))
+        for name in domains:
+            self._patterns.append((subjects.domain(name), StartFrom.NEW))
+        self._options = options
+        # Unbounded on purpose: each subscription hands over one delivery at a
+        # time and waits for it to be settled, so it never holds more than
+        # one entry per pattern.
+        self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
+        self._subs: list[Subscription] = []
+        self._current: Delivery | None = None
+        self._closed = False
+
+    @property
+    def group(self) -> str:
+        """The consumer-group name of this inbox."""
+        return f"inbox-{self.agent_id}"
+
+    async def open(self) -> Inbox:
+        """Start receiving (idempotent)."""
+        if self._subs:
+            return self
+        self._closed = False
+        for pattern, start in self._patterns:
+            opts = dataclasses.replace(self._options, start=start)
+            self._subs.append(await self._bus.subscribe(pattern, self._enqueue, group=self.group, options=opts))
+        return self
+
+    async def _enqueue(self, delivery: Delivery) -> None:
+        if self._closed:
+            await delivery.nack()
+            return
+        done = delivery.settled_future()
+        self._queue.put_nowait(delivery)
+        await done
+
+    async def close(self) -> None:
+        """Stop receiving; an unsettled current delivery is nacked for redelivery."""
+        self._closed = True
+        current, self._current = self._current, None
+        if current is not None and current.settled is None:
+            await current.nack()
+        while not self._queue.empty():
+            pending = self._queue.get_nowait()
+            await pending.nack()
+        subs, self._subs = self._subs, []
+        await asyncio.gather(*(self._bus.unsubscribe(sub) for sub in subs))
+
+    async def __aenter__(self) -> Inbox:
+        return await self.open()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def __aiter__(self) -> Inbox:
+        return self
+
+    async def __anext__(self) -> Delivery:
+        if self._closed or not self._subs:
+            raise StopAsyncIteration
+        current = self._current
+        if current is not None and current.settled is None:
+            await current.ack()
+        self._current = await self._queue.get()
+        return self._current
+
+    async def get(self, timeout: float | None = None) -> Delivery:
+        """The next delivery; raises TimeoutError after ``timeout`` seconds."""
+        return await asyncio.wait_for(self.__anext__(), timeout)
+

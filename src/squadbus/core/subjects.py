@@ -1,0 +1,127 @@
+"""Subject syntax, builders and the one wildcard matcher (NATS semantics).
+
+A subject is dot-separated tokens, e.g. ``agent.message.dev-1``. A pattern may
+also use ``*`` (exactly one token) and ``>`` (one or more tokens, last only).
+Tokens are non-empty and contain no whitespace, no dots and no wildcards
+characters except as a whole wildcard token in a pattern.
+
+The scheme every backend uses:
+
+* direct message:       ``agent.message.<recipient_id>``
+* domain broadcast:     ``agent.message.domain.<domain>``
+* squad broadcast:      ``agent.message.broadcast``
+* reply to a request:   ``agent.reply.<token>.<request_id>``
+* dead letters:         ``agent.dlq.<group>``
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from squadbus.core.errors import InvalidSubject
+
+ROOT = "agent"
+MESSAGE_PREFIX = "agent.message"
+BROADCAST = "agent.message.broadcast"
+DOMAIN_PREFIX = "agent.message.domain"
+REPLY_PREFIX = "agent.reply"
+DLQ_PREFIX = "agent.dlq"
+ALL = "agent.>"
+
+# Words that would make a direct subject look like a broadcast subject.
+RESERVED_AGENT_IDS = frozenset({"broadcast", "domain"})
+_BAD_CHARS = frozenset(" \t\r\n.*>\x00")
+MAX_SUBJECT_LENGTH = 512
+
+
+def validate_token(token: str, *, what: str = "token") -> str:
+    """Return ``token`` if it can stand as one subject token, else raise InvalidSubject."""
+    if not isinstance(token, str) or not token:
+        raise InvalidSubject(f"{what} must be a non-empty string, got {token!r}")
+    if not _BAD_CHARS.isdisjoint(token):
+        raise InvalidSubject(f"{what} {token!r} may not contain whitespace, '.', '*' or '>'")
+    return token
+
+
+def _split(subject: str, *, what: str) -> list[str]:
+    if not isinstance(subject, str) or not subject:
+        raise InvalidSubject(f"{what} must be a non-empty string, got {subject!r}")
+    if len(subject) > MAX_SUBJECT_LENGTH:
+        raise InvalidSubject(f"{what} is longer than {MAX_SUBJECT_LENGTH} characters")
+    tokens = subject.split(".")
+    if any(not t for t in tokens):
+        raise InvalidSubject(f"{what} {subject!r} has an empty token")
+    return tokens
+
+
+def validate_subject(subject: str) -> str:
+    """Return ``subject`` if it is a valid publish subject (no wildcards), else raise."""
+    for token in _split(subject, what="subject"):
+        if token in ("*", ">") or not _BAD_CHARS.isdisjoint(token):
+            raise InvalidSubject(f"subject {subject!r}: token {token!r} is not allowed when publishing")
+    return subject
+
+
+def validate_pattern(pattern: str) -> str:
+    """Return ``pattern`` if it is a valid subscription pattern, else raise InvalidSubject."""
+    tokens = _split(pattern, what="pattern")
+    for i, token in enumerate(tokens):
+        if token == ">":
+            if i != len(tokens) - 1:
+                raise InvalidSubject(f"pattern {pattern!r}: '>' must be the last token")
+        elif token != "*" and not _BAD_CHARS.isdisjoint(token):
+            raise InvalidSubject(f"pattern {pattern!r}: token {token!r} is not allowed")
+    return pattern
+
+
+def is_literal(pattern: str) -> bool:
+    """True when the pattern has no wildcard token."""
+    return "*" not in pattern and ">" not in pattern
+
+
+def matches(pattern: str, subject: str) -> bool:
+    """True when ``subject`` matches ``pattern`` under NATS wildcard rules.
+
+    Both arguments are assumed valid (see :func:`validate_pattern` and
+    :func:`validate_subject`).
+    """
+    if pattern == subject:
+        return True
+    p = pattern.split(".")
+    s = subject.split(".")
+    for i, token in enumerate(p):
+        if token == ">":
+            return len(s) > i
+        if i >= len(s):
+            return False
+        if token != "*" and token != s[i]:
+            return False
+    return len(p) == len(s)
+
+
+def overlaps(patterns: Iterable[str], subject: str) -> bool:
+    """True when any of ``patterns`` matches ``subject``."""
+    return any(matches(p, subject) for p in patterns)
+
+
+def direct(recipient_id: str) -> str:
+    """Subject of a direct message to one agent."""
+    validate_token(recipient_id, what="recipient_id")
+    if recipient_id in RESERVED_AGENT_IDS:
+        raise InvalidSubject(f"agent id {recipient_id!r} is reserved")
+    return f"{MESSAGE_PREFIX}.{recipient_id}"
+
+
+def domain(name: str) -> str:
+    """Subject of a broadcast to every agent of one domain."""
+    return f"{DOMAIN_PREFIX}.{validate_token(name, what='domain')}"
+
+
+def reply(token: str, request_id: str) -> str:
+    """Subject a reply to ``request_id`` is published on."""
+    return f"{REPLY_PREFIX}.{validate_token(token, what='reply token')}.{request_id}"
+
+
+def dead_letter(group: str) -> str:
+    """Subject dead letters of consumer group ``group`` go to."""
+    return f"{DLQ_PREFIX}.{validate_token(group, what='group')}"

@@ -1,0 +1,474 @@
+"""The conformance suite every backend runs unchanged (Watermill's ``TestPubSub`` idea).
+
+A backend's test module subclasses :class:`ConformanceSuite`, sets
+``features`` and provides one fixture, ``bus_factory``: an async callable
+returning a *started* :class:`~squadbus.core.bus.Bus` connected to the same
+broker each time it is called (the suite closes what it opens)::
+
+    class TestRedisConformance(ConformanceSuite):
+        features = Features(name="redis", persistent=True)
+
+        @pytest.fixture
+        async def bus_factory(self, redis_url):
+            async def make() -> Bus:
+                return await Bus.from_url(redis_url).start()
+            return make
+
+Every test uses fresh agent ids, groups and executions, so a shared server
+needs no cleaning between tests. Waits are bounded by ``features.timeout``;
+no test asserts how fast anything happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import pytest
+
+from squadbus.core import subjects
+from squadbus.core.backend import ConsumerOptions, Delivery, StartFrom
+from squadbus.core.bus import Bus
+from squadbus.core.dispatch import DLQ_ATTEMPTS, DLQ_GROUP, DLQ_ORIGINAL_ID, DLQ_REASON
+from squadbus.core.envelope import Message
+from squadbus.core.errors import (
+    ConfigError,
+    InvalidSubject,
+    MessageTooLarge,
+    RequestTimeout,
+)
+
+BusFactory = Callable[[], Awaitable[Bus]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Features:
+    """What a backend promises beyond the common contract.
+
+    ``persistent``: messages survive the broker restarting (tested by the
+    backend's own fault tests; here it only documents). ``dedupe``: the
+    backend drops a second publish of the same ``id``; without it, delivery is
+    at-least-once and the store dedupes. ``replay``: the backend implements
+    :class:`~squadbus.core.backend.Replayable`. ``splits_work``: members of
+    one group each get part of the work under load. ``timeout``: seconds any
+    wait may take before the test fails. ``scale``: a multiplier on message
+    counts for slow backends (1.0 = the full suite).
+    """
+
+    name: str
+    persistent: bool = True
+    dedupe: bool = True
+    replay: bool = True
+    splits_work: bool = True
+    timeout: float = 20.0
+    scale: float = 1.0
+
+
+def _uid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+async def eventually(check: Callable[[], bool], timeout: float, what: str) -> None:
+    """Wait until ``check()`` is true; fail the test with ``what`` after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        if loop.time() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+class Collector:
+    """A handler that records every delivery it acks."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+        self.deliveries: list[Delivery] = []
+
+    async def __call__(self, delivery: Delivery) -> None:
+        self.deliveries.append(delivery)
+        self.messages.append(delivery.message)
+
+    @property
+    def ids(self) -> list[uuid.UUID]:
+        return [m.id for m in self.messages]
+
+
+class ConformanceSuite:
+    """Behaviour every backend must show. Subclass it; see the module docstring."""
+
+    features: Features
+
+    @pytest.fixture
+    async def open_bus(self, bus_factory: BusFactory) -> AsyncIterator[BusFactory]:
+        """Open buses through ``bus_factory`` and close them all after the test."""
+        opened: list[Bus] = []
+
+        async def make() -> Bus:
+            bus = await bus_factory()
+            opened.append(bus)
+            return bus
+
+        yield make
+        for bus in reversed(opened):
+            await bus.close()
+
+    @pytest.fixture
+    async def bus(self, open_bus: BusFactory) -> Bus:
+        """One started Bus."""
+        return await open_bus()
+
+    def n(self, count: int) -> int:
+        """``count`` scaled by ``features.scale`` (at least 2)."""
+        return max(2, int(count * self.features.scale))
+
+    # ---- basics ------------------------------------------------------------------------------
+
+    async def test_publish_subscribe_keeps_payload_and_metadata(self, bus: Bus) -> None:
+        agent, execution = _uid("agent"), uuid.uuid4()
+        got = Collector()
+        await bus.subscribe(subjects.direct(agent), got, group=_uid("g"))
+        metadata = {"priority": 2, "tags": ["a", "ü"], "nested": {"ok": True, "n": None}}
+        sent = await bus.send(
+            "pm", agent, "héllo ✓ " * 100, "question",
+            task_execution_id=execution, metadata=metadata, headers={"traceparent": "00-abc-def-01"},
+        )
+        await eventually(lambda: len(got.messages) == 1, self.features.timeout, "one delivery")
+        received = got.messages[0]
+        assert received == sent
+        assert received.metadata == metadata
+        assert received.created_at == sent.created_at
+        assert received.headers["traceparent"] == "00-abc-def-01"
+        assert got.deliveries[0].attempt == 1
+
+    async def test_topic_isolation(self, bus: Bus) -> None:
+        a, b = _uid("a"), _uid("b")
+        got_a, got_b = Collector(), Collector()
+        await bus.subscribe(subjects.direct(a), got_a, group=_uid("g"))
+        await bus.subscribe(subjects.direct(b), got_b, group=_uid("g"))
+        for i in range(5):
+            await bus.send("pm", a, f"for-a-{i}")
+        await bus.send("pm", b, "for-b")
+        await eventually(lambda: len(got_a.messages) == 5 and len(got_b.messages) == 1, self.features.timeout,
+                         "5 messages for a and 1 for b")
+        await asyncio.sleep(0.2)
+        assert [m.content for m in got_b.messages] == ["for-b"]
+        assert all(m.recipient_id == a for m in got_a.messages)
+
+    async def test_wildcard_routing(self, bus: Bus) -> None:
+        tag = uuid.uuid4().hex[:8]
+        one_token, rest = Collector(), Collector()
+        await bus.subscribe("agent.message.domain.*", one_token, group=_uid("g"), options=_new())
+        await bus.subscribe("agent.message.>", rest, group=_uid("g"), options=_new())
+        direct = await bus.send("pm", f"dev-{tag}", "direct")
+        dom = await bus.broadcast("pm", "to dev domain", domain=f"dev{tag}")
+        squad = await bus.broadcast("pm", "to all")
+        await eventually(lambda: {direct.id, dom.id, squad.id} <= set(rest.ids), self.features.timeout,
+                         "agent.message.> to see all three")
+        await eventually(lambda: dom.id in one_token.ids, self.features.timeout, "domain.* to see the domain one")
+        await asyncio.sleep(0.2)
+        assert direct.id not in one_token.ids and squad.id not in one_token.ids
+
+    async def test_invalid_input_is_refused_and_nothing_is_delivered(self, bus: Bus) -> None:
+        agent = _uid("agent")
+        got = Collector()
+        await bus.subscribe(subjects.direct(agent), got, group=_uid("g"))
+        with pytest.raises(InvalidSubject):
+            await bus.send("pm", "bad.agent", "x")
+        with pytest.raises(InvalidSubject):
+            await bus.subscribe("agent..x", got)
+        with pytest.raises(MessageTooLarge):
+            await bus.send("pm", agent, "x" * (bus.max_content_bytes + 1))
+        with pytest.raises(ValueError, match="metadata"):
+            await bus.send("pm", agent, "x", metadata=["not", "an", "object"])  # type: ignore[arg-type]
+        ok = await bus.send("pm", agent, "fine")
+        await eventually(lambda: len(got.messages) >= 1, self.features.timeout, "the valid message")
+        await asyncio.sleep(0.2)
+        assert got.ids == [ok.id]
+
+    # ---- concurrency -------------------------------------------------------------------------
+
+    async def test_concurrent_publishers_and_subscribers(self, bus: Bus, open_bus: BusFactory) -> None:
+        agent = _uid("agent")
+        publishers, subscribers, per_publisher = 50, self.n(50), 4
+        collectors = [Collector() for _ in range(subscribers)]
+        for c in collectors:
+            await bus.subscribe(subjects.direct(agent), c, group=_uid("g"))
+        other = await open_bus()
+
+        async def publish(p: int) -> list[uuid.UUID]:
+            target = bus if p % 2 else other
+            return [(await target.send(f"pub-{p}", agent, f"{p}-{i}")).id for i in range(per_publisher)]
+
+        sent = {i for ids in await asyncio.gather(*(publish(p) for p in range(publishers))) for i in ids}
+        assert len(sent) == publishers * per_publisher
+        for c in collectors:
+            await eventually(lambda c=c: set(c.ids) >= sent, self.features.timeout * 2, "every subscriber to get all")
+
+    async def test_many_subjects_concurrently(self, bus: Bus) -> None:
+        agents = [_uid("agent") for _ in range(self.n(20))]
+        collectors = {a: Collector() for a in agents}
+        for a in agents:
+            await bus.subscribe(subjects.direct(a), collectors[a], group=_uid("g"))
+
+        async def publish(a: str) -> None:
+            for i in range(10):
+                await bus.send("pm", a, f"{a}-{i}")
+
+        await asyncio.gather(*(publish(a) for a in agents))
+        for a in agents:
+            c = collectors[a]
+            await eventually(lambda c=c: len(c.messages) >= 10, self.features.timeout, f"10 messages for {a}")
+            assert {m.recipient_id for m in c.messages} == {a}
+            assert [m.content for m in c.messages] == [f"{a}-{i}" for i in range(10)]
+
+    # ---- acknowledgement ---------------------------------------------------------------------
+
+    async def test_redelivery_on_failure_counts_attempts(self, bus: Bus) -> None:
+        agent = _uid("agent")
+        attempts: list[int] = []
+
+        async def flaky(delivery: Delivery) -> None:
+            attempts.append(delivery.attempt)
+            if delivery.attempt < 3:
+                raise RuntimeError("not yet")
+
+        options = ConsumerOptions(max_deliver=5, backoff_base=0.01, backoff_max=0.05, ack_wait=5)
+        await bus.subscribe(subjects.direct(agent), flaky, group=_uid("g"), options=options)
+        await bus.send("pm", agent, "retry me")
+        await eventually(lambda: attempts[-1:] == [3], self.features.timeout, "third attempt")
+        await asyncio.sleep(0.3)
+        assert attempts == [1, 2, 3]
+
+    async def test_explicit_nack_redelivers(self, bus: Bus) -> None:
+        agent = _uid("agent")
+        seen: list[int] = []
+
+        async def handler(delivery: Delivery) -> None:
+            seen.append(delivery.attempt)
+            if delivery.attempt == 1:
+                assert await delivery.nack(0.01) is True
+                assert await delivery.nack() is False  # first settle wins
+                assert await delivery.ack() is False
+
+        await bus.subscribe(subjects.direct(agent), handler, group=_uid("g"),
+                            options=ConsumerOptions(ack_wait=5))
+        await bus.send("pm", agent, "nack me once")
+        await eventually(lambda: seen == [1, 2], self.features.timeout, "one redelivery")
+
+    async def test_no_second_message_while_first_is_unsettled(self, bus: Bus) -> None:
+        agent = _uid("agent")
+        release = asyncio.Event()
+        order: list[str] = []
+
+        async def handler(delivery: Delivery) -> None:
+            order.append(delivery.message.content)
+            if delivery.message.content == "1":
+                await release.wait()
+
+        await bus.subscribe(subjects.direct(agent), handler, group=_uid("g"), options=ConsumerOptions(ack_wait=10))
+        await bus.send("pm", agent, "1")
+        await bus.send("pm", agent, "2")
+        await eventually(lambda: order == ["1"], self.features.timeout, "the first message")
+        await asyncio.sleep(0.3)
+        assert order == ["1"]
+        release.set()
+        await eventually(lambda: order == ["1", "2"], self.features.timeout, "the second message after ack")
+
+    async def test_dead_letter_after_max_deliver_with_reason(self, bus: Bus) -> None:
+        agent, group = _uid("agent"), _uid("g")
+        dlq = Collector()
+        await bus.subscribe(subjects.dead_letter(group), dlq, group=_uid("dlq"))
+        attempts: list[int] = []
+
+        async def always_fails(delivery: Delivery) -> None:
+            attempts.append(delivery.attempt)
+            raise ValueError("cannot parse the task")
+
+        options = ConsumerOptions(max_deliver=3, backoff_base=0.01, backoff_max=0.02, ack_wait=5)
+        await bus.subscribe(subjects.direct(agent), always_fails, group=group, options=options)
+        sent = await bus.send("pm", agent, "poison")
+        await eventually(lambda: len(dlq.messages) == 1, self.features.timeout, "one dead letter")
+        dead = dlq.messages[0]
+        assert dead.headers[DLQ_ORIGINAL_ID] == str(sent.id)
+        assert dead.headers[DLQ_GROUP] == group
+        assert dead.headers[DLQ_ATTEMPTS] == "3"
+        assert "cannot parse the task" in dead.headers[DLQ_REASON]
+        assert dead.content == "poison"
+        await asyncio.sleep(0.3)
+        assert attempts == [1, 2, 3]
+
+    # ---- groups ------------------------------------------------------------------------------
+
+    async def test_each_group_gets_everything_members_split(self, bus: Bus, open_bus: BusFactory) -> None:
+        agent = _uid("agent")
+        other = await open_bus()
+        analytics, member_a, member_b = Collector(), Collector(), Collector()
+        workers = _uid("workers")
+
+        def slow(c: Collector) -> Callable[[Delivery], Awaitable[None]]:
+            async def handler(delivery: Delivery) -> None:
+                await c(delivery)
+                await asyncio.sleep(0.005)
+            return handler
+
+        await bus.subscribe(subjects.direct(agent), analytics, group=_uid("analytics"))
+        await bus.subscribe(subjects.direct(agent), slow(member_a), group=workers)
+        await other.subscribe(subjects.direct(agent), slow(member_b), group=workers)
+        total = self.n(200)
+        sent = [
+            (await bus.send("pm", agent, f"job-{i}", task_execution_id=uuid.uuid4())).id for i in range(total)
+        ]
+        await eventually(lambda: len(set(analytics.ids)) == total, self.features.timeout, "analytics to get all")
+        await eventually(lambda: len(set(member_a.ids) | set(member_b.ids)) == total, self.features.timeout * 2,
+                         "the workers group to get all")
+        await asyncio.sleep(0.3)
+        counts = Counter(member_a.ids + member_b.ids)
+        assert set(counts) == set(sent)
+        assert max(counts.values()) == 1, "a message acked by one member went to another"
+        if self.features.splits_work:
+            assert member_a.messages and member_b.messages, "both members should get work"
+
+    async def test_group_resumes_after_close(self, bus: Bus, open_bus: BusFactory) -> None:
+        agent, group = _uid("agent"), _uid("g")
+        first = Collector()
+        sub = await bus.subscribe(subjects.direct(agent), first, group=group)
+        before = [(await bus.send("pm", agent, f"a{i}")).id for i in range(5)]
+        await eventually(lambda: len(first.messages) == 5, self.features.timeout, "first five")
+        await bus.unsubscribe(sub)
+        after = [(await bus.send("pm", agent, f"b{i}")).id for i in range(5)]
+        second = Collector()
+        other = await open_bus()
+        await other.subscribe(subjects.direct(agent), second, group=group)
+        await eventually(lambda: len(second.messages) >= 5, self.features.timeout, "the five sent while closed")
+        await asyncio.sleep(0.3)
+        assert first.ids == before
+        assert second.ids == after
+
+    async def test_close_while_consuming_loses_nothing(self, bus: Bus, open_bus: BusFactory) -> None:
+        agent, group = _uid("agent"), _uid("g")
+        done: list[uuid.UUID] = []
+
+        async def slow(delivery: Delivery) -> None:
+            await asyncio.sleep(0.01)
+            done.append(delivery.message.id)
+
+        consumer = await open_bus()
+        await consumer.subscribe(subjects.direct(agent), slow, group=group, options=ConsumerOptions(ack_wait=3))
+        total = self.n(60)
+        sent = [(await bus.send("pm", agent, f"m{i}")).id for i in range(total)]
+        await eventually(lambda: len(done) >= 5, self.features.timeout, "some progress")
+        await consumer.close()
+        replacement = await open_bus()
+        await replacement.subscribe(subjects.direct(agent), slow, group=group, options=ConsumerOptions(ack_wait=3))
+        await eventually(lambda: set(done) >= set(sent), self.features.timeout * 2, "every message processed")
+
+    async def test_order_per_execution(self, bus: Bus) -> None:
+        agent, group = _uid("agent"), _uid("g")
+        got = Collector()
+        await bus.subscribe(subjects.direct(agent), got, group=group)
+        executions = [uuid.uuid4() for _ in range(16)]
+        per_execution = self.n(20)
+
+        async def run(execution: uuid.UUID) -> None:
+            for i in range(per_execution):
+                await bus.send("pm", agent, str(i), task_execution_id=execution)
+
+        await asyncio.gather(*(run(e) for e in executions))
+        total = len(executions) * per_execution
+        await eventually(lambda: len(got.messages) >= total, self.features.timeout * 2, "every message")
+        by_execution: dict[uuid.UUID | None, list[int]] = defaultdict(list)
+        for m in got.messages:
+            by_execution[m.task_execution_id].append(int(m.content))
+        for execution in executions:
+            assert by_execution[execution] == list(range(per_execution)), f"order broken for {execution}"
+
+    # ---- inbox, request/reply, dedupe, replay ------------------------------------------------
+
+    async def test_inbox_holds_direct_messages_sent_before_it_opens(self, bus: Bus) -> None:
+        agent = _uid("agent")
+        early = await bus.send("pm", agent, "sent before the inbox opened", "task")
+        async with bus.inbox(agent) as inbox:
+            first = await inbox.get(self.features.timeout)
+            assert first.message.id == early.id
+            await first.ack()
+            squad = await bus.broadcast("pm", "stand-up in 5")
+            second = await inbox.get(self.features.timeout)
+            assert second.message.id == squad.id
+            assert second.attempt == 1
+
+    async def test_inbox_nack_redelivers_to_the_same_agent(self, bus: Bus) -> None:
+        agent = _uid("agent")
+        async with bus.inbox(agent, broadcasts=False) as inbox:
+            sent = await bus.send("pm", agent, "do it twice")
+            first = await inbox.get(self.features.timeout)
+            await first.nack(0.01)
+            again = await inbox.get(self.features.timeout)
+            assert again.message.id == sent.id
+            assert again.attempt == 2
+
+    async def test_request_reply_and_timeout(self, bus: Bus, open_bus: BusFactory) -> None:
+        responder_bus = await open_bus()
+        agent = _uid("agent")
+
+        async def answer(delivery: Delivery) -> None:
+            await responder_bus.reply(delivery.message, agent, delivery.message.content.upper())
+
+        await responder_bus.subscribe(subjects.direct(agent), answer, group=_uid("g"))
+        reply = await bus.request("pm", agent, "status?", timeout=self.features.timeout)
+        assert reply.content == "STATUS?"
+        assert reply.sender_id == agent
+        silent = _uid("silent")
+        with pytest.raises(RequestTimeout):
+            await bus.request("pm", silent, "anyone?", timeout=0.5)
+
+    async def test_duplicate_id_is_delivered_once_or_marked(self, bus: Bus) -> None:
+        agent = _uid("agent")
+        got = Collector()
+        await bus.subscribe(subjects.direct(agent), got, group=_uid("g"))
+        message_id = uuid.uuid4()
+        await bus.send("pm", agent, "once", id=message_id)
+        await bus.send("pm", agent, "once", id=message_id)
+        marker = await bus.send("pm", agent, "after")
+        await eventually(lambda: marker.id in got.ids, self.features.timeout, "the marker message")
+        copies = got.ids.count(message_id)
+        if self.features.dedupe:
+            assert copies == 1
+        else:
+            assert copies in (1, 2), "at-least-once: the store dedupes by id"
+
+    async def test_replay_of_an_execution(self, bus: Bus) -> None:
+        execution, agent = uuid.uuid4(), _uid("agent")
+        other_execution = uuid.uuid4()
+        sent = [await bus.send("pm", agent, f"step {i}", task_execution_id=execution) for i in range(5)]
+        await bus.send("pm", agent, "other", task_execution_id=other_execution)
+        if not self.features.replay:
+            with pytest.raises(ConfigError):
+                async for _ in bus.replay(execution):
+                    pass
+            return
+        replayed = [item async for item in bus.replay(execution)]
+        assert [m.id for _, m in replayed] == [m.id for m in sent]
+        positions = [p for p, _ in replayed]
+        assert positions == sorted(positions)
+        tail = [m.id async for _, m in bus.replay(execution, from_seq=positions[2])]
+        assert tail == [m.id for m in sent[2:]]
+        since = [m.id async for _, m in bus.replay(execution, since=sent[3].created_at)]
+        assert since == [m.id for m in sent[3:]]
+
+    async def test_new_group_start_new_skips_old_messages(self, bus: Bus) -> None:
+        agent = _uid("agent")
+        await bus.send("pm", agent, "old")
+        got = Collector()
+        await bus.subscribe(subjects.direct(agent), got, group=_uid("g"), options=_new())
+        fresh = await bus.send("pm", agent, "new")
+        await eventually(lambda: fresh.id in got.ids, self.features.timeout, "the new message")
+        assert [m.content for m in got.messages] == ["new"]
+
+
+def _new() -> ConsumerOptions:
+    return ConsumerOptions(start=StartFrom.NEW)
+
