@@ -1,0 +1,87 @@
+"""Latency percentiles, throughput and the one report format every benchmark prints."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of already sorted values, nearest-rank."""
+    if not sorted_values:
+        return math.nan
+    rank = max(0, min(len(sorted_values) - 1, math.ceil(q * len(sorted_values)) - 1))
+    return sorted_values[rank]
+
+
+@dataclass(slots=True)
+class Result:
+    """One measured line: ``name`` did ``count`` operations in ``seconds``."""
+
+    name: str
+    count: int
+    seconds: float
+    latencies_ms: list[float] = field(default_factory=list, repr=False)
+    notes: str = ""
+
+    @property
+    def throughput(self) -> float:
+        return self.count / self.seconds if self.seconds > 0 else math.nan
+
+    def summary(self) -> dict[str, float | int | str]:
+        lat = sorted(self.latencies_ms)
+        return {
+            "name": self.name,
+            "count": self.count,
+            "seconds": round(self.seconds, 4),
+            "msgs_per_s": round(self.throughput, 1),
+            "p50_ms": round(percentile(lat, 0.50), 3),
+            "p99_ms": round(percentile(lat, 0.99), 3),
+            "p999_ms": round(percentile(lat, 0.999), 3),
+            "notes": self.notes,
+        }
+
+
+def ratio(ours: Result, baseline: Result) -> float:
+    """Throughput of ``ours`` over ``baseline``."""
+    return ours.throughput / baseline.throughput if baseline.throughput else math.nan
+
+
+def format_table(results: Sequence[Result]) -> str:
+    """A fixed-width table of results (msgs/s and latency percentiles)."""
+    header = f"{'benchmark':44} {'count':>8} {'msgs/s':>11} {'p50 ms':>9} {'p99 ms':>9} {'p99.9 ms':>9}"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        s = r.summary()
+        lines.append(
+            f"{r.name:44} {r.count:>8} {s['msgs_per_s']:>11} {s['p50_ms']:>9} {s['p99_ms']:>9} {s['p999_ms']:>9}"
+            + (f"  {r.notes}" if r.notes else "")
+        )
+    return "\n".join(lines)
+
+
+def to_json(results: Sequence[Result], **extra: object) -> str:
+    """Results (without raw samples) and ``extra`` facts as one JSON document."""
+    return json.dumps({"results": [r.summary() for r in results], **extra}, indent=2, default=str)
+
+
+@dataclass(frozen=True, slots=True)
+class Environment:
+    """Where a benchmark ran, printed with its numbers."""
+
+    python: str
+    machine: str
+    cpus: int
+
+    @classmethod
+    def current(cls) -> Environment:
+        import os
+        import platform
+        import sys
+
+        return cls(python=sys.version.split()[0], machine=platform.machine(), cpus=os.cpu_count() or 0)
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
