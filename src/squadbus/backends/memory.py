@@ -235,37 +235,63 @@ class _MemorySubscription:
             self._run(), name=f"squadbus-memory-{self._group.name or 'ephemeral'}"
         )
 
-    async def _run(self) -> None:
+    async def _next(self) -> tuple[_Entry, int] | None:
+        """The next entry, waiting for one; None when closing."""
         group = self._group
-        handler = self._handler
-        streak = 0
         while not self._closing:
             item = group.take()
-            if item is None:
-                self._waiting = True
-                try:
-                    await group.wait_for_entry()
-                finally:
-                    self._waiting = False
-                continue
+            if item is not None:
+                return item
+            self._waiting = True
+            try:
+                await group.wait_for_entry()
+            finally:
+                self._waiting = False
+        return None
+
+    async def _handle(self, entry: _Entry, gap: int) -> None:
+        delivery = _MemoryDelivery(entry, self._group, gap)
+        try:
+            await self._handler(delivery)
+        except asyncio.CancelledError:
+            if delivery.settled is None:
+                await delivery.nack()
+            raise
+        except Exception:
+            logger.exception("handler wrapper raised for message %s", entry.message.id)
+        if delivery.settled is None:
+            # The Bus wrapper always settles; a bare RawHandler might not.
+            await delivery.nack(self._group.options.backoff(entry.attempt))
+
+    async def _run(self) -> None:
+        if self._group.options.max_in_flight > 1:
+            await self._run_concurrently(self._group.options.max_in_flight)
+            return
+        streak = 0
+        while (item := await self._next()) is not None:
             streak += 1
             if streak >= _FAIRNESS_STREAK:
                 # Handlers that never suspend would otherwise starve the loop.
                 streak = 0
                 await asyncio.sleep(0)
-            entry, gap = item
-            delivery = _MemoryDelivery(entry, group, gap)
-            try:
-                await handler(delivery)
-            except asyncio.CancelledError:
-                if delivery.settled is None:
-                    await delivery.nack()
-                raise
-            except Exception:
-                logger.exception("handler wrapper raised for message %s", entry.message.id)
-            if delivery.settled is None:
-                # The Bus wrapper always settles; a bare RawHandler might not.
-                await delivery.nack(group.options.backoff(entry.attempt))
+            await self._handle(*item)
+
+    async def _run_concurrently(self, limit: int) -> None:
+        slots = asyncio.Semaphore(limit)
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                await slots.acquire()
+                item = await self._next()
+                if item is None:
+                    slots.release()
+                    break
+                task = asyncio.get_running_loop().create_task(self._handle(*item))
+                running.add(task)
+                task.add_done_callback(lambda t: (running.discard(t), slots.release()))
+        finally:
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
 
     async def close(self) -> None:
         if self._closing:

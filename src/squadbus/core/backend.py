@@ -52,7 +52,11 @@ class ConsumerOptions:
     delay before a redelivery after a failure; ``ack_wait`` is how long a
     delivery may stay unsettled before the backend redelivers it to another
     member (consumer crashed or hung); ``batch_size`` is how many messages a
-    backend fetches per round trip; ``max_pending`` bounds in-process buffers.
+    backend fetches per round trip; ``max_pending`` bounds in-process buffers;
+    ``max_in_flight`` is how many deliveries one subscription may hand to its
+    handler at once (1 = strictly one at a time, the default; more lets a
+    batching handler such as the db-writer collect a batch, at the cost of
+    per-execution order *between* concurrent handler calls).
     """
 
     max_deliver: int = 5
@@ -61,6 +65,7 @@ class ConsumerOptions:
     ack_wait: float = 30.0
     batch_size: int = 256
     max_pending: int = 10_000
+    max_in_flight: int = 1
     start: StartFrom = StartFrom.EARLIEST
     slow_consumer: SlowConsumerPolicy = SlowConsumerPolicy.BLOCK
 
@@ -71,8 +76,8 @@ class ConsumerOptions:
             raise ConfigError("need 0 <= backoff_base <= backoff_max")
         if self.ack_wait <= 0:
             raise ConfigError("ack_wait must be positive")
-        if self.batch_size < 1 or self.max_pending < 1:
-            raise ConfigError("batch_size and max_pending must be at least 1")
+        if self.batch_size < 1 or self.max_pending < 1 or self.max_in_flight < 1:
+            raise ConfigError("batch_size, max_pending and max_in_flight must be at least 1")
 
     def backoff(self, attempt: int) -> float:
         """Delay before redelivering a message whose attempt ``attempt`` failed."""
@@ -219,8 +224,9 @@ class Backend(Protocol):
       members of the same ``(group, pattern)`` compete for messages and each
       message goes to one of them; different groups each get every message.
       A group that does not exist yet starts where ``options.start`` says.
-      One subscription calls ``handler`` for one delivery at a time, in the
-      order the backend holds messages of one ``task_execution_id``.
+      One subscription calls ``handler`` for up to ``options.max_in_flight``
+      deliveries at a time (default one), starting them in the order the
+      backend holds messages of one ``task_execution_id``.
     * A delivery not settled within ``options.ack_wait``, or whose consumer
       closed or died, is delivered again with ``attempt`` increased.
     """
@@ -260,6 +266,14 @@ class Replayable(Protocol):
 
 @runtime_checkable
 class Requester(Protocol):
-    """A backend with a native request/reply (e.g. NATS core request)."""
+    """A backend with a native request/reply (e.g. NATS core request).
+
+    ``request`` publishes ``message`` with ``headers["reply_to"]`` set to a
+    subject of the backend's choosing and returns the first message
+    published there. The responder answers with ``Bus.reply``, which
+    publishes to that ``reply_to`` subject through ``Backend.publish`` (so
+    ``publish`` must accept it), or raises
+    :class:`~squadbus.core.errors.RequestTimeout` after ``timeout`` seconds.
+    """
 
     async def request(self, message: Message, *, timeout: float) -> Message: ...

@@ -24,13 +24,14 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import pytest
 
 from squadbus.core import subjects
 from squadbus.core.backend import ConsumerOptions, Delivery, StartFrom
+from squadbus.core.batching import batched
 from squadbus.core.bus import Bus
 from squadbus.core.dispatch import DLQ_ATTEMPTS, DLQ_GROUP, DLQ_ORIGINAL_ID, DLQ_REASON
 from squadbus.core.envelope import Message
@@ -277,6 +278,47 @@ class ConformanceSuite:
         assert order == ["1"]
         release.set()
         await eventually(lambda: order == ["1", "2"], self.features.timeout, "the second message after ack")
+
+    async def test_max_in_flight_hands_over_several_at_once(self, bus: Bus) -> None:
+        agent = _uid("agent")
+        arrived: list[str] = []
+        all_here = asyncio.Event()
+
+        async def handler(delivery: Delivery) -> None:
+            arrived.append(delivery.message.content)
+            if len(arrived) >= 3:
+                all_here.set()
+            # With max_in_flight=1 this would wait forever: the test proves concurrency.
+            await asyncio.wait_for(all_here.wait(), self.features.timeout)
+
+        options = ConsumerOptions(max_in_flight=3, ack_wait=self.features.timeout * 2)
+        await bus.subscribe(subjects.direct(agent), handler, group=_uid("g"), options=options)
+        for i in range(3):
+            await bus.send("pm", agent, str(i))
+        await eventually(all_here.is_set, self.features.timeout, "three deliveries in flight together")
+        assert sorted(arrived) == ["0", "1", "2"]
+
+    async def test_batched_handler_acks_after_the_batch(self, bus: Bus) -> None:
+        agent = _uid("agent")
+        batches: list[list[str]] = []
+        fail_first = [True]
+
+        async def process(messages: Sequence[Message]) -> None:
+            if fail_first[0]:
+                fail_first[0] = False
+                raise RuntimeError("database unavailable")
+            batches.append([m.content for m in messages])
+
+        total = self.n(40)
+        options = ConsumerOptions(max_in_flight=total, backoff_base=0.01, backoff_max=0.05, ack_wait=10)
+        await bus.subscribe(subjects.direct(agent), batched(process, max_batch=total, max_wait=0.05),
+                            group=_uid("g"), options=options)
+        for i in range(total):
+            await bus.send("pm", agent, str(i))
+        await eventually(lambda: sum(map(len, batches)) >= total, self.features.timeout, "every message written")
+        written = [c for b in batches for c in b]
+        assert sorted(written, key=int) == [str(i) for i in range(total)], "a failed batch must be redelivered"
+        assert len(batches) < total, "messages should be written in batches"
 
     async def test_dead_letter_after_max_deliver_with_reason(self, bus: Bus) -> None:
         agent, group = _uid("agent"), _uid("g")
