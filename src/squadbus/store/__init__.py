@@ -1,0 +1,24 @@
+"""The history store: every message kept once, with a per-execution sequence number.
+
+``open_store(url)`` picks the engine by URL: SQLite (embedded default) or PostgreSQL.
+"""
+
+from squadbus.store.base import (
+    ExecutionSnapshot,
+    HistoryPage,
+    HistoryQuery,
+    HistoryStore,
+    InvalidQuery,
+    StoredMessage,
+    open_store,
+)
+
+__all__ = [
+    "ExecutionSnapshot",
+    "HistoryPage",
+    "HistoryQuery",
+    "HistoryStore",
+    "InvalidQuery",
+    "StoredMessage",
+    "open_store",
+]

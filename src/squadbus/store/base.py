@@ -1,0 +1,189 @@
+"""The HistoryStore contract: what the db-writer writes and the service reads.
+
+Every message the squad sends is kept once (unique by ``id``) with a
+per-execution sequence number ``seq`` (1, 2, 3, ... gap-free at write time),
+which is the SSE event id. Messages without a ``task_execution_id`` share one
+sequence of their own. Two engines implement :class:`HistoryStore` with the
+same schema and the same behaviour: SQLite (embedded default) and PostgreSQL.
+
+Errors: a store raises :class:`~squadbus.core.errors.ConnectionLost` when the
+database is unreachable, :class:`~squadbus.core.errors.BackendTimeout` when it
+does not answer in time (e.g. SQLite locked), another
+:class:`~squadbus.core.errors.BackendError` for any other database failure,
+:class:`InvalidQuery` (a ``ValueError``) for a bad cursor or limit, and
+:class:`~squadbus.core.errors.Closed` after ``close()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+from typing import Protocol, Self, runtime_checkable
+from uuid import UUID
+
+from squadbus.core.envelope import Message
+from squadbus.core.errors import ConfigError
+
+MAX_LIMIT = 1000
+
+
+class InvalidQuery(ConfigError):
+    """A history query is malformed: bad cursor, limit out of 1..1000, since >= until."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A message as stored.
+
+    ``seq`` is the per-execution sequence number (1-based, gap-free at write
+    time; messages with ``task_execution_id`` None share one sequence);
+    ``stored_at`` is the store's UTC timestamp; ``message`` is exactly the
+    message as published.
+    """
+
+    seq: int
+    stored_at: datetime
+    message: Message
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HistoryQuery:
+    """Filters of :meth:`HistoryStore.query`; every filter given must match.
+
+    ``agent_id`` matches the sender OR the recipient; ``since`` is inclusive
+    and ``until`` exclusive, both on ``created_at``; ``cursor`` comes from a
+    previous :attr:`HistoryPage.next_cursor` of the same filters.
+    """
+
+    task_execution_id: UUID | None = None
+    agent_id: str | None = None
+    message_type: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    cursor: str | None = None
+    limit: int = 100
+
+    def validate(self) -> None:
+        """Raise :class:`InvalidQuery` when the limit or time range is invalid."""
+        if not 1 <= self.limit <= MAX_LIMIT:
+            raise InvalidQuery(f"limit must be between 1 and {MAX_LIMIT}, got {self.limit}")
+        for name in ("since", "until"):
+            value = getattr(self, name)
+            if value is not None and value.tzinfo is None:
+                raise InvalidQuery(f"{name} must be timezone-aware")
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    """One page of a query; ``next_cursor`` is None when there is nothing more."""
+
+    items: list[StoredMessage]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionSnapshot:
+    """What the store currently retains of one execution.
+
+    ``first_seq`` is the lowest retained seq (0 if none): above 1 it means
+    retention removed the older ones. ``last_seq`` is 0 if none. ``agents``
+    are the sorted distinct sender and recipient ids.
+    """
+
+    task_execution_id: UUID
+    message_count: int
+    first_seq: int
+    last_seq: int
+    agents: list[str]
+    last_message_at: datetime | None
+
+
+@runtime_checkable
+class HistoryStore(Protocol):
+    """Where history lives. Every method is safe to call concurrently.
+
+    Contracts:
+
+    * ``open()`` connects and runs pending migrations (idempotent, safe with
+      several processes opening the same database); ``close()`` is idempotent.
+    * ``write(messages)`` is one transaction, idempotent by ``message.id``:
+      it returns one :class:`StoredMessage` per input, in input order; a
+      message already stored (or repeated in the batch) returns the existing
+      row unchanged. New messages get seqs in input order per execution,
+      without gaps or duplicates even with several concurrent writers. When it
+      raises, nothing of the batch was written, or (connection lost during
+      COMMIT) all of it was: writing the batch again is always safe.
+    * ``query(q)`` returns rows in stored order (ascending), ``q.limit`` at
+      most; following ``next_cursor`` visits every matching row once.
+    * ``after(execution, seq)`` returns that execution's rows with a larger
+      seq, ascending (SSE resume).
+    * ``delete_older_than(cutoff)`` removes rows stored before ``cutoff``
+      (retention); seqs are never reused, so :meth:`snapshot` reveals the gap.
+    * A row that cannot be decoded is logged and skipped, never raised.
+    """
+
+    url: str
+
+    async def open(self) -> None:
+        """Connect and migrate (idempotent)."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections (idempotent)."""
+        ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+    async def write(self, messages: Sequence[Message]) -> list[StoredMessage]:
+        """Store ``messages`` in one transaction; see the class contract."""
+        ...
+
+    async def get(self, message_id: UUID) -> StoredMessage | None:
+        """The stored message with this id, or None."""
+        ...
+
+    async def query(self, q: HistoryQuery) -> HistoryPage:
+        """One page of messages matching ``q``, in stored order."""
+        ...
+
+    async def after(self, task_execution_id: UUID, after_seq: int, limit: int = 1000) -> list[StoredMessage]:
+        """Up to ``limit`` rows of one execution with ``seq > after_seq``, ascending by seq."""
+        ...
+
+    async def snapshot(self, task_execution_id: UUID) -> ExecutionSnapshot:
+        """Counts, seq bounds and agents of one execution as currently retained."""
+        ...
+
+    async def delete_older_than(self, cutoff: datetime) -> int:
+        """Delete rows stored before ``cutoff``; returns how many were deleted."""
+        ...
+
+    async def ping(self) -> None:
+        """Return if the database answers; raise a BackendError subclass otherwise."""
+        ...
+
+
+def open_store(url: str) -> HistoryStore:
+    """A (not yet opened) store for ``url``.
+
+    ``sqlite+aiosqlite:///./squadbus.db`` (relative path), ``sqlite+aiosqlite:////abs/path.db``,
+    ``sqlite+aiosqlite:///:memory:``; ``postgresql://user@host:port/db`` (also
+    ``postgresql+asyncpg://`` and ``postgres://``). Raises ConfigError for an
+    unknown scheme, ImportError naming the extra when the driver is missing.
+    """
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme in ("sqlite", "sqlite+aiosqlite"):
+        from squadbus.store.sqlite import SqliteStore
+
+        return SqliteStore(url)
+    if scheme in ("postgresql", "postgres", "postgresql+asyncpg"):
+        from squadbus.store.postgres import PostgresStore
+
+        return PostgresStore(url)
+    raise ConfigError(f"unknown store URL {url!r}: expected sqlite+aiosqlite:///PATH or postgresql://...")

@@ -1,0 +1,73 @@
+"""Schema migrations of both engines: ``(version, statements)`` applied in order, once.
+
+The ``schema_version`` table records applied versions. Both engines have the
+same tables, columns and indexes; only types differ. ``pk`` is the stored
+order (cursor key); ``exec_counters`` holds the last seq per execution
+(``''`` = messages without one), updated in the writing transaction, so a seq
+is never reused even after retention deletes rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+Migration = tuple[int, Sequence[str]]
+
+SQLITE_MIGRATIONS: Sequence[Migration] = (
+    (
+        1,
+        (
+            """CREATE TABLE messages (
+                pk INTEGER PRIMARY KEY AUTOINCREMENT,
+                id BLOB NOT NULL UNIQUE,
+                task_execution_id BLOB,
+                seq INTEGER NOT NULL,
+                sender_id TEXT NOT NULL,
+                recipient_id TEXT,
+                message_type TEXT NOT NULL,
+                created_at INTEGER NOT NULL,
+                stored_at INTEGER NOT NULL,
+                body BLOB NOT NULL
+            )""",
+            "CREATE UNIQUE INDEX messages_execution_seq ON messages (task_execution_id, seq)"
+            " WHERE task_execution_id IS NOT NULL",
+            "CREATE UNIQUE INDEX messages_no_execution_seq ON messages (seq) WHERE task_execution_id IS NULL",
+            # SQLite appends the rowid (pk) to every index: these also serve ORDER BY pk.
+            "CREATE INDEX messages_sender ON messages (sender_id)",
+            "CREATE INDEX messages_recipient ON messages (recipient_id)",
+            "CREATE INDEX messages_type ON messages (message_type)",
+            "CREATE INDEX messages_created ON messages (created_at)",
+            "CREATE INDEX messages_stored ON messages (stored_at)",
+            "CREATE TABLE exec_counters (exec_key TEXT PRIMARY KEY, last_seq INTEGER NOT NULL) WITHOUT ROWID",
+        ),
+    ),
+)
+
+POSTGRES_MIGRATIONS: Sequence[Migration] = (
+    (
+        1,
+        (
+            """CREATE TABLE messages (
+                pk bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                id uuid NOT NULL UNIQUE,
+                task_execution_id uuid,
+                seq bigint NOT NULL,
+                sender_id text NOT NULL,
+                recipient_id text,
+                message_type text NOT NULL,
+                created_at timestamptz NOT NULL,
+                stored_at timestamptz NOT NULL,
+                body bytea NOT NULL
+            )""",
+            "CREATE UNIQUE INDEX messages_execution_seq ON messages (task_execution_id, seq)"
+            " WHERE task_execution_id IS NOT NULL",
+            "CREATE UNIQUE INDEX messages_no_execution_seq ON messages (seq) WHERE task_execution_id IS NULL",
+            "CREATE INDEX messages_sender ON messages (sender_id, pk)",
+            "CREATE INDEX messages_recipient ON messages (recipient_id, pk)",
+            "CREATE INDEX messages_type ON messages (message_type, pk)",
+            "CREATE INDEX messages_created ON messages (created_at)",
+            "CREATE INDEX messages_stored ON messages (stored_at)",
+            "CREATE TABLE exec_counters (exec_key text PRIMARY KEY, last_seq bigint NOT NULL)",
+        ),
+    ),
+)

@@ -1,0 +1,398 @@
+"""The SQLite history store (aiosqlite, WAL): the embedded default.
+
+One writer connection serialises write transactions (``BEGIN IMMEDIATE``
+takes SQLite's write lock, so several processes on one file are safe too);
+reads use a second, read-only connection that WAL lets run beside the
+writer. An in-memory database (``:memory:``) has one connection for both.
+Timestamps are integer microseconds since the epoch (UTC); the message body
+is its wire encoding, so reads return exactly what was published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import parse_qs, urlsplit
+from uuid import UUID
+
+try:
+    import aiosqlite
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError("the SQLite store needs aiosqlite: pip install squadbus[sqlite]") from exc
+
+from squadbus.core.envelope import Message, utcnow
+from squadbus.core.errors import BackendError, BackendTimeout, Closed, ConfigError, ConnectionLost
+from squadbus.store import _common as c
+from squadbus.store.base import ExecutionSnapshot, HistoryPage, HistoryQuery, StoredMessage
+from squadbus.store.migrations import SQLITE_MIGRATIONS
+
+_CHUNK = 500  # ids per IN (...) list, well under SQLITE_MAX_VARIABLE_NUMBER
+_SYNC_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+_COLUMNS = "seq, stored_at, body, pk"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SqliteSettings:
+    """Settings of the SQLite store, from ``sqlite+aiosqlite:///PATH?synchronous=NORMAL&busy_timeout=10``.
+
+    ``synchronous=NORMAL`` (default) with WAL survives a process crash but may
+    lose the last commits on power loss; use ``FULL`` to survive that too.
+    ``busy_timeout`` is how long (seconds) to wait for another writer's lock.
+    """
+
+    path: str
+    synchronous: str = "NORMAL"
+    busy_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("SQLite store URL has no path (use sqlite+aiosqlite:///./squadbus.db)")
+        if self.synchronous.upper() not in _SYNC_MODES:
+            raise ConfigError(f"synchronous must be one of {', '.join(_SYNC_MODES)}")
+        if self.busy_timeout <= 0:
+            raise ConfigError("busy_timeout must be positive")
+
+    @property
+    def in_memory(self) -> bool:
+        return self.path == ":memory:"
+
+    @classmethod
+    def from_url(cls, url: str) -> SqliteSettings:
+        """Parse ``sqlite+aiosqlite:///relative.db``, ``...:////abs.db`` or ``...:///:memory:``."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("sqlite", "sqlite+aiosqlite"):
+            raise ConfigError(f"not a SQLite store URL: {url!r}")
+        if parts.netloc:
+            raise ConfigError(f"SQLite URL {url!r} must have three slashes: sqlite+aiosqlite:///PATH")
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        unknown = set(query) - {"synchronous", "busy_timeout"}
+        if unknown:
+            raise ConfigError(f"unknown SQLite store option(s): {', '.join(sorted(unknown))}")
+        try:
+            timeout = float(query.get("busy_timeout", 10.0))
+        except ValueError as exc:
+            raise ConfigError(f"busy_timeout in {url!r} is not a number") from exc
+        return cls(
+            path=parts.path[1:], synchronous=query.get("synchronous", "NORMAL").upper(), busy_timeout=timeout
+        )
+
+
+@contextlib.contextmanager
+def _translate(what: str) -> Iterator[None]:
+    """Map sqlite3 errors to the squadbus tree."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        text = str(exc).lower()
+        if "locked" in text or "busy" in text:
+            raise BackendTimeout(f"SQLite {what}: {exc}") from exc
+        if "unable to open" in text or "disk i/o" in text or "readonly" in text:
+            raise ConnectionLost(f"SQLite {what}: {exc}") from exc
+        raise BackendError(f"SQLite {what}: {exc}") from exc
+    except sqlite3.Error as exc:
+        raise BackendError(f"SQLite {what}: {exc}") from exc
+
+
+class SqliteStore:
+    """A :class:`~squadbus.store.base.HistoryStore` on one SQLite file (see the module docstring)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.settings = SqliteSettings.from_url(url)
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._write_lock = asyncio.Lock()
+        self._opened = False
+        self._closed = False
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def _connect(self, *, readonly: bool) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(
+            self.settings.path, isolation_level=None, timeout=self.settings.busy_timeout
+        )
+        try:
+            await conn.execute(f"PRAGMA busy_timeout = {int(self.settings.busy_timeout * 1000)}")
+            if not self.settings.in_memory:
+                await conn.execute("PRAGMA journal_mode = WAL")
+            await conn.execute(f"PRAGMA synchronous = {self.settings.synchronous}")
+            if readonly:
+                await conn.execute("PRAGMA query_only = 1")
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    async def open(self) -> None:
+        """Open the database file (created if missing), enable WAL and migrate. Idempotent."""
+        if self._closed:
+            raise Closed("store is closed")
+        if self._opened:
+            return
+        with _translate("open"):
+            self._writer = await self._connect(readonly=False)
+            try:
+                await self._migrate(self._writer)
+                self._reader = self._writer if self.settings.in_memory else await self._connect(readonly=True)
+            except BaseException:
+                await self._writer.close()
+                self._writer = None
+                raise
+        self._opened = True
+
+    async def _migrate(self, conn: aiosqlite.Connection) -> None:
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)"
+            )
+            rows = await conn.execute_fetchall("SELECT coalesce(max(version), 0) FROM schema_version")
+            current = int(next(iter(rows))[0])
+            for version, statements in SQLITE_MIGRATIONS:
+                if version <= current:
+                    continue
+                for statement in statements:
+                    await conn.execute(statement)
+                await conn.execute(
+                    "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (version, c.to_micros(utcnow()))
+                )
+            await conn.execute("COMMIT")
+        except BaseException:
+            await conn.execute("ROLLBACK")
+            raise
+
+    async def close(self) -> None:
+        """Close both connections. Idempotent."""
+        self._closed = True
+        self._opened = False
+        writer, reader = self._writer, self._reader
+        self._writer = self._reader = None
+        async with self._write_lock:
+            if reader is not None and reader is not writer:
+                await reader.close()
+            if writer is not None:
+                await writer.close()
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def _conns(self) -> tuple[aiosqlite.Connection, aiosqlite.Connection]:
+        if self._writer is None or self._reader is None:
+            raise Closed("store is closed" if self._closed else "store is not open: call open() first")
+        return self._writer, self._reader
+
+    async def _read(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        writer, reader = self._conns()
+        if reader is writer:
+            # One connection: do not read another coroutine's open write transaction.
+            async with self._write_lock:
+                return list(await reader.execute_fetchall(sql, params))
+        return list(await reader.execute_fetchall(sql, params))
+
+    # ---- writing -----------------------------------------------------------------------------
+
+    async def write(self, messages: Sequence[Message]) -> list[StoredMessage]:
+        """Store ``messages`` in one transaction, idempotently (see HistoryStore.write)."""
+        if not messages:
+            return []
+        unique = c.unique_by_id(messages)
+        bodies = {m.id: c.encode_body(m) for m in unique}
+        writer, _ = self._conns()
+        with _translate("write"):
+            async with self._write_lock:
+                await writer.execute("BEGIN IMMEDIATE")
+                try:
+                    stored = await self._write_locked(writer, unique, bodies)
+                    await writer.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error, ValueError):
+                        await writer.execute("ROLLBACK")
+                    raise
+        return [stored[m.id] for m in messages]
+
+    async def _write_locked(
+        self, conn: aiosqlite.Connection, unique: list[Message], bodies: dict[UUID, bytes]
+    ) -> dict[UUID, StoredMessage]:
+        stored: dict[UUID, StoredMessage] = {}
+        by_id = {m.id: m for m in unique}
+        ids = [m.id.bytes for m in unique]
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start:start + _CHUNK]
+            rows = await conn.execute_fetchall(
+                f"SELECT id, seq, stored_at, body FROM messages WHERE id IN ({','.join('?' * len(chunk))})", chunk
+            )
+            for raw_id, seq, stored_at, body in rows:
+                message_id = UUID(bytes=raw_id)
+                stored[message_id] = c.existing_row(seq, c.from_micros(stored_at), body, by_id[message_id])
+        new = [m for m in unique if m.id not in stored]
+        if not new:
+            return stored
+        keys = sorted({c.exec_key(m) for m in new})
+        last: dict[str, int] = {}
+        for start in range(0, len(keys), _CHUNK):
+            chunk_keys = keys[start:start + _CHUNK]
+            rows = await conn.execute_fetchall(
+                f"SELECT exec_key, last_seq FROM exec_counters WHERE exec_key IN ({','.join('?' * len(chunk_keys))})",
+                chunk_keys,
+            )
+            last.update({key: int(seq) for key, seq in rows})
+        seqs = c.assign_seqs(new, last)
+        now = utcnow()
+        now_us = c.to_micros(now)
+        before = conn.total_changes
+        await conn.executemany(
+            "INSERT INTO messages (id, task_execution_id, seq, sender_id, recipient_id, message_type,"
+            " created_at, stored_at, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+            [
+                (
+                    m.id.bytes,
+                    None if m.task_execution_id is None else m.task_execution_id.bytes,
+                    seq,
+                    m.sender_id,
+                    m.recipient_id,
+                    c.index_text(m.message_type),
+                    c.to_micros(m.created_at),
+                    now_us,
+                    bodies[m.id],
+                )
+                for m, seq in zip(new, seqs, strict=True)
+            ],
+        )
+        if conn.total_changes - before != len(new):
+            # Impossible under BEGIN IMMEDIATE; refuse rather than leave a seq gap.
+            raise BackendError("concurrent insert of the same message id; retry the write")
+        await conn.executemany(
+            "INSERT INTO exec_counters (exec_key, last_seq) VALUES (?, ?)"
+            " ON CONFLICT (exec_key) DO UPDATE SET last_seq = excluded.last_seq",
+            [(key, last[key]) for key in keys],
+        )
+        for m, seq in zip(new, seqs, strict=True):
+            stored[m.id] = StoredMessage(seq=seq, stored_at=now, message=m)
+        return stored
+
+    # ---- reading -----------------------------------------------------------------------------
+
+    def _rows(self, rows: list[Any]) -> list[StoredMessage]:
+        out: list[StoredMessage] = []
+        for seq, stored_at, body, pk in rows:
+            item = c.decode_row(seq, c.from_micros(stored_at), body, f"pk={pk}")
+            if item is not None:
+                out.append(item)
+        return out
+
+    async def get(self, message_id: UUID) -> StoredMessage | None:
+        """The stored message with this id, or None."""
+        with _translate("get"):
+            rows = await self._read(f"SELECT {_COLUMNS} FROM messages WHERE id = ?", (message_id.bytes,))
+        items = self._rows(rows)
+        return items[0] if items else None
+
+    async def query(self, q: HistoryQuery) -> HistoryPage:
+        """One page of messages matching ``q``, in stored order."""
+        q.validate()
+        where: list[str] = []
+        params: list[Any] = []
+        if q.cursor is not None:
+            where.append("pk > ?")
+            params.append(c.decode_cursor(q.cursor))
+        if q.task_execution_id is not None:
+            where.append("task_execution_id = ?")
+            params.append(q.task_execution_id.bytes)
+        if q.agent_id is not None:
+            where.append("(sender_id = ? OR recipient_id = ?)")
+            params += [q.agent_id, q.agent_id]
+        if q.message_type is not None:
+            where.append("message_type = ?")
+            params.append(c.index_text(q.message_type))
+        if q.since is not None:
+            where.append("created_at >= ?")
+            params.append(c.to_micros(q.since))
+        if q.until is not None:
+            where.append("created_at < ?")
+            params.append(c.to_micros(q.until))
+        sql = f"SELECT {_COLUMNS} FROM messages"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY pk LIMIT ?"
+        params.append(q.limit + 1)
+        with _translate("query"):
+            rows = await self._read(sql, params)
+        more = len(rows) > q.limit
+        rows = rows[: q.limit]
+        next_cursor = c.encode_cursor(int(rows[-1][3])) if more else None
+        return HistoryPage(items=self._rows(rows), next_cursor=next_cursor)
+
+    async def after(self, task_execution_id: UUID, after_seq: int, limit: int = 1000) -> list[StoredMessage]:
+        """Up to ``limit`` rows of one execution with ``seq > after_seq``, ascending by seq."""
+        if limit < 1:
+            return []
+        with _translate("after"):
+            rows = await self._read(
+                f"SELECT {_COLUMNS} FROM messages WHERE task_execution_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (task_execution_id.bytes, after_seq, limit),
+            )
+        return self._rows(rows)
+
+    async def snapshot(self, task_execution_id: UUID) -> ExecutionSnapshot:
+        """Counts, seq bounds and agents of one execution as currently retained."""
+        key = task_execution_id.bytes
+        with _translate("snapshot"):
+            stats = await self._read(
+                "SELECT count(*), coalesce(min(seq), 0), coalesce(max(seq), 0), max(created_at)"
+                " FROM messages WHERE task_execution_id = ?",
+                (key,),
+            )
+            agents = await self._read(
+                "SELECT sender_id FROM messages WHERE task_execution_id = ?"
+                " UNION SELECT recipient_id FROM messages WHERE task_execution_id = ? AND recipient_id IS NOT NULL",
+                (key, key),
+            )
+        count, first, last, last_at = stats[0]
+        return ExecutionSnapshot(
+            task_execution_id=task_execution_id,
+            message_count=int(count),
+            first_seq=int(first),
+            last_seq=int(last),
+            agents=c.sorted_agents(row[0] for row in agents),
+            last_message_at=None if last_at is None else c.from_micros(int(last_at)),
+        )
+
+    # ---- maintenance -------------------------------------------------------------------------
+
+    async def delete_older_than(self, cutoff: datetime) -> int:
+        """Delete rows stored before ``cutoff``, in chunks so writers are not blocked long."""
+        if cutoff.tzinfo is None:
+            raise ConfigError("cutoff must be timezone-aware")
+        writer, _ = self._conns()
+        limit = c.to_micros(cutoff)
+        deleted = 0
+        with _translate("delete_older_than"):
+            while True:
+                async with self._write_lock:
+                    before = writer.total_changes
+                    await writer.execute(
+                        "DELETE FROM messages WHERE pk IN"
+                        " (SELECT pk FROM messages WHERE stored_at < ? ORDER BY stored_at LIMIT 5000)",
+                        (limit,),
+                    )
+                    count = writer.total_changes - before
+                deleted += count
+                if count == 0:
+                    return deleted
+
+    async def ping(self) -> None:
+        """Run a trivial query; raises a BackendError subclass when the database cannot answer."""
+        with _translate("ping"):
+            await self._read("SELECT 1", ())

@@ -1,0 +1,66 @@
+"""The store suite on SQLite (file database, WAL), plus SQLite-only details."""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from pathlib import Path
+
+import pytest
+
+from squadbus.core.errors import ConfigError
+from squadbus.store import open_store
+from squadbus.store.sqlite import SqliteSettings
+from tests.store.suite import Corrupt, StoreFactory, StoreSuite, msg
+
+
+class TestSqliteStore(StoreSuite):
+    @pytest.fixture
+    async def store_factory(self, sqlite_factory: StoreFactory) -> StoreFactory:
+        return sqlite_factory
+
+    @pytest.fixture
+    def corrupt(self, sqlite_url: str) -> Corrupt:
+        path = sqlite_url.split(":///", 1)[1]
+
+        async def run(message_id: uuid.UUID) -> None:
+            with sqlite3.connect(path) as conn:
+                conn.execute("UPDATE messages SET body = ? WHERE id = ?", (b"{not json", message_id.bytes))
+            conn.close()
+
+        return run
+
+
+def test_url_parsing(tmp_path: Path) -> None:
+    assert SqliteSettings.from_url("sqlite+aiosqlite:///./squadbus.db").path == "./squadbus.db"
+    assert SqliteSettings.from_url("sqlite+aiosqlite:////abs/x.db").path == "/abs/x.db"
+    assert SqliteSettings.from_url("sqlite:///:memory:").in_memory
+    assert SqliteSettings.from_url("sqlite+aiosqlite:///a.db?synchronous=full").synchronous == "FULL"
+    for bad in ("sqlite+aiosqlite://host/x.db", "sqlite+aiosqlite:///", "sqlite:///a.db?nope=1",
+                "sqlite:///a.db?synchronous=sometimes", "mysql://x"):
+        with pytest.raises(ConfigError):
+            SqliteSettings.from_url(bad)
+    with pytest.raises(ConfigError):
+        open_store("mysql://127.0.0.1/x")
+
+
+async def test_in_memory_database() -> None:
+    async with open_store("sqlite+aiosqlite:///:memory:") as store:
+        execution = uuid.uuid4()
+        stored = await store.write([msg(execution=execution), msg(execution=execution)])
+        assert [s.seq for s in stored] == [1, 2]
+        assert (await store.snapshot(execution)).last_seq == 2
+
+
+async def test_reopen_keeps_history_and_migrations_are_idempotent(sqlite_url: str) -> None:
+    execution = uuid.uuid4()
+    async with open_store(sqlite_url) as store:
+        await store.write([msg(execution=execution)])
+    async with open_store(sqlite_url) as store:
+        [second] = await store.write([msg(execution=execution)])
+        assert second.seq == 2
+    path = sqlite_url.split(":///", 1)[1]
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    conn.close()
