@@ -1,0 +1,252 @@
+"""NatsBackend: the Backend protocol over NATS JetStream (plus Requester and Replayable).
+
+Mapping: every subject under ``agent.>`` is stored in one stream (default
+``agent-messages``); a consumer group is a durable pull consumer filtered by
+its pattern (see :mod:`.consumers`); ``group=None`` is an ephemeral consumer
+starting at new messages. Subjects outside ``agent.>`` (reply inboxes) travel
+on core NATS. One connection per backend, reconnecting forever across every
+listed server; see docs/backends/nats.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from datetime import datetime
+from uuid import UUID
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js import api
+from nats.js.client import JetStreamContext
+
+from squadbus.backends.nats.consumers import consumer_config, consumer_exists, ensure_consumer
+from squadbus.backends.nats.publisher import NatsPublisher
+from squadbus.backends.nats.replay import replay as replay_stream
+from squadbus.backends.nats.requests import ReplyRouter
+from squadbus.backends.nats.settings import STREAM_SUBJECTS, NatsSettings, Profile
+from squadbus.backends.nats.subscriber import NatsSubscription
+from squadbus.backends.nats.translate import translate
+from squadbus.core import subjects
+from squadbus.core.backend import ConsumerOptions, RawHandler
+from squadbus.core.envelope import Message
+from squadbus.core.errors import BackendError, Closed, ConfigError
+
+logger = logging.getLogger("squadbus.backends.nats")
+
+
+class NatsBackend:
+    """A JetStream-backed transport; ``NatsBackend(NatsSettings.from_url("nats://127.0.0.1:4222"))``."""
+
+    name = "nats"
+
+    def __init__(self, settings: NatsSettings | None = None) -> None:
+        self.settings = settings or NatsSettings()
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._publisher: NatsPublisher | None = None
+        self._replies: ReplyRouter | None = None
+        self._subs: set[NatsSubscription] = set()
+        self._configs: dict[NatsSubscription, api.ConsumerConfig] = {}
+        self._checks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    # ---- connection --------------------------------------------------------------------------
+
+    @property
+    def nc(self) -> Client:
+        """The live nats-py connection; raises Closed before connect() or after close()."""
+        if self._nc is None or self._closed:
+            raise Closed("nats backend is not connected")
+        return self._nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None or self._closed:
+            raise Closed("nats backend is not connected")
+        return self._js
+
+    async def connect(self) -> None:
+        """Connect (reconnecting forever afterwards) and create the stream if it does not exist."""
+        if self._closed:
+            raise Closed("nats backend is closed")
+        if self._nc is not None:
+            return
+        s = self.settings
+        nc = Client()
+        try:
+            await asyncio.wait_for(
+                nc.connect(
+                    servers=list(s.servers), name=s.name, user=s.user, password=s.password, token=s.token,
+                    user_credentials=s.creds, tls=s.ssl_context(), connect_timeout=int(max(1, s.connect_timeout)),
+                    allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5,  # type: ignore[arg-type]  # nats-py accepts seconds as float
+                    error_cb=self._on_error, disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                ),
+                timeout=s.connect_timeout * 2,
+            )
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            raise translate(exc, f"connect to {s.redacted()}") from exc
+        self._nc = nc
+        self._js = nc.jetstream(timeout=s.connect_timeout, publish_async_max_pending=s.max_pending_acks)
+        self._publisher = NatsPublisher(nc, self._js, s)
+        self._replies = ReplyRouter(nc)
+        try:
+            await self._ensure_stream()
+        except BaseException:
+            await self.close()
+            raise
+
+    def stream_config(self) -> api.StreamConfig:
+        """The stream this backend creates when it is missing."""
+        s = self.settings
+        return api.StreamConfig(
+            name=s.stream,
+            subjects=list(STREAM_SUBJECTS),
+            retention=api.RetentionPolicy.LIMITS,
+            discard=api.DiscardPolicy.OLD,
+            storage=api.StorageType.FILE if s.profile is Profile.DURABLE else api.StorageType.MEMORY,
+            num_replicas=s.replicas,
+            duplicate_window=s.dedupe_window,
+            max_age=s.max_age or None,
+            max_bytes=s.max_bytes,
+            max_msgs=s.max_msgs,
+        )
+
+    async def _ensure_stream(self) -> None:
+        js, s = self.js, self.settings
+        try:
+            info = await js.stream_info(s.stream)
+        except nats.js.errors.NotFoundError:
+            try:
+                await js.add_stream(self.stream_config())
+            except Exception as exc:
+                raise translate(exc, f"create stream {s.stream}") from exc
+            logger.info("created stream %s (%s, R%d)", s.stream, s.profile.value, s.replicas)
+            return
+        except Exception as exc:
+            raise translate(exc, f"look up stream {s.stream}") from exc
+        wanted = api.StorageType.FILE if s.profile is Profile.DURABLE else api.StorageType.MEMORY
+        if info.config.storage != wanted or (info.config.num_replicas or 1) != s.replicas:
+            logger.warning(
+                "stream %s exists with storage=%s replicas=%s; settings ask for %s R%d (kept as it is)",
+                s.stream, info.config.storage, info.config.num_replicas, wanted, s.replicas,
+            )
+
+    async def _on_error(self, exc: Exception) -> None:
+        logger.warning("nats connection error: %s: %s", type(exc).__name__, exc)
+
+    async def _on_disconnected(self) -> None:
+        if not self._closed:
+            logger.warning("disconnected from NATS; reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        nc = self._nc
+        logger.info("reconnected to NATS at %s", nc.connected_url.netloc if nc and nc.connected_url else "?")
+        for sub in list(self._subs):
+            sub.reset_credit()
+
+    async def close(self) -> None:
+        """Close every subscription (handlers in progress finish), flush, disconnect. Idempotent."""
+        if self._closed:
+            return
+        for sub in list(self._subs):
+            await sub.close()
+        for task in list(self._checks):
+            task.cancel()
+        if self._replies is not None:
+            await self._replies.close()
+        self._closed = True
+        nc = self._nc
+        if nc is not None and not nc.is_closed:
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await nc.flush(timeout=2)
+            with contextlib.suppress(nats.errors.Error):
+                await nc.close()
+
+    # ---- Backend -----------------------------------------------------------------------------
+
+    async def publish(self, message: Message) -> None:
+        """Store ``message`` in the stream (returns after its PubAck), or send it on core NATS
+        when its subject is outside ``agent.>`` (replies). Retries transient failures within
+        ``publish_timeout``; raises ConnectionLost, PublishFailed or BackendTimeout."""
+        if self._closed or self._publisher is None:
+            raise Closed("nats backend is not connected")
+        await self._publisher.publish(message)
+
+    async def subscribe(
+        self, pattern: str, handler: RawHandler, *, group: str | None, options: ConsumerOptions
+    ) -> NatsSubscription:
+        """Join the durable consumer of ``(group, pattern)`` (creating it), or create an
+        ephemeral one for ``group=None``, and start pulling."""
+        subjects.validate_pattern(pattern)
+        if not subjects.matches(subjects.ALL, pattern.replace("*", "x").replace(">", "x")):
+            raise ConfigError(f"pattern {pattern!r} is outside the stream's subjects {subjects.ALL}")
+        js = self.js
+        config = consumer_config(pattern, group, options, self.settings)
+        await ensure_consumer(js, self.settings.stream, config)
+        assert config.name is not None
+        sub = NatsSubscription(
+            self, pattern=pattern, group=group, consumer=config.name, handler=handler, options=options
+        )
+        self._subs.add(sub)
+        self._configs[sub] = config
+        await sub.start()
+        return sub
+
+    async def forget(self, sub: NatsSubscription) -> None:
+        """Called by a closing subscription: delete its consumer if it was ephemeral."""
+        self._subs.discard(sub)
+        config = self._configs.pop(sub, None)
+        if config is not None and not config.durable_name and self._js is not None and not self._closed:
+            try:
+                await self._js.delete_consumer(self.settings.stream, sub.consumer)
+            except Exception as exc:  # it expires by inactive_threshold anyway
+                logger.debug("could not delete ephemeral consumer %s: %s", sub.consumer, exc)
+
+    def schedule_consumer_check(self, sub: NatsSubscription) -> None:
+        """Recreate ``sub``'s consumer if the server lost it (e.g. an ephemeral after a restart)."""
+        if any(task.get_name() == f"check-{sub.consumer}" for task in self._checks):
+            return
+        task = asyncio.get_running_loop().create_task(self._check_consumer(sub), name=f"check-{sub.consumer}")
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+
+    async def _check_consumer(self, sub: NatsSubscription) -> None:
+        config = self._configs.get(sub)
+        pause = 0.2
+        while config is not None and sub in self._subs and not self._closed:
+            try:
+                if not await consumer_exists(self.js, self.settings.stream, sub.consumer):
+                    logger.warning("consumer %s is gone; recreating it", sub.consumer)
+                    await ensure_consumer(self.js, self.settings.stream, config)
+                sub.reset_credit()
+                return
+            except BackendError as exc:
+                logger.debug("consumer check of %s failed (%s); retrying", sub.consumer, exc)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 2.0)
+
+    # ---- Requester and Replayable ------------------------------------------------------------
+
+    async def request(self, message: Message, *, timeout: float) -> Message:  # noqa: ASYNC109 - Requester protocol
+        """Publish ``message`` to the stream with a core-NATS ``reply_to`` inbox; return the first
+        reply, or raise RequestTimeout after ``timeout`` seconds."""
+        if self._closed or self._replies is None:
+            raise Closed("nats backend is not connected")
+        return await self._replies.request(message, timeout, self.publish)
+
+    async def replay(
+        self, task_execution_id: UUID, *, from_seq: int = 0, since: datetime | None = None
+    ) -> AsyncIterator[tuple[int, Message]]:
+        """Yield ``(stream_seq, message)`` of one execution; cost O(stream after the start point)."""
+        async for item in replay_stream(
+            self.js, self.settings.stream, task_execution_id, from_seq=from_seq, since=since
+        ):
+            yield item

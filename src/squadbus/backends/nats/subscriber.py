@@ -1,0 +1,347 @@
+"""Pull consumers: one JetStream consumer per group, a continuous pull per subscription.
+
+Each subscription owns a private inbox and keeps ``batch_size`` messages of
+pull credit outstanding: it sends a pull request (``batch``, ``expires``,
+``idle_heartbeat``) and sends the next one when what is outstanding plus
+what is buffered falls to half of it, so the server pushes messages as soon
+as they are stored, without a fetch round trip per batch (nats-py's
+``fetch(n)`` waits for ``n`` messages or its timeout, which would put the
+pull timeout into every latency percentile at low rates).
+
+A pull request the server lost (node restart, leader change) is noticed by
+the missing idle heartbeats and sent again. ``close()`` stops pulling,
+unsubscribes the inbox (the server drops pull requests nobody listens to),
+naks what was buffered but not handed to the handler, and waits for the
+handlers in progress to settle their deliveries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import TYPE_CHECKING
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from squadbus.core import subjects
+from squadbus.core.backend import ConsumerOptions, Delivery, RawHandler
+from squadbus.core.dispatch import DLQ_ATTEMPTS, DLQ_GROUP, DLQ_ORIGINAL_ID, DLQ_REASON, DLQ_SUBJECT
+from squadbus.core.envelope import Message, decode, new_id, utcnow
+from squadbus.core.errors import MalformedMessage, SquadbusError
+
+if TYPE_CHECKING:
+    from squadbus.backends.nats.backend import NatsBackend
+
+logger = logging.getLogger("squadbus.backends.nats")
+
+_ACK = b"+ACK"
+_TERM = b"+TERM"
+_PROGRESS = b"+WPI"
+_HEARTBEAT = 1.0
+_MALFORMED_CONTENT_LIMIT = 64 * 1024
+_FAIRNESS_STREAK = 64
+
+
+class NatsDelivery(Delivery):
+    """A delivery backed by one JetStream message; settling sends the ack protocol to its reply subject."""
+
+    __slots__ = ("_msg", "_sub")
+
+    def __init__(self, message: Message, msg: Msg, attempt: int, sub: NatsSubscription) -> None:
+        super().__init__(message, attempt=attempt, group=sub.group)
+        self._msg = msg
+        self._sub = sub
+
+    async def _ack(self) -> None:
+        await self._sub.send_ack(self._msg, _ACK)
+
+    async def _nack(self, delay: float) -> None:
+        payload = b"-NAK"
+        if delay > 0:
+            payload += b" " + json.dumps({"delay": int(delay * 1e9)}).encode()
+        await self._sub.send_ack(self._msg, payload)
+
+    async def _term(self) -> None:
+        await self._sub.send_ack(self._msg, _TERM)
+
+    async def in_progress(self) -> None:
+        """Reset the server's ack_wait timer for this message (``+WPI``)."""
+        if self._settled is None:
+            await self._sub.send_ack(self._msg, _PROGRESS)
+
+
+class NatsSubscription:
+    """One member of a consumer group (or an ephemeral fan-out consumer)."""
+
+    def __init__(
+        self,
+        backend: NatsBackend,
+        *,
+        pattern: str,
+        group: str | None,
+        consumer: str,
+        handler: RawHandler,
+        options: ConsumerOptions,
+    ) -> None:
+        self._backend = backend
+        self._pattern = pattern
+        self._group = group
+        self.consumer = consumer
+        self._handler = handler
+        self._options = options
+        self._nc = backend.nc
+        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._wake = asyncio.Event()
+        self._outstanding = 0
+        self._last_heard = 0.0
+        self._inbox = ""
+        self._sub: Subscription | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        self._closed = False
+        self._waiting_for_msg = False
+        self._batch = options.batch_size
+        self._expires = backend.settings.pull_expires
+        self._request_subject = f"$JS.API.CONSUMER.MSG.NEXT.{backend.settings.stream}.{consumer}"
+
+    @property
+    def pattern(self) -> str:
+        return self._pattern
+
+    @property
+    def group(self) -> str | None:
+        return self._group
+
+    async def start(self) -> None:
+        """Subscribe the private inbox and start pulling and dispatching."""
+        self._inbox = self._nc.new_inbox()
+        self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
+        loop = asyncio.get_running_loop()
+        self._last_heard = loop.time()
+        name = f"squadbus-nats-{self._group or 'ephemeral'}"
+        self._tasks = [
+            loop.create_task(self._pull_loop(), name=f"{name}-pull"),
+            loop.create_task(self._dispatch_loop(), name=f"{name}-dispatch"),
+        ]
+
+    def reset_credit(self) -> None:
+        """Forget outstanding pull requests (after a reconnect the server no longer has them)."""
+        self._outstanding = 0
+        self._wake.set()
+
+    # ---- receiving ---------------------------------------------------------------------------
+
+    async def _on_msg(self, msg: Msg) -> None:
+        self._last_heard = asyncio.get_running_loop().time()
+        headers = msg.headers
+        status = headers.get("Status") if headers else None
+        if not status:
+            if self._outstanding > 0:
+                self._outstanding -= 1
+            if self._closing:
+                await self.send_ack(msg, b"-NAK")
+                return
+            self._queue.put_nowait(msg)
+            return
+        if status == "100":
+            return  # idle heartbeat
+        assert headers is not None
+        pending = headers.get("Nats-Pending-Messages")
+        if status in ("408", "404") and pending is not None:
+            self._outstanding = max(0, self._outstanding - int(pending))
+        elif status in ("408", "404"):
+            self._outstanding = 0
+        else:
+            description = headers.get("Description", "")
+            if status == "409" and pending is not None:
+                self._outstanding = max(0, self._outstanding - int(pending))
+            else:
+                self._outstanding = 0
+            if status == "503" or "Deleted" in description:
+                logger.warning("consumer %s unavailable (%s %s); will check and pull again",
+                               self.consumer, status, description)
+                self._backend.schedule_consumer_check(self)
+            elif "Exceeded" in description:
+                logger.debug("pull request of %s refused: %s %s", self.consumer, status, description)
+            else:
+                logger.info("pull request of %s ended: %s %s", self.consumer, status, description)
+        self._wake.set()
+
+    async def _pull_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        request_heartbeat = int(_HEARTBEAT * 1e9)
+        quiet_limit = 3 * _HEARTBEAT
+        pause = 0.0
+        while not self._closing:
+            buffered = self._queue.qsize()
+            if self._outstanding + buffered <= self._batch // 2:
+                want = self._batch - self._outstanding - buffered
+                body = json.dumps(
+                    {"batch": want, "expires": int(self._expires * 1e9), "idle_heartbeat": request_heartbeat}
+                ).encode()
+                try:
+                    await self._nc.publish(self._request_subject, body, reply=self._inbox)
+                    self._outstanding += want
+                    pause = 0.0
+                except nats.errors.Error as exc:
+                    pause = min(1.0, pause * 2 or 0.05)
+                    logger.debug("pull request of %s failed (%s); retrying in %.2fs", self.consumer, exc, pause)
+                    await asyncio.sleep(pause)
+                    continue
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), _HEARTBEAT)
+            if self._outstanding and loop.time() - self._last_heard > quiet_limit:
+                logger.info("no heartbeat for %s for %.1fs: pulling again", self.consumer, quiet_limit)
+                self._outstanding = 0
+                self._last_heard = loop.time()
+
+    # ---- dispatching -------------------------------------------------------------------------
+
+    async def _next(self) -> Msg | None:
+        if self._closing:
+            return None
+        try:
+            msg = self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            self._waiting_for_msg = True
+            try:
+                msg = await self._queue.get()
+            finally:
+                self._waiting_for_msg = False
+        if self._queue.qsize() <= self._batch // 2:
+            self._wake.set()
+        return msg
+
+    async def _dispatch_loop(self) -> None:
+        if self._options.max_in_flight > 1:
+            await self._dispatch_concurrently(self._options.max_in_flight)
+            return
+        streak = 0
+        while (msg := await self._next()) is not None:
+            streak += 1
+            if streak >= _FAIRNESS_STREAK:
+                streak = 0
+                await asyncio.sleep(0)
+            await self._handle(msg)
+
+    async def _dispatch_concurrently(self, limit: int) -> None:
+        slots = asyncio.Semaphore(limit)
+        running: set[asyncio.Task[None]] = set()
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                await slots.acquire()
+                try:
+                    msg = await self._next()
+                except asyncio.CancelledError:
+                    slots.release()
+                    raise
+                if msg is None:
+                    slots.release()
+                    break
+                task = loop.create_task(self._handle(msg))
+                running.add(task)
+                task.add_done_callback(running.discard)
+                task.add_done_callback(lambda _: slots.release())
+        finally:
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+
+    async def _handle(self, msg: Msg) -> None:
+        try:
+            attempt = msg.metadata.num_delivered
+        except nats.errors.Error:
+            logger.error("consumer %s got a message without JetStream metadata on %s", self.consumer, msg.subject)
+            return
+        try:
+            message = decode(msg.data)
+        except MalformedMessage as exc:
+            await self._malformed(msg, exc, attempt)
+            return
+        delivery = NatsDelivery(message, msg, attempt, self)
+        try:
+            await self._handler(delivery)
+        except asyncio.CancelledError:
+            if delivery.settled is None:
+                await delivery.nack()
+            raise
+        except Exception:
+            logger.exception("handler wrapper raised for message %s", message.id)
+        if delivery.settled is None:
+            # The Bus wrapper always settles; a bare RawHandler might not.
+            await delivery.nack(self._options.backoff(attempt))
+
+    async def _malformed(self, msg: Msg, exc: MalformedMessage, attempt: int) -> None:
+        """Dead-letter bytes that are not an envelope, so they never block the consumer."""
+        seq = msg.metadata.sequence.stream
+        if self._group is None:
+            logger.error("dropping malformed message at stream seq %d on %s: %s", seq, msg.subject, exc)
+            await self.send_ack(msg, _TERM)
+            return
+        original_id = (msg.headers or {}).get("Nats-Msg-Id") or f"stream-seq-{seq}"
+        text = bytes(msg.data[:_MALFORMED_CONTENT_LIMIT]).decode("utf-8", "replace")
+        dead = Message(
+            id=new_id(),
+            subject=subjects.dead_letter(self._group),
+            sender_id="squadbus-nats",
+            content=text,
+            message_type="malformed",
+            metadata={"stream_seq": seq, "size": len(msg.data), "truncated": len(msg.data) > len(text)},
+            created_at=utcnow(),
+            headers={
+                DLQ_REASON: f"malformed payload: {exc}"[:1000],
+                DLQ_GROUP: self._group,
+                DLQ_ATTEMPTS: str(attempt),
+                DLQ_SUBJECT: msg.subject,
+                DLQ_ORIGINAL_ID: original_id,
+            },
+        )
+        try:
+            await self._backend.publish(dead)
+        except SquadbusError:
+            logger.exception("could not dead-letter malformed message at seq %d; will retry", seq)
+            delay = int(self._options.backoff(attempt) * 1e9)
+            await self.send_ack(msg, b"-NAK " + json.dumps({"delay": delay}).encode())
+            return
+        logger.warning("dead-lettered malformed message at stream seq %d of group %s: %s", seq, self._group, exc)
+        await self.send_ack(msg, _TERM)
+
+    async def send_ack(self, msg: Msg, payload: bytes) -> None:
+        """Send an ack-protocol payload; a lost ack only means a redelivery after ack_wait."""
+        try:
+            await self._nc.publish(msg.reply, payload)
+        except nats.errors.Error as exc:
+            logger.warning("could not send %r for %s (it will be redelivered): %s", payload[:4], msg.reply, exc)
+
+    # ---- closing -----------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop pulling, return buffered messages, let the handler in progress finish. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._closing = True
+        pull, dispatch = self._tasks or (None, None)
+        if pull is not None:
+            pull.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pull
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await self._nc.flush(timeout=2)
+        if dispatch is not None:
+            if self._waiting_for_msg:
+                dispatch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await dispatch
+        while not self._queue.empty():
+            await self.send_ack(self._queue.get_nowait(), b"-NAK")
+        await self._backend.forget(self)
