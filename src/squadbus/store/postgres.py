@@ -1,0 +1,377 @@
+"""The PostgreSQL history store (asyncpg, connection pool).
+
+How a batch is written, in one transaction (READ COMMITTED):
+
+1. lock the ``exec_counters`` rows of the batch's executions (an upsert that
+   creates missing ones), in sorted key order so writers do not deadlock;
+2. look up which ids are already stored: duplicates return those rows; a
+   concurrent writer of the same id must hold the same execution's lock, so
+   this read sees its commit;
+3. insert the new rows with seqs counted on from the locked counters
+   (``ON CONFLICT (id) DO NOTHING``; if a row was skipped anyway, e.g. an id
+   reused for another execution by a concurrent writer, the transaction is
+   retried rather than leaving a seq gap), then store the new counters.
+
+Deadlocks and serialization failures are retried a few times. The message
+body is its wire encoding (bytea), so reads return exactly what was published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from uuid import UUID
+
+try:
+    import asyncpg
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError("the PostgreSQL store needs asyncpg: pip install squadbus[postgres]") from exc
+
+from squadbus.core.envelope import Message
+from squadbus.core.errors import BackendError, BackendTimeout, Closed, ConfigError, ConnectionLost
+from squadbus.store import _common as c
+from squadbus.store.base import ExecutionSnapshot, HistoryPage, HistoryQuery, StoredMessage
+from squadbus.store.migrations import POSTGRES_MIGRATIONS
+
+_MIGRATION_LOCK = 0x5155_4144  # pg_advisory_xact_lock key: one migrator at a time
+_WRITE_ATTEMPTS = 5
+_COLUMNS = "seq, stored_at, body, pk"
+_OUR_OPTIONS = {"min_size": int, "max_size": int, "command_timeout": float, "connect_timeout": float}
+
+_LOCK_COUNTERS = """
+INSERT INTO exec_counters AS ec (exec_key, last_seq)
+SELECT k, 0 FROM unnest($1::text[]) AS k ORDER BY k
+ON CONFLICT (exec_key) DO UPDATE SET last_seq = ec.last_seq
+RETURNING exec_key, last_seq
+"""
+_EXISTING = "SELECT id, seq, stored_at, body FROM messages WHERE id = ANY($1::uuid[])"
+_INSERT = """
+INSERT INTO messages (id, task_execution_id, seq, sender_id, recipient_id, message_type, created_at, stored_at, body)
+SELECT u.i, u.e, u.s, u.snd, u.rcp, u.t, u.c, now.ts, u.b
+FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::timestamptz[], $8::bytea[])
+     AS u(i, e, s, snd, rcp, t, c, b),
+     (SELECT clock_timestamp() AS ts) AS now
+ON CONFLICT (id) DO NOTHING
+RETURNING id, stored_at
+"""
+_SAVE_COUNTERS = """
+UPDATE exec_counters AS ec SET last_seq = u.s
+FROM unnest($1::text[], $2::bigint[]) AS u(k, s) WHERE ec.exec_key = u.k
+"""
+
+
+class _RetryWrite(Exception):
+    """A concurrent writer got in between; the transaction must run again."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PostgresSettings:
+    """Settings of the PostgreSQL store, from ``postgresql://user@host:port/db?max_size=10``.
+
+    ``min_size``/``max_size`` bound the pool; ``command_timeout`` and
+    ``connect_timeout`` (seconds) bound each statement and each connect.
+    Other query parameters go to the server (libpq style) unchanged.
+    """
+
+    dsn: str
+    min_size: int = 1
+    max_size: int = 10
+    command_timeout: float = 30.0
+    connect_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_size <= self.max_size or self.max_size < 1:
+            raise ConfigError("need 0 <= min_size <= max_size and max_size >= 1")
+        if self.command_timeout <= 0 or self.connect_timeout <= 0:
+            raise ConfigError("timeouts must be positive")
+
+    @classmethod
+    def from_url(cls, url: str) -> PostgresSettings:
+        """Parse ``postgresql://``, ``postgres://`` or ``postgresql+asyncpg://`` URLs."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("postgresql", "postgres", "postgresql+asyncpg"):
+            raise ConfigError(f"not a PostgreSQL store URL: {url!r}")
+        ours: dict[str, Any] = {}
+        rest: list[tuple[str, str]] = []
+        for key, value in parse_qsl(parts.query):
+            if key in _OUR_OPTIONS:
+                try:
+                    ours[key] = _OUR_OPTIONS[key](value)
+                except ValueError as exc:
+                    raise ConfigError(f"{key}={value!r} in the store URL is not a number") from exc
+            else:
+                rest.append((key, value))
+        dsn = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(rest), ""))
+        return cls(dsn=dsn, **ours)
+
+
+@contextlib.contextmanager
+def _translate(what: str) -> Iterator[None]:
+    """Map asyncpg and socket errors to the squadbus tree."""
+    try:
+        yield
+    except (asyncpg.PostgresConnectionError, asyncpg.exceptions.CannotConnectNowError,
+            asyncpg.exceptions.AdminShutdownError, asyncpg.exceptions.CrashShutdownError) as exc:
+        raise ConnectionLost(f"PostgreSQL {what}: {exc}") from exc
+    except asyncpg.exceptions.QueryCanceledError as exc:
+        raise BackendTimeout(f"PostgreSQL {what}: {exc}") from exc
+    except asyncpg.PostgresError as exc:
+        raise BackendError(f"PostgreSQL {what}: {exc}") from exc
+    except asyncpg.InterfaceError as exc:
+        # "connection is closed", "cannot perform operation: another operation is in progress", ...
+        raise ConnectionLost(f"PostgreSQL {what}: {exc}") from exc
+    except TimeoutError as exc:
+        raise BackendTimeout(f"PostgreSQL {what}: no answer in time") from exc
+    except OSError as exc:
+        raise ConnectionLost(f"PostgreSQL {what}: {exc}") from exc
+
+
+class PostgresStore:
+    """A :class:`~squadbus.store.base.HistoryStore` on PostgreSQL (see the module docstring)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.settings = PostgresSettings.from_url(url)
+        self._pool: asyncpg.Pool | None = None
+        self._open_lock = asyncio.Lock()
+        self._closed = False
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create the pool and migrate. Idempotent; raises ConnectionLost when unreachable."""
+        async with self._open_lock:
+            if self._closed:
+                raise Closed("store is closed")
+            if self._pool is not None:
+                return
+            s = self.settings
+            with _translate("open"):
+                pool = await asyncpg.create_pool(
+                    s.dsn, min_size=s.min_size, max_size=s.max_size, command_timeout=s.command_timeout,
+                    timeout=s.connect_timeout,
+                )
+                try:
+                    async with pool.acquire() as conn, conn.transaction():
+                        await self._migrate(conn)
+                except BaseException:
+                    await pool.close()
+                    raise
+            self._pool = pool
+
+    @staticmethod
+    async def _migrate(conn: asyncpg.Connection) -> None:
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version"
+            " (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")
+        for version, statements in POSTGRES_MIGRATIONS:
+            if version <= current:
+                continue
+            for statement in statements:
+                await conn.execute(statement)
+            await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", version)
+
+    async def close(self) -> None:
+        """Close the pool (waits up to ``command_timeout`` for queries in flight). Idempotent."""
+        async with self._open_lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            await asyncio.wait_for(pool.close(), self.settings.command_timeout)
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            pool.terminate()
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def _the_pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise Closed("store is closed" if self._closed else "store is not open: call open() first")
+        return self._pool
+
+    # ---- writing -----------------------------------------------------------------------------
+
+    async def write(self, messages: Sequence[Message]) -> list[StoredMessage]:
+        """Store ``messages`` in one transaction, idempotently (see HistoryStore.write)."""
+        if not messages:
+            return []
+        unique = c.unique_by_id(messages)
+        bodies = {m.id: c.encode_body(m) for m in unique}
+        pool = self._the_pool()
+        with _translate("write"):
+            for attempt in range(1, _WRITE_ATTEMPTS + 1):
+                try:
+                    async with pool.acquire() as conn, conn.transaction():
+                        stored = await self._write_tx(conn, unique, bodies)
+                    break
+                except (_RetryWrite, asyncpg.exceptions.TransactionRollbackError) as exc:
+                    if attempt == _WRITE_ATTEMPTS:
+                        raise BackendError(f"PostgreSQL write: gave up after {attempt} conflicting attempts") from exc
+                    await asyncio.sleep(0.01 * attempt)
+        return [stored[m.id] for m in messages]
+
+    @staticmethod
+    async def _write_tx(
+        conn: asyncpg.Connection, unique: list[Message], bodies: dict[UUID, bytes]
+    ) -> dict[UUID, StoredMessage]:
+        keys = sorted({c.exec_key(m) for m in unique})
+        last = {row[0]: int(row[1]) for row in await conn.fetch(_LOCK_COUNTERS, keys)}
+        by_id = {m.id: m for m in unique}
+        stored: dict[UUID, StoredMessage] = {}
+        for raw_id, seq, stored_at, body in await conn.fetch(_EXISTING, list(by_id)):
+            message_id = UUID(bytes=raw_id.bytes)
+            stored[message_id] = c.existing_row(int(seq), stored_at, body, by_id[message_id])
+        new = [m for m in unique if m.id not in stored]
+        if not new:
+            return stored
+        seqs = c.assign_seqs(new, last)
+        rows = await conn.fetch(
+            _INSERT,
+            [m.id for m in new],
+            [m.task_execution_id for m in new],
+            seqs,
+            [m.sender_id for m in new],
+            [m.recipient_id for m in new],
+            [c.index_text(m.message_type) for m in new],
+            [m.created_at for m in new],
+            [bodies[m.id] for m in new],
+        )
+        if len(rows) != len(new):
+            raise _RetryWrite
+        stored_at = rows[0][1]
+        touched = sorted({c.exec_key(m) for m in new})
+        await conn.execute(_SAVE_COUNTERS, touched, [last[k] for k in touched])
+        for m, seq in zip(new, seqs, strict=True):
+            stored[m.id] = StoredMessage(seq=seq, stored_at=stored_at, message=m)
+        return stored
+
+    # ---- reading -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _rows(rows: Sequence[Any]) -> list[StoredMessage]:
+        out: list[StoredMessage] = []
+        for seq, stored_at, body, pk in rows:
+            item = c.decode_row(int(seq), stored_at, body, f"pk={pk}")
+            if item is not None:
+                out.append(item)
+        return out
+
+    async def _fetch(self, what: str, sql: str, *args: Any) -> list[Any]:
+        pool = self._the_pool()
+        with _translate(what):
+            return list(await pool.fetch(sql, *args))
+
+    async def get(self, message_id: UUID) -> StoredMessage | None:
+        """The stored message with this id, or None."""
+        rows = await self._fetch("get", f"SELECT {_COLUMNS} FROM messages WHERE id = $1", message_id)
+        items = self._rows(rows)
+        return items[0] if items else None
+
+    async def query(self, q: HistoryQuery) -> HistoryPage:
+        """One page of messages matching ``q``, in stored order."""
+        q.validate()
+        where: list[str] = []
+        args: list[Any] = []
+
+        def arg(value: Any) -> str:
+            args.append(value)
+            return f"${len(args)}"
+
+        if q.cursor is not None:
+            where.append(f"pk > {arg(c.decode_cursor(q.cursor))}")
+        if q.task_execution_id is not None:
+            where.append(f"task_execution_id = {arg(q.task_execution_id)}")
+        if q.agent_id is not None:
+            agent = arg(c.index_text(q.agent_id))
+            where.append(f"(sender_id = {agent} OR recipient_id = {agent})")
+        if q.message_type is not None:
+            where.append(f"message_type = {arg(c.index_text(q.message_type))}")
+        if q.since is not None:
+            where.append(f"created_at >= {arg(q.since)}")
+        if q.until is not None:
+            where.append(f"created_at < {arg(q.until)}")
+        sql = f"SELECT {_COLUMNS} FROM messages"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += f" ORDER BY pk LIMIT {arg(q.limit + 1)}"
+        rows = await self._fetch("query", sql, *args)
+        more = len(rows) > q.limit
+        rows = rows[: q.limit]
+        next_cursor = c.encode_cursor(int(rows[-1][3])) if more else None
+        return HistoryPage(items=self._rows(rows), next_cursor=next_cursor)
+
+    async def after(self, task_execution_id: UUID, after_seq: int, limit: int = 1000) -> list[StoredMessage]:
+        """Up to ``limit`` rows of one execution with ``seq > after_seq``, ascending by seq."""
+        if limit < 1:
+            return []
+        rows = await self._fetch(
+            "after",
+            f"SELECT {_COLUMNS} FROM messages WHERE task_execution_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            task_execution_id, after_seq, limit,
+        )
+        return self._rows(rows)
+
+    async def snapshot(self, task_execution_id: UUID) -> ExecutionSnapshot:
+        """Counts, seq bounds and agents of one execution as currently retained."""
+        [stats] = await self._fetch(
+            "snapshot",
+            "SELECT count(*), coalesce(min(seq), 0), coalesce(max(seq), 0), max(created_at)"
+            " FROM messages WHERE task_execution_id = $1",
+            task_execution_id,
+        )
+        agents = await self._fetch(
+            "snapshot",
+            "SELECT sender_id FROM messages WHERE task_execution_id = $1"
+            " UNION SELECT recipient_id FROM messages WHERE task_execution_id = $1 AND recipient_id IS NOT NULL",
+            task_execution_id,
+        )
+        count, first, last, last_at = stats
+        return ExecutionSnapshot(
+            task_execution_id=task_execution_id,
+            message_count=int(count),
+            first_seq=int(first),
+            last_seq=int(last),
+            agents=c.sorted_agents(row[0] for row in agents),
+            last_message_at=last_at,
+        )
+
+    # ---- maintenance -------------------------------------------------------------------------
+
+    async def delete_older_than(self, cutoff: datetime) -> int:
+        """Delete rows stored before ``cutoff``, in chunks so no transaction holds locks long."""
+        if cutoff.tzinfo is None:
+            raise ConfigError("cutoff must be timezone-aware")
+        pool = self._the_pool()
+        deleted = 0
+        with _translate("delete_older_than"):
+            while True:
+                status = await pool.execute(
+                    "DELETE FROM messages WHERE pk IN"
+                    " (SELECT pk FROM messages WHERE stored_at < $1 ORDER BY stored_at LIMIT 10000)",
+                    cutoff,
+                )
+                count = int(status.rsplit(" ", 1)[-1])
+                deleted += count
+                if count == 0:
+                    return deleted
+
+    async def ping(self) -> None:
+        """Run ``SELECT 1``; raises a BackendError subclass when the server cannot answer."""
+        await self._fetch("ping", "SELECT 1")
