@@ -1,0 +1,201 @@
+"""The db-writer: every message and reply into the HistoryStore, batched, exactly once.
+
+It joins consumer group ``db-writer`` on ``agent.message.>`` and
+``agent.reply.>`` with :func:`squadbus.core.batching.batched` and
+``max_in_flight=batch_size``: up to ``batch_size`` deliveries are collected
+(or whatever arrived within ``max_wait``) and written in one transaction.
+Deliveries are acked only after COMMIT. What happens on failure:
+
+* store unreachable (ConnectionLost, BackendTimeout): the batch is retried in
+  place for up to ``retry_for`` seconds, then nacked as a whole; the backend
+  redelivers it and the idempotent write stores each message once. The
+  default ``max_deliver`` is very high, so an outage never dead-letters history;
+* any other store error: the batch is written again one message at a time to
+  find the message(s) the database refuses; those are dead-lettered
+  (``Reject``) on redelivery, the rest are stored normally;
+* ``on_written`` failing is logged: the rows are committed, so the batch is
+  still acked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from uuid import UUID
+
+from squadbus.core import subjects
+from squadbus.core.backend import ConsumerOptions, Delivery, Subscription
+from squadbus.core.batching import batched
+from squadbus.core.bus import Bus
+from squadbus.core.envelope import Message
+from squadbus.core.errors import BackendTimeout, Closed, ConnectionLost, InvalidMessage, Nack, Reject, SquadbusError
+from squadbus.store.base import HistoryStore, StoredMessage
+
+logger = logging.getLogger("squadbus.workers.db_writer")
+
+GROUP = "db-writer"
+PATTERNS = (f"{subjects.MESSAGE_PREFIX}.>", f"{subjects.REPLY_PREFIX}.>")
+_TRANSIENT = (ConnectionLost, BackendTimeout)
+_POISON_MEMORY = 10_000
+
+OnWritten = Callable[[list[StoredMessage]], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class DbWriterStats:
+    """Counters of one DbWriter."""
+
+    batches: int = 0
+    messages: int = 0
+    store_failures: int = 0
+    rejected: int = 0
+
+
+class DbWriter:
+    """Writes every ``agent.message.>`` and ``agent.reply.>`` message to ``store`` (see the module docstring).
+
+    ``on_written(rows)`` is awaited after each committed batch with one row
+    per delivery (redelivered messages return their existing row).
+    ``options`` overrides the consumer options; ``max_in_flight`` is always
+    ``batch_size``.
+    """
+
+    name = GROUP
+
+    def __init__(
+        self,
+        bus: Bus,
+        store: HistoryStore,
+        *,
+        batch_size: int = 500,
+        max_wait: float = 0.05,
+        on_written: OnWritten | None = None,
+        retry_for: float = 5.0,
+        options: ConsumerOptions | None = None,
+    ) -> None:
+        if batch_size < 1 or max_wait < 0 or retry_for < 0:
+            raise ValueError("batch_size must be >= 1, max_wait and retry_for >= 0")
+        self.bus = bus
+        self.store = store
+        self.batch_size = batch_size
+        self.max_wait = max_wait
+        self.on_written = on_written
+        self.retry_for = retry_for
+        base = options or ConsumerOptions(max_deliver=1_000_000, backoff_base=0.1, backoff_max=5.0)
+        self.options = ConsumerOptions(
+            max_deliver=base.max_deliver, backoff_base=base.backoff_base, backoff_max=base.backoff_max,
+            ack_wait=base.ack_wait, batch_size=max(base.batch_size, batch_size), max_pending=base.max_pending,
+            max_in_flight=batch_size, start=base.start, slow_consumer=base.slow_consumer,
+        )
+        self.stats = DbWriterStats()
+        self._subs: list[Subscription] = []
+        self._stopping = asyncio.Event()
+        self._poison: OrderedDict[UUID, str] = OrderedDict()
+        self._running = False
+
+    async def start(self) -> None:
+        """Join group ``db-writer`` on both patterns (idempotent)."""
+        if self._running:
+            return
+        self._running = True
+        self._stopping.clear()
+        batch_handler = batched(self._process, max_batch=self.batch_size, max_wait=self.max_wait)
+
+        async def handle(delivery: Delivery) -> None:
+            reason = self._poison.pop(delivery.message.id, None)
+            if reason is not None:
+                raise Reject(reason)
+            await batch_handler(delivery)
+
+        try:
+            for pattern in PATTERNS:
+                self._subs.append(await self.bus.subscribe(pattern, handle, group=GROUP, options=self.options))
+        except BaseException:
+            await self.stop()
+            raise
+        logger.info("db-writer started (batch_size=%d, max_wait=%.3fs, store=%s)",
+                    self.batch_size, self.max_wait, type(self.store).__name__)
+
+    async def stop(self) -> None:
+        """Stop consuming; batches in flight are committed and acked first (idempotent).
+
+        If the store is unreachable, the batch being retried is nacked at
+        once instead of waiting out ``retry_for``, and stays on the backend.
+        """
+        if not self._running:
+            return
+        self._running = False
+        self._stopping.set()
+        subs, self._subs = self._subs, []
+        for sub in subs:
+            await self.bus.unsubscribe(sub)
+        logger.info("db-writer stopped after %d messages in %d batches", self.stats.messages, self.stats.batches)
+
+    async def _process(self, messages: Sequence[Message]) -> None:
+        rows = await self._write(messages)
+        self.stats.batches += 1
+        self.stats.messages += len(messages)
+        if self.on_written is not None:
+            try:
+                await self.on_written(rows)
+            except Exception:
+                logger.exception("on_written callback failed for a committed batch of %d", len(rows))
+
+    async def _write(self, messages: Sequence[Message]) -> list[StoredMessage]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.retry_for
+        delay = 0.05
+        while True:
+            try:
+                return await self.store.write(messages)
+            except _TRANSIENT as exc:
+                self.stats.store_failures += 1
+                if self._stopping.is_set() or loop.time() + delay > deadline:
+                    logger.warning("store unavailable, returning a batch of %d for redelivery: %s",
+                                   len(messages), exc)
+                    raise Nack(f"store unavailable: {exc}") from exc
+                logger.info("store unavailable, retrying a batch of %d in %.2fs: %s", len(messages), delay, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                delay = min(delay * 2, 1.0)
+            except Closed as exc:
+                raise Nack(f"store closed: {exc}") from exc
+            except (SquadbusError, ValueError) as exc:
+                self.stats.store_failures += 1
+                found = await self._isolate(messages, exc)
+                raise Nack(f"batch refused by the store: {exc}", delay=0.0 if found else None) from exc
+
+    async def _isolate(self, messages: Sequence[Message], batch_error: BaseException) -> bool:
+        """Write one by one to find the messages the store refuses; remember them for Reject.
+
+        A message is blamed only when it cannot be encoded, or when others of
+        the batch were stored: if every write fails the database is at fault
+        (disk full, permissions), and nothing is dead-lettered.
+        """
+        logger.warning("store refused a batch of %d (%s); writing one by one", len(messages), batch_error)
+        refused: dict[UUID, str] = {}
+        suspects: dict[UUID, str] = {}
+        stored_any = False
+        for message in messages:
+            try:
+                await self.store.write([message])
+                stored_any = True
+            except (ConnectionLost, BackendTimeout, Closed):
+                return False
+            except InvalidMessage as exc:
+                refused[message.id] = f"history store refused the message: {exc}"
+            except (SquadbusError, ValueError) as exc:
+                suspects[message.id] = f"history store refused the message: {type(exc).__name__}: {exc}"
+        if stored_any:
+            refused.update(suspects)
+        for message_id, reason in refused.items():
+            logger.error("message %s will be dead-lettered: %s", message_id, reason)
+            self.stats.rejected += 1
+            self._poison[message_id] = reason
+        while len(self._poison) > _POISON_MEMORY:
+            self._poison.popitem(last=False)
+        return bool(refused)
