@@ -1,0 +1,36 @@
+"""The one place the Kafka backend imports aiokafka (an optional dependency)."""
+
+from __future__ import annotations
+
+try:
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+    from aiokafka.abc import ConsumerRebalanceListener
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import (
+        CommitFailedError,
+        IllegalStateError,
+        KafkaConnectionError,
+        KafkaError,
+        KafkaTimeoutError,
+        RequestTimedOutError,
+    )
+    from aiokafka.partitioner import DefaultPartitioner
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError("the kafka:// backend needs aiokafka: pip install squadbus[kafka]") from exc
+
+__all__ = [
+    "AIOKafkaAdminClient",
+    "AIOKafkaConsumer",
+    "AIOKafkaProducer",
+    "CommitFailedError",
+    "ConsumerRebalanceListener",
+    "ConsumerRecord",
+    "DefaultPartitioner",
+    "IllegalStateError",
+    "KafkaConnectionError",
+    "KafkaError",
+    "KafkaTimeoutError",
+    "NewTopic",
+    "RequestTimedOutError",
+    "TopicPartition",
+]

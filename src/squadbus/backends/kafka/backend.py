@@ -1,0 +1,128 @@
+"""KafkaBackend: the Backend protocol over aiokafka (see the package docstring)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from datetime import datetime
+from uuid import UUID
+
+from squadbus.backends.kafka._driver import AIOKafkaAdminClient, KafkaError
+from squadbus.backends.kafka.consumer import KafkaSubscription
+from squadbus.backends.kafka.producer import KafkaPublisher, translate
+from squadbus.backends.kafka.replay import replay_execution
+from squadbus.backends.kafka.settings import KafkaSettings
+from squadbus.backends.kafka.topics import TopicLayout, ensure_topics
+from squadbus.core import subjects
+from squadbus.core.backend import ConsumerOptions, RawHandler
+from squadbus.core.envelope import Message
+from squadbus.core.errors import BackendError, Closed
+
+logger = logging.getLogger("squadbus.backends.kafka")
+
+
+class KafkaBackend:
+    """Kafka (or any Kafka-protocol broker) as a squadbus backend.
+
+    ``publish`` returns once the broker acknowledged the record
+    (``acks="all"``); concurrent publishes share requests. Every
+    subscription is its own consumer; see :mod:`.consumer` for commits,
+    retries and rebalances, :mod:`.topics` for the subject-to-topic layout
+    and :mod:`.replay` for replay. Broker-side dedupe by message id is not
+    offered: the idempotent producer (when the broker grants it) only removes
+    duplicates caused by the producer's own retries.
+    """
+
+    name = "kafka"
+
+    def __init__(self, settings: KafkaSettings | None = None) -> None:
+        self.settings = settings or KafkaSettings()
+        self.layout = TopicLayout(self.settings)
+        self._publisher = KafkaPublisher(self.settings, self.layout)
+        self._subscriptions: set[KafkaSubscription] = set()
+        self._partitions: dict[str, list[int]] = {}
+        self._connected = False
+        self._closed = False
+
+    @property
+    def idempotent(self) -> bool:
+        """True when the producer runs with idempotence (the broker granted it)."""
+        return self._publisher.idempotent
+
+    async def connect(self) -> None:
+        """Create missing topics (if ``create_topics``) and start the producer.
+
+        Raises ConnectionLost / BackendTimeout when the broker is unreachable
+        within ``connect_timeout``.
+        """
+        if self._closed:
+            raise Closed("kafka backend is closed")
+        if self._connected:
+            return
+        s = self.settings
+        try:
+            async with asyncio.timeout(s.connect_timeout):
+                if s.create_topics:
+                    admin = AIOKafkaAdminClient(
+                        bootstrap_servers=list(s.bootstrap_servers), client_id=s.client_id,
+                        request_timeout_ms=int(s.connect_timeout * 1000),
+                    )
+                    try:
+                        await admin.start()
+                        await ensure_topics(admin, s)
+                    finally:
+                        await admin.close()
+                await self._publisher.start()
+        except (KafkaError, TimeoutError) as exc:
+            await self._publisher.stop()
+            raise translate(exc, f"connect to {','.join(s.bootstrap_servers)}") from exc
+        self._connected = True
+
+    async def close(self) -> None:
+        """Close every subscription, then flush and stop the producer. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for sub in list(self._subscriptions):
+            await sub.close()
+        await self._publisher.stop()
+
+    def _check(self) -> None:
+        if self._closed or not self._connected:
+            raise Closed("kafka backend is not connected")
+
+    async def publish(self, message: Message) -> None:
+        """Publish to the topic of ``message.subject``; returns once the broker acknowledged it."""
+        self._check()
+        await self._publisher.publish(message)
+
+    async def subscribe(
+        self, pattern: str, handler: RawHandler, *, group: str | None, options: ConsumerOptions
+    ) -> KafkaSubscription:
+        """Start a consumer for ``pattern`` in Kafka group ``durable_name(group, pattern)``."""
+        self._check()
+        subjects.validate_pattern(pattern)
+        sub = KafkaSubscription(
+            settings=self.settings, layout=self.layout, pattern=pattern, group=group, options=options,
+            handler=handler, dead_letter=self.publish, on_close=self._subscriptions.discard,
+        )
+        await sub.start()
+        self._subscriptions.add(sub)
+        return sub
+
+    async def replay(
+        self, task_execution_id: UUID, *, from_seq: int = 0, since: datetime | None = None
+    ) -> AsyncIterator[tuple[int, Message]]:
+        """Yield ``(offset, message)`` of one execution from the main topic; see :mod:`.replay`."""
+        self._check()
+        topic = self.layout.main
+        partitions = self._partitions.get(topic)
+        if partitions is None:
+            partitions = self._partitions[topic] = await self._publisher.partitions(topic)
+        if not partitions:
+            raise BackendError(f"topic {topic} has no partitions")
+        async for item in replay_execution(
+            self.settings, topic, partitions, task_execution_id, from_seq=from_seq, since=since
+        ):
+            yield item

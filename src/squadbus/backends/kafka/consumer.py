@@ -1,0 +1,472 @@
+"""The consuming side: one AIOKafkaConsumer per subscription.
+
+* A named squadbus group ``(group, pattern)`` is the Kafka consumer group
+  ``durable_name(group, pattern)``; ``group=None`` is a consumer without a
+  group, assigned every partition of its topics and positioned at their end
+  before ``subscribe`` returns.
+* Auto-commit is off. An offset is committed only once every record before
+  it in its partition was settled (acked, or dead-lettered then termed), so
+  with ``max_in_flight > 1`` the commit never jumps over a record still in a
+  handler or waiting for a retry (:mod:`.partition`). Commits are coalesced:
+  one in flight at a time, carrying every floor that moved meanwhile.
+* ``nack(delay)`` puts the record back in memory and holds *its partition*
+  (only) until the delay passed, then delivers the same record again with
+  ``attempt + 1``. Attempts are counted in memory per (partition, offset):
+  after a consumer crash another member starts counting from 1 again.
+* Records not matching the pattern are settled at once (committed past);
+  records that are not squadbus envelopes are dead-lettered by the consumer
+  (:mod:`.deadletter`).
+* On a rebalance, partitions being revoked stop handing out records, wait
+  (up to ``ack_wait``) for deliveries in flight to settle, and commit.
+* ``close()`` stops fetching, lets the handlers in progress finish, commits,
+  and leaves the group; records fetched but not handled are re-read by the
+  next owner of their partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+
+from squadbus.backends.kafka._driver import (
+    AIOKafkaConsumer,
+    CommitFailedError,
+    ConsumerRebalanceListener,
+    ConsumerRecord,
+    IllegalStateError,
+    KafkaError,
+    TopicPartition,
+)
+from squadbus.backends.kafka.deadletter import malformed_dead_letter
+from squadbus.backends.kafka.partition import PartitionState, header_subject
+from squadbus.backends.kafka.producer import ID_HEADER, translate
+from squadbus.backends.kafka.settings import KafkaSettings
+from squadbus.backends.kafka.topics import TopicLayout
+from squadbus.core.backend import ConsumerOptions, Delivery, RawHandler, StartFrom, durable_name
+from squadbus.core.envelope import Message, decode
+from squadbus.core.errors import MalformedMessage, SquadbusError
+
+logger = logging.getLogger("squadbus.backends.kafka")
+
+_FAIRNESS_STREAK = 64
+_POLL_MS = 1000
+
+
+class KafkaDelivery(Delivery):
+    """A delivery of one Kafka record; ack/nack settle it in its partition's bookkeeping."""
+
+    __slots__ = ("_part", "_record", "_sub")
+
+    def __init__(
+        self, message: Message, *, attempt: int, group: str | None,
+        sub: KafkaSubscription, part: PartitionState, record: ConsumerRecord,
+    ) -> None:
+        super().__init__(message, attempt=attempt, group=group)
+        self._sub = sub
+        self._part = part
+        self._record = record
+
+    @property
+    def offset(self) -> tuple[str, int, int]:
+        """``(topic, partition, offset)`` of the record."""
+        return (self._record.topic, self._record.partition, self._record.offset)
+
+    async def _ack(self) -> None:
+        self._sub._settle(self._part, self._record)
+
+    async def _nack(self, delay: float) -> None:
+        self._sub._retry(self._part, self._record, delay)
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, sub: KafkaSubscription) -> None:
+        self._sub = sub
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await self._sub._on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        await self._sub._on_assigned(assigned)
+
+
+class KafkaSubscription:
+    """One running subscription; see the module docstring for its contract."""
+
+    def __init__(
+        self, *, settings: KafkaSettings, layout: TopicLayout, pattern: str, group: str | None,
+        options: ConsumerOptions, handler: RawHandler, dead_letter: Callable[[Message], Awaitable[None]],
+        on_close: Callable[[KafkaSubscription], None],
+    ) -> None:
+        self._settings = settings
+        self._topics = layout.topics_for(pattern)
+        self._pattern = pattern
+        self._group = group
+        self._options = options
+        self._handler = handler
+        self._dead_letter = dead_letter
+        self._on_close = on_close
+        self._consumer: AIOKafkaConsumer | None = None
+        self._parts: dict[TopicPartition, PartitionState] = {}
+        self._order: list[PartitionState] = []
+        self._cursor = 0
+        self._buffered = 0
+        self._attempts: dict[tuple[str, int, int], int] = {}
+        self._snapshot: dict[TopicPartition, int] = {}
+        self._wake = asyncio.Event()
+        self._space = asyncio.Event()
+        self._commit_wanted = asyncio.Event()
+        self._fetch_task: asyncio.Task[None] | None = None
+        self._dispatch_task: asyncio.Task[None] | None = None
+        self._commit_task: asyncio.Task[None] | None = None
+        self._progress = asyncio.Event()
+        self._closing = False
+
+    @property
+    def pattern(self) -> str:
+        """The subject pattern."""
+        return self._pattern
+
+    @property
+    def group(self) -> str | None:
+        """The squadbus group name (None for an ephemeral subscription)."""
+        return self._group
+
+    @property
+    def kafka_group_id(self) -> str | None:
+        """The Kafka consumer group id, ``durable_name(group, pattern)``."""
+        return durable_name(self._group, self._pattern) if self._group is not None else None
+
+    # ---- start and stop ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect and start consuming; raises a BackendError if the broker is unreachable."""
+        s, options = self._settings, self._options
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=list(s.bootstrap_servers),
+            client_id=s.client_id,
+            group_id=self.kafka_group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest" if options.start is StartFrom.EARLIEST else "latest",
+            session_timeout_ms=s.session_timeout_ms,
+            heartbeat_interval_ms=s.heartbeat_interval_ms,
+            max_poll_interval_ms=s.max_poll_interval_ms,
+            fetch_max_wait_ms=s.fetch_max_wait_ms,
+            max_poll_records=options.batch_size,
+        )
+        self._consumer = consumer
+        try:
+            async with asyncio.timeout(s.connect_timeout):
+                await consumer.start()
+                if self._group is None:
+                    await self._assign_at_end(consumer)
+                else:
+                    if options.start is StartFrom.NEW:
+                        self._snapshot = await consumer.end_offsets(await self._all_partitions(consumer))
+                    consumer.subscribe(self._topics, listener=_Listener(self))
+        except (KafkaError, TimeoutError) as exc:
+            await consumer.stop()
+            raise translate(exc, f"subscribe to {self._pattern}") from exc
+        loop = asyncio.get_running_loop()
+        name = self.kafka_group_id or "ephemeral"
+        self._fetch_task = loop.create_task(self._fetch_loop(), name=f"squadbus-kafka-fetch-{name}")
+        self._dispatch_task = loop.create_task(self._dispatch_loop(), name=f"squadbus-kafka-dispatch-{name}")
+        if self._group is not None:
+            self._commit_task = loop.create_task(self._commit_loop(), name=f"squadbus-kafka-commit-{name}")
+
+    async def _all_partitions(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
+        await consumer.topics()  # refresh metadata
+        return [
+            TopicPartition(topic, p)
+            for topic in self._topics
+            for p in sorted(consumer.partitions_for_topic(topic) or ())
+        ]
+
+    async def _assign_at_end(self, consumer: AIOKafkaConsumer) -> None:
+        tps = await self._all_partitions(consumer)
+        consumer.assign(tps)
+        await consumer.seek_to_end(*tps)
+        for tp in tps:
+            await consumer.position(tp)  # resolve now: what is published after subscribe() returns is seen
+            self._parts[tp] = PartitionState(tp)
+        self._order = list(self._parts.values())
+
+    async def close(self) -> None:
+        """Stop fetching, finish handlers in progress, commit, leave the group. Idempotent."""
+        if self._closing:
+            return
+        self._closing = True
+        self._wake.set()
+        self._space.set()
+        if self._fetch_task is not None:
+            self._fetch_task.cancel()
+        for task in (self._fetch_task, self._dispatch_task):
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._commit_task is not None:
+            self._commit_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._commit_task
+            await self._commit_now()
+        if self._consumer is not None:
+            try:
+                await self._consumer.stop()
+            except KafkaError as exc:
+                logger.warning("stopping the consumer of %s failed: %s", self.kafka_group_id or self._pattern, exc)
+        self._on_close(self)
+
+    # ---- fetching ----------------------------------------------------------------------------
+
+    async def _fetch_loop(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        options = self._options
+        while not self._closing:
+            if self._buffered >= options.max_pending:
+                self._space.clear()
+                await self._space.wait()
+                continue
+            try:
+                batch = await consumer.getmany(timeout_ms=_POLL_MS, max_records=options.batch_size)
+            except KafkaError as exc:
+                logger.warning("fetch for %s failed, retrying: %s", self.kafka_group_id or self._pattern, exc)
+                await asyncio.sleep(0.5)
+                continue
+            moved = False
+            for tp, records in batch.items():
+                part = self._parts.get(tp)
+                if part is None:
+                    # Assigned but not set up yet (a rebalance is running): fetch it again later.
+                    consumer.seek(tp, records[0].offset)
+                    continue
+                before = part.floor
+                self._buffered += part.add(records, self._pattern)
+                moved = moved or part.floor != before
+            if moved and self._group is not None:
+                self._commit_wanted.set()
+            self._wake.set()
+
+    # ---- handing records to the handler ------------------------------------------------------
+
+    def _pick(self, now: float, one_at_a_time: bool) -> tuple[PartitionState, ConsumerRecord] | None:
+        order = self._order
+        count = len(order)
+        for i in range(count):
+            index = (self._cursor + i) % count
+            part = order[index]
+            if part.ready(now, one_at_a_time):
+                self._cursor = index + 1
+                part.inflight += 1
+                self._buffered -= 1
+                if self._buffered < self._options.max_pending and not self._space.is_set():
+                    self._space.set()
+                return part, part.queue.popleft()
+        return None
+
+    async def _wait_for_work(self, now: float) -> None:
+        self._wake.clear()
+        waits = [p.blocked_until for p in self._order if p.queue and p.blocked_until > now]
+        timeout = min(waits) - now if waits else None
+        try:
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
+        except TimeoutError:
+            pass
+
+    async def _dispatch_loop(self) -> None:
+        limit = self._options.max_in_flight
+        loop = asyncio.get_running_loop()
+        if limit == 1:
+            streak = 0
+            while not self._closing:
+                picked = self._pick(loop.time(), True)
+                if picked is None:
+                    streak = 0
+                    await self._wait_for_work(loop.time())
+                    continue
+                await self._handle(*picked)
+                streak += 1
+                if streak >= _FAIRNESS_STREAK:
+                    streak = 0
+                    await asyncio.sleep(0)  # handlers that never suspend would starve the fetcher
+            return
+        slots = asyncio.Semaphore(limit)
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while not self._closing:
+                await slots.acquire()
+                picked = self._pick(loop.time(), False)
+                if picked is None:
+                    slots.release()
+                    await self._wait_for_work(loop.time())
+                    continue
+                task = loop.create_task(self._handle(*picked))
+                running.add(task)
+                task.add_done_callback(running.discard)
+                task.add_done_callback(lambda _: slots.release())
+        finally:
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+
+    async def _handle(self, part: PartitionState, record: ConsumerRecord) -> None:
+        key = (record.topic, record.partition, record.offset)
+        attempt = self._attempts.get(key, 0) + 1
+        self._attempts[key] = attempt
+        try:
+            if record.value is None:
+                raise MalformedMessage("a record without a value (tombstone)")
+            message = decode(record.value)
+        except MalformedMessage as exc:
+            await self._dead_letter_malformed(part, record, attempt, str(exc))
+            return
+        delivery = KafkaDelivery(message, attempt=attempt, group=self._group, sub=self, part=part, record=record)
+        try:
+            await self._handler(delivery)
+        except asyncio.CancelledError:
+            if delivery.settled is None:
+                await delivery.nack()
+            raise
+        except Exception:
+            logger.exception("handler wrapper raised for message %s", message.id)
+        if delivery.settled is None:
+            # The Bus wrapper always settles; a bare RawHandler might not.
+            await delivery.nack(self._options.backoff(attempt))
+
+    async def _dead_letter_malformed(
+        self, part: PartitionState, record: ConsumerRecord, attempt: int, reason: str
+    ) -> None:
+        record_id = next((bytes(v).decode("utf-8", "replace") for k, v in record.headers or () if k == ID_HEADER), None)
+        dead = malformed_dead_letter(
+            record, group=self._group, attempt=attempt, reason=reason,
+            subject=header_subject(record), record_id=record_id,
+        )
+        try:
+            await self._dead_letter(dead)
+        except SquadbusError:
+            logger.exception(
+                "dead-lettering malformed record %s[%d]@%d failed; retrying it", record.topic, record.partition,
+                record.offset,
+            )
+            self._retry(part, record, self._options.backoff(attempt))
+            return
+        logger.warning(
+            "dead-lettered malformed record %s[%d]@%d of group %s to %s: %s",
+            record.topic, record.partition, record.offset, self._group, dead.subject, reason,
+        )
+        self._settle(part, record)
+
+    def _settle(self, part: PartitionState, record: ConsumerRecord) -> None:
+        part.inflight -= 1
+        self._attempts.pop((record.topic, record.partition, record.offset), None)
+        if part.settle(record.offset) and self._group is not None and self._parts.get(part.tp) is part:
+            self._commit_wanted.set()
+        self._wake.set()
+        self._progress.set()
+
+    def _retry(self, part: PartitionState, record: ConsumerRecord, delay: float) -> None:
+        part.inflight -= 1
+        self._progress.set()
+        if self._parts.get(part.tp) is not part or self._closing:
+            return  # the partition moved on: its next owner re-reads from the committed offset
+        part.requeue(record, asyncio.get_running_loop().time() + delay)
+        self._buffered += 1
+        self._wake.set()
+
+    # ---- commits and rebalances --------------------------------------------------------------
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await self._commit_wanted.wait()
+            self._commit_wanted.clear()
+            if not await self._commit_now():
+                await asyncio.sleep(0.2)
+                self._commit_wanted.set()
+
+    async def _commit_now(self, parts: Iterable[PartitionState] | None = None) -> bool:
+        """Commit the floors that moved; False when a retry makes sense."""
+        consumer = self._consumer
+        assert consumer is not None
+        targets = [(p, p.to_commit()) for p in (self._parts.values() if parts is None else parts)]
+        offsets = {p.tp: floor for p, floor in targets if floor is not None}
+        if not offsets:
+            return True
+        try:
+            await consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError) as exc:
+            # The group is rebalancing: these partitions may belong to another member now,
+            # which re-reads from the last committed offset (at-least-once).
+            logger.info("commit for %s skipped during a rebalance: %s", self.kafka_group_id, exc)
+            return True
+        except KafkaError as exc:
+            logger.warning("commit for %s failed, will retry: %s", self.kafka_group_id, exc)
+            return False
+        for part, floor in targets:
+            if floor is not None:
+                part.committed = floor
+        return True
+
+    def _reorder(self) -> None:
+        self._order = list(self._parts.values())
+        self._cursor = 0
+
+    async def _on_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        parts = [p for p in (self._parts.pop(tp, None) for tp in revoked) if p is not None]
+        self._reorder()
+        for part in parts:
+            self._buffered -= len(part.queue)
+            part.queue.clear()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._options.ack_wait
+        while any(p.inflight for p in parts) and loop.time() < deadline:
+            self._progress.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                    await self._progress.wait()
+        if parts:
+            await self._commit_now(parts)
+        for part in parts:
+            part.revoked = True
+        self._space.set()
+
+    async def _on_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        fresh = [tp for tp in assigned if tp not in self._parts]
+        for tp in fresh:
+            self._parts[tp] = PartitionState(tp)
+        self._reorder()
+        if self._options.start is StartFrom.NEW and fresh and not self._closing:
+            consumer.pause(*fresh)
+            try:
+                await self._start_new_partitions(consumer, fresh)
+            except KafkaError as exc:
+                logger.warning("positioning new group %s failed; using the end: %s", self.kafka_group_id, exc)
+            finally:
+                consumer.resume(*fresh)
+        self._wake.set()
+
+    async def _start_new_partitions(self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> None:
+        """Start partitions the group never committed at the end *as of subscribe()*, and commit that.
+
+        ``auto_offset_reset="latest"`` alone would resolve "the end" when the
+        join completes, skipping what was published between ``subscribe``
+        returning and the join; committing fixes the start for later members.
+        """
+        committed = await asyncio.gather(*(consumer.committed(tp) for tp in tps))
+        starts: dict[TopicPartition, int] = {}
+        for tp, offset in zip(tps, committed, strict=True):
+            if offset is not None:
+                continue
+            start = self._snapshot.get(tp)
+            if start is None:
+                start = (await consumer.end_offsets([tp]))[tp]
+            consumer.seek(tp, start)
+            starts[tp] = start
+        if starts:
+            await consumer.commit(starts)
+            for tp, start in starts.items():
+                part = self._parts.get(tp)
+                if part is not None:
+                    part.committed = part.floor = start

@@ -1,0 +1,115 @@
+"""Per-partition bookkeeping of one subscription: what to hand out next and what may be committed.
+
+Kafka commits one offset per partition: "everything before this is done".
+With several deliveries in flight, or a record waiting for its retry, the
+committable offset is the first record that is not settled yet, so a
+partition keeps the offsets it fetched in order and advances its *floor*
+past the contiguous settled ones. Records that do not match the
+subscription's pattern are settled as soon as they are fetched.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from squadbus.backends.kafka._driver import ConsumerRecord, TopicPartition
+from squadbus.backends.kafka.producer import SUBJECT_HEADER
+from squadbus.core import subjects
+
+
+def header_subject(record: ConsumerRecord) -> str | None:
+    """The subject header of ``record`` (None for records not written by squadbus)."""
+    for name, value in record.headers or ():
+        if name == SUBJECT_HEADER:
+            try:
+                return bytes(value).decode()
+            except UnicodeDecodeError:
+                return None
+    return None
+
+
+class PartitionState:
+    """One assigned partition: its queue of records to deliver and its commit floor.
+
+    ``floor`` is the next offset to commit (None until something was
+    settled); ``committed`` is the last floor the broker accepted.
+    ``blocked_until`` (loop time) holds the partition while a nacked record
+    waits for its retry, so later records of the partition are not
+    delivered before it (per-execution order).
+    """
+
+    __slots__ = (
+        "blocked_until", "committed", "floor", "inflight", "outstanding", "queue", "revoked", "settled", "tp",
+    )
+
+    def __init__(self, tp: TopicPartition) -> None:
+        self.tp = tp
+        self.queue: deque[ConsumerRecord] = deque()
+        self.outstanding: deque[int] = deque()
+        self.settled: set[int] = set()
+        self.floor: int | None = None
+        self.committed: int | None = None
+        self.inflight = 0
+        self.blocked_until = 0.0
+        self.revoked = False
+
+    def add(self, records: list[ConsumerRecord], pattern: str) -> int:
+        """Queue the records matching ``pattern``, settle the rest; returns how many were queued."""
+        queued = 0
+        for record in records:
+            offset = record.offset
+            if (self.outstanding and offset <= self.outstanding[-1]) or (
+                not self.outstanding and self.floor is not None and offset < self.floor
+            ):
+                continue  # already held or done (re-fetched after a seek)
+            subject = header_subject(record)
+            if subject is not None and not subjects.matches(pattern, subject):
+                if self.outstanding:
+                    self.outstanding.append(offset)
+                    self.settled.add(offset)
+                else:
+                    self.floor = offset + 1
+                continue
+            self.outstanding.append(offset)
+            self.queue.append(record)
+            queued += 1
+        return queued
+
+    def ready(self, now: float, one_at_a_time: bool) -> bool:
+        """True when the next queued record may be handed out."""
+        if not self.queue or self.revoked or now < self.blocked_until:
+            return False
+        return not (one_at_a_time and self.inflight)
+
+    def settle(self, offset: int) -> bool:
+        """Mark ``offset`` done; True when the floor moved."""
+        outstanding = self.outstanding
+        if not outstanding or offset < outstanding[0]:
+            return False
+        if offset != outstanding[0]:
+            self.settled.add(offset)
+            return False
+        outstanding.popleft()
+        floor = offset + 1
+        settled = self.settled
+        while outstanding and outstanding[0] in settled:
+            done = outstanding.popleft()
+            settled.discard(done)
+            floor = done + 1
+        self.floor = floor
+        return True
+
+    def requeue(self, record: ConsumerRecord, not_before: float) -> None:
+        """Put ``record`` back in offset order and hold the partition until ``not_before``."""
+        queue = self.queue
+        index = 0
+        while index < len(queue) and queue[index].offset < record.offset:
+            index += 1
+        queue.insert(index, record)
+        self.blocked_until = max(self.blocked_until, not_before)
+
+    def to_commit(self) -> int | None:
+        """The floor if it moved since the last successful commit, else None."""
+        if self.floor is None or self.floor == self.committed:
+            return None
+        return self.floor

@@ -1,0 +1,136 @@
+"""Settings of the Kafka backend, parsed from a ``kafka://`` URL."""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, fields
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from squadbus.core.errors import ConfigError
+
+DEFAULT_PORT = 9092
+SEVEN_DAYS_MS = 7 * 24 * 3600 * 1000
+_TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+
+class Idempotence(enum.Enum):
+    """Whether the producer asks the broker for idempotent writes (``InitProducerId``)."""
+
+    AUTO = "auto"
+    """Try it; if the broker refuses (tansu 0.6 does), log a warning and go on without it."""
+    ON = "on"
+    """Require it: ``connect()`` fails if the broker refuses (Apache Kafka >= 0.11)."""
+    OFF = "off"
+    """Never ask: duplicates after a producer retry are removed by the store."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class KafkaSettings:
+    """Settings of :class:`~squadbus.backends.kafka.KafkaBackend`.
+
+    ``kafka://host:port[,host2:port2][?option=value&...]``; every field below
+    is also a query option (booleans as ``true``/``false``). Topic names:
+    ``topic`` carries ``agent.message.*`` and any other subject,
+    ``reply_topic`` (default ``<topic>-replies``) ``agent.reply.*`` and
+    ``dlq_topic`` (default ``<topic>-dlq``) ``agent.dlq.*``; see
+    docs/backends/kafka.md. ``partitions``, ``replication_factor`` and
+    ``retention_ms`` apply when squadbus creates the topics
+    (``create_topics``); existing topics are left as they are.
+    ``session_timeout_ms`` / ``heartbeat_interval_ms`` tune consumer groups
+    (use 3000 / 1000 with tansu: a group's first join takes about half the
+    session timeout). ``publish_timeout`` bounds one publish (seconds),
+    ``connect_timeout`` bounds ``connect()``.
+    """
+
+    bootstrap_servers: tuple[str, ...] = (f"127.0.0.1:{DEFAULT_PORT}",)
+    topic: str = "agent-messages"
+    reply_topic: str = ""
+    dlq_topic: str = ""
+    partitions: int = 8
+    replication_factor: int = 1
+    retention_ms: int = SEVEN_DAYS_MS
+    create_topics: bool = True
+    idempotence: Idempotence = Idempotence.AUTO
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 3_000
+    max_poll_interval_ms: int = 300_000
+    fetch_max_wait_ms: int = 100
+    max_batch_bytes: int = 256 * 1024
+    publish_timeout: float = 30.0
+    connect_timeout: float = 15.0
+    client_id: str = "squadbus"
+
+    def __post_init__(self) -> None:
+        if not self.bootstrap_servers:
+            raise ConfigError("kafka:// needs at least one host:port")
+        if not self.reply_topic:
+            object.__setattr__(self, "reply_topic", f"{self.topic}-replies")
+        if not self.dlq_topic:
+            object.__setattr__(self, "dlq_topic", f"{self.topic}-dlq")
+        for name in (self.topic, self.reply_topic, self.dlq_topic):
+            if not _TOPIC_NAME.match(name) or name in (".", ".."):
+                raise ConfigError(f"invalid Kafka topic name {name!r}")
+        if len({self.topic, self.reply_topic, self.dlq_topic}) != 3:
+            raise ConfigError("topic, reply_topic and dlq_topic must be three different topics")
+        if self.partitions < 1 or self.replication_factor < 1:
+            raise ConfigError("partitions and replication_factor must be at least 1")
+        if self.retention_ms < -1 or self.retention_ms == 0:
+            raise ConfigError("retention_ms must be positive, or -1 for unlimited")
+        if self.session_timeout_ms < 1 or not 0 < self.heartbeat_interval_ms < self.session_timeout_ms:
+            raise ConfigError("need 0 < heartbeat_interval_ms < session_timeout_ms")
+        if self.max_poll_interval_ms < 1 or self.fetch_max_wait_ms < 0 or self.max_batch_bytes < 1024:
+            raise ConfigError("max_poll_interval_ms > 0, fetch_max_wait_ms >= 0, max_batch_bytes >= 1024")
+        if self.publish_timeout <= 0 or self.connect_timeout <= 0:
+            raise ConfigError("publish_timeout and connect_timeout must be positive")
+
+    @property
+    def topics(self) -> tuple[str, str, str]:
+        """The three topics squadbus uses: main, replies, dead letters."""
+        return (self.topic, self.reply_topic, self.dlq_topic)
+
+    @classmethod
+    def from_url(cls, url: str) -> KafkaSettings:
+        """Parse ``kafka://host:port[,host:port][?partitions=8&idempotence=off&...]``."""
+        parts = urlsplit(url)
+        if parts.scheme.lower() != "kafka":
+            raise ConfigError(f"not a kafka:// URL: {url!r}")
+        servers = []
+        for item in unquote(parts.netloc).split(","):
+            host, _, port = item.strip().rpartition(":") if ":" in item else (item.strip(), "", "")
+            if not host:
+                continue
+            try:
+                number = int(port) if port else DEFAULT_PORT
+            except ValueError as exc:
+                raise ConfigError(f"bad port in kafka:// URL {url!r}") from exc
+            servers.append(f"{host}:{number}")
+        values: dict[str, Any] = {}
+        if servers:
+            values["bootstrap_servers"] = tuple(servers)
+        types = {f.name: f.type for f in fields(cls)}
+        for key, raw in ((k, v[-1]) for k, v in parse_qs(parts.query).items()):
+            if key not in types or key == "bootstrap_servers":
+                known = ", ".join(sorted(set(types) - {"bootstrap_servers"}))
+                raise ConfigError(f"unknown kafka:// option {key!r}; known: {known}")
+            values[key] = _convert(key, str(types[key]), raw)
+        return cls(**values)
+
+
+def _convert(key: str, kind: str, raw: str) -> Any:
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "bool":
+            lowered = raw.strip().lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                raise ValueError(f"not a boolean: {raw!r}")
+            return lowered in ("true", "1", "yes", "on")
+        if kind == "Idempotence":
+            return Idempotence(raw.strip().lower())
+        return raw
+    except ValueError as exc:
+        raise ConfigError(f"bad kafka:// option {key}={raw!r}: {exc}") from exc

@@ -1,0 +1,109 @@
+"""Topic layout: which subjects live in which topic, and topic creation.
+
+Three topics (names from :class:`KafkaSettings`):
+
+* ``dlq_topic``   ``agent.dlq.>``   dead letters of every group;
+* ``reply_topic`` ``agent.reply.>`` replies to requests (read by short-lived
+  ephemeral consumers, kept apart so they do not scan all traffic);
+* ``topic``       everything else: ``agent.message.<agent>``, domain and squad
+  broadcasts, and any other subject.
+
+A subscription consumes every topic its pattern can match (``agent.>``
+reads all three, ``agent.message.>`` only the main topic) and filters
+records client-side by the subject header with
+:func:`squadbus.core.subjects.matches`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from squadbus.backends.kafka._driver import AIOKafkaAdminClient, KafkaError, NewTopic
+from squadbus.backends.kafka.settings import KafkaSettings
+from squadbus.core import subjects
+
+logger = logging.getLogger("squadbus.backends.kafka")
+
+_TOPIC_ALREADY_EXISTS = 36
+_DLQ_TOKENS = ("agent", "dlq")
+_REPLY_TOKENS = ("agent", "reply")
+
+
+def _prefix_could_match(pattern: str, prefix: tuple[str, str]) -> bool:
+    """True when ``pattern`` can match a subject of the form ``<prefix>.<more>``."""
+    tokens = pattern.split(".")
+    for i, wanted in enumerate(prefix):
+        if i >= len(tokens):
+            return False
+        if tokens[i] == ">":
+            return True
+        if tokens[i] not in ("*", wanted):
+            return False
+    return len(tokens) > len(prefix)
+
+
+def _inside_prefix(pattern: str, prefix: tuple[str, str]) -> bool:
+    """True when every subject ``pattern`` matches starts with ``<prefix>.``."""
+    tokens = pattern.split(".")
+    return len(tokens) > len(prefix) and tuple(tokens[: len(prefix)]) == prefix
+
+
+class TopicLayout:
+    """Maps subjects to topics and subscription patterns to the topics to read."""
+
+    __slots__ = ("dlq", "main", "replies")
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self.main = settings.topic
+        self.replies = settings.reply_topic
+        self.dlq = settings.dlq_topic
+
+    @property
+    def all(self) -> tuple[str, str, str]:
+        """Every topic of the layout."""
+        return (self.main, self.replies, self.dlq)
+
+    def topic_for(self, subject: str) -> str:
+        """The topic a message published on ``subject`` goes to."""
+        if subject.startswith(subjects.DLQ_PREFIX + "."):
+            return self.dlq
+        if subject.startswith(subjects.REPLY_PREFIX + "."):
+            return self.replies
+        return self.main
+
+    def topics_for(self, pattern: str) -> list[str]:
+        """The topics a subscription to ``pattern`` must read (at least one)."""
+        found = []
+        in_dlq, in_replies = _inside_prefix(pattern, _DLQ_TOKENS), _inside_prefix(pattern, _REPLY_TOKENS)
+        if not in_dlq and not in_replies:
+            found.append(self.main)
+        if _prefix_could_match(pattern, _REPLY_TOKENS):
+            found.append(self.replies)
+        if _prefix_could_match(pattern, _DLQ_TOKENS):
+            found.append(self.dlq)
+        return found
+
+
+async def ensure_topics(admin: AIOKafkaAdminClient, settings: KafkaSettings) -> list[str]:
+    """Create the layout's topics that do not exist yet; returns the names created.
+
+    Existing topics keep their partition count and retention.
+    """
+    config = {"retention.ms": str(settings.retention_ms)}
+    wanted = [
+        NewTopic(name, settings.partitions, settings.replication_factor, topic_configs=config)
+        for name in settings.topics
+    ]
+    response = await admin.create_topics(wanted)
+    created = []
+    for topic, code, message in (item[:3] for item in response.topic_errors):
+        if code == 0:
+            created.append(topic)
+        elif code != _TOPIC_ALREADY_EXISTS:
+            raise KafkaError(f"creating topic {topic!r} failed with error {code}: {message}")
+    if created:
+        logger.info(
+            "created topics %s (%d partitions, replication %d, retention.ms %d)",
+            ", ".join(created), settings.partitions, settings.replication_factor, settings.retention_ms,
+        )
+    return created

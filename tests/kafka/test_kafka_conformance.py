@@ -1,0 +1,23 @@
+"""The conformance suite on the Kafka backend, against a real tansu broker."""
+
+from __future__ import annotations
+
+import pytest
+
+from squadbus.core.bus import Bus
+from squadbus.testing.conformance import BusFactory, ConformanceSuite, Features
+
+pytestmark = pytest.mark.kafka
+
+
+class TestKafkaConformance(ConformanceSuite):
+    # tansu has no broker-side dedupe by id (no idempotent producer), and group
+    # joins take about session_timeout / 2, hence the longer timeout.
+    features = Features(name="kafka", persistent=True, dedupe=False, replay=True, timeout=30.0)
+
+    @pytest.fixture
+    async def bus_factory(self, kafka_url: str) -> BusFactory:
+        async def make() -> Bus:
+            return await Bus.from_url(kafka_url).start()
+
+        return make
