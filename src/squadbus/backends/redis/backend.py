@@ -1,0 +1,259 @@
+"""RedisBackend: the Backend protocol over Redis Streams (see docs/backends/redis.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from squadbus.backends.redis._driver import (
+    FAILURES,
+    RETRYABLE,
+    TRANSIENT,
+    aioredis,
+    call,
+    redis_errors,
+    translate,
+)
+from squadbus.backends.redis.consumer import BaseConsumer, ConsumerContext, RedisCounters
+from squadbus.backends.redis.ephemeral import EphemeralSubscription
+from squadbus.backends.redis.group import GroupSubscription
+from squadbus.backends.redis.layout import KeyLayout, entry_id_of, position_of
+from squadbus.backends.redis.publisher import RedisPublisher
+from squadbus.backends.redis.retention import Trimmer
+from squadbus.backends.redis.settings import Profile, RedisSettings
+from squadbus.core import subjects
+from squadbus.core.backend import ConsumerOptions, RawHandler
+from squadbus.core.envelope import Message, decode
+from squadbus.core.errors import Closed, ConfigError, ConnectionLost, MalformedMessage, RequestTimeout
+
+logger = logging.getLogger("squadbus.backends.redis")
+
+_REPLAY_PAGE = 500
+_REPLAY_CLOCK_SLACK_MS = 60_000
+
+
+class RedisBackend:
+    """Redis Streams backend. Also :class:`~squadbus.core.backend.Replayable` and
+    :class:`~squadbus.core.backend.Requester`.
+
+    Delivery contract as in ``squadbus.core.backend.Backend``; what is kept
+    where, and what each profile can lose, is in docs/backends/redis.md.
+    """
+
+    name = "redis"
+
+    def __init__(self, settings: RedisSettings | None = None) -> None:
+        self.settings = settings or RedisSettings()
+        self.layout = KeyLayout(self.settings.prefix, self.settings.partitions)
+        self.counters = RedisCounters()
+        self._client: aioredis.Redis | None = None
+        self._publisher: RedisPublisher | None = None
+        self._trimmer: Trimmer | None = None
+        self._subscriptions: set[BaseConsumer] = set()
+        self._reply_token = secrets.token_hex(8)
+        self._closed = False
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Connect, check the durable profile's server settings, start the trimmer. Idempotent."""
+        if self._closed:
+            raise Closed("redis backend is closed")
+        if self._client is not None:
+            return
+        s = self.settings
+        tls: dict[str, Any] = {}
+        if s.tls:
+            tls = {"ssl": True, "ssl_ca_certs": s.tls_ca_certs, "ssl_cert_reqs": "required" if s.tls_verify else "none",
+                   "ssl_check_hostname": s.tls_verify}
+        client = aioredis.Redis(
+            host=s.host, port=s.port, db=s.db, username=s.username, password=s.password,
+            socket_timeout=None, socket_connect_timeout=s.connect_timeout, socket_keepalive=True,
+            client_name="squadbus", **tls,
+        )
+        try:
+            async with asyncio.timeout(s.connect_timeout):
+                await call(client, "PING")
+                wait_aof = await self._check_profile(client)
+        except redis_errors.AuthenticationError as exc:
+            await client.aclose()
+            raise ConfigError(f"Redis refused the credentials for {s.redacted()}: {exc}") from exc
+        except TRANSIENT as exc:
+            await client.aclose()
+            raise ConnectionLost(f"cannot connect to {s.redacted()}: {exc!r}") from exc
+        except BaseException:
+            await client.aclose()
+            raise
+        self._client = client
+        self._publisher = RedisPublisher(client, self.layout, s)
+        self._publisher.wait_aof = wait_aof
+        if s.retention:
+            self._trimmer = Trimmer(client, self.layout, s, self.counters)
+            self._trimmer.start()
+        logger.info("connected to %s", s.redacted())
+
+    async def _check_profile(self, client: aioredis.Redis) -> bool:
+        """For the durable profile: True to use WAITAOF; raise if the server cannot be durable."""
+        if self.settings.profile is not Profile.DURABLE:
+            return False
+        info = await call(client, "INFO", "server")
+        version = tuple(int(p) for p in str(info.get("redis_version", "0.0.0")).split(".")[:2])
+        if version >= (7, 2):
+            return True
+        try:
+            config = await call(client, "CONFIG", "GET", "append*")
+        except redis_errors.ResponseError as exc:
+            logger.warning("durable profile: cannot read the server's AOF settings (%s); trusting them", exc)
+            return False
+        values = {k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
+                  for k, v in dict(config).items()}
+        if values.get("appendonly") != "yes" or values.get("appendfsync") != "always":
+            raise ConfigError(
+                "profile=durable needs Redis >= 7.2 (WAITAOF) or appendonly yes + appendfsync always; server has "
+                f"appendonly={values.get('appendonly')} appendfsync={values.get('appendfsync')}"
+            )
+        return False
+
+    async def close(self) -> None:
+        """Close every subscription, finish publishes in flight, disconnect. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        subs, self._subscriptions = list(self._subscriptions), set()
+        await asyncio.gather(*(sub.close() for sub in subs))
+        if self._trimmer is not None:
+            await self._trimmer.close()
+        if self._publisher is not None:
+            await self._publisher.close()
+        if self._client is not None:
+            await self._client.aclose()
+
+    def _require(self) -> tuple[aioredis.Redis, RedisPublisher]:
+        if self._closed or self._client is None or self._publisher is None:
+            raise Closed("redis backend is not connected")
+        return self._client, self._publisher
+
+    # ---- publish / subscribe -----------------------------------------------------------------
+
+    async def publish(self, message: Message) -> None:
+        """Store ``message`` (deduplicated by id within ``dedupe_window``); see RedisPublisher."""
+        _, publisher = self._require()
+        await publisher.publish(message)
+
+    async def subscribe(
+        self, pattern: str, handler: RawHandler, *, group: str | None, options: ConsumerOptions
+    ) -> GroupSubscription | EphemeralSubscription:
+        """Join group ``(group, pattern)`` (created where ``options.start`` says), or read new entries."""
+        client, _ = self._require()
+        subjects.validate_pattern(pattern)
+        ctx = ConsumerContext(client, self.layout, self.settings, self.counters, self.publish)
+        sub: GroupSubscription | EphemeralSubscription
+        if group is None:
+            sub = EphemeralSubscription(ctx, pattern, handler, options)
+        else:
+            sub = GroupSubscription(ctx, pattern, group, handler, options)
+        try:
+            async with asyncio.timeout(self.settings.publish_timeout):
+                await sub.start()
+        except FAILURES as exc:
+            await sub.close()
+            raise translate(exc, f"subscribe to {pattern!r}") from exc
+        self._subscriptions.add(sub)
+        sub.on_closed = self._subscriptions.discard
+        return sub
+
+    # ---- Requester ---------------------------------------------------------------------------
+
+    async def request(self, message: Message, *, timeout: float) -> Message:  # noqa: ASYNC109 - protocol
+        """Publish ``message`` with a private ``reply_to`` subject and wait for the first reply there."""
+        client, _ = self._require()
+        reply_subject = subjects.reply(self._reply_token, str(message.id))
+        stream = self.layout.subject_stream(reply_subject)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        await self.publish(message.with_headers(reply_to=reply_subject))
+        try:
+            while (left := deadline - loop.time()) > 0:
+                try:
+                    async with asyncio.timeout(left + 1):
+                        reply = await call(client,
+                            "XREAD", "COUNT", 1, "BLOCK", max(1, int(left * 1000)), "STREAMS", stream, "0-0"
+                        )
+                except TimeoutError:
+                    break
+                except RETRYABLE as exc:
+                    logger.warning("waiting for a reply to %s: %s; retrying", message.id, exc)
+                    await asyncio.sleep(min(0.1, max(0.0, deadline - loop.time())))
+                    continue
+                for _, entries in reply or ():
+                    for _, fields in entries:
+                        try:
+                            return decode(fields[b"m"])
+                        except (KeyError, MalformedMessage) as exc:
+                            logger.warning("malformed reply to %s ignored: %s", message.id, exc)
+            raise RequestTimeout(f"no reply to {message.id} from {message.recipient_id} within {timeout}s")
+        finally:
+            with contextlib.suppress(*FAILURES):  # the reply stream expires after reply_ttl anyway
+                await call(client, "DEL", stream)
+
+    # ---- Replayable --------------------------------------------------------------------------
+
+    async def replay(
+        self, task_execution_id: UUID, *, from_seq: int = 0, since: datetime | None = None
+    ) -> AsyncIterator[tuple[int, Message]]:
+        """Yield ``(position, message)`` of one execution still retained, in publish order.
+
+        Scans the execution's partition stream (``XRANGE`` in pages),
+        filtering on the entry's execution field; positions are the entry
+        ids as integers.
+        """
+        client, _ = self._require()
+        stream = self.layout.partition_stream(task_execution_id.int % self.layout.partitions)
+        start = "-"
+        if from_seq > 0:
+            start = entry_id_of(from_seq)
+        if since is not None:
+            floor = f"{max(0, int(since.timestamp() * 1000) - _REPLAY_CLOCK_SLACK_MS)}-0"
+            if start == "-" or position_of(floor) > from_seq:
+                start = floor
+        wanted = str(task_execution_id).encode()
+        while True:
+            try:
+                page = await call(client, "XRANGE", stream, start, "+", "COUNT", _REPLAY_PAGE)
+            except FAILURES as exc:
+                raise translate(exc, f"replay of {task_execution_id}") from exc
+            for entry_id, fields in page:
+                if fields.get(b"x") != wanted:
+                    continue
+                try:
+                    message = decode(fields[b"m"])
+                except (KeyError, MalformedMessage) as exc:
+                    logger.warning("replay skipped malformed entry %s/%s: %s", stream, entry_id.decode(), exc)
+                    continue
+                if since is not None and message.created_at < since:
+                    continue
+                yield position_of(entry_id), message
+            if len(page) < _REPLAY_PAGE:
+                return
+            start = "(" + page[-1][0].decode()
+
+    # ---- introspection -----------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of this instance: published, duplicates, delivered, claimed, malformed,
+        ``trimmed_unacked`` (unacknowledged entries removed by retention or found deleted on claim), ..."""
+        publisher = self._publisher
+        return {
+            "published": publisher.published if publisher else 0,
+            "duplicates_dropped": publisher.duplicates if publisher else 0,
+            "publish_batches": publisher.batches if publisher else 0,
+            "publish_retries": publisher.retries if publisher else 0,
+            "subscriptions": len(self._subscriptions),
+            **{name: getattr(self.counters, name) for name in self.counters.__dataclass_fields__},
+        }

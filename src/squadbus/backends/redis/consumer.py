@@ -1,0 +1,218 @@
+"""What group and ephemeral subscriptions share: a local queue, handler workers, subject filter, decode.
+
+A subscription reads entries into a local queue (at most ``batch_size``)
+and runs ``max_in_flight`` worker tasks that hand deliveries to the handler
+in queue order; with one worker, one delivery at a time. ``close()`` stops
+reading, lets handlers in progress finish, then gives back what it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from squadbus.backends.redis._driver import aioredis
+from squadbus.backends.redis.layout import KeyLayout
+from squadbus.backends.redis.settings import RedisSettings
+from squadbus.core import subjects
+from squadbus.core.backend import ConsumerOptions, Delivery, RawHandler
+from squadbus.core.envelope import Message, decode
+from squadbus.core.errors import MalformedMessage
+
+logger = logging.getLogger("squadbus.backends.redis.consumer")
+
+_MATCH_CACHE_LIMIT = 10_000
+
+
+@dataclass(slots=True)
+class RedisCounters:
+    """Counters of one backend instance, reported by ``RedisBackend.stats()``."""
+
+    delivered: int = 0
+    filtered: int = 0
+    claimed: int = 0
+    malformed: int = 0
+    trimmed: int = 0
+    trimmed_unacked: int = 0
+    lost_acks: int = 0
+    read_errors: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerContext:
+    """What a subscription needs from its backend."""
+
+    client: aioredis.Redis
+    layout: KeyLayout
+    settings: RedisSettings
+    counters: RedisCounters
+    publish: Callable[[Message], Any]
+
+
+@dataclass(slots=True, eq=False)
+class Entry:
+    """One stream entry held by a subscription."""
+
+    stream: str
+    entry_id: bytes
+    message: Message
+    attempt: int
+    handed: bool = False
+    timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+
+class RedisDelivery(Delivery):
+    """A delivery whose settlement goes back to its subscription."""
+
+    __slots__ = ("_entry", "_owner")
+
+    def __init__(self, entry: Entry, owner: BaseConsumer, group: str | None) -> None:
+        super().__init__(entry.message, attempt=entry.attempt, group=group)
+        self._entry = entry
+        self._owner = owner
+
+    async def _ack(self) -> None:
+        self._owner.settle_ack(self._entry)
+
+    async def _nack(self, delay: float) -> None:
+        self._owner.settle_nack(self._entry, delay)
+
+    async def in_progress(self) -> None:
+        await self._owner.touch(self._entry)
+
+
+class BaseConsumer:
+    """The shared machinery; subclasses read entries and settle them."""
+
+    group: str | None
+
+    def __init__(self, ctx: ConsumerContext, pattern: str, handler: RawHandler, options: ConsumerOptions) -> None:
+        self.ctx = ctx
+        self._pattern = pattern
+        self._handler = handler
+        self.options = options
+        self.streams = ctx.layout.streams_for(pattern)
+        self.literal = subjects.is_literal(pattern)
+        self.queue: asyncio.Queue[Entry] = asyncio.Queue()
+        self.room = asyncio.Event()
+        self.room.set()
+        self.closing = False
+        self._match_cache: dict[bytes, bool] = {}
+        self._workers: list[asyncio.Task[None]] = []
+        self._idle: set[asyncio.Task[None]] = set()
+        self._background: list[asyncio.Task[None]] = []
+        self.on_closed: Callable[[BaseConsumer], None] | None = None
+
+    @property
+    def pattern(self) -> str:
+        return self._pattern
+
+    # ---- reading -----------------------------------------------------------------------------
+
+    def wanted(self, subject: bytes | None) -> bool:
+        """True when an entry on ``subject`` matches this subscription's pattern."""
+        if self.literal or subject is None:
+            return True
+        cached = self._match_cache.get(subject)
+        if cached is None:
+            if len(self._match_cache) >= _MATCH_CACHE_LIMIT:
+                self._match_cache.clear()
+            cached = self._match_cache[subject] = subjects.matches(self._pattern, subject.decode(errors="replace"))
+        return cached
+
+    def parse(self, fields: dict[bytes, bytes] | None) -> Message:
+        """The message of an entry; raises MalformedMessage when it is not an envelope."""
+        if not fields or b"m" not in fields:
+            raise MalformedMessage(f"entry has no 'm' field (fields: {sorted(fields or {})!r})")
+        return decode(fields[b"m"])
+
+    def free_slots(self) -> int:
+        """How many more entries to read now (0 = wait for ``room``)."""
+        free = self.options.batch_size - self.queue.qsize()
+        if self.queue.qsize() > self.options.batch_size // 2:
+            return 0
+        return max(1, free)
+
+    async def wait_for_room(self) -> int:
+        while (free := self.free_slots()) == 0:
+            self.room.clear()
+            await self.room.wait()
+        return free
+
+    def enqueue(self, entry: Entry) -> None:
+        self.queue.put_nowait(entry)
+
+    # ---- handling ----------------------------------------------------------------------------
+
+    def start_workers(self, name: str) -> None:
+        loop = asyncio.get_running_loop()
+        for i in range(self.options.max_in_flight):
+            self._workers.append(loop.create_task(self._work(), name=f"{name}-worker-{i}"))
+
+    def spawn(self, coro: Any, name: str) -> None:
+        self._background.append(asyncio.get_running_loop().create_task(coro, name=name))
+
+    async def _work(self) -> None:
+        me = asyncio.current_task()
+        assert me is not None
+        while not self.closing:
+            self._idle.add(me)
+            try:
+                entry = await self.queue.get()
+            finally:
+                self._idle.discard(me)
+            if self.queue.qsize() <= self.options.batch_size // 2:
+                self.room.set()
+            await self._handle(entry)
+
+    async def _handle(self, entry: Entry) -> None:
+        entry.handed = True
+        self.ctx.counters.delivered += 1
+        delivery = RedisDelivery(entry, self, self.group)
+        try:
+            await self._handler(delivery)
+        except asyncio.CancelledError:
+            if delivery.settled is None:
+                await delivery.nack()
+            raise
+        except Exception:
+            logger.exception("handler wrapper raised for message %s", entry.message.id)
+        if delivery.settled is None:
+            # The Bus wrapper always settles; a bare RawHandler might not.
+            await delivery.nack(self.options.backoff(entry.attempt))
+
+    async def close(self) -> None:
+        """Stop consuming; see the subclasses."""
+        raise NotImplementedError
+
+    async def stop_tasks(self) -> None:
+        """Stop reading, let running handlers finish, stop idle workers."""
+        self.closing = True
+        if self.on_closed is not None:
+            self.on_closed(self)
+        for task in self._background:
+            task.cancel()
+        for task in list(self._idle):
+            task.cancel()
+        await asyncio.gather(*self._background, *self._workers, return_exceptions=True)
+
+    def drain_queue(self) -> list[Entry]:
+        """Entries read but never handed to the handler."""
+        left: list[Entry] = []
+        while not self.queue.empty():
+            left.append(self.queue.get_nowait())
+        return left
+
+    # ---- settlement, implemented by subclasses ----------------------------------------------
+
+    def settle_ack(self, entry: Entry) -> None:
+        raise NotImplementedError
+
+    def settle_nack(self, entry: Entry, delay: float) -> None:
+        raise NotImplementedError
+
+    async def touch(self, entry: Entry) -> None:
+        """Extend ``ack_wait`` for ``entry`` (default: nothing to extend)."""

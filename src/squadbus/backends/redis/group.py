@@ -1,0 +1,412 @@
+"""A member of a consumer group: XREADGROUP in batches, XACK, delayed redelivery, XAUTOCLAIM.
+
+* Reading: ``XREADGROUP ... >`` on the subscription's streams (one subject
+  stream for a literal pattern, every partition stream for a wildcard),
+  ``COUNT`` up to ``batch_size`` minus what is still queued.
+* Ack: ``XACK`` is queued and sent in one pipelined round trip with every
+  other ack of the same moment; the handler does not wait for it (a lost ack
+  means one redelivery, never a loss).
+* ``nack(delay)``: the entry stays in this member's pending list; after
+  ``delay`` it is re-claimed with ``XCLAIM`` (which counts a delivery) and
+  handed out again. While it waits its idle time is refreshed (``XCLAIM
+  JUSTID``) so other members do not steal it; if this process dies, the
+  others claim it after ``ack_wait``.
+* ``XAUTOCLAIM`` every ``claim_interval`` takes over entries idle longer
+  than ``ack_wait`` (a member died or hung); ``attempt`` is Redis's delivery
+  counter (from ``XPENDING``).
+* Entries that are not envelopes go to ``agent.dlq.<group>`` with the
+  reason and are acked, so they never block the group.
+* ``close()`` hands every entry it still holds back to the group at once
+  (claimed by a placeholder consumer with a huge idle time, which the next
+  XAUTOCLAIM of any member takes) and deletes its consumer name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+from collections import defaultdict
+from typing import Any
+
+from squadbus.backends.redis._driver import FAILURES, TRANSIENT, call, is_nogroup, queue, redis_errors
+from squadbus.backends.redis.consumer import BaseConsumer, ConsumerContext, Entry
+from squadbus.backends.redis.layout import is_reply
+from squadbus.core import envelope, subjects
+from squadbus.core.backend import ConsumerOptions, RawHandler, StartFrom, durable_name
+from squadbus.core.dispatch import DLQ_ATTEMPTS, DLQ_GROUP, DLQ_ORIGINAL_ID, DLQ_REASON, DLQ_SUBJECT
+from squadbus.core.errors import MalformedMessage, SquadbusError
+
+logger = logging.getLogger("squadbus.backends.redis.group")
+
+RELEASED_CONSUMER = "squadbus-released"
+"""Placeholder owner of entries a closing member gave back; any member's XAUTOCLAIM takes them."""
+_RELEASE_IDLE_MS = 10**9
+_MAX_DLQ_CONTENT = 64 * 1024
+
+
+def consumer_name() -> str:
+    """A consumer name unique to one subscription: host, pid and a random suffix."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+class GroupSubscription(BaseConsumer):
+    """One member of the Redis consumer group ``durable_name(group, pattern)`` on each stream."""
+
+    def __init__(
+        self, ctx: ConsumerContext, pattern: str, group: str, handler: RawHandler, options: ConsumerOptions
+    ) -> None:
+        super().__init__(ctx, pattern, handler, options)
+        self.group = group
+        self.group_name = group
+        self.redis_group = durable_name(group, pattern)
+        self.consumer = consumer_name()
+        self._held: dict[tuple[str, bytes], Entry] = {}
+        self._acks: dict[str, list[bytes]] = defaultdict(list)
+        self._ack_task: asyncio.Task[None] | None = None
+        self._retry_tasks: set[asyncio.Task[None]] = set()
+        self._read_failing = False
+        interval = ctx.settings.claim_interval
+        self._claim_interval = interval if interval is not None else min(options.ack_wait / 2, 5.0)
+        self._touch_interval = min(self._claim_interval, options.ack_wait / 3)
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create the group on every stream (``options.start`` decides where) and start reading."""
+        await self.ensure_groups()
+        name = f"squadbus-redis-{self.group}"
+        self.start_workers(name)
+        self.spawn(self._read_loop(), f"{name}-reader")
+        self.spawn(self._claim_loop(), f"{name}-claimer")
+
+    async def ensure_groups(self) -> None:
+        start_id = "0" if self.options.start is StartFrom.EARLIEST else "$"
+        client = self.ctx.client
+        async with client.pipeline(transaction=False) as pipe:
+            for stream in self.streams:
+                queue(pipe, "XGROUP", "CREATE", stream, self.redis_group, start_id, "MKSTREAM")
+            queue(pipe, "HSET", self.ctx.layout.groups, self.redis_group, self.pattern)
+            if self.literal and not is_reply(self.pattern):
+                queue(pipe, "SADD", self.ctx.layout.registry, *self.streams)
+            results = await pipe.execute(raise_on_error=False)
+        for result in results:
+            if isinstance(result, Exception) and not str(result).startswith("BUSYGROUP"):
+                raise result
+
+    async def close(self) -> None:
+        """Stop reading, finish handlers in progress, flush acks, give back what is held. Idempotent."""
+        if self.closing:
+            return
+        await self.stop_tasks()
+        for entry in self._held.values():
+            if entry.timer is not None:
+                entry.timer.cancel()
+        for task in list(self._retry_tasks):
+            task.cancel()
+        await asyncio.gather(*self._retry_tasks, return_exceptions=True)
+        unhanded = {(e.stream, e.entry_id) for e in self.drain_queue()}
+        try:
+            async with asyncio.timeout(self.ctx.settings.publish_timeout):
+                await self._flush_acks_now()
+                await self._release_all(unhanded)
+        except FAILURES as exc:
+            logger.warning(
+                "group %s: could not hand back held entries on close (%s); other members will claim them "
+                "after ack_wait", self.group, exc,
+            )
+        self._held.clear()
+
+    # ---- reading -----------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        backoff = 0.05
+        block_ms = int(self.ctx.settings.block * 1000)
+        args_tail = ["STREAMS", *self.streams, *([">"] * len(self.streams))]
+        while True:
+            count = await self.wait_for_room()
+            try:
+                async with asyncio.timeout(self.ctx.settings.block + self.ctx.settings.connect_timeout + 5):
+                    reply = await call(self.ctx.client,
+                        "XREADGROUP", "GROUP", self.redis_group, self.consumer,
+                        "COUNT", count, "BLOCK", block_ms, *args_tail,
+                    )
+            except TRANSIENT as exc:
+                backoff = await self._read_failed(exc, backoff)
+                continue
+            except redis_errors.ResponseError as exc:
+                if is_nogroup(exc):
+                    logger.warning("group %s: stream or group missing (Redis lost data?); recreating", self.group)
+                    try:
+                        await self.ensure_groups()
+                    except FAILURES as again:
+                        backoff = await self._read_failed(again, backoff)
+                    continue
+                backoff = await self._read_failed(exc, backoff)
+                continue
+            if self._read_failing:
+                self._read_failing = False
+                logger.info("group %s: reading again from Redis", self.group)
+            backoff = 0.05
+            for stream, entries in reply or ():
+                key = stream.decode()
+                for entry_id, fields in entries:
+                    self._accept(key, entry_id, fields, 1)
+
+    async def _read_failed(self, exc: BaseException, backoff: float) -> float:
+        self.ctx.counters.read_errors += 1
+        if not self._read_failing:
+            self._read_failing = True
+            logger.warning("group %s: reading failed, retrying with backoff: %r", self.group, exc)
+        await asyncio.sleep(backoff)
+        return min(backoff * 2, 2.0)
+
+    def _accept(self, stream: str, entry_id: bytes, fields: dict[bytes, bytes] | None, attempt: int) -> None:
+        key = (stream, entry_id)
+        if key in self._held:
+            return
+        if fields is not None and not self.wanted(fields.get(b"s")):
+            self.ctx.counters.filtered += 1
+            self._queue_ack(stream, entry_id)
+            return
+        try:
+            message = self.parse(fields)
+        except MalformedMessage as exc:
+            self.ctx.counters.malformed += 1
+            self._spawn_retry(self._dead_letter_malformed(stream, entry_id, fields, str(exc)))
+            return
+        entry = Entry(stream, entry_id, message, attempt)
+        self._held[key] = entry
+        self.enqueue(entry)
+
+    # ---- settlement --------------------------------------------------------------------------
+
+    def settle_ack(self, entry: Entry) -> None:
+        self._held.pop((entry.stream, entry.entry_id), None)
+        self._queue_ack(entry.stream, entry.entry_id)
+
+    def settle_nack(self, entry: Entry, delay: float) -> None:
+        if self.closing:
+            return  # close() hands it back to the group
+        if delay <= 0:
+            self._spawn_retry(self._redeliver(entry))
+            return
+        loop = asyncio.get_running_loop()
+        entry.timer = loop.call_later(delay, lambda: self._spawn_retry(self._redeliver(entry)))
+
+    async def touch(self, entry: Entry) -> None:
+        try:
+            await call(self.ctx.client,
+                "XCLAIM", entry.stream, self.redis_group, self.consumer, 0, entry.entry_id, "JUSTID",
+                parse_justid=True,
+            )
+        except FAILURES as exc:
+            logger.warning("group %s: could not extend ack_wait of %s: %s", self.group, entry.message.id, exc)
+
+    def _spawn_retry(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._retry_tasks.add(task)
+        task.add_done_callback(self._retry_tasks.discard)
+
+    async def _redeliver(self, entry: Entry) -> None:
+        entry.timer = None
+        key = (entry.stream, entry.entry_id)
+        try:
+            async with self.ctx.client.pipeline(transaction=False) as pipe:
+                queue(pipe, "XCLAIM", entry.stream, self.redis_group, self.consumer, 0, entry.entry_id)
+                queue(pipe,
+                    "XPENDING", entry.stream, self.redis_group, entry.entry_id, entry.entry_id, 1, self.consumer,
+                    parse_detail=True,
+                )
+                claimed, pending = await pipe.execute()
+        except FAILURES as exc:
+            # Still in our pending list: XAUTOCLAIM (ours or another member's) redelivers it after ack_wait.
+            logger.warning("group %s: redelivery of %s postponed to ack_wait: %s", self.group, entry.message.id, exc)
+            self._held.pop(key, None)
+            return
+        if not claimed or claimed[0][1] is None:
+            self._held.pop(key, None)
+            self.ctx.counters.trimmed_unacked += 1
+            logger.warning(
+                "group %s: message %s was trimmed from %s before it was acknowledged",
+                self.group, entry.message.id, entry.stream,
+            )
+            return
+        entry.attempt = int(pending[0]["times_delivered"]) if pending else entry.attempt + 1
+        entry.handed = False
+        if self.closing:
+            return
+        self.enqueue(entry)
+
+    # ---- acks --------------------------------------------------------------------------------
+
+    def _queue_ack(self, stream: str, entry_id: bytes) -> None:
+        self._acks[stream].append(entry_id)
+        if self._ack_task is None:
+            self._ack_task = asyncio.get_running_loop().create_task(self._ack_loop())
+
+    async def _ack_loop(self) -> None:
+        backoff = 0.05
+        try:
+            while self._acks:
+                batch, self._acks = self._acks, defaultdict(list)
+                try:
+                    await self._send_acks(batch)
+                    backoff = 0.05
+                except FAILURES as exc:
+                    for stream, ids in batch.items():
+                        self._acks[stream][:0] = ids
+                    if self.closing:
+                        raise
+                    logger.warning("group %s: XACK failed, retrying: %s", self.group, exc)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+        finally:
+            self._ack_task = None
+
+    async def _send_acks(self, batch: dict[str, list[bytes]]) -> None:
+        async with self.ctx.client.pipeline(transaction=False) as pipe:
+            for stream, ids in batch.items():
+                queue(pipe, "XACK", stream, self.redis_group, *ids)
+            await pipe.execute()
+
+    async def _flush_acks_now(self) -> None:
+        task = self._ack_task
+        if task is not None:
+            await task
+        if self._acks:
+            batch, self._acks = self._acks, defaultdict(list)
+            try:
+                await self._send_acks(batch)
+            except FAILURES:
+                self.ctx.counters.lost_acks += sum(map(len, batch.values()))
+                raise
+
+    # ---- claiming ----------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_claim = 0.0
+        while True:
+            try:
+                await self._touch_waiting()
+                if loop.time() >= next_claim:
+                    await self._autoclaim()
+                    next_claim = loop.time() + self._claim_interval
+            except FAILURES as exc:
+                logger.debug("group %s: claim pass failed: %s", self.group, exc)
+            await asyncio.sleep(self._touch_interval)
+
+    async def _touch_waiting(self) -> None:
+        """Refresh the idle time of entries held but not in a handler (queued or waiting to retry)."""
+        waiting: dict[str, list[bytes]] = defaultdict(list)
+        for entry in self._held.values():
+            if not entry.handed or entry.timer is not None:
+                waiting[entry.stream].append(entry.entry_id)
+        if not waiting:
+            return
+        async with self.ctx.client.pipeline(transaction=False) as pipe:
+            for stream, ids in waiting.items():
+                queue(pipe,
+                    "XCLAIM", stream, self.redis_group, self.consumer, 0, *ids, "JUSTID", parse_justid=True
+                )
+            await pipe.execute()
+
+    async def _autoclaim(self) -> None:
+        min_idle = int(self.options.ack_wait * 1000)
+        client = self.ctx.client
+        for stream in self.streams:
+            cursor: bytes | str = "0-0"
+            for _ in range(16):
+                room = self.free_slots()
+                if room == 0:
+                    return
+                next_cursor, entries, deleted = await call(client,
+                    "XAUTOCLAIM", stream, self.redis_group, self.consumer, min_idle, cursor, "COUNT", room
+                )
+                if deleted:
+                    self._report_trimmed(stream, len(deleted))
+                fresh = [(i, f) for i, f in entries if (stream, i) not in self._held]
+                if fresh:
+                    counts = await self._delivery_counts(stream, [i for i, _ in fresh])
+                    self.ctx.counters.claimed += len(fresh)
+                    logger.info("group %s: claimed %d idle entries from %s", self.group, len(fresh), stream)
+                    for entry_id, fields in fresh:
+                        self._accept(stream, entry_id, fields, counts.get(entry_id, 2))
+                cursor = next_cursor
+                if cursor in (b"0-0", "0-0"):
+                    break
+
+    async def _delivery_counts(self, stream: str, ids: list[bytes]) -> dict[bytes, int]:
+        ordered = sorted(ids, key=lambda i: tuple(int(p) for p in i.split(b"-")))
+        rows = await call(self.ctx.client,
+            "XPENDING", stream, self.redis_group, ordered[0], ordered[-1], len(ordered) * 2 + 10, self.consumer,
+            parse_detail=True,
+        )
+        return {row["message_id"]: int(row["times_delivered"]) for row in rows}
+
+    def _report_trimmed(self, stream: str, count: int) -> None:
+        self.ctx.counters.trimmed_unacked += count
+        logger.warning(
+            "group %s: %d unacknowledged entries of %s were trimmed before delivery completed", self.group, count,
+            stream,
+        )
+
+    # ---- give back on close ------------------------------------------------------------------
+
+    async def _release_all(self, unhanded: set[tuple[str, bytes]]) -> None:
+        client = self.ctx.client
+        for stream in self.streams:
+            while True:
+                rows = await call(client,
+                    "XPENDING", stream, self.redis_group, "-", "+", 500, self.consumer, parse_detail=True
+                )
+                if not rows:
+                    break
+                async with client.pipeline(transaction=False) as pipe:
+                    for row in rows:
+                        entry_id = row["message_id"]
+                        count = int(row["times_delivered"])
+                        # An entry the handler never saw gives its delivery back.
+                        if (stream, entry_id) in unhanded:
+                            count = max(0, count - 1)
+                        queue(pipe,
+                            "XCLAIM", stream, self.redis_group, RELEASED_CONSUMER, 0, entry_id,
+                            "IDLE", _RELEASE_IDLE_MS, "RETRYCOUNT", count, "JUSTID", parse_justid=True,
+                        )
+                    await pipe.execute()
+                if len(rows) < 500:
+                    break
+            await call(client, "XGROUP", "DELCONSUMER", stream, self.redis_group, self.consumer)
+
+    # ---- malformed entries -------------------------------------------------------------------
+
+    async def _dead_letter_malformed(
+        self, stream: str, entry_id: bytes, fields: dict[bytes, bytes] | None, reason: str
+    ) -> None:
+        raw = (fields or {}).get(b"m")
+        content = raw.decode("utf-8", "replace") if raw is not None else repr(fields)
+        subject = (fields or {}).get(b"s", b"").decode("utf-8", "replace")
+        where = f"{stream}/{entry_id.decode()}"
+        message = envelope.build(
+            subject=subjects.dead_letter(self.group_name),
+            sender_id="squadbus",
+            content=content[:_MAX_DLQ_CONTENT],
+            message_type="malformed",
+            headers={
+                DLQ_REASON: f"malformed entry {where}: {reason}"[:1000],
+                DLQ_GROUP: self.group_name,
+                DLQ_ATTEMPTS: "1",
+                DLQ_SUBJECT: subject,
+                DLQ_ORIGINAL_ID: f"redis:{where}",
+            },
+        )
+        try:
+            await self.ctx.publish(message)
+        except SquadbusError as exc:
+            logger.error("group %s: could not dead-letter malformed entry %s, will retry: %s", self.group, where, exc)
+            return  # left pending: XAUTOCLAIM brings it back after ack_wait
+        logger.warning("group %s: dead-lettered malformed entry %s: %s", self.group, where, reason)
+        self._queue_ack(stream, entry_id)
