@@ -1,0 +1,249 @@
+"""The db-writer on the memory bus, into both stores: exactly once, idempotent, no loss on store failure."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import pytest
+
+from squadbus.core.backend import ConsumerOptions, Delivery
+from squadbus.core.bus import Bus
+from squadbus.core.dispatch import DLQ_ORIGINAL_ID
+from squadbus.core.envelope import Message
+from squadbus.core.errors import ConnectionLost
+from squadbus.core.settings import Settings
+from squadbus.store import HistoryQuery, HistoryStore, StoredMessage, open_store
+from squadbus.testing.servers.postgres import PostgresServer
+from squadbus.workers.base import Worker
+from squadbus.workers.db_writer import DbWriter
+from squadbus.workers.registry import build_worker, worker_names
+from tests.store.suite import StoreFactory
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def any_factory(request: pytest.FixtureRequest) -> StoreFactory:
+    factory: StoreFactory = request.getfixturevalue(f"{request.param}_factory")
+    return factory
+
+
+@pytest.fixture
+async def store(any_factory: StoreFactory) -> HistoryStore:
+    return await any_factory()
+
+
+@pytest.fixture
+async def bus() -> AsyncIterator[Bus]:
+    # dedupe_window=0: the backend passes duplicate ids through, so the writer must drop them.
+    async with Bus.from_url("memory://?dedupe_window=0") as bus:
+        yield bus
+
+
+async def eventually(check: Callable[[], object], within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+async def all_rows(store: HistoryStore, agent: str) -> list[StoredMessage]:
+    rows: list[StoredMessage] = []
+    cursor = None
+    while True:
+        page = await store.query(HistoryQuery(agent_id=agent, cursor=cursor, limit=1000))
+        rows += page.items
+        if page.next_cursor is None:
+            return rows
+        cursor = page.next_cursor
+
+
+async def publish_mix(bus: Bus, sender: str, executions: Sequence[uuid.UUID], count: int) -> list[Message]:
+    sent: list[Message] = []
+    for i in range(count):
+        execution = executions[i % len(executions)]
+        if i % 10 == 3:
+            sent.append(await bus.broadcast(sender, f"b{i}", task_execution_id=execution))
+        else:
+            sent.append(await bus.send(sender, f"dev-{i % 3}", f"m{i}", task_execution_id=execution))
+    return sent
+
+
+def assert_exactly_once(rows: list[StoredMessage], sent: list[Message]) -> None:
+    ids = Counter(r.message.id for r in rows)
+    assert set(ids) == {m.id for m in sent}
+    assert max(ids.values()) == 1
+    by_execution: dict[uuid.UUID | None, list[int]] = {}
+    for row in rows:
+        by_execution.setdefault(row.message.task_execution_id, []).append(row.seq)
+    for seqs in by_execution.values():
+        assert sorted(seqs) == list(range(1, len(seqs) + 1))
+
+
+async def test_registry_builds_the_db_writer(bus: Bus, sqlite_factory: StoreFactory) -> None:
+    assert "db-writer" in worker_names()
+    worker = build_worker("db-writer", bus, await sqlite_factory(), Settings())
+    assert isinstance(worker, Worker)
+    assert worker.name == "db-writer"
+    with pytest.raises(ValueError, match="unknown worker"):
+        build_worker("nope", bus, await sqlite_factory(), Settings())
+
+
+async def test_every_message_written_exactly_once(bus: Bus, store: HistoryStore) -> None:
+    batches: list[list[StoredMessage]] = []
+
+    async def on_written(rows: list[StoredMessage]) -> None:
+        batches.append(rows)
+
+    writer = DbWriter(bus, store, batch_size=100, max_wait=0.01, on_written=on_written)
+    await writer.start()
+    sender = f"pm-{uuid.uuid4().hex[:6]}"
+    executions = [uuid.uuid4() for _ in range(7)]
+    sent = await publish_mix(bus, sender, executions, 1500)
+    # Replies are history too.
+    sent.append(await bus.publish(sent[0].evolve(id=uuid.uuid4(), subject="agent.reply.tok.x")))
+    # Duplicates by id, published again later: ignored by the store.
+    for message in sent[:50]:
+        await bus.publish(message)
+    await eventually(lambda: writer.stats.messages >= len(sent) + 50)
+    await writer.stop()
+    await writer.stop()  # idempotent
+    rows = await all_rows(store, sender)
+    assert_exactly_once(rows, sent)
+    assert sum(len(b) for b in batches) == len(sent) + 50
+    assert max(len(b) for b in batches) <= 100
+    assert bus.stats.acked == len(sent) + 50
+    assert bus.stats.dead_lettered == 0
+
+
+class FlakyStore:
+    """Wraps a store; ``write`` fails with ConnectionLost while ``down`` is set."""
+
+    def __init__(self, inner: HistoryStore) -> None:
+        self.inner = inner
+        self.down = False
+        self.failed = 0
+
+    async def write(self, messages: Sequence[Message]) -> list[StoredMessage]:
+        if self.down:
+            self.failed += 1
+            raise ConnectionLost("injected outage")
+        return await self.inner.write(messages)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+async def test_store_outage_loses_nothing(bus: Bus, store: HistoryStore) -> None:
+    flaky = FlakyStore(store)
+    writer = DbWriter(bus, flaky, batch_size=50, max_wait=0.01, retry_for=0.2)  # type: ignore[arg-type]
+    await writer.start()
+    sender = f"pm-{uuid.uuid4().hex[:6]}"
+    executions = [uuid.uuid4() for _ in range(3)]
+    first = await publish_mix(bus, sender, executions, 200)
+    await eventually(lambda: writer.stats.messages >= 200)
+    flaky.down = True
+    during = await publish_mix(bus, sender, executions, 300)
+    await eventually(lambda: bus.stats.nacked > 0 and flaky.failed > 3)
+    flaky.down = False
+    await eventually(lambda: writer.stats.messages >= 500)
+    await writer.stop()
+    assert_exactly_once(await all_rows(store, sender), first + during)
+    assert bus.stats.dead_lettered == 0
+
+
+@pytest.mark.postgres
+async def test_postgres_restart_mid_stream_loses_nothing(
+    bus: Bus, postgres_server: PostgresServer, postgres_factory: StoreFactory
+) -> None:
+    store = await postgres_factory()
+    writer = DbWriter(bus, store, batch_size=100, max_wait=0.01, retry_for=0.3)
+    await writer.start()
+    sender = f"pm-{uuid.uuid4().hex[:6]}"
+    executions = [uuid.uuid4() for _ in range(4)]
+    sent = await publish_mix(bus, sender, executions, 300)
+    await eventually(lambda: writer.stats.messages >= 300)
+    postgres_server.stop()
+    try:
+        sent += await publish_mix(bus, sender, executions, 400)
+        await eventually(lambda: writer.stats.store_failures > 0 and bus.stats.nacked > 0)
+    finally:
+        postgres_server.start()
+    sent += await publish_mix(bus, sender, executions, 100)
+
+    async def all_written() -> bool:
+        return len(await all_rows(store, sender)) == len(sent)
+
+    await eventually(all_written)
+    await writer.stop()
+    assert_exactly_once(await all_rows(store, sender), sent)
+    assert bus.stats.dead_lettered == 0
+
+
+async def test_poison_message_is_dead_lettered_and_the_rest_written(bus: Bus, store: HistoryStore) -> None:
+    dead: list[Delivery] = []
+
+    async def on_dlq(delivery: Delivery) -> None:
+        dead.append(delivery)
+
+    await bus.subscribe("agent.dlq.>", on_dlq, group="dlq-watch")
+    writer = DbWriter(bus, store, batch_size=20, max_wait=0.05)
+    await writer.start()
+    sender = f"pm-{uuid.uuid4().hex[:6]}"
+    execution = uuid.uuid4()
+    good = [await bus.send(sender, "dev", f"ok {i}", task_execution_id=execution) for i in range(5)]
+    poison = await bus.send(sender, "dev", "lone surrogate \ud800 cannot be stored", task_execution_id=execution)
+    good += [await bus.send(sender, "dev", f"ok {i}", task_execution_id=execution) for i in range(5, 10)]
+    await eventually(lambda: len(dead) == 1)
+    await eventually(lambda: writer.stats.messages >= 10)
+    await writer.stop()
+    assert dead[0].message.headers[DLQ_ORIGINAL_ID] == str(poison.id)
+    assert_exactly_once(await all_rows(store, sender), good)
+
+
+async def test_stop_finishes_in_flight_batches(bus: Bus, store: HistoryStore) -> None:
+    writer = DbWriter(bus, store, batch_size=200, max_wait=0.5, options=ConsumerOptions(max_pending=100_000))
+    await writer.start()
+    sender = f"pm-{uuid.uuid4().hex[:6]}"
+    sent = await publish_mix(bus, sender, [uuid.uuid4()], 1000)
+    await asyncio.sleep(0)  # let the first deliveries reach the batch
+    await writer.stop()
+    rows = await all_rows(store, sender)
+    # Everything handed to the writer was committed before stop returned, and only that was acked.
+    assert len(rows) == writer.stats.messages == bus.stats.acked
+    assert bus.stats.nacked == 0
+    assert_exactly_once(rows, sent[: len(rows)])
+    # A new writer in the same group picks up the rest.
+    second = DbWriter(bus, store, batch_size=200, max_wait=0.01)
+    await second.start()
+
+    async def rest_written() -> bool:
+        return len(await all_rows(store, sender)) == len(sent)
+
+    await eventually(rest_written)
+    await second.stop()
+    assert_exactly_once(await all_rows(store, sender), sent)
+
+
+async def test_closed_store_does_not_lose_messages(bus: Bus, sqlite_url: str) -> None:
+    store = open_store(sqlite_url)
+    await store.open()
+    writer = DbWriter(bus, store, batch_size=10, max_wait=0.01, retry_for=0.1)
+    await writer.start()
+    await store.close()
+    sender = f"pm-{uuid.uuid4().hex[:6]}"
+    sent = await publish_mix(bus, sender, [uuid.uuid4()], 20)
+    await eventually(lambda: bus.stats.nacked >= 20)
+    await writer.stop()
+    assert bus.stats.dead_lettered == 0
+    async with open_store(sqlite_url) as reopened:
+        assert await all_rows(reopened, sender) == []
+    assert len(sent) == 20
