@@ -1,0 +1,123 @@
+"""``squadbus history``: query the history store from the command line (the filters of GET /v1/messages)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+from collections.abc import Coroutine
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import click
+
+from squadbus.core.errors import SquadbusError
+from squadbus.core.settings import Settings
+from squadbus.store import HistoryQuery, StoredMessage, open_store
+from squadbus.store.base import MAX_LIMIT
+
+T = TypeVar("T")
+
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def run_store_command(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro``; squadbus and OS errors become one line on stderr and exit status 1."""
+    try:
+        return asyncio.run(coro)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except (SquadbusError, OSError, ImportError) as exc:
+        click.echo(f"squadbus: error: {exc}", err=True)
+        raise SystemExit(1) from None
+
+
+def store_url_of(ctx: click.Context, override: str | None) -> str:
+    """``--store`` if given, else the store URL of the group's Settings (SQUADBUS_STORE_URL)."""
+    if override:
+        return override
+    settings = ctx.obj if isinstance(ctx.obj, Settings) else Settings.from_env()
+    return settings.store_url
+
+
+def parse_time(value: str | None, option: str, now: datetime) -> datetime | None:
+    """ISO 8601 (naive means UTC) or a relative age such as ``90s``, ``15m``, ``2h``, ``7d`` (before now)."""
+    if value is None:
+        return None
+    match = _RELATIVE.match(value.strip())
+    if match:
+        return now - timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
+    try:
+        moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        message = f"{value!r} is neither ISO 8601 nor an age like 15m, 2h, 7d"
+        raise click.BadParameter(message, param_hint=option) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _line(row: StoredMessage) -> str:
+    m = row.message
+    execution = str(m.task_execution_id)[:8] if m.task_execution_id else "-"
+    to = m.recipient_id or (f"domain:{m.domain}" if m.domain else "*")
+    stamp = row.stored_at.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return f"{stamp} {execution}#{row.seq} {m.sender_id} -> {to} [{m.message_type}] {m.content}"
+
+
+def _json(row: StoredMessage) -> str:
+    return json.dumps(
+        {"seq": row.seq, "stored_at": row.stored_at.isoformat(), "message": row.message.to_dict()},
+        ensure_ascii=False,
+    )
+
+
+@click.command()
+@click.option("--execution", "execution", default=None, help="Only this task_execution_id (UUID).")
+@click.option("--agent", default=None, help="Only messages sent or received by this agent.")
+@click.option("--type", "message_type", default=None, help="Only this message_type.")
+@click.option("--since", default=None, help="created_at >= this (ISO 8601, or an age: 15m, 2h, 7d).")
+@click.option("--until", default=None, help="created_at < this (ISO 8601, or an age).")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True, help="Most rows to print.")
+@click.option("--cursor", default=None, help="Continue after a previous run (printed on stderr when there is more).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line: seq, stored_at, message.")
+@click.option("--store", "store_url", default=None, help="Store URL (default: SQUADBUS_STORE_URL or ./squadbus.db).")
+@click.pass_context
+def history(  # noqa: PLR0917 - click passes each option as a parameter
+    ctx: click.Context, execution: str | None, agent: str | None, message_type: str | None, since: str | None,
+    until: str | None, limit: int, cursor: str | None, as_json: bool, store_url: str | None,
+) -> None:
+    """Print stored messages, oldest first, with their per-execution seq."""
+    try:
+        execution_id = uuid.UUID(execution) if execution else None
+    except ValueError:
+        raise click.BadParameter(f"{execution!r} is not a UUID", param_hint="--execution") from None
+    now = datetime.now(UTC)
+    query = HistoryQuery(
+        task_execution_id=execution_id, agent_id=agent, message_type=message_type,
+        since=parse_time(since, "--since", now), until=parse_time(until, "--until", now), cursor=cursor,
+        limit=min(limit, MAX_LIMIT),
+    )
+    url = store_url_of(ctx, store_url)
+
+    async def go() -> str | None:
+        printed = 0
+        q = query
+        async with open_store(url) as store:
+            while True:
+                page = await store.query(q)
+                for row in page.items:
+                    click.echo(_json(row) if as_json else _line(row))
+                printed += len(page.items)
+                if page.next_cursor is None:
+                    return None
+                if printed >= limit:
+                    return page.next_cursor
+                q = HistoryQuery(
+                    task_execution_id=q.task_execution_id, agent_id=q.agent_id, message_type=q.message_type,
+                    since=q.since, until=q.until, cursor=page.next_cursor, limit=min(limit - printed, MAX_LIMIT),
+                )
+
+    more = run_store_command(go())
+    if more is not None:
+        click.echo(f"more rows: rerun with --cursor {more}", err=True)
