@@ -1,0 +1,77 @@
+"""Settings, topic layout and the shipped docker-compose file (no broker needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from squadbus.backends.kafka import Idempotence, KafkaSettings, TopicLayout, from_url
+from squadbus.core.errors import ConfigError
+from squadbus.core.registry import open_backend
+
+COMPOSE = Path(__file__).resolve().parents[2] / "deploy" / "kafka" / "docker-compose.yml"
+
+
+def test_url_parsing_and_defaults() -> None:
+    s = KafkaSettings.from_url(
+        "kafka://k1:9092,k2?partitions=12&retention_ms=3600000&idempotence=ON&topic=squad&session_timeout_ms=3000"
+        "&heartbeat_interval_ms=1000&create_topics=false&publish_timeout=2.5"
+    )
+    assert s.bootstrap_servers == ("k1:9092", "k2:9092")
+    assert (s.partitions, s.retention_ms, s.idempotence) == (12, 3_600_000, Idempotence.ON)
+    assert s.topics == ("squad", "squad-replies", "squad-dlq")
+    assert s.create_topics is False and s.publish_timeout == 2.5
+    default = KafkaSettings.from_url("kafka://")
+    assert default.bootstrap_servers == ("127.0.0.1:9092",)
+    assert default.topic == "agent-messages" and default.idempotence is Idempotence.AUTO
+
+
+@pytest.mark.parametrize("url", [
+    "redis://x", "kafka://h?nope=1", "kafka://h?partitions=0", "kafka://h?idempotence=maybe",
+    "kafka://h?topic=bad/name", "kafka://h?heartbeat_interval_ms=5000&session_timeout_ms=3000",
+    "kafka://h?create_topics=perhaps", "kafka://h:port", "kafka://h?topic=a&dlq_topic=a",
+])
+def test_bad_urls_are_config_errors(url: str) -> None:
+    with pytest.raises(ConfigError):
+        KafkaSettings.from_url(url)
+
+
+def test_registry_builds_the_backend_without_connecting() -> None:
+    backend = open_backend("kafka://127.0.0.1:1?partitions=2")
+    assert backend.name == "kafka"
+    assert from_url("kafka://127.0.0.1:1").settings.partitions == 8
+
+
+@pytest.mark.parametrize(("subject", "topic"), [
+    ("agent.message.dev-1", "m"), ("agent.message.broadcast", "m"), ("agent.message.domain.dev", "m"),
+    ("agent.reply.abc.123", "m-replies"), ("agent.dlq.db-writer", "m-dlq"), ("other.thing", "m"),
+    ("agent.dlq", "m"),
+])
+def test_subject_to_topic(subject: str, topic: str) -> None:
+    assert TopicLayout(KafkaSettings(topic="m")).topic_for(subject) == topic
+
+
+@pytest.mark.parametrize(("pattern", "topics"), [
+    ("agent.message.dev-1", ["m"]), ("agent.message.>", ["m"]), ("agent.message.domain.*", ["m"]),
+    ("agent.reply.tok.*", ["m-replies"]), ("agent.dlq.g", ["m-dlq"]), ("agent.dlq.>", ["m-dlq"]),
+    ("agent.>", ["m", "m-replies", "m-dlq"]), (">", ["m", "m-replies", "m-dlq"]),
+    ("agent.*.x", ["m", "m-replies", "m-dlq"]), ("agent.*", ["m"]), ("*.dlq.g", ["m", "m-dlq"]),
+])
+def test_pattern_to_topics(pattern: str, topics: list[str]) -> None:
+    assert TopicLayout(KafkaSettings(topic="m")).topics_for(pattern) == topics
+
+
+def test_compose_file_is_single_node_kraft_without_zookeeper() -> None:
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    assert set(services) == {"kafka"}, "one Kafka node, no ZooKeeper"
+    kafka = services["kafka"]
+    image, _, tag = kafka["image"].partition(":")
+    assert image == "apache/kafka" and tag.split(".")[0] in {"3", "4"}
+    env = kafka["environment"]
+    assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"
+    assert "KAFKA_ZOOKEEPER_CONNECT" not in env
+    assert "9092:9092" in kafka["ports"]
+    assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
