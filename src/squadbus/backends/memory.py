@@ -28,6 +28,7 @@ contract holds. How it works:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from collections import deque
@@ -88,7 +89,7 @@ class MemorySettings:
 
 
 class _Entry:
-    __slots__ = ("message", "attempt")
+    __slots__ = ("attempt", "message")
 
     def __init__(self, message: Message, attempt: int = 0) -> None:
         self.message = message
@@ -288,7 +289,8 @@ class _MemorySubscription:
                     break
                 task = asyncio.get_running_loop().create_task(self._handle(*item))
                 running.add(task)
-                task.add_done_callback(lambda t: (running.discard(t), slots.release()))
+                task.add_done_callback(running.discard)
+                task.add_done_callback(lambda _: slots.release())
         finally:
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
@@ -301,10 +303,8 @@ class _MemorySubscription:
         if task is not None:
             if self._waiting:
                 task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await task
-            except asyncio.CancelledError:
-                pass
         self._backend._remove_member(self)
 
 

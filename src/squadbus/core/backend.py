@@ -81,7 +81,7 @@ class ConsumerOptions:
 
     def backoff(self, attempt: int) -> float:
         """Delay before redelivering a message whose attempt ``attempt`` failed."""
-        return min(self.backoff_max, self.backoff_base * (2 ** max(0, attempt - 1)))
+        return float(min(self.backoff_max, self.backoff_base * 2.0 ** max(0, attempt - 1)))
 
 
 def durable_name(group: str, pattern: str) -> str:
@@ -107,7 +107,7 @@ class Delivery:
     Backends subclass it and implement ``_ack``, ``_nack`` and ``_term``.
     """
 
-    __slots__ = ("message", "attempt", "group", "gap_before", "_settled", "_waiter")
+    __slots__ = ("_settled", "_waiter", "attempt", "gap_before", "group", "message")
 
     def __init__(self, message: Message, *, attempt: int = 1, group: str | None = None, gap_before: int = 0) -> None:
         self.message = message

@@ -370,6 +370,8 @@ class Inbox:
 
     Each delivery must be settled (``ack``/``nack``) before the next arrives;
     asking for the next one acks the previous one if it is still unsettled.
+    Direct messages, squad broadcasts and domain broadcasts are three streams
+    merged here: order holds within each stream, not across them.
     """
 
     def __init__(

@@ -178,7 +178,9 @@ def encode(message: Message) -> bytes:
     return _encoder.encode(message)
 
 
-def decode(data: bytes | bytearray | memoryview | str, *, max_content_bytes: int = DEFAULT_MAX_CONTENT_BYTES) -> Message:
+def decode(
+    data: bytes | bytearray | memoryview | str, *, max_content_bytes: int = DEFAULT_MAX_CONTENT_BYTES
+) -> Message:
     """Parse wire bytes into a validated Message; raises MalformedMessage on bad input."""
     try:
         message = _decoder.decode(data)

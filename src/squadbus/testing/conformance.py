@@ -98,6 +98,14 @@ class Collector:
         return [m.id for m in self.messages]
 
 
+def _has_all(collector: Collector, ids: set[uuid.UUID]) -> Callable[[], bool]:
+    return lambda: set(collector.ids) >= ids
+
+
+def _at_least(collector: Collector, count: int) -> Callable[[], bool]:
+    return lambda: len(collector.messages) >= count
+
+
 class ConformanceSuite:
     """Behaviour every backend must show. Subclass it; see the module docstring."""
 
@@ -207,7 +215,7 @@ class ConformanceSuite:
         sent = {i for ids in await asyncio.gather(*(publish(p) for p in range(publishers))) for i in ids}
         assert len(sent) == publishers * per_publisher
         for c in collectors:
-            await eventually(lambda c=c: set(c.ids) >= sent, self.features.timeout * 2, "every subscriber to get all")
+            await eventually(_has_all(c, sent), self.features.timeout * 2, "every subscriber to get all")
 
     async def test_many_subjects_concurrently(self, bus: Bus) -> None:
         agents = [_uid("agent") for _ in range(self.n(20))]
@@ -222,7 +230,7 @@ class ConformanceSuite:
         await asyncio.gather(*(publish(a) for a in agents))
         for a in agents:
             c = collectors[a]
-            await eventually(lambda c=c: len(c.messages) >= 10, self.features.timeout, f"10 messages for {a}")
+            await eventually(_at_least(c, 10), self.features.timeout, f"10 messages for {a}")
             assert {m.recipient_id for m in c.messages} == {a}
             assert [m.content for m in c.messages] == [f"{a}-{i}" for i in range(10)]
 

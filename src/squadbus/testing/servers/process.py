@@ -49,7 +49,9 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_until(
+    check: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     """Poll ``check`` until true; raise ServerUnavailable after ``timeout`` or if ``proc`` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -1,0 +1,59 @@
+"""The command line: clear one-line errors, non-zero exits, and the demo squad."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from squadbus.cli.main import main
+
+
+def test_version() -> None:
+    result = CliRunner().invoke(main, ["version"])
+    assert result.exit_code == 0
+    assert result.output.startswith("squadbus ")
+
+
+def test_send_prints_the_id() -> None:
+    result = CliRunner().invoke(main, ["--url", "memory://", "send", "pm", "dev-1", "hello", "--type", "task"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["subject"] == "agent.message.dev-1"
+
+
+def test_errors_are_one_line_without_traceback() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "squadbus", "--url", "memory://", "send", "pm", "bad.agent", "hi"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("squadbus: error:")
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bad_env_is_a_usage_error() -> None:
+    result = CliRunner().invoke(main, ["version"], env={"MESSAGE_BUS": "carrier-pigeon"})
+    assert result.exit_code == 2
+    assert "MESSAGE_BUS" in result.output
+
+
+def test_bad_metadata_is_a_usage_error() -> None:
+    result = CliRunner().invoke(main, ["send", "pm", "dev-1", "x", "--metadata", "[1"])
+    assert result.exit_code == 2
+    assert "not JSON" in result.output
+
+
+def test_demo_runs_the_squad() -> None:
+    result = subprocess.run([sys.executable, "-m", "squadbus", "--url", "memory://", "demo"],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[-1] == "squad done"
+    assert "  dev-1 -> pm [status] done: build the login form" in lines
+    assert "  dev-2 -> pm [status] done: add the session API" in lines
+    assert sum("[reply] approved, ship it" in line for line in lines) == 2
+    assert sum("kick-off" in line for line in lines) == 2

@@ -1,0 +1,92 @@
+"""The envelope codec: round trips (Hypothesis), validation, malformed input."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from squadbus.core import envelope
+from squadbus.core.errors import InvalidMessage, InvalidSubject, MalformedMessage, MessageTooLarge
+
+json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**53), 2**53), st.text(max_size=20),
+                         st.floats(allow_nan=False, allow_infinity=False))
+json_values = st.recursive(json_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)), max_leaves=12)
+agent_ids = st.text(alphabet=st.characters(blacklist_characters=" \t\r\n.*>\x00", blacklist_categories=("Cs", "Z")),
+                    min_size=1, max_size=16)
+
+
+@given(
+    sender=agent_ids, recipient=st.one_of(st.none(), agent_ids), content=st.text(max_size=200),
+    metadata=st.dictionaries(st.text(max_size=8), json_values, max_size=5),
+    headers=st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3),
+    execution=st.one_of(st.none(), st.uuids()),
+    created=st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1),
+                         timezones=st.sampled_from([UTC, timezone(timedelta(hours=5, minutes=30))])),
+)
+def test_round_trip(sender: str, recipient: str | None, content: str, metadata: dict[str, object],
+                    headers: dict[str, str], execution: uuid.UUID | None, created: datetime) -> None:
+    message = envelope.build(subject="agent.message.broadcast", sender_id=sender, recipient_id=recipient,
+                             content=content, metadata=metadata, headers=headers, task_execution_id=execution,
+                             created_at=created)
+    decoded = envelope.decode(envelope.encode(message))
+    assert decoded == message
+    assert decoded.created_at == created
+
+
+def test_defaults_and_ids() -> None:
+    m = envelope.build(subject="agent.message.dev-1", sender_id=uuid.UUID(int=7), content="hi")
+    assert m.id.version == 4
+    assert m.sender_id == str(uuid.UUID(int=7))
+    assert m.created_at.tzinfo is not None
+    assert m.metadata == {} and m.headers == {}
+    assert len({envelope.new_id() for _ in range(10_000)}) == 10_000
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"{", b"[]", b"null", b'{"id": "not-a-uuid"}', b'{"id": "5f0c8a4e-3d0b-4c2c-9b0e-2a3c4d5e6f70"}',
+     b"\xff\xfe", b'{"id":"5f0c8a4e-3d0b-4c2c-9b0e-2a3c4d5e6f70","subject":"agent..x","sender_id":"a",'
+     b'"content":"c","created_at":"2026-01-01T00:00:00Z"}',
+     b'{"id":"5f0c8a4e-3d0b-4c2c-9b0e-2a3c4d5e6f70","subject":"agent.x","sender_id":"a",'
+     b'"content":"c","created_at":"2026-01-01T00:00:00"}',
+     b'{"id":"5f0c8a4e-3d0b-4c2c-9b0e-2a3c4d5e6f70","subject":"agent.x","sender_id":"a",'
+     b'"content":"c","metadata":[1],"created_at":"2026-01-01T00:00:00Z"}'],
+)
+def test_malformed_input_raises_typed_error(data: bytes) -> None:
+    with pytest.raises(MalformedMessage):
+        envelope.decode(data)
+
+
+def test_size_limit() -> None:
+    limit = 1024
+    envelope.build(subject="agent.x", sender_id="a", content="x" * limit, max_content_bytes=limit)
+    with pytest.raises(MessageTooLarge):
+        envelope.build(subject="agent.x", sender_id="a", content="x" * (limit + 1), max_content_bytes=limit)
+    with pytest.raises(MessageTooLarge):  # 4-byte characters count as bytes, not characters
+        envelope.build(subject="agent.x", sender_id="a", content="😀" * 300, max_content_bytes=limit)
+    big = envelope.build(subject="agent.x", sender_id="a", content="x" * (limit + 1), max_content_bytes=limit + 1)
+    with pytest.raises(MessageTooLarge):
+        envelope.decode(envelope.encode(big), max_content_bytes=limit)
+
+
+def test_validation_errors() -> None:
+    with pytest.raises(InvalidSubject):
+        envelope.build(subject="agent.*", sender_id="a", content="c")
+    with pytest.raises(InvalidMessage, match="metadata"):
+        envelope.build(subject="agent.x", sender_id="a", content="c", metadata=[1])  # type: ignore[arg-type]
+    with pytest.raises(InvalidMessage, match="JSON"):
+        envelope.build(subject="agent.x", sender_id="a", content="c", metadata={"x": object()})
+    with pytest.raises(InvalidMessage, match="UUID"):
+        envelope.build(subject="agent.x", sender_id="a", content="c", id="nope")
+    with pytest.raises(InvalidMessage, match="timezone"):
+        envelope.build(subject="agent.x", sender_id="a", content="c", created_at=datetime(2026, 1, 1))
+    with pytest.raises(InvalidMessage):
+        envelope.build(subject="agent.x", sender_id="a", content=b"bytes")  # type: ignore[arg-type]
+    m = envelope.build(subject="agent.x", sender_id="a", content="c")
+    with pytest.raises(InvalidSubject):
+        m.evolve(subject="agent..y")
