@@ -2,15 +2,19 @@
 
 How a batch is written, in one transaction (READ COMMITTED):
 
-1. lock the ``exec_counters`` rows of the batch's executions (an upsert that
-   creates missing ones), in sorted key order so writers do not deadlock;
-2. look up which ids are already stored: duplicates return those rows; a
-   concurrent writer of the same id must hold the same execution's lock, so
-   this read sees its commit;
-3. insert the new rows with seqs counted on from the locked counters
-   (``ON CONFLICT (id) DO NOTHING``; if a row was skipped anyway, e.g. an id
-   reused for another execution by a concurrent writer, the transaction is
-   retried rather than leaving a seq gap), then store the new counters.
+* fast path, one statement: an upsert adds the batch's per-execution counts
+  to ``exec_counters`` (locking those rows, in sorted key order so writers
+  do not deadlock) and the same statement inserts the rows with seqs counted
+  back from the new counter values, ``ON CONFLICT (id) DO NOTHING``. If any
+  row was skipped as a duplicate, the counters moved too far: the
+  transaction is rolled back and the batch goes the careful way;
+* careful path: lock the counters of the batch's executions, look up which
+  ids are already stored (duplicates return those rows; a concurrent writer
+  of the same id holds the same execution's lock, so this read sees its
+  commit), insert only the new rows with seqs from the locked counters, then
+  store the new counters. A row skipped even so (an id reused for another
+  execution by a concurrent writer) retries the transaction rather than
+  leaving a seq gap.
 
 Deadlocks and serialization failures are retried a few times. The message
 body is its wire encoding (bytea), so reads return exactly what was published.
@@ -60,6 +64,25 @@ FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[], $6::te
 ON CONFLICT (id) DO NOTHING
 RETURNING id, stored_at
 """
+_FAST_WRITE = """
+WITH batch AS (
+    SELECT u.*, row_number() OVER (PARTITION BY u.k ORDER BY u.ord) AS rn,
+           count(*) OVER (PARTITION BY u.k) AS cnt
+    FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::bytea[],
+                $8::text[]) WITH ORDINALITY AS u(i, e, snd, rcp, t, c, b, k, ord)
+), counters AS (
+    INSERT INTO exec_counters AS ec (exec_key, last_seq)
+    SELECT k, count(*) FROM batch GROUP BY k ORDER BY k
+    ON CONFLICT (exec_key) DO UPDATE SET last_seq = ec.last_seq + EXCLUDED.last_seq
+    RETURNING exec_key, last_seq
+)
+INSERT INTO messages (id, task_execution_id, seq, sender_id, recipient_id, message_type, created_at, stored_at, body)
+SELECT b.i, b.e, counters.last_seq - b.cnt + b.rn, b.snd, b.rcp, b.t, b.c, (SELECT clock_timestamp()), b.b
+FROM batch AS b JOIN counters ON counters.exec_key = b.k
+ORDER BY b.ord
+ON CONFLICT (id) DO NOTHING
+RETURNING id, seq, stored_at
+"""
 _SAVE_COUNTERS = """
 UPDATE exec_counters AS ec SET last_seq = u.s
 FROM unnest($1::text[], $2::bigint[]) AS u(k, s) WHERE ec.exec_key = u.k
@@ -68,6 +91,10 @@ FROM unnest($1::text[], $2::bigint[]) AS u(k, s) WHERE ec.exec_key = u.k
 
 class _RetryWrite(Exception):
     """A concurrent writer got in between; the transaction must run again."""
+
+
+class _Duplicates(Exception):
+    """The fast path met stored ids; roll back and take the careful path."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -216,19 +243,52 @@ class PostgresStore:
         bodies = {m.id: c.encode_body(m) for m in unique}
         pool = self._the_pool()
         with _translate("write"):
+            careful = False
             for attempt in range(1, _WRITE_ATTEMPTS + 1):
                 try:
                     async with pool.acquire() as conn, conn.transaction():
-                        stored = await self._write_tx(conn, unique, bodies)
+                        if careful:
+                            stored = await self._careful_tx(conn, unique, bodies)
+                        else:
+                            stored = await self._fast_tx(conn, unique, bodies)
                     break
+                except _Duplicates:
+                    careful = True
                 except (_RetryWrite, asyncpg.exceptions.TransactionRollbackError) as exc:
+                    careful = True
                     if attempt == _WRITE_ATTEMPTS:
                         raise BackendError(f"PostgreSQL write: gave up after {attempt} conflicting attempts") from exc
                     await asyncio.sleep(0.01 * attempt)
+            else:
+                raise BackendError("PostgreSQL write: gave up after repeated conflicts")
         return [stored[m.id] for m in messages]
 
     @staticmethod
-    async def _write_tx(
+    async def _fast_tx(
+        conn: asyncpg.Connection, unique: list[Message], bodies: dict[UUID, bytes]
+    ) -> dict[UUID, StoredMessage]:
+        rows = await conn.fetch(
+            _FAST_WRITE,
+            [m.id for m in unique],
+            [m.task_execution_id for m in unique],
+            [m.sender_id for m in unique],
+            [m.recipient_id for m in unique],
+            [c.index_text(m.message_type) for m in unique],
+            [m.created_at for m in unique],
+            [bodies[m.id] for m in unique],
+            [c.exec_key(m) for m in unique],
+        )
+        if len(rows) != len(unique):
+            raise _Duplicates
+        by_id = {m.id: m for m in unique}
+        stored: dict[UUID, StoredMessage] = {}
+        for raw_id, seq, stored_at in rows:
+            message_id = UUID(bytes=raw_id.bytes)
+            stored[message_id] = StoredMessage(seq=int(seq), stored_at=stored_at, message=by_id[message_id])
+        return stored
+
+    @staticmethod
+    async def _careful_tx(
         conn: asyncpg.Connection, unique: list[Message], bodies: dict[UUID, bytes]
     ) -> dict[UUID, StoredMessage]:
         keys = sorted({c.exec_key(m) for m in unique})

@@ -4,7 +4,11 @@ It joins consumer group ``db-writer`` on ``agent.message.>`` and
 ``agent.reply.>`` with :func:`squadbus.core.batching.batched` and
 ``max_in_flight=batch_size``: up to ``batch_size`` deliveries are collected
 (or whatever arrived within ``max_wait``) and written in one transaction.
-Deliveries are acked only after COMMIT. What happens on failure:
+Deliveries are acked only after COMMIT. ``pipeline`` (default 2) batches may
+be in flight: one commits while the next fills, so the database round trip
+and the bus overlap (``max_in_flight = batch_size * pipeline``; 1 makes it
+strictly collect-then-write). Batches still commit one at a time, in order.
+What happens on failure:
 
 * store unreachable (ConnectionLost, BackendTimeout): the batch is retried in
   place for up to ``retry_for`` seconds, then nacked as a whole; the backend
@@ -61,7 +65,8 @@ class DbWriter:
     ``on_written(rows)`` is awaited after each committed batch with one row
     per delivery (redelivered messages return their existing row).
     ``options`` overrides the consumer options; ``max_in_flight`` is always
-    ``batch_size``.
+    ``batch_size * pipeline``; ``retry_for`` is how long a batch is retried
+    in place while the store is unreachable before it is nacked.
     """
 
     name = GROUP
@@ -75,10 +80,11 @@ class DbWriter:
         max_wait: float = 0.05,
         on_written: OnWritten | None = None,
         retry_for: float = 5.0,
+        pipeline: int = 2,
         options: ConsumerOptions | None = None,
     ) -> None:
-        if batch_size < 1 or max_wait < 0 or retry_for < 0:
-            raise ValueError("batch_size must be >= 1, max_wait and retry_for >= 0")
+        if batch_size < 1 or pipeline < 1 or max_wait < 0 or retry_for < 0:
+            raise ValueError("batch_size and pipeline must be >= 1, max_wait and retry_for >= 0")
         self.bus = bus
         self.store = store
         self.batch_size = batch_size
@@ -89,7 +95,7 @@ class DbWriter:
         self.options = ConsumerOptions(
             max_deliver=base.max_deliver, backoff_base=base.backoff_base, backoff_max=base.backoff_max,
             ack_wait=base.ack_wait, batch_size=max(base.batch_size, batch_size), max_pending=base.max_pending,
-            max_in_flight=batch_size, start=base.start, slow_consumer=base.slow_consumer,
+            max_in_flight=batch_size * pipeline, start=base.start, slow_consumer=base.slow_consumer,
         )
         self.stats = DbWriterStats()
         self._subs: list[Subscription] = []
