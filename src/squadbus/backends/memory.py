@@ -322,7 +322,10 @@ class MemoryBackend:
         self._log: deque[tuple[int, Message]] = deque(maxlen=self.settings.retain_messages or None)
         self._seq = itertools.count(1)
         self._last_seq = 0
-        self._seen: dict[UUID, None] = {}
+        # A set plus a FIFO of ids: O(1) expiry (a dict's oldest-key pop degrades as it churns).
+        self._seen: set[UUID] = set()
+        self._seen_order: deque[UUID] = deque()
+        self._dedupe_window = self.settings.dedupe_window
         self._duplicates = 0
         self._connected = False
         self._closed = False
@@ -371,10 +374,12 @@ class MemoryBackend:
         if message.id in seen:
             self._duplicates += 1
             return
-        if self.settings.dedupe_window:
-            seen[message.id] = None
-            if len(seen) > self.settings.dedupe_window:
-                del seen[next(iter(seen))]
+        if self._dedupe_window:
+            seen.add(message.id)
+            order = self._seen_order
+            order.append(message.id)
+            if len(order) > self._dedupe_window:
+                seen.discard(order.popleft())
         seq = next(self._seq)
         self._last_seq = seq
         if self.settings.retain_messages:
