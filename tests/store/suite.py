@@ -243,6 +243,7 @@ class StoreSuite:
 
     async def test_ping_open_close(self, store_factory: StoreFactory) -> None:
         store = await store_factory()
+        assert isinstance(store, HistoryStore)
         await store.ping()
         await store.open()  # idempotent
         await store.close()

@@ -83,7 +83,7 @@ def _json(row: StoredMessage) -> str:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line: seq, stored_at, message.")
 @click.option("--store", "store_url", default=None, help="Store URL (default: SQUADBUS_STORE_URL or ./squadbus.db).")
 @click.pass_context
-def history(  # noqa: PLR0917 - click passes each option as a parameter
+def history(
     ctx: click.Context, execution: str | None, agent: str | None, message_type: str | None, since: str | None,
     until: str | None, limit: int, cursor: str | None, as_json: bool, store_url: str | None,
 ) -> None:
