@@ -23,8 +23,29 @@ def _db_writer(bus: Bus, store: HistoryStore, settings: Settings) -> Worker:
     return DbWriter(bus, store)
 
 
+def _analytics(bus: Bus, store: HistoryStore, settings: Settings) -> Worker:
+    from squadbus.workers.analytics import Analytics
+
+    return Analytics(bus)
+
+
+def _audit_logger(bus: Bus, store: HistoryStore, settings: Settings) -> Worker:
+    from squadbus.workers.audit import AuditLogger
+
+    return AuditLogger(bus)
+
+
+def _sse_broadcaster(bus: Bus, store: HistoryStore, settings: Settings) -> Worker:
+    from squadbus.workers.sse_broadcaster import SseBroadcaster
+
+    return SseBroadcaster(bus)
+
+
 FACTORIES: Mapping[str, WorkerFactory] = {
     "db-writer": _db_writer,
+    "analytics": _analytics,
+    "audit-logger": _audit_logger,
+    "sse-broadcaster": _sse_broadcaster,
 }
 
 

@@ -1,0 +1,184 @@
+"""The app factory: ``uvicorn squadbus.service:create_app --factory``.
+
+:func:`create_app` builds a FastAPI app whose lifespan creates (or adopts)
+the Bus and the HistoryStore, the SSE hub and the in-process workers, and
+closes what it created, in reverse order, on shutdown. There are no module
+globals: everything lives on ``app.state`` of the app that owns it, so any
+number of apps can run in one process (tests do).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, Response, status
+from fastapi.responses import JSONResponse
+
+from squadbus import __version__
+from squadbus.core.bus import Bus
+from squadbus.core.errors import SquadbusError
+from squadbus.core.settings import Settings
+from squadbus.service import dashboard, errors, routes_messages, routes_sse
+from squadbus.service.auth import Principal, TokenTable, load_tokens, reader
+from squadbus.service.limits import BodyLimit
+from squadbus.service.metrics import ServiceMetrics
+from squadbus.service.schemas import ErrorOut, Health
+from squadbus.service.sse_hub import SseHub
+from squadbus.service.state import Service, ServiceDep, ServiceOptions
+from squadbus.store.base import HistoryStore, StoredMessage, open_store
+from squadbus.workers.analytics import Analytics
+from squadbus.workers.audit import AuditLogger
+from squadbus.workers.base import Worker
+from squadbus.workers.db_writer import DbWriter
+from squadbus.workers.sse_broadcaster import SseBroadcaster
+
+logger = logging.getLogger("squadbus.service")
+
+ops = APIRouter(tags=["operations"])
+
+
+@ops.get("/healthz", summary="Liveness")
+async def healthz() -> Health:
+    """The process is up (says nothing about the bus or the store)."""
+    return Health(status="ok")
+
+
+@ops.get("/readyz", summary="Readiness", responses={503: {"model": Health, "description": "Not ready"}})
+async def readyz(service: ServiceDep) -> JSONResponse:
+    """Ready when the store answers a ping and the bus backend is connected (pinged if it can be)."""
+    checks: dict[str, str] = {}
+    timeout = service.options.readiness_timeout
+    try:
+        await asyncio.wait_for(service.store.ping(), timeout)
+        checks["store"] = "ok"
+    except (SquadbusError, TimeoutError, OSError) as exc:
+        checks["store"] = f"unavailable: {exc or type(exc).__name__}"
+    ping = getattr(service.bus.backend, "ping", None)
+    try:
+        if callable(ping):
+            await asyncio.wait_for(ping(), timeout)
+        service.bus._check_open()
+        checks["bus"] = "ok"
+    except (SquadbusError, TimeoutError, OSError) as exc:
+        checks["bus"] = f"unavailable: {exc or type(exc).__name__}"
+    ready = all(v == "ok" for v in checks.values())
+    body = Health(status="ready" if ready else "not ready", checks=checks)
+    return JSONResponse(body.model_dump(), status_code=status.HTTP_200_OK if ready else 503)
+
+
+@ops.get(
+    "/metrics", summary="Prometheus metrics", response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+               401: {"model": ErrorOut}, 403: {"model": ErrorOut}},
+)
+async def metrics(service: ServiceDep, who: Annotated[Principal, Depends(reader)]) -> Response:
+    """Prometheus text exposition of this process's metrics."""
+    body, content_type = service.metrics.render()
+    return Response(body, media_type=content_type)
+
+
+def _workers(service: Service, analytics_out: list[Analytics]) -> list[Worker]:
+    opts, bus, store, hub, metrics_ = service.options, service.bus, service.store, service.hub, service.metrics
+    built: list[Worker] = []
+    for name in opts.workers:
+        if name == "db-writer":
+
+            async def on_written(rows: list[StoredMessage]) -> None:
+                metrics_.record_stored(rows, "db-writer")
+                hub.offer(rows)
+
+            built.append(DbWriter(bus, store, batch_size=opts.db_writer_batch_size,
+                                  max_wait=opts.db_writer_max_wait, on_written=on_written))
+        elif name == "sse-broadcaster":
+            broadcaster = SseBroadcaster(bus, hub.notify)
+            metrics_.sources.latencies[name] = broadcaster.latency
+            built.append(broadcaster)
+        elif name == "analytics":
+            analytics = Analytics(bus)
+            analytics_out.append(analytics)
+            metrics_.sources.latencies[name] = analytics.latency
+            built.append(analytics)
+        elif name == "audit-logger":
+            audit = AuditLogger(bus, path=opts.audit_path, max_bytes=opts.audit_max_bytes,
+                                max_files=opts.audit_max_files)
+            metrics_.sources.latencies[name] = audit.latency
+            built.append(audit)
+    return built
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    bus: Bus | None = None,
+    store: HistoryStore | None = None,
+    options: ServiceOptions | None = None,
+    tokens: TokenTable | None = None,
+) -> FastAPI:
+    """Build the HTTP service.
+
+    ``settings`` defaults to ``Settings.from_env()``. A ``bus`` or ``store``
+    passed in is started/opened if needed but not closed by the app (the
+    caller owns it); otherwise the lifespan builds them from ``settings`` and
+    closes them. ``tokens`` overrides ``settings.tokens_file``; an empty
+    table (no tokens file) means open mode: only bind such an app to
+    127.0.0.1 (``squadbus serve`` enforces it).
+    """
+    settings = settings or Settings.from_env()
+    options = options or ServiceOptions()
+    table = tokens if tokens is not None else load_tokens(settings.tokens_file)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            the_bus = bus or Bus.from_settings(settings)
+            await the_bus.start()
+            if bus is None:
+                stack.push_async_callback(the_bus.close)
+            the_store = store or open_store(settings.store_url)
+            await the_store.open()
+            if store is None:
+                stack.push_async_callback(the_store.close)
+            hub = SseHub(the_store, queue_size=options.sse_queue_size, poll_interval=options.poll_interval)
+            await hub.start()
+            stack.push_async_callback(hub.close)
+            service_metrics = ServiceMetrics(the_bus.backend.name)
+            service = Service(settings=settings, options=options, bus=the_bus, store=the_store, hub=hub,
+                              metrics=service_metrics)
+            service_metrics.sources.bus = the_bus
+            service_metrics.sources.hub = hub
+            analytics: list[Analytics] = []
+            for worker in _workers(service, analytics):
+                await worker.start()
+                stack.push_async_callback(worker.stop)
+                service.workers.append(worker)
+            service_metrics.sources.analytics = analytics[0] if analytics else None
+            app.state.service = service
+            logger.info(
+                "squadbus service ready: backend %s, store %s, workers %s, %s",
+                the_bus.backend.name, type(the_store).__name__, ", ".join(options.workers) or "none",
+                "OPEN (no tokens)" if table.open else "bearer tokens required",
+            )
+            try:
+                yield
+            finally:
+                app.state.service = None
+
+    app = FastAPI(
+        title="squadbus",
+        version=__version__,
+        description="Messages between AI agents: send, query history, watch executions live (SSE).",
+        lifespan=lifespan,
+    )
+    app.state.tokens = table
+    app.state.service = None
+    errors.install(app)
+    app.add_middleware(BodyLimit, max_bytes=options.body_limit(settings))
+    app.include_router(routes_messages.router)
+    app.include_router(routes_sse.router)
+    app.include_router(ops)
+    app.include_router(dashboard.router)
+    return app

@@ -1,0 +1,66 @@
+"""How squadbus errors become HTTP answers.
+
+* :class:`~squadbus.core.errors.MessageTooLarge` → 413;
+* other :class:`~squadbus.core.errors.InvalidMessage` and
+  :class:`~squadbus.store.InvalidQuery` → 422, shaped like FastAPI's own
+  validation errors (``{"detail": [{"loc": [...], "msg": ..., "type": ...}]}``)
+  so the OpenAPI schema holds for every 422;
+* :class:`~squadbus.core.errors.BackendError` (bus or store unreachable) → 503.
+
+Nothing invalid reaches the bus: messages are built and validated before publishing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request, status
+from fastapi.responses import JSONResponse
+
+from squadbus.core.errors import BackendError, Closed, InvalidMessage, MessageTooLarge
+from squadbus.store.base import InvalidQuery
+
+logger = logging.getLogger("squadbus.service")
+
+
+def validation_error(msg: str, *loc: str | int, kind: str = "value_error") -> JSONResponse:
+    """A 422 in FastAPI's validation-error shape."""
+    return JSONResponse(
+        {"detail": [{"loc": list(loc) or ["body"], "msg": msg, "type": kind}]},
+        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+    )
+
+
+class LocatedInvalid(InvalidMessage):
+    """An InvalidMessage that knows which part of the request it is about."""
+
+    def __init__(self, msg: str, loc: tuple[str | int, ...]) -> None:
+        super().__init__(msg)
+        self.loc = loc
+
+
+async def _too_large(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_413_CONTENT_TOO_LARGE)
+
+
+async def _invalid(request: Request, exc: Exception) -> JSONResponse:
+    loc = exc.loc if isinstance(exc, LocatedInvalid) else ("body",)
+    return validation_error(str(exc), *loc)
+
+
+async def _invalid_query(request: Request, exc: Exception) -> JSONResponse:
+    return validation_error(str(exc), "query")
+
+
+async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+    logger.warning("%s %s: backend unavailable: %s", request.method, request.url.path, exc)
+    return JSONResponse({"detail": f"unavailable: {exc}"}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers on ``app``."""
+    app.add_exception_handler(MessageTooLarge, _too_large)
+    app.add_exception_handler(InvalidMessage, _invalid)
+    app.add_exception_handler(InvalidQuery, _invalid_query)
+    app.add_exception_handler(BackendError, _unavailable)
+    app.add_exception_handler(Closed, _unavailable)

@@ -1,0 +1,151 @@
+"""Prometheus metrics of one service app, in its own CollectorRegistry (never the global one).
+
+Counters the service updates itself (messages published over HTTP, messages
+committed to the store with their consumer lag) are prometheus-client
+objects; figures kept by the Bus, the SSE hub and the workers are read at
+scrape time by :class:`LiveCollector`, so those components stay free of any
+metrics library.
+
+Exported names (all prefixed ``squadbus_``):
+
+* ``messages_published_total{message_type,backend}``: sent through the HTTP API ("in");
+* ``messages_stored_total{message_type,worker}``: rows committed by this process (db-writer, http);
+* ``messages_consumed_total{message_type,backend}``: seen by the analytics group ("out");
+* ``consumer_lag_seconds{worker}``: ``created_at`` to commit, histogram (db-writer, http);
+* ``handler_latency_seconds{worker}``: handler time of the in-process workers, histogram;
+* ``bus_deliveries_total``, ``bus_redeliveries_total``, ``bus_nacks_total``,
+  ``bus_dead_letters_total``, ``bus_handler_errors_total``, ``bus_gaps_total``: from ``Bus.stats``;
+* ``sse_viewers``, ``sse_executions``, ``sse_frames_total``, ``sse_frames_dropped_total``,
+  ``sse_catchups_total``, ``sse_gaps_total``: the SSE hub;
+* ``response_time_seconds``: question→reply time (analytics), histogram;
+* ``agents_tracked``, ``analytics_evicted_total{what}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from squadbus.core.bus import Bus
+from squadbus.service.sse_hub import SseHub
+from squadbus.store.base import StoredMessage
+from squadbus.workers.analytics import Analytics
+from squadbus.workers.analytics import Histogram as PlainHistogram
+
+LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0)
+
+
+@dataclass(slots=True)
+class Sources:
+    """What :class:`LiveCollector` reads at scrape time (filled in by the lifespan)."""
+
+    bus: Bus | None = None
+    hub: SseHub | None = None
+    analytics: Analytics | None = None
+    latencies: dict[str, PlainHistogram] = field(default_factory=dict)
+
+
+def _histogram(name: str, doc: str, label: str | None, values: dict[str, PlainHistogram]) -> Metric:
+    family = HistogramMetricFamily(name, doc, labels=[label] if label else None)
+    for key, hist in values.items():
+        family.add_metric([key] if label else [], hist.cumulative(), hist.total)
+    return family
+
+
+class LiveCollector(Collector):
+    """Reads the Bus, hub and worker figures when Prometheus scrapes."""
+
+    def __init__(self, sources: Sources, backend: str) -> None:
+        self.sources = sources
+        self.backend = backend
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the current figures (nothing for a source that is not running)."""
+        src = self.sources
+        if src.bus is not None:
+            s = src.bus.stats
+            for name, doc, value in (
+                ("bus_deliveries", "Deliveries handed to handlers of this process", s.delivered),
+                ("bus_redeliveries", "Deliveries with attempt > 1", s.redelivered),
+                ("bus_nacks", "Deliveries nacked for retry", s.nacked),
+                ("bus_dead_letters", "Messages moved to a dead-letter subject", s.dead_lettered),
+                ("bus_handler_errors", "Handler calls that raised", s.handler_errors),
+                ("bus_gaps", "Messages a slow consumer lost (reported by the backend)", s.gaps),
+            ):
+                yield CounterMetricFamily(f"squadbus_{name}", doc, value=value)
+        if src.hub is not None:
+            hub = src.hub
+            yield GaugeMetricFamily("squadbus_sse_viewers", "Connected SSE viewers", value=hub.viewer_count)
+            yield GaugeMetricFamily("squadbus_sse_executions", "Executions with at least one viewer",
+                                    value=hub.feed_count)
+            st = hub.stats
+            for name, doc, value in (
+                ("sse_frames", "Message frames queued to viewers", st.frames_fanned_out),
+                ("sse_frames_dropped", "Frames dropped for a full viewer queue (caught up from the store)",
+                 st.frames_dropped),
+                ("sse_catchups", "Times a viewer caught up from the store after falling behind",
+                 st.viewer_catchups),
+                ("sse_gaps", "gap events sent (rows removed by retention)", st.gaps_sent),
+                ("sse_store_reads", "Store reads made by SSE feeds and viewers", st.store_reads),
+            ):
+                yield CounterMetricFamily(f"squadbus_{name}", doc, value=value)
+        if src.analytics is not None:
+            fig = src.analytics.figures
+            consumed = CounterMetricFamily(
+                "squadbus_messages_consumed", "Messages seen by the analytics consumer group",
+                labels=["message_type", "backend"],
+            )
+            for message_type, count in sorted(fig.by_type.items()):
+                consumed.add_metric([message_type, self.backend], count)
+            yield consumed
+            yield _histogram("squadbus_response_time_seconds", "Time from a question to its reply", None,
+                             {"": fig.response_time})
+            yield GaugeMetricFamily("squadbus_agents_tracked", "Agents with recorded activity",
+                                    value=len(fig.agents))
+            evicted = CounterMetricFamily("squadbus_analytics_evicted", "Entries evicted from bounded tracking",
+                                          labels=["what"])
+            evicted.add_metric(["agents"], fig.agents_evicted)
+            evicted.add_metric(["questions"], fig.questions_evicted)
+            yield evicted
+        if src.latencies:
+            yield _histogram("squadbus_handler_latency_seconds", "Handler time of in-process workers", "worker",
+                             src.latencies)
+
+
+class ServiceMetrics:
+    """The metrics of one app: a private registry plus the service's own counters."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self.registry = CollectorRegistry()
+        self.sources = Sources()
+        self.published = Counter(
+            "squadbus_messages_published", "Messages sent through the HTTP API",
+            ["message_type", "backend"], registry=self.registry,
+        )
+        self.stored = Counter(
+            "squadbus_messages_stored", "Rows returned by committed store writes of this process (duplicates too)",
+            ["message_type", "worker"], registry=self.registry,
+        )
+        self.lag = Histogram(
+            "squadbus_consumer_lag_seconds", "Time from a message's created_at to its commit in the store",
+            ["worker"], buckets=LAG_BUCKETS, registry=self.registry,
+        )
+        self.registry.register(LiveCollector(self.sources, backend))
+
+    def record_stored(self, rows: Sequence[StoredMessage], worker: str) -> None:
+        """Count rows returned by a committed write and observe ``stored_at - created_at``.
+
+        A duplicate returns its existing row, so it is counted again with its original lag.
+        """
+        for row in rows:
+            self.stored.labels(row.message.message_type, worker).inc()
+            self.lag.labels(worker).observe(max(0.0, (row.stored_at - row.message.created_at).total_seconds()))
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,199 @@
+"""``/v1/messages``: send (one or a batch, idempotent by id) and query history.
+
+How a POST and the db-writer share the work, so each row is written once:
+
+1. the request is validated into an envelope (422/413 before anything is sent);
+2. ``store.get(id)``: if the id is already stored, that message is returned
+   (200) and nothing is published again: this is the idempotent replay;
+3. otherwise the message is **published first** (a publish failure is a 503
+   with nothing stored: retrying with the same id is safe), then **written
+   through** to the store, which assigns its ``seq`` (201). The db-writer
+   consumes the same message from the bus and its write is a no-op
+   (``ON CONFLICT DO NOTHING`` by id), so the row exists once, whoever wins;
+4. if the store write fails after the publish, the answer is 202 with
+   ``seq: null``: the message is on the bus and the db-writer stores it.
+
+Publishing before writing means a message is never in the history without
+having been sent; writing through gives the caller its ``seq`` and makes the
+message readable (and idempotent) at once, before the db-writer's batch.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+from uuid import UUID
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Response, status
+
+from squadbus.core import envelope, subjects
+from squadbus.core.envelope import Message
+from squadbus.core.errors import BackendError, InvalidMessage, MessageTooLarge
+from squadbus.service.auth import Principal, check_sender, reader, sender
+from squadbus.service.errors import LocatedInvalid
+from squadbus.service.schemas import BatchIn, BatchOut, ErrorOut, MessageIn, MessageOut, MessagePage, SnapshotOut
+from squadbus.service.state import Service, ServiceDep
+from squadbus.store.base import HistoryQuery, StoredMessage
+
+router = APIRouter(prefix="/v1", tags=["messages"])
+
+ERRORS: dict[int | str, dict[str, object]] = {
+    401: {"model": ErrorOut, "description": "Missing or unknown bearer token"},
+    403: {"model": ErrorOut, "description": "The token may not do this"},
+    503: {"model": ErrorOut, "description": "Bus or store unavailable; retrying with the same id is safe"},
+}
+SEND_ERRORS: dict[int | str, dict[str, object]] = {
+    **ERRORS,
+    409: {"model": ErrorOut, "description": "The id is already used by a message of another sender"},
+    413: {"model": ErrorOut, "description": "Request body or message content too large"},
+}
+
+
+def to_message(body: MessageIn, service: Service, *, loc: tuple[str | int, ...] = ("body",)) -> Message:
+    """Build and validate the envelope of ``body`` (raises InvalidMessage, located for a 422)."""
+    if body.recipient_id is None:
+        subject = subjects.BROADCAST if body.domain is None else subjects.domain(body.domain)
+    else:
+        subject = subjects.direct(body.recipient_id)
+    try:
+        message = envelope.build(
+            subject=subject, sender_id=body.sender_id, recipient_id=body.recipient_id, content=body.content,
+            message_type=body.message_type, domain=body.domain, task_execution_id=body.task_execution_id,
+            metadata=body.metadata, id=body.id, max_content_bytes=service.settings.max_content_bytes,
+        )
+        envelope.encode(message)
+    except MessageTooLarge:
+        raise
+    except InvalidMessage as exc:
+        raise LocatedInvalid(str(exc), loc) from exc
+    except (UnicodeEncodeError, TypeError, ValueError) as exc:
+        raise LocatedInvalid(f"message cannot be encoded as JSON: {exc}", loc) from exc
+    return message
+
+
+def _check_existing(existing: StoredMessage, message: Message) -> None:
+    if existing.message.sender_id != message.sender_id:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"id {message.id} is already used by another sender")
+
+
+async def send_all(service: Service, messages: list[Message]) -> list[MessageOut]:
+    """Publish ``messages`` in order, then write them through (see the module docstring)."""
+    for message in messages:
+        await service.bus.publish(message)
+        service.metrics.published.labels(message.message_type, service.metrics.backend).inc()
+    try:
+        rows = await service.store.write(messages)
+    except BackendError:
+        return [_unstored(m) for m in messages]
+    service.metrics.record_stored(rows, "http")
+    service.hub.offer(rows)
+    return [MessageOut.of(row) for row in rows]
+
+
+def _unstored(message: Message) -> MessageOut:
+    m = message
+    return MessageOut(
+        id=m.id, subject=m.subject, sender_id=m.sender_id, recipient_id=m.recipient_id, domain=m.domain,
+        content=m.content, message_type=m.message_type, task_execution_id=m.task_execution_id,
+        metadata=m.metadata, headers=m.headers, created_at=m.created_at, seq=None, stored_at=None,
+    )
+
+
+@router.post(
+    "/messages",
+    status_code=status.HTTP_201_CREATED,
+    responses={
+        **SEND_ERRORS,
+        200: {"model": MessageOut, "description": "Already sent earlier with this id: the same message"},
+        202: {"model": MessageOut, "description": "Published; the store write failed and the db-writer will do it"},
+    },
+    summary="Send a message (idempotent by id)",
+)
+async def post_message(
+    body: MessageIn, response: Response, service: ServiceDep, who: Annotated[Principal, Depends(sender)]
+) -> MessageOut:
+    """Send one message. With a client-set ``id``, repeating the request returns the stored message."""
+    check_sender(who, body.sender_id)
+    message = to_message(body, service)
+    existing = await service.store.get(message.id)
+    if existing is not None:
+        _check_existing(existing, message)
+        response.status_code = status.HTTP_200_OK
+        return MessageOut.of(existing)
+    [out] = await send_all(service, [message])
+    if out.seq is None:
+        response.status_code = status.HTTP_202_ACCEPTED
+    return out
+
+
+@router.post("/messages:batch", responses=SEND_ERRORS, summary="Send up to 500 messages")
+async def post_batch(body: BatchIn, service: ServiceDep, who: Annotated[Principal, Depends(sender)]) -> BatchOut:
+    """Send a batch in order; every message is validated and authorised before any is sent.
+
+    Messages whose id is already stored (or repeated in the batch) are not sent
+    again; the result lists one message per input, in input order.
+    """
+    messages: list[Message] = []
+    for index, item in enumerate(body.messages):
+        check_sender(who, item.sender_id)
+        messages.append(to_message(item, service, loc=("body", "messages", index)))
+    found: dict[UUID, MessageOut] = {}
+    fresh: list[Message] = []
+    for message in messages:
+        if message.id in found or any(m.id == message.id for m in fresh):
+            continue
+        existing = await service.store.get(message.id)
+        if existing is not None:
+            _check_existing(existing, message)
+            found[message.id] = MessageOut.of(existing)
+        else:
+            fresh.append(message)
+    if fresh:
+        for out in await send_all(service, fresh):
+            found[out.id] = out
+    return BatchOut(items=[found[m.id] for m in messages])
+
+
+@router.get("/messages", responses=ERRORS, summary="Query history")
+async def list_messages(
+    service: ServiceDep,
+    who: Annotated[Principal, Depends(reader)],
+    task_execution_id: UUID | None = None,
+    agent_id: Annotated[str | None, Query(description="Sender or recipient", min_length=1, max_length=200)] = None,
+    message_type: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+    since: Annotated[datetime | None, Query(description="created_at >= since (with a timezone)")] = None,
+    until: Annotated[datetime | None, Query(description="created_at < until (with a timezone)")] = None,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page", max_length=1000)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> MessagePage:
+    """Messages matching every filter given, oldest first, with their seq and server ``stored_at``."""
+    query = HistoryQuery(
+        task_execution_id=task_execution_id, agent_id=agent_id, message_type=message_type,
+        since=since, until=until, cursor=cursor, limit=limit,
+    )
+    query.validate()
+    page = await service.store.query(query)
+    return MessagePage(items=[MessageOut.of(row) for row in page.items], next_cursor=page.next_cursor)
+
+
+@router.get(
+    "/messages/{message_id}",
+    responses={**ERRORS, 404: {"model": ErrorOut, "description": "No such message"}},
+    summary="One message",
+)
+async def get_message(
+    message_id: UUID, service: ServiceDep, who: Annotated[Principal, Depends(reader)]
+) -> MessageOut:
+    """The stored message with this id."""
+    row = await service.store.get(message_id)
+    if row is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no message {message_id}")
+    return MessageOut.of(row)
+
+
+@router.get("/executions/{execution_id}", responses=ERRORS, summary="Execution snapshot", tags=["executions"])
+async def get_execution(
+    execution_id: UUID, service: ServiceDep, who: Annotated[Principal, Depends(reader)]
+) -> SnapshotOut:
+    """Message count, seq range and agents of one execution (zeros when it has no messages)."""
+    return SnapshotOut.of(await service.store.snapshot(execution_id))

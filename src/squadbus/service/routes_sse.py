@@ -1,0 +1,83 @@
+"""``GET /v1/executions/{id}/events``: the live SSE stream of one execution.
+
+The stream starts with a ``snapshot`` event (the execution's message count,
+seq range and agents; no id), then ``message`` events whose ``id`` is the
+store's per-execution ``seq``. A client reconnecting with ``Last-Event-ID``
+(or ``?after=<seq>``) gets exactly the rows after that seq, read from the
+store, so nothing is lost or repeated across reconnects, service restarts and
+replicas sharing a store. Rows removed by retention since that seq become one
+``gap`` event (``{"from_seq", "to_seq", "reason"}``, id = ``to_seq``). Comment
+lines (``: keepalive``) are sent every ``heartbeat`` seconds. Closing the
+stream cancels nothing but the stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+from uuid import UUID
+
+from fastapi import APIRouter, Depends, Header, Query
+from fastapi.responses import StreamingResponse
+
+from squadbus.service.auth import Principal, reader
+from squadbus.service.errors import LocatedInvalid
+from squadbus.service.routes_messages import ERRORS
+from squadbus.service.schemas import SnapshotOut
+from squadbus.service.sse_hub import ViewerStream, event_frame
+from squadbus.service.state import ServiceDep
+
+router = APIRouter(prefix="/v1", tags=["executions"])
+
+RETRY_MS = 2000
+
+
+def _cursor(last_event_id: str | None, after: int | None) -> int:
+    if last_event_id is not None and last_event_id.strip():
+        try:
+            value = int(last_event_id.strip())
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise LocatedInvalid("Last-Event-ID must be a non-negative integer (a seq)", ("header", "Last-Event-ID"))
+        return value
+    return after or 0
+
+
+@router.get(
+    "/executions/{execution_id}/events",
+    response_class=StreamingResponse,
+    responses={
+        **ERRORS,
+        200: {"description": "text/event-stream: snapshot, then message/gap events", "content": {
+            "text/event-stream": {"schema": {"type": "string"}}}},
+    },
+    summary="Live events of an execution (SSE)",
+)
+async def execution_events(
+    execution_id: UUID,
+    service: ServiceDep,
+    who: Annotated[Principal, Depends(reader)],
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=40)] = None,
+    after: Annotated[int | None, Query(ge=0, le=2**62, description="Resume after this seq (header wins)")] = None,
+) -> StreamingResponse:
+    """Stream the execution's messages from the cursor on (0: from the start), then live."""
+    cursor = _cursor(last_event_id, after)
+    snapshot = await service.store.snapshot(execution_id)
+    hub, heartbeat = service.hub, service.options.heartbeat
+
+    async def frames() -> AsyncIterator[bytes]:
+        # joined inside the generator so that leaving is guaranteed by its finally
+        viewer = await hub.join(execution_id)
+        try:
+            data = SnapshotOut.of(snapshot).model_dump(mode="json")
+            yield b"retry: %d\n" % RETRY_MS + event_frame("snapshot", data)
+            async for chunk in ViewerStream(hub, viewer, after=cursor, heartbeat=heartbeat).frames():
+                yield chunk
+        finally:
+            hub.leave(viewer)
+
+    return StreamingResponse(
+        frames(), media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

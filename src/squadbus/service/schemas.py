@@ -1,0 +1,118 @@
+"""Request and response models of the HTTP API (they are also its OpenAPI schema)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from squadbus.store.base import ExecutionSnapshot, StoredMessage
+
+MAX_BATCH = 500
+AGENT_ID = Field(min_length=1, max_length=200, description="Agent id: one subject token (no spaces, '.', '*', '>').")
+
+
+class MessageIn(BaseModel):
+    """A message to send. ``recipient_id`` None broadcasts (to ``domain`` when set, else the squad)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: UUID | None = Field(
+        default=None, description="Idempotency key: repeating a request with the same id returns the same message."
+    )
+    sender_id: str = AGENT_ID
+    recipient_id: str | None = Field(default=None, min_length=1, max_length=200)
+    domain: str | None = Field(default=None, min_length=1, max_length=200)
+    content: str
+    message_type: str = Field(default="message", min_length=1, max_length=200)
+    task_execution_id: UUID | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class BatchIn(BaseModel):
+    """Up to 500 messages sent in one request; all are validated before any is sent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[MessageIn] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class MessageOut(BaseModel):
+    """A message as sent, with its place in the history.
+
+    ``seq`` (per execution, the SSE event id) and ``stored_at`` (server clock)
+    are null only when the message was published but the store write failed;
+    the db-writer stores it later.
+    """
+
+    id: UUID
+    subject: str
+    sender_id: str
+    recipient_id: str | None = None
+    domain: str | None = None
+    content: str
+    message_type: str
+    task_execution_id: UUID | None = None
+    metadata: dict[str, Any]
+    headers: dict[str, str]
+    created_at: datetime
+    seq: int | None
+    stored_at: datetime | None
+
+    @classmethod
+    def of(cls, row: StoredMessage) -> MessageOut:
+        """The API view of a stored message."""
+        m = row.message
+        return cls(
+            id=m.id, subject=m.subject, sender_id=m.sender_id, recipient_id=m.recipient_id, domain=m.domain,
+            content=m.content, message_type=m.message_type, task_execution_id=m.task_execution_id,
+            metadata=m.metadata, headers=m.headers, created_at=m.created_at, seq=row.seq, stored_at=row.stored_at,
+        )
+
+
+class BatchOut(BaseModel):
+    """One result per input message, in input order."""
+
+    items: list[MessageOut]
+
+
+class MessagePage(BaseModel):
+    """One page of history; pass ``next_cursor`` as ``cursor`` for the next page (null: no more)."""
+
+    items: list[MessageOut]
+    next_cursor: str | None
+
+
+class SnapshotOut(BaseModel):
+    """The state of one execution; also the data of the first SSE event."""
+
+    task_execution_id: UUID
+    message_count: int
+    first_seq: int
+    last_seq: int
+    agents: list[str]
+    last_message_at: datetime | None
+
+    @classmethod
+    def of(cls, snap: ExecutionSnapshot) -> SnapshotOut:
+        """The API view of a store snapshot."""
+        return cls(
+            task_execution_id=snap.task_execution_id, message_count=snap.message_count,
+            first_seq=snap.first_seq, last_seq=snap.last_seq, agents=list(snap.agents),
+            last_message_at=snap.last_message_at,
+        )
+
+
+class Health(BaseModel):
+    """Liveness / readiness answer."""
+
+    status: str
+    checks: dict[str, str] = Field(default_factory=dict)
+
+
+class ErrorOut(BaseModel):
+    """An error: ``detail`` says what was wrong."""
+
+    detail: Any

@@ -1,0 +1,381 @@
+"""Live fan-out of stored messages to SSE viewers, one feed per execution.
+
+The SSE event id is the store's per-execution ``seq``, so viewers are fed from
+what the store holds, never straight from the bus:
+
+* a :class:`Feed` exists per execution while it has viewers. It tracks the
+  highest ``seq`` it has fanned out and is told about new rows in two ways:
+  :meth:`SseHub.offer` hands it rows that were just committed in this process
+  (the db-writer's ``on_written`` callback and the HTTP write-through), which
+  are fanned out without a store read when they continue the sequence;
+  :meth:`SseHub.notify` (from the sse-broadcaster's bus subscription, for rows
+  written by another process) makes it read ``store.after(execution, last)``
+  once for all its viewers, retrying with backoff until the expected message
+  ids are visible. A slow periodic poll is the safety net.
+* every viewer has a bounded queue of pre-encoded frames. Fan-out never waits:
+  when a viewer's queue is full its frames are dropped and it is marked
+  *behind*; the viewer itself then catches up from the store (see
+  :class:`ViewerStream`), so a slow viewer never stalls the bus, the feed or
+  other viewers, and never misses an event.
+
+Everything runs on the event loop; there is no lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from uuid import UUID
+
+import msgspec
+
+from squadbus.store.base import HistoryStore, StoredMessage
+
+logger = logging.getLogger("squadbus.service.sse")
+
+STORE_PAGE = 1000
+_RETRY_FIRST = 0.02
+_RETRY_MAX = 1.0
+_EXPECT_TTL = 30.0
+_BEHIND_RETRY = 0.05
+
+_json = msgspec.json.Encoder()
+
+
+def message_payload(row: StoredMessage) -> dict[str, object]:
+    """The JSON object of a stored message, as the REST API and SSE events show it."""
+    payload = row.message.to_dict()
+    payload["seq"] = row.seq
+    payload["stored_at"] = row.stored_at.isoformat()
+    return payload
+
+
+def message_frame(row: StoredMessage) -> bytes:
+    """The SSE frame of one stored message: ``id: <seq>``, ``event: message``, JSON data."""
+    data = _json.encode(message_payload(row))
+    return b"id: %d\nevent: message\ndata: %s\n\n" % (row.seq, data)
+
+
+def event_frame(event: str, data: object, *, event_id: int | None = None) -> bytes:
+    """An SSE frame of a named event with JSON data (and an id when given)."""
+    head = b"" if event_id is None else b"id: %d\n" % event_id
+    return head + b"event: %s\ndata: %s\n\n" % (event.encode(), _json.encode(data))
+
+
+HEARTBEAT_FRAME = b": keepalive\n\n"
+
+
+@dataclass(slots=True)
+class HubStats:
+    """Counters of the hub, read by the metrics collector."""
+
+    frames_fanned_out: int = 0
+    frames_dropped: int = 0
+    store_reads: int = 0
+    viewer_catchups: int = 0
+    gaps_sent: int = 0
+
+
+class Viewer:
+    """One connected SSE client of one execution."""
+
+    __slots__ = ("behind", "execution", "queue")
+
+    def __init__(self, execution: UUID, queue_size: int) -> None:
+        self.execution = execution
+        self.queue: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue(queue_size)
+        self.behind = False
+
+
+class Feed:
+    """The fan-out point of one execution (exists while it has viewers)."""
+
+    def __init__(self, hub: SseHub, execution: UUID) -> None:
+        self.hub = hub
+        self.execution = execution
+        self.viewers: set[Viewer] = set()
+        self.last_seq: int | None = None  # None until primed from the store
+        self.expected: dict[UUID, float] = {}
+        self._dirty = False
+        self._fetching: asyncio.Task[None] | None = None
+        self._retry: asyncio.TimerHandle | None = None
+        self._retry_delay = _RETRY_FIRST
+        self.last_read = 0.0
+
+    async def prime(self) -> None:
+        """Start after what the store holds now; earlier rows are each viewer's own catch-up."""
+        snapshot = await self.hub.store.snapshot(self.execution)
+        if self.last_seq is None:
+            self.last_seq = snapshot.last_seq
+
+    def fan_out(self, seq: int, frame: bytes) -> None:
+        """Queue one frame to every viewer without waiting; full queues mark their viewer behind."""
+        stats = self.hub.stats
+        for viewer in self.viewers:
+            if viewer.behind:
+                stats.frames_dropped += 1
+                continue
+            try:
+                viewer.queue.put_nowait((seq, frame))
+            except asyncio.QueueFull:
+                viewer.behind = True
+                stats.frames_dropped += 1
+            else:
+                stats.frames_fanned_out += 1
+        self.last_seq = seq
+
+    def offer(self, rows: Sequence[StoredMessage]) -> None:
+        """Fan out committed rows that continue the sequence; anything else triggers a store read."""
+        if self.last_seq is None:
+            return  # priming: the viewers' own catch-up covers these rows
+        for row in sorted(rows, key=lambda r: r.seq):
+            self.expected.pop(row.message.id, None)
+            if row.seq <= self.last_seq:
+                continue
+            if row.seq != self.last_seq + 1:
+                self.wake()
+                return
+            self.fan_out(row.seq, message_frame(row))
+
+    def expect(self, ids: Iterable[UUID]) -> None:
+        """Wait for these message ids to become visible in the store, then fan them out."""
+        deadline = time.monotonic() + _EXPECT_TTL
+        for message_id in ids:
+            self.expected[message_id] = deadline
+        self.wake()
+
+    def wake(self) -> None:
+        """Read the store for rows after ``last_seq`` soon (coalesced: one read serves many wakes)."""
+        self._dirty = True
+        if self._fetching is None or self._fetching.done():
+            self._fetching = asyncio.get_running_loop().create_task(self._fetch())
+
+    async def _fetch(self) -> None:
+        while self._dirty and self.viewers:
+            self._dirty = False
+            if self.last_seq is None:
+                return
+            try:
+                await self._read_once()
+            except Exception:
+                # the store is down: the periodic poll and the viewers' own catch-up retry later
+                logger.exception("reading execution %s from the store failed", self.execution)
+                return
+        self._schedule_retry()
+
+    async def _read_once(self) -> None:
+        store, stats = self.hub.store, self.hub.stats
+        while True:
+            assert self.last_seq is not None
+            stats.store_reads += 1
+            self.last_read = time.monotonic()
+            rows = await store.after(self.execution, self.last_seq, STORE_PAGE)
+            for row in rows:
+                self.expected.pop(row.message.id, None)
+                if self.last_seq is None or row.seq > self.last_seq:
+                    self.fan_out(row.seq, message_frame(row))
+            if len(rows) < STORE_PAGE:
+                return
+
+    def _schedule_retry(self) -> None:
+        now = time.monotonic()
+        for message_id, deadline in list(self.expected.items()):
+            if deadline < now:
+                logger.debug("message %s never became visible in the store; giving up on it", message_id)
+                del self.expected[message_id]
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if not self.expected or not self.viewers:
+            self._retry_delay = _RETRY_FIRST
+            return
+        self._retry = asyncio.get_running_loop().call_later(self._retry_delay, self.wake)
+        self._retry_delay = min(_RETRY_MAX, self._retry_delay * 2)
+
+    def close(self) -> None:
+        """Stop timers and the pending read (the last viewer left)."""
+        if self._retry is not None:
+            self._retry.cancel()
+        if self._fetching is not None and not self._fetching.done():
+            self._fetching.cancel()
+
+
+class SseHub:
+    """All live feeds of one service process."""
+
+    def __init__(self, store: HistoryStore, *, queue_size: int = 1024, poll_interval: float = 2.0) -> None:
+        if queue_size < 1 or poll_interval <= 0:
+            raise ValueError("queue_size must be >= 1 and poll_interval > 0")
+        self.store = store
+        self.queue_size = queue_size
+        self.poll_interval = poll_interval
+        self.stats = HubStats()
+        self._feeds: dict[UUID, Feed] = {}
+        self._poller: asyncio.Task[None] | None = None
+
+    @property
+    def viewer_count(self) -> int:
+        """Connected viewers over all executions."""
+        return sum(len(feed.viewers) for feed in self._feeds.values())
+
+    @property
+    def feed_count(self) -> int:
+        """Executions that have at least one viewer."""
+        return len(self._feeds)
+
+    async def start(self) -> None:
+        """Start the periodic safety-net poll (idempotent)."""
+        if self._poller is None:
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    async def close(self) -> None:
+        """Stop polling and every feed; connected viewers stop getting live events. Idempotent."""
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+            self._poller = None
+        for feed in self._feeds.values():
+            feed.close()
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            cutoff = time.monotonic() - self.poll_interval
+            for feed in list(self._feeds.values()):
+                if feed.last_read < cutoff:
+                    feed.wake()
+
+    async def join(self, execution: UUID) -> Viewer:
+        """Register a viewer of ``execution`` (its feed is created and primed on first join)."""
+        viewer = Viewer(execution, self.queue_size)
+        feed = self._feeds.get(execution)
+        if feed is None:
+            feed = self._feeds[execution] = Feed(self, execution)
+        feed.viewers.add(viewer)
+        if feed.last_seq is None:
+            try:
+                await feed.prime()
+            except BaseException:
+                self.leave(viewer)
+                raise
+        return viewer
+
+    def leave(self, viewer: Viewer) -> None:
+        """Unregister ``viewer``; the last one out drops the feed. Cancels nothing else."""
+        feed = self._feeds.get(viewer.execution)
+        if feed is None:
+            return
+        feed.viewers.discard(viewer)
+        if not feed.viewers:
+            feed.close()
+            del self._feeds[viewer.execution]
+
+    def offer(self, rows: Sequence[StoredMessage]) -> None:
+        """Rows just committed by this process (db-writer ``on_written``, HTTP write-through)."""
+        by_execution: dict[UUID, list[StoredMessage]] = {}
+        for row in rows:
+            execution = row.message.task_execution_id
+            if execution is not None and execution in self._feeds:
+                by_execution.setdefault(execution, []).append(row)
+        for execution, group in by_execution.items():
+            self._feeds[execution].offer(group)
+
+    async def on_written(self, rows: list[StoredMessage]) -> None:
+        """The db-writer's ``on_written`` callback."""
+        self.offer(rows)
+
+    def notify(self, execution: UUID, message_ids: Iterable[UUID] = ()) -> None:
+        """A message of ``execution`` was published somewhere: read the store once it is there."""
+        feed = self._feeds.get(execution)
+        if feed is not None:
+            feed.expect(message_ids)
+
+
+class ViewerStream:
+    """The frames one SSE client receives: snapshot, resume from the store, then live events.
+
+    ``last`` is the highest seq sent. A live frame that does not continue it
+    (the viewer's queue overflowed, or it joined while rows were committed) is
+    replaced by a read of the store after ``last``; rows the store no longer
+    holds because of retention become one ``gap`` event.
+    """
+
+    def __init__(self, hub: SseHub, viewer: Viewer, *, after: int, heartbeat: float) -> None:
+        self.hub = hub
+        self.viewer = viewer
+        self.last = after
+        self.heartbeat = heartbeat
+
+    async def catch_up(self) -> list[bytes]:
+        """Frames of every stored row after ``last`` (plus a gap event when retention removed some)."""
+        frames: list[bytes] = []
+        store, execution = self.hub.store, self.viewer.execution
+        while True:
+            self.hub.stats.store_reads += 1
+            rows = await store.after(execution, self.last, STORE_PAGE)
+            if rows and rows[0].seq > self.last + 1:
+                snapshot = await store.snapshot(execution)
+                if snapshot.first_seq <= self.last + 1:
+                    # not a retention gap: the missing rows are not visible yet; retry shortly
+                    self.viewer.behind = True
+                    return frames
+                frames.append(self.gap_frame(snapshot.first_seq - 1, "retention"))
+                self.hub.stats.gaps_sent += 1
+            for row in rows:
+                if row.seq > self.last:
+                    frames.append(message_frame(row))
+                    self.last = row.seq
+            if len(rows) < STORE_PAGE:
+                return frames
+
+    def gap_frame(self, to_seq: int, reason: str) -> bytes:
+        """The ``gap`` event: seqs ``last+1 .. to_seq`` are gone; the id moves past them."""
+        frame = event_frame(
+            "gap", {"from_seq": self.last + 1, "to_seq": to_seq, "reason": reason}, event_id=to_seq
+        )
+        self.last = to_seq
+        return frame
+
+    async def frames(self) -> AsyncIterator[bytes]:
+        """Resume from the store, then live frames and heartbeats, until the client goes away."""
+        viewer = self.viewer
+        initial = await self.catch_up()
+        if initial:
+            yield b"".join(initial)
+        while True:
+            if viewer.behind:
+                viewer.behind = False
+                # drop what is queued: the store read below covers it, in order
+                while not viewer.queue.empty():
+                    viewer.queue.get_nowait()
+                self.hub.stats.viewer_catchups += 1
+                caught = await self.catch_up()
+                if caught:
+                    yield b"".join(caught)
+                if viewer.behind:
+                    await asyncio.sleep(_BEHIND_RETRY)
+                continue
+            try:
+                first = await asyncio.wait_for(viewer.queue.get(), self.heartbeat)
+            except TimeoutError:
+                yield HEARTBEAT_FRAME
+                continue
+            batch = [first]
+            while not viewer.queue.empty():
+                batch.append(viewer.queue.get_nowait())
+            out: list[bytes] = []
+            for seq, frame in batch:
+                if seq <= self.last:
+                    continue
+                if seq != self.last + 1:
+                    viewer.behind = True
+                    break
+                out.append(frame)
+                self.last = seq
+            if out:
+                yield b"".join(out)

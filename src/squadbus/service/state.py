@@ -1,0 +1,80 @@
+"""The per-app state the routes use (built by the lifespan, reached through the request)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+
+from squadbus.core.bus import Bus
+from squadbus.core.settings import Settings
+from squadbus.service.metrics import ServiceMetrics
+from squadbus.service.sse_hub import SseHub
+from squadbus.store.base import HistoryStore
+from squadbus.workers.base import Worker
+
+ALL_WORKERS = ("db-writer", "sse-broadcaster", "analytics", "audit-logger")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ServiceOptions:
+    """How one service process runs (the deployment choices that are not in :class:`Settings`).
+
+    ``workers``: which workers run inside this process (``squadbus serve``
+    runs all four; a replica behind a load balancer with separate worker
+    processes keeps at least ``sse-broadcaster``). ``max_body_bytes``
+    defaults to ``2 * max_content_bytes + 64 KiB``. ``heartbeat``: seconds
+    between SSE comment lines. ``sse_queue_size``: frames buffered per viewer
+    before it is caught up from the store instead. ``poll_interval``: the
+    feeds' safety-net store poll. ``db_writer_max_wait``: batching delay of
+    the in-process db-writer (SSE latency of messages published directly on
+    the bus).
+    """
+
+    workers: tuple[str, ...] = ALL_WORKERS
+    max_body_bytes: int | None = None
+    heartbeat: float = 15.0
+    sse_queue_size: int = 1024
+    poll_interval: float = 2.0
+    db_writer_batch_size: int = 500
+    db_writer_max_wait: float = 0.01
+    audit_path: str = "squadbus-audit.jsonl"
+    audit_max_bytes: int = 64 * 1024 * 1024
+    audit_max_files: int | None = None
+    readiness_timeout: float = 2.0
+
+    def __post_init__(self) -> None:
+        unknown = set(self.workers) - set(ALL_WORKERS)
+        if unknown:
+            raise ValueError(f"unknown workers {sorted(unknown)}; expected some of {', '.join(ALL_WORKERS)}")
+        if self.heartbeat <= 0 or self.poll_interval <= 0 or self.sse_queue_size < 1:
+            raise ValueError("heartbeat and poll_interval must be positive, sse_queue_size >= 1")
+
+    def body_limit(self, settings: Settings) -> int:
+        """The request body size limit in bytes."""
+        return self.max_body_bytes or 2 * settings.max_content_bytes + 64 * 1024
+
+
+@dataclass(slots=True)
+class Service:
+    """Everything a request handler needs; one per app, alive between lifespan start and end."""
+
+    settings: Settings
+    options: ServiceOptions
+    bus: Bus
+    store: HistoryStore
+    hub: SseHub
+    metrics: ServiceMetrics
+    workers: list[Worker] = field(default_factory=list)
+
+
+def get_service(request: Request) -> Service:
+    """The running Service of the app handling ``request`` (503 outside the lifespan)."""
+    service: Service | None = getattr(request.app.state, "service", None)
+    if service is None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "service is not running")
+    return service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
