@@ -88,20 +88,17 @@ class MemorySettings:
         return cls(**values)
 
 
-class _Entry:
-    __slots__ = ("attempt", "message")
-
-    def __init__(self, message: Message, attempt: int = 0) -> None:
-        self.message = message
-        self.attempt = attempt
+# A buffered message and how many times it was delivered already. A tuple of
+# a gc=False Message and an int is untracked by the garbage collector, which
+# keeps full buffers from making every collection slower.
+_Entry = tuple[Message, int]
 
 
 class _MemoryDelivery(Delivery):
-    __slots__ = ("_entry", "_group")
+    __slots__ = ("_group",)
 
-    def __init__(self, entry: _Entry, group: _Group, gap_before: int) -> None:
-        super().__init__(entry.message, attempt=entry.attempt, group=group.name, gap_before=gap_before)
-        self._entry = entry
+    def __init__(self, message: Message, attempt: int, group: _Group, gap_before: int) -> None:
+        super().__init__(message, attempt=attempt, group=group.name, gap_before=gap_before)
         self._group = group
 
     async def _ack(self) -> None:
@@ -109,7 +106,7 @@ class _MemoryDelivery(Delivery):
 
     async def _nack(self, delay: float) -> None:
         self._group.inflight -= 1
-        self._group.redeliver(self._entry, delay)
+        self._group.redeliver((self.message, self.attempt), delay)
 
 
 class _Group:
@@ -160,17 +157,16 @@ class _Group:
             if not waiter.done():
                 waiter.set_result(None)
 
-    def take(self) -> tuple[_Entry, int] | None:
-        """The next entry and the gap before it, or None when the buffer is empty."""
+    def take(self) -> tuple[Message, int, int] | None:
+        """The next message, its attempt number and the gap before it; None when empty."""
         if not self.buffer:
             return None
-        entry = self.buffer.popleft()
-        entry.attempt += 1
+        message, delivered = self.buffer.popleft()
         self.inflight += 1
         gap, self.pending_gap = self.pending_gap, 0
         if self.space_waiters:
             self._wake_space()
-        return entry, gap
+        return message, delivered + 1, gap
 
     async def wait_for_entry(self) -> None:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -236,7 +232,7 @@ class _MemorySubscription:
             self._run(), name=f"squadbus-memory-{self._group.name or 'ephemeral'}"
         )
 
-    async def _next(self) -> tuple[_Entry, int] | None:
+    async def _next(self) -> tuple[Message, int, int] | None:
         """The next entry, waiting for one; None when closing."""
         group = self._group
         while not self._closing:
@@ -250,8 +246,8 @@ class _MemorySubscription:
                 self._waiting = False
         return None
 
-    async def _handle(self, entry: _Entry, gap: int) -> None:
-        delivery = _MemoryDelivery(entry, self._group, gap)
+    async def _handle(self, message: Message, attempt: int, gap: int) -> None:
+        delivery = _MemoryDelivery(message, attempt, self._group, gap)
         try:
             await self._handler(delivery)
         except asyncio.CancelledError:
@@ -259,10 +255,10 @@ class _MemorySubscription:
                 await delivery.nack()
             raise
         except Exception:
-            logger.exception("handler wrapper raised for message %s", entry.message.id)
+            logger.exception("handler wrapper raised for message %s", message.id)
         if delivery.settled is None:
             # The Bus wrapper always settles; a bare RawHandler might not.
-            await delivery.nack(self._group.options.backoff(entry.attempt))
+            await delivery.nack(self._group.options.backoff(attempt))
 
     async def _run(self) -> None:
         if self._group.options.max_in_flight > 1:
@@ -322,9 +318,10 @@ class MemoryBackend:
         self._log: deque[tuple[int, Message]] = deque(maxlen=self.settings.retain_messages or None)
         self._seq = itertools.count(1)
         self._last_seq = 0
-        # A set plus a FIFO of ids: O(1) expiry (a dict's oldest-key pop degrades as it churns).
-        self._seen: set[UUID] = set()
-        self._seen_order: deque[UUID] = deque()
+        # A set plus a FIFO of ids as ints: O(1) expiry (a dict's oldest-key pop
+        # degrades as it churns), and ints, unlike UUID objects, are not GC-tracked.
+        self._seen: set[int] = set()
+        self._seen_order: deque[int] = deque()
         self._dedupe_window = self.settings.dedupe_window
         self._duplicates = 0
         self._connected = False
@@ -371,21 +368,23 @@ class MemoryBackend:
                 targets = self._route(message.subject)
                 break
         seen = self._seen
-        if message.id in seen:
+        key = message.id.int
+        if key in seen:
             self._duplicates += 1
             return
         if self._dedupe_window:
-            seen.add(message.id)
+            seen.add(key)
             order = self._seen_order
-            order.append(message.id)
+            order.append(key)
             if len(order) > self._dedupe_window:
                 seen.discard(order.popleft())
         seq = next(self._seq)
         self._last_seq = seq
         if self.settings.retain_messages:
             self._log.append((seq, message))
+        entry = (message, 0)
         for group in targets:
-            group.push(_Entry(message))
+            group.push(entry)
 
     async def _wait_for_space(self, targets: tuple[_Group, ...]) -> None:
         # All-or-nothing: wait until every blocking target has room, then the
@@ -433,7 +432,7 @@ class MemoryBackend:
             )
         for _, message in self._log:
             if subjects.matches(group.pattern, message.subject):
-                group.buffer.append(_Entry(message))
+                group.buffer.append((message, 0))
 
     def _attach(self, group: _Group) -> None:
         if subjects.is_literal(group.pattern):

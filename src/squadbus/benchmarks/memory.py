@@ -45,6 +45,7 @@ async def squadbus_throughput(count: int, agents: int = 1) -> Result:
             await bus.subscribe(f"agent.message.agent-{i}", idle, group=f"inbox-agent-{i}")
         await bus.subscribe("agent.message.agent-0", handler, group="inbox-agent-0",
                             options=ConsumerOptions(max_pending=10_000))
+        await asyncio.sleep(0.01)  # let every subscriber task start before timing
         start = time.perf_counter()
         for _ in range(count):
             await bus.send("pm", "agent-0", PAYLOAD, "task")
@@ -110,6 +111,7 @@ async def squadbus_broadcast(count: int, agents: int) -> Result:
 
         for i in range(agents):
             await bus.subscribe("agent.message.broadcast", handler, group=f"inbox-agent-{i}")
+        await asyncio.sleep(0.01)  # let every subscriber task start before timing
         start = time.perf_counter()
         for _ in range(count):
             await bus.broadcast("pm", PAYLOAD)

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import click
 
 from squadbus import __version__
+from squadbus.cli.bench import bench
 from squadbus.cli.demo import demo
 from squadbus.cli.history import history
 from squadbus.cli.retention import retention
@@ -129,6 +130,7 @@ def tail(ctx: click.Context, pattern: str, count: int, group: str | None, from_s
 
 
 main.add_command(demo)
+main.add_command(bench)
 main.add_command(history)
 main.add_command(retention)
 
