@@ -9,7 +9,7 @@ costs and what each failure can lose.
 from __future__ import annotations
 
 try:
-    import nats  # noqa: F401
+    import nats.aio.client  # noqa: F401
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("the NATS backend needs nats-py: pip install squadbus[nats]") from exc
 

@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from uuid import UUID
 
-import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
@@ -235,7 +234,7 @@ class NatsBackend:
 
     # ---- Requester and Replayable ------------------------------------------------------------
 
-    async def request(self, message: Message, *, timeout: float) -> Message:  # noqa: ASYNC109 - Requester protocol
+    async def request(self, message: Message, *, timeout: float) -> Message:
         """Publish ``message`` to the stream with a core-NATS ``reply_to`` inbox; return the first
         reply, or raise RequestTimeout after ``timeout`` seconds."""
         if self._closed or self._replies is None:

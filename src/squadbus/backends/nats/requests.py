@@ -62,7 +62,7 @@ class ReplyRouter:
             logger.error("malformed reply on %s: %s", msg.subject, exc)
             fut.set_exception(exc)
 
-    async def request(self, message: Message, timeout: float, publish: Publish) -> Message:  # noqa: ASYNC109
+    async def request(self, message: Message, timeout: float, publish: Publish) -> Message:
         """Publish ``message`` with a ``reply_to`` inbox and return the first reply within ``timeout``."""
         await self._ensure()
         token = secrets.token_hex(8)
