@@ -15,6 +15,8 @@ from squadbus.cli.bench import bench
 from squadbus.cli.demo import demo
 from squadbus.cli.history import history
 from squadbus.cli.retention import retention
+from squadbus.cli.serve import serve
+from squadbus.cli.worker import worker
 from squadbus.core.backend import ConsumerOptions, Delivery, StartFrom
 from squadbus.core.bus import Bus
 from squadbus.core.errors import SquadbusError
@@ -133,4 +135,6 @@ main.add_command(demo)
 main.add_command(bench)
 main.add_command(history)
 main.add_command(retention)
+main.add_command(serve)
+main.add_command(worker)
 

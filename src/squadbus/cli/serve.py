@@ -1,0 +1,124 @@
+"""``squadbus serve``: the HTTP service plus the db-writer, sse-broadcaster, analytics and audit-logger workers.
+
+With no configuration it runs in one process with no servers at all
+(``memory://`` bus, SQLite file store) and no tokens, which is allowed only
+on a loopback address; the same command runs against PostgreSQL and any
+durable backend by changing URLs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import replace
+from urllib.parse import urlsplit, urlunsplit
+
+import click
+
+from squadbus.core.errors import SquadbusError
+from squadbus.core.settings import Settings
+
+LOOPBACK_NAMES = frozenset({"localhost"})
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``."""
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (safe to print)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def parse_workers(value: str) -> tuple[str, ...]:
+    """``all``, ``none`` or a comma-separated list of worker names."""
+    from squadbus.service.state import ALL_WORKERS
+
+    if value == "all":
+        return ALL_WORKERS
+    if value == "none":
+        return ()
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    unknown = [n for n in names if n not in ALL_WORKERS]
+    if unknown:
+        raise click.BadParameter(f"unknown worker(s) {', '.join(unknown)}; expected {', '.join(ALL_WORKERS)}",
+                                 param_hint="--workers")
+    return names
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="TCP port.")
+@click.option("--url", "backend_url", default=None, help="Backend URL (overrides the group's --url / SQUADBUS_URL).")
+@click.option("--store", "store_url", default=None, help="History store URL (default: SQUADBUS_STORE_URL or SQLite).")
+@click.option("--tokens-file", default=None, type=click.Path(dir_okay=False),
+              help="Bearer tokens file (JSON; default SQUADBUS_TOKENS_FILE). Without one the service is open.")
+@click.option("--workers", "workers", default="all", show_default=True,
+              help="Workers to run in-process: all, none, or a comma list of "
+                   "db-writer,sse-broadcaster,analytics,audit-logger.")
+@click.option("--audit-path", default="squadbus-audit.jsonl", show_default=True, help="Audit log file.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="uvicorn log level.")
+@click.pass_context
+def serve(
+    ctx: click.Context, host: str, port: int, backend_url: str | None, store_url: str | None,
+    tokens_file: str | None, workers: str, audit_path: str, log_level: str,
+) -> None:
+    """Run the HTTP service (REST, SSE, /metrics, dashboard) with its workers."""
+    import uvicorn
+
+    from squadbus.service import ServiceOptions, create_app
+    from squadbus.service.auth import load_tokens
+
+    base = ctx.obj if isinstance(ctx.obj, Settings) else Settings.from_env()
+    try:
+        settings = replace(
+            base,
+            url=backend_url or base.url,
+            store_url=store_url or base.store_url,
+            tokens_file=tokens_file or base.tokens_file,
+        )
+        tokens = load_tokens(settings.tokens_file)
+        options = ServiceOptions(workers=parse_workers(workers), audit_path=audit_path)
+        if tokens.open and not is_loopback(host):
+            raise click.UsageError(
+                f"refusing to serve without tokens on {host}: bind 127.0.0.1 or give --tokens-file "
+                "(SQUADBUS_TOKENS_FILE)"
+            )
+        app = create_app(settings, options=options, tokens=tokens)
+    except (SquadbusError, ValueError) as exc:
+        click.echo(f"squadbus: error: {exc}", err=True)
+        raise SystemExit(2) from None
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(f"squadbus serve: listening on http://{shown}:{port} (dashboard /, API /docs, metrics /metrics)")
+    click.echo(f"  backend: {redact(settings.url)}")
+    click.echo(f"  store:   {redact(settings.store_url)}")
+    click.echo(f"  workers: {', '.join(options.workers) or 'none'}")
+    if tokens.open:
+        click.echo(f"  auth:    OPEN, no tokens file: anyone who can reach {host} may send and read "
+                   "(allowed on loopback only)")
+    else:
+        click.echo(f"  auth:    bearer tokens from {settings.tokens_file} ({len(tokens.entries)} tokens)")
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                            timeout_graceful_shutdown=10)
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    if not server.started:
+        logging.getLogger("squadbus.cli").error("the service did not start")
+        raise SystemExit(1)
