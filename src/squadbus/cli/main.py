@@ -12,6 +12,7 @@ import click
 
 from squadbus import __version__
 from squadbus.cli.bench import bench
+from squadbus.cli.bridge import bridge
 from squadbus.cli.demo import demo
 from squadbus.cli.history import history
 from squadbus.cli.retention import retention
@@ -133,6 +134,7 @@ def tail(ctx: click.Context, pattern: str, count: int, group: str | None, from_s
 
 main.add_command(demo)
 main.add_command(bench)
+main.add_command(bridge)
 main.add_command(history)
 main.add_command(retention)
 main.add_command(serve)
