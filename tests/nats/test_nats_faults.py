@@ -119,6 +119,8 @@ async def test_reconnect_after_server_restart_keeps_acknowledged(restartable_ser
 
     async with Bus.from_url(restartable_server.url) as producer, Bus.from_url(restartable_server.url) as consumer:
         await consumer.subscribe(subjects.direct(agent), slow, group=group, options=ConsumerOptions(ack_wait=3))
+        tail = Collector()  # a live tail (ephemeral consumer): the restart loses it; it must come back
+        await consumer.subscribe(subjects.direct(agent), tail)
         before = [(await producer.send("pm", agent, f"before-{i}")).id for i in range(200)]
         await asyncio.wait_for(first_seen.wait(), 10)
         restartable_server.kill9()
@@ -127,6 +129,14 @@ async def test_reconnect_after_server_restart_keeps_acknowledged(restartable_ser
         # The first sends ride the reconnect: publish retries within publish_timeout.
         after = [(await producer.send("pm", agent, f"after-{i}")).id for i in range(50)]
         await eventually(lambda: set(before + after) <= set(done), 60, "every acknowledged message processed")
+        # Not durable: messages sent while the tail's consumer was being recreated may be missed.
+        deadline = time.monotonic() + 30
+        while True:
+            probe = await producer.send("pm", agent, "probe")
+            await asyncio.sleep(0.2)
+            if probe.id in tail.ids:
+                break
+            assert time.monotonic() < deadline, "the live tail did not resume after the restart"
 
 
 async def test_malformed_payload_goes_to_dlq_and_does_not_block(nats_url: str) -> None:

@@ -98,6 +98,7 @@ class NatsSubscription:
         self._queue: asyncio.Queue[Msg] = asyncio.Queue()
         self._wake = asyncio.Event()
         self._outstanding = 0
+        self._failures = 0
         self._last_heard = 0.0
         self._inbox = ""
         self._sub: Subscription | None = None
@@ -141,6 +142,7 @@ class NatsSubscription:
         headers = msg.headers
         status = headers.get("Status") if headers else None
         if not status:
+            self._failures = 0
             if self._outstanding > 0:
                 self._outstanding -= 1
             if self._closing:
@@ -150,6 +152,8 @@ class NatsSubscription:
             return
         if status == "100":
             return  # idle heartbeat
+        if status in ("408", "404"):
+            self._failures = 0
         assert headers is not None
         pending = headers.get("Nats-Pending-Messages")
         if status in ("408", "404") and pending is not None:
@@ -158,13 +162,15 @@ class NatsSubscription:
             self._outstanding = 0
         else:
             description = headers.get("Description", "")
+            self._failures += 1
             if status == "409" and pending is not None:
                 self._outstanding = max(0, self._outstanding - int(pending))
             else:
                 self._outstanding = 0
             if status == "503" or "Deleted" in description:
-                logger.warning("consumer %s unavailable (%s %s); will check and pull again",
-                               self.consumer, status, description)
+                logger.log(logging.WARNING if self._failures == 1 else logging.DEBUG,
+                           "consumer %s unavailable (%s %s); will check and pull again",
+                           self.consumer, status, description)
                 self._backend.schedule_consumer_check(self)
             elif "Exceeded" in description:
                 logger.debug("pull request of %s refused: %s %s", self.consumer, status, description)
@@ -178,6 +184,9 @@ class NatsSubscription:
         quiet_limit = 3 * _HEARTBEAT
         pause = 0.0
         while not self._closing:
+            if self._failures:
+                # The consumer or its leader is unavailable: do not hammer the server.
+                await asyncio.sleep(min(2.0, 0.05 * 2 ** min(self._failures, 6)))
             buffered = self._queue.qsize()
             if self._outstanding + buffered <= self._batch // 2:
                 want = self._batch - self._outstanding - buffered
