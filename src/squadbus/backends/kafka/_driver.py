@@ -12,6 +12,8 @@ try:
         KafkaConnectionError,
         KafkaError,
         KafkaTimeoutError,
+        NoBrokersAvailable,
+        NodeNotReadyError,
         RequestTimedOutError,
     )
     from aiokafka.partitioner import DefaultPartitioner
@@ -31,6 +33,8 @@ __all__ = [
     "KafkaError",
     "KafkaTimeoutError",
     "NewTopic",
+    "NoBrokersAvailable",
+    "NodeNotReadyError",
     "RequestTimedOutError",
     "TopicPartition",
 ]

@@ -19,6 +19,8 @@ from squadbus.backends.kafka._driver import (
     KafkaConnectionError,
     KafkaError,
     KafkaTimeoutError,
+    NoBrokersAvailable,
+    NodeNotReadyError,
     RequestTimedOutError,
 )
 from squadbus.backends.kafka.settings import Idempotence, KafkaSettings
@@ -47,7 +49,7 @@ def record_headers(message: Message) -> list[tuple[str, bytes]]:
 
 def translate(exc: BaseException, what: str) -> BackendError:
     """The squadbus error for a driver error ``exc`` raised while doing ``what``."""
-    if isinstance(exc, KafkaConnectionError):
+    if isinstance(exc, (KafkaConnectionError, NodeNotReadyError, NoBrokersAvailable)):
         return ConnectionLost(f"{what}: cannot reach the Kafka broker: {exc}")
     if isinstance(exc, (KafkaTimeoutError, RequestTimedOutError, TimeoutError)):
         return BackendTimeout(f"{what}: the Kafka broker did not answer in time: {exc}")
@@ -116,12 +118,12 @@ class KafkaPublisher:
         if producer is None:
             raise ConnectionLost("the Kafka producer is not started")
         topic = self._layout.topic_for(message.subject)
+        # No asyncio.timeout here (it costs a timer per message): the producer's
+        # request_timeout_ms (= publish_timeout) bounds the metadata wait, the
+        # buffer wait and the acknowledgement.
         try:
-            async with asyncio.timeout(self._settings.publish_timeout):
-                ack = await producer.send(
-                    topic, encode(message), key=record_key(message), headers=record_headers(message)
-                )
-                await ack
+            ack = await producer.send(topic, encode(message), key=record_key(message), headers=record_headers(message))
+            await ack
         except (KafkaError, TimeoutError) as exc:
             raise translate(exc, f"publish of {message.id} to {topic}") from exc
 

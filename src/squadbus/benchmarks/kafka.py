@@ -1,0 +1,299 @@
+"""Kafka benchmark: squadbus over ``kafka://`` against raw aiokafka doing the same work, same run.
+
+Two measurements, each on fresh topics, 1 KiB messages:
+
+* **throughput, publish -> consume**: ``count`` messages published
+  concurrently (squadbus: ``PUBLISHERS`` concurrent publisher tasks
+  each awaiting one ``Bus.send`` after the other, each send returning after the broker's ack; raw: ``send()``
+  for every record, awaiting the acks every ``RAW_WINDOW`` records, then
+  ``flush()``), consumed by one consumer
+  group (squadbus: a subscription with the default options, each delivery
+  acked and its offset committed; raw: ``getmany`` + ``commit()`` per batch).
+  Time runs from the first publish to the last message consumed. Each side
+  runs ``ROUNDS`` times, alternating, on fresh topics; the round with the
+  median throughput is reported (the machine is shared and noisy).
+* **end-to-end latency, open loop** at ``rate`` msgs/s for
+  ``min(count, 5 * rate)`` messages: each message carries the time it was
+  due (:mod:`squadbus.benchmarks.openloop`), the consumer records
+  ``now - due``.
+
+Both sides use the same producer settings (``acks="all"``, no linger, same
+batch size) and the same consumer fetch settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+import uuid
+from collections.abc import Callable
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from squadbus.backends.kafka import KafkaBackend, KafkaSettings
+from squadbus.benchmarks.openloop import drive
+from squadbus.benchmarks.stats import Result
+from squadbus.core import envelope, subjects
+from squadbus.core.backend import ConsumerOptions, Delivery
+from squadbus.core.bus import Bus
+
+PUBLISHERS = 200
+RAW_WINDOW = 2000
+ROUNDS = 3
+PAYLOAD = "x" * 1024
+BATCH = ConsumerOptions().batch_size
+OPEN_LOOP_SECONDS = 5
+
+
+def _settings(url: str, topic: str) -> KafkaSettings:
+    """The settings of ``url`` with fresh topics (a later ``topic=`` wins)."""
+    return KafkaSettings.from_url(f"{url}{'&' if '?' in url else '?'}topic={topic}")
+
+
+async def _until(check: Callable[[], bool], limit: float, what: str) -> None:
+    deadline = time.perf_counter() + limit
+    while not check():
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"benchmark timed out waiting for {what}")
+        await asyncio.sleep(0.002)
+
+
+# ---- squadbus ------------------------------------------------------------------------------------
+
+
+async def _squadbus_bus(url: str, tag: str) -> Bus:
+    settings = _settings(url, f"bench-sb-{tag}")
+    return await Bus(KafkaBackend(settings)).start()
+
+
+async def squadbus_throughput(url: str, count: int) -> Result:
+    """squadbus: ``count`` concurrent sends consumed by one group."""
+    tag = uuid.uuid4().hex[:8]
+    agent = f"bench-{tag}"
+    async with await _squadbus_bus(url, tag) as bus:
+        received = 0
+
+        async def handler(delivery: Delivery) -> None:
+            nonlocal received
+            received += 1
+
+        await bus.subscribe(subjects.direct(agent), handler, group=f"bench-{tag}")
+        await bus.send("bench", agent, "warm-up")
+        await _until(lambda: received >= 1, 60, "the squadbus group to join")
+        received = 0
+        left = count
+
+        async def publisher() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                await bus.send("bench", agent, PAYLOAD, task_execution_id=uuid.uuid4())
+
+        start = time.perf_counter()
+        await asyncio.gather(*(publisher() for _ in range(min(PUBLISHERS, count))))
+        await _until(lambda: received >= count, 120, "squadbus to consume everything")
+        elapsed = time.perf_counter() - start
+    return Result("squadbus kafka publish->consume", count, elapsed, notes="acks=all, commit after ack")
+
+
+async def squadbus_latency(url: str, count: int, rate: float) -> Result:
+    """squadbus: open loop at ``rate``; latency from due time to the handler."""
+    tag = uuid.uuid4().hex[:8]
+    agent = f"bench-{tag}"
+    latencies: list[float] = []
+    async with await _squadbus_bus(url, tag) as bus:
+        warm = asyncio.Event()
+
+        async def handler(delivery: Delivery) -> None:
+            due = delivery.message.metadata.get("due")
+            if due is None:
+                warm.set()
+                return
+            latencies.append((time.perf_counter() - due) * 1000)
+
+        await bus.subscribe(subjects.direct(agent), handler, group=f"bench-{tag}")
+        await bus.send("bench", agent, "warm-up")
+        await asyncio.wait_for(warm.wait(), 60)
+
+        async def send(i: int, due: float) -> None:
+            await bus.send("bench", agent, PAYLOAD, task_execution_id=uuid.uuid4(), metadata={"due": due})
+
+        elapsed = await drive(rate, count, send)
+        await _until(lambda: len(latencies) >= count, 60, "squadbus latency messages")
+    return Result(f"squadbus kafka e2e @{rate:g}/s open loop", count, elapsed, latencies, notes="")
+
+
+# ---- raw aiokafka --------------------------------------------------------------------------------
+
+
+async def _raw_topic(settings: KafkaSettings, tag: str) -> str:
+    topic = f"bench-raw-{tag}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=list(settings.bootstrap_servers))
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, settings.partitions, settings.replication_factor)])
+    finally:
+        await admin.close()
+    return topic
+
+
+def _raw_producer(settings: KafkaSettings) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        bootstrap_servers=list(settings.bootstrap_servers), acks="all", linger_ms=0,
+        enable_idempotence=False, max_batch_size=settings.max_batch_bytes,
+    )
+
+
+def _raw_consumer(settings: KafkaSettings, topic: str, group: str) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        topic, bootstrap_servers=list(settings.bootstrap_servers), group_id=group, enable_auto_commit=False,
+        auto_offset_reset="earliest", session_timeout_ms=settings.session_timeout_ms,
+        heartbeat_interval_ms=settings.heartbeat_interval_ms, fetch_max_wait_ms=settings.fetch_max_wait_ms,
+        max_poll_records=BATCH,
+    )
+
+
+def _value() -> bytes:
+    # The same bytes squadbus puts on the wire for a 1 KiB message.
+    return envelope.encode(envelope.build(subject="agent.message.bench", sender_id="bench", content=PAYLOAD))
+
+
+async def _consume(consumer: AIOKafkaConsumer, on_record: Callable[[bytes], None], done: Callable[[], bool]) -> None:
+    while not done():
+        batch = await consumer.getmany(timeout_ms=200, max_records=BATCH)
+        for records in batch.values():
+            for record in records:
+                on_record(record.value)
+        if batch:
+            await consumer.commit()
+
+
+async def raw_throughput(url: str, count: int, *, awaited: bool = False) -> Result:
+    """Raw aiokafka: ``send()`` everything, ``flush()``, one group with getmany + commit.
+
+    With ``awaited``, ``PUBLISHERS`` tasks each await every record's ack
+    instead, the publishing pattern of ``Bus.send`` (for context).
+    """
+    settings = KafkaSettings.from_url(url)
+    tag = uuid.uuid4().hex[:8]
+    topic = await _raw_topic(settings, tag)
+    producer = _raw_producer(settings)
+    consumer = _raw_consumer(settings, topic, f"bench-raw-{tag}")
+    await producer.start()
+    await consumer.start()
+    received = 0
+
+    def count_one(_: bytes) -> None:
+        nonlocal received
+        received += 1
+
+    consuming = asyncio.create_task(_consume(consumer, count_one, lambda: received >= count + 1))
+    try:
+        await producer.send_and_wait(topic, b"warm-up", key=b"warm-up")
+        await _until(lambda: received >= 1, 60, "the raw group to join")
+        received = 1
+        value = _value()
+        start = time.perf_counter()
+        if awaited:
+            left = count
+
+            async def publisher() -> None:
+                nonlocal left
+                while left > 0:
+                    left -= 1
+                    await (await producer.send(topic, value, key=str(uuid.uuid4()).encode()))
+
+            await asyncio.gather(*(publisher() for _ in range(min(PUBLISHERS, count))))
+        else:
+            pending = []
+            for _ in range(count):
+                pending.append(await producer.send(topic, value, key=str(uuid.uuid4()).encode()))
+                if len(pending) >= RAW_WINDOW:
+                    await asyncio.gather(*pending)
+                    pending.clear()
+            await producer.flush()
+            await asyncio.gather(*pending)
+        await _until(lambda: received >= count + 1, 120, "raw aiokafka to consume everything")
+        elapsed = time.perf_counter() - start
+        await consuming
+    finally:
+        consuming.cancel()
+        await consumer.stop()
+        await producer.stop()
+    if awaited:
+        return Result("raw aiokafka awaited sends, getmany+commit", count, elapsed, notes="context only")
+    return Result("raw aiokafka send()+flush, getmany+commit", count, elapsed, notes="same producer settings")
+
+
+async def raw_latency(url: str, count: int, rate: float) -> Result:
+    """Raw aiokafka: open loop at ``rate``; the record value carries its index."""
+    settings = KafkaSettings.from_url(url)
+    tag = uuid.uuid4().hex[:8]
+    topic = await _raw_topic(settings, tag)
+    producer = _raw_producer(settings)
+    consumer = _raw_consumer(settings, topic, f"bench-raw-{tag}")
+    await producer.start()
+    await consumer.start()
+    dues: dict[int, float] = {}
+    latencies: list[float] = []
+    warm = asyncio.Event()
+    padding = b"x" * (len(_value()) - 8)
+
+    def on_record(value: bytes) -> None:
+        if value == b"warm-up":
+            warm.set()
+            return
+        index = struct.unpack_from(">q", value)[0]
+        latencies.append((time.perf_counter() - dues[index]) * 1000)
+
+    consuming = asyncio.create_task(_consume(consumer, on_record, lambda: len(latencies) >= count))
+    try:
+        await producer.send_and_wait(topic, b"warm-up", key=b"warm-up")
+        await asyncio.wait_for(warm.wait(), 60)
+
+        async def send(i: int, due: float) -> None:
+            dues[i] = due
+            await (await producer.send(topic, struct.pack(">q", i) + padding, key=str(uuid.uuid4()).encode()))
+
+        elapsed = await drive(rate, count, send)
+        await _until(lambda: len(latencies) >= count, 60, "raw latency messages")
+        await consuming
+    finally:
+        consuming.cancel()
+        await consumer.stop()
+        await producer.stop()
+    return Result(f"raw aiokafka e2e @{rate:g}/s open loop", count, elapsed, latencies)
+
+
+async def run(*, url: str, count: int, rate: float) -> list[Result]:
+    """squadbus vs raw aiokafka against the broker at ``url`` (a ``kafka://`` URL).
+
+    Returns, in order: raw throughput, squadbus throughput, raw latency,
+    squadbus latency (see the module docstring), and for context raw
+    aiokafka throughput with per-record awaited sends (Bus.send's pattern).
+    """
+    latency_count = max(1, min(count, int(rate * OPEN_LOOP_SECONDS)))
+    raw_rounds: list[Result] = []
+    ours_rounds: list[Result] = []
+    awaited_rounds: list[Result] = []
+    for _ in range(ROUNDS):
+        raw_rounds.append(await raw_throughput(url, count))
+        ours_rounds.append(await squadbus_throughput(url, count))
+        awaited_rounds.append(await raw_throughput(url, count, awaited=True))
+    return [
+        _median(raw_rounds),
+        _median(ours_rounds),
+        await raw_latency(url, latency_count, rate),
+        await squadbus_latency(url, latency_count, rate),
+        _median(awaited_rounds),
+    ]
+
+
+def _median(rounds: list[Result]) -> Result:
+    ordered = sorted(rounds, key=lambda r: r.throughput)
+    chosen = ordered[len(ordered) // 2]
+    spread = ", ".join(f"{r.throughput:.0f}" for r in rounds)
+    chosen.notes = f"{chosen.notes}; median of {len(rounds)} rounds: {spread} msgs/s".lstrip("; ")
+    return chosen
