@@ -162,7 +162,12 @@ async def read_events(response: httpx.Response, count: int, *, timeout: float = 
                       comments: list[str] | None = None) -> list[Event]:
     """Read ``count`` events (comments are collected into ``comments`` when given)."""
     events: list[Event] = []
-    lines = response.aiter_lines()
+    lines = getattr(response, "_sse_lines", None)
+    if lines is None:
+        lines = response.aiter_lines()
+        response._sse_lines = lines  # type: ignore[attr-defined]  # one line iterator per response
+    if count == 0:
+        return events
 
     async def go() -> None:
         kind, data, ident = "message", "", None
