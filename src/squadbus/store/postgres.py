@@ -68,8 +68,11 @@ _FAST_WRITE = """
 WITH batch AS (
     SELECT u.*, row_number() OVER (PARTITION BY u.k ORDER BY u.ord) AS rn,
            count(*) OVER (PARTITION BY u.k) AS cnt
-    FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::bytea[],
-                $8::text[]) WITH ORDINALITY AS u(i, e, snd, rcp, t, c, b, k, ord)
+    FROM (
+        SELECT v.*, coalesce(v.e::text, '') AS k
+        FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::bytea[])
+             WITH ORDINALITY AS v(i, e, snd, rcp, t, c, b, ord)
+    ) AS u
 ), counters AS (
     INSERT INTO exec_counters AS ec (exec_key, last_seq)
     SELECT k, count(*) FROM batch GROUP BY k ORDER BY k
@@ -276,16 +279,15 @@ class PostgresStore:
             [c.index_text(m.message_type) for m in unique],
             [m.created_at for m in unique],
             [bodies[m.id] for m in unique],
-            [c.exec_key(m) for m in unique],
         )
         if len(rows) != len(unique):
             raise _Duplicates
         by_id = {m.id: m for m in unique}
-        stored: dict[UUID, StoredMessage] = {}
-        for raw_id, seq, stored_at in rows:
-            message_id = UUID(bytes=raw_id.bytes)
-            stored[message_id] = StoredMessage(seq=int(seq), stored_at=stored_at, message=by_id[message_id])
-        return stored
+        # asyncpg's UUID hashes and compares equal to uuid.UUID: look up without converting.
+        return {
+            message.id: StoredMessage(seq=seq, stored_at=stored_at, message=message)
+            for message, seq, stored_at in ((by_id[raw_id], seq, stored_at) for raw_id, seq, stored_at in rows)
+        }
 
     @staticmethod
     async def _careful_tx(
