@@ -40,6 +40,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 from squadbus.core.envelope import Message
 from squadbus.core.errors import BackendError, BackendTimeout, Closed, ConfigError, ConnectionLost
 from squadbus.store import _common as c
+from squadbus.store import _postgres_sql as q
 from squadbus.store.base import ExecutionSnapshot, HistoryPage, HistoryQuery, StoredMessage
 from squadbus.store.migrations import POSTGRES_MIGRATIONS
 
@@ -47,49 +48,6 @@ _MIGRATION_LOCK = 0x5155_4144  # pg_advisory_xact_lock key: one migrator at a ti
 _WRITE_ATTEMPTS = 5
 _COLUMNS = "seq, stored_at, body, pk"
 _OUR_OPTIONS = {"min_size": int, "max_size": int, "command_timeout": float, "connect_timeout": float}
-
-_LOCK_COUNTERS = """
-INSERT INTO exec_counters AS ec (exec_key, last_seq)
-SELECT k, 0 FROM unnest($1::text[]) AS k ORDER BY k
-ON CONFLICT (exec_key) DO UPDATE SET last_seq = ec.last_seq
-RETURNING exec_key, last_seq
-"""
-_EXISTING = "SELECT id, seq, stored_at, body FROM messages WHERE id = ANY($1::uuid[])"
-_INSERT = """
-INSERT INTO messages (id, task_execution_id, seq, sender_id, recipient_id, message_type, created_at, stored_at, body)
-SELECT u.i, u.e, u.s, u.snd, u.rcp, u.t, u.c, now.ts, u.b
-FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::timestamptz[], $8::bytea[])
-     AS u(i, e, s, snd, rcp, t, c, b),
-     (SELECT clock_timestamp() AS ts) AS now
-ON CONFLICT (id) DO NOTHING
-RETURNING id, stored_at
-"""
-_FAST_WRITE = """
-WITH batch AS (
-    SELECT u.*, row_number() OVER (PARTITION BY u.k ORDER BY u.ord) AS rn,
-           count(*) OVER (PARTITION BY u.k) AS cnt
-    FROM (
-        SELECT v.*, coalesce(v.e::text, '') AS k
-        FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::bytea[])
-             WITH ORDINALITY AS v(i, e, snd, rcp, t, c, b, ord)
-    ) AS u
-), counters AS (
-    INSERT INTO exec_counters AS ec (exec_key, last_seq)
-    SELECT k, count(*) FROM batch GROUP BY k ORDER BY k
-    ON CONFLICT (exec_key) DO UPDATE SET last_seq = ec.last_seq + EXCLUDED.last_seq
-    RETURNING exec_key, last_seq
-)
-INSERT INTO messages (id, task_execution_id, seq, sender_id, recipient_id, message_type, created_at, stored_at, body)
-SELECT b.i, b.e, counters.last_seq - b.cnt + b.rn, b.snd, b.rcp, b.t, b.c, (SELECT clock_timestamp()), b.b
-FROM batch AS b JOIN counters ON counters.exec_key = b.k
-ORDER BY b.ord
-ON CONFLICT (id) DO NOTHING
-RETURNING id, seq, stored_at
-"""
-_SAVE_COUNTERS = """
-UPDATE exec_counters AS ec SET last_seq = u.s
-FROM unnest($1::text[], $2::bigint[]) AS u(k, s) WHERE ec.exec_key = u.k
-"""
 
 
 class _RetryWrite(Exception):
@@ -271,7 +229,7 @@ class PostgresStore:
         conn: asyncpg.Connection, unique: list[Message], bodies: dict[UUID, bytes]
     ) -> dict[UUID, StoredMessage]:
         rows = await conn.fetch(
-            _FAST_WRITE,
+            q.FAST_WRITE,
             [m.id for m in unique],
             [m.task_execution_id for m in unique],
             [m.sender_id for m in unique],
@@ -294,10 +252,10 @@ class PostgresStore:
         conn: asyncpg.Connection, unique: list[Message], bodies: dict[UUID, bytes]
     ) -> dict[UUID, StoredMessage]:
         keys = sorted({c.exec_key(m) for m in unique})
-        last = {row[0]: int(row[1]) for row in await conn.fetch(_LOCK_COUNTERS, keys)}
+        last = {row[0]: int(row[1]) for row in await conn.fetch(q.LOCK_COUNTERS, keys)}
         by_id = {m.id: m for m in unique}
         stored: dict[UUID, StoredMessage] = {}
-        for raw_id, seq, stored_at, body in await conn.fetch(_EXISTING, list(by_id)):
+        for raw_id, seq, stored_at, body in await conn.fetch(q.EXISTING, list(by_id)):
             message_id = UUID(bytes=raw_id.bytes)
             stored[message_id] = c.existing_row(int(seq), stored_at, body, by_id[message_id])
         new = [m for m in unique if m.id not in stored]
@@ -305,7 +263,7 @@ class PostgresStore:
             return stored
         seqs = c.assign_seqs(new, last)
         rows = await conn.fetch(
-            _INSERT,
+            q.INSERT,
             [m.id for m in new],
             [m.task_execution_id for m in new],
             seqs,
@@ -319,7 +277,7 @@ class PostgresStore:
             raise _RetryWrite
         stored_at = rows[0][1]
         touched = sorted({c.exec_key(m) for m in new})
-        await conn.execute(_SAVE_COUNTERS, touched, [last[k] for k in touched])
+        await conn.execute(q.SAVE_COUNTERS, touched, [last[k] for k in touched])
         for m, seq in zip(new, seqs, strict=True):
             stored[m.id] = StoredMessage(seq=seq, stored_at=stored_at, message=m)
         return stored
