@@ -162,3 +162,19 @@ async def test_malformed_payload_goes_to_dlq_and_does_not_block(nats_url: str) -
         assert dead.headers[DLQ_GROUP] == group
         assert dead.headers[DLQ_SUBJECT] == subject
         assert "not json at all" in dead.content
+
+
+async def test_publish_while_server_is_down_raises_within_timeout(restartable_server: NatsServer) -> None:
+    url = f"{restartable_server.url}?publish_timeout=1.5&ack_timeout=0.5"
+    async with Bus.from_url(url) as bus:
+        await bus.send("pm", "dev-1", "while up")
+        restartable_server.kill9()
+        with pytest.raises(BackendError):
+            await bus.send("pm", "dev-1", "while down")
+        restartable_server.start()
+        await bus.send("pm", "dev-1", "after restart")  # retried across the reconnect
+        got = Collector()
+        await bus.subscribe(subjects.direct("dev-1"), got, group=f"g-{uuid.uuid4().hex[:8]}")
+        # "while down" may or may not be stored: an error means "not confirmed", not "not stored".
+        await eventually(lambda: {"while up", "after restart"} <= {m.content for m in got.messages}, 20,
+                         "the acknowledged messages")

@@ -162,6 +162,8 @@ class NatsBackend:
         if self._replies is not None:
             await self._replies.close()
         self._closed = True
+        if self._publisher is not None:
+            self._publisher.close()
         nc = self._nc
         if nc is not None and not nc.is_closed:
             with contextlib.suppress(nats.errors.Error, TimeoutError):

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import nats.errors
@@ -28,6 +30,11 @@ from squadbus.core.envelope import Message, encode
 logger = logging.getLogger("squadbus.backends.nats")
 
 _STREAM_PREFIX = subjects.ROOT + "."
+_SWEEP_INTERVAL = 0.05
+
+
+def _nothing() -> None:
+    pass
 
 
 def _expire(future: asyncio.Future[Any]) -> None:
@@ -44,6 +51,38 @@ class NatsPublisher:
         self._settings = settings
         self.retries = 0
         self.duplicates = 0
+        # (deadline, future) of PubAcks waited for with the full ack_timeout: deadlines are
+        # increasing, so one sweeper checks the head instead of one timer per publish.
+        self._deadlines: deque[tuple[float, asyncio.Future[Any]]] = deque()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def _watch(
+        self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], timeout: float
+    ) -> Callable[[], None]:
+        """Fail ``future`` with a timeout after ``timeout`` seconds; returns a function that stops watching."""
+        if timeout < self._settings.ack_timeout:
+            timer = loop.call_later(timeout, _expire, future)
+            return timer.cancel
+        self._deadlines.append((loop.time() + timeout, future))
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = loop.create_task(self._sweep(), name="squadbus-nats-puback-timeouts")
+        return _nothing
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadlines = self._deadlines
+        while deadlines:
+            now = loop.time()
+            while deadlines and (deadlines[0][1].done() or deadlines[0][0] <= now):
+                _expire(deadlines.popleft()[1])
+            await asyncio.sleep(_SWEEP_INTERVAL)
+
+    def close(self) -> None:
+        """Fail every PubAck still awaited (the connection is going away)."""
+        while self._deadlines:
+            _expire(self._deadlines.popleft()[1])
+        if self._sweeper is not None:
+            self._sweeper.cancel()
 
     async def publish(self, message: Message) -> None:
         """Store ``message`` (PubAck received) or raise a BackendError subclass."""
@@ -66,16 +105,20 @@ class NatsPublisher:
         while True:
             remaining = deadline - loop.time()
             try:
+                # nats-py wraps a stall timeout in a task and a timer: only pay for it when the
+                # pending-ack window is actually full.
+                full = self._js.publish_async_pending() >= settings.max_pending_acks
                 future = await self._js.publish_async(
-                    subject, data, wait_stall=max(remaining, 0.001), headers={"Nats-Msg-Id": msg_id}
+                    subject, data, wait_stall=max(remaining, 0.001) if full else None,
+                    headers={"Nats-Msg-Id": msg_id},
                 )
-                # A timer failing the future is cheaper than asyncio.wait_for on this hot path;
-                # failing it (not cancelling) also releases nats-py's pending-ack slot.
-                timer = loop.call_later(min(max(remaining, 0.001), settings.ack_timeout), _expire, future)
+                # Failing the future on timeout (not cancelling it) also releases nats-py's
+                # pending-ack slot; cheaper than asyncio.wait_for on this hot path.
+                unwatch = self._watch(loop, future, min(max(remaining, 0.001), settings.ack_timeout))
                 try:
                     ack = await future
                 finally:
-                    timer.cancel()
+                    unwatch()
             except Exception as exc:
                 remaining = deadline - loop.time()
                 if not is_transient(exc) or remaining <= pause:

@@ -47,6 +47,18 @@ _MALFORMED_CONTENT_LIMIT = 64 * 1024
 _FAIRNESS_STREAK = 64
 
 
+def _delivery_count(reply: str) -> int:
+    """``num_delivered`` from a JetStream ack subject, without building nats-py's Metadata.
+
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>`` (9 tokens) or the
+    v2 form with ``<domain>.<account hash>`` after ``$JS.ACK`` (11 or 12 tokens).
+    """
+    tokens = reply.split(".")
+    if tokens[0] != "$JS" or tokens[1] != "ACK":
+        raise ValueError(f"not a JetStream ack subject: {reply!r}")
+    return int(tokens[4] if len(tokens) == 9 else tokens[6])
+
+
 class NatsDelivery(Delivery):
     """A delivery backed by one JetStream message; settling sends the ack protocol to its reply subject."""
 
@@ -264,8 +276,8 @@ class NatsSubscription:
 
     async def _handle(self, msg: Msg) -> None:
         try:
-            attempt = msg.metadata.num_delivered
-        except nats.errors.Error:
+            attempt = _delivery_count(msg.reply)
+        except (ValueError, IndexError):
             logger.error("consumer %s got a message without JetStream metadata on %s", self.consumer, msg.subject)
             return
         try:
