@@ -54,6 +54,27 @@ _FAIRNESS_STREAK = 64
 _POLL_MS = 1000
 
 
+def _leave_even_from_generation_zero(consumer: AIOKafkaConsumer) -> None:
+    """Make ``consumer.stop()`` send LeaveGroup even in generation 0.
+
+    tansu numbers a group's first generation 0 and aiokafka only leaves from
+    generation > 0, so without this a closed member keeps its partitions until
+    its session times out and the next member waits that long. Uses aiokafka
+    internals; if they change, the close is just slower.
+    """
+    coordinator = getattr(consumer, "_coordinator", None)
+    original = getattr(coordinator, "_maybe_leave_group", None)
+    if coordinator is None or original is None or not hasattr(coordinator, "generation"):
+        return
+
+    async def leave() -> None:
+        if coordinator.generation == 0 and getattr(coordinator, "member_id", ""):
+            coordinator.generation = 1  # LeaveGroup carries no generation; this only passes aiokafka's check
+        await original()
+
+    coordinator._maybe_leave_group = leave
+
+
 class KafkaDelivery(Delivery):
     """A delivery of one Kafka record; ack/nack settle it in its partition's bookkeeping."""
 
@@ -211,6 +232,7 @@ class KafkaSubscription:
                 await self._commit_task
             await self._commit_now()
         if self._consumer is not None:
+            _leave_even_from_generation_zero(self._consumer)
             try:
                 await self._consumer.stop()
             except KafkaError as exc:

@@ -41,7 +41,7 @@ async def replay_execution(
     tp = TopicPartition(topic, partition_of(key, partitions))
     consumer = AIOKafkaConsumer(
         bootstrap_servers=list(settings.bootstrap_servers), client_id=settings.client_id,
-        group_id=None, enable_auto_commit=False,
+        group_id=None, enable_auto_commit=False, fetch_max_wait_ms=settings.fetch_max_wait_ms,
     )
     try:
         async with asyncio.timeout(settings.connect_timeout):
