@@ -237,7 +237,8 @@ class UvicornProcess:
     def start(self) -> None:
         """Start and wait until the port answers."""
         # run in the tmp dir so the audit log (a relative path by default) lands there
-        argv = ["/bin/sh", "-c", 'cd "$0" && exec "$@"', str(self.log.parent), sys.executable, "-m", "uvicorn", "squadbus.service:create_app", "--factory",
+        argv = ["/bin/sh", "-c", 'cd "$0" && exec "$@"', str(self.log.parent),
+                sys.executable, "-m", "uvicorn", "squadbus.service:create_app", "--factory",
                 "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
         self.proc = spawn(argv, self.log, env=self.env)
         try:

@@ -174,7 +174,7 @@ def test_serve_process_runs_everything_and_says_so(tmp_path: Path) -> None:
         r = httpx.post(base + "/v1/messages", json={"sender_id": "pm", "content": "hi"})
         assert r.status_code == 201
         assert httpx.get(base + "/readyz").status_code == 200
-        wait_until(lambda: (tmp_path / "audit.jsonl").exists(), 10, "audit log")
+        wait_until((tmp_path / "audit.jsonl").exists, 10, "audit log")
         proc.send_signal(signal.SIGTERM)
         # uvicorn shuts down gracefully (lifespan: workers stop and ack), then re-raises SIGTERM
         assert proc.wait(timeout=20) in (0, -signal.SIGTERM)

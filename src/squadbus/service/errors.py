@@ -5,6 +5,7 @@
   :class:`~squadbus.store.InvalidQuery` → 422, shaped like FastAPI's own
   validation errors (``{"detail": [{"loc": [...], "msg": ..., "type": ...}]}``)
   so the OpenAPI schema holds for every 422;
+* a body that is not UTF-8 JSON (FastAPI says 400) → 422 too;
 * :class:`~squadbus.core.errors.BackendError` (bus or store unreachable) → 503.
 
 Nothing invalid reaches the bus: messages are built and validated before publishing.
@@ -15,12 +16,16 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request, status
-from fastapi.responses import JSONResponse
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from squadbus.core.errors import BackendError, Closed, InvalidMessage, MessageTooLarge
 from squadbus.store.base import InvalidQuery
 
 logger = logging.getLogger("squadbus.service")
+
+FASTAPI_BODY_ERROR = "There was an error parsing the body"
 
 
 def validation_error(msg: str, *loc: str | int, kind: str = "value_error") -> JSONResponse:
@@ -52,6 +57,14 @@ async def _invalid_query(request: Request, exc: Exception) -> JSONResponse:
     return validation_error(str(exc), "query")
 
 
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == status.HTTP_400_BAD_REQUEST and exc.detail == FASTAPI_BODY_ERROR:
+        # FastAPI's answer to a body that is not UTF-8 JSON: malformed input, so a 422 like any other
+        return validation_error("request body is not valid UTF-8 JSON", "body", kind="json_invalid")
+    return await http_exception_handler(request, exc)
+
+
 async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
     logger.warning("%s %s: backend unavailable: %s", request.method, request.url.path, exc)
     return JSONResponse({"detail": f"unavailable: {exc}"}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
@@ -59,6 +72,7 @@ async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
 
 def install(app: FastAPI) -> None:
     """Register the handlers on ``app``."""
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(MessageTooLarge, _too_large)
     app.add_exception_handler(InvalidMessage, _invalid)
     app.add_exception_handler(InvalidQuery, _invalid_query)

@@ -25,6 +25,7 @@ from typing import Annotated
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Response, status
+from pydantic import BeforeValidator
 
 from squadbus.core import envelope, subjects
 from squadbus.core.envelope import Message
@@ -47,6 +48,20 @@ SEND_ERRORS: dict[int | str, dict[str, object]] = {
     409: {"model": ErrorOut, "description": "The id is already used by a message of another sender"},
     413: {"model": ErrorOut, "description": "Request body or message content too large"},
 }
+
+
+def _iso_only(value: object) -> object:
+    # pydantic also reads numbers as Unix times; the API documents RFC 3339 date-times only
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return value
+        raise ValueError("expected an RFC 3339 date-time such as 2025-01-31T12:00:00Z, not a number")
+    return value
+
+
+IsoDateTime = Annotated[datetime, BeforeValidator(_iso_only)]
 
 
 def to_message(body: MessageIn, service: Service, *, loc: tuple[str | int, ...] = ("body",)) -> Message:
@@ -161,8 +176,8 @@ async def list_messages(
     task_execution_id: UUID | None = None,
     agent_id: Annotated[str | None, Query(description="Sender or recipient", min_length=1, max_length=200)] = None,
     message_type: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
-    since: Annotated[datetime | None, Query(description="created_at >= since (with a timezone)")] = None,
-    until: Annotated[datetime | None, Query(description="created_at < until (with a timezone)")] = None,
+    since: Annotated[IsoDateTime | None, Query(description="created_at >= since (with a timezone)")] = None,
+    until: Annotated[IsoDateTime | None, Query(description="created_at < until (with a timezone)")] = None,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page", max_length=1000)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> MessagePage:

@@ -31,6 +31,18 @@ router = APIRouter(prefix="/v1", tags=["executions"])
 
 RETRY_MS = 2000
 
+SSE_EVENT_SCHEMA: dict[str, object] = {
+    "type": "object",
+    "properties": {
+        "event": {"type": "string", "enum": ["snapshot", "message", "gap"]},
+        "data": {"type": "string", "contentMediaType": "application/json",
+                 "description": "snapshot: SnapshotOut; message: MessageOut; gap: {from_seq, to_seq, reason}"},
+        "id": {"type": "string", "description": "the seq (message) or the last skipped seq (gap)"},
+        "retry": {"type": "integer"},
+    },
+    "required": ["event", "data"],
+}
+
 
 def _cursor(last_event_id: str | None, after: int | None) -> int:
     if last_event_id is not None and last_event_id.strip():
@@ -49,8 +61,8 @@ def _cursor(last_event_id: str | None, after: int | None) -> int:
     response_class=StreamingResponse,
     responses={
         **ERRORS,
-        200: {"description": "text/event-stream: snapshot, then message/gap events", "content": {
-            "text/event-stream": {"schema": {"type": "string"}}}},
+        200: {"description": "snapshot, then message and gap events (data is JSON); comment lines are heartbeats",
+              "content": {"text/event-stream": {"itemSchema": SSE_EVENT_SCHEMA}}},
     },
     summary="Live events of an execution (SSE)",
 )
