@@ -167,7 +167,11 @@ class GroupSubscription(BaseConsumer):
         key = (stream, entry_id)
         if key in self._held:
             return
-        if fields is not None and not self.wanted(fields.get(b"s")):
+        if fields is None:  # deleted (trimmed) while pending: nothing left to deliver
+            self._report_trimmed(stream, 1)
+            self._queue_ack(stream, entry_id)
+            return
+        if not self.wanted(fields.get(b"s")):
             self.ctx.counters.filtered += 1
             self._queue_ack(stream, entry_id)
             return

@@ -25,36 +25,45 @@ from squadbus.core.errors import BackendError, BackendTimeout, Closed, Connectio
 
 logger = logging.getLogger("squadbus.backends.redis.publisher")
 
-# KEYS[1] = subject-stream registry; then per message: dedupe key, partition stream, subject stream.
-# ARGV[1] = dedupe ttl ms (0 = off), ARGV[2] = reply stream ttl ms; then per message:
-# subject, execution id, payload, is-reply flag. Returns the partition entry id per
-# message, or false for a duplicate id (already stored: the publish still succeeded).
+# ARGV[1] = key prefix, ARGV[2] = dedupe ttl ms (0 = off), ARGV[3] = reply stream ttl ms; then two
+# arguments per message: "<partition> <id> <execution or empty> <subject> <flag>" and the payload.
+# flag 0: plain, 1: reply subject (its stream expires), 2: plain and add the subject stream to the
+# registry. Subjects, ids and partitions never contain spaces. Key names are built here rather than
+# passed as KEYS to halve the arguments per message (Redis Cluster is not supported anyway: one
+# call touches several streams). Returns the partition entry id per message, or false for a
+# duplicate id (already stored: that publish still succeeded).
 PUBLISH_LUA = """
-local ttl = tonumber(ARGV[1])
-local reply_ttl = tonumber(ARGV[2])
+local prefix = ARGV[1]
+local ttl = tonumber(ARGV[2])
+local reply_ttl = tonumber(ARGV[3])
 local out = {}
-local n = (#KEYS - 1) / 3
-for i = 1, n do
-  local k = 1 + 3 * (i - 1)
-  local a = 2 + 4 * (i - 1)
+local n = 0
+for i = 4, #ARGV, 2 do
+  n = n + 1
+  local p, id, x, s, flag = string.match(ARGV[i], '^(%d+) (%S+) (%S*) (%S+) (%d)$')
   local fresh = true
   if ttl > 0 then
-    fresh = redis.call('SET', KEYS[k + 1], '1', 'NX', 'PX', ttl)
+    fresh = redis.call('SET', prefix .. ':id:' .. id, '1', 'NX', 'PX', ttl)
   end
   if fresh then
-    out[i] = redis.call('XADD', KEYS[k + 2], '*', 's', ARGV[a + 1], 'x', ARGV[a + 2], 'm', ARGV[a + 3])
-    redis.call('XADD', KEYS[k + 3], '*', 's', ARGV[a + 1], 'x', ARGV[a + 2], 'm', ARGV[a + 3])
-    if ARGV[a + 4] == '1' then
-      redis.call('PEXPIRE', KEYS[k + 3], reply_ttl)
-    else
-      redis.call('SADD', KEYS[1], KEYS[k + 3])
+    local payload = ARGV[i + 1]
+    local sstream = prefix .. ':s:' .. s
+    out[n] = redis.call('XADD', prefix .. ':p:' .. p, '*', 's', s, 'x', x, 'm', payload)
+    redis.call('XADD', sstream, '*', 's', s, 'x', x, 'm', payload)
+    if flag == '1' then
+      redis.call('PEXPIRE', sstream, reply_ttl)
+    elseif flag == '2' then
+      redis.call('SADD', prefix .. ':subjects', sstream)
     end
   else
-    out[i] = false
+    out[n] = false
   end
 end
 return out
 """
+
+_MAX_FLUSHERS = 3
+_REGISTERED_LIMIT = 100_000
 
 
 @dataclass(slots=True)
@@ -75,7 +84,9 @@ class RedisPublisher:
         self._settings = settings
         self._script = client.register_script(PUBLISH_LUA)
         self._pending: list[_Pending] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._flushers: set[asyncio.Task[None]] = set()
+        # Subject streams this process already added to the registry (SADD once, not per message).
+        self._registered: set[str] = set()
         self._closed = False
         self.wait_aof = False
         self.published = 0
@@ -90,25 +101,35 @@ class RedisPublisher:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bool] = loop.create_future()
         self._pending.append(_Pending(message, encode(message), future, loop.time() + self._settings.publish_timeout))
-        if self._flusher is None:
-            self._flusher = loop.create_task(self._flush_loop(), name="squadbus-redis-publisher")
+        if not self._flushers:
+            self._start_flusher()
         return await future
+
+    def _start_flusher(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._flush_loop(), name="squadbus-redis-publisher")
+        self._flushers.add(task)
 
     async def close(self) -> None:
         """Refuse new publishes and wait for the ones in flight (each bounded by its timeout)."""
         self._closed = True
-        flusher = self._flusher
-        if flusher is not None:
-            await asyncio.gather(flusher, return_exceptions=True)
+        if self._flushers:
+            await asyncio.gather(*self._flushers, return_exceptions=True)
 
     async def _flush_loop(self) -> None:
+        me = asyncio.current_task()
         try:
             while self._pending:
                 limit = self._settings.publish_batch
                 batch, self._pending = self._pending[:limit], self._pending[limit:]
+                if self._pending and len(self._flushers) < _MAX_FLUSHERS:
+                    # More batches in flight: packing the next overlaps Redis running this one.
+                    self._start_flusher()
                 await self._send(batch)
         finally:
-            self._flusher = None
+            # Synchronously, not in a done-callback: a publish arriving right after
+            # the loop ends must see no flusher and start one.
+            if me is not None:
+                self._flushers.discard(me)
 
     async def _send(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()
@@ -177,27 +198,38 @@ class RedisPublisher:
     async def _execute(self, batch: list[_Pending]) -> list[Any]:
         layout = self._layout
         settings = self._settings
-        keys: list[str] = [layout.registry]
-        args: list[Any] = [int(settings.dedupe_window * 1000), int(settings.reply_ttl * 1000)]
+        registered = self._registered
+        partitions = layout.partitions
+        args: list[Any] = [layout.prefix, int(settings.dedupe_window * 1000), int(settings.reply_ttl * 1000)]
         for item in batch:
             message = item.message
             subject = message.subject
-            keys.append(layout.dedupe_key(message))
-            keys.append(layout.partition_stream(layout.partition_index(message)))
-            keys.append(layout.subject_stream(subject))
             execution = message.task_execution_id
-            args.append(subject)
-            args.append("" if execution is None else str(execution))
+            if execution is not None:
+                partition = execution.int % partitions
+            else:
+                partition = layout.partition_index(message)
+            if is_reply(subject):
+                flag = 1
+            elif subject in registered:
+                flag = 0
+            else:
+                flag = 2
+            args.append(f"{partition} {message.id} {'' if execution is None else execution} {subject} {flag}")
             args.append(item.payload)
-            args.append(b"1" if is_reply(subject) else b"0")
         if not self.wait_aof:
-            results: list[Any] = await self._script(keys=keys, args=args)
-            return results
-        timeout_ms = max(1, int(settings.publish_timeout * 1000))
-        async with self._client.pipeline(transaction=False) as pipe:
-            await self._script(keys=keys, args=args, client=pipe)
-            pipe.execute_command("WAITAOF", 1, 0, timeout_ms)
-            results, synced = await pipe.execute()
-        if not synced or int(synced[0]) < 1:
-            raise PublishFailed(f"Redis did not fsync the batch to its AOF within {settings.publish_timeout}s")
+            results: list[Any] = await self._script(keys=[], args=args)
+        else:
+            timeout_ms = max(1, int(settings.publish_timeout * 1000))
+            async with self._client.pipeline(transaction=False) as pipe:
+                await self._script(keys=[], args=args, client=pipe)
+                pipe.execute_command("WAITAOF", 1, 0, timeout_ms)
+                results, synced = await pipe.execute()
+            if not synced or int(synced[0]) < 1:
+                raise PublishFailed(f"Redis did not fsync the batch to its AOF within {settings.publish_timeout}s")
+        if len(registered) > _REGISTERED_LIMIT:
+            registered.clear()
+        for item in batch:
+            if not is_reply(item.message.subject):
+                registered.add(item.message.subject)
         return list(results)

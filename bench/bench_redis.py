@@ -1,0 +1,38 @@
+"""Redis benchmark: squadbus vs raw redis-py on a private redis-server, same run.
+
+    python bench/bench_redis.py [--count 20000] [--rate 1000] [--profile fast|durable]
+
+Prints a table, the throughput ratio (target >= 0.8) and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from squadbus.benchmarks import redis as redis_bench
+from squadbus.benchmarks.stats import Environment, format_table, to_json
+from squadbus.testing.servers.redis import RedisServer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=20_000, help="messages for the throughput test")
+    parser.add_argument("--rate", type=float, default=1000.0, help="open-loop rate for the latency test")
+    parser.add_argument("--profile", choices=("fast", "durable"), default="fast")
+    args = parser.parse_args()
+    with RedisServer(args.profile) as server:
+        url = server.url + ("?profile=durable" if args.profile == "durable" else "")
+        results = asyncio.run(redis_bench.run(url=url, count=args.count, rate=args.rate))
+    facts = redis_bench.summary(results)
+    out = sys.stdout
+    out.write(format_table(results) + "\n")
+    out.write(f"throughput ratio squadbus/raw = {facts['throughput_ratio']:.2f} (target >= 0.8)\n")
+    document = json.loads(to_json(results, **facts, profile=args.profile, environment=Environment.current().as_dict()))
+    out.write(json.dumps(document, separators=(",", ":")) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""squadbus on Redis vs raw redis-py doing the same work, in the same run, 1 KiB messages.
+
+Throughput: ``count`` messages published and consumed by one consumer group.
+The raw baseline pipelines ``XADD`` in chunks of 500 and consumes with
+``XREADGROUP COUNT 500`` + one ``XACK`` per batch; squadbus sends the same
+chunks as concurrent ``Bus.send`` calls (auto-batched) into a group
+subscription. Both count from the first send to the last message consumed.
+
+Latency: an open loop at ``rate`` msgs/s (``openloop.drive``), latency from the
+intended send time to the handler, p50/p99/p99.9, raw ``XADD`` + blocking
+``XREADGROUP`` beside squadbus at the same rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+import uuid
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from squadbus.backends.redis import RedisSettings
+from squadbus.benchmarks.openloop import drive
+from squadbus.benchmarks.stats import Result, ratio
+from squadbus.core import envelope, subjects
+from squadbus.core.backend import ConsumerOptions, Delivery, StartFrom
+from squadbus.core.bus import Bus
+
+CONTENT = "x" * 1024
+CHUNK = 500
+LATENCY_SECONDS = 5.0
+
+
+def _with_prefix(url: str, prefix: str) -> str:
+    return f"{url}{'&' if '?' in url else '?'}prefix={prefix}"
+
+
+def _raw_client(url: str) -> aioredis.Redis:
+    s = RedisSettings.from_url(url)
+    return aioredis.Redis(host=s.host, port=s.port, db=s.db, username=s.username, password=s.password,
+                          ssl=s.tls, socket_timeout=None)
+
+
+def _payload() -> bytes:
+    return envelope.encode(envelope.build(subject=subjects.direct("bench"), sender_id="pm", content=CONTENT))
+
+
+async def raw_throughput(url: str, count: int) -> Result:
+    """Pipelined XADD + XREADGROUP/XACK with redis-py, nothing else."""
+    client = _raw_client(url)
+    key, payload = f"bench-raw-{secrets.token_hex(4)}", _payload()
+    try:
+        await client.xgroup_create(key, "g", id="$", mkstream=True)  # type: ignore[misc]
+        done = 0
+
+        async def consume() -> None:
+            nonlocal done
+            while done < count:
+                reply = await client.xreadgroup("g", "c", {key: ">"}, count=CHUNK, block=1000)  # type: ignore[misc]
+                for _, entries in reply or ():
+                    ids = [entry_id for entry_id, _ in entries]
+                    done += len(ids)
+                    await client.xack(key, "g", *ids)  # type: ignore[misc]
+
+        start = time.perf_counter()
+        consumer = asyncio.create_task(consume())
+        for first in range(0, count, CHUNK):
+            async with client.pipeline(transaction=False) as pipe:
+                for _ in range(min(CHUNK, count - first)):
+                    pipe.xadd(key, {"m": payload})
+                await pipe.execute()
+        await consumer
+        return Result("redis-py raw: pipelined XADD + XREADGROUP/XACK", count, time.perf_counter() - start)
+    finally:
+        await client.delete(key)
+        await client.aclose()
+
+
+async def squadbus_throughput(url: str, count: int) -> Result:
+    """Concurrent Bus.send (auto-batched) into a group subscription."""
+    prefix = f"bench-{secrets.token_hex(4)}"
+    agent = "bench-agent"
+    async with Bus.from_url(_with_prefix(url, prefix)) as bus:
+        done = asyncio.Event()
+        seen = 0
+
+        async def handler(delivery: Delivery) -> None:
+            nonlocal seen
+            seen += 1
+            if seen >= count:
+                done.set()
+
+        options = ConsumerOptions(batch_size=CHUNK, start=StartFrom.NEW)
+        await bus.subscribe(subjects.direct(agent), handler, group="bench", options=options)
+        start = time.perf_counter()
+        for first in range(0, count, CHUNK):
+            await asyncio.gather(*(bus.send("pm", agent, CONTENT) for _ in range(min(CHUNK, count - first))))
+        await done.wait()
+        elapsed = time.perf_counter() - start
+    await _drop_prefix(url, prefix)
+    return Result("squadbus redis: Bus.send -> group handler", count, elapsed)
+
+
+async def raw_latency(url: str, count: int, rate: float) -> Result:
+    """Open-loop XADD at ``rate``; a blocking XREADGROUP consumer measures from the due time."""
+    client = _raw_client(url)
+    key, payload = f"bench-rawlat-{secrets.token_hex(4)}", _payload()
+    latencies: list[float] = []
+    try:
+        await client.xgroup_create(key, "g", id="$", mkstream=True)  # type: ignore[misc]
+
+        async def consume() -> None:
+            while len(latencies) < count:
+                reply = await client.xreadgroup("g", "c", {key: ">"}, count=CHUNK, block=1000)  # type: ignore[misc]
+                for _, entries in reply or ():
+                    now = time.perf_counter()
+                    latencies.extend((now - float(fields[b"t"])) * 1000 for _, fields in entries)
+                    await client.xack(key, "g", *(entry_id for entry_id, _ in entries))  # type: ignore[misc]
+
+        async def send(i: int, due: float) -> None:
+            await client.xadd(key, {"m": payload, "t": repr(due)})  # type: ignore[misc]
+
+        consumer = asyncio.create_task(consume())
+        elapsed = await drive(rate, count, send)
+        await consumer
+        return Result(f"redis-py raw: XADD/XREADGROUP @{rate:g}/s", count, elapsed, latencies)
+    finally:
+        await client.delete(key)
+        await client.aclose()
+
+
+async def squadbus_latency(url: str, count: int, rate: float) -> Result:
+    """Open-loop Bus.send at ``rate``; the group handler measures from the due time."""
+    prefix = f"bench-{secrets.token_hex(4)}"
+    latencies: list[float] = []
+    async with Bus.from_url(_with_prefix(url, prefix)) as bus:
+        done = asyncio.Event()
+
+        async def handler(delivery: Delivery) -> None:
+            latencies.append((time.perf_counter() - float(delivery.message.headers["due"])) * 1000)
+            if len(latencies) >= count:
+                done.set()
+
+        await bus.subscribe(subjects.direct("lat"), handler, group="bench", options=ConsumerOptions(start=StartFrom.NEW))
+
+        async def send(i: int, due: float) -> None:
+            await bus.send("pm", "lat", CONTENT, headers={"due": repr(due)}, task_execution_id=uuid.uuid4())
+
+        elapsed = await drive(rate, count, send)
+        await done.wait()
+    await _drop_prefix(url, prefix)
+    return Result(f"squadbus redis: send -> handler @{rate:g}/s", count, elapsed, latencies)
+
+
+async def _drop_prefix(url: str, prefix: str) -> None:
+    client = _raw_client(url)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}:*", count=1000)]
+        for first in range(0, len(keys), 500):
+            await client.delete(*keys[first:first + 500])
+    finally:
+        await client.aclose()
+
+
+async def run(*, url: str, count: int, rate: float) -> list[Result]:
+    """Throughput (``count`` messages) and open-loop latency (``rate`` msgs/s for ~5 s) against ``url``.
+
+    Returns raw and squadbus results; the squadbus throughput line's notes
+    carry the ratio to raw.
+    """
+    raw = await raw_throughput(url, count)
+    ours = await squadbus_throughput(url, count)
+    ours.notes = f"ratio vs raw = {ratio(ours, raw):.2f}"
+    latency_count = max(100, min(count, int(rate * LATENCY_SECONDS)))
+    raw_lat = await raw_latency(url, latency_count, rate)
+    our_lat = await squadbus_latency(url, latency_count, rate)
+    return [raw, ours, raw_lat, our_lat]
+
+
+def summary(results: list[Result]) -> dict[str, Any]:
+    """The headline numbers of a ``run`` for the JSON line."""
+    raw, ours = results[0], results[1]
+    return {"throughput_ratio": round(ratio(ours, raw), 3), "target_ratio": 0.8}
