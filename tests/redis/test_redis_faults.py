@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -19,7 +18,6 @@ from squadbus.core.bus import Bus
 from squadbus.core.dispatch import DLQ_GROUP, DLQ_REASON
 from squadbus.core.errors import BackendError, ConfigError
 from squadbus.testing.conformance import Collector, eventually
-from squadbus.testing.servers.process import kill9
 from squadbus.testing.servers.redis import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -38,7 +36,7 @@ async def test_killed_consumer_entries_are_claimed_by_another_member(redis_url: 
     script = Path(__file__).with_name("consumer_proc.py")
     async with Bus.from_url(redis_url) as bus:
         sent = [(await bus.send("pm", agent, f"job-{i}")).id for i in range(150)]
-        proc = subprocess.Popen([sys.executable, str(script), redis_url, group, subject, str(log)])
+        proc = await asyncio.create_subprocess_exec(sys.executable, str(script), redis_url, group, subject, str(log))
         try:
             def started() -> int:
                 text = log.read_text() if log.exists() else ""
@@ -46,7 +44,8 @@ async def test_killed_consumer_entries_are_claimed_by_another_member(redis_url: 
 
             await eventually(lambda: started() >= 10, WAIT, "the consumer process to start a batch")
         finally:
-            kill9(proc)  # mid-batch: it holds up to 50 read but unacknowledged entries
+            proc.kill()  # SIGKILL mid-batch: it holds up to 50 read but unacknowledged entries
+            await proc.wait()
         lines = log.read_text().splitlines()
         done_by_dead = {uuid.UUID(line.split()[1]) for line in lines if line.startswith("done ")}
         assert len(done_by_dead) < len(sent), "the consumer should die mid-way"

@@ -22,6 +22,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from squadbus.backends.redis import RedisSettings
+from squadbus.backends.redis._driver import call, queue
 from squadbus.benchmarks.openloop import drive
 from squadbus.benchmarks.stats import Result, ratio
 from squadbus.core import envelope, subjects
@@ -31,6 +32,7 @@ from squadbus.core.bus import Bus
 CONTENT = "x" * 1024
 CHUNK = 500
 LATENCY_SECONDS = 5.0
+_READ = ("XREADGROUP", "GROUP", "g", "c", "COUNT", CHUNK, "BLOCK", 1000, "STREAMS")
 
 
 def _with_prefix(url: str, prefix: str) -> str:
@@ -52,24 +54,24 @@ async def raw_throughput(url: str, count: int) -> Result:
     client = _raw_client(url)
     key, payload = f"bench-raw-{secrets.token_hex(4)}", _payload()
     try:
-        await client.xgroup_create(key, "g", id="$", mkstream=True)  # type: ignore[misc]
+        await call(client, "XGROUP", "CREATE", key, "g", "$", "MKSTREAM")
         done = 0
 
         async def consume() -> None:
             nonlocal done
             while done < count:
-                reply = await client.xreadgroup("g", "c", {key: ">"}, count=CHUNK, block=1000)  # type: ignore[misc]
+                reply = await call(client, *_READ, key, ">")
                 for _, entries in reply or ():
                     ids = [entry_id for entry_id, _ in entries]
                     done += len(ids)
-                    await client.xack(key, "g", *ids)  # type: ignore[misc]
+                    await call(client, "XACK", key, "g", *ids)
 
         start = time.perf_counter()
         consumer = asyncio.create_task(consume())
         for first in range(0, count, CHUNK):
             async with client.pipeline(transaction=False) as pipe:
                 for _ in range(min(CHUNK, count - first)):
-                    pipe.xadd(key, {"m": payload})
+                    queue(pipe, "XADD", key, "*", "m", payload)
                 await pipe.execute()
         await consumer
         return Result("redis-py raw: pipelined XADD + XREADGROUP/XACK", count, time.perf_counter() - start)
@@ -109,18 +111,18 @@ async def raw_latency(url: str, count: int, rate: float) -> Result:
     key, payload = f"bench-rawlat-{secrets.token_hex(4)}", _payload()
     latencies: list[float] = []
     try:
-        await client.xgroup_create(key, "g", id="$", mkstream=True)  # type: ignore[misc]
+        await call(client, "XGROUP", "CREATE", key, "g", "$", "MKSTREAM")
 
         async def consume() -> None:
             while len(latencies) < count:
-                reply = await client.xreadgroup("g", "c", {key: ">"}, count=CHUNK, block=1000)  # type: ignore[misc]
+                reply = await call(client, *_READ, key, ">")
                 for _, entries in reply or ():
                     now = time.perf_counter()
                     latencies.extend((now - float(fields[b"t"])) * 1000 for _, fields in entries)
-                    await client.xack(key, "g", *(entry_id for entry_id, _ in entries))  # type: ignore[misc]
+                    await call(client, "XACK", key, "g", *(entry_id for entry_id, _ in entries))
 
         async def send(i: int, due: float) -> None:
-            await client.xadd(key, {"m": payload, "t": repr(due)})  # type: ignore[misc]
+            await call(client, "XADD", key, "*", "m", payload, "t", repr(due))
 
         consumer = asyncio.create_task(consume())
         elapsed = await drive(rate, count, send)
@@ -143,7 +145,8 @@ async def squadbus_latency(url: str, count: int, rate: float) -> Result:
             if len(latencies) >= count:
                 done.set()
 
-        await bus.subscribe(subjects.direct("lat"), handler, group="bench", options=ConsumerOptions(start=StartFrom.NEW))
+        options = ConsumerOptions(start=StartFrom.NEW)
+        await bus.subscribe(subjects.direct("lat"), handler, group="bench", options=options)
 
         async def send(i: int, due: float) -> None:
             await bus.send("pm", "lat", CONTENT, headers={"due": repr(due)}, task_execution_id=uuid.uuid4())

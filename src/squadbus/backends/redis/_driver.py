@@ -4,9 +4,10 @@ from __future__ import annotations
 
 try:
     import redis.asyncio as aioredis
+    import redis.exceptions as redis_errors
     from redis.asyncio.client import Pipeline
-
-    from redis import exceptions as redis_errors
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("the Redis backend needs redis-py: pip install 'squadbus[redis]'") from exc
 
@@ -15,7 +16,16 @@ from typing import Any
 from squadbus.core.errors import BackendError, BackendTimeout, ConnectionLost, PublishFailed
 
 __all__ = [
-    "FAILURES", "RETRYABLE", "TRANSIENT", "aioredis", "call", "is_nogroup", "queue", "redis_errors", "translate",
+    "FAILURES",
+    "RETRYABLE",
+    "TRANSIENT",
+    "aioredis",
+    "call",
+    "is_nogroup",
+    "no_retry",
+    "queue",
+    "redis_errors",
+    "translate",
 ]
 
 RETRYABLE: tuple[type[BaseException], ...] = (
@@ -32,6 +42,11 @@ TRANSIENT: tuple[type[BaseException], ...] = (TimeoutError, *RETRYABLE)
 
 FAILURES: tuple[type[BaseException], ...] = (TimeoutError, *RETRYABLE, redis_errors.RedisError)
 """Anything a Redis command can fail with."""
+
+
+def no_retry() -> Retry:
+    """redis-py's own retries off: squadbus retries with its own backoff and deadlines, visibly."""
+    return Retry(NoBackoff(), 0)
 
 
 async def call(client: aioredis.Redis, *args: Any, **options: Any) -> Any:

@@ -17,6 +17,7 @@ from squadbus.backends.redis._driver import (
     TRANSIENT,
     aioredis,
     call,
+    no_retry,
     redis_errors,
     translate,
 )
@@ -75,7 +76,7 @@ class RedisBackend:
         client = aioredis.Redis(
             host=s.host, port=s.port, db=s.db, username=s.username, password=s.password,
             socket_timeout=None, socket_connect_timeout=s.connect_timeout, socket_keepalive=True,
-            client_name="squadbus", **tls,
+            client_name="squadbus", retry=no_retry(), **tls,
         )
         try:
             async with asyncio.timeout(s.connect_timeout):
@@ -170,7 +171,7 @@ class RedisBackend:
 
     # ---- Requester ---------------------------------------------------------------------------
 
-    async def request(self, message: Message, *, timeout: float) -> Message:  # noqa: ASYNC109 - protocol
+    async def request(self, message: Message, *, timeout: float) -> Message:
         """Publish ``message`` with a private ``reply_to`` subject and wait for the first reply there."""
         client, _ = self._require()
         reply_subject = subjects.reply(self._reply_token, str(message.id))

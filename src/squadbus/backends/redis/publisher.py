@@ -205,10 +205,7 @@ class RedisPublisher:
             message = item.message
             subject = message.subject
             execution = message.task_execution_id
-            if execution is not None:
-                partition = execution.int % partitions
-            else:
-                partition = layout.partition_index(message)
+            partition = execution.int % partitions if execution is not None else layout.partition_index(message)
             if is_reply(subject):
                 flag = 1
             elif subject in registered:
