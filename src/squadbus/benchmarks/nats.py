@@ -41,7 +41,7 @@ from squadbus.core.bus import Bus
 
 CONTENT = "x" * 1024
 FETCH = 500
-SENDERS = 512
+SENDERS = 4000  # the same PubAck window as the raw run (nats-py publish_async_max_pending)
 LATENCY_SECONDS = 5.0
 REQUESTS = 1000
 
