@@ -109,7 +109,7 @@ class RedisSettings:
     reply_ttl: float = 300.0
     publish_timeout: float = 10.0
     connect_timeout: float = 5.0
-    publish_batch: int = 512
+    publish_batch: int = 256
     block: float = 2.0
     claim_interval: float | None = None
 
