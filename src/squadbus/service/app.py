@@ -24,6 +24,7 @@ from squadbus.core.errors import SquadbusError
 from squadbus.core.settings import Settings
 from squadbus.service import dashboard, errors, routes_messages, routes_sse
 from squadbus.service.auth import Principal, TokenTable, load_tokens, reader
+from squadbus.service.group_commit import GroupWriter
 from squadbus.service.limits import BodyLimit
 from squadbus.service.metrics import ServiceMetrics
 from squadbus.service.schemas import ErrorOut, Health
@@ -147,7 +148,7 @@ def create_app(
             stack.push_async_callback(hub.close)
             service_metrics = ServiceMetrics(the_bus.backend.name)
             service = Service(settings=settings, options=options, bus=the_bus, store=the_store, hub=hub,
-                              metrics=service_metrics)
+                              metrics=service_metrics, writer=GroupWriter(the_store))
             service_metrics.sources.bus = the_bus
             service_metrics.sources.hub = hub
             analytics: list[Analytics] = []

@@ -97,7 +97,7 @@ async def send_all(service: Service, messages: list[Message]) -> list[MessageOut
         await service.bus.publish(message)
         service.metrics.published.labels(message.message_type, service.metrics.backend).inc()
     try:
-        rows = await service.store.write(messages)
+        rows = await service.writer.write(messages)
     except BackendError:
         return [_unstored(m) for m in messages]
     service.metrics.record_stored(rows, "http")
@@ -130,7 +130,8 @@ async def post_message(
     """Send one message. With a client-set ``id``, repeating the request returns the stored message."""
     check_sender(who, body.sender_id)
     message = to_message(body, service)
-    existing = await service.store.get(message.id)
+    # a server-made id cannot be stored yet: only a client-set id needs the lookup
+    existing = None if body.id is None else await service.store.get(message.id)
     if existing is not None:
         _check_existing(existing, message)
         response.status_code = status.HTTP_200_OK
@@ -154,15 +155,17 @@ async def post_batch(body: BatchIn, service: ServiceDep, who: Annotated[Principa
         messages.append(to_message(item, service, loc=("body", "messages", index)))
     found: dict[UUID, MessageOut] = {}
     fresh: list[Message] = []
-    for message in messages:
-        if message.id in found or any(m.id == message.id for m in fresh):
+    fresh_ids: set[UUID] = set()
+    for index, message in enumerate(messages):
+        if message.id in found or message.id in fresh_ids:
             continue
-        existing = await service.store.get(message.id)
+        existing = None if body.messages[index].id is None else await service.store.get(message.id)
         if existing is not None:
             _check_existing(existing, message)
             found[message.id] = MessageOut.of(existing)
         else:
             fresh.append(message)
+            fresh_ids.add(message.id)
     if fresh:
         for out in await send_all(service, fresh):
             found[out.id] = out

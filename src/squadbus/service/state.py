@@ -9,6 +9,7 @@ from fastapi import Depends, HTTPException, Request, status
 
 from squadbus.core.bus import Bus
 from squadbus.core.settings import Settings
+from squadbus.service.group_commit import GroupWriter
 from squadbus.service.metrics import ServiceMetrics
 from squadbus.service.sse_hub import SseHub
 from squadbus.store.base import HistoryStore
@@ -66,11 +67,15 @@ class Service:
     store: HistoryStore
     hub: SseHub
     metrics: ServiceMetrics
+    writer: GroupWriter
     workers: list[Worker] = field(default_factory=list)
 
 
-def get_service(request: Request) -> Service:
-    """The running Service of the app handling ``request`` (503 outside the lifespan)."""
+async def get_service(request: Request) -> Service:
+    """The running Service of the app handling ``request`` (503 outside the lifespan).
+
+    Async on purpose: FastAPI runs plain ``def`` dependencies in a thread pool.
+    """
     service: Service | None = getattr(request.app.state, "service", None)
     if service is None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "service is not running")
