@@ -32,6 +32,7 @@ from collections import defaultdict
 from typing import Any
 
 from squadbus.backends.redis._driver import FAILURES, TRANSIENT, call, is_nogroup, queue, redis_errors
+from squadbus.backends.redis.acks import AckQueue
 from squadbus.backends.redis.consumer import BaseConsumer, ConsumerContext, Entry
 from squadbus.backends.redis.layout import is_reply
 from squadbus.core import envelope, subjects
@@ -64,8 +65,7 @@ class GroupSubscription(BaseConsumer):
         self.redis_group = durable_name(group, pattern)
         self.consumer = consumer_name()
         self._held: dict[tuple[str, bytes], Entry] = {}
-        self._acks: dict[str, list[bytes]] = defaultdict(list)
-        self._ack_task: asyncio.Task[None] | None = None
+        self._acks = AckQueue(ctx.client, self.redis_group, ctx.counters)
         self._retry_tasks: set[asyncio.Task[None]] = set()
         self._read_failing = False
         interval = ctx.settings.claim_interval
@@ -110,7 +110,7 @@ class GroupSubscription(BaseConsumer):
         unhanded = {(e.stream, e.entry_id) for e in self.drain_queue()}
         try:
             async with asyncio.timeout(self.ctx.settings.publish_timeout):
-                await self._flush_acks_now()
+                await self._acks.flush()
                 await self._release_all(unhanded)
         except FAILURES as exc:
             logger.warning(
@@ -169,11 +169,11 @@ class GroupSubscription(BaseConsumer):
             return
         if fields is None:  # deleted (trimmed) while pending: nothing left to deliver
             self._report_trimmed(stream, 1)
-            self._queue_ack(stream, entry_id)
+            self._acks.add(stream, entry_id)
             return
         if not self.wanted(fields.get(b"s")):
             self.ctx.counters.filtered += 1
-            self._queue_ack(stream, entry_id)
+            self._acks.add(stream, entry_id)
             return
         try:
             message = self.parse(fields)
@@ -189,7 +189,7 @@ class GroupSubscription(BaseConsumer):
 
     def settle_ack(self, entry: Entry) -> None:
         self._held.pop((entry.stream, entry.entry_id), None)
-        self._queue_ack(entry.stream, entry.entry_id)
+        self._acks.add(entry.stream, entry.entry_id)
 
     def settle_nack(self, entry: Entry, delay: float) -> None:
         if self.closing:
@@ -243,50 +243,6 @@ class GroupSubscription(BaseConsumer):
         if self.closing:
             return
         self.enqueue(entry)
-
-    # ---- acks --------------------------------------------------------------------------------
-
-    def _queue_ack(self, stream: str, entry_id: bytes) -> None:
-        self._acks[stream].append(entry_id)
-        if self._ack_task is None:
-            self._ack_task = asyncio.get_running_loop().create_task(self._ack_loop())
-
-    async def _ack_loop(self) -> None:
-        backoff = 0.05
-        try:
-            while self._acks:
-                batch, self._acks = self._acks, defaultdict(list)
-                try:
-                    await self._send_acks(batch)
-                    backoff = 0.05
-                except FAILURES as exc:
-                    for stream, ids in batch.items():
-                        self._acks[stream][:0] = ids
-                    if self.closing:
-                        raise
-                    logger.warning("group %s: XACK failed, retrying: %s", self.group, exc)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 2.0)
-        finally:
-            self._ack_task = None
-
-    async def _send_acks(self, batch: dict[str, list[bytes]]) -> None:
-        async with self.ctx.client.pipeline(transaction=False) as pipe:
-            for stream, ids in batch.items():
-                queue(pipe, "XACK", stream, self.redis_group, *ids)
-            await pipe.execute()
-
-    async def _flush_acks_now(self) -> None:
-        task = self._ack_task
-        if task is not None:
-            await task
-        if self._acks:
-            batch, self._acks = self._acks, defaultdict(list)
-            try:
-                await self._send_acks(batch)
-            except FAILURES:
-                self.ctx.counters.lost_acks += sum(map(len, batch.values()))
-                raise
 
     # ---- claiming ----------------------------------------------------------------------------
 
@@ -413,4 +369,4 @@ class GroupSubscription(BaseConsumer):
             logger.error("group %s: could not dead-letter malformed entry %s, will retry: %s", self.group, where, exc)
             return  # left pending: XAUTOCLAIM brings it back after ack_wait
         logger.warning("group %s: dead-lettered malformed entry %s: %s", self.group, where, reason)
-        self._queue_ack(stream, entry_id)
+        self._acks.add(stream, entry_id)
