@@ -39,7 +39,7 @@ from squadbus.store.base import HistoryStore, StoredMessage
 logger = logging.getLogger("squadbus.service.sse")
 
 STORE_PAGE = 1000
-_RETRY_FIRST = 0.02
+_RETRY_FIRST = 0.01
 _RETRY_MAX = 1.0
 _EXPECT_TTL = 30.0
 _BEHIND_RETRY = 0.05
@@ -171,13 +171,27 @@ class Feed:
                 self.wake()
                 return
             self.fan_out(row.seq, message_frame(row))
+            self.last_read = time.monotonic()  # demonstrably current: the safety-net poll can wait
 
     def expect(self, ids: Iterable[UUID]) -> None:
-        """Wait for these message ids to become visible in the store, then fan them out."""
+        """Wait for these message ids to become visible in the store, then fan them out.
+
+        The first store read is scheduled a moment later, not at once: a message
+        is published before it is written, and when it is written in this
+        process :meth:`offer` fans it out meanwhile, so no read is needed.
+        """
         deadline = time.monotonic() + _EXPECT_TTL
         for message_id in ids:
             self.expected[message_id] = deadline
-        self.wake()
+        if self._retry is None:
+            self._retry = asyncio.get_running_loop().call_later(self._retry_delay, self._on_retry)
+
+    def _on_retry(self) -> None:
+        self._retry = None
+        if self.expected:
+            self.wake()
+        else:
+            self._retry_delay = _RETRY_FIRST
 
     def wake(self) -> None:
         """Read the store for rows after ``last_seq`` soon (coalesced: one read serves many wakes)."""
@@ -224,7 +238,7 @@ class Feed:
         if not self.expected or not self.viewers:
             self._retry_delay = _RETRY_FIRST
             return
-        self._retry = asyncio.get_running_loop().call_later(self._retry_delay, self.wake)
+        self._retry = asyncio.get_running_loop().call_later(self._retry_delay, self._on_retry)
         self._retry_delay = min(_RETRY_MAX, self._retry_delay * 2)
 
     def close(self) -> None:
@@ -238,7 +252,7 @@ class Feed:
 class SseHub:
     """All live feeds of one service process."""
 
-    def __init__(self, store: HistoryStore, *, queue_size: int = 1024, poll_interval: float = 2.0) -> None:
+    def __init__(self, store: HistoryStore, *, queue_size: int = 1024, poll_interval: float = 5.0) -> None:
         if queue_size < 1 or poll_interval <= 0:
             raise ValueError("queue_size must be >= 1 and poll_interval > 0")
         self.store = store

@@ -37,7 +37,7 @@ class ServiceOptions:
     max_body_bytes: int | None = None
     heartbeat: float = 15.0
     sse_queue_size: int = 1024
-    poll_interval: float = 2.0
+    poll_interval: float = 5.0
     db_writer_batch_size: int = 500
     db_writer_max_wait: float = 0.01
     audit_path: str = "squadbus-audit.jsonl"
