@@ -198,3 +198,25 @@ async def test_durable_profile_refuses_a_server_that_does_not_fsync(redis_server
     with pytest.raises(ConfigError, match="appendfsync"):
         await backend.connect()
     await backend.close()
+
+
+async def test_ephemeral_subscriptions_fan_out_new_messages_only(redis_url: str) -> None:
+    agent = _uid("agent")
+    async with Bus.from_url(redis_url) as bus:
+        old = await bus.send("pm", agent, "before anyone listened")
+        first, second = Collector(), Collector()
+        attempts: list[int] = []
+
+        async def flaky(delivery: Delivery) -> None:
+            attempts.append(delivery.attempt)
+            if delivery.attempt == 1:
+                raise RuntimeError("once")
+            await second(delivery)
+
+        await bus.subscribe("agent.message.*", first)  # wildcard: reads the partition streams
+        await bus.subscribe(subjects.direct(agent), flaky,  # literal: reads the subject stream
+                            options=ConsumerOptions(backoff_base=0.01, backoff_max=0.02))
+        new = await bus.send("pm", agent, "after")
+        await eventually(lambda: new.id in first.ids and new.id in second.ids, WAIT, "both subscribers")
+        assert old.id not in first.ids and old.id not in second.ids
+        assert attempts == [1, 2]
