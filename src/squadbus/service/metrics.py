@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -136,15 +137,33 @@ class ServiceMetrics:
             ["worker"], buckets=LAG_BUCKETS, registry=self.registry,
         )
         self.registry.register(LiveCollector(self.sources, backend))
+        # labels() is a locked dict lookup with validation: keep the children at hand
+        self._stored_children: dict[tuple[str, str], Any] = {}
+        self._published_children: dict[str, Any] = {}
+        self._lag_children: dict[str, Any] = {}
 
     def record_stored(self, rows: Sequence[StoredMessage], worker: str) -> None:
         """Count rows returned by a committed write and observe ``stored_at - created_at``.
 
         A duplicate returns its existing row, so it is counted again with its original lag.
         """
+        lag = self._lag_children.get(worker)
+        if lag is None:
+            lag = self._lag_children[worker] = self.lag.labels(worker)
         for row in rows:
-            self.stored.labels(row.message.message_type, worker).inc()
-            self.lag.labels(worker).observe(max(0.0, (row.stored_at - row.message.created_at).total_seconds()))
+            key = (row.message.message_type, worker)
+            counter = self._stored_children.get(key)
+            if counter is None:
+                counter = self._stored_children[key] = self.stored.labels(*key)
+            counter.inc()
+            lag.observe(max(0.0, (row.stored_at - row.message.created_at).total_seconds()))
+
+    def record_published(self, message_type: str) -> None:
+        """Count one message sent through the HTTP API."""
+        counter = self._published_children.get(message_type)
+        if counter is None:
+            counter = self._published_children[message_type] = self.published.labels(message_type, self.backend)
+        counter.inc()
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""

@@ -95,7 +95,7 @@ async def send_all(service: Service, messages: list[Message]) -> list[MessageOut
     """Publish ``messages`` in order, then write them through (see the module docstring)."""
     for message in messages:
         await service.bus.publish(message)
-        service.metrics.published.labels(message.message_type, service.metrics.backend).inc()
+        service.metrics.record_published(message.message_type)
     try:
         rows = await service.writer.write(messages)
     except BackendError:
