@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,8 +152,18 @@ class BaseConsumer:
         for i in range(self.options.max_in_flight):
             self._workers.append(loop.create_task(self._work(), name=f"{name}-worker-{i}"))
 
-    def spawn(self, coro: Any, name: str) -> None:
-        self._background.append(asyncio.get_running_loop().create_task(coro, name=name))
+    def spawn(self, loop_factory: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
+        """Run a background loop (reader, claimer); a bug in it is logged and the loop restarted."""
+        self._background.append(asyncio.get_running_loop().create_task(self._supervise(loop_factory, name), name=name))
+
+    async def _supervise(self, loop_factory: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
+        while not self.closing:
+            try:
+                await loop_factory()
+                return
+            except Exception:
+                logger.exception("%s failed unexpectedly; restarting it in 1s", name)
+                await asyncio.sleep(1.0)
 
     async def _work(self) -> None:
         me = asyncio.current_task()

@@ -39,7 +39,7 @@ class EphemeralSubscription(BaseConsumer):
         for stream, last in zip(self.streams, lasts, strict=True):
             self._positions[stream] = last[0][0] if last else "0-0"
         self.start_workers("squadbus-redis-ephemeral")
-        self.spawn(self._read_loop(), "squadbus-redis-ephemeral-reader")
+        self.spawn(self._read_loop, "squadbus-redis-ephemeral-reader")
 
     async def close(self) -> None:
         """Stop reading and let the handler in progress finish. Idempotent."""

@@ -79,8 +79,8 @@ class GroupSubscription(BaseConsumer):
         await self.ensure_groups()
         name = f"squadbus-redis-{self.group}"
         self.start_workers(name)
-        self.spawn(self._read_loop(), f"{name}-reader")
-        self.spawn(self._claim_loop(), f"{name}-claimer")
+        self.spawn(self._read_loop, f"{name}-reader")
+        self.spawn(self._claim_loop, f"{name}-claimer")
 
     async def ensure_groups(self) -> None:
         start_id = "0" if self.options.start is StartFrom.EARLIEST else "$"

@@ -124,7 +124,15 @@ class RedisPublisher:
                 if self._pending and len(self._flushers) < _MAX_FLUSHERS:
                     # More batches in flight: packing the next overlaps Redis running this one.
                     self._start_flusher()
-                await self._send(batch)
+                try:
+                    await self._send(batch)
+                except Exception as exc:  # a bug, not a Redis error: fail these publishes, keep going
+                    logger.exception("publish batch failed unexpectedly")
+                    for item in batch:
+                        if not item.future.done():
+                            error = PublishFailed(f"publish failed unexpectedly: {exc!r}")
+                            error.__cause__ = exc
+                            item.future.set_exception(error)
         finally:
             # Synchronously, not in a done-callback: a publish arriving right after
             # the loop ends must see no flusher and start one.
