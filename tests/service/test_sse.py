@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 
 from squadbus.core.bus import Bus
+from squadbus.service.schemas import MessageOut
 from squadbus.store.base import open_store
 from tests.service.conftest import MakeApp, message, read_events, served
 
@@ -34,6 +35,7 @@ async def test_snapshot_then_history_then_live(make_app: MakeApp) -> None:
             assert first[0].id is None
             assert first[0].data["message_count"] == 3 and first[0].data["last_seq"] == 3
             assert first[0].data["agents"] == ["dev-1", "pm"]
+            assert set(first[1].data) == set(MessageOut.model_fields)  # the same shape as the REST API
             assert [(e.event, e.id, e.data["content"]) for e in first[1:]] == [
                 ("message", "1", "m0"), ("message", "2", "m1"), ("message", "3", "m2")]
             await c.post("/v1/messages", json=message(execution=uuid.uuid4()))  # another execution: not shown

@@ -48,11 +48,17 @@ _json = msgspec.json.Encoder()
 
 
 def message_payload(row: StoredMessage) -> dict[str, object]:
-    """The JSON object of a stored message, as the REST API and SSE events show it."""
-    payload = row.message.to_dict()
-    payload["seq"] = row.seq
-    payload["stored_at"] = row.stored_at.isoformat()
-    return payload
+    """The object of a stored message with every field, as the REST API shows it (``MessageOut``).
+
+    Values stay UUIDs and datetimes: the msgspec encoder writes them as strings.
+    """
+    m = row.message
+    return {
+        "id": m.id, "subject": m.subject, "sender_id": m.sender_id, "recipient_id": m.recipient_id,
+        "domain": m.domain, "content": m.content, "message_type": m.message_type,
+        "task_execution_id": m.task_execution_id, "metadata": m.metadata, "headers": m.headers,
+        "created_at": m.created_at, "seq": row.seq, "stored_at": row.stored_at,
+    }
 
 
 def message_frame(row: StoredMessage) -> bytes:
