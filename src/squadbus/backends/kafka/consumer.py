@@ -98,7 +98,7 @@ class KafkaDelivery(Delivery):
         self._sub._settle(self._part, self._record)
 
     async def _nack(self, delay: float) -> None:
-        self._sub._retry(self._part, self._record, delay)
+        self._sub._retry(self._part, self._record, delay, self.attempt)
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -280,15 +280,20 @@ class KafkaSubscription:
             part = order[index]
             if part.ready(now, one_at_a_time):
                 self._cursor = index + 1
-                part.inflight += 1
-                self._buffered -= 1
-                if self._buffered < self._options.max_pending and not self._space.is_set():
-                    self._space.set()
-                return part, part.queue.popleft()
+                return part, self._take(part)
         return None
+
+    def _take(self, part: PartitionState) -> ConsumerRecord:
+        part.inflight += 1
+        self._buffered -= 1
+        if self._buffered < self._options.max_pending and not self._space.is_set():
+            self._space.set()
+        return part.queue.popleft()
 
     async def _wait_for_work(self, now: float) -> None:
         self._wake.clear()
+        if self._closing:
+            return  # close() set the wake-up just cleared
         waits = [p.blocked_until for p in self._order if p.queue and p.blocked_until > now]
         timeout = min(waits) - now if waits else None
         try:
@@ -308,8 +313,13 @@ class KafkaSubscription:
                     streak = 0
                     await self._wait_for_work(loop.time())
                     continue
-                await self._handle(*picked)
+                part, record = picked
+                await self._handle(part, record)
                 streak += 1
+                # Stay on this partition for a while: cheaper than a scan, still fair.
+                while streak % _FAIRNESS_STREAK and not self._closing and part.ready(loop.time(), True):
+                    await self._handle(part, self._take(part))
+                    streak += 1
                 if streak >= _FAIRNESS_STREAK:
                     streak = 0
                     await asyncio.sleep(0)  # handlers that never suspend would starve the fetcher
@@ -334,8 +344,8 @@ class KafkaSubscription:
 
     async def _handle(self, part: PartitionState, record: ConsumerRecord) -> None:
         key = (record.topic, record.partition, record.offset)
-        attempt = self._attempts.get(key, 0) + 1
-        self._attempts[key] = attempt
+        # Only records that were nacked have an entry: the common path costs one lookup.
+        attempt = self._attempts.pop(key, 0) + 1 if self._attempts else 1
         try:
             if record.value is None:
                 raise MalformedMessage("a record without a value (tombstone)")
@@ -371,7 +381,7 @@ class KafkaSubscription:
                 "dead-lettering malformed record %s[%d]@%d failed; retrying it", record.topic, record.partition,
                 record.offset,
             )
-            self._retry(part, record, self._options.backoff(attempt))
+            self._retry(part, record, self._options.backoff(attempt), attempt)
             return
         logger.warning(
             "dead-lettered malformed record %s[%d]@%d of group %s to %s: %s",
@@ -381,17 +391,20 @@ class KafkaSubscription:
 
     def _settle(self, part: PartitionState, record: ConsumerRecord) -> None:
         part.inflight -= 1
-        self._attempts.pop((record.topic, record.partition, record.offset), None)
         if part.settle(record.offset) and self._group is not None and self._parts.get(part.tp) is part:
             self._commit_wanted.set()
         self._wake.set()
         self._progress.set()
 
-    def _retry(self, part: PartitionState, record: ConsumerRecord, delay: float) -> None:
+    def _retry(self, part: PartitionState, record: ConsumerRecord, delay: float, attempt: int) -> None:
         part.inflight -= 1
         self._progress.set()
+        key = (record.topic, record.partition, record.offset)
+        self._attempts[key] = attempt
         if self._parts.get(part.tp) is not part or self._closing:
-            return  # the partition moved on: its next owner re-reads from the committed offset
+            # The partition moved on: its next owner re-reads from the committed offset
+            # (and counts from 1 unless it is this member again).
+            return
         part.requeue(record, asyncio.get_running_loop().time() + delay)
         self._buffered += 1
         self._wake.set()
