@@ -29,7 +29,7 @@ from squadbus.backends.nats.replay import replay as replay_stream
 from squadbus.backends.nats.requests import ReplyRouter
 from squadbus.backends.nats.settings import STREAM_SUBJECTS, NatsSettings, Profile
 from squadbus.backends.nats.subscriber import NatsSubscription
-from squadbus.backends.nats.translate import translate
+from squadbus.backends.nats.translate import is_transient, translate
 from squadbus.core import subjects
 from squadbus.core.backend import ConsumerOptions, RawHandler
 from squadbus.core.envelope import Message
@@ -119,6 +119,24 @@ class NatsBackend:
         )
 
     async def _ensure_stream(self) -> None:
+        # A cluster that just started (or lost its meta leader) answers late or 503 for a few
+        # seconds: retry those within twice connect_timeout.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 2 * self.settings.connect_timeout
+        pause = 0.1
+        while True:
+            try:
+                await self._ensure_stream_once()
+                return
+            except BackendError as exc:
+                cause = exc.__cause__
+                if cause is None or not is_transient(cause) or loop.time() + pause > deadline:
+                    raise
+                logger.info("stream %s not ready (%s); retrying", self.settings.stream, exc)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 1.0)
+
+    async def _ensure_stream_once(self) -> None:
         js, s = self.js, self.settings
         try:
             info = await js.stream_info(s.stream)

@@ -11,6 +11,7 @@ the HistoryStore answers "give me this execution" with an index.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import secrets
@@ -20,6 +21,7 @@ from uuid import UUID
 
 import nats.errors
 import nats.js.errors
+from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.client import JetStreamContext
 
@@ -31,8 +33,30 @@ from squadbus.core.errors import MalformedMessage
 logger = logging.getLogger("squadbus.backends.nats")
 
 _BATCH = 1000
+_NOT_READY_TIMEOUT = 10.0
 # Server timestamps and created_at come from different clocks; start early, filter exactly.
 _CLOCK_SLACK = timedelta(seconds=5)
+
+
+async def _fetch(sub: JetStreamContext.PullSubscription) -> list[Msg]:
+    """The next batch, [] when nothing is left; waits out a consumer that is not ready yet
+    (a new consumer in a cluster answers 503 until its group has a leader)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _NOT_READY_TIMEOUT
+    pause = 0.05
+    while True:
+        try:
+            msgs: list[Msg] = await sub.fetch(_BATCH, timeout=2.0)
+            return msgs
+        except (nats.errors.TimeoutError, TimeoutError):
+            return []
+        except nats.js.errors.ServiceUnavailableError as exc:
+            if loop.time() > deadline:
+                raise translate(exc, "replay: read the stream") from exc
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.5)
+        except nats.errors.Error as exc:
+            raise translate(exc, "replay: read the stream") from exc
 
 
 async def replay(
@@ -67,9 +91,8 @@ async def replay(
     try:
         seq = 0
         while seq < last:
-            try:
-                msgs = await sub.fetch(_BATCH, timeout=2.0)
-            except (nats.errors.TimeoutError, TimeoutError):
+            msgs = await _fetch(sub)
+            if not msgs:
                 break  # nothing left up to ``last`` (messages may have been trimmed)
             for msg in msgs:
                 seq = msg.metadata.sequence.stream

@@ -184,12 +184,26 @@ class NatsCluster:
         return "nats://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
     def start(self, timeout: float = READY_TIMEOUT) -> NatsCluster:
-        """Start every node and wait until all are healthy (meta leader elected)."""
+        """Start every node and wait until all are healthy and agree on a current meta leader."""
         for node in self.nodes:
             node.spawn()
         for node in self.nodes:
             node.wait_ready(timeout)
+        wait_until(self.meta_ready, timeout, "JetStream meta leader of the nats cluster")
         return self
+
+    def meta_ready(self) -> bool:
+        """True when every running node names the same meta leader and its followers are current."""
+        leaders = set()
+        for node in self.nodes:
+            if node.running:
+                meta = node.jsz().get("meta_cluster") or {}
+                leaders.add(meta.get("leader"))  # type: ignore[attr-defined]
+        if len(leaders) != 1 or None in leaders:
+            return False
+        meta = self.node_named(str(leaders.pop())).jsz().get("meta_cluster") or {}
+        replicas = meta.get("replicas") or []  # type: ignore[attr-defined]
+        return all(r.get("current") for r in replicas if not r.get("offline"))
 
     def stop(self) -> None:
         """Stop every node by PID. Idempotent."""
