@@ -46,6 +46,7 @@ from squadbus.core.backend import (
     RawHandler,
     SlowConsumerPolicy,
     StartFrom,
+    invoke,
 )
 from squadbus.core.envelope import Message
 from squadbus.core.errors import BackendTimeout, Closed, ConfigError
@@ -98,7 +99,13 @@ class _MemoryDelivery(Delivery):
     __slots__ = ("_group",)
 
     def __init__(self, message: Message, attempt: int, group: _Group, gap_before: int) -> None:
-        super().__init__(message, attempt=attempt, group=group.name, gap_before=gap_before)
+        # Delivery.__init__ inlined: one of these per message on the hot path.
+        self.message = message
+        self.attempt = attempt
+        self.group = group.name
+        self.gap_before = gap_before
+        self._settled = None
+        self._waiter = None
         self._group = group
 
     async def _ack(self) -> None:
@@ -248,30 +255,26 @@ class _MemorySubscription:
 
     async def _handle(self, message: Message, attempt: int, gap: int) -> None:
         delivery = _MemoryDelivery(message, attempt, self._group, gap)
-        try:
-            await self._handler(delivery)
-        except asyncio.CancelledError:
-            if delivery.settled is None:
-                await delivery.nack()
-            raise
-        except Exception:
-            logger.exception("handler wrapper raised for message %s", message.id)
-        if delivery.settled is None:
-            # The Bus wrapper always settles; a bare RawHandler might not.
-            await delivery.nack(self._group.options.backoff(attempt))
+        await invoke(self._handler, delivery, self._group.options)
 
     async def _run(self) -> None:
         if self._group.options.max_in_flight > 1:
             await self._run_concurrently(self._group.options.max_in_flight)
             return
+        group, handler, options = self._group, self._handler, self._group.options
         streak = 0
-        while (item := await self._next()) is not None:
+        while not self._closing:
+            item = group.take()
+            if item is None:
+                item = await self._next()
+                if item is None:
+                    return
             streak += 1
             if streak >= _FAIRNESS_STREAK:
                 # Handlers that never suspend would otherwise starve the loop.
                 streak = 0
                 await asyncio.sleep(0)
-            await self._handle(*item)
+            await invoke(handler, _MemoryDelivery(item[0], item[1], group, item[2]), options)
 
     async def _run_concurrently(self, limit: int) -> None:
         slots = asyncio.Semaphore(limit)
@@ -323,6 +326,7 @@ class MemoryBackend:
         self._seen: set[int] = set()
         self._seen_order: deque[int] = deque()
         self._dedupe_window = self.settings.dedupe_window
+        self._retain = self.settings.retain_messages > 0
         self._duplicates = 0
         self._connected = False
         self._closed = False
@@ -361,9 +365,9 @@ class MemoryBackend:
         """Hand ``message`` to every matching group; returns once all buffered it."""
         if self._closed or not self._connected:
             raise Closed("memory backend is not connected")
-        targets = self._route(message.subject)
+        targets = self._route_cache.get(message.subject) or self._route(message.subject)
         for group in targets:
-            if not group.has_space() and group.blocks_publishers():
+            if len(group.buffer) >= group.options.max_pending and group.blocks_publishers():
                 await self._wait_for_space(targets)
                 targets = self._route(message.subject)
                 break
@@ -378,9 +382,8 @@ class MemoryBackend:
             order.append(key)
             if len(order) > self._dedupe_window:
                 seen.discard(order.popleft())
-        seq = next(self._seq)
-        self._last_seq = seq
-        if self.settings.retain_messages:
+        seq = self._last_seq = next(self._seq)
+        if self._retain:
             self._log.append((seq, message))
         entry = (message, 0)
         for group in targets:

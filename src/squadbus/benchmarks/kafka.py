@@ -34,7 +34,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from squadbus.backends.kafka import KafkaBackend, KafkaSettings
 from squadbus.benchmarks.openloop import drive
-from squadbus.benchmarks.stats import Result
+from squadbus.benchmarks.stats import Result, median_of
 from squadbus.core import envelope, subjects
 from squadbus.core.backend import ConsumerOptions, Delivery
 from squadbus.core.bus import Bus
@@ -283,17 +283,9 @@ async def run(*, url: str, count: int, rate: float) -> list[Result]:
         ours_rounds.append(await squadbus_throughput(url, count))
         awaited_rounds.append(await raw_throughput(url, count, awaited=True))
     return [
-        _median(raw_rounds),
-        _median(ours_rounds),
+        median_of(raw_rounds),
+        median_of(ours_rounds),
         await raw_latency(url, latency_count, rate),
         await squadbus_latency(url, latency_count, rate),
-        _median(awaited_rounds),
+        median_of(awaited_rounds),
     ]
-
-
-def _median(rounds: list[Result]) -> Result:
-    ordered = sorted(rounds, key=lambda r: r.throughput)
-    chosen = ordered[len(ordered) // 2]
-    spread = ", ".join(f"{r.throughput:.0f}" for r in rounds)
-    chosen.notes = f"{chosen.notes}; median of {len(rounds)} rounds: {spread} msgs/s".lstrip("; ")
-    return chosen

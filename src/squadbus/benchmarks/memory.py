@@ -14,11 +14,12 @@ import uuid
 from squadbus.backends.memory import MemoryBackend, MemorySettings
 from squadbus.benchmarks.guide_bus import AgentMessageResponse, GuideMessageBus
 from squadbus.benchmarks.openloop import drive
-from squadbus.benchmarks.stats import Result
+from squadbus.benchmarks.stats import Result, median_of
 from squadbus.core.backend import ConsumerOptions, Delivery
 from squadbus.core.bus import Bus
 
 PAYLOAD = "x" * 1024
+ROUNDS = 3
 
 
 def _bus() -> Bus:
@@ -188,15 +189,19 @@ async def run(*, url: str = "memory://", count: int = 200_000, rate: float = 10_
     """Every memory benchmark; ``url`` must be memory:// (kept for the ``squadbus bench`` interface)."""
     if not url.startswith("memory://"):
         raise ValueError("the memory benchmarks run on memory:// only")
-    results = [
-        await queue_throughput(count),
-        await squadbus_throughput(count),
-        await guide_direct_throughput(count // 4),
-        await squadbus_throughput(count // 4, agents=100),
-        await squadbus_throughput(count // 4, agents=10_000),
-        await squadbus_broadcast(max(1, count // 2000), agents=1000),
-        await guide_broadcast(max(1, count // 2000), agents=1000),
-        await queue_latency(rate, int(rate * 2)),
-        await squadbus_latency(rate, int(rate * 2)),
-    ]
+    # Throughput lines are the median of ROUNDS rounds, run interleaved so drift hits every line alike.
+    rounds: dict[str, list[Result]] = {}
+    for _ in range(ROUNDS):
+        for result in (
+            await queue_throughput(count),
+            await squadbus_throughput(count),
+            await guide_direct_throughput(count // 4),
+            await squadbus_throughput(count // 4, agents=100),
+            await squadbus_throughput(count // 4, agents=10_000),
+            await squadbus_broadcast(max(1, count // 2000), agents=1000),
+            await guide_broadcast(max(1, count // 2000), agents=1000),
+        ):
+            rounds.setdefault(result.name, []).append(result)
+    results = [median_of(r) for r in rounds.values()]
+    results += [await queue_latency(rate, int(rate * 2)), await squadbus_latency(rate, int(rate * 2))]
     return results

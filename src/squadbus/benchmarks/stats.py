@@ -49,6 +49,15 @@ def ratio(ours: Result, baseline: Result) -> float:
     return ours.throughput / baseline.throughput if baseline.throughput else math.nan
 
 
+def median_of(rounds: Sequence[Result]) -> Result:
+    """The round with the median throughput, its notes listing every round (shared machines are noisy)."""
+    ordered = sorted(rounds, key=lambda r: r.throughput)
+    chosen = ordered[len(ordered) // 2]
+    spread = ", ".join(f"{r.throughput:.0f}" for r in rounds)
+    chosen.notes = f"{chosen.notes}; median of {len(rounds)} rounds: {spread} msgs/s".lstrip("; ")
+    return chosen
+
+
 def format_table(results: Sequence[Result]) -> str:
     """A fixed-width table of results (msgs/s and latency percentiles)."""
     header = f"{'benchmark':44} {'count':>8} {'msgs/s':>11} {'p50 ms':>9} {'p99 ms':>9} {'p99.9 ms':>9}"

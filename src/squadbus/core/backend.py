@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import hashlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,6 +24,8 @@ from uuid import UUID
 
 from squadbus.core.envelope import Message
 from squadbus.core.errors import ConfigError
+
+logger = logging.getLogger("squadbus.backend")
 
 
 class StartFrom(enum.Enum):
@@ -188,6 +191,26 @@ class Delivery:
 
 RawHandler = Callable[[Delivery], Awaitable[None]]
 """What a backend calls for each delivery; the Bus's wrapper always settles it."""
+
+
+async def invoke(handler: RawHandler, delivery: Delivery, options: ConsumerOptions) -> None:
+    """Run ``handler`` on ``delivery`` the way every backend must.
+
+    The Bus's wrapper always settles; a bare RawHandler might not, so an
+    unsettled delivery is nacked with ``options.backoff(delivery.attempt)``
+    (logged when the handler raised). Cancelled while unsettled: nacked at once, then the
+    cancellation goes on, so closing a consumer never loses the message.
+    """
+    try:
+        await handler(delivery)
+    except asyncio.CancelledError:
+        if delivery.settled is None:
+            await delivery.nack()
+        raise
+    except Exception:
+        logger.exception("handler wrapper raised for message %s", delivery.message.id)
+    if delivery.settled is None:
+        await delivery.nack(options.backoff(delivery.attempt))
 
 
 class Subscription(Protocol):

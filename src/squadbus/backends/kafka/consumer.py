@@ -44,7 +44,7 @@ from squadbus.backends.kafka.partition import PartitionState, header_subject
 from squadbus.backends.kafka.producer import ID_HEADER, translate
 from squadbus.backends.kafka.settings import KafkaSettings
 from squadbus.backends.kafka.topics import TopicLayout
-from squadbus.core.backend import ConsumerOptions, Delivery, RawHandler, StartFrom, durable_name
+from squadbus.core.backend import ConsumerOptions, Delivery, RawHandler, StartFrom, durable_name, invoke
 from squadbus.core.envelope import Message, decode
 from squadbus.core.errors import MalformedMessage, SquadbusError
 
@@ -354,17 +354,7 @@ class KafkaSubscription:
             await self._dead_letter_malformed(part, record, attempt, str(exc))
             return
         delivery = KafkaDelivery(message, attempt=attempt, group=self._group, sub=self, part=part, record=record)
-        try:
-            await self._handler(delivery)
-        except asyncio.CancelledError:
-            if delivery.settled is None:
-                await delivery.nack()
-            raise
-        except Exception:
-            logger.exception("handler wrapper raised for message %s", message.id)
-        if delivery.settled is None:
-            # The Bus wrapper always settles; a bare RawHandler might not.
-            await delivery.nack(self._options.backoff(attempt))
+        await invoke(self._handler, delivery, self._options)
 
     async def _dead_letter_malformed(
         self, part: PartitionState, record: ConsumerRecord, attempt: int, reason: str

@@ -29,7 +29,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from squadbus.core import subjects
-from squadbus.core.backend import ConsumerOptions, Delivery, RawHandler
+from squadbus.core.backend import ConsumerOptions, Delivery, RawHandler, invoke
 from squadbus.core.dispatch import DLQ_ATTEMPTS, DLQ_GROUP, DLQ_ORIGINAL_ID, DLQ_REASON, DLQ_SUBJECT
 from squadbus.core.envelope import Message, decode, new_id, utcnow
 from squadbus.core.errors import MalformedMessage, SquadbusError
@@ -286,17 +286,7 @@ class NatsSubscription:
             await self._malformed(msg, exc, attempt)
             return
         delivery = NatsDelivery(message, msg, attempt, self)
-        try:
-            await self._handler(delivery)
-        except asyncio.CancelledError:
-            if delivery.settled is None:
-                await delivery.nack()
-            raise
-        except Exception:
-            logger.exception("handler wrapper raised for message %s", message.id)
-        if delivery.settled is None:
-            # The Bus wrapper always settles; a bare RawHandler might not.
-            await delivery.nack(self._options.backoff(attempt))
+        await invoke(self._handler, delivery, self._options)
 
     async def _malformed(self, msg: Msg, exc: MalformedMessage, attempt: int) -> None:
         """Dead-letter bytes that are not an envelope, so they never block the consumer."""

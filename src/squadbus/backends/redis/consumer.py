@@ -18,7 +18,7 @@ from squadbus.backends.redis._driver import aioredis
 from squadbus.backends.redis.layout import KeyLayout
 from squadbus.backends.redis.settings import RedisSettings
 from squadbus.core import subjects
-from squadbus.core.backend import ConsumerOptions, Delivery, RawHandler
+from squadbus.core.backend import ConsumerOptions, Delivery, RawHandler, invoke
 from squadbus.core.envelope import Message, decode
 from squadbus.core.errors import MalformedMessage
 
@@ -182,17 +182,7 @@ class BaseConsumer:
         entry.handed = True
         self.ctx.counters.delivered += 1
         delivery = RedisDelivery(entry, self, self.group)
-        try:
-            await self._handler(delivery)
-        except asyncio.CancelledError:
-            if delivery.settled is None:
-                await delivery.nack()
-            raise
-        except Exception:
-            logger.exception("handler wrapper raised for message %s", entry.message.id)
-        if delivery.settled is None:
-            # The Bus wrapper always settles; a bare RawHandler might not.
-            await delivery.nack(self.options.backoff(entry.attempt))
+        await invoke(self._handler, delivery, self.options)
 
     async def close(self) -> None:
         """Stop consuming; see the subclasses."""
