@@ -110,7 +110,7 @@ def _agent_token(text: str, what: str) -> str:
 def _agent(value: object, what: str) -> str:
     # The guide passes agent ids as UUIDs; squadbus also takes readable names.
     if value.__class__ is str:
-        return _agent_token(value, what)  # type: ignore[arg-type]
+        return _agent_token(value, what)
     text = str(value) if isinstance(value, uuid.UUID) else value
     if not isinstance(text, str):
         raise InvalidMessage(f"{what} must be a string or UUID, got {type(value).__name__}")
