@@ -11,7 +11,7 @@ from squadbus.backends.dual import DualBackend, from_url
 from squadbus.backends.memory import MemoryBackend
 from squadbus.core.backend import ConsumerOptions, Delivery, StartFrom
 from squadbus.core.bus import Bus
-from squadbus.core.envelope import Message
+from squadbus.core.envelope import Message, build
 from squadbus.core.errors import ConfigError, PublishFailed
 from squadbus.workers.bridge import BRIDGED_FROM, Bridge
 
@@ -46,6 +46,20 @@ async def test_dual_write_fails_loudly_when_the_secondary_fails() -> None:
         await new.close()
         with pytest.raises(PublishFailed, match="retry with the same id"):
             await bus.send("pm", "dev-1", "x")
+
+
+async def test_dual_publish_many_writes_the_batch_to_both_in_order() -> None:
+    old, new = MemoryBackend(), MemoryBackend()
+    async with Bus(DualBackend(old, new)) as bus:
+        execution = uuid.uuid4()
+        batch = [build(subject="agent.message.dev-1", sender_id="pm", content=str(i), task_execution_id=execution)
+                 for i in range(5)]
+        await bus.publish_many(batch)
+        for backend in (old, new):
+            assert [m.id async for _, m in backend.replay(execution)] == [m.id for m in batch]
+        await new.close()
+        with pytest.raises(PublishFailed, match="retry with the same ids"):
+            await bus.publish_many(batch[:2])
 
 
 def test_dual_url() -> None:

@@ -16,11 +16,11 @@ Subscriptions and replay read from the primary only. The migration:
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from uuid import UUID
 
-from squadbus.core.backend import Backend, ConsumerOptions, RawHandler, Replayable, Subscription
+from squadbus.core.backend import Backend, ConsumerOptions, RawHandler, Replayable, Subscription, publish_all
 from squadbus.core.envelope import Message
 from squadbus.core.errors import ConfigError, PublishFailed, SquadbusError
 from squadbus.core.registry import open_backend
@@ -63,6 +63,19 @@ class DualBackend:
             logger.warning("dual-write: secondary %s failed for %s: %s", self.secondary.name, message.id, exc)
             raise PublishFailed(
                 f"stored in {self.primary.name} but not in {self.secondary.name}: {exc}; retry with the same id"
+            ) from exc
+
+    async def publish_many(self, messages: Sequence[Message]) -> None:
+        """Store all in the primary, then all in the secondary, each with its batch publish if it has one."""
+        await publish_all(self.primary, messages)
+        try:
+            await publish_all(self.secondary, messages)
+        except SquadbusError as exc:
+            self.secondary_failures += 1
+            logger.warning("dual-write: secondary %s failed for a batch of %d: %s",
+                           self.secondary.name, len(messages), exc)
+            raise PublishFailed(
+                f"stored in {self.primary.name} but not in {self.secondary.name}: {exc}; retry with the same ids"
             ) from exc
 
     async def subscribe(

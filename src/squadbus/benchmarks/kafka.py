@@ -68,8 +68,11 @@ async def _squadbus_bus(url: str, tag: str) -> Bus:
     return await Bus(KafkaBackend(settings)).start()
 
 
-async def squadbus_throughput(url: str, count: int) -> Result:
-    """squadbus: ``count`` concurrent sends consumed by one group."""
+async def squadbus_throughput(url: str, count: int, *, batch: bool = False) -> Result:
+    """squadbus: ``count`` concurrent sends consumed by one group.
+
+    With ``batch``: ``Bus.publish_many`` in chunks of ``RAW_WINDOW``, the raw side's pattern.
+    """
     tag = uuid.uuid4().hex[:8]
     agent = f"bench-{tag}"
     async with await _squadbus_bus(url, tag) as bus:
@@ -92,10 +95,20 @@ async def squadbus_throughput(url: str, count: int) -> Result:
                 await bus.send("bench", agent, PAYLOAD, task_execution_id=uuid.uuid4())
 
         start = time.perf_counter()
-        await asyncio.gather(*(publisher() for _ in range(min(PUBLISHERS, count))))
+        if batch:
+            subject = subjects.direct(agent)
+            for first in range(0, count, RAW_WINDOW):
+                await bus.publish_many([
+                    envelope.build(subject=subject, sender_id="bench", recipient_id=agent, content=PAYLOAD,
+                                   task_execution_id=uuid.uuid4())
+                    for _ in range(min(RAW_WINDOW, count - first))
+                ])
+        else:
+            await asyncio.gather(*(publisher() for _ in range(min(PUBLISHERS, count))))
         await _until(lambda: received >= count, 120, "squadbus to consume everything")
         elapsed = time.perf_counter() - start
-    return Result("squadbus kafka publish->consume", count, elapsed, notes="acks=all, commit after ack")
+    name = "squadbus kafka publish_many->consume" if batch else "squadbus kafka publish->consume"
+    return Result(name, count, elapsed, notes="acks=all, commit after ack")
 
 
 async def squadbus_latency(url: str, count: int, rate: float) -> Result:
@@ -271,21 +284,25 @@ async def run(*, url: str, count: int, rate: float) -> list[Result]:
     """squadbus vs raw aiokafka against the broker at ``url`` (a ``kafka://`` URL).
 
     Returns, in order: raw throughput, squadbus throughput, raw latency,
-    squadbus latency (see the module docstring), and for context raw
-    aiokafka throughput with per-record awaited sends (Bus.send's pattern).
+    squadbus latency (see the module docstring), for context raw aiokafka
+    throughput with per-record awaited sends (Bus.send's pattern), and
+    squadbus throughput with ``Bus.publish_many`` (the raw side's pattern).
     """
     latency_count = max(1, min(count, int(rate * OPEN_LOOP_SECONDS)))
     raw_rounds: list[Result] = []
     ours_rounds: list[Result] = []
     awaited_rounds: list[Result] = []
+    many_rounds: list[Result] = []
     for _ in range(ROUNDS):
         raw_rounds.append(await raw_throughput(url, count))
         ours_rounds.append(await squadbus_throughput(url, count))
         awaited_rounds.append(await raw_throughput(url, count, awaited=True))
+        many_rounds.append(await squadbus_throughput(url, count, batch=True))
     return [
         median_of(raw_rounds),
         median_of(ours_rounds),
         await raw_latency(url, latency_count, rate),
         await squadbus_latency(url, latency_count, rate),
         median_of(awaited_rounds),
+        median_of(many_rounds),
     ]

@@ -6,8 +6,9 @@ dead letters, request/reply, inboxes) lives in :class:`squadbus.core.bus.Bus`
 so that it behaves the same on every backend.
 
 Extra abilities are separate protocols checked with ``isinstance``:
-:class:`Replayable` (read one execution's history back from the broker) and
-:class:`Requester` (a native request/reply faster than publish + reply subject).
+:class:`Replayable` (read one execution's history back from the broker),
+:class:`Requester` (a native request/reply faster than publish + reply subject)
+and :class:`BatchPublisher` (many messages in few round trips).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import asyncio
 import enum
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol, runtime_checkable
@@ -300,3 +301,27 @@ class Requester(Protocol):
     """
 
     async def request(self, message: Message, *, timeout: float) -> Message: ...
+
+
+@runtime_checkable
+class BatchPublisher(Protocol):
+    """A backend that stores many messages in fewer round trips than one publish each.
+
+    ``publish_many(messages)`` returns once every message is stored, in list
+    order for messages of one ``task_execution_id`` (a message retried after a
+    transient failure may land after later ones). It raises a
+    :class:`~squadbus.core.errors.BackendError` if any message was not stored;
+    then any of them may have been: publishing the same messages again (same
+    ids) is safe, the backend or the db-writer drops the repeats.
+    """
+
+    async def publish_many(self, messages: Sequence[Message]) -> None: ...
+
+
+async def publish_all(backend: Backend, messages: Sequence[Message]) -> None:
+    """Store ``messages`` with the backend's batch publish, or one after the other in order."""
+    if len(messages) > 1 and isinstance(backend, BatchPublisher):
+        await backend.publish_many(messages)
+        return
+    for message in messages:
+        await backend.publish(message)

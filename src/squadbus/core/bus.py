@@ -14,7 +14,7 @@ import asyncio
 import dataclasses
 import logging
 import secrets
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any
@@ -29,6 +29,7 @@ from squadbus.core.backend import (
     Requester,
     StartFrom,
     Subscription,
+    publish_all,
 )
 from squadbus.core.dispatch import DispatchStats, Handler, wrap
 from squadbus.core.envelope import DEFAULT_MAX_CONTENT_BYTES, Message
@@ -129,6 +130,23 @@ class Bus:
         envelope.validate(message, max_content_bytes=self.max_content_bytes)
         await self.backend.publish(message)
         return message
+
+    async def publish_many(self, messages: Sequence[Message]) -> Sequence[Message]:
+        """Publish ready-made messages in few round trips; returns them once all are stored.
+
+        Every message is validated before any is sent (one bad message: nothing
+        is published). Order is kept per ``task_execution_id``. On a
+        :class:`~squadbus.core.errors.BackendError` some may have been stored:
+        publishing the same list again is safe (ids dedupe). Build messages with
+        :func:`squadbus.core.envelope.build`.
+        """
+        self._check_open()
+        limit = self.max_content_bytes
+        for message in messages:
+            envelope.validate(message, max_content_bytes=limit)
+        if messages:
+            await publish_all(self.backend, messages)
+        return messages
 
     async def send(
         self,

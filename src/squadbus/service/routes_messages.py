@@ -93,8 +93,8 @@ def _check_existing(existing: StoredMessage, message: Message) -> None:
 
 async def send_all(service: Service, messages: list[Message]) -> list[MessageOut]:
     """Publish ``messages`` in order, then write them through (see the module docstring)."""
+    await service.bus.publish_many(messages)
     for message in messages:
-        await service.bus.publish(message)
         service.metrics.record_published(message.message_type)
     try:
         rows = await service.writer.write(messages)

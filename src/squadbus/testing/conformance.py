@@ -27,9 +27,10 @@ from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+import msgspec
 import pytest
 
-from squadbus.core import subjects
+from squadbus.core import envelope, subjects
 from squadbus.core.backend import ConsumerOptions, Delivery, StartFrom
 from squadbus.core.batching import batched
 from squadbus.core.bus import Bus
@@ -435,6 +436,38 @@ class ConformanceSuite:
             by_execution[m.task_execution_id].append(int(m.content))
         for execution in executions:
             assert by_execution[execution] == list(range(per_execution)), f"order broken for {execution}"
+
+    async def test_publish_many_stores_all_in_order_per_execution(self, bus: Bus) -> None:
+        agent, group = _uid("agent"), _uid("g")
+        got = Collector()
+        await bus.subscribe(subjects.direct(agent), got, group=group)
+        executions = [uuid.uuid4() for _ in range(4)]
+        per_execution = self.n(50)
+        batch = [
+            envelope.build(subject=subjects.direct(agent), sender_id="pm", recipient_id=agent, content=str(i),
+                           task_execution_id=execution)
+            for i in range(per_execution) for execution in executions
+        ]
+        stored = await bus.publish_many(batch)
+        assert [m.id for m in stored] == [m.id for m in batch]
+        await eventually(lambda: len(got.messages) >= len(batch), self.features.timeout * 2, "the whole batch")
+        assert sorted(got.ids) == sorted(m.id for m in batch)
+        for execution in executions:
+            order = [int(m.content) for m in got.messages if m.task_execution_id == execution]
+            assert order == list(range(per_execution)), f"order broken for {execution}"
+
+    async def test_publish_many_with_one_bad_message_publishes_nothing(self, bus: Bus) -> None:
+        agent = _uid("agent")
+        got = Collector()
+        await bus.subscribe(subjects.direct(agent), got, group=_uid("g"))
+        good = envelope.build(subject=subjects.direct(agent), sender_id="pm", content="good")
+        too_big = msgspec.structs.replace(good, id=uuid.uuid4(), content="x" * (bus.max_content_bytes + 1))
+        with pytest.raises(MessageTooLarge):
+            await bus.publish_many([good, too_big])
+        marker = await bus.send("pm", agent, "after")
+        await eventually(lambda: len(got.messages) >= 1, self.features.timeout, "the marker")
+        await asyncio.sleep(0.2)
+        assert got.ids == [marker.id]
 
     # ---- inbox, request/reply, dedupe, replay ------------------------------------------------
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from uuid import UUID
 
@@ -96,6 +96,11 @@ class KafkaBackend:
         """Publish to the topic of ``message.subject``; returns once the broker acknowledged it."""
         self._check()
         await self._publisher.publish(message)
+
+    async def publish_many(self, messages: Sequence[Message]) -> None:
+        """Publish every message and return once the broker acknowledged all (BatchPublisher)."""
+        self._check()
+        await self._publisher.publish_many(messages)
 
     async def subscribe(
         self, pattern: str, handler: RawHandler, *, group: str | None, options: ConsumerOptions

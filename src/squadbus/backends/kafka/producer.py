@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 
 from squadbus.backends.kafka._driver import (
     AIOKafkaProducer,
@@ -126,6 +127,32 @@ class KafkaPublisher:
             await ack
         except (KafkaError, TimeoutError) as exc:
             raise translate(exc, f"publish of {message.id} to {topic}") from exc
+
+    async def publish_many(self, messages: Sequence[Message]) -> None:
+        """Hand every record to the producer in order, then wait for all the broker's acks.
+
+        Raises the first failure translated (see :meth:`publish`); records of
+        the other messages may still have been stored.
+        """
+        producer = self._producer
+        if producer is None:
+            raise ConnectionLost("the Kafka producer is not started")
+        acks = []
+        try:
+            for message in messages:
+                topic = self._layout.topic_for(message.subject)
+                acks.append(await producer.send(
+                    topic, encode(message), key=record_key(message), headers=record_headers(message)
+                ))
+        except (KafkaError, TimeoutError) as exc:
+            await asyncio.gather(*acks, return_exceptions=True)
+            raise translate(exc, f"publish of a batch of {len(messages)}") from exc
+        outcomes = await asyncio.gather(*acks, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, KafkaError | TimeoutError):
+                raise translate(outcome, f"publish of a batch of {len(messages)}") from outcome
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def partitions(self, topic: str) -> list[int]:
         """The partition ids of ``topic``, sorted."""

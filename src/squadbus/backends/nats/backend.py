@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from uuid import UUID
 
@@ -198,6 +198,20 @@ class NatsBackend:
         if self._closed or self._publisher is None:
             raise Closed("nats backend is not connected")
         await self._publisher.publish(message)
+
+    async def publish_many(self, messages: Sequence[Message]) -> None:
+        """Publish every message with its PubAck awaited concurrently (BatchPublisher).
+
+        The publishes start in list order, so the stream keeps that order
+        unless a transient failure makes one of them retry.
+        """
+        if self._closed or self._publisher is None:
+            raise Closed("nats backend is not connected")
+        publish = self._publisher.publish
+        outcomes = await asyncio.gather(*(publish(m) for m in messages), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def subscribe(
         self, pattern: str, handler: RawHandler, *, group: str | None, options: ConsumerOptions

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -146,6 +146,11 @@ class RedisBackend:
         """Store ``message`` (deduplicated by id within ``dedupe_window``); see RedisPublisher."""
         _, publisher = self._require()
         await publisher.publish(message)
+
+    async def publish_many(self, messages: Sequence[Message]) -> None:
+        """Store ``messages`` in as few Lua calls as ``publish_batch`` allows (BatchPublisher)."""
+        _, publisher = self._require()
+        await publisher.publish_many(list(messages))
 
     async def subscribe(
         self, pattern: str, handler: RawHandler, *, group: str | None, options: ConsumerOptions

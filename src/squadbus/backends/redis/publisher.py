@@ -105,6 +105,21 @@ class RedisPublisher:
             self._start_flusher()
         return await future
 
+    async def publish_many(self, messages: list[Message]) -> None:
+        """Store every message, in order, sharing the flusher's batches; raise the first failure."""
+        if self._closed:
+            raise Closed("redis backend is closed")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.publish_timeout
+        items = [_Pending(m, encode(m), loop.create_future(), deadline) for m in messages]
+        self._pending.extend(items)
+        if not self._flushers:
+            self._start_flusher()
+        outcomes = await asyncio.gather(*(item.future for item in items), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
     def _start_flusher(self) -> None:
         task = asyncio.get_running_loop().create_task(self._flush_loop(), name="squadbus-redis-publisher")
         self._flushers.add(task)
