@@ -41,12 +41,14 @@ from uuid import UUID
 
 from squadbus.core import subjects
 from squadbus.core.backend import (
+    BatchRawHandler,
     ConsumerOptions,
     Delivery,
     RawHandler,
     SlowConsumerPolicy,
     StartFrom,
     invoke,
+    invoke_batch,
 )
 from squadbus.core.envelope import Message
 from squadbus.core.errors import BackendTimeout, Closed, ConfigError
@@ -313,6 +315,60 @@ class _MemorySubscription:
         self._backend._remove_member(self)
 
 
+class _MemoryBatchSubscription(_MemorySubscription):
+    """A member that hands its handler batches: what is buffered, up to ``batch_size``,
+    waiting at most ``max_wait`` after the first message for more."""
+
+    def __init__(self, backend: MemoryBackend, group: _Group, handler: BatchRawHandler, max_wait: float) -> None:
+        super().__init__(backend, group, _never_called)
+        self._batch_handler = handler
+        self._max_wait = max_wait
+
+    async def _run(self) -> None:
+        group, handler, options = self._group, self._batch_handler, self._group.options
+        while not self._closing:
+            first = group.take() or await self._next()
+            if first is None:
+                return
+            items = [first]
+            try:
+                await self._fill(items, options.batch_size)
+            except asyncio.CancelledError:
+                # Closed while waiting for more: give back what was taken, in order.
+                for message, attempt, gap in reversed(items):
+                    group.inflight -= 1
+                    group.pending_gap += gap
+                    group.buffer.appendleft((message, attempt - 1))
+                raise
+            deliveries = [_MemoryDelivery(message, attempt, group, gap) for message, attempt, gap in items]
+            await invoke_batch(handler, deliveries, options)
+
+    async def _fill(self, items: list[tuple[Message, int, int]], limit: int) -> None:
+        group = self._group
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._max_wait
+        while len(items) < limit and not self._closing:
+            item = group.take()
+            if item is not None:
+                items.append(item)
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._waiting = True
+            try:
+                async with asyncio.timeout(remaining):
+                    await group.wait_for_entry()
+            except TimeoutError:
+                return
+            finally:
+                self._waiting = False
+
+
+async def _never_called(delivery: Delivery) -> None:
+    raise AssertionError("a batch subscription has no per-delivery handler")
+
+
 class MemoryBackend:
     """In-process backend; see the module docstring for its contract."""
 
@@ -416,6 +472,14 @@ class MemoryBackend:
         self, pattern: str, handler: RawHandler, *, group: str | None, options: ConsumerOptions
     ) -> _MemorySubscription:
         """Add a member to group ``(group, pattern)``, creating the group if needed."""
+        target = self._join(pattern, group, options)
+        member = _MemorySubscription(self, target, handler)
+        target.members.add(member)
+        member.start()
+        return member
+
+    def _join(self, pattern: str, group: str | None, options: ConsumerOptions) -> _Group:
+        """The group a new member of ``(group, pattern)`` joins, created if needed."""
         if self._closed or not self._connected:
             raise Closed("memory backend is not connected")
         subjects.validate_pattern(pattern)
@@ -427,7 +491,15 @@ class MemoryBackend:
                 if options.start is StartFrom.EARLIEST:
                     self._backfill(target)
             self._attach(target)
-        member = _MemorySubscription(self, target, handler)
+        return target
+
+    async def subscribe_batch(
+        self, pattern: str, handler: BatchRawHandler, *, group: str | None, options: ConsumerOptions,
+        max_wait: float,
+    ) -> _MemorySubscription:
+        """Like :meth:`subscribe`, handing ``handler`` batches (BatchSubscriber)."""
+        target = self._join(pattern, group, options)
+        member = _MemoryBatchSubscription(self, target, handler, max_wait)
         target.members.add(member)
         member.start()
         return member

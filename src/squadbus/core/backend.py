@@ -193,6 +193,9 @@ class Delivery:
 RawHandler = Callable[[Delivery], Awaitable[None]]
 """What a backend calls for each delivery; the Bus's wrapper always settles it."""
 
+BatchRawHandler = Callable[[Sequence[Delivery]], Awaitable[None]]
+"""What a :class:`BatchSubscriber` calls for each batch; the Bus's wrapper settles every delivery."""
+
 
 async def invoke(handler: RawHandler, delivery: Delivery, options: ConsumerOptions) -> None:
     """Run ``handler`` on ``delivery`` the way every backend must.
@@ -316,6 +319,45 @@ class BatchPublisher(Protocol):
     """
 
     async def publish_many(self, messages: Sequence[Message]) -> None: ...
+
+
+@runtime_checkable
+class BatchSubscriber(Protocol):
+    """A backend that hands a subscription's deliveries over in batches.
+
+    ``subscribe_batch`` is ``subscribe`` (same groups, same delivery contract)
+    except that ``handler`` gets a list of 1 to ``options.batch_size``
+    deliveries: as many as are ready, waiting at most ``max_wait`` seconds
+    after the first for more. One subscription runs one batch at a time, in
+    order; a delivery the handler left unsettled is nacked (see
+    :func:`invoke_batch`).
+    """
+
+    async def subscribe_batch(
+        self,
+        pattern: str,
+        handler: BatchRawHandler,
+        *,
+        group: str | None,
+        options: ConsumerOptions,
+        max_wait: float,
+    ) -> Subscription: ...
+
+
+async def invoke_batch(handler: BatchRawHandler, deliveries: Sequence[Delivery], options: ConsumerOptions) -> None:
+    """:func:`invoke` for a batch: run ``handler``, then nack whatever it left unsettled."""
+    try:
+        await handler(deliveries)
+    except asyncio.CancelledError:
+        for delivery in deliveries:
+            if delivery.settled is None:
+                await delivery.nack()
+        raise
+    except Exception:
+        logger.exception("batch handler wrapper raised for %d messages", len(deliveries))
+    for delivery in deliveries:
+        if delivery.settled is None:
+            await delivery.nack(options.backoff(delivery.attempt))
 
 
 async def publish_all(backend: Backend, messages: Sequence[Message]) -> None:

@@ -23,6 +23,7 @@ from uuid import UUID
 from squadbus.core import envelope, subjects
 from squadbus.core.backend import (
     Backend,
+    BatchSubscriber,
     ConsumerOptions,
     Delivery,
     Replayable,
@@ -31,7 +32,8 @@ from squadbus.core.backend import (
     Subscription,
     publish_all,
 )
-from squadbus.core.dispatch import DispatchStats, Handler, wrap
+from squadbus.core.batching import gather_batches
+from squadbus.core.dispatch import BatchHandler, DispatchStats, Handler, wrap, wrap_batch
 from squadbus.core.envelope import DEFAULT_MAX_CONTENT_BYTES, Message
 from squadbus.core.errors import Closed, ConfigError, RequestTimeout
 from squadbus.core.registry import open_backend
@@ -246,6 +248,49 @@ class Bus:
         opts = options or self.consumer_options
         raw = wrap(handler, opts, self.backend.publish, self.stats)
         sub = await self.backend.subscribe(pattern, raw, group=group, options=opts)
+        self._subscriptions.append(sub)
+        return sub
+
+    async def subscribe_batch(
+        self,
+        pattern: str,
+        handler: BatchHandler,
+        *,
+        group: str | None = None,
+        max_batch: int = 500,
+        max_wait: float = 0.05,
+        pipeline: int = 2,
+        options: ConsumerOptions | None = None,
+    ) -> Subscription:
+        """Run ``handler`` on batches of up to ``max_batch`` messages matching ``pattern``.
+
+        A batch is what is ready, or what arrived within ``max_wait`` seconds
+        of its first message. Batches of one subscription run one at a time,
+        in order. ``handler`` returns None (ack every delivery) or a mapping
+        of failed deliveries to their exception; raising fails the whole
+        batch (see :func:`squadbus.core.dispatch.wrap_batch`). Backends that
+        are a :class:`~squadbus.core.backend.BatchSubscriber` hand batches
+        over directly; on the others deliveries are gathered in-process, with
+        up to ``pipeline`` batches fetched ahead.
+        """
+        self._check_open()
+        subjects.validate_pattern(pattern)
+        if group is not None:
+            subjects.validate_token(group, what="group")
+        if max_batch < 1 or pipeline < 1 or max_wait < 0:
+            raise ConfigError("max_batch and pipeline must be >= 1, max_wait >= 0")
+        base = options or self.consumer_options
+        opts = dataclasses.replace(base, batch_size=max_batch, max_pending=max(base.max_pending, max_batch))
+        raw = wrap_batch(handler, opts, self.backend.publish, self.stats)
+        backend = self.backend
+        sub: Subscription
+        if isinstance(backend, BatchSubscriber):
+            sub = await backend.subscribe_batch(pattern, raw, group=group, options=opts, max_wait=max_wait)
+        else:
+            ahead = dataclasses.replace(opts, max_in_flight=max_batch * pipeline)
+            sub = await backend.subscribe(
+                pattern, gather_batches(raw, options=ahead, max_wait=max_wait), group=group, options=ahead
+            )
         self._subscriptions.append(sub)
         return sub
 

@@ -14,16 +14,19 @@ The outcome of a handler call is sorted into exactly one of:
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from squadbus.core import subjects
-from squadbus.core.backend import ConsumerOptions, Delivery, RawHandler
+from squadbus.core.backend import BatchRawHandler, ConsumerOptions, Delivery, RawHandler
 from squadbus.core.envelope import Message, new_id
 from squadbus.core.errors import Nack, Reject, SquadbusError
 
 Handler = Callable[[Delivery], Awaitable[None]]
 """A user handler: gets the delivery, may ack/nack it, raises to fail."""
+
+BatchHandler = Callable[[Sequence[Delivery]], Awaitable[Mapping[Delivery, BaseException] | None]]
+"""A user batch handler: gets up to ``max_batch`` deliveries, returns the failed ones (or raises)."""
 
 Publish = Callable[[Message], Awaitable[None]]
 
@@ -70,63 +73,122 @@ def dead_letter_of(delivery: Delivery, reason: str) -> Message:
     )
 
 
-def wrap(handler: Handler, options: ConsumerOptions, publish: Publish, stats: DispatchStats) -> RawHandler:
-    """A RawHandler running ``handler`` and settling every delivery."""
+class _Settler:
+    """Sorts one delivery's failure into nack or dead letter (shared by the single and batch wrappers)."""
 
-    async def dead_letter(delivery: Delivery, reason: str) -> None:
+    __slots__ = ("options", "publish", "stats")
+
+    def __init__(self, options: ConsumerOptions, publish: Publish, stats: DispatchStats) -> None:
+        self.options = options
+        self.publish = publish
+        self.stats = stats
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         try:
-            await publish(dead_letter_of(delivery, reason))
+            await self.publish(dead_letter_of(delivery, reason))
         except SquadbusError:
             logger.exception("dead-letter publish failed; nacking %s instead", delivery.message.id)
-            await delivery.nack(options.backoff(delivery.attempt))
+            await delivery.nack(self.options.backoff(delivery.attempt))
             return
-        stats.dead_lettered += 1
+        self.stats.dead_lettered += 1
         logger.warning(
             "dead-lettered message %s of group %s after %d attempts: %s",
             delivery.message.id, delivery.group, delivery.attempt, reason,
         )
         await delivery.term()
 
-    async def run(delivery: Delivery) -> None:
+    async def fail(self, delivery: Delivery, exc: BaseException, *, log: bool = True) -> None:
+        """Settle an unsettled ``delivery`` whose handling raised ``exc``."""
+        options = self.options
+        if isinstance(exc, Reject):
+            await self.dead_letter(delivery, f"rejected: {exc.reason}")
+            return
+        if isinstance(exc, Nack):
+            if delivery.attempt >= options.max_deliver:
+                await self.dead_letter(delivery, f"max_deliver ({options.max_deliver}) reached; last: {exc.reason}")
+                return
+            self.stats.nacked += 1
+            await delivery.nack(exc.delay if exc.delay is not None else options.backoff(delivery.attempt))
+            return
+        self.stats.handler_errors += 1
+        reason = f"{type(exc).__name__}: {exc}"
+        if delivery.attempt >= options.max_deliver:
+            if log:
+                logger.error("handler failed on last attempt for message %s", delivery.message.id, exc_info=exc)
+            await self.dead_letter(delivery, f"max_deliver ({options.max_deliver}) reached; last: {reason}")
+            return
+        if log:
+            logger.warning(
+                "handler failed for message %s (attempt %d of %d), will retry: %s",
+                delivery.message.id, delivery.attempt, options.max_deliver, reason,
+            )
+        self.stats.nacked += 1
+        await delivery.nack(options.backoff(delivery.attempt))
+
+    def count(self, delivery: Delivery) -> None:
+        stats = self.stats
         stats.delivered += 1
         if delivery.attempt > 1:
             stats.redelivered += 1
         if delivery.gap_before:
             stats.gaps += delivery.gap_before
+
+
+def wrap(handler: Handler, options: ConsumerOptions, publish: Publish, stats: DispatchStats) -> RawHandler:
+    """A RawHandler running ``handler`` and settling every delivery."""
+    settler = _Settler(options, publish, stats)
+
+    async def run(delivery: Delivery) -> None:
+        settler.count(delivery)
         try:
             await handler(delivery)
-        except Reject as exc:
-            await dead_letter(delivery, f"rejected: {exc.reason}")
-            return
-        except Nack as exc:
-            if delivery.settled is not None:
-                return
-            if delivery.attempt >= options.max_deliver:
-                await dead_letter(delivery, f"max_deliver ({options.max_deliver}) reached; last: {exc.reason}")
-                return
-            stats.nacked += 1
-            delay = exc.delay if exc.delay is not None else options.backoff(delivery.attempt)
-            await delivery.nack(delay)
-            return
         except Exception as exc:  # a failing handler means nack, by contract
-            stats.handler_errors += 1
             if delivery.settled is not None:
-                logger.exception("handler failed after settling message %s", delivery.message.id)
+                if not isinstance(exc, Nack | Reject):
+                    stats.handler_errors += 1
+                    logger.exception("handler failed after settling message %s", delivery.message.id)
                 return
-            reason = f"{type(exc).__name__}: {exc}"
-            if delivery.attempt >= options.max_deliver:
-                logger.exception("handler failed on last attempt for message %s", delivery.message.id)
-                await dead_letter(delivery, f"max_deliver ({options.max_deliver}) reached; last: {reason}")
-                return
-            logger.warning(
-                "handler failed for message %s (attempt %d of %d), will retry: %s",
-                delivery.message.id, delivery.attempt, options.max_deliver, reason,
-            )
-            stats.nacked += 1
-            await delivery.nack(options.backoff(delivery.attempt))
+            await settler.fail(delivery, exc)
             return
         if delivery.settled is None:
             await delivery.ack()
             stats.acked += 1
+
+    return run
+
+
+def wrap_batch(
+    handler: BatchHandler, options: ConsumerOptions, publish: Publish, stats: DispatchStats
+) -> BatchRawHandler:
+    """A BatchRawHandler running ``handler`` on a batch and settling every delivery of it.
+
+    ``handler`` returns None (all succeeded: ack all) or a mapping of the
+    deliveries that failed to their exception (each settled as if its own
+    handler had raised it: ``Reject`` dead-letters, ``Nack`` or any other
+    error retries); the rest are acked. If ``handler`` raises, every
+    delivery it did not settle itself gets that exception's outcome.
+    """
+    settler = _Settler(options, publish, stats)
+
+    async def run(deliveries: Sequence[Delivery]) -> None:
+        for delivery in deliveries:
+            settler.count(delivery)
+        failures: Mapping[Delivery, BaseException]
+        try:
+            failures = await handler(deliveries) or {}
+        except Exception as exc:
+            if not isinstance(exc, Nack | Reject):
+                logger.warning("batch handler failed for %d messages (first attempt %d), will settle each: %s",
+                               len(deliveries), deliveries[0].attempt if deliveries else 0, exc)
+            failures = dict.fromkeys(deliveries, exc)
+        for delivery in deliveries:
+            if delivery.settled is not None:
+                continue
+            failure = failures.get(delivery)
+            if failure is None:
+                await delivery.ack()
+                stats.acked += 1
+            else:
+                await settler.fail(delivery, failure, log=False)
 
     return run

@@ -40,6 +40,8 @@ from squadbus.core.errors import (
     ConfigError,
     InvalidSubject,
     MessageTooLarge,
+    Nack,
+    Reject,
     RequestTimeout,
 )
 
@@ -328,6 +330,64 @@ class ConformanceSuite:
         written = [c for b in batches for c in b]
         assert sorted(written, key=int) == [str(i) for i in range(total)], "a failed batch must be redelivered"
         assert len(batches) < total, "messages should be written in batches"
+
+    async def test_batch_subscription_settles_each_delivery_by_outcome(self, bus: Bus) -> None:
+        agent, group = _uid("agent"), _uid("g")
+        dlq = Collector()
+        await bus.subscribe(subjects.dead_letter(group), dlq, group=_uid("dlq"))
+        total = self.n(30)
+        batches: list[list[tuple[str, int]]] = []
+        done: set[str] = set()
+
+        async def handle(deliveries: Sequence[Delivery]) -> dict[Delivery, BaseException]:
+            batches.append([(d.message.content, d.attempt) for d in deliveries])
+            failures: dict[Delivery, BaseException] = {}
+            for d in deliveries:
+                if d.message.content == "poison":
+                    failures[d] = Reject("cannot be stored")
+                elif d.message.content == "0" and d.attempt == 1:
+                    failures[d] = Nack("try again")
+                else:
+                    done.add(d.message.content)
+            return failures
+
+        options = ConsumerOptions(backoff_base=0.01, backoff_max=0.05, ack_wait=self.features.timeout * 2)
+        await bus.subscribe_batch(subjects.direct(agent), handle, group=group, max_batch=8, max_wait=0.05,
+                                  options=options)
+        poison = await bus.send("pm", agent, "poison")
+        for i in range(total):
+            await bus.send("pm", agent, str(i))
+        await eventually(lambda: len(done) >= total, self.features.timeout * 2, "every good message handled")
+        await eventually(lambda: len(dlq.messages) >= 1, self.features.timeout, "the rejected message dead-lettered")
+        assert done == {str(i) for i in range(total)}
+        assert all(len(batch) <= 8 for batch in batches)
+        assert len(batches) < total + 1, "messages should arrive in batches"
+        assert ("0", 2) in [item for batch in batches for item in batch], "the nacked one comes back, attempt 2"
+        assert dlq.messages[0].headers[DLQ_ORIGINAL_ID] == str(poison.id)
+        assert "cannot be stored" in dlq.messages[0].headers[DLQ_REASON]
+        await asyncio.sleep(0.3)
+        handled = Counter(content for batch in batches for content, _ in batch)
+        assert handled["poison"] == 1 and all(handled[str(i)] == (2 if i == 0 else 1) for i in range(total))
+
+    async def test_batch_subscription_redelivers_a_failed_batch(self, bus: Bus) -> None:
+        agent = _uid("agent")
+        written: list[str] = []
+        fail_first = [True]
+
+        async def handle(deliveries: Sequence[Delivery]) -> None:
+            if fail_first[0]:
+                fail_first[0] = False
+                raise RuntimeError("database unavailable")
+            written.extend(d.message.content for d in deliveries)
+
+        total = self.n(40)
+        options = ConsumerOptions(backoff_base=0.01, backoff_max=0.05, ack_wait=self.features.timeout * 2)
+        await bus.subscribe_batch(subjects.direct(agent), handle, group=_uid("g"), max_batch=total, max_wait=0.05,
+                                  options=options)
+        for i in range(total):
+            await bus.send("pm", agent, str(i))
+        await eventually(lambda: len(set(written)) >= total, self.features.timeout, "every message written")
+        assert sorted(set(written), key=int) == [str(i) for i in range(total)], "a failed batch is redelivered"
 
     async def test_dead_letter_after_max_deliver_with_reason(self, bus: Bus) -> None:
         agent, group = _uid("agent"), _uid("g")

@@ -1,13 +1,13 @@
 """The db-writer: every message and reply into the HistoryStore, batched, exactly once.
 
 It joins consumer group ``db-writer`` on ``agent.message.>`` and
-``agent.reply.>`` with :func:`squadbus.core.batching.batched` and
-``max_in_flight=batch_size``: up to ``batch_size`` deliveries are collected
-(or whatever arrived within ``max_wait``) and written in one transaction.
-Deliveries are acked only after COMMIT. ``pipeline`` (default 2) batches may
-be in flight: one commits while the next fills, so the database round trip
-and the bus overlap (``max_in_flight = batch_size * pipeline``; 1 makes it
-strictly collect-then-write). Batches still commit one at a time, in order.
+``agent.reply.>`` with :meth:`~squadbus.core.bus.Bus.subscribe_batch`: up to
+``batch_size`` deliveries (what is ready, or what arrived within
+``max_wait``) are written in one transaction and acked only after COMMIT.
+Batches commit one at a time, in order. On a backend that hands over
+batches itself (memory) nothing is gathered per delivery; on the others up
+to ``pipeline`` batches are fetched ahead, so the next fills while one
+commits.
 What happens on failure:
 
 * store unreachable (ConnectionLost, BackendTimeout): the batch is retried in
@@ -33,7 +33,6 @@ from uuid import UUID
 
 from squadbus.core import subjects
 from squadbus.core.backend import ConsumerOptions, Delivery, Subscription
-from squadbus.core.batching import batched
 from squadbus.core.bus import Bus
 from squadbus.core.envelope import Message
 from squadbus.core.errors import BackendTimeout, Closed, ConnectionLost, InvalidMessage, Nack, Reject, SquadbusError
@@ -64,9 +63,10 @@ class DbWriter:
 
     ``on_written(rows)`` is awaited after each committed batch with one row
     per delivery (redelivered messages return their existing row).
-    ``options`` overrides the consumer options; ``max_in_flight`` is always
-    ``batch_size * pipeline``; ``retry_for`` is how long a batch is retried
-    in place while the store is unreachable before it is nacked.
+    ``options`` overrides the consumer options (``batch_size`` and
+    ``max_in_flight`` come from ``batch_size`` and ``pipeline``);
+    ``retry_for`` is how long a batch is retried in place while the store is
+    unreachable before it is nacked.
     """
 
     name = GROUP
@@ -91,12 +91,8 @@ class DbWriter:
         self.max_wait = max_wait
         self.on_written = on_written
         self.retry_for = retry_for
-        base = options or ConsumerOptions(max_deliver=1_000_000, backoff_base=0.1, backoff_max=5.0)
-        self.options = ConsumerOptions(
-            max_deliver=base.max_deliver, backoff_base=base.backoff_base, backoff_max=base.backoff_max,
-            ack_wait=base.ack_wait, batch_size=max(base.batch_size, batch_size), max_pending=base.max_pending,
-            max_in_flight=batch_size * pipeline, start=base.start, slow_consumer=base.slow_consumer,
-        )
+        self.pipeline = pipeline
+        self.options = options or ConsumerOptions(max_deliver=1_000_000, backoff_base=0.1, backoff_max=5.0)
         self.stats = DbWriterStats()
         self._subs: list[Subscription] = []
         self._stopping = asyncio.Event()
@@ -109,17 +105,12 @@ class DbWriter:
             return
         self._running = True
         self._stopping.clear()
-        batch_handler = batched(self._process, max_batch=self.batch_size, max_wait=self.max_wait)
-
-        async def handle(delivery: Delivery) -> None:
-            reason = self._poison.pop(delivery.message.id, None)
-            if reason is not None:
-                raise Reject(reason)
-            await batch_handler(delivery)
-
         try:
             for pattern in PATTERNS:
-                self._subs.append(await self.bus.subscribe(pattern, handle, group=GROUP, options=self.options))
+                self._subs.append(await self.bus.subscribe_batch(
+                    pattern, self._handle, group=GROUP, max_batch=self.batch_size, max_wait=self.max_wait,
+                    pipeline=self.pipeline, options=self.options,
+                ))
         except BaseException:
             await self.stop()
             raise
@@ -140,6 +131,23 @@ class DbWriter:
         for sub in subs:
             await self.bus.unsubscribe(sub)
         logger.info("db-writer stopped after %d messages in %d batches", self.stats.messages, self.stats.batches)
+
+    async def _handle(self, deliveries: Sequence[Delivery]) -> dict[Delivery, BaseException]:
+        """Write a batch; messages found poisonous on an earlier try are dead-lettered instead."""
+        failures: dict[Delivery, BaseException] = {}
+        fresh: list[Delivery] = []
+        for delivery in deliveries:
+            reason = self._poison.pop(delivery.message.id, None)
+            if reason is not None:
+                failures[delivery] = Reject(reason)
+            else:
+                fresh.append(delivery)
+        if fresh:
+            try:
+                await self._process([d.message for d in fresh])
+            except Exception as exc:
+                failures.update(dict.fromkeys(fresh, exc))
+        return failures
 
     async def _process(self, messages: Sequence[Message]) -> None:
         rows = await self._write(messages)
