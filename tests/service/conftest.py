@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 import uvicorn
@@ -23,7 +22,6 @@ from fastapi import FastAPI
 from squadbus.core.settings import Settings
 from squadbus.service import ServiceOptions, create_app
 from squadbus.service.state import Service
-from squadbus.testing.servers.postgres import PostgresServer, running_postgres
 from squadbus.testing.servers.process import free_port, port_open, spawn, stop, wait_until
 
 TOKENS = {
@@ -193,28 +191,6 @@ async def read_events(response: httpx.Response, count: int, *, timeout: float = 
 
     await asyncio.wait_for(go(), timeout)
     return events
-
-
-# ---- PostgreSQL ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    """One private PostgreSQL cluster for the session (fails, never skips, without the binaries)."""
-    with running_postgres() as server:
-        yield server
-
-
-@pytest.fixture
-async def postgres_url(postgres_server: PostgresServer) -> str:
-    """A fresh database on the session cluster."""
-    name = f"svc_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(postgres_server.url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return postgres_server.url_for(name)
 
 
 # ---- uvicorn subprocess --------------------------------------------------------------------------

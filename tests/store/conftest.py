@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from squadbus.store import HistoryStore, open_store
-from squadbus.testing.servers.postgres import PostgresServer, running_postgres
 from tests.store.suite import StoreFactory
 
 
@@ -41,25 +38,6 @@ async def sqlite_factory(sqlite_url: str) -> AsyncIterator[StoreFactory]:
     """Opens stores on the test's SQLite file; closes them after the test."""
     async for make in _factory(sqlite_url):
         yield make
-
-
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    """One private PostgreSQL cluster for the whole session (fails, never skips, without the binaries)."""
-    with running_postgres() as server:
-        yield server
-
-
-@pytest.fixture
-async def postgres_url(postgres_server: PostgresServer) -> str:
-    """A fresh, empty database on the session cluster for one test."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(postgres_server.url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return postgres_server.url_for(name)
 
 
 @pytest.fixture
