@@ -127,9 +127,10 @@ class Bus:
     # ---- publishing -------------------------------------------------------------------------
 
     async def publish(self, message: Message) -> Message:
-        """Publish a ready-made message on its own subject; returns it once stored."""
+        """Publish a ready-made message on its own subject (under ``agent.``); returns it once stored."""
         self._check_open()
         envelope.validate(message, max_content_bytes=self.max_content_bytes)
+        subjects.validate_scheme(message.subject)
         await self.backend.publish(message)
         return message
 
@@ -146,6 +147,7 @@ class Bus:
         limit = self.max_content_bytes
         for message in messages:
             envelope.validate(message, max_content_bytes=limit)
+            subjects.validate_scheme(message.subject)
         if messages:
             await publish_all(self.backend, messages)
         return messages

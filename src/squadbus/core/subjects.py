@@ -68,6 +68,19 @@ def validate_subject(subject: str) -> str:
 
 
 @lru_cache(maxsize=_CACHE_SIZE)
+def validate_scheme(subject: str) -> str:
+    """Return ``subject`` if it is a valid publish subject under ``agent.``, else raise InvalidSubject.
+
+    Every backend stores exactly ``agent.>`` (NATS: the stream's subjects); a
+    subject outside it would be stored by some backends and not by others.
+    """
+    validate_subject(subject)
+    if not subject.startswith(ROOT + "."):
+        raise InvalidSubject(f"subject {subject!r} is outside the squadbus scheme {ALL!r}")
+    return subject
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
 def validate_pattern(pattern: str) -> str:
     """Return ``pattern`` if it is a valid subscription pattern, else raise InvalidSubject."""
     tokens = _split(pattern, what="pattern")

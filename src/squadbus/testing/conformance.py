@@ -196,6 +196,11 @@ class ConformanceSuite:
             await bus.send("pm", agent, "x" * (bus.max_content_bytes + 1))
         with pytest.raises(ValueError, match="metadata"):
             await bus.send("pm", agent, "x", metadata=["not", "an", "object"])  # type: ignore[arg-type]
+        outside = envelope.build(subject="billing.invoice", sender_id="pm", content="x")
+        with pytest.raises(InvalidSubject, match="outside the squadbus scheme"):
+            await bus.publish(outside)
+        with pytest.raises(InvalidSubject, match="outside the squadbus scheme"):
+            await bus.publish_many([outside, outside.evolve(id=uuid.uuid4())])
         ok = await bus.send("pm", agent, "fine")
         await eventually(lambda: len(got.messages) >= 1, self.features.timeout, "the valid message")
         await asyncio.sleep(0.2)
