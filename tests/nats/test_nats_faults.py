@@ -4,6 +4,7 @@ and garbage bytes on the stream."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 import uuid
 from collections import Counter
@@ -19,6 +20,7 @@ from squadbus.core.bus import Bus
 from squadbus.core.dispatch import DLQ_GROUP, DLQ_REASON, DLQ_SUBJECT
 from squadbus.core.errors import BackendError
 from squadbus.testing.conformance import Collector, eventually
+from squadbus.testing.crash_consumer import MODULE as CRASH_CONSUMER
 from squadbus.testing.servers.nats import NatsCluster, NatsServer
 
 pytestmark = pytest.mark.nats
@@ -98,6 +100,39 @@ async def test_kill9_stream_leader_while_publishing(nats_cluster: NatsCluster) -
         while not await replicas_current(producer, 2):
             assert time.monotonic() < deadline, "the killed node did not rejoin as a current replica"
             await asyncio.sleep(0.2)
+
+
+async def test_consumer_killed_mid_batch_loses_nothing(nats_url: str, tmp_path: Path) -> None:
+    agent, group = f"agent-{uuid.uuid4().hex[:8]}", f"workers-{uuid.uuid4().hex[:8]}"
+    subject = subjects.direct(agent)
+    log = tmp_path / "consumer.log"
+    async with Bus.from_url(nats_url) as bus:
+        sent = [(await bus.send("pm", agent, f"job-{i}")).id for i in range(150)]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", CRASH_CONSUMER, nats_url, group, subject, str(log)
+        )
+        try:
+            def started() -> int:
+                return (log.read_text() if log.exists() else "").count("start ")
+
+            await eventually(lambda: started() >= 10, 30, "the consumer process to start a batch")
+        finally:
+            proc.kill()  # SIGKILL mid-batch: it holds fetched, unacknowledged messages
+            await proc.wait()
+        lines = log.read_text().splitlines()
+        done_by_dead = {uuid.UUID(line.split()[1]) for line in lines if line.startswith("done ")}
+        started_by_dead = {uuid.UUID(line.split()[1]) for line in lines if line.startswith("start ")}
+        assert len(done_by_dead) < len(sent), "the consumer should die mid-way"
+
+        survivor = Collector()
+        await bus.subscribe(subject, survivor, group=group, options=ConsumerOptions(ack_wait=1.0, batch_size=50))
+        await eventually(lambda: set(survivor.ids) | done_by_dead >= set(sent), 30,
+                         "every message processed by the dead consumer or the survivor")
+        interrupted = started_by_dead - done_by_dead
+        assert interrupted, "the consumer was killed inside a handler"
+        assert interrupted <= set(survivor.ids), "the message in the killed handler is redelivered"
+        attempts = {d.message.id: d.attempt for d in survivor.deliveries}
+        assert all(attempts[i] >= 2 for i in interrupted), "a redelivery counts as another attempt"
 
 
 @pytest.fixture

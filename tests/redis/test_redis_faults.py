@@ -18,6 +18,7 @@ from squadbus.core.bus import Bus
 from squadbus.core.dispatch import DLQ_GROUP, DLQ_REASON
 from squadbus.core.errors import BackendError, ConfigError
 from squadbus.testing.conformance import Collector, eventually
+from squadbus.testing.crash_consumer import MODULE as CRASH_CONSUMER
 from squadbus.testing.servers.redis import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -33,10 +34,11 @@ async def test_killed_consumer_entries_are_claimed_by_another_member(redis_url: 
     agent, group = _uid("agent"), _uid("workers")
     subject = subjects.direct(agent)
     log = tmp_path / "consumer.log"
-    script = Path(__file__).with_name("consumer_proc.py")
     async with Bus.from_url(redis_url) as bus:
         sent = [(await bus.send("pm", agent, f"job-{i}")).id for i in range(150)]
-        proc = await asyncio.create_subprocess_exec(sys.executable, str(script), redis_url, group, subject, str(log))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", CRASH_CONSUMER, redis_url, group, subject, str(log)
+        )
         try:
             def started() -> int:
                 text = log.read_text() if log.exists() else ""

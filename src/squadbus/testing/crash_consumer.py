@@ -1,6 +1,6 @@
-"""A consumer process for the kill -9 fault test.
+"""A consumer process for kill -9 fault tests, the same on every backend.
 
-Usage: python consumer_proc.py URL GROUP SUBJECT OUTFILE
+Usage: python -m squadbus.testing.crash_consumer URL GROUP SUBJECT OUTFILE
 
 Joins GROUP on SUBJECT with a slow handler; writes "start <id>" before and
 "done <id>" after each message (flushed), until it is killed.
@@ -13,6 +13,9 @@ import sys
 
 from squadbus.core.backend import ConsumerOptions, Delivery
 from squadbus.core.bus import Bus
+
+MODULE = "squadbus.testing.crash_consumer"
+"""What to pass to ``python -m`` to run this consumer."""
 
 
 async def main(url: str, group: str, subject: str, outfile: str) -> None:
