@@ -9,7 +9,7 @@ install:            ## apt + pip: servers for the tests and the package with eve
 install-pkg:        ## pip only (servers already installed)
 	scripts/install.sh --no-apt
 
-run: install-pkg    ## the main job on the embedded default: memory bus + SQLite, HTTP on 127.0.0.1:8080
+run: install-pkg    ## the main job on the embedded default: memory bus + SQLite, HTTP on 127.0.0.1:8000
 	squadbus serve
 
 demo: install-pkg   ## an example squad printed to the terminal

@@ -57,3 +57,20 @@ def test_demo_runs_the_squad() -> None:
     assert "  dev-2 -> pm [status] done: add the session API" in lines
     assert sum("[reply] approved, ship it" in line for line in lines) == 2
     assert sum("kick-off" in line for line in lines) == 2
+
+
+def test_bench_reports_squadbus_beside_the_raw_baseline() -> None:
+    result = CliRunner().invoke(main, ["bench", "--url", "memory://", "--count", "2000", "--rate", "2000", "--json"])
+    assert result.exit_code == 0, result.output
+    names = {row["name"]: row for row in json.loads(result.output)["results"]}
+    assert "raw asyncio.Queue (no envelope)" in names
+    ours = names["squadbus memory direct (1 agents)"]
+    assert ours["count"] == 2000 and ours["msgs_per_s"] > 0
+    latency = names["squadbus memory open loop 2000/s"]
+    assert latency["p50_ms"] <= latency["p99_ms"] <= latency["p999_ms"]
+
+
+def test_bench_without_a_benchmark_for_the_url_is_one_line() -> None:
+    result = CliRunner().invoke(main, ["bench", "--url", "dual://memory://|memory://"])
+    assert result.exit_code == 1
+    assert result.output.strip().startswith("squadbus: error: no benchmark for")

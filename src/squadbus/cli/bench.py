@@ -26,10 +26,11 @@ BENCHMARKS = {
 @click.option("--count", type=int, default=20_000, show_default=True, help="Messages per throughput run.")
 @click.option("--rate", type=float, default=1_000.0, show_default=True, help="Open-loop rate (msgs/s).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--url", "backend_url", default=None, help="Backend URL (overrides the group's --url / SQUADBUS_URL).")
 @click.pass_context
-def bench(ctx: click.Context, count: int, rate: float, as_json: bool) -> None:
+def bench(ctx: click.Context, count: int, rate: float, as_json: bool, backend_url: str | None) -> None:
     """Benchmark the backend named by --url (a running server) beside its raw client."""
-    url = ctx.obj.url
+    url = backend_url or ctx.obj.url
     try:
         module = importlib.import_module(BENCHMARKS[scheme_of(url)])
     except KeyError:
