@@ -24,6 +24,7 @@ from squadbus.backends.kafka._driver import (
     NodeNotReadyError,
     RequestTimedOutError,
 )
+from squadbus.backends.kafka.partitioner import KeyPartitioner
 from squadbus.backends.kafka.settings import Idempotence, KafkaSettings
 from squadbus.backends.kafka.topics import TopicLayout
 from squadbus.core.envelope import Message, encode
@@ -74,6 +75,7 @@ class KafkaPublisher:
             acks="all",
             enable_idempotence=idempotent,
             linger_ms=0,
+            partitioner=KeyPartitioner(),
             max_batch_size=s.max_batch_bytes,
             request_timeout_ms=int(s.publish_timeout * 1000),
         )

@@ -17,7 +17,8 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from uuid import UUID
 
-from squadbus.backends.kafka._driver import AIOKafkaConsumer, DefaultPartitioner, KafkaError, TopicPartition
+from squadbus.backends.kafka._driver import AIOKafkaConsumer, KafkaError, TopicPartition
+from squadbus.backends.kafka.partitioner import partition_for
 from squadbus.backends.kafka.producer import translate
 from squadbus.backends.kafka.settings import KafkaSettings
 from squadbus.core.envelope import Message, decode
@@ -27,9 +28,8 @@ _READ_MS = 1000
 
 
 def partition_of(key: bytes, partitions: list[int]) -> int:
-    """The partition the producer's default partitioner picks for ``key``."""
-    chosen: int = DefaultPartitioner()(key, sorted(partitions), None)
-    return chosen
+    """The partition the producer's partitioner picks for ``key``."""
+    return partition_for(key, sorted(partitions))
 
 
 async def replay_execution(
