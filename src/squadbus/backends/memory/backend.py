@@ -1,0 +1,239 @@
+"""MemoryBackend: routing, publish with the slow-consumer policy, groups, replay window, dedupe."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from squadbus.backends.memory.group import GroupBuffer
+from squadbus.backends.memory.settings import MemorySettings
+from squadbus.backends.memory.subscription import MemoryBatchSubscription, MemorySubscription
+from squadbus.core import subjects
+from squadbus.core.backend import BatchRawHandler, ConsumerOptions, RawHandler, StartFrom
+from squadbus.core.envelope import Message
+from squadbus.core.errors import BackendTimeout, Closed
+
+logger = logging.getLogger("squadbus.backends.memory")
+
+_ROUTE_CACHE_LIMIT = 50_000
+
+
+class MemoryBackend:
+    """In-process backend; see the module docstring for its contract."""
+
+    name = "memory"
+
+    def __init__(self, settings: MemorySettings | None = None) -> None:
+        self.settings = settings or MemorySettings()
+        self._exact: dict[str, list[GroupBuffer]] = {}
+        self._wild: list[GroupBuffer] = []
+        self._groups: dict[tuple[str, str], GroupBuffer] = {}
+        self._route_cache: dict[str, tuple[GroupBuffer, ...]] = {}
+        self._log: deque[tuple[int, Message]] = deque(maxlen=self.settings.retain_messages or None)
+        self._seq = itertools.count(1)
+        self._last_seq = 0
+        # A set plus a FIFO of ids as ints: O(1) expiry (a dict's oldest-key pop
+        # degrades as it churns), and ints, unlike UUID objects, are not GC-tracked.
+        self._seen: set[int] = set()
+        self._seen_order: deque[int] = deque()
+        self._dedupe_window = self.settings.dedupe_window
+        self._retain = self.settings.retain_messages > 0
+        self._duplicates = 0
+        self._connected = False
+        self._closed = False
+
+    async def connect(self) -> None:
+        """Nothing to connect to; marks the backend usable."""
+        if self._closed:
+            raise Closed("memory backend is closed")
+        self._connected = True
+
+    async def close(self) -> None:
+        """Close every subscription (each finishes its handler in progress). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for group in list(self._groups.values()) + [g for gs in self._exact.values() for g in gs] + self._wild:
+            for member in list(group.members):
+                await member.close()
+            group.cancel_timers()
+
+    # ---- publish -----------------------------------------------------------------------------
+
+    def _route(self, subject: str) -> tuple[GroupBuffer, ...]:
+        cached = self._route_cache.get(subject)
+        if cached is not None:
+            return cached
+        targets = list(self._exact.get(subject, ()))
+        targets.extend(g for g in self._wild if subjects.matches(g.pattern, subject))
+        result = tuple(targets)
+        if len(self._route_cache) >= _ROUTE_CACHE_LIMIT:
+            self._route_cache.clear()
+        self._route_cache[subject] = result
+        return result
+
+    async def publish(self, message: Message) -> None:
+        """Hand ``message`` to every matching group; returns once all buffered it."""
+        if self._closed or not self._connected:
+            raise Closed("memory backend is not connected")
+        targets = self._route_cache.get(message.subject) or self._route(message.subject)
+        for group in targets:
+            if len(group.buffer) >= group.options.max_pending and group.blocks_publishers():
+                await self._wait_for_space(targets)
+                targets = self._route(message.subject)
+                break
+        seen = self._seen
+        key = message.id.int
+        if key in seen:
+            self._duplicates += 1
+            return
+        if self._dedupe_window:
+            seen.add(key)
+            order = self._seen_order
+            order.append(key)
+            if len(order) > self._dedupe_window:
+                seen.discard(order.popleft())
+        seq = self._last_seq = next(self._seq)
+        if self._retain:
+            self._log.append((seq, message))
+        entry = (message, 0)
+        for group in targets:
+            group.push(entry)
+
+    async def _wait_for_space(self, targets: tuple[GroupBuffer, ...]) -> None:
+        # All-or-nothing: wait until every blocking target has room, then the
+        # caller pushes to all of them without yielding in between.
+        try:
+            async with asyncio.timeout(self.settings.publish_timeout):
+                while True:
+                    full = next((g for g in targets if not g.has_space() and g.blocks_publishers()), None)
+                    if full is None:
+                        return
+                    await full.wait_for_space()
+        except TimeoutError as exc:
+            raise BackendTimeout(
+                f"a consumer group stayed full for {self.settings.publish_timeout}s; nothing was published"
+            ) from exc
+
+    # ---- subscribe ---------------------------------------------------------------------------
+
+    async def subscribe(
+        self, pattern: str, handler: RawHandler, *, group: str | None, options: ConsumerOptions
+    ) -> MemorySubscription:
+        """Add a member to group ``(group, pattern)``, creating the group if needed."""
+        target = self._join(pattern, group, options)
+        member = MemorySubscription(self, target, handler)
+        target.members.add(member)
+        member.start()
+        return member
+
+    def _join(self, pattern: str, group: str | None, options: ConsumerOptions) -> GroupBuffer:
+        """The group a new member of ``(group, pattern)`` joins, created if needed."""
+        if self._closed or not self._connected:
+            raise Closed("memory backend is not connected")
+        subjects.validate_pattern(pattern)
+        target = self._groups.get((group, pattern)) if group is not None else None
+        if target is None:
+            target = GroupBuffer(group, pattern, options)
+            if group is not None:
+                self._groups[(group, pattern)] = target
+                if options.start is StartFrom.EARLIEST:
+                    self._backfill(target)
+            self._attach(target)
+        return target
+
+    async def subscribe_batch(
+        self, pattern: str, handler: BatchRawHandler, *, group: str | None, options: ConsumerOptions,
+        max_wait: float,
+    ) -> MemorySubscription:
+        """Like :meth:`subscribe`, handing ``handler`` batches (BatchSubscriber)."""
+        target = self._join(pattern, group, options)
+        member = MemoryBatchSubscription(self, target, handler, max_wait)
+        target.members.add(member)
+        member.start()
+        return member
+
+    def _backfill(self, group: GroupBuffer) -> None:
+        first = self._log[0][0] if self._log else self._last_seq + 1
+        if first > 1:
+            logger.info(
+                "group %s starts at the replay window: %d earlier messages are only in the history store",
+                group.name, first - 1,
+            )
+        for _, message in self._log:
+            if subjects.matches(group.pattern, message.subject):
+                group.buffer.append((message, 0))
+
+    def _attach(self, group: GroupBuffer) -> None:
+        if subjects.is_literal(group.pattern):
+            self._exact.setdefault(group.pattern, []).append(group)
+        else:
+            self._wild.append(group)
+        self._route_cache.clear()
+
+    def _detach(self, group: GroupBuffer) -> None:
+        if subjects.is_literal(group.pattern):
+            groups = self._exact.get(group.pattern, [])
+            if group in groups:
+                groups.remove(group)
+            if not groups:
+                self._exact.pop(group.pattern, None)
+        elif group in self._wild:
+            self._wild.remove(group)
+        self._route_cache.clear()
+        group.cancel_timers()
+
+    def _remove_member(self, member: MemorySubscription) -> None:
+        group = member._group
+        group.members.discard(member)
+        group._wake_space()  # a memberless group no longer blocks publishers
+        if group.name is None and not group.members:
+            self._detach(group)
+
+    async def delete_group(self, group: str, pattern: str) -> bool:
+        """Forget a named group and what it buffered. True if it existed."""
+        target = self._groups.pop((group, pattern), None)
+        if target is None:
+            return False
+        for member in list(target.members):
+            await member.close()
+        self._detach(target)
+        return True
+
+    # ---- replay and introspection ------------------------------------------------------------
+
+    async def replay(
+        self, task_execution_id: UUID, *, from_seq: int = 0, since: datetime | None = None
+    ) -> AsyncIterator[tuple[int, Message]]:
+        """Yield ``(seq, message)`` of one execution still in the replay window."""
+        for seq, message in list(self._log):
+            if seq < from_seq or message.task_execution_id != task_execution_id:
+                continue
+            if since is not None and message.created_at < since:
+                continue
+            yield seq, message
+
+    def stats(self) -> dict[str, Any]:
+        """Replay window bounds, duplicates dropped, and per-group buffer state."""
+        first = self._log[0][0] if self._log else self._last_seq + 1
+        return {
+            "replay_window": {"first_seq": first, "last_seq": self._last_seq, "retained": len(self._log),
+                              "trimmed": first - 1},
+            "duplicates_dropped": self._duplicates,
+            "groups": [
+                {"group": g.name, "pattern": g.pattern, "members": len(g.members), "pending": len(g.buffer),
+                 "inflight": g.inflight, "dropped": g.dropped}
+                for g in self._groups.values()
+            ],
+        }
+
+
+def from_url(url: str) -> MemoryBackend:
+    """A MemoryBackend from ``memory://[?retain_messages=N&dedupe_window=N&publish_timeout=S]``."""
+    return MemoryBackend(MemorySettings.from_url(url))

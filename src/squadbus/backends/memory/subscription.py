@@ -1,0 +1,162 @@
+"""Members of a group: one delivery at a time, several at once, or batches."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING
+
+from squadbus.backends.memory.group import GroupBuffer, MemoryDelivery
+from squadbus.core.backend import BatchRawHandler, Delivery, RawHandler, invoke, invoke_batch
+from squadbus.core.envelope import Message
+
+if TYPE_CHECKING:
+    from squadbus.backends.memory.backend import MemoryBackend
+
+_FAIRNESS_STREAK = 64
+
+
+class MemorySubscription:
+    """One member of a group, running its handler one delivery at a time."""
+
+    def __init__(self, backend: MemoryBackend, group: GroupBuffer, handler: RawHandler) -> None:
+        self._backend = backend
+        self._group = group
+        self._handler = handler
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._waiting = False
+
+    @property
+    def pattern(self) -> str:
+        return self._group.pattern
+
+    @property
+    def group(self) -> str | None:
+        return self._group.name
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"squadbus-memory-{self._group.name or 'ephemeral'}"
+        )
+
+    async def _next(self) -> tuple[Message, int, int] | None:
+        """The next entry, waiting for one; None when closing."""
+        group = self._group
+        while not self._closing:
+            item = group.take()
+            if item is not None:
+                return item
+            self._waiting = True
+            try:
+                await group.wait_for_entry()
+            finally:
+                self._waiting = False
+        return None
+
+    async def _handle(self, message: Message, attempt: int, gap: int) -> None:
+        delivery = MemoryDelivery(message, attempt, self._group, gap)
+        await invoke(self._handler, delivery, self._group.options)
+
+    async def _run(self) -> None:
+        if self._group.options.max_in_flight > 1:
+            await self._run_concurrently(self._group.options.max_in_flight)
+            return
+        group, handler, options = self._group, self._handler, self._group.options
+        streak = 0
+        while not self._closing:
+            item = group.take()
+            if item is None:
+                item = await self._next()
+                if item is None:
+                    return
+            streak += 1
+            if streak >= _FAIRNESS_STREAK:
+                # Handlers that never suspend would otherwise starve the loop.
+                streak = 0
+                await asyncio.sleep(0)
+            await invoke(handler, MemoryDelivery(item[0], item[1], group, item[2]), options)
+
+    async def _run_concurrently(self, limit: int) -> None:
+        slots = asyncio.Semaphore(limit)
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                await slots.acquire()
+                item = await self._next()
+                if item is None:
+                    slots.release()
+                    break
+                task = asyncio.get_running_loop().create_task(self._handle(*item))
+                running.add(task)
+                task.add_done_callback(running.discard)
+                task.add_done_callback(lambda _: slots.release())
+        finally:
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+
+    async def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        task = self._task
+        if task is not None:
+            if self._waiting:
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._backend._remove_member(self)
+
+
+class MemoryBatchSubscription(MemorySubscription):
+    """A member that hands its handler batches: what is buffered, up to ``batch_size``,
+    waiting at most ``max_wait`` after the first message for more."""
+
+    def __init__(self, backend: MemoryBackend, group: GroupBuffer, handler: BatchRawHandler, max_wait: float) -> None:
+        super().__init__(backend, group, _never_called)
+        self._batch_handler = handler
+        self._max_wait = max_wait
+
+    async def _run(self) -> None:
+        group, handler, options = self._group, self._batch_handler, self._group.options
+        while not self._closing:
+            first = group.take() or await self._next()
+            if first is None:
+                return
+            items = [first]
+            try:
+                await self._fill(items, options.batch_size)
+            except asyncio.CancelledError:
+                # Closed while waiting for more: give back what was taken, in order.
+                for message, attempt, gap in reversed(items):
+                    group.inflight -= 1
+                    group.pending_gap += gap
+                    group.buffer.appendleft((message, attempt - 1))
+                raise
+            deliveries = [MemoryDelivery(message, attempt, group, gap) for message, attempt, gap in items]
+            await invoke_batch(handler, deliveries, options)
+
+    async def _fill(self, items: list[tuple[Message, int, int]], limit: int) -> None:
+        group = self._group
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._max_wait
+        while len(items) < limit and not self._closing:
+            item = group.take()
+            if item is not None:
+                items.append(item)
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._waiting = True
+            try:
+                async with asyncio.timeout(remaining):
+                    await group.wait_for_entry()
+            except TimeoutError:
+                return
+            finally:
+                self._waiting = False
+
+
+async def _never_called(delivery: Delivery) -> None:
+    raise AssertionError("a batch subscription has no per-delivery handler")
