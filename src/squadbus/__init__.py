@@ -7,7 +7,7 @@ Start with :class:`Bus`::
 """
 
 from squadbus.core.backend import Backend, ConsumerOptions, Delivery, SlowConsumerPolicy, StartFrom, Subscription
-from squadbus.core.bus import Bus, Inbox
+from squadbus.core.bus import Bus
 from squadbus.core.envelope import Message
 from squadbus.core.errors import (
     BackendError,
@@ -26,6 +26,7 @@ from squadbus.core.errors import (
     Retry,
     SquadbusError,
 )
+from squadbus.core.inbox import Inbox
 from squadbus.core.settings import Settings
 
 __version__ = "0.1.0"

@@ -7,8 +7,9 @@ import uuid
 
 import click
 
-from squadbus.core.bus import Bus, Inbox
+from squadbus.core.bus import Bus
 from squadbus.core.errors import SquadbusError
+from squadbus.core.inbox import Inbox
 
 
 async def run_demo(url: str) -> list[str]:
