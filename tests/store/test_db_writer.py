@@ -124,6 +124,19 @@ async def test_every_message_written_exactly_once(bus: Bus, store: HistoryStore)
     assert bus.stats.dead_lettered == 0
 
 
+async def test_dead_letters_are_acked_not_stored(bus: Bus, store: HistoryStore) -> None:
+    writer = DbWriter(bus, store, batch_size=10, max_wait=0.01)
+    await writer.start()
+    sender = f"pm-{uuid.uuid4().hex[:6]}"
+    kept = await bus.send(sender, "dev-1", "stored")
+    dead = await bus.publish(kept.evolve(id=uuid.uuid4(), subject="agent.dlq.some-group"))
+    await eventually(lambda: bus.stats.acked >= 2)
+    await writer.stop()
+    assert [row.message.id for row in await all_rows(store, sender)] == [kept.id]
+    assert await store.get(dead.id) is None
+    assert writer.stats.messages == 1
+
+
 class FlakyStore:
     """Wraps a store; ``write`` fails with ConnectionLost while ``down`` is set."""
 

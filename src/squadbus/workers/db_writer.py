@@ -1,13 +1,15 @@
 """The db-writer: every message and reply into the HistoryStore, batched, exactly once.
 
-It joins consumer group ``db-writer`` on ``agent.message.>`` and
-``agent.reply.>`` with :meth:`~squadbus.core.bus.Bus.subscribe_batch`: up to
-``batch_size`` deliveries (what is ready, or what arrived within
-``max_wait``) are written in one transaction and acked only after COMMIT.
-Batches commit one at a time, in order. On a backend that hands over
-batches itself (memory) nothing is gathered per delivery; on the others up
-to ``pipeline`` batches are fetched ahead, so the next fills while one
-commits.
+It joins consumer group ``db-writer`` on ``agent.>`` (one subscription, so
+a backend that filters wildcards on the client reads each message once) with
+:meth:`~squadbus.core.bus.Bus.subscribe_batch`, and stores messages and
+replies; dead letters (``agent.dlq.>``) are acked without storing, they
+are copies. Up to ``batch_size`` deliveries (what is ready, or what arrived
+within ``max_wait``) are written in one transaction and acked only after
+COMMIT. Batches commit one at a time, in order. On a backend that hands over
+batches itself (memory, Redis) nothing is gathered per delivery; on the
+others up to ``pipeline`` batches are fetched ahead, so the next fills while
+one commits.
 What happens on failure:
 
 * store unreachable (ConnectionLost, BackendTimeout): the batch is retried in
@@ -41,7 +43,8 @@ from squadbus.store.base import HistoryStore, StoredMessage
 logger = logging.getLogger("squadbus.workers.db_writer")
 
 GROUP = "db-writer"
-PATTERNS = (f"{subjects.MESSAGE_PREFIX}.>", f"{subjects.REPLY_PREFIX}.>")
+PATTERNS = (subjects.ALL,)
+_SKIPPED = subjects.DLQ_PREFIX + "."
 _TRANSIENT = (ConnectionLost, BackendTimeout)
 _POISON_MEMORY = 10_000
 
@@ -59,7 +62,7 @@ class DbWriterStats:
 
 
 class DbWriter:
-    """Writes every ``agent.message.>`` and ``agent.reply.>`` message to ``store`` (see the module docstring).
+    """Writes every message and reply (``agent.>`` but dead letters) to ``store`` (see the module docstring).
 
     ``on_written(rows)`` is awaited after each committed batch with one row
     per delivery (redelivered messages return their existing row).
@@ -137,6 +140,8 @@ class DbWriter:
         failures: dict[Delivery, BaseException] = {}
         fresh: list[Delivery] = []
         for delivery in deliveries:
+            if delivery.message.subject.startswith(_SKIPPED):
+                continue  # acked, not stored: a dead letter is a copy of a stored message
             reason = self._poison.pop(delivery.message.id, None)
             if reason is not None:
                 failures[delivery] = Reject(reason)

@@ -29,7 +29,7 @@ from squadbus.backends.redis.publisher import RedisPublisher
 from squadbus.backends.redis.retention import Trimmer
 from squadbus.backends.redis.settings import Profile, RedisSettings
 from squadbus.core import subjects
-from squadbus.core.backend import ConsumerOptions, RawHandler
+from squadbus.core.backend import BatchRawHandler, ConsumerOptions, Delivery, RawHandler
 from squadbus.core.envelope import Message, decode
 from squadbus.core.errors import Closed, ConfigError, ConnectionLost, MalformedMessage, RequestTimeout
 
@@ -156,6 +156,19 @@ class RedisBackend:
         self, pattern: str, handler: RawHandler, *, group: str | None, options: ConsumerOptions
     ) -> GroupSubscription | EphemeralSubscription:
         """Join group ``(group, pattern)`` (created where ``options.start`` says), or read new entries."""
+        return await self._start_consumer(pattern, handler, group, options, None)
+
+    async def subscribe_batch(
+        self, pattern: str, handler: BatchRawHandler, *, group: str | None, options: ConsumerOptions,
+        max_wait: float,
+    ) -> GroupSubscription | EphemeralSubscription:
+        """Like :meth:`subscribe`, handing ``handler`` batches of up to ``batch_size`` (BatchSubscriber)."""
+        return await self._start_consumer(pattern, _never_called, group, options, (handler, max_wait))
+
+    async def _start_consumer(
+        self, pattern: str, handler: RawHandler, group: str | None, options: ConsumerOptions,
+        batches: tuple[BatchRawHandler, float] | None,
+    ) -> GroupSubscription | EphemeralSubscription:
         client, _ = self._require()
         subjects.validate_pattern(pattern)
         ctx = ConsumerContext(client, self.layout, self.settings, self.counters, self.publish)
@@ -164,6 +177,8 @@ class RedisBackend:
             sub = EphemeralSubscription(ctx, pattern, handler, options)
         else:
             sub = GroupSubscription(ctx, pattern, group, handler, options)
+        if batches is not None:
+            sub.use_batches(*batches)
         try:
             async with asyncio.timeout(self.settings.publish_timeout):
                 await sub.start()
@@ -263,3 +278,7 @@ class RedisBackend:
             "subscriptions": len(self._subscriptions),
             **{name: getattr(self.counters, name) for name in self.counters.__dataclass_fields__},
         }
+
+
+async def _never_called(delivery: Delivery) -> None:
+    raise AssertionError("a batch subscription has no per-delivery handler")

@@ -18,7 +18,7 @@ from squadbus.backends.redis._driver import aioredis
 from squadbus.backends.redis.layout import KeyLayout
 from squadbus.backends.redis.settings import RedisSettings
 from squadbus.core import subjects
-from squadbus.core.backend import ConsumerOptions, Delivery, RawHandler, invoke
+from squadbus.core.backend import BatchRawHandler, ConsumerOptions, Delivery, RawHandler, invoke, invoke_batch
 from squadbus.core.envelope import Message, decode
 from squadbus.core.errors import MalformedMessage
 
@@ -104,7 +104,15 @@ class BaseConsumer:
         self._workers: list[asyncio.Task[None]] = []
         self._idle: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
+        self._batch_handler: BatchRawHandler | None = None
+        self._max_wait = 0.0
         self.on_closed: Callable[[BaseConsumer], None] | None = None
+
+    def use_batches(self, handler: BatchRawHandler, max_wait: float) -> None:
+        """Before start: hand the handler batches of up to ``batch_size`` entries (one batch at a time)
+        instead of one delivery per call, waiting at most ``max_wait`` after the first for more."""
+        self._batch_handler = handler
+        self._max_wait = max_wait
 
     @property
     def pattern(self) -> str:
@@ -149,6 +157,9 @@ class BaseConsumer:
 
     def start_workers(self, name: str) -> None:
         loop = asyncio.get_running_loop()
+        if self._batch_handler is not None:
+            self._workers.append(loop.create_task(self._work_batches(self._batch_handler), name=f"{name}-batches"))
+            return
         for i in range(self.options.max_in_flight):
             self._workers.append(loop.create_task(self._work(), name=f"{name}-worker-{i}"))
 
@@ -177,6 +188,45 @@ class BaseConsumer:
             if self.queue.qsize() <= self.options.batch_size // 2:
                 self.room.set()
             await self._handle(entry)
+
+    async def _work_batches(self, handler: BatchRawHandler) -> None:
+        me = asyncio.current_task()
+        assert me is not None
+        loop = asyncio.get_running_loop()
+        limit = self.options.batch_size
+        while not self.closing:
+            entries: list[Entry] = []
+            self._idle.add(me)
+            try:
+                entries.append(await self.queue.get())
+                deadline = loop.time() + self._max_wait
+                while len(entries) < limit:
+                    if not self.queue.empty():
+                        entries.append(self.queue.get_nowait())
+                        continue
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        async with asyncio.timeout(remaining):
+                            entries.append(await self.queue.get())
+                    except TimeoutError:
+                        break
+            except asyncio.CancelledError:
+                for entry in entries:  # closing: give them back for close() to release
+                    self.queue.put_nowait(entry)
+                raise
+            finally:
+                self._idle.discard(me)
+            if self.queue.qsize() <= self.options.batch_size // 2:
+                self.room.set()
+            counters = self.ctx.counters
+            deliveries: list[Delivery] = []
+            for entry in entries:
+                entry.handed = True
+                deliveries.append(RedisDelivery(entry, self, self.group))
+            counters.delivered += len(deliveries)
+            await invoke_batch(handler, deliveries, self.options)
 
     async def _handle(self, entry: Entry) -> None:
         entry.handed = True
