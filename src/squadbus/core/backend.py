@@ -344,6 +344,11 @@ class BatchSubscriber(Protocol):
     ) -> Subscription: ...
 
 
+async def batch_only(delivery: Delivery) -> None:
+    """The per-delivery handler of a batch subscription, which a backend never calls."""
+    raise AssertionError("a batch subscription has no per-delivery handler")
+
+
 async def invoke_batch(handler: BatchRawHandler, deliveries: Sequence[Delivery], options: ConsumerOptions) -> None:
     """:func:`invoke` for a batch: run ``handler``, then nack whatever it left unsettled."""
     try:

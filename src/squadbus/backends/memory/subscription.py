@@ -7,7 +7,7 @@ import contextlib
 from typing import TYPE_CHECKING
 
 from squadbus.backends.memory.group import GroupBuffer, MemoryDelivery
-from squadbus.core.backend import BatchRawHandler, Delivery, RawHandler, invoke, invoke_batch
+from squadbus.core.backend import BatchRawHandler, RawHandler, batch_only, invoke, invoke_batch
 from squadbus.core.envelope import Message
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ class MemoryBatchSubscription(MemorySubscription):
     waiting at most ``max_wait`` after the first message for more."""
 
     def __init__(self, backend: MemoryBackend, group: GroupBuffer, handler: BatchRawHandler, max_wait: float) -> None:
-        super().__init__(backend, group, _never_called)
+        super().__init__(backend, group, batch_only)
         self._batch_handler = handler
         self._max_wait = max_wait
 
@@ -156,7 +156,3 @@ class MemoryBatchSubscription(MemorySubscription):
                 return
             finally:
                 self._waiting = False
-
-
-async def _never_called(delivery: Delivery) -> None:
-    raise AssertionError("a batch subscription has no per-delivery handler")

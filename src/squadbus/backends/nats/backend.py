@@ -31,7 +31,7 @@ from squadbus.backends.nats.settings import STREAM_SUBJECTS, NatsSettings, Profi
 from squadbus.backends.nats.subscriber import NatsSubscription
 from squadbus.backends.nats.translate import is_transient, translate
 from squadbus.core import subjects
-from squadbus.core.backend import ConsumerOptions, RawHandler
+from squadbus.core.backend import BatchRawHandler, ConsumerOptions, RawHandler, batch_only
 from squadbus.core.envelope import Message
 from squadbus.core.errors import BackendError, Closed, ConfigError
 
@@ -218,6 +218,19 @@ class NatsBackend:
     ) -> NatsSubscription:
         """Join the durable consumer of ``(group, pattern)`` (creating it), or create an
         ephemeral one for ``group=None``, and start pulling."""
+        return await self._start_subscription(pattern, handler, group, options, None)
+
+    async def subscribe_batch(
+        self, pattern: str, handler: BatchRawHandler, *, group: str | None, options: ConsumerOptions,
+        max_wait: float,
+    ) -> NatsSubscription:
+        """Like :meth:`subscribe`, handing ``handler`` batches of up to ``batch_size`` (BatchSubscriber)."""
+        return await self._start_subscription(pattern, batch_only, group, options, (handler, max_wait))
+
+    async def _start_subscription(
+        self, pattern: str, handler: RawHandler, group: str | None, options: ConsumerOptions,
+        batches: tuple[BatchRawHandler, float] | None,
+    ) -> NatsSubscription:
         subjects.validate_pattern(pattern)
         if not subjects.matches(subjects.ALL, pattern.replace("*", "x").replace(">", "x")):
             raise ConfigError(f"pattern {pattern!r} is outside the stream's subjects {subjects.ALL}")
@@ -228,6 +241,8 @@ class NatsBackend:
         sub = NatsSubscription(
             self, pattern=pattern, group=group, consumer=config.name, handler=handler, options=options
         )
+        if batches is not None:
+            sub.use_batches(*batches)
         self._subs.add(sub)
         self._configs[sub] = config
         await sub.start()

@@ -29,7 +29,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from squadbus.core import subjects
-from squadbus.core.backend import ConsumerOptions, Delivery, RawHandler, invoke
+from squadbus.core.backend import BatchRawHandler, ConsumerOptions, Delivery, RawHandler, invoke, invoke_batch
 from squadbus.core.dispatch import DLQ_ATTEMPTS, DLQ_GROUP, DLQ_ORIGINAL_ID, DLQ_REASON, DLQ_SUBJECT
 from squadbus.core.envelope import Message, decode, new_id, utcnow
 from squadbus.core.errors import MalformedMessage, SquadbusError
@@ -121,6 +121,14 @@ class NatsSubscription:
         self._batch = options.batch_size
         self._expires = backend.settings.pull_expires
         self._request_subject = f"$JS.API.CONSUMER.MSG.NEXT.{backend.settings.stream}.{consumer}"
+        self._batch_handler: BatchRawHandler | None = None
+        self._max_wait = 0.0
+
+    def use_batches(self, handler: BatchRawHandler, max_wait: float) -> None:
+        """Before start: hand the handler batches of up to ``batch_size`` messages (one batch at a
+        time) instead of one delivery per call, waiting at most ``max_wait`` after the first for more."""
+        self._batch_handler = handler
+        self._max_wait = max_wait
 
     @property
     def pattern(self) -> str:
@@ -240,6 +248,9 @@ class NatsSubscription:
         return msg
 
     async def _dispatch_loop(self) -> None:
+        if self._batch_handler is not None:
+            await self._dispatch_batches(self._batch_handler)
+            return
         if self._options.max_in_flight > 1:
             await self._dispatch_concurrently(self._options.max_in_flight)
             return
@@ -274,19 +285,60 @@ class NatsSubscription:
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
 
-    async def _handle(self, msg: Msg) -> None:
+    async def _dispatch_batches(self, handler: BatchRawHandler) -> None:
+        loop = asyncio.get_running_loop()
+        limit = self._options.batch_size
+        while (first := await self._next()) is not None:
+            msgs = [first]
+            deadline = loop.time() + self._max_wait
+            try:
+                while len(msgs) < limit and not self._closing:
+                    if not self._queue.empty():
+                        msgs.append(self._queue.get_nowait())
+                        continue
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    self._waiting_for_msg = True
+                    try:
+                        async with asyncio.timeout(remaining):
+                            msgs.append(await self._queue.get())
+                    except TimeoutError:
+                        break
+                    finally:
+                        self._waiting_for_msg = False
+            except asyncio.CancelledError:
+                for msg in msgs:  # closing: back to the server at once rather than after ack_wait
+                    await self.send_ack(msg, b"-NAK")
+                raise
+            if self._queue.qsize() <= self._batch // 2:
+                self._wake.set()
+            deliveries: list[Delivery] = []
+            for msg in msgs:
+                delivery = await self._delivery_of(msg)
+                if delivery is not None:
+                    deliveries.append(delivery)
+            if deliveries:
+                await invoke_batch(handler, deliveries, self._options)
+
+    async def _delivery_of(self, msg: Msg) -> NatsDelivery | None:
+        """The delivery of ``msg``; None (after dead-lettering it) when it is not an envelope."""
         try:
             attempt = _delivery_count(msg.reply)
         except (ValueError, IndexError):
             logger.error("consumer %s got a message without JetStream metadata on %s", self.consumer, msg.subject)
-            return
+            return None
         try:
             message = decode(msg.data)
         except MalformedMessage as exc:
             await self._malformed(msg, exc, attempt)
-            return
-        delivery = NatsDelivery(message, msg, attempt, self)
-        await invoke(self._handler, delivery, self._options)
+            return None
+        return NatsDelivery(message, msg, attempt, self)
+
+    async def _handle(self, msg: Msg) -> None:
+        delivery = await self._delivery_of(msg)
+        if delivery is not None:
+            await invoke(self._handler, delivery, self._options)
 
     async def _malformed(self, msg: Msg, exc: MalformedMessage, attempt: int) -> None:
         """Dead-letter bytes that are not an envelope, so they never block the consumer."""

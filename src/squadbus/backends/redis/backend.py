@@ -29,7 +29,7 @@ from squadbus.backends.redis.publisher import RedisPublisher
 from squadbus.backends.redis.retention import Trimmer
 from squadbus.backends.redis.settings import Profile, RedisSettings
 from squadbus.core import subjects
-from squadbus.core.backend import BatchRawHandler, ConsumerOptions, Delivery, RawHandler
+from squadbus.core.backend import BatchRawHandler, ConsumerOptions, RawHandler, batch_only
 from squadbus.core.envelope import Message, decode
 from squadbus.core.errors import Closed, ConfigError, ConnectionLost, MalformedMessage, RequestTimeout
 
@@ -163,7 +163,7 @@ class RedisBackend:
         max_wait: float,
     ) -> GroupSubscription | EphemeralSubscription:
         """Like :meth:`subscribe`, handing ``handler`` batches of up to ``batch_size`` (BatchSubscriber)."""
-        return await self._start_consumer(pattern, _never_called, group, options, (handler, max_wait))
+        return await self._start_consumer(pattern, batch_only, group, options, (handler, max_wait))
 
     async def _start_consumer(
         self, pattern: str, handler: RawHandler, group: str | None, options: ConsumerOptions,
@@ -278,7 +278,3 @@ class RedisBackend:
             "subscriptions": len(self._subscriptions),
             **{name: getattr(self.counters, name) for name in self.counters.__dataclass_fields__},
         }
-
-
-async def _never_called(delivery: Delivery) -> None:
-    raise AssertionError("a batch subscription has no per-delivery handler")
