@@ -7,7 +7,7 @@ replies; dead letters (``agent.dlq.>``) are acked without storing, they
 are copies. Up to ``batch_size`` deliveries (what is ready, or what arrived
 within ``max_wait``) are written in one transaction and acked only after
 COMMIT. Batches commit one at a time, in order. On a backend that hands over
-batches itself (memory, Redis) nothing is gathered per delivery; on the
+batches itself (memory, Redis, NATS) nothing is gathered per delivery; on the
 others up to ``pipeline`` batches are fetched ahead, so the next fills while
 one commits.
 What happens on failure:
