@@ -15,12 +15,36 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from squadbus.core.backend import BatchRawHandler, ConsumerOptions, Delivery, RawHandler, invoke_batch
 from squadbus.core.dispatch import Handler
 from squadbus.core.envelope import Message
 
 BatchProcessor = Callable[[Sequence[Message]], Awaitable[None]]
+
+T = TypeVar("T")
+
+
+async def fill_batch(queue: asyncio.Queue[T], batch: list[T], limit: int, max_wait: float) -> None:
+    """Add to ``batch`` what ``queue`` holds, up to ``limit`` items, waiting at most ``max_wait``
+    seconds (from now) for more. The only suspension points are ``queue.get()``; if cancelled there,
+    ``batch`` holds everything taken so far, for the caller to give back.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + max_wait
+    while len(batch) < limit:
+        if not queue.empty():
+            batch.append(queue.get_nowait())
+            continue
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return
+        try:
+            async with asyncio.timeout(remaining):
+                batch.append(await queue.get())
+        except TimeoutError:
+            return
 
 
 class _Batch:

@@ -30,6 +30,7 @@ from nats.aio.subscription import Subscription
 
 from squadbus.core import subjects
 from squadbus.core.backend import BatchRawHandler, ConsumerOptions, Delivery, RawHandler, invoke, invoke_batch
+from squadbus.core.batching import fill_batch
 from squadbus.core.dispatch import DLQ_ATTEMPTS, DLQ_GROUP, DLQ_ORIGINAL_ID, DLQ_REASON, DLQ_SUBJECT
 from squadbus.core.envelope import Message, decode, new_id, utcnow
 from squadbus.core.errors import MalformedMessage, SquadbusError
@@ -286,31 +287,18 @@ class NatsSubscription:
                 await asyncio.gather(*running, return_exceptions=True)
 
     async def _dispatch_batches(self, handler: BatchRawHandler) -> None:
-        loop = asyncio.get_running_loop()
         limit = self._options.batch_size
         while (first := await self._next()) is not None:
             msgs = [first]
-            deadline = loop.time() + self._max_wait
+            self._waiting_for_msg = True  # fill_batch only suspends in queue.get(): safe to cancel
             try:
-                while len(msgs) < limit and not self._closing:
-                    if not self._queue.empty():
-                        msgs.append(self._queue.get_nowait())
-                        continue
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        break
-                    self._waiting_for_msg = True
-                    try:
-                        async with asyncio.timeout(remaining):
-                            msgs.append(await self._queue.get())
-                    except TimeoutError:
-                        break
-                    finally:
-                        self._waiting_for_msg = False
+                await fill_batch(self._queue, msgs, limit, self._max_wait)
             except asyncio.CancelledError:
                 for msg in msgs:  # closing: back to the server at once rather than after ack_wait
                     await self.send_ack(msg, b"-NAK")
                 raise
+            finally:
+                self._waiting_for_msg = False
             if self._queue.qsize() <= self._batch // 2:
                 self._wake.set()
             deliveries: list[Delivery] = []

@@ -19,6 +19,7 @@ from squadbus.backends.redis.layout import KeyLayout
 from squadbus.backends.redis.settings import RedisSettings
 from squadbus.core import subjects
 from squadbus.core.backend import BatchRawHandler, ConsumerOptions, Delivery, RawHandler, invoke, invoke_batch
+from squadbus.core.batching import fill_batch
 from squadbus.core.envelope import Message, decode
 from squadbus.core.errors import MalformedMessage
 
@@ -192,26 +193,13 @@ class BaseConsumer:
     async def _work_batches(self, handler: BatchRawHandler) -> None:
         me = asyncio.current_task()
         assert me is not None
-        loop = asyncio.get_running_loop()
         limit = self.options.batch_size
         while not self.closing:
             entries: list[Entry] = []
             self._idle.add(me)
             try:
                 entries.append(await self.queue.get())
-                deadline = loop.time() + self._max_wait
-                while len(entries) < limit:
-                    if not self.queue.empty():
-                        entries.append(self.queue.get_nowait())
-                        continue
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        break
-                    try:
-                        async with asyncio.timeout(remaining):
-                            entries.append(await self.queue.get())
-                    except TimeoutError:
-                        break
+                await fill_batch(self.queue, entries, limit, self._max_wait)
             except asyncio.CancelledError:
                 for entry in entries:  # closing: give them back for close() to release
                     self.queue.put_nowait(entry)
