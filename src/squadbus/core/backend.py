@@ -7,8 +7,9 @@ so that it behaves the same on every backend.
 
 Extra abilities are separate protocols checked with ``isinstance``:
 :class:`Replayable` (read one execution's history back from the broker),
-:class:`Requester` (a native request/reply faster than publish + reply subject)
-and :class:`BatchPublisher` (many messages in few round trips).
+:class:`Requester` (a native request/reply faster than publish + reply subject),
+:class:`BatchPublisher` (many messages in few round trips) and
+:class:`BatchSubscriber` (deliveries handed over in batches).
 """
 
 from __future__ import annotations
@@ -202,8 +203,8 @@ async def invoke(handler: RawHandler, delivery: Delivery, options: ConsumerOptio
 
     The Bus's wrapper always settles; a bare RawHandler might not, so an
     unsettled delivery is nacked with ``options.backoff(delivery.attempt)``
-    (logged when the handler raised). Cancelled while unsettled: nacked at once, then the
-    cancellation goes on, so closing a consumer never loses the message.
+    (logged when the handler raised). Cancelled while unsettled: nacked at
+    once, then the cancellation goes on, so closing a consumer loses nothing.
     """
     try:
         await handler(delivery)

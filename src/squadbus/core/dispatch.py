@@ -9,6 +9,9 @@ The outcome of a handler call is sorted into exactly one of:
   attempt: **dead letter** to ``agent.dlq.<group>`` with the reason in the
   headers, then **term**. If the dead-letter publish fails the delivery is
   nacked instead, so nothing is lost.
+
+:func:`wrap_batch` does the same per delivery of a batch: a batch handler
+returns the deliveries that failed with their exception, or raises for all.
 """
 
 from __future__ import annotations
