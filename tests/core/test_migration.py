@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Sequence
 
 import pytest
 
 from squadbus.backends.dual import DualBackend, from_url
 from squadbus.backends.memory import MemoryBackend
-from squadbus.core.backend import ConsumerOptions, Delivery, StartFrom
+from squadbus.core.backend import (
+    Backend,
+    BatchSubscriber,
+    ConsumerOptions,
+    Delivery,
+    RawHandler,
+    StartFrom,
+    Subscription,
+)
 from squadbus.core.bus import Bus
 from squadbus.core.envelope import Message, build
 from squadbus.core.errors import ConfigError, PublishFailed
@@ -60,6 +69,47 @@ async def test_dual_publish_many_writes_the_batch_to_both_in_order() -> None:
         await new.close()
         with pytest.raises(PublishFailed, match="retry with the same ids"):
             await bus.publish_many(batch[:2])
+
+
+class PlainBackend:
+    """Only the core Backend protocol (no batch abilities), over a memory backend."""
+
+    name = "plain"
+
+    def __init__(self) -> None:
+        self.inner = MemoryBackend()
+
+    async def connect(self) -> None:
+        await self.inner.connect()
+
+    async def publish(self, message: Message) -> None:
+        await self.inner.publish(message)
+
+    async def subscribe(self, pattern: str, handler: RawHandler, *, group: str | None,
+                        options: ConsumerOptions) -> Subscription:
+        return await self.inner.subscribe(pattern, handler, group=group, options=options)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["batch-primary", "plain-primary"])
+async def test_dual_subscribe_batch_reads_batches_from_the_primary(native: bool) -> None:
+    old: Backend = MemoryBackend() if native else PlainBackend()
+    assert isinstance(old, BatchSubscriber) is native
+    async with Bus(DualBackend(old, MemoryBackend())) as bus:
+        batches: list[list[str]] = []
+
+        async def handle(deliveries: Sequence[Delivery]) -> None:
+            batches.append([d.message.content for d in deliveries])
+
+        for i in range(20):
+            await bus.send("pm", "dev-1", str(i))
+        await bus.subscribe_batch("agent.message.dev-1", handle, group="writers", max_batch=8, max_wait=0.01)
+        await _wait(lambda: sum(map(len, batches)) >= 20, "every message in batches")
+        assert [c for b in batches for c in b] == [str(i) for i in range(20)]
+        assert all(len(b) <= 8 for b in batches)
+        assert len(batches) <= 10, "messages should arrive in batches, not one by one"
 
 
 def test_dual_url() -> None:

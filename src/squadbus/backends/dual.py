@@ -15,12 +15,23 @@ Subscriptions and replay read from the primary only. The migration:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from uuid import UUID
 
-from squadbus.core.backend import Backend, ConsumerOptions, RawHandler, Replayable, Subscription, publish_all
+from squadbus.core.backend import (
+    Backend,
+    BatchRawHandler,
+    BatchSubscriber,
+    ConsumerOptions,
+    RawHandler,
+    Replayable,
+    Subscription,
+    publish_all,
+)
+from squadbus.core.batching import gather_batches
 from squadbus.core.envelope import Message
 from squadbus.core.errors import ConfigError, PublishFailed, SquadbusError
 from squadbus.core.registry import open_backend
@@ -83,6 +94,19 @@ class DualBackend:
     ) -> Subscription:
         """Subscribe on the primary."""
         return await self.primary.subscribe(pattern, handler, group=group, options=options)
+
+    async def subscribe_batch(
+        self, pattern: str, handler: BatchRawHandler, *, group: str | None, options: ConsumerOptions,
+        max_wait: float,
+    ) -> Subscription:
+        """Batch-subscribe on the primary: natively where it can, else gathered in-process."""
+        if isinstance(self.primary, BatchSubscriber):
+            return await self.primary.subscribe_batch(pattern, handler, group=group, options=options,
+                                                      max_wait=max_wait)
+        ahead = dataclasses.replace(options, max_in_flight=options.batch_size * 2)
+        return await self.primary.subscribe(
+            pattern, gather_batches(handler, options=ahead, max_wait=max_wait), group=group, options=ahead
+        )
 
     async def replay(
         self, task_execution_id: UUID, *, from_seq: int = 0, since: datetime | None = None
