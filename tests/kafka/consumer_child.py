@@ -1,9 +1,10 @@
 """A consumer process for the kill -9 test: ``python consumer_child.py URL AGENT GROUP OUT HANG_BATCH``.
 
-It subscribes ``agent.message.AGENT`` in GROUP with a batched handler
-(max_in_flight 10), appends every message id of a batch to OUT when the batch
-starts, and hangs forever inside batch number HANG_BATCH (1-based), so the
-parent can kill it with offsets of that batch still uncommitted.
+It subscribes ``agent.message.AGENT`` in GROUP with ``Bus.subscribe_batch``
+(batches of up to 10, the db-writer's path), appends every message id of a
+batch to OUT when the batch starts, and hangs forever inside batch number
+HANG_BATCH (1-based), so the parent can kill it with offsets of that batch
+still uncommitted.
 """
 
 from __future__ import annotations
@@ -13,10 +14,8 @@ import sys
 from collections.abc import Sequence
 
 from squadbus.core import subjects
-from squadbus.core.backend import ConsumerOptions
-from squadbus.core.batching import batched
+from squadbus.core.backend import ConsumerOptions, Delivery
 from squadbus.core.bus import Bus
-from squadbus.core.envelope import Message
 
 
 def _append(path: str, text: str) -> None:
@@ -27,17 +26,16 @@ def _append(path: str, text: str) -> None:
 async def main(url: str, agent: str, group: str, out: str, hang_batch: int) -> None:
     batches = 0
 
-    async def process(messages: Sequence[Message]) -> None:
+    async def process(deliveries: Sequence[Delivery]) -> None:
         nonlocal batches
         batches += 1
-        _append(out, "".join(f"{batches} {m.id}\n" for m in messages))
+        _append(out, "".join(f"{batches} {d.message.id}\n" for d in deliveries))
         if batches == hang_batch:
             await asyncio.Event().wait()
 
     async with Bus.from_url(url) as bus:
-        options = ConsumerOptions(max_in_flight=10, ack_wait=60)
-        await bus.subscribe(subjects.direct(agent), batched(process, max_batch=10, max_wait=0.01),
-                            group=group, options=options)
+        await bus.subscribe_batch(subjects.direct(agent), process, group=group, max_batch=10, max_wait=0.01,
+                                  options=ConsumerOptions(ack_wait=60))
         await asyncio.Event().wait()
 
 

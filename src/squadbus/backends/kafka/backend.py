@@ -15,7 +15,7 @@ from squadbus.backends.kafka.replay import replay_execution
 from squadbus.backends.kafka.settings import KafkaSettings
 from squadbus.backends.kafka.topics import TopicLayout, ensure_topics
 from squadbus.core import subjects
-from squadbus.core.backend import ConsumerOptions, RawHandler
+from squadbus.core.backend import BatchRawHandler, ConsumerOptions, RawHandler, batch_only
 from squadbus.core.envelope import Message
 from squadbus.core.errors import BackendError, Closed
 
@@ -106,12 +106,27 @@ class KafkaBackend:
         self, pattern: str, handler: RawHandler, *, group: str | None, options: ConsumerOptions
     ) -> KafkaSubscription:
         """Start a consumer for ``pattern`` in Kafka group ``durable_name(group, pattern)``."""
+        return await self._start_subscription(pattern, handler, group, options, None)
+
+    async def subscribe_batch(
+        self, pattern: str, handler: BatchRawHandler, *, group: str | None, options: ConsumerOptions,
+        max_wait: float,
+    ) -> KafkaSubscription:
+        """Like :meth:`subscribe`, handing ``handler`` batches of up to ``batch_size`` (BatchSubscriber)."""
+        return await self._start_subscription(pattern, batch_only, group, options, (handler, max_wait))
+
+    async def _start_subscription(
+        self, pattern: str, handler: RawHandler, group: str | None, options: ConsumerOptions,
+        batches: tuple[BatchRawHandler, float] | None,
+    ) -> KafkaSubscription:
         self._check()
         subjects.validate_pattern(pattern)
         sub = KafkaSubscription(
             settings=self.settings, layout=self.layout, pattern=pattern, group=group, options=options,
             handler=handler, dead_letter=self.publish, on_close=self._subscriptions.discard,
         )
+        if batches is not None:
+            sub.use_batches(*batches)
         await sub.start()
         self._subscriptions.add(sub)
         return sub

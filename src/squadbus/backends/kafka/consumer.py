@@ -44,7 +44,16 @@ from squadbus.backends.kafka.partition import PartitionState, header_subject
 from squadbus.backends.kafka.producer import ID_HEADER, translate
 from squadbus.backends.kafka.settings import KafkaSettings
 from squadbus.backends.kafka.topics import TopicLayout
-from squadbus.core.backend import ConsumerOptions, Delivery, RawHandler, StartFrom, durable_name, invoke
+from squadbus.core.backend import (
+    BatchRawHandler,
+    ConsumerOptions,
+    Delivery,
+    RawHandler,
+    StartFrom,
+    durable_name,
+    invoke,
+    invoke_batch,
+)
 from squadbus.core.envelope import Message, decode
 from squadbus.core.errors import MalformedMessage, SquadbusError
 
@@ -143,6 +152,7 @@ class KafkaSubscription:
         self._commit_task: asyncio.Task[None] | None = None
         self._progress = asyncio.Event()
         self._closing = False
+        self._batches: tuple[BatchRawHandler, float] | None = None
 
     @property
     def pattern(self) -> str:
@@ -302,7 +312,16 @@ class KafkaSubscription:
         except TimeoutError:
             pass
 
+    def use_batches(self, handler: BatchRawHandler, max_wait: float) -> None:
+        """Before start: hand the handler batches of up to ``batch_size`` records (one batch at a time),
+        waiting at most ``max_wait`` after the first for more. Order within a partition holds for the
+        start of handling, as with ``max_in_flight > 1``; commits never pass an unsettled record."""
+        self._batches = (handler, max_wait)
+
     async def _dispatch_loop(self) -> None:
+        if self._batches is not None:
+            await self._dispatch_batches(*self._batches)
+            return
         limit = self._options.max_in_flight
         loop = asyncio.get_running_loop()
         if limit == 1:
@@ -342,7 +361,40 @@ class KafkaSubscription:
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
 
-    async def _handle(self, part: PartitionState, record: ConsumerRecord) -> None:
+    async def _dispatch_batches(self, handler: BatchRawHandler, max_wait: float) -> None:
+        loop = asyncio.get_running_loop()
+        limit = self._options.batch_size
+        while not self._closing:
+            picked = self._pick(loop.time(), False)
+            if picked is None:
+                await self._wait_for_work(loop.time())
+                continue
+            batch = [picked]
+            deadline = loop.time() + max_wait
+            while len(batch) < limit and not self._closing:
+                picked = self._pick(loop.time(), False)
+                if picked is not None:
+                    batch.append(picked)
+                    continue
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                self._wake.clear()  # close() sets it again; no await since the _closing check
+                try:
+                    async with asyncio.timeout(remaining):
+                        await self._wake.wait()
+                except TimeoutError:
+                    break
+            deliveries: list[Delivery] = []
+            for part, record in batch:
+                delivery = await self._delivery_of(part, record)
+                if delivery is not None:
+                    deliveries.append(delivery)
+            if deliveries:
+                await invoke_batch(handler, deliveries, self._options)
+
+    async def _delivery_of(self, part: PartitionState, record: ConsumerRecord) -> KafkaDelivery | None:
+        """The delivery of ``record``; None (after dead-lettering it) when it is not an envelope."""
         key = (record.topic, record.partition, record.offset)
         # Only records that were nacked have an entry: the common path costs one lookup.
         attempt = self._attempts.pop(key, 0) + 1 if self._attempts else 1
@@ -352,9 +404,13 @@ class KafkaSubscription:
             message = decode(record.value)
         except MalformedMessage as exc:
             await self._dead_letter_malformed(part, record, attempt, str(exc))
-            return
-        delivery = KafkaDelivery(message, attempt=attempt, group=self._group, sub=self, part=part, record=record)
-        await invoke(self._handler, delivery, self._options)
+            return None
+        return KafkaDelivery(message, attempt=attempt, group=self._group, sub=self, part=part, record=record)
+
+    async def _handle(self, part: PartitionState, record: ConsumerRecord) -> None:
+        delivery = await self._delivery_of(part, record)
+        if delivery is not None:
+            await invoke(self._handler, delivery, self._options)
 
     async def _dead_letter_malformed(
         self, part: PartitionState, record: ConsumerRecord, attempt: int, reason: str
