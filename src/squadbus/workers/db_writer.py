@@ -6,10 +6,10 @@ a backend that filters wildcards on the client reads each message once) with
 replies; dead letters (``agent.dlq.>``) are acked without storing, they
 are copies. Up to ``batch_size`` deliveries (what is ready, or what arrived
 within ``max_wait``) are written in one transaction and acked only after
-COMMIT. Batches commit one at a time, in order. On a backend that hands over
-batches itself (memory, Redis, NATS) nothing is gathered per delivery; on the
-others up to ``pipeline`` batches are fetched ahead, so the next fills while
-one commits.
+COMMIT. Batches commit one at a time, in order. Every squadbus backend hands
+batches over itself; on a backend that cannot, deliveries are gathered
+in-process with up to ``pipeline`` batches fetched ahead, so the next fills
+while one commits.
 What happens on failure:
 
 * store unreachable (ConnectionLost, BackendTimeout): the batch is retried in
