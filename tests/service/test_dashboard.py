@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -85,7 +86,15 @@ async def test_dashboard_shows_snapshot_history_and_live_messages(make_app: Make
         assert page.text == PAGE
 
         async def later() -> None:
-            await asyncio.sleep(1.0)
+            # Only once the page is connected: its snapshot is taken before it joins the live feed, so
+            # a message posted earlier would be in the snapshot rather than arrive live.
+            async with asyncio.timeout(20):
+                while True:
+                    text = (await c.get("/metrics", headers=auth("viewer"))).text
+                    viewers = re.search(r"^squadbus_sse_viewers (\S+)$", text, re.MULTILINE)
+                    if viewers is not None and float(viewers.group(1)) >= 1:
+                        break
+                    await asyncio.sleep(0.02)
             await c.post("/v1/messages", json=message(execution=execution, content="live one"), headers=auth("pm"))
 
         poster = asyncio.create_task(later())
