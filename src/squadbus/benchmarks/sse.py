@@ -51,19 +51,24 @@ class ViewerState:
     expected: int = 0
 
 
-async def _read_head(reader: asyncio.StreamReader) -> tuple[int, bool]:
+async def _read_head(reader: asyncio.StreamReader) -> tuple[int, bool, int]:
+    """Status, whether the body is chunked, and its Content-Length (0 when absent)."""
     status_line = await reader.readline()
     parts = status_line.split()
     if len(parts) < 2:
         raise ConnectionError(f"bad status line {status_line!r}")
+    length = 0
     chunked = False
     while True:
         line = await reader.readline()
         if line in (b"\r\n", b"\n", b""):
             break
-        if line.lower().startswith(b"transfer-encoding:") and b"chunked" in line.lower():
+        lower = line.lower()
+        if lower.startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+        elif lower.startswith(b"transfer-encoding:") and b"chunked" in lower:
             chunked = True
-    return int(parts[1]), chunked
+    return int(parts[1]), chunked, length
 
 
 async def _chunks(reader: asyncio.StreamReader, chunked: bool) -> AsyncIterator[bytes]:
@@ -89,7 +94,7 @@ async def _viewer(host: str, port: int, path: str, state: ViewerState, due: dict
     reader, writer = await asyncio.open_connection(host, port, limit=1 << 22)
     try:
         writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n".encode())
-        status, chunked = await _read_head(reader)
+        status, chunked, _ = await _read_head(reader)
         if status != 200:
             raise ConnectionError(f"GET {path}: HTTP {status}")
         index_re = _RAW_INDEX if raw else _INDEX
@@ -139,8 +144,7 @@ class _Poster:
                 f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body
             )
-            status, _ = await _read_head_with_length(reader)
-            return status
+            return await _read_response(reader)
         finally:
             self._idle.put_nowait((reader, writer))
 
@@ -151,29 +155,16 @@ class _Poster:
                 await writer.wait_closed()
 
 
-async def _read_head_with_length(reader: asyncio.StreamReader) -> tuple[int, bool]:
-    status_line = await reader.readline()
-    parts = status_line.split()
-    if len(parts) < 2:
-        raise ConnectionError(f"bad status line {status_line!r}")
-    length = 0
-    chunked = False
-    while True:
-        line = await reader.readline()
-        if line in (b"\r\n", b"\n", b""):
-            break
-        lower = line.lower()
-        if lower.startswith(b"content-length:"):
-            length = int(line.split(b":", 1)[1])
-        elif lower.startswith(b"transfer-encoding:") and b"chunked" in lower:
-            chunked = True
+async def _read_response(reader: asyncio.StreamReader) -> int:
+    """Read one whole response (keep-alive); its status."""
+    status, chunked, length = await _read_head(reader)
     if chunked:
         async for _ in _chunks(reader, True):
             pass
         await reader.readline()
     elif length:
         await reader.readexactly(length)
-    return int(parts[1]), chunked
+    return status
 
 
 async def _measure(
