@@ -4,7 +4,8 @@ Throughput: ``count`` messages published and consumed by one consumer group.
 The raw baseline pipelines ``XADD`` in chunks of 500 and consumes with
 ``XREADGROUP COUNT 500`` + one ``XACK`` per batch; squadbus sends the same
 chunks as concurrent ``Bus.send`` calls (auto-batched) into a group
-subscription. Both count from the first send to the last message consumed.
+subscription. Both count from the first send to the last message consumed;
+each line is the median of ``ROUNDS`` interleaved rounds.
 
 Latency: an open loop at ``rate`` msgs/s (``openloop.drive``), latency from the
 intended send time to the handler, p50/p99/p99.9, raw ``XADD`` + blocking
@@ -24,7 +25,7 @@ import redis.asyncio as aioredis
 from squadbus.backends.redis import RedisSettings
 from squadbus.backends.redis._driver import call, queue
 from squadbus.benchmarks.openloop import drive
-from squadbus.benchmarks.stats import Result, ratio
+from squadbus.benchmarks.stats import Result, median_of, ratio
 from squadbus.core import envelope, subjects
 from squadbus.core.backend import ConsumerOptions, Delivery, StartFrom
 from squadbus.core.bus import Bus
@@ -32,6 +33,7 @@ from squadbus.core.bus import Bus
 CONTENT = "x" * 1024
 CHUNK = 500
 LATENCY_SECONDS = 5.0
+ROUNDS = 3
 _READ = ("XREADGROUP", "GROUP", "g", "c", "COUNT", CHUNK, "BLOCK", 1000, "STREAMS")
 
 
@@ -192,19 +194,27 @@ async def _drop_prefix(url: str, prefix: str) -> None:
         await client.aclose()
 
 
-async def run(*, url: str, count: int, rate: float) -> list[Result]:
+async def run(*, url: str, count: int, rate: float, rounds: int = ROUNDS) -> list[Result]:
     """Throughput (``count`` messages) and open-loop latency (``rate`` msgs/s for ~5 s) against ``url``.
 
     Returns, in order: raw throughput, squadbus throughput with concurrent
     sends and with ``publish_many`` (their notes carry the ratios), raw +
-    envelope throughput (for reference), raw latency, squadbus latency.
+    envelope throughput (for reference), raw latency, squadbus latency. Each
+    throughput line is the median of ``rounds`` rounds, run interleaved so
+    that drift of the machine hits every line alike.
     """
-    raw = await raw_throughput(url, count)
-    ours = await squadbus_throughput(url, count)
-    ours.notes = f"ratio vs raw = {ratio(ours, raw):.2f}"
-    many = await squadbus_throughput(url, count, batch=True)
-    many.notes = f"ratio vs raw = {ratio(many, raw):.2f}"
-    raw_env = await raw_throughput(url, count, envelopes=True)
+    raw_rounds: list[Result] = []
+    ours_rounds: list[Result] = []
+    many_rounds: list[Result] = []
+    env_rounds: list[Result] = []
+    for _ in range(rounds):
+        raw_rounds.append(await raw_throughput(url, count))
+        ours_rounds.append(await squadbus_throughput(url, count))
+        many_rounds.append(await squadbus_throughput(url, count, batch=True))
+        env_rounds.append(await raw_throughput(url, count, envelopes=True))
+    raw, ours, many, raw_env = (median_of(r) for r in (raw_rounds, ours_rounds, many_rounds, env_rounds))
+    ours.notes = f"ratio vs raw = {ratio(ours, raw):.2f}; {ours.notes}"
+    many.notes = f"ratio vs raw = {ratio(many, raw):.2f}; {many.notes}"
     raw_env.notes = (f"squadbus send / this = {ratio(ours, raw_env):.2f}, "
                      f"publish_many / this = {ratio(many, raw_env):.2f}")
     latency_count = max(100, min(count, int(rate * LATENCY_SECONDS)))

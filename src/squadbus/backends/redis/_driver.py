@@ -11,6 +11,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("the Redis backend needs redis-py: pip install 'squadbus[redis]'") from exc
 
+from collections.abc import Iterable
 from typing import Any
 
 from squadbus.core.errors import BackendError, BackendTimeout, ConnectionLost, PublishFailed
@@ -19,11 +20,14 @@ __all__ = [
     "FAILURES",
     "RETRYABLE",
     "TRANSIENT",
+    "PackedCommand",
     "aioredis",
     "call",
+    "execute_packed",
     "is_nogroup",
     "no_retry",
     "queue",
+    "read_streams",
     "redis_errors",
     "translate",
 ]
@@ -52,6 +56,91 @@ def no_retry() -> Retry:
 async def call(client: aioredis.Redis, *args: Any, **options: Any) -> Any:
     """``client.execute_command`` with its reply parsed by redis-py's callbacks (``options`` go to them)."""
     return await client.execute_command(*args, **options)  # type: ignore[no-untyped-call]
+
+
+class PackedCommand:
+    """One command in Redis' wire form (RESP), packed in one pass.
+
+    redis-py packs a command argument by argument, joining a growing buffer
+    each time (its cost grows with the square of a large command's size);
+    this packs ``bytes``/``str``/``int`` arguments with one join. Used for the
+    publish call, whose arguments are a whole batch of messages.
+    """
+
+    __slots__ = ("_count", "_parts")
+
+    def __init__(self, *args: bytes | str | int) -> None:
+        self._parts: list[bytes] = []
+        self._count = 0
+        self.extend(args)
+
+    def extend(self, args: Iterable[bytes | str | int]) -> None:
+        parts = self._parts
+        for arg in args:
+            data = arg if arg.__class__ is bytes else str(arg).encode()
+            parts += (b"$%d\r\n" % len(data), data, b"\r\n")
+            self._count += 1
+
+    def add_packed(self, count: int, parts: list[bytes]) -> None:
+        """Append ``count`` arguments already in wire form, as the byte strings ``parts``."""
+        self._parts += parts
+        self._count += count
+
+    def __bytes__(self) -> bytes:
+        return b"*%d\r\n" % self._count + b"".join(self._parts)
+
+
+async def execute_packed(client: aioredis.Redis, *commands: PackedCommand) -> list[Any]:
+    """Send ``commands`` in one write on one pooled connection and read their replies, unparsed.
+
+    An error reply raises its ``ResponseError`` once every reply was read (the
+    connection stays in step); a connection failure raises redis-py's
+    ``ConnectionError``/``TimeoutError`` and drops the connection.
+    """
+    pool = client.connection_pool
+    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+    try:
+        await conn.send_packed_command([bytes(command) for command in commands])
+        replies: list[Any] = []
+        error: redis_errors.ResponseError | None = None
+        for _ in commands:
+            try:
+                replies.append(await conn.read_response())
+            except redis_errors.ResponseError as exc:
+                error = error or exc
+                replies.append(exc)
+        if error is not None:
+            raise error
+        return replies
+    except redis_errors.ResponseError:
+        raise
+    except BaseException:
+        await conn.disconnect(nowait=True)
+        raise
+    finally:
+        await pool.release(conn)
+
+
+Fields = dict[bytes, bytes]
+StreamEntries = list[tuple[str, list[tuple[bytes, Fields | None]]]]
+
+
+async def read_streams(client: aioredis.Redis, *args: bytes | str | int) -> StreamEntries:
+    """Run an ``XREAD``/``XREADGROUP`` and return ``[(stream, [(entry id, fields or None)])]``.
+
+    The reply is converted here in one pass (RESP2 list or RESP3 map), not by
+    redis-py's generic callbacks; ``None`` fields mean the entry was deleted
+    while pending.
+    """
+    (reply,) = await execute_packed(client, PackedCommand(*args))
+    if not reply:
+        return []
+    pairs = reply.items() if isinstance(reply, dict) else reply
+    return [
+        (stream.decode(), [(entry_id, None if raw is None else dict(zip(raw[::2], raw[1::2], strict=True)))
+                           for entry_id, raw in entries])
+        for stream, entries in pairs
+    ]
 
 
 def queue(pipe: Pipeline, *args: Any, **options: Any) -> None:

@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections import defaultdict
 
-from squadbus.backends.redis._driver import FAILURES, aioredis, queue
+from squadbus.backends.redis._driver import FAILURES, PackedCommand, aioredis, execute_packed
 from squadbus.backends.redis.consumer import RedisCounters
 
 logger = logging.getLogger("squadbus.backends.redis.acks")
@@ -53,10 +53,8 @@ class AckQueue:
             self._task = None
 
     async def _send(self, batch: dict[str, list[bytes]]) -> None:
-        async with self._client.pipeline(transaction=False) as pipe:
-            for stream, ids in batch.items():
-                queue(pipe, "XACK", stream, self._group, *ids)
-            await pipe.execute()
+        await execute_packed(self._client, *(PackedCommand("XACK", stream, self._group, *ids)
+                                             for stream, ids in batch.items()))
 
     async def flush(self) -> None:
         """Stop the background task and send what is queued once; raises if Redis fails

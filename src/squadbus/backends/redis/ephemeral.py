@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from squadbus.backends.redis._driver import FAILURES, call, queue
+from squadbus.backends.redis._driver import FAILURES, queue, read_streams
 from squadbus.backends.redis.consumer import BaseConsumer, ConsumerContext, Entry
 from squadbus.core.backend import ConsumerOptions, RawHandler
 from squadbus.core.errors import MalformedMessage
@@ -59,7 +59,7 @@ class EphemeralSubscription(BaseConsumer):
             streams = list(self._positions)
             try:
                 async with asyncio.timeout(self.ctx.settings.block + self.ctx.settings.connect_timeout + 5):
-                    reply = await call(self.ctx.client,
+                    reply = await read_streams(self.ctx.client,
                         "XREAD", "COUNT", count, "BLOCK", block_ms,
                         "STREAMS", *streams, *(self._positions[s] for s in streams),
                     )
@@ -73,8 +73,7 @@ class EphemeralSubscription(BaseConsumer):
                 continue
             self._failing = False
             backoff = 0.05
-            for stream, entries in reply or ():
-                key = stream.decode()
+            for key, entries in reply:
                 for entry_id, fields in entries:
                     self._positions[key] = entry_id
                     self._accept(key, entry_id, fields)

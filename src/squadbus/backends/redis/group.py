@@ -31,7 +31,7 @@ import socket
 from collections import defaultdict
 from typing import Any
 
-from squadbus.backends.redis._driver import FAILURES, TRANSIENT, call, is_nogroup, queue, redis_errors
+from squadbus.backends.redis._driver import FAILURES, TRANSIENT, call, is_nogroup, queue, read_streams, redis_errors
 from squadbus.backends.redis.acks import AckQueue
 from squadbus.backends.redis.consumer import BaseConsumer, ConsumerContext, Entry
 from squadbus.backends.redis.layout import is_reply
@@ -129,7 +129,7 @@ class GroupSubscription(BaseConsumer):
             count = await self.wait_for_room()
             try:
                 async with asyncio.timeout(self.ctx.settings.block + self.ctx.settings.connect_timeout + 5):
-                    reply = await call(self.ctx.client,
+                    reply = await read_streams(self.ctx.client,
                         "XREADGROUP", "GROUP", self.redis_group, self.consumer,
                         "COUNT", count, "BLOCK", block_ms, *args_tail,
                     )
@@ -150,8 +150,7 @@ class GroupSubscription(BaseConsumer):
                 self._read_failing = False
                 logger.info("group %s: reading again from Redis", self.group)
             backoff = 0.05
-            for stream, entries in reply or ():
-                key = stream.decode()
+            for key, entries in reply:
                 for entry_id, fields in entries:
                     self._accept(key, entry_id, fields, 1)
 

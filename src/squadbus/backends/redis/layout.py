@@ -79,9 +79,6 @@ class KeyLayout:
     def subject_stream(self, subject: str) -> str:
         return f"{self.prefix}:s:{subject}"
 
-    def dedupe_key(self, message: Message) -> str:
-        return f"{self.prefix}:id:{message.id}"
-
     def streams_for(self, pattern: str) -> list[str]:
         """The streams a subscription on ``pattern`` reads."""
         if subjects.is_literal(pattern):

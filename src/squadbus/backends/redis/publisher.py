@@ -13,11 +13,12 @@ has passed.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from squadbus.backends.redis._driver import RETRYABLE, aioredis, redis_errors
+from squadbus.backends.redis._driver import RETRYABLE, PackedCommand, aioredis, execute_packed, redis_errors
 from squadbus.backends.redis.layout import KeyLayout, is_reply
 from squadbus.backends.redis.settings import RedisSettings
 from squadbus.core.envelope import Message, encode
@@ -25,54 +26,88 @@ from squadbus.core.errors import BackendError, BackendTimeout, Closed, Connectio
 
 logger = logging.getLogger("squadbus.backends.redis.publisher")
 
-# ARGV[1] = key prefix, ARGV[2] = dedupe ttl ms (0 = off), ARGV[3] = reply stream ttl ms; then two
-# arguments per message: "<partition> <id> <execution or empty> <subject> <flag>" and the payload.
-# flag 0: plain, 1: reply subject (its stream expires), 2: plain and add the subject stream to the
-# registry. Subjects, ids and partitions never contain spaces. Key names are built here rather than
-# passed as KEYS to halve the arguments per message (Redis Cluster is not supported anyway: one
-# call touches several streams). Returns the partition entry id per message, or false for a
-# duplicate id (already stored: that publish still succeeded).
+# ARGV[1] = key prefix, ARGV[2] = dedupe window ms (0 = off), ARGV[3] = reply stream ttl ms; then six
+# arguments per message: partition, id, execution (or empty), subject, flag, payload. flag 0: plain,
+# 1: reply subject (its stream expires), 2: plain and add the subject stream to the registry. Key
+# names are built here from the prefix rather than passed as KEYS (Redis Cluster is not supported
+# anyway: one call touches several streams).
+#
+# Dedupe: ids are kept in one set per window-long time bucket, <prefix>:ids:<bucket>; an id is a
+# duplicate if the current or the previous bucket has it (so it is remembered for at least one
+# window, at most two). Three set commands per call instead of a SET NX per message; the bucket
+# before the previous one is UNLINKed (freed off the main thread), its PEXPIRE is the fallback.
+#
+# Returns one character per message: '1' stored, '0' a duplicate id (stored before: that publish
+# still succeeded).
 PUBLISH_LUA = """
 local prefix = ARGV[1]
-local ttl = tonumber(ARGV[2])
+local window = tonumber(ARGV[2])
 local reply_ttl = tonumber(ARGV[3])
+local seen = {}
+if window > 0 then
+  local ids, m = {}, 0
+  for i = 5, #ARGV, 6 do
+    m = m + 1
+    ids[m] = ARGV[i]
+  end
+  local now = redis.call('TIME')
+  local bucket = math.floor((tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)) / window)
+  local current = prefix .. ':ids:' .. bucket
+  local previous = prefix .. ':ids:' .. (bucket - 1)
+  for first = 1, m, 1000 do
+    local last = math.min(first + 999, m)
+    local a = redis.call('SMISMEMBER', current, unpack(ids, first, last))
+    local b = redis.call('SMISMEMBER', previous, unpack(ids, first, last))
+    for k = 1, last - first + 1 do
+      if a[k] == 1 or b[k] == 1 then
+        seen[ids[first + k - 1]] = true
+      end
+    end
+    redis.call('SADD', current, unpack(ids, first, last))
+  end
+  redis.call('PEXPIRE', current, 2 * window + 1000)
+  redis.call('UNLINK', prefix .. ':ids:' .. (bucket - 2))
+end
 local out = {}
 local n = 0
-for i = 4, #ARGV, 2 do
+for i = 4, #ARGV, 6 do
   n = n + 1
-  local p, id, x, s, flag = string.match(ARGV[i], '^(%d+) (%S+) (%S*) (%S+) (%d)$')
-  local fresh = true
-  if ttl > 0 then
-    fresh = redis.call('SET', prefix .. ':id:' .. id, '1', 'NX', 'PX', ttl)
-  end
-  if fresh then
-    local payload = ARGV[i + 1]
+  local id = ARGV[i + 1]
+  if seen[id] then
+    out[n] = '0'
+  else
+    if window > 0 then
+      seen[id] = true
+    end
+    local x, s, flag, payload = ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
     local sstream = prefix .. ':s:' .. s
-    out[n] = redis.call('XADD', prefix .. ':p:' .. p, '*', 's', s, 'x', x, 'm', payload)
-    redis.call('XADD', sstream, '*', 's', s, 'x', x, 'm', payload)
+    redis.call('XADD', prefix .. ':p:' .. ARGV[i], '*', 's', s, 'x', x, 'm', payload)
+    redis.call('XADD', sstream, '*', 's', s, 'm', payload)
     if flag == '1' then
       redis.call('PEXPIRE', sstream, reply_ttl)
     elseif flag == '2' then
       redis.call('SADD', prefix .. ':subjects', sstream)
     end
-  else
-    out[n] = false
+    out[n] = '1'
   end
 end
-return out
+return table.concat(out)
 """
+PUBLISH_SHA = hashlib.sha1(PUBLISH_LUA.encode()).hexdigest()
 
 _MAX_FLUSHERS = 3
 _REGISTERED_LIMIT = 100_000
 
 
 @dataclass(slots=True)
-class _Pending:
-    message: Message
-    payload: bytes
-    future: asyncio.Future[bool]
+class _Run:
+    """The messages of one ``publish`` (one) or one chunk of ``publish_many``, stored in order in one
+    Lua call and settled together: ``future`` gets how many were new (the others were duplicates)."""
+
+    messages: list[Message]
+    payloads: list[bytes]
+    future: asyncio.Future[int]
     deadline: float
-    errors: list[BaseException] = field(default_factory=list)
 
 
 class RedisPublisher:
@@ -82,11 +117,12 @@ class RedisPublisher:
         self._client = client
         self._layout = layout
         self._settings = settings
-        self._script = client.register_script(PUBLISH_LUA)
-        self._pending: list[_Pending] = []
+        self._pending: list[_Run] = []
         self._flushers: set[asyncio.Task[None]] = set()
         # Subject streams this process already added to the registry (SADD once, not per message).
         self._registered: set[str] = set()
+        # Subject -> (its wire form as the script's argument, is it a reply subject).
+        self._subjects: dict[str, tuple[bytes, bool]] = {}
         self._closed = False
         self.wait_aof = False
         self.published = 0
@@ -96,29 +132,25 @@ class RedisPublisher:
 
     async def publish(self, message: Message) -> bool:
         """Store ``message``; True if new, False if its id was seen within the dedupe window."""
+        return await self._submit([message]) == 1
+
+    async def publish_many(self, messages: list[Message]) -> None:
+        """Store every message, in order: chunks of ``publish_batch``, each sent once the one before
+        it is stored (so a retried chunk cannot overtake), sharing round trips with other publishes."""
+        limit = self._settings.publish_batch
+        for first in range(0, len(messages), limit):
+            await self._submit(messages[first:first + limit])
+
+    async def _submit(self, messages: list[Message]) -> int:
         if self._closed:
             raise Closed("redis backend is closed")
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[bool] = loop.create_future()
-        self._pending.append(_Pending(message, encode(message), future, loop.time() + self._settings.publish_timeout))
+        future: asyncio.Future[int] = loop.create_future()
+        run = _Run(messages, [encode(m) for m in messages], future, loop.time() + self._settings.publish_timeout)
+        self._pending.append(run)
         if not self._flushers:
             self._start_flusher()
         return await future
-
-    async def publish_many(self, messages: list[Message]) -> None:
-        """Store every message, in order, sharing the flusher's batches; raise the first failure."""
-        if self._closed:
-            raise Closed("redis backend is closed")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._settings.publish_timeout
-        items = [_Pending(m, encode(m), loop.create_future(), deadline) for m in messages]
-        self._pending.extend(items)
-        if not self._flushers:
-            self._start_flusher()
-        outcomes = await asyncio.gather(*(item.future for item in items), return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
 
     def _start_flusher(self) -> None:
         task = asyncio.get_running_loop().create_task(self._flush_loop(), name="squadbus-redis-publisher")
@@ -130,12 +162,23 @@ class RedisPublisher:
         if self._flushers:
             await asyncio.gather(*self._flushers, return_exceptions=True)
 
+    def _take_batch(self) -> list[_Run]:
+        """Runs from the front of the queue, up to ``publish_batch`` messages (at least one run)."""
+        limit = self._settings.publish_batch
+        pending = self._pending
+        taken = 0
+        size = 0
+        while taken < len(pending) and (taken == 0 or size + len(pending[taken].messages) <= limit):
+            size += len(pending[taken].messages)
+            taken += 1
+        batch, self._pending = pending[:taken], pending[taken:]
+        return batch
+
     async def _flush_loop(self) -> None:
         me = asyncio.current_task()
         try:
             while self._pending:
-                limit = self._settings.publish_batch
-                batch, self._pending = self._pending[:limit], self._pending[limit:]
+                batch = self._take_batch()
                 if self._pending and len(self._flushers) < _MAX_FLUSHERS:
                     # More batches in flight: packing the next overlaps Redis running this one.
                     self._start_flusher()
@@ -143,35 +186,33 @@ class RedisPublisher:
                     await self._send(batch)
                 except Exception as exc:  # a bug, not a Redis error: fail these publishes, keep going
                     logger.exception("publish batch failed unexpectedly")
-                    for item in batch:
-                        if not item.future.done():
-                            error = PublishFailed(f"publish failed unexpectedly: {exc!r}")
-                            error.__cause__ = exc
-                            item.future.set_exception(error)
+                    error = PublishFailed(f"publish failed unexpectedly: {exc!r}")
+                    error.__cause__ = exc
+                    _fail(batch, error)
         finally:
             # Synchronously, not in a done-callback: a publish arriving right after
             # the loop ends must see no flusher and start one.
             if me is not None:
                 self._flushers.discard(me)
 
-    async def _send(self, batch: list[_Pending]) -> None:
+    async def _send(self, batch: list[_Run]) -> None:
         loop = asyncio.get_running_loop()
         backoff = 0.05
         last: BaseException | None = None
         while True:
             now = loop.time()
-            live: list[_Pending] = []
-            for item in batch:
-                if item.future.done():
+            live: list[_Run] = []
+            for run in batch:
+                if run.future.done():
                     continue
-                if now >= item.deadline:
-                    item.future.set_exception(self._timeout_error(last))
+                if now >= run.deadline:
+                    run.future.set_exception(self._timeout_error(last))
                 else:
-                    live.append(item)
+                    live.append(run)
             if not live:
                 return
             batch = live
-            budget = min(item.deadline for item in live) - now
+            budget = min(run.deadline for run in live) - now
             try:
                 async with asyncio.timeout(budget):
                     results = await self._execute(live)
@@ -186,26 +227,23 @@ class RedisPublisher:
                 backoff = min(backoff * 2, 1.0)
                 continue
             except BackendError as exc:
-                for item in live:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
+                _fail(live, exc)
                 return
             except redis_errors.RedisError as exc:
                 error = PublishFailed(f"Redis refused the publish: {exc}")
                 error.__cause__ = exc
-                for item in live:
-                    if not item.future.done():
-                        item.future.set_exception(error)
+                _fail(live, error)
                 return
             self.batches += 1
-            for item, entry_id in zip(live, results, strict=True):
-                fresh = entry_id is not None
-                if fresh:
-                    self.published += 1
-                else:
-                    self.duplicates += 1
-                if not item.future.done():
-                    item.future.set_result(fresh)
+            at = 0
+            for run in live:
+                size = len(run.messages)
+                fresh = results.count(b"1", at, at + size)
+                at += size
+                self.published += fresh
+                self.duplicates += size - fresh
+                if not run.future.done():
+                    run.future.set_result(fresh)
             return
 
     def _timeout_error(self, last: BaseException | None) -> BackendError:
@@ -218,38 +256,77 @@ class RedisPublisher:
         error.__cause__ = last
         return error
 
-    async def _execute(self, batch: list[_Pending]) -> list[Any]:
+    async def _execute(self, batch: list[_Run]) -> bytes:
         layout = self._layout
         settings = self._settings
         registered = self._registered
         partitions = layout.partitions
-        args: list[Any] = [layout.prefix, int(settings.dedupe_window * 1000), int(settings.reply_ttl * 1000)]
-        for item in batch:
-            message = item.message
-            subject = message.subject
-            execution = message.task_execution_id
-            partition = execution.int % partitions if execution is not None else layout.partition_index(message)
-            if is_reply(subject):
-                flag = 1
-            elif subject in registered:
-                flag = 0
-            else:
-                flag = 2
-            args.append(f"{partition} {message.id} {'' if execution is None else execution} {subject} {flag}")
-            args.append(item.payload)
-        if not self.wait_aof:
-            results: list[Any] = await self._script(keys=[], args=args)
-        else:
-            timeout_ms = max(1, int(settings.publish_timeout * 1000))
-            async with self._client.pipeline(transaction=False) as pipe:
-                await self._script(keys=[], args=args, client=pipe)
-                pipe.execute_command("WAITAOF", 1, 0, timeout_ms)
-                results, synced = await pipe.execute()
-            if not synced or int(synced[0]) < 1:
-                raise PublishFailed(f"Redis did not fsync the batch to its AOF within {settings.publish_timeout}s")
+        known = self._subjects
+        parts: list[bytes] = []
+        fresh_subjects: list[str] = []
+        count = 0
+        for run in batch:
+            count += len(run.messages)
+            for message, payload in zip(run.messages, run.payloads, strict=True):
+                subject = message.subject
+                execution = message.task_execution_id
+                if execution is not None:
+                    partition = execution.int % partitions
+                    x = str(execution)
+                else:
+                    partition = layout.partition_index(message)
+                    x = ""
+                seen = known.get(subject)
+                if seen is None:
+                    if len(known) > _REGISTERED_LIMIT:
+                        known.clear()
+                    data = subject.encode()
+                    seen = known[subject] = (b"$%d\r\n%b\r\n" % (len(data), data), is_reply(subject))
+                subject_arg, reply = seen
+                flag = "0"
+                if reply:
+                    flag = "1"
+                elif subject not in registered:
+                    flag = "2"
+                    fresh_subjects.append(subject)
+                # Six arguments in wire form: partition, id and execution (ASCII), subject, flag, payload.
+                p = str(partition)
+                parts += (
+                    f"${len(p)}\r\n{p}\r\n$32\r\n{message.id.int:032x}\r\n${len(x)}\r\n{x}\r\n".encode(),
+                    subject_arg,
+                    f"$1\r\n{flag}\r\n${len(payload)}\r\n".encode(),
+                    payload,
+                    b"\r\n",
+                )
+        head = (layout.prefix, int(settings.dedupe_window * 1000), int(settings.reply_ttl * 1000))
+        script = PackedCommand("EVALSHA", PUBLISH_SHA, 0, *head)
+        script.add_packed(6 * count, parts)
+        try:
+            replies = await self._call(script)
+        except redis_errors.NoScriptError:  # a new or restarted server: send the source once
+            script = PackedCommand("EVAL", PUBLISH_LUA, 0, *head)
+            script.add_packed(6 * count, parts)
+            replies = await self._call(script)
+        results: bytes = replies[0]
         if len(registered) > _REGISTERED_LIMIT:
             registered.clear()
-        for item in batch:
-            if not is_reply(item.message.subject):
-                registered.add(item.message.subject)
-        return list(results)
+        registered.update(fresh_subjects)
+        return results
+
+    async def _call(self, script: PackedCommand) -> list[Any]:
+        """Run the publish script; in the durable profile on Redis >= 7.2, WAITAOF in the same write."""
+        if not self.wait_aof:
+            return await execute_packed(self._client, script)
+        settings = self._settings
+        timeout_ms = max(1, int(settings.publish_timeout * 1000))
+        replies = await execute_packed(self._client, script, PackedCommand("WAITAOF", 1, 0, timeout_ms))
+        synced = replies[1]
+        if not synced or int(synced[0]) < 1:
+            raise PublishFailed(f"Redis did not fsync the batch to its AOF within {settings.publish_timeout}s")
+        return replies
+
+
+def _fail(runs: list[_Run], error: BaseException) -> None:
+    for run in runs:
+        if not run.future.done():
+            run.future.set_exception(error)
