@@ -136,11 +136,14 @@ async def read_streams(client: aioredis.Redis, *args: bytes | str | int) -> Stre
     if not reply:
         return []
     pairs = reply.items() if isinstance(reply, dict) else reply
-    return [
-        (stream.decode(), [(entry_id, None if raw is None else dict(zip(raw[::2], raw[1::2], strict=True)))
-                           for entry_id, raw in entries])
-        for stream, entries in pairs
-    ]
+    return [(stream.decode(), [(entry_id, _fields(raw)) for entry_id, raw in entries]) for stream, entries in pairs]
+
+
+def _fields(raw: list[bytes] | None) -> Fields | None:
+    if raw is None:
+        return None
+    pairs = iter(raw)
+    return dict(zip(pairs, pairs))  # noqa: B905 - Redis sends field, value pairs
 
 
 def queue(pipe: Pipeline, *args: Any, **options: Any) -> None:

@@ -180,13 +180,17 @@ class BaseConsumer:
     async def _work(self) -> None:
         me = asyncio.current_task()
         assert me is not None
+        queue = self.queue
         while not self.closing:
-            self._idle.add(me)
-            try:
-                entry = await self.queue.get()
-            finally:
-                self._idle.discard(me)
-            if self.queue.qsize() <= self.options.batch_size // 2:
+            if queue.empty():
+                self._idle.add(me)
+                try:
+                    entry = await queue.get()
+                finally:
+                    self._idle.discard(me)
+            else:
+                entry = queue.get_nowait()
+            if queue.qsize() <= self.options.batch_size // 2:
                 self.room.set()
             await self._handle(entry)
 
