@@ -387,30 +387,35 @@ class KafkaSubscription:
                     break
             deliveries: list[Delivery] = []
             for part, record in batch:
-                delivery = await self._delivery_of(part, record)
-                if delivery is not None:
+                delivery = self._delivery_of(part, record)
+                if isinstance(delivery, KafkaDelivery):
                     deliveries.append(delivery)
+                else:
+                    await self._dead_letter_malformed(part, record, *delivery)
             if deliveries:
                 await invoke_batch(handler, deliveries, self._options)
 
-    async def _delivery_of(self, part: PartitionState, record: ConsumerRecord) -> KafkaDelivery | None:
-        """The delivery of ``record``; None (after dead-lettering it) when it is not an envelope."""
-        key = (record.topic, record.partition, record.offset)
-        # Only records that were nacked have an entry: the common path costs one lookup.
-        attempt = self._attempts.pop(key, 0) + 1 if self._attempts else 1
+    def _delivery_of(self, part: PartitionState, record: ConsumerRecord) -> KafkaDelivery | tuple[int, str]:
+        """The delivery of ``record``, or ``(attempt, why)`` when it is not an envelope (synchronous:
+        the common path costs no coroutine)."""
+        # Only records that were nacked have an entry: the common path costs one truth test.
+        attempts = self._attempts
+        attempt = attempts.pop((record.topic, record.partition, record.offset), 0) + 1 if attempts else 1
+        value = record.value
         try:
-            if record.value is None:
+            if value is None:
                 raise MalformedMessage("a record without a value (tombstone)")
-            message = decode(record.value)
+            message = decode(value)
         except MalformedMessage as exc:
-            await self._dead_letter_malformed(part, record, attempt, str(exc))
-            return None
+            return attempt, str(exc)
         return KafkaDelivery(message, attempt=attempt, group=self._group, sub=self, part=part, record=record)
 
     async def _handle(self, part: PartitionState, record: ConsumerRecord) -> None:
-        delivery = await self._delivery_of(part, record)
-        if delivery is not None:
+        delivery = self._delivery_of(part, record)
+        if isinstance(delivery, KafkaDelivery):
             await invoke(self._handler, delivery, self._options)
+        else:
+            await self._dead_letter_malformed(part, record, *delivery)
 
     async def _dead_letter_malformed(
         self, part: PartitionState, record: ConsumerRecord, attempt: int, reason: str
