@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -17,6 +19,16 @@ def _message(agent: str, text: str, id: uuid.UUID | None = None) -> envelope.Mes
     return envelope.build(subject=subjects.direct(agent), sender_id="pm", recipient_id=agent, content=text, id=id)
 
 
+@contextlib.asynccontextmanager
+async def _backend(url: str) -> AsyncIterator[RedisBackend]:
+    backend = RedisBackend(RedisSettings.from_url(url))
+    await backend.connect()
+    try:
+        yield backend
+    finally:
+        await backend.close()
+
+
 async def _stored(backend: RedisBackend, agent: str) -> list[str]:
     client = backend._client
     assert client is not None
@@ -25,9 +37,7 @@ async def _stored(backend: RedisBackend, agent: str) -> list[str]:
 
 
 async def test_duplicate_ids_within_and_across_calls_are_stored_once(redis_url: str) -> None:
-    backend = RedisBackend(RedisSettings.from_url(redis_url))
-    await backend.connect()
-    try:
+    async with _backend(redis_url) as backend:
         first, second = _message("dev-1", "a"), _message("dev-1", "b")
         again = _message("dev-1", "a-again", id=first.id)
         # one call holding a duplicate, then a call repeating an id of the first
@@ -36,14 +46,10 @@ async def test_duplicate_ids_within_and_across_calls_are_stored_once(redis_url: 
         assert await _stored(backend, "dev-1") == ["a", "b"]
         stats = backend.stats()
         assert (stats["published"], stats["duplicates_dropped"]) == (2, 2)
-    finally:
-        await backend.close()
 
 
 async def test_ids_are_forgotten_after_two_windows_and_kept_for_one(redis_url: str) -> None:
-    backend = RedisBackend(RedisSettings.from_url(f"{redis_url}&dedupe_window=1"))
-    await backend.connect()
-    try:
+    async with _backend(f"{redis_url}&dedupe_window=1") as backend:
         message = _message("dev-2", "once")
         await backend.publish(message)
         await backend.publish(message)  # same bucket or the next: a duplicate
@@ -55,16 +61,10 @@ async def test_ids_are_forgotten_after_two_windows_and_kept_for_one(redis_url: s
         assert client is not None
         buckets = [key async for key in client.scan_iter(match=f"{backend.settings.prefix}:ids:*")]
         assert 1 <= len(buckets) <= 2, f"old buckets are unlinked, not left to pile up: {buckets}"
-    finally:
-        await backend.close()
 
 
 async def test_dedupe_window_zero_stores_every_publish(redis_url: str) -> None:
-    backend = RedisBackend(RedisSettings.from_url(f"{redis_url}&dedupe_window=0"))
-    await backend.connect()
-    try:
+    async with _backend(f"{redis_url}&dedupe_window=0") as backend:
         message = _message("dev-3", "twice")
         await backend.publish_many([message, message])
         assert await _stored(backend, "dev-3") == ["twice", "twice"]
-    finally:
-        await backend.close()

@@ -34,7 +34,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from squadbus.backends.kafka import KafkaBackend, KafkaSettings
 from squadbus.benchmarks.openloop import drive
-from squadbus.benchmarks.stats import Result, median_of
+from squadbus.benchmarks.stats import Result, interleaved_medians
 from squadbus.core import envelope, subjects
 from squadbus.core.backend import ConsumerOptions, Delivery
 from squadbus.core.bus import Bus
@@ -289,20 +289,18 @@ async def run(*, url: str, count: int, rate: float) -> list[Result]:
     squadbus throughput with ``Bus.publish_many`` (the raw side's pattern).
     """
     latency_count = max(1, min(count, int(rate * OPEN_LOOP_SECONDS)))
-    raw_rounds: list[Result] = []
-    ours_rounds: list[Result] = []
-    awaited_rounds: list[Result] = []
-    many_rounds: list[Result] = []
-    for _ in range(ROUNDS):
-        raw_rounds.append(await raw_throughput(url, count))
-        ours_rounds.append(await squadbus_throughput(url, count))
-        awaited_rounds.append(await raw_throughput(url, count, awaited=True))
-        many_rounds.append(await squadbus_throughput(url, count, batch=True))
+    raw, ours, awaited, many = await interleaved_medians(
+        ROUNDS,
+        lambda: raw_throughput(url, count),
+        lambda: squadbus_throughput(url, count),
+        lambda: raw_throughput(url, count, awaited=True),
+        lambda: squadbus_throughput(url, count, batch=True),
+    )
     return [
-        median_of(raw_rounds),
-        median_of(ours_rounds),
+        raw,
+        ours,
         await raw_latency(url, latency_count, rate),
         await squadbus_latency(url, latency_count, rate),
-        median_of(awaited_rounds),
-        median_of(many_rounds),
+        awaited,
+        many,
     ]

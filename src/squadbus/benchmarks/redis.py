@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 from squadbus.backends.redis import RedisSettings
 from squadbus.backends.redis._driver import call, queue
 from squadbus.benchmarks.openloop import drive
-from squadbus.benchmarks.stats import Result, median_of, ratio
+from squadbus.benchmarks.stats import Result, interleaved_medians, ratio
 from squadbus.core import envelope, subjects
 from squadbus.core.backend import ConsumerOptions, Delivery, StartFrom
 from squadbus.core.bus import Bus
@@ -203,16 +203,13 @@ async def run(*, url: str, count: int, rate: float, rounds: int = ROUNDS) -> lis
     throughput line is the median of ``rounds`` rounds, run interleaved so
     that drift of the machine hits every line alike.
     """
-    raw_rounds: list[Result] = []
-    ours_rounds: list[Result] = []
-    many_rounds: list[Result] = []
-    env_rounds: list[Result] = []
-    for _ in range(rounds):
-        raw_rounds.append(await raw_throughput(url, count))
-        ours_rounds.append(await squadbus_throughput(url, count))
-        many_rounds.append(await squadbus_throughput(url, count, batch=True))
-        env_rounds.append(await raw_throughput(url, count, envelopes=True))
-    raw, ours, many, raw_env = (median_of(r) for r in (raw_rounds, ours_rounds, many_rounds, env_rounds))
+    raw, ours, many, raw_env = await interleaved_medians(
+        rounds,
+        lambda: raw_throughput(url, count),
+        lambda: squadbus_throughput(url, count),
+        lambda: squadbus_throughput(url, count, batch=True),
+        lambda: raw_throughput(url, count, envelopes=True),
+    )
     ours.notes = f"ratio vs raw = {ratio(ours, raw):.2f}; {ours.notes}"
     many.notes = f"ratio vs raw = {ratio(many, raw):.2f}; {many.notes}"
     raw_env.notes = (f"squadbus send / this = {ratio(ours, raw_env):.2f}, "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 
@@ -56,6 +56,16 @@ def median_of(rounds: Sequence[Result]) -> Result:
     spread = ", ".join(f"{r.throughput:.0f}" for r in rounds)
     chosen.notes = f"{chosen.notes}; median of {len(rounds)} rounds: {spread} msgs/s".lstrip("; ")
     return chosen
+
+
+async def interleaved_medians(rounds: int, *runs: Callable[[], Awaitable[Result]]) -> list[Result]:
+    """Run every one of ``runs`` once per round, ``rounds`` times, and return each one's median round
+    (in the order given). Interleaving makes drift of a shared machine hit every line alike."""
+    results: list[list[Result]] = [[] for _ in runs]
+    for _ in range(rounds):
+        for run, out in zip(runs, results, strict=True):
+            out.append(await run())
+    return [median_of(out) for out in results]
 
 
 def format_table(results: Sequence[Result]) -> str:
