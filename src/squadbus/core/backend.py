@@ -18,10 +18,10 @@ import asyncio
 import enum
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 from uuid import UUID
 
 from squadbus.core.envelope import Message
@@ -216,6 +216,39 @@ async def invoke(handler: RawHandler, delivery: Delivery, options: ConsumerOptio
         logger.exception("handler wrapper raised for message %s", delivery.message.id)
     if delivery.settled is None:
         await delivery.nack(options.backoff(delivery.attempt))
+
+
+class InFlight:
+    """The handler tasks of one consumer with ``max_in_flight > 1``: at most ``limit`` at once.
+
+    ``await slot()`` before taking work, then ``start(handling)`` (its task frees the slot when it
+    ends) or ``give_back()`` when there was no work; ``await finish()`` waits for every task.
+    """
+
+    __slots__ = ("_running", "_slots")
+
+    def __init__(self, limit: int) -> None:
+        self._slots = asyncio.Semaphore(limit)
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def slot(self) -> None:
+        await self._slots.acquire()
+
+    def give_back(self) -> None:
+        self._slots.release()
+
+    def start(self, handling: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(handling)
+        self._running.add(task)
+        task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._slots.release()
+
+    async def finish(self) -> None:
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
 
 
 class Subscription(Protocol):

@@ -47,6 +47,31 @@ async def fill_batch(queue: asyncio.Queue[T], batch: list[T], limit: int, max_wa
             return
 
 
+async def fill_until(
+    items: list[T], limit: int, max_wait: float, *,
+    take: Callable[[], T | None], more: Callable[[], Awaitable[object]], stop: Callable[[], bool],
+) -> None:
+    """Append what ``take()`` gives to ``items``, up to ``limit``; when it gives None, await
+    ``more()`` (a sign that something may be ready) and try again, for at most ``max_wait`` seconds
+    from now in all. Ends early once ``stop()`` is true; nothing suspends between that check and
+    ``more()`` starting. For buffers that are not a queue (see :func:`fill_batch` for one)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + max_wait
+    while len(items) < limit and not stop():
+        item = take()
+        if item is not None:
+            items.append(item)
+            continue
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return
+        try:
+            async with asyncio.timeout(remaining):
+                await more()
+        except TimeoutError:
+            return
+
+
 class _Batch:
     __slots__ = ("done", "messages", "started", "timer")
 

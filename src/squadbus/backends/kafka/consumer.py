@@ -48,12 +48,14 @@ from squadbus.core.backend import (
     BatchRawHandler,
     ConsumerOptions,
     Delivery,
+    InFlight,
     RawHandler,
     StartFrom,
     durable_name,
     invoke,
     invoke_batch,
 )
+from squadbus.core.batching import fill_until
 from squadbus.core.envelope import Message, decode
 from squadbus.core.errors import MalformedMessage, SquadbusError
 
@@ -343,23 +345,22 @@ class KafkaSubscription:
                     streak = 0
                     await asyncio.sleep(0)  # handlers that never suspend would starve the fetcher
             return
-        slots = asyncio.Semaphore(limit)
-        running: set[asyncio.Task[None]] = set()
+        inflight = InFlight(limit)
         try:
             while not self._closing:
-                await slots.acquire()
+                await inflight.slot()
                 picked = self._pick(loop.time(), False)
                 if picked is None:
-                    slots.release()
+                    inflight.give_back()
                     await self._wait_for_work(loop.time())
                     continue
-                task = loop.create_task(self._handle(*picked))
-                running.add(task)
-                task.add_done_callback(running.discard)
-                task.add_done_callback(lambda _: slots.release())
+                inflight.start(self._handle(*picked))
         finally:
-            if running:
-                await asyncio.gather(*running, return_exceptions=True)
+            await inflight.finish()
+
+    async def _woken(self) -> None:
+        self._wake.clear()  # close() sets it again; fill_until does not suspend since its _closing check
+        await self._wake.wait()
 
     async def _dispatch_batches(self, handler: BatchRawHandler, max_wait: float) -> None:
         loop = asyncio.get_running_loop()
@@ -370,21 +371,8 @@ class KafkaSubscription:
                 await self._wait_for_work(loop.time())
                 continue
             batch = [picked]
-            deadline = loop.time() + max_wait
-            while len(batch) < limit and not self._closing:
-                picked = self._pick(loop.time(), False)
-                if picked is not None:
-                    batch.append(picked)
-                    continue
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                self._wake.clear()  # close() sets it again; no await since the _closing check
-                try:
-                    async with asyncio.timeout(remaining):
-                        await self._wake.wait()
-                except TimeoutError:
-                    break
+            await fill_until(batch, limit, max_wait, take=lambda: self._pick(loop.time(), False),
+                             more=self._woken, stop=lambda: self._closing)
             deliveries: list[Delivery] = []
             for part, record in batch:
                 delivery = self._delivery_of(part, record)

@@ -7,7 +7,8 @@ import contextlib
 from typing import TYPE_CHECKING
 
 from squadbus.backends.memory.group import GroupBuffer, MemoryDelivery
-from squadbus.core.backend import BatchRawHandler, RawHandler, batch_only, invoke, invoke_batch
+from squadbus.core.backend import BatchRawHandler, InFlight, RawHandler, batch_only, invoke, invoke_batch
+from squadbus.core.batching import fill_until
 from squadbus.core.envelope import Message
 
 if TYPE_CHECKING:
@@ -78,22 +79,17 @@ class MemorySubscription:
             await invoke(handler, MemoryDelivery(item[0], item[1], group, item[2]), options)
 
     async def _run_concurrently(self, limit: int) -> None:
-        slots = asyncio.Semaphore(limit)
-        running: set[asyncio.Task[None]] = set()
+        inflight = InFlight(limit)
         try:
             while True:
-                await slots.acquire()
+                await inflight.slot()
                 item = await self._next()
                 if item is None:
-                    slots.release()
+                    inflight.give_back()
                     break
-                task = asyncio.get_running_loop().create_task(self._handle(*item))
-                running.add(task)
-                task.add_done_callback(running.discard)
-                task.add_done_callback(lambda _: slots.release())
+                inflight.start(self._handle(*item))
         finally:
-            if running:
-                await asyncio.gather(*running, return_exceptions=True)
+            await inflight.finish()
 
     async def close(self) -> None:
         if self._closing:
@@ -138,21 +134,12 @@ class MemoryBatchSubscription(MemorySubscription):
 
     async def _fill(self, items: list[tuple[Message, int, int]], limit: int) -> None:
         group = self._group
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._max_wait
-        while len(items) < limit and not self._closing:
-            item = group.take()
-            if item is not None:
-                items.append(item)
-                continue
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return
+
+        async def more() -> None:
             self._waiting = True
             try:
-                async with asyncio.timeout(remaining):
-                    await group.wait_for_entry()
-            except TimeoutError:
-                return
+                await group.wait_for_entry()
             finally:
                 self._waiting = False
+
+        await fill_until(items, limit, self._max_wait, take=group.take, more=more, stop=lambda: self._closing)

@@ -29,7 +29,15 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from squadbus.core import subjects
-from squadbus.core.backend import BatchRawHandler, ConsumerOptions, Delivery, RawHandler, invoke, invoke_batch
+from squadbus.core.backend import (
+    BatchRawHandler,
+    ConsumerOptions,
+    Delivery,
+    InFlight,
+    RawHandler,
+    invoke,
+    invoke_batch,
+)
 from squadbus.core.batching import fill_batch
 from squadbus.core.dispatch import DLQ_ATTEMPTS, DLQ_GROUP, DLQ_ORIGINAL_ID, DLQ_REASON, DLQ_SUBJECT
 from squadbus.core.envelope import Message, decode, new_id, utcnow
@@ -264,27 +272,21 @@ class NatsSubscription:
             await self._handle(msg)
 
     async def _dispatch_concurrently(self, limit: int) -> None:
-        slots = asyncio.Semaphore(limit)
-        running: set[asyncio.Task[None]] = set()
-        loop = asyncio.get_running_loop()
+        inflight = InFlight(limit)
         try:
             while True:
-                await slots.acquire()
+                await inflight.slot()
                 try:
                     msg = await self._next()
                 except asyncio.CancelledError:
-                    slots.release()
+                    inflight.give_back()
                     raise
                 if msg is None:
-                    slots.release()
+                    inflight.give_back()
                     break
-                task = loop.create_task(self._handle(msg))
-                running.add(task)
-                task.add_done_callback(running.discard)
-                task.add_done_callback(lambda _: slots.release())
+                inflight.start(self._handle(msg))
         finally:
-            if running:
-                await asyncio.gather(*running, return_exceptions=True)
+            await inflight.finish()
 
     async def _dispatch_batches(self, handler: BatchRawHandler) -> None:
         limit = self._options.batch_size
