@@ -31,30 +31,18 @@ async def fill_batch(queue: asyncio.Queue[T], batch: list[T], limit: int, max_wa
     seconds (from now) for more. The only suspension points are ``queue.get()``; if cancelled there,
     ``batch`` holds everything taken so far, for the caller to give back.
     """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + max_wait
-    while len(batch) < limit:
-        if not queue.empty():
-            batch.append(queue.get_nowait())
-            continue
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            return
-        try:
-            async with asyncio.timeout(remaining):
-                batch.append(await queue.get())
-        except TimeoutError:
-            return
+    await fill_until(batch, limit, max_wait, take=lambda: None if queue.empty() else queue.get_nowait(),
+                     more=queue.get, stop=lambda: False)
 
 
 async def fill_until(
     items: list[T], limit: int, max_wait: float, *,
-    take: Callable[[], T | None], more: Callable[[], Awaitable[object]], stop: Callable[[], bool],
+    take: Callable[[], T | None], more: Callable[[], Awaitable[T | None]], stop: Callable[[], bool],
 ) -> None:
     """Append what ``take()`` gives to ``items``, up to ``limit``; when it gives None, await
-    ``more()`` (a sign that something may be ready) and try again, for at most ``max_wait`` seconds
-    from now in all. Ends early once ``stop()`` is true; nothing suspends between that check and
-    ``more()`` starting. For buffers that are not a queue (see :func:`fill_batch` for one)."""
+    ``more()`` (which gives an item, or None as a sign that something may be ready) and go on, for
+    at most ``max_wait`` seconds from now in all. Ends early once ``stop()`` is true; nothing
+    suspends between that check and ``more()`` starting."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + max_wait
     while len(items) < limit and not stop():
@@ -67,9 +55,11 @@ async def fill_until(
             return
         try:
             async with asyncio.timeout(remaining):
-                await more()
+                item = await more()
         except TimeoutError:
             return
+        if item is not None:
+            items.append(item)
 
 
 class _Batch:
