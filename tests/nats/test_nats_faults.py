@@ -4,7 +4,6 @@ and garbage bytes on the stream."""
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 import uuid
 from collections import Counter
@@ -20,7 +19,7 @@ from squadbus.core.bus import Bus
 from squadbus.core.dispatch import DLQ_GROUP, DLQ_REASON, DLQ_SUBJECT
 from squadbus.core.errors import BackendError
 from squadbus.testing.conformance import Collector, eventually
-from squadbus.testing.crash_consumer import MODULE as CRASH_CONSUMER
+from squadbus.testing.crash_consumer import kill_mid_batch
 from squadbus.testing.servers.nats import NatsCluster, NatsServer
 
 pytestmark = pytest.mark.nats
@@ -108,20 +107,7 @@ async def test_consumer_killed_mid_batch_loses_nothing(nats_url: str, tmp_path: 
     log = tmp_path / "consumer.log"
     async with Bus.from_url(nats_url) as bus:
         sent = [(await bus.send("pm", agent, f"job-{i}")).id for i in range(150)]
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", CRASH_CONSUMER, nats_url, group, subject, str(log)
-        )
-        try:
-            def started() -> int:
-                return (log.read_text() if log.exists() else "").count("start ")
-
-            await eventually(lambda: started() >= 10, 30, "the consumer process to start a batch")
-        finally:
-            proc.kill()  # SIGKILL mid-batch: it holds fetched, unacknowledged messages
-            await proc.wait()
-        lines = log.read_text().splitlines()
-        done_by_dead = {uuid.UUID(line.split()[1]) for line in lines if line.startswith("done ")}
-        started_by_dead = {uuid.UUID(line.split()[1]) for line in lines if line.startswith("start ")}
+        started_by_dead, done_by_dead = await kill_mid_batch(nats_url, group, subject, log, timeout=30)
         assert len(done_by_dead) < len(sent), "the consumer should die mid-way"
 
         survivor = Collector()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import uuid
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from squadbus.core.bus import Bus
 from squadbus.core.dispatch import DLQ_GROUP, DLQ_REASON
 from squadbus.core.errors import BackendError, ConfigError
 from squadbus.testing.conformance import Collector, eventually
-from squadbus.testing.crash_consumer import MODULE as CRASH_CONSUMER
+from squadbus.testing.crash_consumer import kill_mid_batch
 from squadbus.testing.servers.redis import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -36,20 +35,7 @@ async def test_killed_consumer_entries_are_claimed_by_another_member(redis_url: 
     log = tmp_path / "consumer.log"
     async with Bus.from_url(redis_url) as bus:
         sent = [(await bus.send("pm", agent, f"job-{i}")).id for i in range(150)]
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", CRASH_CONSUMER, redis_url, group, subject, str(log)
-        )
-        try:
-            def started() -> int:
-                text = log.read_text() if log.exists() else ""
-                return text.count("start ")
-
-            await eventually(lambda: started() >= 10, WAIT, "the consumer process to start a batch")
-        finally:
-            proc.kill()  # SIGKILL mid-batch: it holds up to 50 read but unacknowledged entries
-            await proc.wait()
-        lines = log.read_text().splitlines()
-        done_by_dead = {uuid.UUID(line.split()[1]) for line in lines if line.startswith("done ")}
+        _, done_by_dead = await kill_mid_batch(redis_url, group, subject, log, timeout=WAIT)
         assert len(done_by_dead) < len(sent), "the consumer should die mid-way"
 
         survivor = Collector()
