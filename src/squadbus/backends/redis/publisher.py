@@ -263,7 +263,7 @@ class RedisPublisher:
         partitions = layout.partitions
         known = self._subjects
         parts: list[bytes] = []
-        fresh_subjects: list[str] = []
+        fresh_subjects: set[str] = set()  # registered by the first of their messages in this call
         count = 0
         for run in batch:
             count += len(run.messages)
@@ -286,9 +286,9 @@ class RedisPublisher:
                 flag = "0"
                 if reply:
                     flag = "1"
-                elif subject not in registered:
+                elif subject not in registered and subject not in fresh_subjects:
                     flag = "2"
-                    fresh_subjects.append(subject)
+                    fresh_subjects.add(subject)
                 # Six arguments in wire form: partition, id and execution (ASCII), subject, flag, payload.
                 p = str(partition)
                 parts += (
