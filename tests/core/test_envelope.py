@@ -55,7 +55,19 @@ def test_defaults_and_ids() -> None:
      b'{"id":"5f0c8a4e-3d0b-4c2c-9b0e-2a3c4d5e6f70","subject":"agent.x","sender_id":"a",'
      b'"content":"c","created_at":"2026-01-01T00:00:00"}',
      b'{"id":"5f0c8a4e-3d0b-4c2c-9b0e-2a3c4d5e6f70","subject":"agent.x","sender_id":"a",'
-     b'"content":"c","metadata":[1],"created_at":"2026-01-01T00:00:00Z"}'],
+     b'"content":"c","metadata":[1],"created_at":"2026-01-01T00:00:00Z"}',
+     # Checked by the decoder's field types, not by validate(): an empty message_type, a header
+     # value that is not a string, a sender that is not a valid agent name, a domain with a dot.
+     b'{"id":"5f0c8a4e-3d0b-4c2c-9b0e-2a3c4d5e6f70","subject":"agent.x","sender_id":"a",'
+     b'"content":"c","message_type":"","created_at":"2026-01-01T00:00:00Z"}',
+     b'{"id":"5f0c8a4e-3d0b-4c2c-9b0e-2a3c4d5e6f70","subject":"agent.x","sender_id":"a",'
+     b'"content":"c","headers":{"k":1},"created_at":"2026-01-01T00:00:00Z"}',
+     b'{"id":"5f0c8a4e-3d0b-4c2c-9b0e-2a3c4d5e6f70","subject":"agent.x","sender_id":"a b",'
+     b'"content":"c","created_at":"2026-01-01T00:00:00Z"}',
+     b'{"id":"5f0c8a4e-3d0b-4c2c-9b0e-2a3c4d5e6f70","subject":"agent.x","sender_id":"a",'
+     b'"domain":"d.e","content":"c","created_at":"2026-01-01T00:00:00Z"}',
+     b'{"id":"5f0c8a4e-3d0b-4c2c-9b0e-2a3c4d5e6f70","subject":"agent.x","sender_id":"a",'
+     b'"recipient_id":7,"content":"c","created_at":"2026-01-01T00:00:00Z"}'],
 )
 def test_malformed_input_raises_typed_error(data: bytes) -> None:
     with pytest.raises(MalformedMessage):
@@ -90,3 +102,33 @@ def test_validation_errors() -> None:
     m = envelope.build(subject="agent.x", sender_id="a", content="c")
     with pytest.raises(InvalidSubject):
         m.evolve(subject="agent..y")
+
+
+def test_validate_checks_hand_made_messages() -> None:
+    """A Message built directly (not by build or decode) is not type-checked by msgspec: validate is."""
+    good = envelope.build(subject="agent.x", sender_id="a", recipient_id="b", domain="d", content="c")
+    assert envelope.validate(good) is good
+    now = datetime.now(UTC)
+    bad: list[tuple[envelope.Message, type[Exception]]] = [
+        (envelope.Message(id=uuid.uuid4(), subject="agent.x", sender_id="a b", content="c", created_at=now),
+         InvalidSubject),
+        (envelope.Message(id=uuid.uuid4(), subject="agent.x", sender_id=7, content="c",  # type: ignore[arg-type]
+                          created_at=now), InvalidMessage),
+        (envelope.Message(id=uuid.uuid4(), subject="agent.x", sender_id="a", recipient_id="b.c", content="c",
+                          created_at=now), InvalidSubject),
+        (envelope.Message(id=uuid.uuid4(), subject="agent.x", sender_id="a", content="c", message_type="",
+                          created_at=now), InvalidMessage),
+        (envelope.Message(id=uuid.uuid4(), subject="agent.x", sender_id="a", content="c",
+                          headers={"k": 1}, created_at=now), InvalidMessage),  # type: ignore[dict-item]
+        (envelope.Message(id=uuid.uuid4(), subject="agent.x", sender_id="a", content="c",
+                          metadata=[1], created_at=now), InvalidMessage),  # type: ignore[arg-type]
+        (envelope.Message(id=uuid.uuid4(), subject="agent.x", sender_id="a", content="c",
+                          created_at=datetime(2026, 1, 1)), InvalidMessage),
+    ]
+    for message, error in bad:
+        with pytest.raises(error):
+            envelope.validate(message)
+    # A UUID agent id is accepted as its string form, as build() accepts it.
+    uuid_sender = envelope.Message(id=uuid.uuid4(), subject="agent.x", sender_id=uuid.UUID(int=3),  # type: ignore[arg-type]
+                                   content="c", created_at=now)
+    assert envelope.validate(uuid_sender) is uuid_sender

@@ -21,7 +21,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 from uuid import UUID
 
 from squadbus.core.envelope import Message
@@ -151,9 +151,12 @@ class Delivery:
             return False
         self._settled = "ack"
         try:
-            await self._ack()
+            pending = self._ack()
+            if pending is not None:
+                await pending
         finally:
-            self._wake()
+            if self._waiter is not None:
+                self._wake()
         return True
 
     async def nack(self, delay: float = 0.0) -> bool:
@@ -162,9 +165,12 @@ class Delivery:
             return False
         self._settled = "nack"
         try:
-            await self._nack(max(0.0, delay))
+            pending = self._nack(max(0.0, delay))
+            if pending is not None:
+                await pending
         finally:
-            self._wake()
+            if self._waiter is not None:
+                self._wake()
         return True
 
     async def term(self) -> bool:
@@ -173,22 +179,29 @@ class Delivery:
             return False
         self._settled = "term"
         try:
-            await self._term()
+            pending = self._term()
+            if pending is not None:
+                await pending
         finally:
-            self._wake()
+            if self._waiter is not None:
+                self._wake()
         return True
 
     async def in_progress(self) -> None:
         """Tell the backend the handler is still working (extends ``ack_wait``)."""
 
-    async def _ack(self) -> None:
+    # The backend's side of settling. Each returns None when it settled at once (most backends
+    # only update local state), or an awaitable to wait for (e.g. an ack sent over the network):
+    # one coroutine less per message on the common path.
+
+    def _ack(self) -> Awaitable[None] | None:
         raise NotImplementedError
 
-    async def _nack(self, delay: float) -> None:
+    def _nack(self, delay: float) -> Awaitable[None] | None:
         raise NotImplementedError
 
-    async def _term(self) -> None:
-        await self._ack()
+    def _term(self) -> Awaitable[None] | None:
+        return self._ack()
 
 
 RawHandler = Callable[[Delivery], Awaitable[None]]
@@ -198,14 +211,33 @@ BatchRawHandler = Callable[[Sequence[Delivery]], Awaitable[None]]
 """What a :class:`BatchSubscriber` calls for each batch; the Bus's wrapper settles every delivery."""
 
 
-async def invoke(handler: RawHandler, delivery: Delivery, options: ConsumerOptions) -> None:
-    """Run ``handler`` on ``delivery`` the way every backend must.
+_SETTLES = "_squadbus_settles_every_delivery"
+
+HandlerT = TypeVar("HandlerT", bound=Callable[..., Awaitable[None]])
+
+
+def settles_itself(handler: HandlerT) -> HandlerT:
+    """Mark ``handler`` (a RawHandler or BatchRawHandler) as keeping :func:`invoke`'s promises itself:
+    it settles every delivery, nacks the unsettled ones when cancelled, and raises nothing else.
+    :func:`invoke` then calls it directly (one coroutine less per message). The Bus's wrappers are."""
+    setattr(handler, _SETTLES, True)
+    return handler
+
+
+def invoke(handler: RawHandler, delivery: Delivery, options: ConsumerOptions) -> Awaitable[None]:
+    """Run ``handler`` on ``delivery`` the way every backend must (await the result).
 
     The Bus's wrapper always settles; a bare RawHandler might not, so an
     unsettled delivery is nacked with ``options.backoff(delivery.attempt)``
     (logged when the handler raised). Cancelled while unsettled: nacked at
     once, then the cancellation goes on, so closing a consumer loses nothing.
     """
+    if getattr(handler, _SETTLES, False):
+        return handler(delivery)
+    return _invoke(handler, delivery, options)
+
+
+async def _invoke(handler: RawHandler, delivery: Delivery, options: ConsumerOptions) -> None:
     try:
         await handler(delivery)
     except asyncio.CancelledError:
@@ -383,8 +415,14 @@ async def batch_only(delivery: Delivery) -> None:
     raise AssertionError("a batch subscription has no per-delivery handler")
 
 
-async def invoke_batch(handler: BatchRawHandler, deliveries: Sequence[Delivery], options: ConsumerOptions) -> None:
+def invoke_batch(handler: BatchRawHandler, deliveries: Sequence[Delivery], options: ConsumerOptions) -> Awaitable[None]:
     """:func:`invoke` for a batch: run ``handler``, then nack whatever it left unsettled."""
+    if getattr(handler, _SETTLES, False):
+        return handler(deliveries)
+    return _invoke_batch(handler, deliveries, options)
+
+
+async def _invoke_batch(handler: BatchRawHandler, deliveries: Sequence[Delivery], options: ConsumerOptions) -> None:
     try:
         await handler(deliveries)
     except asyncio.CancelledError:

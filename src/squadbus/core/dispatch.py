@@ -16,12 +16,13 @@ returns the deliveries that failed with their exception, or raises for all.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from squadbus.core import subjects
-from squadbus.core.backend import BatchRawHandler, ConsumerOptions, Delivery, RawHandler
+from squadbus.core.backend import BatchRawHandler, ConsumerOptions, Delivery, RawHandler, settles_itself
 from squadbus.core.envelope import Message, new_id
 from squadbus.core.errors import Nack, Reject, SquadbusError
 
@@ -128,9 +129,9 @@ class _Settler:
         self.stats.nacked += 1
         await delivery.nack(options.backoff(delivery.attempt))
 
-    def count(self, delivery: Delivery) -> None:
+    def count_unusual(self, delivery: Delivery) -> None:
+        """Count a redelivery or a gap (``delivered`` is counted by the caller)."""
         stats = self.stats
-        stats.delivered += 1
         if delivery.attempt > 1:
             stats.redelivered += 1
         if delivery.gap_before:
@@ -138,26 +139,41 @@ class _Settler:
 
 
 def wrap(handler: Handler, options: ConsumerOptions, publish: Publish, stats: DispatchStats) -> RawHandler:
-    """A RawHandler running ``handler`` and settling every delivery."""
+    """A RawHandler running ``handler`` and settling every delivery.
+
+    It keeps :func:`~squadbus.core.backend.invoke`'s promises itself (cancelled:
+    nack the unsettled delivery; a failure to settle is logged, never raised),
+    so backends call it without a guard around it.
+    """
     settler = _Settler(options, publish, stats)
 
     async def run(delivery: Delivery) -> None:
-        settler.count(delivery)
+        stats.delivered += 1
+        if delivery.attempt > 1 or delivery.gap_before:
+            settler.count_unusual(delivery)
         try:
-            await handler(delivery)
-        except Exception as exc:  # a failing handler means nack, by contract
-            if delivery.settled is not None:
-                if not isinstance(exc, Nack | Reject):
+            try:
+                await handler(delivery)
+            except Exception as exc:  # a failing handler means nack, by contract
+                if delivery.settled is None:
+                    await settler.fail(delivery, exc)
+                elif not isinstance(exc, Nack | Reject):
                     stats.handler_errors += 1
                     logger.exception("handler failed after settling message %s", delivery.message.id)
                 return
-            await settler.fail(delivery, exc)
-            return
-        if delivery.settled is None:
-            await delivery.ack()
-            stats.acked += 1
+            if delivery.settled is None:
+                await delivery.ack()
+                stats.acked += 1
+        except asyncio.CancelledError:
+            if delivery.settled is None:
+                await delivery.nack()
+            raise
+        except Exception:
+            logger.exception("settling message %s failed", delivery.message.id)
+            if delivery.settled is None:
+                await delivery.nack(options.backoff(delivery.attempt))
 
-    return run
+    return settles_itself(run)
 
 
 def wrap_batch(
@@ -169,13 +185,30 @@ def wrap_batch(
     deliveries that failed to their exception (each settled as if its own
     handler had raised it: ``Reject`` dead-letters, ``Nack`` or any other
     error retries); the rest are acked. If ``handler`` raises, every
-    delivery it did not settle itself gets that exception's outcome.
+    delivery it did not settle itself gets that exception's outcome. Like
+    :func:`wrap`, it keeps :func:`~squadbus.core.backend.invoke_batch`'s promises itself.
     """
     settler = _Settler(options, publish, stats)
 
     async def run(deliveries: Sequence[Delivery]) -> None:
+        stats.delivered += len(deliveries)
         for delivery in deliveries:
-            settler.count(delivery)
+            if delivery.attempt > 1 or delivery.gap_before:
+                settler.count_unusual(delivery)
+        try:
+            await _run_batch(deliveries)
+        except asyncio.CancelledError:
+            for delivery in deliveries:
+                if delivery.settled is None:
+                    await delivery.nack()
+            raise
+        except Exception:
+            logger.exception("settling a batch of %d messages failed", len(deliveries))
+            for delivery in deliveries:
+                if delivery.settled is None:
+                    await delivery.nack(options.backoff(delivery.attempt))
+
+    async def _run_batch(deliveries: Sequence[Delivery]) -> None:
         failures: Mapping[Delivery, BaseException]
         try:
             failures = await handler(deliveries) or {}
@@ -194,4 +227,4 @@ def wrap_batch(
             else:
                 await settler.fail(delivery, failure, log=False)
 
-    return run
+    return settles_itself(run)

@@ -28,6 +28,7 @@ _set_attr = object.__setattr__
 _getrandbits = random.getrandbits
 
 UTCDateTime = Annotated[datetime, msgspec.Meta(tz=True)]
+NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
 
 
 def new_id() -> uuid.UUID:
@@ -66,7 +67,7 @@ class Message(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=
     subject: str
     sender_id: str
     content: str
-    message_type: str = "message"
+    message_type: NonEmptyStr = "message"
     recipient_id: str | None = None
     domain: str | None = None
     task_execution_id: uuid.UUID | None = None
@@ -126,23 +127,44 @@ def check_size(content: str, max_content_bytes: int) -> None:
             raise MessageTooLarge(f"content is {size} bytes; the limit is {max_content_bytes}")
 
 
+@lru_cache(maxsize=65_536)
+def _check_names(subject: str, sender_id: str, recipient_id: str | None, domain: str | None) -> None:
+    # The subject and agent names of a message, checked once per combination: a squad reuses a few
+    # thousand, and every decode checks them again.
+    subjects.validate_subject(subject)
+    _agent_token(sender_id, "sender_id")
+    if recipient_id is not None:
+        _agent_token(recipient_id, "recipient_id")
+    if domain is not None:
+        subjects.validate_token(domain, what="domain")
+
+
+def _is_text(value: object) -> bool:
+    return value is None or value.__class__ is str
+
+
 def validate(message: Message, *, max_content_bytes: int = DEFAULT_MAX_CONTENT_BYTES) -> Message:
     """Return ``message`` if it is a valid envelope, else raise an InvalidMessage subclass."""
-    subjects.validate_subject(message.subject)
-    _agent(message.sender_id, "sender_id")
-    if message.recipient_id is not None:
-        _agent(message.recipient_id, "recipient_id")
-    if message.domain is not None:
-        subjects.validate_token(message.domain, what="domain")
-    if not isinstance(message.content, str):
+    sender, recipient, domain = message.sender_id, message.recipient_id, message.domain
+    if message.subject.__class__ is str and sender.__class__ is str and _is_text(recipient) and _is_text(domain):
+        _check_names(message.subject, sender, recipient, domain)
+    else:  # not plain strings (a UUID agent id, or a wrong type): the checks that explain what is wrong
+        subjects.validate_subject(message.subject)
+        _agent(sender, "sender_id")
+        if recipient is not None:
+            _agent(recipient, "recipient_id")
+        if domain is not None:
+            subjects.validate_token(domain, what="domain")
+    if message.content.__class__ is not str and not isinstance(message.content, str):
         raise InvalidMessage("content must be a string")
     if not message.message_type or not isinstance(message.message_type, str):
         raise InvalidMessage("message_type must be a non-empty string")
-    if not isinstance(message.metadata, dict):
+    if message.metadata.__class__ is not dict and not isinstance(message.metadata, dict):
         raise InvalidMessage("metadata must be a JSON object")
     if message.created_at.tzinfo is None:
         raise InvalidMessage("created_at must be timezone-aware")
-    _check_headers(message.headers)
+    if message.headers or message.headers.__class__ is not dict:
+        _check_headers(message.headers)
     check_size(message.content, max_content_bytes)
     return message
 
@@ -220,9 +242,11 @@ def decode(
         message = _decoder.decode(data)
     except msgspec.DecodeError as exc:
         raise MalformedMessage(f"not a valid squadbus envelope: {exc}") from exc
+    # The decoder checked every field's type (and created_at's timezone, message_type non-empty);
+    # left are the names and the size.
     try:
-        return validate(message, max_content_bytes=max_content_bytes)
-    except MessageTooLarge:
-        raise
+        _check_names(message.subject, message.sender_id, message.recipient_id, message.domain)
     except InvalidMessage as exc:
         raise MalformedMessage(f"not a valid squadbus envelope: {exc}") from exc
+    check_size(message.content, max_content_bytes)
+    return message

@@ -105,10 +105,10 @@ class KafkaDelivery(Delivery):
         """``(topic, partition, offset)`` of the record."""
         return (self._record.topic, self._record.partition, self._record.offset)
 
-    async def _ack(self) -> None:
+    def _ack(self) -> None:
         self._sub._settle(self._part, self._record)
 
-    async def _nack(self, delay: float) -> None:
+    def _nack(self, delay: float) -> None:
         self._sub._retry(self._part, self._record, delay, self.attempt)
 
 

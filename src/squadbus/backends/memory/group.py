@@ -34,10 +34,10 @@ class MemoryDelivery(Delivery):
         self._waiter = None
         self._group = group
 
-    async def _ack(self) -> None:
+    def _ack(self) -> None:
         self._group.inflight -= 1
 
-    async def _nack(self, delay: float) -> None:
+    def _nack(self, delay: float) -> None:
         self._group.inflight -= 1
         self._group.redeliver((self.message, self.attempt), delay)
 
