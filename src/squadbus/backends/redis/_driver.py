@@ -24,6 +24,7 @@ __all__ = [
     "aioredis",
     "call",
     "execute_packed",
+    "fields_of",
     "is_nogroup",
     "no_retry",
     "queue",
@@ -122,24 +123,28 @@ async def execute_packed(client: aioredis.Redis, *commands: PackedCommand) -> li
 
 
 Fields = dict[bytes, bytes]
-StreamEntries = list[tuple[str, list[tuple[bytes, Fields | None]]]]
+RawEntry = list[Any]
+"""One stream entry as Redis sent it: ``[entry id, [field, value, ...] or None]``."""
+StreamEntries = list[tuple[str, list[RawEntry]]]
 
 
 async def read_streams(client: aioredis.Redis, *args: bytes | str | int) -> StreamEntries:
-    """Run an ``XREAD``/``XREADGROUP`` and return ``[(stream, [(entry id, fields or None)])]``.
+    """Run an ``XREAD``/``XREADGROUP`` and return ``[(stream, [[entry id, raw fields or None]])]``.
 
-    The reply is converted here in one pass (RESP2 list or RESP3 map), not by
-    redis-py's generic callbacks; ``None`` fields mean the entry was deleted
-    while pending.
+    The reply is taken as parsed by hiredis (RESP2 list or RESP3 map), not
+    converted by redis-py's generic callbacks; the entries are left as Redis
+    sent them (read their fields with :func:`fields_of`): no object per entry
+    is made here. ``None`` fields mean the entry was deleted while pending.
     """
     (reply,) = await execute_packed(client, PackedCommand(*args))
     if not reply:
         return []
     pairs = reply.items() if isinstance(reply, dict) else reply
-    return [(stream.decode(), [(entry_id, _fields(raw)) for entry_id, raw in entries]) for stream, entries in pairs]
+    return [(stream.decode(), entries) for stream, entries in pairs]
 
 
-def _fields(raw: list[bytes] | None) -> Fields | None:
+def fields_of(raw: list[bytes] | None) -> Fields | None:
+    """The fields of a raw stream entry as a dict (None for a deleted entry)."""
     if raw is None:
         return None
     pairs = iter(raw)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from squadbus.backends.redis._driver import aioredis
 from squadbus.backends.redis.layout import KeyLayout
@@ -54,16 +56,23 @@ class ConsumerContext:
     publish: Callable[[Message], Any]
 
 
-@dataclass(slots=True, eq=False)
-class Entry:
-    """One stream entry held by a subscription."""
+class Entry(msgspec.Struct, gc=False, eq=False):
+    """One stream entry held by a subscription.
+
+    Not tracked by the garbage collector (``gc=False``): a subscription holds
+    hundreds of these at a time and makes them in bursts, and tracking them
+    made the collector run (and walk them) several times per read. It can
+    form no cycle that needs the collector: the only reference out that can
+    lead back is ``timer``, whose callback is dropped when it fires or is
+    cancelled.
+    """
 
     stream: str
     entry_id: bytes
     message: Message
     attempt: int
     handed: bool = False
-    timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+    timer: asyncio.TimerHandle | None = None
 
 
 class RedisDelivery(Delivery):

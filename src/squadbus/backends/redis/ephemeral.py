@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from squadbus.backends.redis._driver import FAILURES, queue, read_streams
+from squadbus.backends.redis._driver import FAILURES, fields_of, queue, read_streams
 from squadbus.backends.redis.consumer import BaseConsumer, ConsumerContext, Entry
 from squadbus.core.backend import ConsumerOptions, RawHandler
 from squadbus.core.errors import MalformedMessage
@@ -76,7 +76,7 @@ class EphemeralSubscription(BaseConsumer):
             for key, entries in reply:
                 for entry_id, fields in entries:
                     self._positions[key] = entry_id
-                    self._accept(key, entry_id, fields)
+                    self._accept(key, entry_id, fields_of(fields))
 
     def _accept(self, stream: str, entry_id: bytes, fields: dict[bytes, bytes] | None) -> None:
         if fields is not None and not self.wanted(fields.get(b"s")):

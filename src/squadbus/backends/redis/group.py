@@ -31,7 +31,16 @@ import socket
 from collections import defaultdict
 from typing import Any
 
-from squadbus.backends.redis._driver import FAILURES, TRANSIENT, call, is_nogroup, queue, read_streams, redis_errors
+from squadbus.backends.redis._driver import (
+    FAILURES,
+    TRANSIENT,
+    call,
+    fields_of,
+    is_nogroup,
+    queue,
+    read_streams,
+    redis_errors,
+)
 from squadbus.backends.redis.acks import AckQueue
 from squadbus.backends.redis.consumer import BaseConsumer, ConsumerContext, Entry
 from squadbus.backends.redis.layout import is_reply
@@ -64,7 +73,8 @@ class GroupSubscription(BaseConsumer):
         self.group_name = group
         self.redis_group = durable_name(group, pattern)
         self.consumer = consumer_name()
-        self._held: dict[tuple[str, bytes], Entry] = {}
+        # Entries read and not yet acked, per stream by entry id (no key object per entry).
+        self._held: dict[str, dict[bytes, Entry]] = {stream: {} for stream in self.streams}
         self._acks = AckQueue(ctx.client, self.redis_group, ctx.counters)
         self._retry_tasks: set[asyncio.Task[None]] = set()
         self._read_failing = False
@@ -101,7 +111,7 @@ class GroupSubscription(BaseConsumer):
         if self.closing:
             return
         await self.stop_tasks()
-        for entry in self._held.values():
+        for entry in self._held_entries():
             if entry.timer is not None:
                 entry.timer.cancel()
         for task in list(self._retry_tasks):
@@ -117,7 +127,8 @@ class GroupSubscription(BaseConsumer):
                 "group %s: could not hand back held entries on close (%s); other members will claim them "
                 "after ack_wait", self.group, exc,
             )
-        self._held.clear()
+        for held in self._held.values():
+            held.clear()
 
     # ---- reading -----------------------------------------------------------------------------
 
@@ -152,7 +163,7 @@ class GroupSubscription(BaseConsumer):
             backoff = 0.05
             for key, entries in reply:
                 for entry_id, fields in entries:
-                    self._accept(key, entry_id, fields, 1)
+                    self._accept(key, entry_id, fields_of(fields), 1)
 
     async def _read_failed(self, exc: BaseException, backoff: float) -> float:
         self.ctx.counters.read_errors += 1
@@ -163,8 +174,8 @@ class GroupSubscription(BaseConsumer):
         return min(backoff * 2, 2.0)
 
     def _accept(self, stream: str, entry_id: bytes, fields: dict[bytes, bytes] | None, attempt: int) -> None:
-        key = (stream, entry_id)
-        if key in self._held:
+        held = self._held[stream]
+        if entry_id in held:
             return
         if fields is None:  # deleted (trimmed) while pending: nothing left to deliver
             self._report_trimmed(stream, 1)
@@ -181,13 +192,16 @@ class GroupSubscription(BaseConsumer):
             self._spawn_retry(self._dead_letter_malformed(stream, entry_id, fields, str(exc)))
             return
         entry = Entry(stream, entry_id, message, attempt)
-        self._held[key] = entry
+        held[entry_id] = entry
         self.enqueue(entry)
+
+    def _held_entries(self) -> list[Entry]:
+        return [entry for held in self._held.values() for entry in held.values()]
 
     # ---- settlement --------------------------------------------------------------------------
 
     def settle_ack(self, entry: Entry) -> None:
-        self._held.pop((entry.stream, entry.entry_id), None)
+        self._held[entry.stream].pop(entry.entry_id, None)
         self._acks.add(entry.stream, entry.entry_id)
 
     def settle_nack(self, entry: Entry, delay: float) -> None:
@@ -215,7 +229,7 @@ class GroupSubscription(BaseConsumer):
 
     async def _redeliver(self, entry: Entry) -> None:
         entry.timer = None
-        key = (entry.stream, entry.entry_id)
+        held = self._held[entry.stream]
         try:
             async with self.ctx.client.pipeline(transaction=False) as pipe:
                 queue(pipe, "XCLAIM", entry.stream, self.redis_group, self.consumer, 0, entry.entry_id)
@@ -227,10 +241,10 @@ class GroupSubscription(BaseConsumer):
         except FAILURES as exc:
             # Still in our pending list: XAUTOCLAIM (ours or another member's) redelivers it after ack_wait.
             logger.warning("group %s: redelivery of %s postponed to ack_wait: %s", self.group, entry.message.id, exc)
-            self._held.pop(key, None)
+            held.pop(entry.entry_id, None)
             return
         if not claimed or claimed[0][1] is None:
-            self._held.pop(key, None)
+            held.pop(entry.entry_id, None)
             self.ctx.counters.trimmed_unacked += 1
             logger.warning(
                 "group %s: message %s was trimmed from %s before it was acknowledged",
@@ -261,7 +275,7 @@ class GroupSubscription(BaseConsumer):
     async def _touch_waiting(self) -> None:
         """Refresh the idle time of entries held but not in a handler (queued or waiting to retry)."""
         waiting: dict[str, list[bytes]] = defaultdict(list)
-        for entry in self._held.values():
+        for entry in self._held_entries():
             if not entry.handed or entry.timer is not None:
                 waiting[entry.stream].append(entry.entry_id)
         if not waiting:
@@ -287,7 +301,8 @@ class GroupSubscription(BaseConsumer):
                 )
                 if deleted:
                     self._report_trimmed(stream, len(deleted))
-                fresh = [(i, f) for i, f in entries if (stream, i) not in self._held]
+                held = self._held[stream]
+                fresh = [(i, f) for i, f in entries if i not in held]
                 if fresh:
                     counts = await self._delivery_counts(stream, [i for i, _ in fresh])
                     self.ctx.counters.claimed += len(fresh)

@@ -27,10 +27,12 @@ from squadbus.core.errors import BackendError, BackendTimeout, Closed, Connectio
 logger = logging.getLogger("squadbus.backends.redis.publisher")
 
 # ARGV[1] = key prefix, ARGV[2] = dedupe window ms (0 = off), ARGV[3] = reply stream ttl ms; then six
-# arguments per message: partition, id, execution (or empty), subject, flag, payload. flag 0: plain,
-# 1: reply subject (its stream expires), 2: plain and add the subject stream to the registry. Key
-# names are built here from the prefix rather than passed as KEYS (Redis Cluster is not supported
-# anyway: one call touches several streams).
+# arguments per message: partition stream key, id, execution (or empty), subject, flag, payload.
+# flag 0: plain, 1: reply subject (its stream expires), 2: plain and add the subject stream to the
+# registry. Key names are passed or built here rather than passed as KEYS (Redis Cluster is not
+# supported anyway: one call touches several streams). Redis runs this script for every message, so
+# it does as little as it can: the partition key comes whole from the publisher, and a subject's
+# stream key is built once per call, not once per message.
 #
 # Dedupe: ids are kept in one set per window-long time bucket, <prefix>:ids:<bucket>; an id is a
 # duplicate if the current or the previous bucket has it (so it is remembered for at least one
@@ -68,6 +70,8 @@ if window > 0 then
   redis.call('PEXPIRE', current, 2 * window + 1000)
   redis.call('UNLINK', prefix .. ':ids:' .. (bucket - 2))
 end
+local call = redis.call
+local skeys = {}
 local out = {}
 local n = 0
 for i = 4, #ARGV, 6 do
@@ -79,14 +83,18 @@ for i = 4, #ARGV, 6 do
     if window > 0 then
       seen[id] = true
     end
-    local x, s, flag, payload = ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
-    local sstream = prefix .. ':s:' .. s
-    redis.call('XADD', prefix .. ':p:' .. ARGV[i], '*', 's', s, 'x', x, 'm', payload)
-    redis.call('XADD', sstream, '*', 's', s, 'm', payload)
+    local s, flag, payload = ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+    local sstream = skeys[s]
+    if not sstream then
+      sstream = prefix .. ':s:' .. s
+      skeys[s] = sstream
+    end
+    call('XADD', ARGV[i], '*', 's', s, 'x', ARGV[i + 2], 'm', payload)
+    call('XADD', sstream, '*', 's', s, 'm', payload)
     if flag == '1' then
-      redis.call('PEXPIRE', sstream, reply_ttl)
+      call('PEXPIRE', sstream, reply_ttl)
     elseif flag == '2' then
-      redis.call('SADD', prefix .. ':subjects', sstream)
+      call('SADD', prefix .. ':subjects', sstream)
     end
     out[n] = '1'
   end
@@ -123,6 +131,8 @@ class RedisPublisher:
         self._registered: set[str] = set()
         # Subject -> (its wire form as the script's argument, is it a reply subject).
         self._subjects: dict[str, tuple[bytes, bool]] = {}
+        # Each partition stream's key as the script's argument, in wire form.
+        self._partition_args = [_wire(layout.partition_stream(i).encode()) for i in range(layout.partitions)]
         self._closed = False
         self.wait_aof = False
         self.published = 0
@@ -261,6 +271,7 @@ class RedisPublisher:
         settings = self._settings
         registered = self._registered
         partitions = layout.partitions
+        partition_args = self._partition_args
         known = self._subjects
         parts: list[bytes] = []
         fresh_subjects: set[str] = set()  # registered by the first of their messages in this call
@@ -280,8 +291,7 @@ class RedisPublisher:
                 if seen is None:
                     if len(known) > _REGISTERED_LIMIT:
                         known.clear()
-                    data = subject.encode()
-                    seen = known[subject] = (b"$%d\r\n%b\r\n" % (len(data), data), is_reply(subject))
+                    seen = known[subject] = (_wire(subject.encode()), is_reply(subject))
                 subject_arg, reply = seen
                 flag = "0"
                 if reply:
@@ -289,10 +299,11 @@ class RedisPublisher:
                 elif subject not in registered and subject not in fresh_subjects:
                     flag = "2"
                     fresh_subjects.add(subject)
-                # Six arguments in wire form: partition, id and execution (ASCII), subject, flag, payload.
-                p = str(partition)
+                # Six arguments in wire form: partition stream key, id and execution (ASCII), subject,
+                # flag, payload.
                 parts += (
-                    f"${len(p)}\r\n{p}\r\n$32\r\n{message.id.int:032x}\r\n${len(x)}\r\n{x}\r\n".encode(),
+                    partition_args[partition],
+                    f"$32\r\n{message.id.int:032x}\r\n${len(x)}\r\n{x}\r\n".encode(),
                     subject_arg,
                     f"$1\r\n{flag}\r\n${len(payload)}\r\n".encode(),
                     payload,
@@ -324,6 +335,11 @@ class RedisPublisher:
         if not synced or int(synced[0]) < 1:
             raise PublishFailed(f"Redis did not fsync the batch to its AOF within {settings.publish_timeout}s")
         return replies
+
+
+def _wire(data: bytes) -> bytes:
+    """``data`` as one argument of a command in RESP."""
+    return b"$%d\r\n%b\r\n" % (len(data), data)
 
 
 def _fail(runs: list[_Run], error: BaseException) -> None:
