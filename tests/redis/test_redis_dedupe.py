@@ -1,4 +1,5 @@
-"""Publish-side dedupe on a real Redis: ids remembered per time bucket, within and across calls."""
+"""The publish side on a real Redis: dedupe (ids remembered per time bucket, within and across calls),
+and publish_many split over several Lua calls and writes, in order."""
 
 from __future__ import annotations
 
@@ -68,3 +69,17 @@ async def test_dedupe_window_zero_stores_every_publish(redis_url: str) -> None:
         message = _message("dev-3", "twice")
         await backend.publish_many([message, message])
         assert await _stored(backend, "dev-3") == ["twice", "twice"]
+
+
+async def test_publish_many_over_several_lua_calls_and_writes_keeps_order_and_dedupes(redis_url: str) -> None:
+    # publish_batch=4: 70 messages are 18 Lua calls, written in runs of 8 calls (32 messages).
+    async with _backend(f"{redis_url}&publish_batch=4") as backend:
+        messages = [_message("dev-4", f"m{i}") for i in range(70)]
+        # duplicates of earlier ids: in the next Lua call of the same write, and in a later write
+        messages[5] = _message("dev-4", "dup-of-m2", id=messages[2].id)
+        messages[40] = _message("dev-4", "dup-of-m30", id=messages[30].id)
+        await backend.publish_many(messages)
+        expected = [m.content for i, m in enumerate(messages) if i not in (5, 40)]
+        assert await _stored(backend, "dev-4") == expected
+        stats = backend.stats()
+        assert (stats["published"], stats["duplicates_dropped"]) == (68, 2)

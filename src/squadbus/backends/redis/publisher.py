@@ -104,6 +104,7 @@ return table.concat(out)
 PUBLISH_SHA = hashlib.sha1(PUBLISH_LUA.encode()).hexdigest()
 
 _MAX_FLUSHERS = 3
+_SCRIPTS_PER_WRITE = 8
 _REGISTERED_LIMIT = 100_000
 
 
@@ -145,9 +146,11 @@ class RedisPublisher:
         return await self._submit([message]) == 1
 
     async def publish_many(self, messages: list[Message]) -> None:
-        """Store every message, in order: chunks of ``publish_batch``, each sent once the one before
-        it is stored (so a retried chunk cannot overtake), sharing round trips with other publishes."""
-        limit = self._settings.publish_batch
+        """Store every message, in order: runs of up to ``_SCRIPTS_PER_WRITE`` Lua calls of
+        ``publish_batch`` messages, the calls of a run written at once on one connection (Redis runs
+        them in order), each run sent once the one before it is stored (so a retried run cannot
+        overtake)."""
+        limit = self._settings.publish_batch * _SCRIPTS_PER_WRITE
         for first in range(0, len(messages), limit):
             await self._submit(messages[first:first + limit])
 
@@ -267,18 +270,25 @@ class RedisPublisher:
         return error
 
     async def _execute(self, batch: list[_Run]) -> bytes:
+        """Store ``batch`` with one Lua call per ``publish_batch`` messages, all in one write."""
         layout = self._layout
         settings = self._settings
         registered = self._registered
         partitions = layout.partitions
         partition_args = self._partition_args
         known = self._subjects
+        limit = settings.publish_batch
+        head = (layout.prefix, int(settings.dedupe_window * 1000), int(settings.reply_ttl * 1000))
+        calls: list[tuple[int, list[bytes]]] = []  # (messages, their arguments in wire form) per Lua call
         parts: list[bytes] = []
-        fresh_subjects: set[str] = set()  # registered by the first of their messages in this call
         count = 0
+        fresh_subjects: set[str] = set()  # registered by the first of their messages in this write
         for run in batch:
-            count += len(run.messages)
             for message, payload in zip(run.messages, run.payloads, strict=True):
+                if count == limit:
+                    calls.append((count, parts))
+                    parts, count = [], 0
+                count += 1
                 subject = message.subject
                 execution = message.task_execution_id
                 if execution is not None:
@@ -309,32 +319,37 @@ class RedisPublisher:
                     payload,
                     b"\r\n",
                 )
-        head = (layout.prefix, int(settings.dedupe_window * 1000), int(settings.reply_ttl * 1000))
-        script = PackedCommand("EVALSHA", PUBLISH_SHA, 0, *head)
-        script.add_packed(6 * count, parts)
+        calls.append((count, parts))
         try:
-            replies = await self._call(script)
+            replies = await self._call([_script("EVALSHA", PUBLISH_SHA, head, c) for c in calls])
         except redis_errors.NoScriptError:  # a new or restarted server: send the source once
-            script = PackedCommand("EVAL", PUBLISH_LUA, 0, *head)
-            script.add_packed(6 * count, parts)
-            replies = await self._call(script)
-        results: bytes = replies[0]
+            replies = await self._call([_script("EVAL", PUBLISH_LUA, head, c) for c in calls])
+        results = b"".join(replies[:len(calls)])
         if len(registered) > _REGISTERED_LIMIT:
             registered.clear()
         registered.update(fresh_subjects)
         return results
 
-    async def _call(self, script: PackedCommand) -> list[Any]:
-        """Run the publish script; in the durable profile on Redis >= 7.2, WAITAOF in the same write."""
+    async def _call(self, scripts: list[PackedCommand]) -> list[Any]:
+        """Run the publish scripts in one write; in the durable profile on Redis >= 7.2, WAITAOF in
+        the same write."""
         if not self.wait_aof:
-            return await execute_packed(self._client, script)
+            return await execute_packed(self._client, *scripts)
         settings = self._settings
         timeout_ms = max(1, int(settings.publish_timeout * 1000))
-        replies = await execute_packed(self._client, script, PackedCommand("WAITAOF", 1, 0, timeout_ms))
-        synced = replies[1]
+        replies = await execute_packed(self._client, *scripts, PackedCommand("WAITAOF", 1, 0, timeout_ms))
+        synced = replies[-1]
         if not synced or int(synced[0]) < 1:
             raise PublishFailed(f"Redis did not fsync the batch to its AOF within {settings.publish_timeout}s")
         return replies
+
+
+def _script(command: str, script: str, head: tuple[str, int, int], call: tuple[int, list[bytes]]) -> PackedCommand:
+    """One ``EVALSHA``/``EVAL`` of the publish script over ``call``'s messages."""
+    count, parts = call
+    packed = PackedCommand(command, script, 0, *head)
+    packed.add_packed(6 * count, parts)
+    return packed
 
 
 def _wire(data: bytes) -> bytes:
