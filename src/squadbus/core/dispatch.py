@@ -185,8 +185,9 @@ def wrap_batch(
     deliveries that failed to their exception (each settled as if its own
     handler had raised it: ``Reject`` dead-letters, ``Nack`` or any other
     error retries); the rest are acked. If ``handler`` raises, every
-    delivery it did not settle itself gets that exception's outcome. Like
-    :func:`wrap`, it keeps :func:`~squadbus.core.backend.invoke_batch`'s promises itself.
+    delivery it did not settle itself gets that exception's outcome. (Not marked
+    ``settles_itself``: :func:`~squadbus.core.backend.invoke_batch` guards it; one
+    coroutine per batch is nothing.)
     """
     settler = _Settler(options, publish, stats)
 
@@ -195,20 +196,6 @@ def wrap_batch(
         for delivery in deliveries:
             if delivery.attempt > 1 or delivery.gap_before:
                 settler.count_unusual(delivery)
-        try:
-            await _run_batch(deliveries)
-        except asyncio.CancelledError:
-            for delivery in deliveries:
-                if delivery.settled is None:
-                    await delivery.nack()
-            raise
-        except Exception:
-            logger.exception("settling a batch of %d messages failed", len(deliveries))
-            for delivery in deliveries:
-                if delivery.settled is None:
-                    await delivery.nack(options.backoff(delivery.attempt))
-
-    async def _run_batch(deliveries: Sequence[Delivery]) -> None:
         failures: Mapping[Delivery, BaseException]
         try:
             failures = await handler(deliveries) or {}
@@ -227,4 +214,4 @@ def wrap_batch(
             else:
                 await settler.fail(delivery, failure, log=False)
 
-    return settles_itself(run)
+    return run
