@@ -17,7 +17,7 @@ import pytest
 
 from squadbus.backends.kafka import Idempotence, KafkaBackend, KafkaDelivery, KafkaSettings
 from squadbus.backends.kafka.replay import partition_of
-from squadbus.core import subjects
+from squadbus.core import envelope, subjects
 from squadbus.core.backend import ConsumerOptions, Delivery
 from squadbus.core.bus import Bus
 from squadbus.core.dispatch import DLQ_GROUP, DLQ_REASON
@@ -191,3 +191,33 @@ async def test_idempotence_auto_falls_back_on_tansu_and_on_refuses(tansu: TansuS
     with pytest.raises(ConfigError, match="idempotent"):
         await strict.connect()
     await strict.close()
+
+
+async def test_publish_many_in_many_small_batches_keeps_order_and_placement(topic_url: str) -> None:
+    """publish_many builds per-partition batches itself: with batches of ~3 records, 240 messages of
+    six executions arrive once each, in order per execution, on the partition publish() uses."""
+    agent, group = _uid("agent"), _uid("many")
+    async with Bus.from_url(f"{topic_url}&max_batch_bytes=4096") as bus:
+        got: list[KafkaDelivery] = []
+
+        async def handler(delivery: Delivery) -> None:
+            assert isinstance(delivery, KafkaDelivery)
+            got.append(delivery)
+
+        await bus.subscribe(subjects.direct(agent), handler, group=group)
+        executions = [uuid.uuid4() for _ in range(6)]
+        single = {x: await bus.send("pm", agent, "first", task_execution_id=x) for x in executions}
+        messages = [
+            envelope.build(subject=subjects.direct(agent), sender_id="pm", recipient_id=agent,
+                           content=f"{i // 6}:" + "x" * 1000, task_execution_id=executions[i % 6])
+            for i in range(240)
+        ]
+        await bus.publish_many(messages)
+        await eventually(lambda: len(got) >= 246, TIMEOUT, "every message to arrive")
+        await asyncio.sleep(0.3)
+        assert len(got) == 246 and len({d.message.id for d in got}) == 246
+        for execution in executions:
+            mine = [d for d in got if d.message.task_execution_id == execution]
+            assert [d.message.content.split(":")[0] for d in mine] == ["first", *(str(n) for n in range(40))]
+            assert {d.offset[1] for d in mine} == {partition_of(str(execution).encode(), [0, 1, 2, 3])}
+            assert mine[0].message.id == single[execution].id

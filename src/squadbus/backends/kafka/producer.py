@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from squadbus.backends.kafka._driver import (
     AIOKafkaProducer,
@@ -65,6 +66,7 @@ class KafkaPublisher:
         self._settings = settings
         self._layout = layout
         self._producer: AIOKafkaProducer | None = None
+        self._partitioner = KeyPartitioner()
         self.idempotent = False
 
     def _make(self, idempotent: bool) -> AIOKafkaProducer:
@@ -75,7 +77,7 @@ class KafkaPublisher:
             acks="all",
             enable_idempotence=idempotent,
             linger_ms=0,
-            partitioner=KeyPartitioner(),
+            partitioner=self._partitioner,
             max_batch_size=s.max_batch_bytes,
             request_timeout_ms=int(s.publish_timeout * 1000),
         )
@@ -131,30 +133,61 @@ class KafkaPublisher:
             raise translate(exc, f"publish of {message.id} to {topic}") from exc
 
     async def publish_many(self, messages: Sequence[Message]) -> None:
-        """Hand every record to the producer in order, then wait for all the broker's acks.
+        """Store every message, in order per partition, then return once the broker acknowledged all.
 
-        Raises the first failure translated (see :meth:`publish`); records of
-        the other messages may still have been stored.
+        The records go straight into per-partition batches (aiokafka's ``create_batch`` /
+        ``send_batch``), placed by the same partitioner as :meth:`publish`: no future, metadata
+        wait and accumulator lookup per record as ``send()`` has. A full batch is submitted and a new
+        one started; aiokafka queues a partition's batches in order. Raises the first failure
+        translated (see :meth:`publish`); records of the other messages may still have been stored.
         """
         producer = self._producer
         if producer is None:
             raise ConnectionLost("the Kafka producer is not started")
-        acks = []
+        what = f"publish of a batch of {len(messages)}"
+        open_batches: dict[tuple[str, int], Any] = {}
+        partitions: dict[str, list[int]] = {}
+        acks: list[asyncio.Future[Any]] = []
         try:
             for message in messages:
                 topic = self._layout.topic_for(message.subject)
-                acks.append(await producer.send(
-                    topic, encode(message), key=record_key(message), headers=record_headers(message)
-                ))
+                ids = partitions.get(topic)
+                if ids is None:
+                    ids = partitions[topic] = sorted(await producer.partitions_for(topic))
+                key = record_key(message)
+                partition = self._partitioner(key, ids, ids)
+                value, headers = encode(message), record_headers(message)
+                place = (topic, partition)
+                batch = open_batches.get(place)
+                if batch is None:
+                    batch = open_batches[place] = producer.create_batch()
+                if batch.append(timestamp=None, key=key, value=value, headers=headers) is None:
+                    # Full: submit it (in order after the partition's earlier batches), start the next.
+                    acks.append(await self._submit(producer, batch, place))
+                    batch = open_batches[place] = producer.create_batch()
+                    if batch.append(timestamp=None, key=key, value=value, headers=headers) is None:
+                        raise PublishFailed(f"message {message.id} does not fit in a batch of "
+                                            f"max_batch_bytes={self._settings.max_batch_bytes}")
+            for place, batch in open_batches.items():
+                acks.append(await self._submit(producer, batch, place))
         except (KafkaError, TimeoutError) as exc:
             await asyncio.gather(*acks, return_exceptions=True)
-            raise translate(exc, f"publish of a batch of {len(messages)}") from exc
+            raise translate(exc, what) from exc
+        except BaseException:
+            await asyncio.gather(*acks, return_exceptions=True)
+            raise
         outcomes = await asyncio.gather(*acks, return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, KafkaError | TimeoutError):
-                raise translate(outcome, f"publish of a batch of {len(messages)}") from outcome
+                raise translate(outcome, what) from outcome
             if isinstance(outcome, BaseException):
                 raise outcome
+
+    @staticmethod
+    async def _submit(producer: AIOKafkaProducer, batch: Any, place: tuple[str, int]) -> asyncio.Future[Any]:
+        batch.close()  # exactly these records: concurrent send() calls start their own batch
+        future: asyncio.Future[Any] = await producer.send_batch(batch, place[0], partition=place[1])
+        return future
 
     async def partitions(self, topic: str) -> list[int]:
         """The partition ids of ``topic``, sorted."""
