@@ -1,17 +1,20 @@
 """The publishing side: one AIOKafkaProducer shared by every publish of a backend.
 
-Each :meth:`KafkaPublisher.publish` hands its record to the producer with
-``send()`` (not ``send_and_wait`` per record with a linger: with aiokafka any
-``linger_ms`` makes an awaited per-message send ~17x slower) and awaits the
-broker's acknowledgement. Batching comes from concurrency: records added
-while a request is in flight are sent together in the next one, so many
-concurrent publishers share round trips while every publish still returns
-only after the broker acknowledged its own record (``acks="all"``).
+Records go into per-partition batches built by squadbus (aiokafka's
+``create_batch``/``send_batch``) rather than one ``send()`` per record, which
+costs a future, a metadata wait and an accumulator lookup per record. A
+:meth:`KafkaPublisher.publish` queues its message; one flusher task puts
+everything queued so far into batches and submits them, so concurrent
+publishers share batches and round trips, while every publish still returns
+only after the broker acknowledged the batch holding its own record
+(``acks="all"``). There is no linger: with aiokafka any ``linger_ms`` makes an
+awaited per-message send ~17x slower; batching comes from concurrency.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -29,7 +32,7 @@ from squadbus.backends.kafka.partitioner import KeyPartitioner
 from squadbus.backends.kafka.settings import Idempotence, KafkaSettings
 from squadbus.backends.kafka.topics import TopicLayout
 from squadbus.core.envelope import Message, encode
-from squadbus.core.errors import BackendError, BackendTimeout, ConfigError, ConnectionLost, PublishFailed
+from squadbus.core.errors import BackendError, BackendTimeout, ConfigError, ConnectionLost, PublishFailed, SquadbusError
 
 logger = logging.getLogger("squadbus.backends.kafka")
 
@@ -67,6 +70,8 @@ class KafkaPublisher:
         self._layout = layout
         self._producer: AIOKafkaProducer | None = None
         self._partitioner = KeyPartitioner()
+        self._queued: list[tuple[Message, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
         self.idempotent = False
 
     def _make(self, idempotent: bool) -> AIOKafkaProducer:
@@ -115,79 +120,117 @@ class KafkaPublisher:
     async def publish(self, message: Message) -> None:
         """Send ``message`` and return once the broker acknowledged it.
 
-        Raises ConnectionLost, BackendTimeout (after ``publish_timeout``; the
-        record may still have been stored: publish again with the same id)
-        or PublishFailed.
+        Concurrent publishes are batched: each queues its message, and one
+        flusher task puts everything queued into per-partition batches (as
+        :meth:`publish_many` does) and submits them; a publish returns when
+        the batch holding its record was acknowledged. Raises ConnectionLost,
+        BackendTimeout (after ``publish_timeout``; the record may still have
+        been stored: publish again with the same id) or PublishFailed.
         """
-        producer = self._producer
-        if producer is None:
+        if self._producer is None:
             raise ConnectionLost("the Kafka producer is not started")
-        topic = self._layout.topic_for(message.subject)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._queued.append((message, future))
+        if self._flusher is None:
+            self._flusher = loop.create_task(self._flush_loop(), name="squadbus-kafka-publisher")
         # No asyncio.timeout here (it costs a timer per message): the producer's
         # request_timeout_ms (= publish_timeout) bounds the metadata wait, the
         # buffer wait and the acknowledgement.
         try:
-            ack = await producer.send(topic, encode(message), key=record_key(message), headers=record_headers(message))
-            await ack
+            await future
         except (KafkaError, TimeoutError) as exc:
-            raise translate(exc, f"publish of {message.id} to {topic}") from exc
+            raise translate(exc, f"publish of {message.id}") from exc
+
+    async def _flush_loop(self) -> None:
+        try:
+            while self._queued:
+                queued, self._queued = self._queued, []
+                try:
+                    submitted = await self._submit_all([message for message, _ in queued])
+                except (KafkaError, TimeoutError, SquadbusError) as exc:
+                    _fail_all(queued, exc)
+                    continue
+                except Exception as exc:  # a bug, not a broker error: fail these publishes, keep going
+                    logger.exception("publish batch failed unexpectedly")
+                    _fail_all(queued, PublishFailed(f"publish failed unexpectedly: {exc!r}"))
+                    continue
+                for ack, positions in submitted:
+                    waiters = [queued[i][1] for i in positions]
+                    ack.add_done_callback(functools.partial(_settle_all, waiters))
+        finally:
+            # Synchronously, not in a done-callback: a publish arriving right after the loop
+            # ends must see no flusher and start one.
+            self._flusher = None
 
     async def publish_many(self, messages: Sequence[Message]) -> None:
         """Store every message, in order per partition, then return once the broker acknowledged all.
 
-        The records go straight into per-partition batches (aiokafka's ``create_batch`` /
-        ``send_batch``), placed by the same partitioner as :meth:`publish`: no future, metadata
-        wait and accumulator lookup per record as ``send()`` has. A full batch is submitted and a new
-        one started; aiokafka queues a partition's batches in order. Raises the first failure
-        translated (see :meth:`publish`); records of the other messages may still have been stored.
+        Raises the first failure translated (see :meth:`publish`); records of
+        the other messages may still have been stored.
         """
-        producer = self._producer
-        if producer is None:
-            raise ConnectionLost("the Kafka producer is not started")
         what = f"publish of a batch of {len(messages)}"
-        open_batches: dict[tuple[str, int], Any] = {}
-        partitions: dict[str, list[int]] = {}
-        acks: list[asyncio.Future[Any]] = []
         try:
-            for message in messages:
-                topic = self._layout.topic_for(message.subject)
-                ids = partitions.get(topic)
-                if ids is None:
-                    ids = partitions[topic] = sorted(await producer.partitions_for(topic))
-                key = record_key(message)
-                partition = self._partitioner(key, ids, ids)
-                value, headers = encode(message), record_headers(message)
-                place = (topic, partition)
-                batch = open_batches.get(place)
-                if batch is None:
-                    batch = open_batches[place] = producer.create_batch()
-                if batch.append(timestamp=None, key=key, value=value, headers=headers) is None:
-                    # Full: submit it (in order after the partition's earlier batches), start the next.
-                    acks.append(await self._submit(producer, batch, place))
-                    batch = open_batches[place] = producer.create_batch()
-                    if batch.append(timestamp=None, key=key, value=value, headers=headers) is None:
-                        raise PublishFailed(f"message {message.id} does not fit in a batch of "
-                                            f"max_batch_bytes={self._settings.max_batch_bytes}")
-            for place, batch in open_batches.items():
-                acks.append(await self._submit(producer, batch, place))
+            submitted = await self._submit_all(messages)
         except (KafkaError, TimeoutError) as exc:
-            await asyncio.gather(*acks, return_exceptions=True)
             raise translate(exc, what) from exc
-        except BaseException:
-            await asyncio.gather(*acks, return_exceptions=True)
-            raise
-        outcomes = await asyncio.gather(*acks, return_exceptions=True)
+        outcomes = await asyncio.gather(*(ack for ack, _ in submitted), return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, KafkaError | TimeoutError):
                 raise translate(outcome, what) from outcome
             if isinstance(outcome, BaseException):
                 raise outcome
 
-    @staticmethod
-    async def _submit(producer: AIOKafkaProducer, batch: Any, place: tuple[str, int]) -> asyncio.Future[Any]:
-        batch.close()  # exactly these records: concurrent send() calls start their own batch
-        future: asyncio.Future[Any] = await producer.send_batch(batch, place[0], partition=place[1])
-        return future
+    async def _submit_all(self, messages: Sequence[Message]) -> list[tuple[asyncio.Future[Any], list[int]]]:
+        """Hand ``messages`` to the producer, in order per partition; returns the ack future of each
+        batch (or single record) with the positions (in ``messages``) of its records.
+
+        Where a partition gets several records they go straight into batches
+        (aiokafka's ``create_batch`` / ``send_batch``), placed by the
+        producer's partitioner: no future, metadata wait and accumulator lookup
+        per record as ``send()`` has. A full batch is submitted and a new one
+        started; aiokafka queues a partition's batches in order. A partition
+        with one record gets a plain ``send()``: it joins the partition's batch
+        still waiting to go out, where ``send_batch`` would wait for that batch
+        to leave (at a low rate every record would wait a round trip). If this
+        raises, what was submitted so far is awaited (it may be stored) first.
+        """
+        producer = self._producer
+        if producer is None:
+            raise ConnectionLost("the Kafka producer is not started")
+        places: dict[tuple[str, int], list[tuple[int, bytes, bytes, list[tuple[str, bytes]]]]] = {}
+        partitions: dict[str, list[int]] = {}
+        submitted: list[tuple[asyncio.Future[Any], list[int]]] = []
+        try:
+            for position, message in enumerate(messages):
+                topic = self._layout.topic_for(message.subject)
+                ids = partitions.get(topic)
+                if ids is None:
+                    ids = partitions[topic] = sorted(await producer.partitions_for(topic))
+                key = record_key(message)
+                record = (position, key, encode(message), record_headers(message))
+                places.setdefault((topic, self._partitioner(key, ids, ids)), []).append(record)
+            for (topic, partition), records in places.items():
+                if len(records) == 1:
+                    position, key, value, headers = records[0]
+                    ack = await producer.send(topic, value, key=key, headers=headers, partition=partition)
+                    submitted.append((ack, [position]))
+                    continue
+                batch = producer.create_batch()
+                positions: list[int] = []
+                for position, key, value, headers in records:
+                    if batch.append(timestamp=None, key=key, value=value, headers=headers) is None:
+                        # Full: submit it (in order after the partition's earlier batches), start the
+                        # next (an empty batch takes any record, however large).
+                        submitted.append((await _send_batch(producer, batch, topic, partition), positions))
+                        batch, positions = producer.create_batch(), []
+                        batch.append(timestamp=None, key=key, value=value, headers=headers)
+                    positions.append(position)
+                submitted.append((await _send_batch(producer, batch, topic, partition), positions))
+        except BaseException:
+            await asyncio.gather(*(ack for ack, _ in submitted), return_exceptions=True)
+            raise
+        return submitted
 
     async def partitions(self, topic: str) -> list[int]:
         """The partition ids of ``topic``, sorted."""
@@ -203,6 +246,31 @@ class KafkaPublisher:
 
     async def stop(self) -> None:
         """Flush what is in flight and disconnect. Idempotent."""
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)
         producer, self._producer = self._producer, None
         if producer is not None:
             await producer.stop()
+
+
+async def _send_batch(producer: AIOKafkaProducer, batch: Any, topic: str, partition: int) -> asyncio.Future[Any]:
+    batch.close()  # exactly these records: nothing else is appended to it
+    future: asyncio.Future[Any] = await producer.send_batch(batch, topic, partition=partition)
+    return future
+
+
+def _settle_all(waiters: list[asyncio.Future[None]], ack: asyncio.Future[Any]) -> None:
+    error = ack.exception() if not ack.cancelled() else ConnectionLost("the publish was cancelled")
+    for waiter in waiters:
+        if waiter.done():
+            continue
+        if error is None:
+            waiter.set_result(None)
+        else:
+            waiter.set_exception(error)
+
+
+def _fail_all(queued: list[tuple[Message, asyncio.Future[None]]], error: BaseException) -> None:
+    for _, waiter in queued:
+        if not waiter.done():
+            waiter.set_exception(error)
