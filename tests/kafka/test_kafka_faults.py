@@ -166,6 +166,13 @@ async def test_publish_with_broker_down_raises_a_backend_error() -> None:
             with pytest.raises(BackendError):
                 async with asyncio.timeout(3 + 10):  # the guard only turns a hang into a failure
                     await bus.send("pm", "dev-1", "while the broker is down")
+            # Many at once (batched together by the publisher): each one fails, none hangs.
+            async with asyncio.timeout(3 + 10):
+                outcomes = await asyncio.gather(
+                    *(bus.send("pm", "dev-1", f"down-{i}", task_execution_id=uuid.uuid4()) for i in range(50)),
+                    return_exceptions=True,
+                )
+            assert all(isinstance(outcome, BackendError) for outcome in outcomes), outcomes
         finally:
             await bus.close()
 
