@@ -68,6 +68,25 @@ async def interleaved_medians(rounds: int, *runs: Callable[[], Awaitable[Result]
     return [median_of(out) for out in results]
 
 
+async def abba(
+    first: Callable[[], Awaitable[Result]], second: Callable[[], Awaitable[Result]]
+) -> tuple[Result, Result]:
+    """Run ``first, second, second, first`` and merge each one's two runs (samples pooled): drift of
+    the machine or the broker over the four runs hits both alike, whichever order would favour."""
+    a1 = await first()
+    b1 = await second()
+    b2 = await second()
+    a2 = await first()
+    return merged(a1, a2), merged(b1, b2)
+
+
+def merged(one: Result, two: Result) -> Result:
+    """Two runs of the same line as one: counts, times and latency samples added up."""
+    notes = f"{one.notes}; two runs pooled".lstrip("; ")
+    return Result(one.name, one.count + two.count, one.seconds + two.seconds,
+                  one.latencies_ms + two.latencies_ms, notes)
+
+
 def format_table(results: Sequence[Result]) -> str:
     """A fixed-width table of results (msgs/s and latency percentiles)."""
     header = f"{'benchmark':44} {'count':>8} {'msgs/s':>11} {'p50 ms':>9} {'p99 ms':>9} {'p99.9 ms':>9}"
