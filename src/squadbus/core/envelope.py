@@ -148,13 +148,9 @@ def validate(message: Message, *, max_content_bytes: int = DEFAULT_MAX_CONTENT_B
     sender, recipient, domain = message.sender_id, message.recipient_id, message.domain
     if message.subject.__class__ is str and sender.__class__ is str and _is_text(recipient) and _is_text(domain):
         _check_names(message.subject, sender, recipient, domain)
-    else:  # not plain strings (a UUID agent id, or a wrong type): the checks that explain what is wrong
-        subjects.validate_subject(message.subject)
-        _agent(sender, "sender_id")
-        if recipient is not None:
-            _agent(recipient, "recipient_id")
-        if domain is not None:
-            subjects.validate_token(domain, what="domain")
+    else:  # a UUID agent id or a wrong type: _agent names the problem, then the same checks
+        _check_names(message.subject, _agent(sender, "sender_id"),
+                     None if recipient is None else _agent(recipient, "recipient_id"), domain)
     if message.content.__class__ is not str and not isinstance(message.content, str):
         raise InvalidMessage("content must be a string")
     if not message.message_type or not isinstance(message.message_type, str):
