@@ -333,7 +333,6 @@ class KafkaSubscription:
         limit = self._options.max_in_flight
         loop = asyncio.get_running_loop()
         if limit == 1:
-            handler, options = self._handler, self._options
             streak = 0
             while not self._closing:
                 picked = self._pick(loop.time(), True)
@@ -343,11 +342,7 @@ class KafkaSubscription:
                     continue
                 part, record = picked
                 while True:
-                    delivery = self._delivery_of(part, record)
-                    if isinstance(delivery, KafkaDelivery):
-                        await invoke(handler, delivery, options)
-                    else:
-                        await self._dead_letter_malformed(part, record, *delivery)
+                    await self._handle(part, record)
                     streak += 1
                     # Stay on this partition for a while: cheaper than a scan, still fair.
                     if not streak % _FAIRNESS_STREAK or self._closing or not part.ready(loop.time(), True):
