@@ -23,8 +23,8 @@ __all__ = [
     "PackedCommand",
     "aioredis",
     "call",
+    "entry_parts",
     "execute_packed",
-    "fields_of",
     "is_nogroup",
     "no_retry",
     "queue",
@@ -129,7 +129,6 @@ async def execute_packed(client: aioredis.Redis, *commands: PackedCommand) -> li
         await pool.release(conn)
 
 
-Fields = dict[bytes, bytes]
 RawEntry = list[Any]
 """One stream entry as Redis sent it: ``[entry id, [field, value, ...] or None]``."""
 StreamEntries = list[tuple[str, list[RawEntry]]]
@@ -140,7 +139,7 @@ async def read_streams(client: aioredis.Redis, *args: bytes | str | int) -> Stre
 
     The reply is taken as parsed by hiredis (RESP2 list or RESP3 map), not
     converted by redis-py's generic callbacks; the entries are left as Redis
-    sent them (read their fields with :func:`fields_of`): no object per entry
+    sent them (read their subject and payload with :func:`entry_parts`): no object per entry
     is made here. ``None`` fields mean the entry was deleted while pending.
     """
     (reply,) = await execute_packed(client, PackedCommand(*args))
@@ -150,12 +149,25 @@ async def read_streams(client: aioredis.Redis, *args: bytes | str | int) -> Stre
     return [(stream.decode(), entries) for stream, entries in pairs]
 
 
-def fields_of(raw: list[bytes] | None) -> Fields | None:
-    """The fields of a raw stream entry as a dict (None for a deleted entry)."""
-    if raw is None:
-        return None
-    pairs = iter(raw)
-    return dict(zip(pairs, pairs))  # noqa: B905 - Redis sends field, value pairs
+def entry_parts(raw: list[bytes] | dict[bytes, bytes]) -> tuple[bytes | None, bytes | None]:
+    """``(subject, payload)`` of a stream entry: its ``s`` and ``m`` fields, None where missing.
+
+    ``raw`` is the entry's fields as Redis sent them (a flat list) or as a
+    dict. The layouts squadbus writes (``m``; ``s m``; ``s x m``) are read by
+    position, without a dict per entry; anything else goes through a dict, so
+    a repeated field counts as a dict would count it (the last one).
+    """
+    if isinstance(raw, dict):
+        return raw.get(b"s"), raw.get(b"m")
+    n = len(raw)
+    if n == 4 and raw[0] == b"s" and raw[2] == b"m":
+        return raw[1], raw[3]
+    if n == 2 and raw[0] == b"m":
+        return None, raw[1]
+    if n == 6 and raw[0] == b"s" and raw[2] == b"x" and raw[4] == b"m":
+        return raw[1], raw[5]
+    fields = dict(zip(raw[::2], raw[1::2]))  # noqa: B905 - Redis sends field, value pairs
+    return fields.get(b"s"), fields.get(b"m")
 
 
 def queue(pipe: Pipeline, *args: Any, **options: Any) -> None:

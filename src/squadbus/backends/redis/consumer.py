@@ -30,6 +30,9 @@ logger = logging.getLogger("squadbus.backends.redis.consumer")
 
 _MATCH_CACHE_LIMIT = 10_000
 
+RawFields = list[bytes] | dict[bytes, bytes]
+"""An entry's fields as Redis sent them (flat list) or as redis-py's callbacks made them (dict)."""
+
 
 @dataclass(slots=True)
 class RedisCounters:
@@ -152,11 +155,13 @@ class BaseConsumer:
             cached = self._match_cache[subject] = subjects.matches(self._pattern, subject.decode(errors="replace"))
         return cached
 
-    def parse(self, fields: dict[bytes, bytes] | None) -> Message:
-        """The message of an entry; raises MalformedMessage when it is not an envelope."""
-        if not fields or b"m" not in fields:
-            raise MalformedMessage(f"entry has no 'm' field (fields: {sorted(fields or {})!r})")
-        return decode(fields[b"m"])
+    def parse(self, payload: bytes | None, raw: RawFields) -> Message:
+        """The message of an entry (its ``m`` field ``payload``; ``raw`` its fields, for the error);
+        raises MalformedMessage when it is not an envelope."""
+        if payload is None:
+            names = sorted(raw) if isinstance(raw, dict) else sorted(raw[::2])
+            raise MalformedMessage(f"entry has no 'm' field (fields: {names!r})")
+        return decode(payload)
 
     def free_slots(self) -> int:
         """How many more entries to read now (0 = wait for ``room``)."""

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from squadbus.backends.redis._driver import FAILURES, fields_of, queue, read_streams
-from squadbus.backends.redis.consumer import BaseConsumer, ConsumerContext, Entry
+from squadbus.backends.redis._driver import FAILURES, entry_parts, queue, read_streams
+from squadbus.backends.redis.consumer import BaseConsumer, ConsumerContext, Entry, RawFields
 from squadbus.core.backend import ConsumerOptions, RawHandler
 from squadbus.core.errors import MalformedMessage
 
@@ -74,16 +74,17 @@ class EphemeralSubscription(BaseConsumer):
             self._failing = False
             backoff = 0.05
             for key, entries in reply:
-                for entry_id, fields in entries:
+                for entry_id, raw in entries:
                     self._positions[key] = entry_id
-                    self._accept(key, entry_id, fields_of(fields))
+                    self._accept(key, entry_id, raw)
 
-    def _accept(self, stream: str, entry_id: bytes, fields: dict[bytes, bytes] | None) -> None:
-        if fields is not None and not self.wanted(fields.get(b"s")):
+    def _accept(self, stream: str, entry_id: bytes, raw: RawFields | None) -> None:
+        subject, payload = entry_parts(raw) if raw is not None else (None, None)
+        if raw is not None and not self.wanted(subject):
             self.ctx.counters.filtered += 1
             return
         try:
-            message = self.parse(fields)
+            message = self.parse(payload, raw or [])
         except MalformedMessage as exc:
             self.ctx.counters.malformed += 1
             logger.warning("ephemeral subscription %s: skipped malformed entry %s/%s: %s",

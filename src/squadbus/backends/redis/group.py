@@ -35,14 +35,14 @@ from squadbus.backends.redis._driver import (
     FAILURES,
     TRANSIENT,
     call,
-    fields_of,
+    entry_parts,
     is_nogroup,
     queue,
     read_streams,
     redis_errors,
 )
 from squadbus.backends.redis.acks import AckQueue
-from squadbus.backends.redis.consumer import BaseConsumer, ConsumerContext, Entry
+from squadbus.backends.redis.consumer import BaseConsumer, ConsumerContext, Entry, RawFields
 from squadbus.backends.redis.layout import is_reply
 from squadbus.core import envelope, subjects
 from squadbus.core.backend import ConsumerOptions, RawHandler, StartFrom, durable_name
@@ -162,8 +162,8 @@ class GroupSubscription(BaseConsumer):
                 logger.info("group %s: reading again from Redis", self.group)
             backoff = 0.05
             for key, entries in reply:
-                for entry_id, fields in entries:
-                    self._accept(key, entry_id, fields_of(fields), 1)
+                for entry_id, raw in entries:
+                    self._accept(key, entry_id, raw, 1)
 
     async def _read_failed(self, exc: BaseException, backoff: float) -> float:
         self.ctx.counters.read_errors += 1
@@ -173,23 +173,24 @@ class GroupSubscription(BaseConsumer):
         await asyncio.sleep(backoff)
         return min(backoff * 2, 2.0)
 
-    def _accept(self, stream: str, entry_id: bytes, fields: dict[bytes, bytes] | None, attempt: int) -> None:
+    def _accept(self, stream: str, entry_id: bytes, raw: RawFields | None, attempt: int) -> None:
         held = self._held[stream]
         if entry_id in held:
             return
-        if fields is None:  # deleted (trimmed) while pending: nothing left to deliver
+        if raw is None:  # deleted (trimmed) while pending: nothing left to deliver
             self._report_trimmed(stream, 1)
             self._acks.add(stream, entry_id)
             return
-        if not self.wanted(fields.get(b"s")):
+        subject, payload = entry_parts(raw)
+        if not self.wanted(subject):
             self.ctx.counters.filtered += 1
             self._acks.add(stream, entry_id)
             return
         try:
-            message = self.parse(fields)
+            message = self.parse(payload, raw)
         except MalformedMessage as exc:
             self.ctx.counters.malformed += 1
-            self._spawn_retry(self._dead_letter_malformed(stream, entry_id, fields, str(exc)))
+            self._spawn_retry(self._dead_letter_malformed(stream, entry_id, subject, payload, raw, str(exc)))
             return
         entry = Entry(stream, entry_id, message, attempt)
         held[entry_id] = entry
@@ -358,11 +359,9 @@ class GroupSubscription(BaseConsumer):
     # ---- malformed entries -------------------------------------------------------------------
 
     async def _dead_letter_malformed(
-        self, stream: str, entry_id: bytes, fields: dict[bytes, bytes] | None, reason: str
+        self, stream: str, entry_id: bytes, subject: bytes | None, payload: bytes | None, raw: RawFields, reason: str
     ) -> None:
-        raw = (fields or {}).get(b"m")
-        content = raw.decode("utf-8", "replace") if raw is not None else repr(fields)
-        subject = (fields or {}).get(b"s", b"").decode("utf-8", "replace")
+        content = payload.decode("utf-8", "replace") if payload is not None else repr(raw)
         where = f"{stream}/{entry_id.decode()}"
         message = envelope.build(
             subject=subjects.dead_letter(self.group_name),
@@ -373,7 +372,7 @@ class GroupSubscription(BaseConsumer):
                 DLQ_REASON: f"malformed entry {where}: {reason}"[:1000],
                 DLQ_GROUP: self.group_name,
                 DLQ_ATTEMPTS: "1",
-                DLQ_SUBJECT: subject,
+                DLQ_SUBJECT: (subject or b"").decode("utf-8", "replace"),
                 DLQ_ORIGINAL_ID: f"redis:{where}",
             },
         )

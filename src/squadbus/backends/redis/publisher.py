@@ -39,6 +39,9 @@ logger = logging.getLogger("squadbus.backends.redis.publisher")
 # window, at most two). Three set commands per call instead of a SET NX per message; the bucket
 # before the previous one is UNLINKed (freed off the main thread), its PEXPIRE is the fallback.
 #
+# Partition entries carry the subject (s), the execution (x, for replay) and the envelope (m); subject
+# entries only the envelope: their stream names the subject, and every byte here is paid per message.
+#
 # Returns one character per message: '1' stored, '0' a duplicate id (stored before: that publish
 # still succeeded).
 PUBLISH_LUA = """
@@ -90,7 +93,7 @@ for i = 4, #ARGV, 6 do
       skeys[s] = sstream
     end
     call('XADD', ARGV[i], '*', 's', s, 'x', ARGV[i + 2], 'm', payload)
-    call('XADD', sstream, '*', 's', s, 'm', payload)
+    call('XADD', sstream, '*', 'm', payload)
     if flag == '1' then
       call('PEXPIRE', sstream, reply_ttl)
     elseif flag == '2' then

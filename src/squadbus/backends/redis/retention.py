@@ -141,10 +141,12 @@ class Trimmer:
             )
             last = _id_key(info[b"last-delivered-id"])
             pattern = patterns.get(name)
+            # A subject stream's entries carry no subject (the stream is the subject): all count.
             unread = [
                 entry_id for entry_id, fields in doomed
                 if _id_key(entry_id) > last and (
-                    pattern is None or subjects.matches(pattern.decode(), (fields or {}).get(b"s", b"").decode())
+                    pattern is None or (subject := (fields or {}).get(b"s")) is None
+                    or subjects.matches(pattern.decode(), subject.decode())
                 )
             ]
             lost = len(pending) + len(unread)
