@@ -87,9 +87,6 @@ class PackedCommand:
         self._parts += parts
         self._count += count
 
-    def __bytes__(self) -> bytes:
-        return b"".join(self.pieces())
-
     def pieces(self) -> list[bytes]:
         """The command's wire form as byte strings to be written one after another."""
         return [b"*%d\r\n" % self._count, *self._parts]
