@@ -374,6 +374,26 @@ class ConformanceSuite:
         handled = Counter(content for batch in batches for content, _ in batch)
         assert handled["poison"] == 1 and all(handled[str(i)] == (2 if i == 0 else 1) for i in range(total))
 
+    async def test_batch_fills_with_messages_arriving_within_max_wait(self, bus: Bus) -> None:
+        # 60 messages are ready, 60 more arrive a moment later, well within max_wait: the first batch
+        # is full (100), not the 60 that were ready with the rest held back until max_wait ran out.
+        agent = _uid("agent")
+        sizes: list[int] = []
+
+        async def handle(deliveries: Sequence[Delivery]) -> None:
+            sizes.append(len(deliveries))
+
+        await bus.subscribe_batch(subjects.direct(agent), handle, group=_uid("g"), max_batch=100,
+                                  max_wait=self.features.timeout * 2)
+        subject = subjects.direct(agent)
+        await bus.publish_many([envelope.build(subject=subject, sender_id="pm", recipient_id=agent, content=str(i))
+                                for i in range(60)])
+        await asyncio.sleep(0.3)
+        await bus.publish_many([envelope.build(subject=subject, sender_id="pm", recipient_id=agent, content=str(i))
+                                for i in range(60, 120)])
+        await eventually(lambda: bool(sizes), self.features.timeout, "the first batch")
+        assert sizes[0] == 100, f"the first batch should fill up to max_batch, got {sizes}"
+
     async def test_batch_subscription_redelivers_a_failed_batch(self, bus: Bus) -> None:
         agent = _uid("agent")
         written: list[str] = []

@@ -228,12 +228,20 @@ class BaseConsumer:
         assert me is not None
         limit = self.options.batch_size
         queue = self.queue
+
+        async def more() -> Entry | None:
+            # The reader waits for room while more than half a batch is queued; the queue is empty
+            # while this waits, so let it read, or the batch would wait out max_wait for entries that
+            # are in Redis already.
+            self.room.set()
+            return await queue.get()
+
         while not self.closing:
             entries: list[Entry] = []
             self._idle.add(me)
             try:
                 entries.append(await queue.get())
-                await fill_until(entries, limit, self._max_wait, take=queue.take, more=queue.get, stop=_never)
+                await fill_until(entries, limit, self._max_wait, take=queue.take, more=more, stop=_never)
             except asyncio.CancelledError:
                 for entry in entries:  # closing: give them back for close() to release
                     queue.put(entry)
