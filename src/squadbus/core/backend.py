@@ -159,6 +159,31 @@ class Delivery:
                 self._wake()
         return True
 
+    def ack_soon(self) -> Awaitable[None] | None:
+        """:meth:`ack` without a coroutine when the backend settles at once: returns None when done
+        (or already settled), else an awaitable to wait for. For hot loops (the Bus's wrappers)."""
+        if self._settled is not None:
+            return None
+        self._settled = "ack"
+        try:
+            pending = self._ack()
+        except BaseException:
+            if self._waiter is not None:
+                self._wake()
+            raise
+        if pending is None:
+            if self._waiter is not None:
+                self._wake()
+            return None
+        return self._finish(pending)
+
+    async def _finish(self, pending: Awaitable[None]) -> None:
+        try:
+            await pending
+        finally:
+            if self._waiter is not None:
+                self._wake()
+
     async def nack(self, delay: float = 0.0) -> bool:
         """Ask for redelivery after ``delay`` seconds. True if this call settled it."""
         if self._settled is not None:

@@ -162,7 +162,9 @@ def wrap(handler: Handler, options: ConsumerOptions, publish: Publish, stats: Di
                     logger.exception("handler failed after settling message %s", delivery.message.id)
                 return
             if delivery.settled is None:
-                await delivery.ack()
+                pending = delivery.ack_soon()
+                if pending is not None:
+                    await pending
                 stats.acked += 1
         except asyncio.CancelledError:
             if delivery.settled is None:
@@ -209,7 +211,9 @@ def wrap_batch(
                 continue
             failure = failures.get(delivery)
             if failure is None:
-                await delivery.ack()
+                pending = delivery.ack_soon()
+                if pending is not None:
+                    await pending
                 stats.acked += 1
             else:
                 await settler.fail(delivery, failure, log=False)
