@@ -3,9 +3,11 @@
 Throughput: ``count`` messages published and consumed by one consumer group.
 The raw baseline pipelines ``XADD`` in chunks of 500 and consumes with
 ``XREADGROUP COUNT 500`` + one ``XACK`` per batch; squadbus sends the same
-chunks as concurrent ``Bus.send`` calls (auto-batched) into a group
-subscription. Both count from the first send to the last message consumed;
-each line is the median of ``ROUNDS`` interleaved rounds.
+chunks as concurrent ``Bus.send`` calls (auto-batched) or one
+``Bus.publish_many`` per chunk, into a group subscription with a handler per
+message or (the raw side's pattern at both ends) ``Bus.subscribe_batch``. All
+count from the first send to the last message consumed; each line is the
+median of ``ROUNDS`` interleaved rounds.
 
 Latency: an open loop at ``rate`` msgs/s (``openloop.drive``), latency from the
 intended send time to the handler, p50/p99/p99.9, raw ``XADD`` + blocking
@@ -18,6 +20,7 @@ import asyncio
 import secrets
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -94,11 +97,13 @@ async def raw_throughput(url: str, count: int, *, envelopes: bool = False) -> Re
         await client.aclose()
 
 
-async def squadbus_throughput(url: str, count: int, *, batch: bool = False) -> Result:
+async def squadbus_throughput(url: str, count: int, *, batch: bool = False, batch_handler: bool = False) -> Result:
     """Concurrent Bus.send (auto-batched) into a group subscription.
 
     With ``batch``, each chunk goes through ``Bus.publish_many`` instead: the
     same pattern as the raw pipeline (one call per chunk, no task per message).
+    With ``batch_handler`` too, the group hands over batches of up to a chunk
+    (``Bus.subscribe_batch``, one XACK write per batch), as the raw consumer.
     """
     prefix = f"bench-{secrets.token_hex(4)}"
     agent = "bench-agent"
@@ -112,8 +117,17 @@ async def squadbus_throughput(url: str, count: int, *, batch: bool = False) -> R
             if seen >= count:
                 done.set()
 
+        async def batch_of(deliveries: Sequence[Delivery]) -> None:
+            nonlocal seen
+            seen += len(deliveries)
+            if seen >= count:
+                done.set()
+
         options = ConsumerOptions(batch_size=CHUNK, start=StartFrom.NEW)
-        await bus.subscribe(subjects.direct(agent), handler, group="bench", options=options)
+        if batch_handler:
+            await bus.subscribe_batch(subjects.direct(agent), batch_of, group="bench", max_batch=CHUNK, options=options)
+        else:
+            await bus.subscribe(subjects.direct(agent), handler, group="bench", options=options)
         start = time.perf_counter()
         subject = subjects.direct(agent)
         for first in range(0, count, CHUNK):
@@ -128,8 +142,9 @@ async def squadbus_throughput(url: str, count: int, *, batch: bool = False) -> R
         await done.wait()
         elapsed = time.perf_counter() - start
     await _drop_prefix(url, prefix)
-    name = "squadbus redis: publish_many -> group handler" if batch else "squadbus redis: Bus.send -> group handler"
-    return Result(name, count, elapsed)
+    sender = "publish_many" if batch else "Bus.send"
+    receiver = "batch handler" if batch_handler else "group handler"
+    return Result(f"squadbus redis: {sender} -> {receiver}", count, elapsed)
 
 
 async def raw_latency(url: str, count: int, rate: float) -> Result:
@@ -198,34 +213,37 @@ async def run(*, url: str, count: int, rate: float, rounds: int = ROUNDS) -> lis
     """Throughput (``count`` messages) and open-loop latency (``rate`` msgs/s for ~5 s) against ``url``.
 
     Returns, in order: raw throughput, squadbus throughput with concurrent
-    sends and with ``publish_many`` (their notes carry the ratios), raw +
-    envelope throughput (for reference), raw latency, squadbus latency. Each
-    throughput line is the median of ``rounds`` rounds, run interleaved so
-    that drift of the machine hits every line alike.
+    sends, with ``publish_many`` and with ``publish_many`` into a batch
+    handler (their notes carry the ratios), raw + envelope throughput (for
+    reference), raw latency, squadbus latency. Each throughput line is the
+    median of ``rounds`` rounds, run interleaved so that drift of the machine
+    hits every line alike.
     """
-    raw, ours, many, raw_env = await interleaved_medians(
+    raw, ours, many, batches, raw_env = await interleaved_medians(
         rounds,
         lambda: raw_throughput(url, count),
         lambda: squadbus_throughput(url, count),
         lambda: squadbus_throughput(url, count, batch=True),
+        lambda: squadbus_throughput(url, count, batch=True, batch_handler=True),
         lambda: raw_throughput(url, count, envelopes=True),
     )
-    ours.notes = f"ratio vs raw = {ratio(ours, raw):.2f}; {ours.notes}"
-    many.notes = f"ratio vs raw = {ratio(many, raw):.2f}; {many.notes}"
+    for line in (ours, many, batches):
+        line.notes = f"ratio vs raw = {ratio(line, raw):.2f}; {line.notes}"
     raw_env.notes = (f"squadbus send / this = {ratio(ours, raw_env):.2f}, "
                      f"publish_many / this = {ratio(many, raw_env):.2f}")
     latency_count = max(100, min(count, int(rate * LATENCY_SECONDS)))
     raw_lat = await raw_latency(url, latency_count, rate)
     our_lat = await squadbus_latency(url, latency_count, rate)
-    return [raw, ours, many, raw_env, raw_lat, our_lat]
+    return [raw, ours, many, batches, raw_env, raw_lat, our_lat]
 
 
 def summary(results: list[Result]) -> dict[str, Any]:
     """The headline numbers of a ``run`` for the JSON line."""
-    raw, ours, many, raw_env = results[0], results[1], results[2], results[3]
+    raw, ours, many, batches, raw_env = results[:5]
     return {
         "throughput_ratio": round(ratio(ours, raw), 3),
         "publish_many_ratio": round(ratio(many, raw), 3),
+        "batch_handler_ratio": round(ratio(batches, raw), 3),
         "ratio_vs_raw_with_envelopes": round(ratio(ours, raw_env), 3),
         "target_ratio": 0.8,
     }
