@@ -149,14 +149,9 @@ class Delivery:
         """Mark the message processed. True if this call settled it."""
         if self._settled is not None:
             return False
-        self._settled = "ack"
-        try:
-            pending = self._ack()
-            if pending is not None:
-                await pending
-        finally:
-            if self._waiter is not None:
-                self._wake()
+        pending = self.ack_soon()
+        if pending is not None:
+            await pending
         return True
 
     def ack_soon(self) -> Awaitable[None] | None:

@@ -79,12 +79,13 @@ class EphemeralSubscription(BaseConsumer):
                     self._accept(key, entry_id, raw)
 
     def _accept(self, stream: str, entry_id: bytes, raw: RawFields | None) -> None:
-        subject, payload = entry_parts(raw) if raw is not None else (None, None)
-        if raw is not None and not self.wanted(subject):
+        fields = raw if raw is not None else []  # no fields: not filtered, reported malformed
+        subject, payload = entry_parts(fields)
+        if not self.wanted(subject):
             self.ctx.counters.filtered += 1
             return
         try:
-            message = self.parse(payload, raw or [])
+            message = self.parse(payload, fields)
         except MalformedMessage as exc:
             self.ctx.counters.malformed += 1
             logger.warning("ephemeral subscription %s: skipped malformed entry %s/%s: %s",

@@ -190,7 +190,7 @@ class GroupSubscription(BaseConsumer):
             message = self.parse(payload, raw)
         except MalformedMessage as exc:
             self.ctx.counters.malformed += 1
-            self._spawn_retry(self._dead_letter_malformed(stream, entry_id, subject, payload, raw, str(exc)))
+            self._spawn_retry(self._dead_letter_malformed(stream, entry_id, raw, str(exc)))
             return
         entry = Entry(stream, entry_id, message, attempt)
         held[entry_id] = entry
@@ -358,9 +358,8 @@ class GroupSubscription(BaseConsumer):
 
     # ---- malformed entries -------------------------------------------------------------------
 
-    async def _dead_letter_malformed(
-        self, stream: str, entry_id: bytes, subject: bytes | None, payload: bytes | None, raw: RawFields, reason: str
-    ) -> None:
+    async def _dead_letter_malformed(self, stream: str, entry_id: bytes, raw: RawFields, reason: str) -> None:
+        subject, payload = entry_parts(raw)
         content = payload.decode("utf-8", "replace") if payload is not None else repr(raw)
         where = f"{stream}/{entry_id.decode()}"
         message = envelope.build(
