@@ -1,5 +1,6 @@
 """The publish side on a real Redis: dedupe (ids remembered per time bucket, within and across calls),
-and publish_many split over several Lua calls and writes, in order."""
+publish_many split over several Lua calls and runs, in order, and the calls of a run written one by one
+(a server without the script, a failure between two writes)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from squadbus.backends.redis import RedisBackend, RedisSettings
+from squadbus.backends.redis import RedisBackend, RedisSettings, publisher
 from squadbus.core import envelope, subjects
+from squadbus.core.errors import PublishFailed
 
 pytestmark = pytest.mark.redis
 
@@ -72,7 +74,8 @@ async def test_dedupe_window_zero_stores_every_publish(redis_url: str) -> None:
 
 
 async def test_publish_many_over_several_lua_calls_and_writes_keeps_order_and_dedupes(redis_url: str) -> None:
-    # publish_batch=4: 70 messages are 18 Lua calls, written in runs of 8 calls (32 messages).
+    # publish_batch=4: 70 messages are 18 Lua calls, in runs of 8 calls (32 messages), each call
+    # written as soon as it is packed.
     async with _backend(f"{redis_url}&publish_batch=4") as backend:
         messages = [_message("dev-4", f"m{i}") for i in range(70)]
         # duplicates of earlier ids: in the next Lua call of the same write, and in a later write
@@ -83,3 +86,38 @@ async def test_publish_many_over_several_lua_calls_and_writes_keeps_order_and_de
         assert await _stored(backend, "dev-4") == expected
         stats = backend.stats()
         assert (stats["published"], stats["duplicates_dropped"]) == (68, 2)
+
+
+async def test_a_server_without_the_script_gets_its_source_and_stores_every_call_once(redis_url: str) -> None:
+    async with _backend(f"{redis_url}&publish_batch=3") as backend:
+        await backend.publish(_message("dev-5", "m0"))
+        client = backend._client
+        assert client is not None
+        await client.script_flush()  # as a restarted server: every EVALSHA of the next run fails
+        messages = [_message("dev-5", f"m{i}") for i in range(1, 11)]  # four Lua calls
+        await backend.publish_many(messages)
+        assert await _stored(backend, "dev-5") == [f"m{i}" for i in range(11)]
+        assert backend.stats()["published"] == 11
+
+
+async def test_a_failure_between_two_calls_fails_the_publish_and_leaves_no_reply_unread(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with _backend(f"{redis_url}&publish_batch=2") as backend:
+        messages = [_message("dev-6", f"m{i}") for i in range(5)]
+        encode = envelope.encode
+
+        def encode_failing_on_m3(message: envelope.Message) -> bytes:
+            if message.content == "m3":
+                raise RuntimeError("bug while packing")
+            return encode(message)
+
+        # The first call (m0, m1) is written before m3 is packed: its reply is never read, so the
+        # connection must be dropped, not handed to the next command out of step.
+        monkeypatch.setattr(publisher, "encode", encode_failing_on_m3)
+        with pytest.raises(PublishFailed, match="bug while packing"):
+            await backend.publish_many(messages)
+        monkeypatch.setattr(publisher, "encode", encode)
+        await backend.publish_many(messages)  # again, as the contract says: ids dedupe
+        assert await backend._require()[1].publish(_message("dev-6", "after")) is True
+        assert await _stored(backend, "dev-6") == ["m0", "m1", "m2", "m3", "m4", "after"]

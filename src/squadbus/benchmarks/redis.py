@@ -17,6 +17,7 @@ intended send time to the handler, p50/p99/p99.9, raw ``XADD`` + blocking
 from __future__ import annotations
 
 import asyncio
+import math
 import secrets
 import time
 import uuid
@@ -28,7 +29,7 @@ import redis.asyncio as aioredis
 from squadbus.backends.redis import RedisSettings
 from squadbus.backends.redis._driver import call, queue
 from squadbus.benchmarks.openloop import drive
-from squadbus.benchmarks.stats import Result, interleaved_medians, ratio
+from squadbus.benchmarks.stats import Result, interleaved_rounds, median_of, paired_ratio
 from squadbus.core import envelope, subjects
 from squadbus.core.backend import ConsumerOptions, Delivery, StartFrom
 from squadbus.core.bus import Bus
@@ -36,7 +37,7 @@ from squadbus.core.bus import Bus
 CONTENT = "x" * 1024
 CHUNK = 500
 LATENCY_SECONDS = 5.0
-ROUNDS = 3
+ROUNDS = 5
 _READ = ("XREADGROUP", "GROUP", "g", "c", "COUNT", CHUNK, "BLOCK", 1000, "STREAMS")
 
 
@@ -214,12 +215,12 @@ async def run(*, url: str, count: int, rate: float, rounds: int = ROUNDS) -> lis
 
     Returns, in order: raw throughput, squadbus throughput with concurrent
     sends, with ``publish_many`` and with ``publish_many`` into a batch
-    handler (their notes carry the ratios), raw + envelope throughput (for
-    reference), raw latency, squadbus latency. Each throughput line is the
-    median of ``rounds`` rounds, run interleaved so that drift of the machine
-    hits every line alike.
+    handler, raw + envelope throughput (for reference), raw latency, squadbus
+    latency. The lines run interleaved, ``rounds`` times; each shows its
+    median round, and each squadbus line's ``ratio`` is the median of its
+    per-round ratios to the raw line of the same round (``stats.paired_ratio``).
     """
-    raw, ours, many, batches, raw_env = await interleaved_medians(
+    raw, ours, many, batches, raw_env = await interleaved_rounds(
         rounds,
         lambda: raw_throughput(url, count),
         lambda: squadbus_throughput(url, count),
@@ -227,23 +228,38 @@ async def run(*, url: str, count: int, rate: float, rounds: int = ROUNDS) -> lis
         lambda: squadbus_throughput(url, count, batch=True, batch_handler=True),
         lambda: raw_throughput(url, count, envelopes=True),
     )
-    for line in (ours, many, batches):
-        line.notes = f"ratio vs raw = {ratio(line, raw):.2f}; {line.notes}"
-    raw_env.notes = (f"squadbus send / this = {ratio(ours, raw_env):.2f}, "
-                     f"publish_many / this = {ratio(many, raw_env):.2f}")
+    lines = [_compared(line, raw, "ratio vs raw") for line in (ours, many, batches)]
+    envelope_line = median_of(raw_env)
+    envelope_line.notes = f"squadbus publish_many / this = {_listed(many, raw_env)}; {envelope_line.notes}"
     latency_count = max(100, min(count, int(rate * LATENCY_SECONDS)))
     raw_lat = await raw_latency(url, latency_count, rate)
     our_lat = await squadbus_latency(url, latency_count, rate)
-    return [raw, ours, many, batches, raw_env, raw_lat, our_lat]
+    return [median_of(raw), *lines, envelope_line, raw_lat, our_lat]
+
+
+def _compared(line: list[Result], baseline: list[Result], what: str) -> Result:
+    """``line``'s median round, with ``ratio`` the median of its per-round ratios to ``baseline``."""
+    chosen = median_of(line)
+    chosen.ratio = paired_ratio(line, baseline)[0]
+    chosen.notes = f"{what} = {_listed(line, baseline)}; {chosen.notes}"
+    return chosen
+
+
+def _listed(line: list[Result], baseline: list[Result]) -> str:
+    middle, ratios = paired_ratio(line, baseline)
+    return f"{middle:.2f} (median of rounds {', '.join(f'{r:.2f}' for r in ratios)})"
 
 
 def summary(results: list[Result]) -> dict[str, Any]:
-    """The headline numbers of a ``run`` for the JSON line."""
-    raw, ours, many, batches, raw_env = results[:5]
+    """The headline numbers of a ``run`` for the JSON line (ratios: medians of per-round ratios)."""
+    _, ours, many, batches = results[:4]
     return {
-        "throughput_ratio": round(ratio(ours, raw), 3),
-        "publish_many_ratio": round(ratio(many, raw), 3),
-        "batch_handler_ratio": round(ratio(batches, raw), 3),
-        "ratio_vs_raw_with_envelopes": round(ratio(ours, raw_env), 3),
+        "throughput_ratio": _rounded(ours.ratio),
+        "publish_many_ratio": _rounded(many.ratio),
+        "batch_handler_ratio": _rounded(batches.ratio),
         "target_ratio": 0.8,
     }
+
+
+def _rounded(value: float | None) -> float:
+    return round(value, 3) if value is not None else math.nan

@@ -25,6 +25,8 @@ class Result:
     seconds: float
     latencies_ms: list[float] = field(default_factory=list, repr=False)
     notes: str = ""
+    ratio: float | None = None
+    """Set on a line compared with a baseline: its ratio (how it was taken is in ``notes``)."""
 
     @property
     def throughput(self) -> float:
@@ -41,6 +43,7 @@ class Result:
             "p99_ms": round(percentile(lat, 0.99), 3),
             "p999_ms": round(percentile(lat, 0.999), 3),
             "notes": self.notes,
+            **({} if self.ratio is None else {"ratio": round(self.ratio, 3)}),
         }
 
 
@@ -58,14 +61,33 @@ def median_of(rounds: Sequence[Result]) -> Result:
     return chosen
 
 
-async def interleaved_medians(rounds: int, *runs: Callable[[], Awaitable[Result]]) -> list[Result]:
-    """Run every one of ``runs`` once per round, ``rounds`` times, and return each one's median round
-    (in the order given). Interleaving makes drift of a shared machine hit every line alike."""
+async def interleaved_rounds(rounds: int, *runs: Callable[[], Awaitable[Result]]) -> list[list[Result]]:
+    """Run every one of ``runs`` once per round, ``rounds`` times; each one's rounds, in the order given.
+    Interleaving makes drift of a shared machine hit every line alike."""
     results: list[list[Result]] = [[] for _ in runs]
     for _ in range(rounds):
         for run, out in zip(runs, results, strict=True):
             out.append(await run())
-    return [median_of(out) for out in results]
+    return results
+
+
+async def interleaved_medians(rounds: int, *runs: Callable[[], Awaitable[Result]]) -> list[Result]:
+    """:func:`interleaved_rounds`, each line reduced to its median round."""
+    return [median_of(out) for out in await interleaved_rounds(rounds, *runs)]
+
+
+def paired_ratio(ours: Sequence[Result], baseline: Sequence[Result]) -> tuple[float, list[float]]:
+    """The median of the per-round throughput ratios ``ours[i] / baseline[i]``, and those ratios.
+
+    Rounds ``i`` of two interleaved lines ran seconds apart, so each round's ratio
+    cancels the machine's drift between rounds (on a shared VM the raw baseline
+    alone moved 2x within minutes), which a ratio of two medians does not.
+    """
+    ratios = [ratio(o, b) for o, b in zip(ours, baseline, strict=True)]
+    ordered = sorted(ratios)
+    middle = len(ordered) // 2
+    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    return median, ratios
 
 
 async def abba(

@@ -1,8 +1,10 @@
 """Auto-batching publisher: concurrent publishes share one round trip.
 
-Each ``publish`` call encodes its message and queues it; one flusher task
-sends everything queued so far as a single Lua call (dedupe + two XADDs per
-message), so N concurrent publishers cost about one round trip, not N. A
+Each ``publish`` call queues its message; one flusher task sends everything
+queued so far as Lua calls of up to ``publish_batch`` messages (dedupe + two
+XADDs per message), so N concurrent publishers cost about one round trip, not
+N. Each call is written as soon as it is packed (its messages encoded as they
+are packed), so Redis runs one call while the next is packed. A
 publish returns only when Redis answered for its message (and, in the durable
 profile on Redis >= 7.2, after ``WAITAOF``), retries through connection loss
 with backoff, and raises :class:`~squadbus.core.errors.ConnectionLost` or
@@ -14,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from squadbus.backends.redis._driver import RETRYABLE, PackedCommand, aioredis, execute_packed, redis_errors
+from squadbus.backends.redis._driver import RETRYABLE, PackedCommand, aioredis, execute_streamed, redis_errors
 from squadbus.backends.redis.layout import KeyLayout, is_reply
 from squadbus.backends.redis.settings import RedisSettings
 from squadbus.core.envelope import Message, encode
@@ -107,7 +111,7 @@ return table.concat(out)
 PUBLISH_SHA = hashlib.sha1(PUBLISH_LUA.encode()).hexdigest()
 
 _MAX_FLUSHERS = 3
-_SCRIPTS_PER_WRITE = 8
+_SCRIPTS_PER_RUN = 8
 _REGISTERED_LIMIT = 100_000
 
 
@@ -117,7 +121,6 @@ class _Run:
     Lua call and settled together: ``future`` gets how many were new (the others were duplicates)."""
 
     messages: list[Message]
-    payloads: list[bytes]
     future: asyncio.Future[int]
     deadline: float
 
@@ -149,11 +152,11 @@ class RedisPublisher:
         return await self._submit([message]) == 1
 
     async def publish_many(self, messages: list[Message]) -> None:
-        """Store every message, in order: runs of up to ``_SCRIPTS_PER_WRITE`` Lua calls of
-        ``publish_batch`` messages, the calls of a run written at once on one connection (Redis runs
-        them in order), each run sent once the one before it is stored (so a retried run cannot
-        overtake)."""
-        limit = self._settings.publish_batch * _SCRIPTS_PER_WRITE
+        """Store every message, in order: runs of up to ``_SCRIPTS_PER_RUN`` Lua calls of
+        ``publish_batch`` messages, the calls of a run written one after another on one connection
+        (Redis runs them in order), each run sent once the one before it is stored (so a retried run
+        cannot overtake)."""
+        limit = self._settings.publish_batch * _SCRIPTS_PER_RUN
         for first in range(0, len(messages), limit):
             await self._submit(messages[first:first + limit])
 
@@ -162,7 +165,7 @@ class RedisPublisher:
             raise Closed("redis backend is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
-        run = _Run(messages, [encode(m) for m in messages], future, loop.time() + self._settings.publish_timeout)
+        run = _Run(messages, future, loop.time() + self._settings.publish_timeout)
         self._pending.append(run)
         if not self._flushers:
             self._start_flusher()
@@ -273,7 +276,28 @@ class RedisPublisher:
         return error
 
     async def _execute(self, batch: list[_Run]) -> bytes:
-        """Store ``batch`` with one Lua call per ``publish_batch`` messages, all in one write."""
+        """Store ``batch`` with one Lua call per ``publish_batch`` messages on one connection, each call
+        written as soon as it is packed (Redis runs it while the next is packed)."""
+        calls: list[int] = []  # messages per Lua call written
+        fresh_subjects: set[str] = set()  # registered by the first of their messages in this batch
+        try:
+            replies = await self._call(self._scripts(batch, "EVALSHA", PUBLISH_SHA, calls, fresh_subjects))
+        except redis_errors.NoScriptError:  # a new or restarted server: send the source once
+            calls.clear()
+            fresh_subjects.clear()
+            replies = await self._call(self._scripts(batch, "EVAL", PUBLISH_LUA, calls, fresh_subjects))
+        results = b"".join(replies[:len(calls)])
+        registered = self._registered
+        if len(registered) > _REGISTERED_LIMIT:
+            registered.clear()
+        registered.update(fresh_subjects)
+        return results
+
+    def _scripts(
+        self, batch: list[_Run], command: str, script: str, calls: list[int], fresh_subjects: set[str]
+    ) -> Iterator[PackedCommand]:
+        """The Lua calls storing ``batch``, packed one at a time (each message encoded as it is
+        packed); appends each call's message count to ``calls``."""
         layout = self._layout
         settings = self._settings
         registered = self._registered
@@ -282,14 +306,13 @@ class RedisPublisher:
         known = self._subjects
         limit = settings.publish_batch
         head = (layout.prefix, int(settings.dedupe_window * 1000), int(settings.reply_ttl * 1000))
-        calls: list[tuple[int, list[bytes]]] = []  # (messages, their arguments in wire form) per Lua call
-        parts: list[bytes] = []
+        parts: list[bytes] = []  # the current call's arguments, in wire form
         count = 0
-        fresh_subjects: set[str] = set()  # registered by the first of their messages in this write
         for run in batch:
-            for message, payload in zip(run.messages, run.payloads, strict=True):
+            for message in run.messages:
                 if count == limit:
-                    calls.append((count, parts))
+                    calls.append(count)
+                    yield _script(command, script, head, count, parts)
                     parts, count = [], 0
                 count += 1
                 subject = message.subject
@@ -312,6 +335,7 @@ class RedisPublisher:
                 elif subject not in registered and subject not in fresh_subjects:
                     flag = "2"
                     fresh_subjects.add(subject)
+                payload = encode(message)
                 # Six arguments in wire form: partition stream key, id and execution (ASCII), subject,
                 # flag, payload.
                 parts += (
@@ -322,34 +346,26 @@ class RedisPublisher:
                     payload,
                     b"\r\n",
                 )
-        calls.append((count, parts))
-        try:
-            replies = await self._call([_script("EVALSHA", PUBLISH_SHA, head, c) for c in calls])
-        except redis_errors.NoScriptError:  # a new or restarted server: send the source once
-            replies = await self._call([_script("EVAL", PUBLISH_LUA, head, c) for c in calls])
-        results = b"".join(replies[:len(calls)])
-        if len(registered) > _REGISTERED_LIMIT:
-            registered.clear()
-        registered.update(fresh_subjects)
-        return results
+        calls.append(count)
+        yield _script(command, script, head, count, parts)
 
-    async def _call(self, scripts: list[PackedCommand]) -> list[Any]:
-        """Run the publish scripts in one write; in the durable profile on Redis >= 7.2, WAITAOF in
-        the same write."""
+    async def _call(self, scripts: Iterator[PackedCommand]) -> list[Any]:
+        """Run the publish scripts, each written once packed; in the durable profile on Redis >= 7.2,
+        WAITAOF after them on the same connection."""
         if not self.wait_aof:
-            return await execute_packed(self._client, *scripts)
+            return await execute_streamed(self._client, scripts)
         settings = self._settings
         timeout_ms = max(1, int(settings.publish_timeout * 1000))
-        replies = await execute_packed(self._client, *scripts, PackedCommand("WAITAOF", 1, 0, timeout_ms))
+        wait = PackedCommand("WAITAOF", 1, 0, timeout_ms)
+        replies = await execute_streamed(self._client, itertools.chain(scripts, (wait,)))
         synced = replies[-1]
         if not synced or int(synced[0]) < 1:
             raise PublishFailed(f"Redis did not fsync the batch to its AOF within {settings.publish_timeout}s")
         return replies
 
 
-def _script(command: str, script: str, head: tuple[str, int, int], call: tuple[int, list[bytes]]) -> PackedCommand:
-    """One ``EVALSHA``/``EVAL`` of the publish script over ``call``'s messages."""
-    count, parts = call
+def _script(command: str, script: str, head: tuple[str, int, int], count: int, parts: list[bytes]) -> PackedCommand:
+    """One ``EVALSHA``/``EVAL`` of the publish script over ``count`` messages' arguments ``parts``."""
     packed = PackedCommand(command, script, 0, *head)
     packed.add_packed(6 * count, parts)
     return packed
