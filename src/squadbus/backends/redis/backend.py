@@ -145,7 +145,7 @@ class RedisBackend:
     async def publish(self, message: Message) -> None:
         """Store ``message`` (deduplicated by id within ``dedupe_window``); see RedisPublisher."""
         _, publisher = self._require()
-        await publisher.publish(message)
+        await publisher.submit([message])
 
     async def publish_many(self, messages: Sequence[Message]) -> None:
         """Store ``messages`` in as few Lua calls as ``publish_batch`` allows (BatchPublisher)."""

@@ -149,7 +149,7 @@ class RedisPublisher:
 
     async def publish(self, message: Message) -> bool:
         """Store ``message``; True if new, False if its id was seen within the dedupe window."""
-        return await self._submit([message]) == 1
+        return await self.submit([message]) == 1
 
     async def publish_many(self, messages: list[Message]) -> None:
         """Store every message, in order: runs of up to ``_SCRIPTS_PER_RUN`` Lua calls of
@@ -158,18 +158,23 @@ class RedisPublisher:
         cannot overtake)."""
         limit = self._settings.publish_batch * _SCRIPTS_PER_RUN
         for first in range(0, len(messages), limit):
-            await self._submit(messages[first:first + limit])
+            await self.submit(messages[first:first + limit])
 
-    async def _submit(self, messages: list[Message]) -> int:
+    def submit(self, messages: list[Message]) -> asyncio.Future[int]:
+        """Queue ``messages`` to be stored in order; the future gets how many were new (the others
+        were duplicates) once Redis has them, or the publish's error.
+
+        A plain function returning the future, not a coroutine: a send awaits it directly, one
+        coroutine frame less per message. Call it from a coroutine (it needs the running loop).
+        """
         if self._closed:
             raise Closed("redis backend is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
-        run = _Run(messages, future, loop.time() + self._settings.publish_timeout)
-        self._pending.append(run)
+        self._pending.append(_Run(messages, future, loop.time() + self._settings.publish_timeout))
         if not self._flushers:
             self._start_flusher()
-        return await future
+        return future
 
     def _start_flusher(self) -> None:
         task = asyncio.get_running_loop().create_task(self._flush_loop(), name="squadbus-redis-publisher")
