@@ -231,7 +231,7 @@ async def run(*, url: str, count: int, rate: float, rounds: int = ROUNDS) -> lis
     )
     lines = [_compared(line, raw, "ratio vs raw") for line in (ours, many, batches)]
     envelope_line = median_of(raw_env)
-    envelope_line.notes = f"squadbus publish_many / this = {_listed(many, raw_env)}; {envelope_line.notes}"
+    envelope_line.notes = f"squadbus publish_many / this = {_listed(many, raw_env)[1]}; {envelope_line.notes}"
     latency_count = max(100, min(count, int(rate * LATENCY_SECONDS)))
     raw_lat = await raw_latency(url, latency_count, rate)
     our_lat = await squadbus_latency(url, latency_count, rate)
@@ -241,14 +241,15 @@ async def run(*, url: str, count: int, rate: float, rounds: int = ROUNDS) -> lis
 def _compared(line: list[Result], baseline: list[Result], what: str) -> Result:
     """``line``'s median round, with ``ratio`` the median of its per-round ratios to ``baseline``."""
     chosen = median_of(line)
-    chosen.ratio = paired_ratio(line, baseline)[0]
-    chosen.notes = f"{what} = {_listed(line, baseline)}; {chosen.notes}"
+    chosen.ratio, listed = _listed(line, baseline)
+    chosen.notes = f"{what} = {listed}; {chosen.notes}"
     return chosen
 
 
-def _listed(line: list[Result], baseline: list[Result]) -> str:
+def _listed(line: list[Result], baseline: list[Result]) -> tuple[float, str]:
+    """The median of the per-round ratios, and it with every round's ratio as text."""
     middle, ratios = paired_ratio(line, baseline)
-    return f"{middle:.2f} (median of rounds {', '.join(f'{r:.2f}' for r in ratios)})"
+    return middle, f"{middle:.2f} (median of rounds {', '.join(f'{r:.2f}' for r in ratios)})"
 
 
 def summary(results: list[Result]) -> dict[str, Any]:
