@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
@@ -181,25 +182,19 @@ class Delivery:
 
     async def nack(self, delay: float = 0.0) -> bool:
         """Ask for redelivery after ``delay`` seconds. True if this call settled it."""
-        if self._settled is not None:
-            return False
-        self._settled = "nack"
-        try:
-            pending = self._nack(max(0.0, delay))
-            if pending is not None:
-                await pending
-        finally:
-            if self._waiter is not None:
-                self._wake()
-        return True
+        return await self._settle("nack", functools.partial(self._nack, max(0.0, delay)))
 
     async def term(self) -> bool:
         """Stop redelivering this message (it was dead-lettered). True if this call settled it."""
+        return await self._settle("term", self._term)
+
+    async def _settle(self, outcome: str, settle: Callable[[], Awaitable[None] | None]) -> bool:
+        # nack and term (ack has its coroutine-free path in ack_soon): settle once, wake the waiter.
         if self._settled is not None:
             return False
-        self._settled = "term"
+        self._settled = outcome
         try:
-            pending = self._term()
+            pending = settle()
             if pending is not None:
                 await pending
         finally:
