@@ -283,15 +283,13 @@ class RedisPublisher:
     async def _execute(self, batch: list[_Run]) -> bytes:
         """Store ``batch`` with one Lua call per ``publish_batch`` messages on one connection, each call
         written as soon as it is packed (Redis runs it while the next is packed)."""
-        calls: list[int] = []  # messages per Lua call written
         fresh_subjects: set[str] = set()  # registered by the first of their messages in this batch
         try:
-            replies = await self._call(self._scripts(batch, "EVALSHA", PUBLISH_SHA, calls, fresh_subjects))
+            replies = await self._call(self._scripts(batch, "EVALSHA", PUBLISH_SHA, fresh_subjects))
         except redis_errors.NoScriptError:  # a new or restarted server: send the source once
-            calls.clear()
             fresh_subjects.clear()
-            replies = await self._call(self._scripts(batch, "EVAL", PUBLISH_LUA, calls, fresh_subjects))
-        results = b"".join(replies[:len(calls)])
+            replies = await self._call(self._scripts(batch, "EVAL", PUBLISH_LUA, fresh_subjects))
+        results = b"".join(replies)
         registered = self._registered
         if len(registered) > _REGISTERED_LIMIT:
             registered.clear()
@@ -299,10 +297,10 @@ class RedisPublisher:
         return results
 
     def _scripts(
-        self, batch: list[_Run], command: str, script: str, calls: list[int], fresh_subjects: set[str]
+        self, batch: list[_Run], command: str, script: str, fresh_subjects: set[str]
     ) -> Iterator[PackedCommand]:
         """The Lua calls storing ``batch``, packed one at a time (each message encoded as it is
-        packed); appends each call's message count to ``calls``."""
+        packed); adds the subjects they register to ``fresh_subjects``."""
         layout = self._layout
         settings = self._settings
         registered = self._registered
@@ -316,7 +314,6 @@ class RedisPublisher:
         for run in batch:
             for message in run.messages:
                 if count == limit:
-                    calls.append(count)
                     yield _script(command, script, head, count, parts)
                     parts, count = [], 0
                 count += 1
@@ -351,12 +348,11 @@ class RedisPublisher:
                     payload,
                     b"\r\n",
                 )
-        calls.append(count)
         yield _script(command, script, head, count, parts)
 
     async def _call(self, scripts: Iterator[PackedCommand]) -> list[Any]:
-        """Run the publish scripts, each written once packed; in the durable profile on Redis >= 7.2,
-        WAITAOF after them on the same connection."""
+        """Run the publish scripts, each written once packed, and return their replies; in the durable
+        profile on Redis >= 7.2, WAITAOF after them on the same connection."""
         if not self.wait_aof:
             return await execute_streamed(self._client, scripts)
         settings = self._settings
@@ -366,7 +362,7 @@ class RedisPublisher:
         synced = replies[-1]
         if not synced or int(synced[0]) < 1:
             raise PublishFailed(f"Redis did not fsync the batch to its AOF within {settings.publish_timeout}s")
-        return replies
+        return replies[:-1]
 
 
 def _script(command: str, script: str, head: tuple[str, int, int], count: int, parts: list[bytes]) -> PackedCommand:
