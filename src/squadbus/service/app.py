@@ -104,8 +104,8 @@ def _workers(service: Service, analytics_out: list[Analytics]) -> list[Worker]:
             metrics_.sources.latencies[name] = analytics.latency
             built.append(analytics)
         elif name == "audit-logger":
-            audit = AuditLogger(bus, path=opts.audit_path, max_bytes=opts.audit_max_bytes,
-                                max_files=opts.audit_max_files)
+            audit = AuditLogger(bus, path=opts.audit_path or service.settings.audit_path,
+                                max_bytes=opts.audit_max_bytes, max_files=opts.audit_max_files)
             metrics_.sources.latencies[name] = audit.latency
             built.append(audit)
     return built

@@ -27,7 +27,8 @@ class ServiceOptions:
     processes keeps at least ``sse-broadcaster``). ``max_body_bytes``
     defaults to ``2 * max_content_bytes + 64 KiB``. ``heartbeat``: seconds
     between SSE comment lines. ``sse_queue_size``: frames buffered per viewer
-    before it is caught up from the store instead. ``poll_interval``: the
+    before it is caught up from the store instead. ``audit_path``: the
+    audit-logger's file (None: ``audit.jsonl`` in the settings' data directory). ``poll_interval``: the
     feeds' safety-net store poll. ``db_writer_max_wait``: batching delay of
     the in-process db-writer (SSE latency of messages published directly on
     the bus).
@@ -40,7 +41,7 @@ class ServiceOptions:
     poll_interval: float = 5.0
     db_writer_batch_size: int = 500
     db_writer_max_wait: float = 0.01
-    audit_path: str = "squadbus-audit.jsonl"
+    audit_path: str | None = None
     audit_max_bytes: int = 64 * 1024 * 1024
     audit_max_files: int | None = None
     readiness_timeout: float = 2.0

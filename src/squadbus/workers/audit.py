@@ -31,7 +31,6 @@ from squadbus.workers.analytics import LATENCY_BUCKETS, Histogram
 
 logger = logging.getLogger("squadbus.workers.audit")
 
-DEFAULT_PATH = "squadbus-audit.jsonl"
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 PATTERN = "agent.>"
 
@@ -109,7 +108,7 @@ class AuditLogger:
 
     name = "audit-logger"
 
-    def __init__(self, bus: Bus, *, path: str | Path = DEFAULT_PATH, max_bytes: int = DEFAULT_MAX_BYTES,
+    def __init__(self, bus: Bus, *, path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES,
                  max_files: int | None = None, fsync: bool = True, batch_size: int = 500,
                  max_wait: float = 0.05) -> None:
         self.bus = bus

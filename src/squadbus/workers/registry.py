@@ -32,7 +32,7 @@ def _analytics(bus: Bus, store: HistoryStore, settings: Settings) -> Worker:
 def _audit_logger(bus: Bus, store: HistoryStore, settings: Settings) -> Worker:
     from squadbus.workers.audit import AuditLogger
 
-    return AuditLogger(bus)
+    return AuditLogger(bus, path=settings.audit_path)
 
 
 def _sse_broadcaster(bus: Bus, store: HistoryStore, settings: Settings) -> Worker:
