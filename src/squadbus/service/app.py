@@ -17,6 +17,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Response, status
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 
 from squadbus import __version__
 from squadbus.core.bus import Bus
@@ -38,6 +39,9 @@ from squadbus.workers.db_writer import DbWriter
 from squadbus.workers.sse_broadcaster import SseBroadcaster
 
 logger = logging.getLogger("squadbus.service")
+
+DOCS_ASSETS = "/static/docs"
+"""Where the API docs' Swagger UI and ReDoc assets are served (from the package, not a CDN)."""
 
 ops = APIRouter(tags=["operations"])
 
@@ -168,7 +172,10 @@ def create_app(
             finally:
                 app.state.service = None
 
-    app = FastAPI(
+    # FastAPIOffline: /docs (Swagger UI 5) and /redoc load their JS and CSS from the package
+    # (fastapi-offline ships them), not from a CDN, so they work on a machine without internet.
+    app = FastAPIOffline(
+        static_url=DOCS_ASSETS,
         title="squadbus",
         version=__version__,
         description="Messages between AI agents: send, query history, watch executions live (SSE).",
