@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Response, status
@@ -143,6 +144,8 @@ def create_app(
             await the_bus.start()
             if bus is None:
                 stack.push_async_callback(the_bus.close)
+            if store is None and settings.default_store:
+                Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
             the_store = store or open_store(settings.store_url)
             await the_store.open()
             if store is None:
