@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install squadbus into the project's virtual environment, every version from the lock
 # (requirements/constraints.txt, refreshed by `make lock`).
-#   scripts/install.sh             apt (redis-server, postgresql) + the package with every extra and the dev tools
+#   scripts/install.sh             apt (redis-server, postgresql, nodejs) + the package with every extra and the dev tools
 #   scripts/install.sh --no-apt    the same without apt
 #   scripts/install.sh --server    only what `squadbus serve` needs on the embedded default (.[server])
 # VENV (default .venv) names the virtual environment; it is created if missing.
@@ -14,6 +14,7 @@ if [ "$mode" = "all" ]; then
   need=()
   command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
   [ -x /usr/lib/postgresql/15/bin/initdb ] || need+=(postgresql)
+  command -v node >/dev/null 2>&1 || need+=(nodejs)     # the dashboard's JavaScript test runs under Node
   if [ ${#need[@]} -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
