@@ -8,7 +8,14 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from uuid import UUID
 
-from squadbus.backends.kafka._driver import AIOKafkaAdminClient, KafkaError
+from squadbus.backends.kafka._driver import (
+    AIOKafkaAdminClient,
+    KafkaConnectionError,
+    KafkaError,
+    NoBrokersAvailable,
+    NodeNotReadyError,
+)
+from squadbus.backends.kafka.connectlogs import ConnectLogs
 from squadbus.backends.kafka.consumer import KafkaSubscription
 from squadbus.backends.kafka.producer import KafkaPublisher, translate
 from squadbus.backends.kafka.replay import replay_execution
@@ -17,7 +24,7 @@ from squadbus.backends.kafka.topics import TopicLayout, ensure_topics
 from squadbus.core import subjects
 from squadbus.core.backend import BatchRawHandler, ConsumerOptions, RawHandler, batch_only
 from squadbus.core.envelope import Message
-from squadbus.core.errors import BackendError, Closed
+from squadbus.core.errors import BackendError, Closed, ConnectionLost
 
 logger = logging.getLogger("squadbus.backends.kafka")
 
@@ -53,31 +60,45 @@ class KafkaBackend:
     async def connect(self) -> None:
         """Create missing topics (if ``create_topics``) and start the producer.
 
-        Raises ConnectionLost / BackendTimeout when the broker is unreachable
-        within ``connect_timeout``.
+        Raises one ConnectionLost naming the URL and aiokafka's last error when
+        the broker is unreachable within ``connect_timeout``; aiokafka's own
+        warnings about that connect are not logged (see :mod:`.connectlogs`).
         """
         if self._closed:
             raise Closed("kafka backend is closed")
         if self._connected:
             return
         s = self.settings
+        held = ConnectLogs()
         try:
-            async with asyncio.timeout(s.connect_timeout):
-                if s.create_topics:
-                    admin = AIOKafkaAdminClient(
-                        bootstrap_servers=list(s.bootstrap_servers), client_id=s.client_id,
-                        request_timeout_ms=int(s.connect_timeout * 1000),
-                    )
-                    try:
-                        await admin.start()
-                        await ensure_topics(admin, s)
-                    finally:
-                        await admin.close()
-                await self._publisher.start()
+            with held:
+                async with asyncio.timeout(s.connect_timeout):
+                    if s.create_topics:
+                        admin = AIOKafkaAdminClient(
+                            bootstrap_servers=list(s.bootstrap_servers), client_id=s.client_id,
+                            request_timeout_ms=int(s.connect_timeout * 1000),
+                        )
+                        try:
+                            await admin.start()
+                            await ensure_topics(admin, s)
+                        finally:
+                            await admin.close()
+                    await self._publisher.start()
         except (KafkaError, TimeoutError) as exc:
             await self._publisher.stop()
-            raise translate(exc, f"connect to {','.join(s.bootstrap_servers)}") from exc
+            raise self._connect_error(exc, held.cause()) from exc
         self._connected = True
+
+    def _connect_error(self, exc: KafkaError | TimeoutError, cause: str | None) -> BackendError:
+        """The error for a failed connect; ``cause`` is aiokafka's last held warning."""
+        s = self.settings
+        url = f"kafka://{','.join(s.bootstrap_servers)}"
+        if isinstance(exc, TimeoutError):
+            reason = f"no answer within {s.connect_timeout:g} s"
+            return ConnectionLost(f"cannot connect to {url}: {reason}{f' (last error {cause})' if cause else ''}")
+        if isinstance(exc, KafkaConnectionError | NodeNotReadyError | NoBrokersAvailable):
+            return ConnectionLost(f"cannot connect to {url}: {cause or f'{type(exc).__name__}: {exc}'}")
+        return translate(exc, f"connect to {url}")
 
     async def close(self) -> None:
         """Close every subscription, then flush and stop the producer. Idempotent."""

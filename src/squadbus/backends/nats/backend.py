@@ -33,7 +33,7 @@ from squadbus.backends.nats.translate import is_transient, translate
 from squadbus.core import subjects
 from squadbus.core.backend import BatchRawHandler, ConsumerOptions, RawHandler, batch_only
 from squadbus.core.envelope import Message
-from squadbus.core.errors import BackendError, Closed, ConfigError
+from squadbus.core.errors import BackendError, Closed, ConfigError, ConnectionLost
 
 logger = logging.getLogger("squadbus.backends.nats")
 
@@ -52,6 +52,7 @@ class NatsBackend:
         self._subs: set[NatsSubscription] = set()
         self._configs: dict[NatsSubscription, api.ConsumerConfig] = {}
         self._checks: set[asyncio.Task[None]] = set()
+        self._connect_error: Exception | None = None
         self._closed = False
 
     # ---- connection --------------------------------------------------------------------------
@@ -70,7 +71,11 @@ class NatsBackend:
         return self._js
 
     async def connect(self) -> None:
-        """Connect (reconnecting forever afterwards) and create the stream if it does not exist."""
+        """Connect and create the stream if it does not exist; reconnect forever afterwards.
+
+        Each listed server is tried twice, ``reconnect_time_wait`` apart, within
+        ``connect_timeout``; then ConnectionLost names the servers and the last error.
+        """
         if self._closed:
             raise Closed("nats backend is closed")
         if self._nc is not None:
@@ -82,16 +87,21 @@ class NatsBackend:
                 nc.connect(
                     servers=list(s.servers), name=s.name, user=s.user, password=s.password, token=s.token,
                     user_credentials=s.creds, tls=s.ssl_context(), connect_timeout=int(max(1, s.connect_timeout)),
-                    allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5,  # type: ignore[arg-type]  # nats-py accepts seconds as float
+                    # nats-py retries the first connect as often as a reconnect: bounded here,
+                    # unbounded once connected (below).
+                    allow_reconnect=True, max_reconnect_attempts=1, reconnect_time_wait=0.5,  # type: ignore[arg-type]  # nats-py accepts seconds as float
                     error_cb=self._on_error, disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
                 ),
-                timeout=s.connect_timeout * 2,
+                timeout=s.connect_timeout,
             )
         except Exception as exc:
+            gave_up = isinstance(exc, nats.errors.NoServersError | TimeoutError)
+            cause = self._connect_error if gave_up and self._connect_error is not None else exc
             with contextlib.suppress(Exception):
                 await nc.close()
-            raise translate(exc, f"connect to {s.redacted()}") from exc
+            raise ConnectionLost(f"cannot connect to {s.redacted()}: {self._connect_reason(exc, cause)}") from cause
+        nc.options["max_reconnect_attempts"] = -1
         self._nc = nc
         self._js = nc.jetstream(timeout=s.connect_timeout, publish_async_max_pending=s.max_pending_acks)
         self._publisher = NatsPublisher(nc, self._js, s)
@@ -156,11 +166,21 @@ class NatsBackend:
                 s.stream, info.config.storage, info.config.num_replicas, wanted, s.replicas,
             )
 
+    def _connect_reason(self, exc: Exception, cause: Exception) -> str:
+        """Why the first connect failed with ``exc``; ``cause`` is the driver's last error."""
+        if not isinstance(exc, TimeoutError):
+            return f"{type(cause).__name__}: {cause}"
+        reason = f"no answer within {self.settings.connect_timeout:g} s"
+        return reason if cause is exc else f"{reason} (last error {type(cause).__name__}: {cause})"
+
     async def _on_error(self, exc: Exception) -> None:
+        if self._nc is None:  # the first connect: connect() raises one error naming the last of these
+            self._connect_error = exc
+            return
         logger.warning("nats connection error: %s: %s", type(exc).__name__, exc)
 
     async def _on_disconnected(self) -> None:
-        if not self._closed:
+        if self._nc is not None and not self._closed:
             logger.warning("disconnected from NATS; reconnecting")
 
     async def _on_reconnected(self) -> None:

@@ -87,7 +87,7 @@ class RedisBackend:
             raise ConfigError(f"Redis refused the credentials for {s.redacted()}: {exc}") from exc
         except TRANSIENT as exc:
             await client.aclose()
-            raise ConnectionLost(f"cannot connect to {s.redacted()}: {exc!r}") from exc
+            raise ConnectionLost(f"cannot connect to {s.redacted()}: {self._connect_cause(exc)}") from exc
         except BaseException:
             await client.aclose()
             raise
@@ -97,7 +97,16 @@ class RedisBackend:
         if s.retention:
             self._trimmer = Trimmer(client, self.layout, s, self.counters)
             self._trimmer.start()
-        logger.info("connected to %s", s.redacted())
+        logger.info("connected to %s (profile %s)", s.redacted(), s.profile.value)
+
+    def _connect_cause(self, exc: BaseException) -> str:
+        # redis-py wraps the socket error in its own ConnectionError; the OSError under it
+        # (ConnectionRefusedError, gaierror, ...) says what happened.
+        if isinstance(exc.__context__, OSError) and not isinstance(exc, OSError):
+            exc = exc.__context__
+        if isinstance(exc, TimeoutError) and not str(exc):
+            return f"no answer within {self.settings.connect_timeout:g} s"
+        return f"{type(exc).__name__}: {exc}"
 
     async def _check_profile(self, client: aioredis.Redis) -> bool:
         """For the durable profile: True to use WAITAOF; raise if the server cannot be durable."""

@@ -183,7 +183,7 @@ class RedisSettings:
         return cls(**values)
 
     def redacted(self) -> str:
-        """A description for logs, without the password."""
+        """The server's URL for logs and errors, the password replaced by ``***``."""
         scheme = "rediss" if self.tls else "redis"
         user = f"{self.username}:***@" if self.username else (":***@" if self.password else "")
-        return f"{scheme}://{user}{self.host}:{self.port}/{self.db} profile={self.profile.value}"
+        return f"{scheme}://{user}{self.host}:{self.port}/{self.db}"
