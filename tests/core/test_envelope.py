@@ -16,7 +16,7 @@ json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**53), 2**53),
                          st.floats(allow_nan=False, allow_infinity=False))
 json_values = st.recursive(json_scalars, lambda inner: st.one_of(
     st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)), max_leaves=12)
-agent_ids = st.text(alphabet=st.characters(blacklist_characters=" \t\r\n.*>\x00", blacklist_categories=("Cs", "Z")),
+agent_ids = st.text(alphabet=st.characters(blacklist_characters=".*>", blacklist_categories=("C", "Z")),
                     min_size=1, max_size=16)
 
 

@@ -7,8 +7,10 @@ moved across backends (bridge, dual-write) is byte-for-byte the same.
 
 from __future__ import annotations
 
+import math
 import random
 import uuid
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Annotated, Any
@@ -19,6 +21,15 @@ from squadbus.core import subjects
 from squadbus.core.errors import InvalidMessage, MalformedMessage, MessageTooLarge
 
 DEFAULT_MAX_CONTENT_BYTES = 1024 * 1024
+MAX_METADATA_DEPTH = 32
+"""Nesting levels of objects and arrays in ``metadata`` (the top-level object is level 1).
+
+Deeper JSON than this is refused before anything is published: stores, HTTP
+responses and JSON parsers elsewhere (browsers, other languages) have their
+own, lower, recursion limits, and a row that cannot be rendered poisons every
+history page that holds it."""
+MAX_METADATA_BYTES = 64 * 1024
+"""Encoded size limit of ``metadata``; the size limit for large data is ``content``'s."""
 _UUID4_MASK = ~(0xF000 << 64) & ~(0xC000 << 48) & ((1 << 128) - 1)
 _UUID4_BITS = (0x4000 << 64) | (0x8000 << 48)
 
@@ -118,6 +129,32 @@ def _agent(value: object, what: str) -> str:
     return _agent_token(text, what)
 
 
+def check_metadata(metadata: dict[str, Any]) -> None:
+    """Raise InvalidMessage when ``metadata`` nests deeper than MAX_METADATA_DEPTH or holds a non-finite number.
+
+    JSON has no NaN or Infinity: encoders write them as ``null`` (msgspec)
+    or as invalid JSON (the stdlib), so they would be stored as something
+    the sender did not send.
+    """
+    stack: list[tuple[dict[str, Any] | list[Any], int]] = [(metadata, 1)]
+    while stack:
+        container, depth = stack.pop()
+        if depth > MAX_METADATA_DEPTH:
+            raise InvalidMessage(f"metadata is nested more than {MAX_METADATA_DEPTH} levels deep")
+        values: Iterable[Any] = container.values() if isinstance(container, dict) else container
+        for item in values:
+            cls = item.__class__
+            if cls is dict or cls is list:
+                stack.append((item, depth + 1))
+            elif cls is float and not math.isfinite(item):
+                raise InvalidMessage(f"metadata numbers must be finite, got {item!r} (JSON has no NaN or Infinity)")
+
+
+def _check_metadata_size(encoded: bytes) -> None:
+    if len(encoded) > MAX_METADATA_BYTES:
+        raise InvalidMessage(f"metadata is {len(encoded)} bytes encoded; the limit is {MAX_METADATA_BYTES}")
+
+
 def check_size(content: str, max_content_bytes: int) -> None:
     """Raise MessageTooLarge when ``content`` encodes to more than the limit."""
     # A str of n characters is at most 4n UTF-8 bytes: skip the encode when small.
@@ -157,6 +194,12 @@ def validate(message: Message, *, max_content_bytes: int = DEFAULT_MAX_CONTENT_B
         raise InvalidMessage("message_type must be a non-empty string")
     if message.metadata.__class__ is not dict and not isinstance(message.metadata, dict):
         raise InvalidMessage("metadata must be a JSON object")
+    if message.metadata:
+        check_metadata(message.metadata)
+        try:
+            _check_metadata_size(_encoder.encode(message.metadata))
+        except (TypeError, ValueError) as exc:
+            raise InvalidMessage(f"metadata is not JSON-serialisable: {exc}") from exc
     if message.created_at.tzinfo is None:
         raise InvalidMessage("created_at must be timezone-aware")
     if message.headers or message.headers.__class__ is not dict:
@@ -190,10 +233,12 @@ def build(
     if metadata:
         if not isinstance(metadata, dict):
             raise InvalidMessage(f"metadata must be a JSON object, got {type(metadata).__name__}")
+        check_metadata(metadata)
         try:
-            _encoder.encode(metadata)
+            encoded = _encoder.encode(metadata)
         except (TypeError, ValueError) as exc:
             raise InvalidMessage(f"metadata is not JSON-serialisable: {exc}") from exc
+        _check_metadata_size(encoded)
     elif metadata is not None and not isinstance(metadata, dict):
         raise InvalidMessage(f"metadata must be a JSON object, got {type(metadata).__name__}")
     if headers:
@@ -242,6 +287,8 @@ def decode(
     # left are the names and the size.
     try:
         _check_names(message.subject, message.sender_id, message.recipient_id, message.domain)
+        if message.metadata:
+            check_metadata(message.metadata)
     except InvalidMessage as exc:
         raise MalformedMessage(f"not a valid squadbus envelope: {exc}") from exc
     check_size(message.content, max_content_bytes)

@@ -2,8 +2,11 @@
 
 A subject is dot-separated tokens, e.g. ``agent.message.dev-1``. A pattern may
 also use ``*`` (exactly one token) and ``>`` (one or more tokens, last only).
-Tokens are non-empty and contain no whitespace, no dots and no wildcards
-characters except as a whole wildcard token in a pattern.
+Tokens are non-empty, printable and contain no whitespace, no dots and no
+wildcard characters except as a whole wildcard token in a pattern. "Printable"
+is Unicode's: no control, format (bidi overrides, zero-width), surrogate,
+private-use, unassigned or separator characters, so an agent id cannot display
+as another one. Readable letters of any script are allowed.
 
 The scheme every backend uses:
 
@@ -31,10 +34,17 @@ ALL = "agent.>"
 
 # Words that would make a direct subject look like a broadcast subject.
 RESERVED_AGENT_IDS = frozenset({"broadcast", "domain"})
-_BAD_CHARS = frozenset(" \t\r\n.*>\x00")
+_SYNTAX_CHARS = frozenset(".*>")
 MAX_SUBJECT_LENGTH = 512
 # Validation is pure, so results are memoised: agents reuse a few thousand subjects.
 _CACHE_SIZE = 65_536
+
+
+def _is_plain(token: str) -> bool:
+    # str.isprintable() is False for Unicode's "Other" (Cc, Cf, Cs, Co, Cn) and "Separator" (Z*)
+    # categories except the ASCII space, which is refused separately: the one definition of the
+    # characters a token may hold.
+    return token.isprintable() and " " not in token and _SYNTAX_CHARS.isdisjoint(token)
 
 
 @lru_cache(maxsize=_CACHE_SIZE)
@@ -42,8 +52,10 @@ def validate_token(token: str, *, what: str = "token") -> str:
     """Return ``token`` if it can stand as one subject token, else raise InvalidSubject."""
     if not isinstance(token, str) or not token:
         raise InvalidSubject(f"{what} must be a non-empty string, got {token!r}")
-    if not _BAD_CHARS.isdisjoint(token):
-        raise InvalidSubject(f"{what} {token!r} may not contain whitespace, '.', '*' or '>'")
+    if not _is_plain(token):
+        raise InvalidSubject(
+            f"{what} {token!r} may not contain whitespace, control or invisible characters, '.', '*' or '>'"
+        )
     return token
 
 
@@ -62,7 +74,7 @@ def _split(subject: str, *, what: str) -> list[str]:
 def validate_subject(subject: str) -> str:
     """Return ``subject`` if it is a valid publish subject (no wildcards), else raise."""
     for token in _split(subject, what="subject"):
-        if token in ("*", ">") or not _BAD_CHARS.isdisjoint(token):
+        if not _is_plain(token):
             raise InvalidSubject(f"subject {subject!r}: token {token!r} is not allowed when publishing")
     return subject
 
@@ -88,7 +100,7 @@ def validate_pattern(pattern: str) -> str:
         if token == ">":
             if i != len(tokens) - 1:
                 raise InvalidSubject(f"pattern {pattern!r}: '>' must be the last token")
-        elif token != "*" and not _BAD_CHARS.isdisjoint(token):
+        elif token != "*" and not _is_plain(token):
             raise InvalidSubject(f"pattern {pattern!r}: token {token!r} is not allowed")
     return pattern
 
