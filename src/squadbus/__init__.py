@@ -21,6 +21,7 @@ from squadbus.core.errors import (
     MessageTooLarge,
     Nack,
     PublishFailed,
+    ReceiveTimeout,
     Reject,
     RequestTimeout,
     Retry,
@@ -34,6 +35,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Backend", "BackendError", "BackendTimeout", "Bus", "Closed", "ConfigError", "ConnectionLost",
     "ConsumerOptions", "Delivery", "Inbox", "InvalidMessage", "InvalidSubject", "MalformedMessage", "Message",
-    "MessageTooLarge", "Nack", "PublishFailed", "Reject", "RequestTimeout", "Retry", "Settings",
+    "MessageTooLarge", "Nack", "PublishFailed", "ReceiveTimeout", "Reject", "RequestTimeout", "Retry", "Settings",
     "SlowConsumerPolicy", "SquadbusError", "StartFrom", "Subscription", "__version__",
 ]

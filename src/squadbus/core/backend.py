@@ -22,7 +22,8 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from types import TracebackType
+from typing import Any, Protocol, Self, TypeVar, runtime_checkable
 from uuid import UUID
 
 from squadbus.core.envelope import Message
@@ -102,6 +103,10 @@ def durable_name(group: str, pattern: str) -> str:
     return f"{safe}-{digest}"
 
 
+FailurePolicy = Callable[["Delivery", Exception], Awaitable[None]]
+"""How a consumer settles a delivery whose handling raised (the Bus's: retry with backoff or dead-letter)."""
+
+
 class Delivery:
     """One delivery of a message to one consumer.
 
@@ -110,10 +115,18 @@ class Delivery:
     False and never raise. ``gap_before`` counts messages this consumer lost
     just before this one under the ``DROP_OLDEST`` policy (0 otherwise).
 
-    Backends subclass it and implement ``_ack``, ``_nack`` and ``_term``.
+    ``async with delivery:`` settles it by how the block ends: it returns →
+    ack; it raises an ``Exception`` → :meth:`fail` (retried with backoff,
+    dead-lettered after ``max_deliver``; the error is logged and does not
+    propagate, so an agent's ``async for`` loop goes on to the next delivery);
+    it is cancelled or interrupted → nack at once and the interruption goes on.
+    A settle made inside the block wins.
+
+    Backends subclass it and implement ``_ack``, ``_nack`` and ``_term``; a
+    subclass that sets the fields itself sets ``_on_failure = None`` too.
     """
 
-    __slots__ = ("_settled", "_waiter", "attempt", "gap_before", "group", "message")
+    __slots__ = ("_on_failure", "_settled", "_waiter", "attempt", "gap_before", "group", "message")
 
     def __init__(self, message: Message, *, attempt: int = 1, group: str | None = None, gap_before: int = 0) -> None:
         self.message = message
@@ -122,6 +135,41 @@ class Delivery:
         self.gap_before = gap_before
         self._settled: str | None = None
         self._waiter: asyncio.Future[str] | None = None
+        # Set by the Bus's handler wrapper (squadbus.core.dispatch) before the handler sees it.
+        self._on_failure: FailurePolicy | None = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        if exc is None:
+            pending = self.ack_soon()
+            if pending is not None:
+                await pending
+            return False
+        if not isinstance(exc, Exception):
+            # Cancelled or interrupted: nothing failed, give the message back now.
+            await self.nack()
+            return False
+        await self.fail(exc)
+        return self._on_failure is not None
+
+    async def fail(self, error: Exception) -> None:
+        """Settle as if the handling raised ``error``, by the consumer's policy.
+
+        From a Bus (every subscription and inbox): :class:`~squadbus.core.errors.Reject`
+        dead-letters now; ``Nack``/``Retry`` and any other error nack with the
+        backoff, and dead-letter once ``max_deliver`` attempts were made; other
+        errors are logged. Already settled: nothing changes (an unexpected
+        error is logged). Without a Bus (a bare backend handler) it nacks at once.
+        """
+        on_failure = self._on_failure
+        if on_failure is None:
+            await self.nack()
+            return
+        await on_failure(self, error)
 
     def _wake(self) -> None:
         waiter = self._waiter

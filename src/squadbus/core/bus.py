@@ -14,7 +14,8 @@ import asyncio
 import dataclasses
 import logging
 import secrets
-from collections.abc import AsyncIterator, Iterable, Sequence
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any
@@ -51,8 +52,13 @@ class Bus:
     """Send, broadcast, subscribe, request and replay over one backend.
 
     Use as an async context manager, or call :meth:`start` and :meth:`close`.
-    ``close()`` stops every subscription the Bus made (each finishes the
-    handler in progress) and then closes the backend if the Bus owns it.
+    ``close()`` closes every inbox the Bus made (their unsettled deliveries
+    are nacked), stops every subscription (each finishes the handler in
+    progress) and then closes the backend if the Bus owns it. Each of those
+    steps gets ``close_timeout`` seconds; what is still running then is
+    cancelled (a cancelled handler's delivery is nacked) and logged, so closing
+    always ends. Leaving ``async with`` on an error never hides that error:
+    a failure to close is then logged, and the original error propagates.
     """
 
     def __init__(
@@ -62,13 +68,19 @@ class Bus:
         max_content_bytes: int = DEFAULT_MAX_CONTENT_BYTES,
         consumer_options: ConsumerOptions | None = None,
         owns_backend: bool = True,
+        close_timeout: float = 10.0,
     ) -> None:
+        if close_timeout <= 0:
+            raise ConfigError("close_timeout must be positive")
         self.backend = backend
+        self.close_timeout = close_timeout
         self.max_content_bytes = max_content_bytes
         self.consumer_options = consumer_options or ConsumerOptions()
         self.stats = DispatchStats()
         self._owns_backend = owns_backend
         self._subscriptions: list[Subscription] = []
+        # Weak: an inbox never opened costs nothing; an open one is held by its subscriptions.
+        self._inboxes: weakref.WeakSet[Inbox] = weakref.WeakSet()
         self._started = False
         self._closed = False
         self._reply_token = secrets.token_hex(8)
@@ -97,19 +109,56 @@ class Bus:
         return self
 
     async def close(self) -> None:
-        """Stop subscriptions, fail pending requests, close the backend. Idempotent."""
+        """Close inboxes and subscriptions, fail pending requests, close the backend. Idempotent.
+
+        Every step runs even if an earlier one failed; the first failure is raised at the end.
+        """
         if self._closed:
             return
         self._closed = True
+        errors = await self._finish("inbox", [inbox.close() for inbox in list(self._inboxes) if inbox.is_open])
         subs, self._subscriptions = self._subscriptions, []
-        for sub in reversed(subs):
-            await sub.close()
+        errors += await self._finish("subscription", [sub.close() for sub in reversed(subs)])
         for fut in self._pending_replies.values():
             if not fut.done():
                 fut.set_exception(Closed("bus closed while waiting for a reply"))
         self._pending_replies.clear()
         if self._owns_backend and self._started:
-            await self.backend.close()
+            errors += await self._finish("backend", [self.backend.close()])
+        if errors:
+            raise errors[0]
+
+    async def _finish(self, what: str, closing: Sequence[Awaitable[None]]) -> list[Exception]:
+        """Run ``closing`` concurrently for up to ``close_timeout`` seconds, then cancel the rest.
+
+        Returns the errors they raised (logged here once, raised by the caller).
+        """
+        if not closing:
+            return []
+        tasks = [asyncio.ensure_future(step) for step in closing]
+        try:
+            done, pending = await asyncio.wait(tasks, timeout=self.close_timeout)
+        except asyncio.CancelledError:
+            for task in tasks:
+                task.cancel()
+            raise
+        if pending:
+            logger.error(
+                "%d of %d %s closes did not finish within close_timeout=%ss; cancelled them "
+                "(their unsettled deliveries are nacked)", len(pending), len(tasks), what, self.close_timeout,
+            )
+            for task in pending:
+                task.cancel()
+            # A close that ignores cancellation must not hang us either.
+            await asyncio.wait(pending, timeout=self.close_timeout)
+        errors: list[Exception] = []
+        for task in done:
+            error = task.exception()
+            if isinstance(error, Exception):
+                errors.append(error)
+            elif error is not None:
+                raise error
+        return errors
 
     async def __aenter__(self) -> Bus:
         return await self.start()
@@ -117,7 +166,13 @@ class Bus:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self.close()
+        if exc is None:
+            await self.close()
+            return
+        try:
+            await self.close()
+        except Exception:
+            logger.exception("closing the bus failed while leaving on %s; raising that instead", type(exc).__name__)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -298,10 +353,12 @@ class Bus:
         return sub
 
     async def unsubscribe(self, sub: Subscription) -> None:
-        """Close one subscription made by this Bus."""
+        """Close one subscription made by this Bus (cancelled after ``close_timeout``, see :meth:`close`)."""
         if sub in self._subscriptions:
             self._subscriptions.remove(sub)
-        await sub.close()
+        errors = await self._finish("subscription", [sub.close()])
+        if errors:
+            raise errors[0]
 
     def inbox(
         self,
@@ -314,11 +371,15 @@ class Bus:
         """The inbox of ``agent_id``: its direct messages, plus squad and domain broadcasts.
 
         Direct messages sent before the inbox was first opened wait for it
-        (within what the backend retains); broadcasts are received from the
-        first opening on. Use ``async with bus.inbox("dev-1") as inbox:`` and
-        ``async for delivery in inbox``.
+        (within what the backend retains: on a durable backend, also what an
+        earlier run left unacked); broadcasts are received from the first
+        opening on. Use ``async with bus.inbox("dev-1") as inbox:``, then
+        ``async for delivery in inbox:`` and ``async with delivery:`` (see
+        :class:`~squadbus.core.inbox.Inbox`). ``close()`` closes it if still open.
         """
-        return Inbox(self, str(agent_id), tuple(domains), broadcasts, options or self.consumer_options)
+        inbox = Inbox(self, str(agent_id), tuple(domains), broadcasts, options or self.consumer_options)
+        self._inboxes.add(inbox)
+        return inbox
 
     # ---- request / reply --------------------------------------------------------------------
 

@@ -129,6 +129,18 @@ class _Settler:
         self.stats.nacked += 1
         await delivery.nack(options.backoff(delivery.attempt))
 
+    async def failed(self, delivery: Delivery, exc: Exception) -> None:
+        """The handling of ``delivery`` raised ``exc``: settle it by :meth:`fail`, or log if it was settled.
+
+        It is every Bus delivery's ``Delivery.fail`` (and so ``async with delivery``), so a handler,
+        a batch handler and an inbox loop all fail the same way.
+        """
+        if delivery.settled is None:
+            await self.fail(delivery, exc)
+        elif not isinstance(exc, Nack | Reject):
+            self.stats.handler_errors += 1
+            logger.error("handler failed after settling message %s", delivery.message.id, exc_info=exc)
+
     def count_unusual(self, delivery: Delivery) -> None:
         """Count a redelivery or a gap (``delivered`` is counted by the caller)."""
         stats = self.stats
@@ -146,20 +158,18 @@ def wrap(handler: Handler, options: ConsumerOptions, publish: Publish, stats: Di
     so backends call it without a guard around it.
     """
     settler = _Settler(options, publish, stats)
+    failed = settler.failed
 
     async def run(delivery: Delivery) -> None:
         stats.delivered += 1
+        delivery._on_failure = failed
         if delivery.attempt > 1 or delivery.gap_before:
             settler.count_unusual(delivery)
         try:
             try:
                 await handler(delivery)
             except Exception as exc:  # a failing handler means nack, by contract
-                if delivery.settled is None:
-                    await settler.fail(delivery, exc)
-                elif not isinstance(exc, Nack | Reject):
-                    stats.handler_errors += 1
-                    logger.exception("handler failed after settling message %s", delivery.message.id)
+                await failed(delivery, exc)
                 return
             if delivery.settled is None:
                 pending = delivery.ack_soon()
@@ -192,10 +202,12 @@ def wrap_batch(
     coroutine per batch is nothing.)
     """
     settler = _Settler(options, publish, stats)
+    failed = settler.failed
 
     async def run(deliveries: Sequence[Delivery]) -> None:
         stats.delivered += len(deliveries)
         for delivery in deliveries:
+            delivery._on_failure = failed
             if delivery.attempt > 1 or delivery.gap_before:
                 settler.count_unusual(delivery)
         failures: Mapping[Delivery, BaseException]

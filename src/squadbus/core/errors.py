@@ -14,6 +14,7 @@ translate their driver's errors at the edge with ``raise ... from exc``::
     │   ├── PublishFailed                      the broker refused or lost a publish
     │   └── BackendTimeout                     the broker did not answer in time
     ├── RequestTimeout (also TimeoutError)     no reply to Bus.request in time
+    ├── ReceiveTimeout (also TimeoutError)     nothing arrived in an inbox in time
     ├── Closed                                 the Bus, backend or subscription was closed
     └── HandlerSignal                          raised by handlers to steer delivery
         ├── Nack                               redeliver (after an optional delay)
@@ -68,6 +69,10 @@ class RequestTimeout(SquadbusError, TimeoutError):
     """No reply arrived for a request within its timeout."""
 
 
+class ReceiveTimeout(SquadbusError, TimeoutError):
+    """No delivery arrived in an inbox within the timeout of ``Inbox.get``."""
+
+
 class Closed(SquadbusError):
     """The object was used after ``close()``."""
 
@@ -77,7 +82,13 @@ class HandlerSignal(SquadbusError):
 
 
 class Nack(HandlerSignal):
-    """Redeliver this message, after ``delay`` seconds (0 = the backoff policy decides)."""
+    """Redeliver this message: after ``delay`` seconds, or when the backoff policy says.
+
+    ``delay=None`` (the default): the consumer's backoff decides
+    (``ConsumerOptions.backoff(attempt)``). A number is taken as it is, on every
+    backend: ``0`` redelivers at once. Either way the attempt counts towards
+    ``max_deliver``.
+    """
 
     def __init__(self, reason: str = "nack", *, delay: float | None = None) -> None:
         super().__init__(reason)
@@ -86,7 +97,7 @@ class Nack(HandlerSignal):
 
 
 class Retry(Nack):
-    """Redeliver this message after exactly ``delay`` seconds."""
+    """Redeliver this message after exactly ``delay`` seconds (``0``: at once)."""
 
     def __init__(self, delay: float, reason: str = "retry") -> None:
         super().__init__(reason, delay=delay)

@@ -4,23 +4,45 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from types import TracebackType
 from typing import TYPE_CHECKING
 
 from squadbus.core import subjects
 from squadbus.core.backend import ConsumerOptions, Delivery, StartFrom, Subscription
+from squadbus.core.errors import Closed, Nack, ReceiveTimeout
 
 if TYPE_CHECKING:
     from squadbus.core.bus import Bus
+
+logger = logging.getLogger("squadbus.inbox")
 
 
 class Inbox:
     """An agent's inbox: an async iterator of deliveries, one at a time.
 
-    Each delivery must be settled (``ack``/``nack``) before the next arrives;
-    asking for the next one acks the previous one if it is still unsettled.
-    Direct messages, squad broadcasts and domain broadcasts are three streams
-    merged here: order holds within each stream, not across them.
+    The loop it is made for settles each delivery with ``async with``::
+
+        async with bus.inbox("dev-1") as inbox:
+            async for delivery in inbox:
+                async with delivery:      # returns: ack; raises: retried later, attempt + 1
+                    ...
+
+    A failure is settled as a subscription handler's would be (see
+    :meth:`Delivery.fail <squadbus.core.backend.Delivery.fail>`): retried with
+    backoff, dead-lettered on ``agent.dlq.inbox-<agent>`` after ``max_deliver``.
+    A delivery still unsettled when the agent asks for the next one (say the
+    loop body raised and the agent iterates again) is never acked: it is
+    failed the same way, with a warning, so it comes back. Only the agent acks.
+
+    Direct messages sent before the inbox was first opened wait for it
+    (within what the backend retains; on a durable backend that includes
+    what earlier runs left unacked); squad and domain broadcasts are received
+    from the first opening on. These are three streams merged here: order
+    holds within each, not across them.
+
+    Iterating or calling :meth:`get` on an inbox that is not open raises
+    :class:`~squadbus.core.errors.Closed`; closing it ends the loops waiting on it.
     """
 
     def __init__(
@@ -37,46 +59,71 @@ class Inbox:
         self._options = options
         # Unbounded on purpose: each subscription hands over one delivery at a
         # time and waits for it to be settled, so it never holds more than
-        # one entry per pattern.
-        self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
+        # one entry per pattern. None is the "closed" wake-up for waiting loops.
+        self._queue: asyncio.Queue[Delivery | None] = asyncio.Queue()
         self._subs: list[Subscription] = []
         self._current: Delivery | None = None
-        self._closed = False
+        self._open = False
 
     @property
     def group(self) -> str:
         """The consumer-group name of this inbox."""
         return f"inbox-{self.agent_id}"
 
+    @property
+    def is_open(self) -> bool:
+        """True between :meth:`open` and :meth:`close`."""
+        return self._open
+
     async def open(self) -> Inbox:
         """Start receiving (idempotent)."""
-        if self._subs:
+        if self._open:
             return self
-        self._closed = False
-        for pattern, start in self._patterns:
-            opts = dataclasses.replace(self._options, start=start)
-            self._subs.append(await self._bus.subscribe(pattern, self._enqueue, group=self.group, options=opts))
+        self._open = True
+        self._queue = asyncio.Queue()
+        try:
+            for pattern, start in self._patterns:
+                opts = dataclasses.replace(self._options, start=start)
+                self._subs.append(await self._bus.subscribe(pattern, self._enqueue, group=self.group, options=opts))
+        except BaseException:
+            await self.close()
+            raise
         return self
 
     async def _enqueue(self, delivery: Delivery) -> None:
-        if self._closed:
-            await delivery.nack()
+        if not self._open:
+            await self._give_back(delivery)
             return
         done = delivery.settled_future()
         self._queue.put_nowait(delivery)
         await done
 
     async def close(self) -> None:
-        """Stop receiving; an unsettled current delivery is nacked for redelivery."""
-        self._closed = True
+        """Stop receiving (idempotent): unsettled deliveries are nacked, loops waiting on the inbox end.
+
+        The nack waits for the backoff (``options.backoff(attempt)``), not 0:
+        the subscriptions may still fetch while they stop, and a message given
+        back at once would come straight back here and be nacked again, an
+        attempt lost each time. Closing is bounded by the Bus's ``close_timeout``.
+        """
+        if not self._open:
+            return
+        self._open = False
         current, self._current = self._current, None
-        if current is not None and current.settled is None:
-            await current.nack()
-        while not self._queue.empty():
-            pending = self._queue.get_nowait()
-            await pending.nack()
+        unsettled = [current] if current is not None and current.settled is None else []
+        queue = self._queue
+        while not queue.empty():
+            pending = queue.get_nowait()
+            if pending is not None:
+                unsettled.append(pending)
+        queue.put_nowait(None)
+        for delivery in unsettled:
+            await self._give_back(delivery)
         subs, self._subs = self._subs, []
         await asyncio.gather(*(self._bus.unsubscribe(sub) for sub in subs))
+
+    async def _give_back(self, delivery: Delivery) -> None:
+        await delivery.nack(self._options.backoff(delivery.attempt))
 
     async def __aenter__(self) -> Inbox:
         return await self.open()
@@ -86,19 +133,56 @@ class Inbox:
     ) -> None:
         await self.close()
 
+    def _check_open(self) -> None:
+        if not self._open:
+            raise Closed(
+                f"the inbox of {self.agent_id} is not open: use 'async with bus.inbox(...) as inbox:' "
+                "or 'await inbox.open()' first"
+            )
+
     def __aiter__(self) -> Inbox:
+        self._check_open()
         return self
 
     async def __anext__(self) -> Delivery:
-        if self._closed or not self._subs:
+        if not self._open:
             raise StopAsyncIteration
-        current = self._current
-        if current is not None and current.settled is None:
-            await current.ack()
-        self._current = await self._queue.get()
-        return self._current
+        try:
+            return await self._next()
+        except Closed:
+            raise StopAsyncIteration from None
 
     async def get(self, timeout: float | None = None) -> Delivery:
-        """The next delivery; raises TimeoutError after ``timeout`` seconds."""
-        return await asyncio.wait_for(self.__anext__(), timeout)
+        """The next delivery; raises :class:`~squadbus.core.errors.ReceiveTimeout` after ``timeout`` seconds.
 
+        Raises :class:`~squadbus.core.errors.Closed` if the inbox is not open or closes while waiting.
+        """
+        self._check_open()
+        await self._fail_unsettled()
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._next()
+        except TimeoutError as exc:
+            raise ReceiveTimeout(f"nothing arrived in the inbox of {self.agent_id} within {timeout}s") from exc
+
+    async def _next(self) -> Delivery:
+        self._check_open()
+        await self._fail_unsettled()
+        queue = self._queue
+        delivery = await queue.get()
+        if delivery is None:
+            queue.put_nowait(None)  # for the next waiting loop
+            raise Closed(f"the inbox of {self.agent_id} was closed")
+        self._current = delivery
+        return delivery
+
+    async def _fail_unsettled(self) -> None:
+        current, self._current = self._current, None
+        if current is None or current.settled is not None:
+            return
+        logger.warning(
+            "inbox of %s: message %s (attempt %d) was left unsettled when the next one was asked for; "
+            "it will be redelivered (settle it with 'async with delivery:' or ack/nack)",
+            self.agent_id, current.message.id, current.attempt,
+        )
+        await current.fail(Nack("left unsettled by the agent"))

@@ -44,6 +44,7 @@ from squadbus.core.errors import (
     Reject,
     RequestTimeout,
 )
+from squadbus.core.inbox import Inbox
 
 BusFactory = Callable[[], Awaitable[Bus]]
 
@@ -577,6 +578,107 @@ class ConformanceSuite:
             again = await inbox.get(self.features.timeout)
             assert again.message.id == sent.id
             assert again.attempt == 2
+
+    async def test_inbox_redelivers_a_delivery_whose_handling_raised(self, bus: Bus) -> None:
+        # The common loop without ``async with delivery``: its body raises, the agent iterates again.
+        agent = _uid("agent")
+        options = ConsumerOptions(backoff_base=0.01, backoff_max=0.05, ack_wait=self.features.timeout * 2)
+        attempts: list[int] = []
+
+        async def work_through(inbox: Inbox) -> None:
+            async for delivery in inbox:
+                attempts.append(delivery.attempt)
+                raise RuntimeError("the model timed out")
+
+        async with bus.inbox(agent, broadcasts=False, options=options) as inbox:
+            sent = await bus.send("pm", agent, "fails once")
+            with pytest.raises(RuntimeError, match="the model timed out"):
+                await work_through(inbox)
+            again = await inbox.get(self.features.timeout)
+            assert again.message.id == sent.id, "the failed delivery must come back, not be acked"
+            assert again.attempt == 2
+            assert attempts == [1]
+            await again.ack()
+
+    async def test_inbox_async_with_delivery_acks_retries_and_dead_letters(self, bus: Bus) -> None:
+        agent = _uid("agent")
+        dlq = Collector()
+        await bus.subscribe(subjects.dead_letter(f"inbox-{agent}"), dlq, group=_uid("dlq"))
+        options = ConsumerOptions(max_deliver=3, backoff_base=0.01, backoff_max=0.05,
+                                  ack_wait=self.features.timeout * 2)
+        handled: list[tuple[str, int]] = []
+
+        async def work_through(inbox: Inbox) -> None:
+            async for delivery in inbox:
+                async with delivery:
+                    handled.append((delivery.message.content, delivery.attempt))
+                    if delivery.message.content == "flaky" and delivery.attempt == 1:
+                        raise RuntimeError("try again")
+                    if delivery.message.content == "poison":
+                        raise ValueError("cannot do this one")
+
+        async with bus.inbox(agent, broadcasts=False, options=options) as inbox:
+            worker = asyncio.create_task(work_through(inbox))
+            poison = await bus.send("pm", agent, "poison")
+            for content in ("ok", "flaky"):
+                await bus.send("pm", agent, content)
+            await eventually(lambda: len(dlq.messages) == 1 and ("flaky", 2) in handled, self.features.timeout,
+                             "the flaky message retried and the poison one dead-lettered")
+            await asyncio.sleep(0.3)
+            worker.cancel()
+            await asyncio.gather(worker, return_exceptions=True)
+        assert sorted(handled) == [("flaky", 1), ("flaky", 2), ("ok", 1), ("poison", 1), ("poison", 2), ("poison", 3)]
+        dead = dlq.messages[0]
+        assert dead.headers[DLQ_ORIGINAL_ID] == str(poison.id)
+        assert dead.headers[DLQ_ATTEMPTS] == "3"
+        assert "cannot do this one" in dead.headers[DLQ_REASON]
+
+    async def test_leaving_the_bus_after_an_agent_raised_holding_a_delivery(self, open_bus: BusFactory) -> None:
+        agent = _uid("agent")
+        bus = await open_bus()
+        sent = await bus.send("pm", agent, "held when the agent fails")
+
+        async def agent_run() -> None:
+            async with bus:
+                inbox = await bus.inbox(agent, broadcasts=False).open()
+                held = await inbox.get(self.features.timeout)
+                assert held.message.id == sent.id
+                raise RuntimeError("the agent crashed")
+
+        run = asyncio.create_task(agent_run())
+        done, _ = await asyncio.wait({run}, timeout=self.features.timeout * 2)
+        if not done:
+            run.cancel()
+            pytest.fail("leaving 'async with Bus' hung on the delivery the agent held")
+        error = run.exception()
+        assert isinstance(error, RuntimeError) and str(error) == "the agent crashed", error
+        async with (await open_bus()).inbox(agent, broadcasts=False) as inbox:
+            again = await inbox.get(self.features.timeout)
+            assert again.message.id == sent.id, "the held delivery was nacked, not lost"
+            assert again.attempt == 2
+            await again.ack()
+
+    async def test_nack_delay_zero_is_at_once_none_is_the_backoff(self, bus: Bus) -> None:
+        # A backoff longer than any wait here: only a redelivery "at once" can arrive in time.
+        options = ConsumerOptions(backoff_base=60, backoff_max=60, ack_wait=120)
+        seen: dict[str, list[int]] = {"now": [], "later": []}
+
+        def nacking(content: str, delay: float | None) -> Callable[[Delivery], Awaitable[None]]:
+            async def handler(delivery: Delivery) -> None:
+                seen[content].append(delivery.attempt)
+                if delivery.attempt == 1:
+                    raise Nack("again", delay=delay)
+            return handler
+
+        now, later = _uid("now"), _uid("later")
+        await bus.subscribe(subjects.direct(now), nacking("now", 0), group=_uid("g"), options=options)
+        await bus.subscribe(subjects.direct(later), nacking("later", None), group=_uid("g"), options=options)
+        await bus.send("pm", later, "later")
+        await bus.send("pm", now, "now")
+        await eventually(lambda: seen["now"] == [1, 2], self.features.timeout, "Nack(delay=0) to redeliver at once")
+        await eventually(lambda: seen["later"] == [1], self.features.timeout, "the first delivery of 'later'")
+        await asyncio.sleep(0.3)
+        assert seen["later"] == [1], "Nack() waits for the backoff policy"
 
     async def test_request_reply_and_timeout(self, bus: Bus, open_bus: BusFactory) -> None:
         responder_bus = await open_bus()

@@ -102,6 +102,7 @@ class KafkaDelivery(Delivery):
         self.gap_before = 0
         self._settled = None
         self._waiter = None
+        self._on_failure = None
         self._sub = sub
         self._part = part
         self._record = record

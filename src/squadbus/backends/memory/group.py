@@ -32,6 +32,7 @@ class MemoryDelivery(Delivery):
         self.gap_before = gap_before
         self._settled = None
         self._waiter = None
+        self._on_failure = None
         self._group = group
 
     def _ack(self) -> None:

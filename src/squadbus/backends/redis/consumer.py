@@ -91,6 +91,7 @@ class RedisDelivery(Delivery):
         self.gap_before = 0
         self._settled = None
         self._waiter = None
+        self._on_failure = None
         self._entry = entry
         self._owner = owner
 

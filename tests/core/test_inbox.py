@@ -1,0 +1,205 @@
+"""Inbox semantics on the memory backend: opening, typed timeouts, settling with ``async with``, closing.
+
+Redelivery after a failure and leaving ``async with Bus`` while an agent holds a delivery are
+in the conformance suite (every backend); these are the API rules that need no broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import pytest
+
+from squadbus.backends.memory import MemoryBackend
+from squadbus.core import envelope, subjects
+from squadbus.core.backend import ConsumerOptions, Delivery
+from squadbus.core.bus import Bus
+from squadbus.core.errors import BackendError, Closed, ReceiveTimeout, SquadbusError
+
+WAIT = 5.0
+
+
+class _FailingClose(MemoryBackend):
+    async def close(self) -> None:
+        await super().close()
+        raise BackendError("flush failed")
+
+
+async def _settles(delivery: Delivery) -> str:
+    return await asyncio.wait_for(delivery.settled_future(), WAIT)
+
+
+async def test_iterating_an_inbox_that_is_not_open_raises() -> None:
+    async with Bus.from_url("memory://") as bus:
+        await bus.send("pm", "dev-1", "waiting for you")
+        with pytest.raises(Closed, match="not open"):
+            async for _ in bus.inbox("dev-1"):
+                pytest.fail("an inbox that is not open delivered something")
+        inbox = bus.inbox("dev-1")
+        with pytest.raises(Closed, match="not open"):
+            await inbox.get(WAIT)
+        async with inbox:
+            first = await inbox.get(WAIT)
+            assert first.message.content == "waiting for you"
+            await first.ack()
+        with pytest.raises(Closed, match="not open"):
+            await inbox.get(WAIT)
+
+
+async def test_get_timeout_raises_the_typed_error() -> None:
+    async with Bus.from_url("memory://") as bus, bus.inbox("dev-1") as inbox:
+        with pytest.raises(ReceiveTimeout) as caught:
+            await inbox.get(timeout=0.05)
+        assert isinstance(caught.value, SquadbusError) and isinstance(caught.value, TimeoutError)
+
+
+async def test_asking_for_the_next_nacks_an_unsettled_delivery_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    options = ConsumerOptions(backoff_base=0.0, backoff_max=0.0)
+    async with Bus.from_url("memory://") as bus, bus.inbox("dev-1", broadcasts=False, options=options) as inbox:
+        sent = await bus.send("pm", "dev-1", "forgotten")
+        first = await inbox.get(WAIT)
+        with caplog.at_level(logging.WARNING, logger="squadbus.inbox"):
+            again = await inbox.get(WAIT)
+        assert first.settled == "nack"
+        assert again.message.id == sent.id and again.attempt == 2
+        assert any("left unsettled" in r.getMessage() and str(sent.id) in r.getMessage() for r in caplog.records)
+        await again.ack()
+
+
+async def test_async_with_delivery_acks_on_success_and_keeps_an_explicit_settle() -> None:
+    async with Bus.from_url("memory://") as bus, bus.inbox("dev-1", broadcasts=False) as inbox:
+        await bus.send("pm", "dev-1", "one")
+        await bus.send("pm", "dev-1", "two")
+        async with await inbox.get(WAIT) as delivery:
+            pass
+        assert delivery.settled == "ack"
+        async with await inbox.get(WAIT) as second:
+            assert await second.nack(0.0) is True
+        assert second.settled == "nack", "the first settle wins"
+        again = await inbox.get(WAIT)
+        assert again.message.content == "two" and again.attempt == 2
+        await again.ack()
+
+
+async def test_async_with_delivery_nacks_at_once_and_propagates_on_cancel() -> None:
+    options = ConsumerOptions(backoff_base=60.0, backoff_max=60.0)
+    async with Bus.from_url("memory://") as bus, bus.inbox("dev-1", broadcasts=False, options=options) as inbox:
+        sent = await bus.send("pm", "dev-1", "interrupted")
+        started = asyncio.Event()
+
+        async def work() -> None:
+            async with await inbox.get(WAIT):
+                started.set()
+                await asyncio.Event().wait()
+
+        task = asyncio.create_task(work())
+        await asyncio.wait_for(started.wait(), WAIT)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        again = await inbox.get(WAIT)
+        assert again.message.id == sent.id and again.attempt == 2, "redelivered at once, not after the backoff"
+        await again.ack()
+
+
+async def test_async_with_delivery_outside_a_bus_nacks_and_propagates() -> None:
+    class Bare(Delivery):
+        def _ack(self) -> None:
+            return None
+
+        def _nack(self, delay: float) -> None:
+            return None
+
+    delivery = Bare(envelope.build(subject=subjects.direct("a"), sender_id="pm", content="x"))
+    with pytest.raises(ValueError, match="no policy"):
+        async with delivery:
+            raise ValueError("no policy here")
+    assert delivery.settled == "nack"
+
+
+async def test_closing_an_inbox_ends_a_waiting_loop() -> None:
+    async with Bus.from_url("memory://") as bus:
+        inbox = await bus.inbox("dev-1").open()
+        received: list[Delivery] = []
+
+        async def work() -> None:
+            async for delivery in inbox:
+                received.append(delivery)
+
+        task = asyncio.create_task(work())
+        await asyncio.sleep(0.05)
+        await inbox.close()
+        await asyncio.wait_for(task, WAIT)
+        assert received == []
+
+
+async def test_closing_the_bus_nacks_what_an_agent_holds_and_ends_its_loop() -> None:
+    backend = MemoryBackend()
+    await backend.connect()
+    try:
+        bus = await Bus(backend, owns_backend=False).start()
+        inbox = await bus.inbox("dev-1", broadcasts=False).open()
+        await bus.send("pm", "dev-1", "held")
+        held = await inbox.get(WAIT)
+        await asyncio.wait_for(bus.close(), WAIT)
+        assert held.settled == "nack"
+        with pytest.raises(Closed):
+            await inbox.get(WAIT)
+        async with Bus(backend, owns_backend=False) as other, other.inbox("dev-1", broadcasts=False) as again:
+            back = await again.get(WAIT)
+            assert back.message.content == "held" and back.attempt == 2
+            await back.ack()
+    finally:
+        await backend.close()
+
+
+async def test_bus_close_is_bounded_when_a_handler_never_returns(caplog: pytest.LogCaptureFixture) -> None:
+    backend = MemoryBackend()
+    await backend.connect()
+    try:
+        bus = await Bus(backend, owns_backend=False, close_timeout=0.2).start()
+        started = asyncio.Event()
+        seen: list[int] = []
+
+        async def stuck(delivery: Delivery) -> None:
+            seen.append(delivery.attempt)
+            started.set()
+            await asyncio.Event().wait()
+
+        await bus.subscribe(subjects.direct("dev-1"), stuck, group="stuck")
+        await bus.send("pm", "dev-1", "never finishes")
+        await asyncio.wait_for(started.wait(), WAIT)
+        with caplog.at_level(logging.ERROR, logger="squadbus.bus"):
+            await asyncio.wait_for(bus.close(), WAIT)
+        assert any("did not finish" in r.getMessage() for r in caplog.records)
+        done: list[int] = []
+
+        async def finish(delivery: Delivery) -> None:
+            done.append(delivery.attempt)
+
+        async with Bus(backend, owns_backend=False) as other:
+            await other.subscribe(subjects.direct("dev-1"), finish, group="stuck")
+            await asyncio.wait_for(_until(lambda: bool(done)), WAIT)
+        assert seen == [1] and done == [2], "the stuck delivery was nacked when its handler was cancelled"
+    finally:
+        await backend.close()
+
+
+async def test_leaving_the_bus_never_replaces_the_agents_error(caplog: pytest.LogCaptureFixture) -> None:
+    bus = Bus(_FailingClose())
+    with caplog.at_level(logging.ERROR, logger="squadbus.bus"), pytest.raises(RuntimeError, match="agent failed"):
+        async with bus:
+            raise RuntimeError("agent failed")
+    assert any(r.exc_info and "flush failed" in str(r.exc_info[1]) for r in caplog.records)
+    with pytest.raises(BackendError, match="flush failed"):
+        async with Bus(_FailingClose()):
+            pass
+
+
+async def _until(check: Callable[[], bool]) -> None:
+    while not check():
+        await asyncio.sleep(0.01)
