@@ -17,16 +17,17 @@ def test_version() -> None:
     assert result.output.startswith("squadbus ")
 
 
-def test_send_prints_the_id() -> None:
-    result = CliRunner().invoke(main, ["--url", "memory://", "send", "pm", "dev-1", "hello", "--type", "task"])
-    assert result.exit_code == 0, result.output
-    out = json.loads(result.output)
-    assert out["subject"] == "agent.message.dev-1"
+def test_send_on_a_broker_url_checks_input_before_connecting() -> None:
+    # redis on port 1 is never reached: the bad recipient fails first, in one line
+    result = CliRunner().invoke(main, ["--url", "redis://127.0.0.1:1/0", "send", "pm", "bad.agent", "hello"])
+    assert result.exit_code == 1
+    assert result.output.startswith("squadbus: error:") and "bad.agent" in result.output
 
 
 def test_errors_are_one_line_without_traceback() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "squadbus", "--url", "memory://", "send", "pm", "bad.agent", "hi"],
+        [sys.executable, "-m", "squadbus", "--url", "memory://", "--local-api", "http://127.0.0.1:1", "send", "pm",
+         "bad.agent", "hi"],
         capture_output=True, text=True, timeout=60, check=False,
     )
     assert result.returncode == 1
@@ -48,15 +49,15 @@ def test_bad_metadata_is_a_usage_error() -> None:
 
 
 def test_demo_runs_the_squad() -> None:
-    result = subprocess.run([sys.executable, "-m", "squadbus", "--url", "memory://", "demo"],
-                            capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run([sys.executable, "-m", "squadbus", "--url", "memory://", "--local-api",
+                             "http://127.0.0.1:1", "demo"], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[-1] == "squad done"
     assert "  dev-1 -> pm [status] done: build the login form" in lines
     assert "  dev-2 -> pm [status] done: add the session API" in lines
     assert sum("[reply] approved, ship it" in line for line in lines) == 2
-    assert sum("kick-off" in line for line in lines) == 2
+    assert sum("kick-off" in line for line in lines) == 1  # a broadcast is one message, printed once
 
 
 def test_bench_reports_squadbus_beside_the_raw_baseline() -> None:

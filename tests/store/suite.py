@@ -18,7 +18,7 @@ import pytest
 from squadbus.core import envelope
 from squadbus.core.envelope import Message
 from squadbus.core.errors import Closed
-from squadbus.store import HistoryQuery, HistoryStore, InvalidQuery, StoredMessage
+from squadbus.store import HistoryQuery, HistoryStore, InvalidQuery, StoredMessage, position_cursor
 
 StoreFactory = Callable[[], Awaitable[HistoryStore]]
 Corrupt = Callable[[uuid.UUID], Awaitable[None]]
@@ -167,6 +167,24 @@ class StoreSuite:
         page = await store.query(HistoryQuery(agent_id=agent, limit=55))
         assert len(page.items) == 55
         assert page.next_cursor is None
+
+    async def test_rows_read_back_carry_their_global_position(self, store: HistoryStore) -> None:
+        agent = f"pos-{uuid.uuid4().hex[:6]}"
+        written = await store.write([msg(agent, "a", execution=uuid.uuid4() if i % 2 else None, content=str(i))
+                                     for i in range(6)])
+        assert all(row.position is None for row in written)
+        rows = (await store.query(HistoryQuery(agent_id=agent))).items
+        positions = [row.position for row in rows]
+        assert all(isinstance(p, int) for p in positions)
+        assert positions == sorted(positions) and len(set(positions)) == 6
+        first = rows[0]
+        got = await store.get(first.message.id)
+        assert got is not None and got.position == first.position
+        # a position is a history cursor: "after this row"
+        after = await store.query(HistoryQuery(agent_id=agent, cursor=position_cursor(rows[2].position or 0)))
+        assert [row.message.content for row in after.items] == ["3", "4", "5"]
+        from_start = await store.query(HistoryQuery(agent_id=agent, cursor=position_cursor(0)))
+        assert [row.message.id for row in from_start.items] == [row.message.id for row in rows]
 
     async def test_bad_queries_are_rejected(self, store: HistoryStore) -> None:
         for bad in ("not-a-cursor", "", "djE6LTE"):  # the last is "v1:-1"

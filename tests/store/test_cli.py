@@ -71,10 +71,12 @@ def test_history_limit_and_cursor(seeded: tuple[str, uuid.UUID, list[StoredMessa
     cursor = err.split("--cursor ", 1)[1].split()[0]
     code, out, err = invoke(url, "history", "--agent", "bot", "--cursor", cursor, "--json")
     assert [json.loads(line)["message"]["content"] for line in out.splitlines()] == ["tick 3", "tick 4"]
-    assert err == ""
+    assert "--cursor" not in err
+    assert err.startswith("history: from the store sqlite+aiosqlite:///")
 
 
-def test_history_bad_input(sqlite_url: str) -> None:
+def test_history_bad_input(seeded: tuple[str, uuid.UUID, list[StoredMessage]]) -> None:
+    sqlite_url, _, _ = seeded
     code, _, err = invoke(sqlite_url, "history", "--execution", "not-a-uuid")
     assert code == 2
     assert "not a UUID" in err
@@ -82,7 +84,7 @@ def test_history_bad_input(sqlite_url: str) -> None:
     assert code == 2
     code, _, err = invoke(sqlite_url, "history", "--cursor", "garbage")
     assert code == 1
-    assert err.startswith("squadbus: error: invalid cursor")
+    assert err.splitlines()[-1].startswith("squadbus: error: invalid cursor")
     code, _, err = invoke(sqlite_url, "history", "--store", "mysql://nope")
     assert code == 1
     assert "unknown store URL" in err

@@ -1,4 +1,11 @@
-"""``squadbus history``: query the history store from the command line (the filters of GET /v1/messages)."""
+"""``squadbus history``: query the history from the command line (the filters of GET /v1/messages).
+
+It reads ``--store`` if given; else a service's API (``--api``, ``SQUADBUS_API``,
+or on ``memory://`` the local service when one answers) unless a store is
+configured (``SQUADBUS_STORE_URL``); else the default store of the data
+directory. It says on stderr what it reads, and never creates a SQLite file
+to read from it.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +15,15 @@ import re
 import uuid
 from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
+from squadbus.cli.api import ApiClient
+from squadbus.cli.errors import CliError
+from squadbus.cli.target import find_service, local_api, settings_of
+from squadbus.core import envelope
 from squadbus.core.errors import SquadbusError
 from squadbus.core.settings import Settings
 from squadbus.store import HistoryQuery, StoredMessage, open_store
@@ -42,6 +54,16 @@ def store_url_of(ctx: click.Context, override: str | None) -> str:
     return settings.store_url
 
 
+def sqlite_path(url: str) -> str | None:
+    """The file of a SQLite store URL (None for another engine or an in-memory database)."""
+    if not url.split("://", 1)[0].lower().startswith("sqlite"):
+        return None
+    from squadbus.store.sqlite import SqliteSettings
+
+    settings = SqliteSettings.from_url(url)
+    return None if settings.in_memory else settings.path
+
+
 def parse_time(value: str | None, option: str, now: datetime) -> datetime | None:
     """ISO 8601 (naive means UTC) or a relative age such as ``90s``, ``15m``, ``2h``, ``7d`` (before now)."""
     if value is None:
@@ -65,6 +87,20 @@ def _line(row: StoredMessage) -> str:
     return f"{stamp} {execution}#{row.seq} {m.sender_id} -> {to} [{m.message_type}] {m.content}"
 
 
+def _from_api(item: dict[str, Any]) -> StoredMessage:
+    fields = {k: v for k, v in item.items() if k not in ("seq", "stored_at")}
+    message = envelope.decode(json.dumps(fields).encode(), max_content_bytes=1 << 62)
+    return StoredMessage(seq=item["seq"], stored_at=datetime.fromisoformat(item["stored_at"]), message=message)
+
+
+def _api_query(q: HistoryQuery) -> dict[str, object]:
+    return {
+        "task_execution_id": q.task_execution_id, "agent_id": q.agent_id, "message_type": q.message_type,
+        "since": q.since.isoformat() if q.since else None, "until": q.until.isoformat() if q.until else None,
+        "cursor": q.cursor, "limit": q.limit,
+    }
+
+
 def _json(row: StoredMessage) -> str:
     return json.dumps(
         {"seq": row.seq, "stored_at": row.stored_at.isoformat(), "message": row.message.to_dict()},
@@ -81,7 +117,8 @@ def _json(row: StoredMessage) -> str:
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True, help="Most rows to print.")
 @click.option("--cursor", default=None, help="Continue after a previous run (printed on stderr when there is more).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line: seq, stored_at, message.")
-@click.option("--store", "store_url", default=None, help="Store URL (default: SQUADBUS_STORE_URL or ./squadbus.db).")
+@click.option("--store", "store_url", default=None,
+              help="Read this store URL (default: a service, else SQUADBUS_STORE_URL or the data directory's).")
 @click.pass_context
 def history(
     ctx: click.Context, execution: str | None, agent: str | None, message_type: str | None, since: str | None,
@@ -98,26 +135,65 @@ def history(
         since=parse_time(since, "--since", now), until=parse_time(until, "--until", now), cursor=cursor,
         limit=min(limit, MAX_LIMIT),
     )
-    url = store_url_of(ctx, store_url)
+    settings = settings_of(ctx)
+    client = find_service(ctx) if not store_url and (settings.api_url or settings.default_store) else None
+    if client is not None:
+        click.echo(f"history: from the service at {client.base_url}", err=True)
+        try:
+            more = _print_pages(query, limit, as_json, client=client)
+        except SquadbusError as exc:
+            raise CliError(str(exc)) from None
+    else:
+        url = store_url_of(ctx, store_url)
+        _must_exist(url, settings, ctx)
+        from squadbus.cli.serve import redact
 
-    async def go() -> str | None:
-        printed = 0
-        q = query
-        async with open_store(url) as store:
-            while True:
-                page = await store.query(q)
-                for row in page.items:
-                    click.echo(_json(row) if as_json else _line(row))
-                printed += len(page.items)
-                if page.next_cursor is None:
-                    return None
-                if printed >= limit:
-                    return page.next_cursor
-                q = HistoryQuery(
-                    task_execution_id=q.task_execution_id, agent_id=q.agent_id, message_type=q.message_type,
-                    since=q.since, until=q.until, cursor=page.next_cursor, limit=min(limit - printed, MAX_LIMIT),
-                )
-
-    more = run_store_command(go())
+        click.echo(f"history: from the store {redact(url)}", err=True)
+        more = run_store_command(_print_store(url, query, limit, as_json))
     if more is not None:
         click.echo(f"more rows: rerun with --cursor {more}", err=True)
+
+
+def _must_exist(url: str, settings: Settings, ctx: click.Context) -> None:
+    try:
+        path = sqlite_path(url)
+    except SquadbusError as exc:
+        raise CliError(str(exc)) from None
+    if path is not None and not Path(path).exists():
+        where = f" and no squadbus service answers at {local_api(ctx)}" if settings.default_store else ""
+        raise CliError(f"no history at {Path(path).absolute()}: nothing has been stored there{where}; "
+                       "read another with --store URL or a service with --api URL")
+
+
+def _next(q: HistoryQuery, cursor: str, remaining: int) -> HistoryQuery:
+    return HistoryQuery(
+        task_execution_id=q.task_execution_id, agent_id=q.agent_id, message_type=q.message_type,
+        since=q.since, until=q.until, cursor=cursor, limit=min(remaining, MAX_LIMIT),
+    )
+
+
+def _print_pages(q: HistoryQuery, limit: int, as_json: bool, *, client: ApiClient) -> str | None:
+    printed = 0
+    while True:
+        page = client.history(_api_query(q))
+        for item in page["items"]:
+            row = _from_api(item)
+            click.echo(_json(row) if as_json else _line(row))
+        printed += len(page["items"])
+        cursor = page["next_cursor"]
+        if cursor is None or printed >= limit:
+            return cursor if isinstance(cursor, str) else None
+        q = _next(q, cursor, limit - printed)
+
+
+async def _print_store(url: str, q: HistoryQuery, limit: int, as_json: bool) -> str | None:
+    printed = 0
+    async with open_store(url) as store:
+        while True:
+            page = await store.query(q)
+            for row in page.items:
+                click.echo(_json(row) if as_json else _line(row))
+            printed += len(page.items)
+            if page.next_cursor is None or printed >= limit:
+                return page.next_cursor
+            q = _next(q, page.next_cursor, limit - printed)

@@ -24,7 +24,7 @@ from squadbus import __version__
 from squadbus.core.bus import Bus
 from squadbus.core.errors import SquadbusError
 from squadbus.core.settings import Settings
-from squadbus.service import dashboard, errors, routes_messages, routes_sse
+from squadbus.service import dashboard, errors, routes_events, routes_messages, routes_sse
 from squadbus.service.auth import Principal, TokenTable, load_tokens, reader
 from squadbus.service.group_commit import GroupWriter
 from squadbus.service.limits import BodyLimit
@@ -47,9 +47,14 @@ DOCS_ASSETS = "/static/docs"
 ops = APIRouter(tags=["operations"])
 
 
+SERVICE_HEADER = "X-Squadbus-Version"
+"""Sent with ``/healthz``: how the CLI tells a squadbus service from anything else on a port."""
+
+
 @ops.get("/healthz", summary="Liveness")
-async def healthz() -> Health:
-    """The process is up (says nothing about the bus or the store)."""
+async def healthz(response: Response) -> Health:
+    """The process is up (says nothing about the bus or the store); the header names the squadbus version."""
+    response.headers[SERVICE_HEADER] = __version__
     return Health(status="ok")
 
 
@@ -190,6 +195,7 @@ def create_app(
     app.add_middleware(BodyLimit, max_bytes=options.body_limit(settings))
     app.include_router(routes_messages.router)
     app.include_router(routes_sse.router)
+    app.include_router(routes_events.router)
     app.include_router(ops)
     app.include_router(dashboard.router)
     return app

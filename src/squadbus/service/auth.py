@@ -182,6 +182,14 @@ async def reader(request: Request, credentials: Credentials) -> Principal:
     return identify(request, credentials)
 
 
+async def overseer(request: Request, credentials: Credentials) -> Principal:
+    """A caller who may read every agent's messages at once (viewer or admin; agent tokens get 403)."""
+    who = identify(request, credentials)
+    if who.role is Role.AGENT:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "agent tokens cannot follow the whole squad's messages")
+    return who
+
+
 async def sender(request: Request, credentials: Credentials) -> Principal:
     """A caller allowed to send at all (agent or admin); the sender_id check is per message."""
     who = identify(request, credentials)

@@ -44,14 +44,16 @@ SSE_EVENT_SCHEMA: dict[str, object] = {
 }
 
 
-def _cursor(last_event_id: str | None, after: int | None) -> int:
+def resume_cursor(last_event_id: str | None, after: int | None) -> int:
+    """Where a stream resumes: ``Last-Event-ID`` (wins) or ``?after=``, else 0; 422 for a bad header."""
     if last_event_id is not None and last_event_id.strip():
         try:
             value = int(last_event_id.strip())
         except ValueError:
             value = -1
         if value < 0:
-            raise LocatedInvalid("Last-Event-ID must be a non-negative integer (a seq)", ("header", "Last-Event-ID"))
+            raise LocatedInvalid("Last-Event-ID must be a non-negative integer (an event id)",
+                                 ("header", "Last-Event-ID"))
         return value
     return after or 0
 
@@ -74,7 +76,7 @@ async def execution_events(
     after: Annotated[int | None, Query(ge=0, le=2**62, description="Resume after this seq (header wins)")] = None,
 ) -> StreamingResponse:
     """Stream the execution's messages from the cursor on (0: from the start), then live."""
-    cursor = _cursor(last_event_id, after)
+    cursor = resume_cursor(last_event_id, after)
     snapshot = await service.store.snapshot(execution_id)
     hub, heartbeat = service.hub, service.options.heartbeat
 

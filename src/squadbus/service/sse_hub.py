@@ -17,6 +17,9 @@ what the store holds, never straight from the bus:
   *behind*; the viewer itself then catches up from the store (see
   :class:`ViewerStream`), so a slow viewer never stalls the bus, the feed or
   other viewers, and never misses an event.
+* a :class:`Watcher` is a stream of every execution (``GET /v1/events``): it
+  reads the store in its global order itself and is only woken by the hub on
+  every offer, notify and poll.
 
 Everything runs on the event loop; there is no lock.
 """
@@ -132,6 +135,46 @@ class Viewer:
             timer.cancel()
             self.waiter = None
         return bool(self.buffer) or self.behind
+
+
+class Watcher:
+    """A stream that follows every stored message rather than one execution (``GET /v1/events``).
+
+    It reads the store itself; the hub only tells it that rows may be new
+    (every offer and notify, and each safety-net poll). Wake-ups coalesce into
+    one flag, so a busy squad costs a watcher one store read per wait, not one
+    per message.
+    """
+
+    __slots__ = ("dirty", "waiter")
+
+    def __init__(self) -> None:
+        self.dirty = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    def wake(self) -> None:
+        """Mark new rows possible and resume the stream if it is waiting."""
+        self.dirty = True
+        self._resume()
+
+    def _resume(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait for a wake-up (consuming it); False after ``timeout`` seconds without one."""
+        if not self.dirty:
+            loop = asyncio.get_running_loop()
+            self.waiter = waiter = loop.create_future()
+            timer = loop.call_later(timeout, self._resume)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self.waiter = None
+        woken, self.dirty = self.dirty, False
+        return woken
 
 
 class Feed:
@@ -266,6 +309,7 @@ class SseHub:
         self.poll_interval = poll_interval
         self.stats = HubStats()
         self._feeds: dict[UUID, Feed] = {}
+        self._watchers: set[Watcher] = set()
         self._poller: asyncio.Task[None] | None = None
 
     @property
@@ -300,6 +344,21 @@ class SseHub:
             for feed in list(self._feeds.values()):
                 if feed.last_read < cutoff:
                     feed.wake()
+            self._wake_watchers()
+
+    def watch(self) -> Watcher:
+        """Register a stream that follows every message (see :class:`Watcher`)."""
+        watcher = Watcher()
+        self._watchers.add(watcher)
+        return watcher
+
+    def unwatch(self, watcher: Watcher) -> None:
+        """Unregister ``watcher``. Idempotent."""
+        self._watchers.discard(watcher)
+
+    def _wake_watchers(self) -> None:
+        for watcher in self._watchers:
+            watcher.wake()
 
     async def join(self, execution: UUID) -> Viewer:
         """Register a viewer of ``execution`` (its feed is created and primed on first join)."""
@@ -328,6 +387,8 @@ class SseHub:
 
     def offer(self, rows: Sequence[StoredMessage]) -> None:
         """Rows just committed by this process (db-writer ``on_written``, HTTP write-through)."""
+        if rows:
+            self._wake_watchers()
         by_execution: dict[UUID, list[StoredMessage]] = {}
         for row in rows:
             execution = row.message.task_execution_id
@@ -342,6 +403,7 @@ class SseHub:
 
     def notify(self, execution: UUID, message_ids: Iterable[UUID] = ()) -> None:
         """A message of ``execution`` was published somewhere: read the store once it is there."""
+        self._wake_watchers()
         feed = self._feeds.get(execution)
         if feed is not None:
             feed.expect(message_ids)

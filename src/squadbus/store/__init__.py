@@ -3,6 +3,7 @@
 ``open_store(url)`` picks the engine by URL: SQLite (embedded default) or PostgreSQL.
 """
 
+from squadbus.store._common import position_cursor
 from squadbus.store.base import (
     ExecutionSnapshot,
     HistoryPage,
@@ -21,4 +22,5 @@ __all__ = [
     "InvalidQuery",
     "StoredMessage",
     "open_store",
+    "position_cursor",
 ]

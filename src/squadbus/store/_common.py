@@ -36,6 +36,14 @@ def encode_cursor(position: int) -> str:
     return base64.urlsafe_b64encode(f"{_CURSOR_PREFIX}{position}".encode()).decode().rstrip("=")
 
 
+def position_cursor(position: int) -> str:
+    """The history cursor (``HistoryQuery.cursor``) meaning "after stored position ``position``".
+
+    ``StoredMessage.position`` of a row read back is such a position; 0 means from the start.
+    """
+    return encode_cursor(position)
+
+
 def decode_cursor(cursor: str) -> int:
     """The stored position inside ``cursor``; raises InvalidQuery when it is not ours."""
     try:
@@ -81,14 +89,16 @@ def index_text(value: str) -> str:
     return value.replace("\x00", "") if "\x00" in value else value
 
 
-def decode_row(seq: int, stored_at: datetime, body: Body, where: object) -> StoredMessage | None:
+def decode_row(
+    seq: int, stored_at: datetime, body: Body, where: object, position: int | None = None
+) -> StoredMessage | None:
     """A StoredMessage from a row, or None (logged) when the stored body is not a valid envelope."""
     try:
         message = envelope.decode(bytes(body), max_content_bytes=1 << 62)
     except InvalidMessage as exc:
         logger.warning("skipping malformed history row %s (seq %s): %s", where, seq, exc)
         return None
-    return StoredMessage(seq=seq, stored_at=stored_at, message=message)
+    return StoredMessage(seq=seq, stored_at=stored_at, message=message, position=position)
 
 
 def to_micros(moment: datetime) -> int:

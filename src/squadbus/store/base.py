@@ -17,7 +17,7 @@ does not answer in time (e.g. SQLite locked), another
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
@@ -40,12 +40,16 @@ class StoredMessage:
     ``seq`` is the per-execution sequence number (1-based, gap-free at write
     time; messages with ``task_execution_id`` None share one sequence);
     ``stored_at`` is the store's UTC timestamp; ``message`` is exactly the
-    message as published.
+    message as published. ``position`` is the row's place in the store's one
+    global order (the history cursor's key, ascending in stored order, never
+    reused): set on rows read back (``get``, ``query``, ``after``), None on
+    the rows ``write`` returns. It takes no part in equality.
     """
 
     seq: int
     stored_at: datetime
     message: Message
+    position: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -288,7 +288,7 @@ class PostgresStore:
     def _rows(rows: Sequence[Any]) -> list[StoredMessage]:
         out: list[StoredMessage] = []
         for seq, stored_at, body, pk in rows:
-            item = c.decode_row(int(seq), stored_at, body, f"pk={pk}")
+            item = c.decode_row(int(seq), stored_at, body, f"pk={pk}", int(pk))
             if item is not None:
                 out.append(item)
         return out

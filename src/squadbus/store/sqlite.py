@@ -287,7 +287,7 @@ class SqliteStore:
     def _rows(self, rows: list[Any]) -> list[StoredMessage]:
         out: list[StoredMessage] = []
         for seq, stored_at, body, pk in rows:
-            item = c.decode_row(seq, c.from_micros(stored_at), body, f"pk={pk}")
+            item = c.decode_row(seq, c.from_micros(stored_at), body, f"pk={pk}", int(pk))
             if item is not None:
                 out.append(item)
         return out
