@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -53,17 +54,25 @@ class Served:
         return items
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[Served]:
-    """``squadbus serve`` on a free port (memory:// bus, SQLite in the tmp data directory); stopped by PID."""
+@contextlib.contextmanager
+def serving(tmp_path: Path, *args: str) -> Iterator[Served]:
+    """``squadbus serve ARGS`` on a free port (memory:// bus, SQLite in a tmp data directory); stopped by PID."""
     port = free_port()
     data_dir = tmp_path / "serve-data"
-    proc = spawn([*SQUADBUS, "serve", "--port", str(port)], tmp_path / "serve.log", env=clean_env(data_dir))
+    log = tmp_path / "serve.log"
+    proc = spawn([*SQUADBUS, "serve", "--port", str(port), *args], log, env=clean_env(data_dir))
     try:
-        wait_until(lambda: port_open(port), 60, f"squadbus serve (log {tmp_path / 'serve.log'})", proc)
+        wait_until(lambda: port_open(port), 60, f"squadbus serve (log {log})", proc)
         yield Served(f"http://127.0.0.1:{port}", data_dir, proc)
     finally:
         stop(proc)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    """An open ``squadbus serve`` (no tokens), as ``make run`` starts it but on a free port."""
+    with serving(tmp_path) as running:
+        yield running
 
 
 def run_cli(args: Sequence[str], env: dict[str, str], *, stdin: str | None = None,

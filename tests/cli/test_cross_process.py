@@ -12,7 +12,7 @@ import subprocess
 import uuid
 from pathlib import Path
 
-from tests.cli.conftest import SQUADBUS, LineReader, Served, clean_env, run_cli
+from tests.cli.conftest import SQUADBUS, LineReader, Served, clean_env, run_cli, serving
 
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -97,3 +97,33 @@ def test_stdin_content_and_allow_empty_reach_the_service(served: Served, tmp_pat
     assert empty.returncode == 0, empty.stderr
     stored = {m["message_type"]: m["content"] for m in served.history(agent_id="dev-1")}
     assert stored == {"report": big, "ping": ""}
+
+
+def test_tokens_come_from_squadbus_token(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"tokens": [
+        {"token": "pm-secret-token", "role": "agent", "agent_id": "pm"},
+        {"token": "board-secret-token", "role": "viewer"},
+    ]}))
+    with serving(tmp_path, "--tokens-file", str(tokens)) as secured:
+        anonymous = clean_env(tmp_path / "client-data")
+        refused = run_cli(["--local-api", secured.url, "send", "pm", "dev-1", "no token"], anonymous)
+        assert refused.returncode == 1
+        [line] = refused.stderr.strip().splitlines()
+        assert line.startswith("squadbus: error:") and "401" in line
+
+        as_pm = clean_env(tmp_path / "client-data", SQUADBUS_API=secured.url, SQUADBUS_TOKEN="pm-secret-token")
+        assert run_cli(["send", "pm", "dev-1", "with a token"], as_pm).returncode == 0
+        impostor = run_cli(["send", "dev-1", "pm", "not me"], as_pm)
+        assert impostor.returncode == 1 and "403" in impostor.stderr
+        squad_wide = run_cli(["tail", "--count", "1"], as_pm, timeout=30)
+        assert squad_wide.returncode == 1 and "403" in squad_wide.stderr
+
+        as_board = clean_env(tmp_path / "client-data", SQUADBUS_API=secured.url,
+                             SQUADBUS_TOKEN="board-secret-token")
+        shown = run_cli(["history", "--json"], as_board)
+        assert shown.returncode == 0, shown.stderr
+        assert [json.loads(line)["message"]["content"] for line in shown.stdout.splitlines()] == ["with a token"]
+        replay = run_cli(["tail", "--from-start", "--count", "1"], as_board, timeout=30)
+        assert replay.returncode == 0, replay.stderr
+        assert json.loads(replay.stdout)["content"] == "with a token"
