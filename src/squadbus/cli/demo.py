@@ -1,14 +1,15 @@
 """``squadbus demo``: a small squad (a PM, two developers, a reviewer) talking, printed in send order.
 
-The agents always run in this process, on an in-process ``memory://`` bus
-unless ``--url`` names a broker. One tap subscribed to ``agent.>`` sees every
-message in the order the bus took them, and is the only thing that prints, so
-the conversation reads in the order it happened.
+The agents always run in this process. One tap subscribed to ``agent.>``
+sees every message in the order the bus took them, and is the only thing that
+prints, so the conversation reads in the order it happened.
 
 With a service (``--api``, ``SQUADBUS_API``, or on ``memory://`` the local
-service when one answers), the tap also publishes every message through the
-service's API, in that order and with the same id, before printing it: the
-conversation lands in the service's history and on its dashboard. A request's
+service when one answers), the agents talk on a private ``memory://`` bus and
+the tap publishes every message through the service's API, in that order and
+with the same id, before printing it: the conversation lands in the service's
+history and on its dashboard. Without one they talk on the ``--url`` bus (on a
+broker, a service attached to it stores them through its db-writer). A request's
 reply travels there as a direct message to the requester (the API has no
 reply subjects), with the same id, type and content. Without a service on
 ``memory://`` the demo says in one line that nothing reached one.
