@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
+import pytest
 
 from squadbus import __version__
 from squadbus.cli.api import SERVICE_HEADER, probe
@@ -113,3 +114,17 @@ async def test_healthz_names_the_service(make_app: MakeApp) -> None:
     async with asgi(make_app()) as running:
         r = await running.client.get("/healthz")
     assert r.headers[SERVICE_HEADER] == __version__
+
+
+@pytest.mark.postgres
+async def test_the_squad_stream_on_postgres(make_app: MakeApp, postgres_url: str) -> None:
+    async with served(make_app(store_url=postgres_url)) as url, httpx.AsyncClient(base_url=url, timeout=10) as c:
+        await c.post("/v1/messages", json=message(content="before", execution=uuid.uuid4()))
+        async with c.stream("GET", EVENTS) as resp:
+            _, before = await read_events(resp, 2)
+            await c.post("/v1/messages", json=message(content="after"))
+            [after] = await read_events(resp, 1)
+        assert (before.data["content"], after.data["content"]) == ("before", "after")
+        assert int(before.id or 0) < int(after.id or 0)
+        async with c.stream("GET", EVENTS, headers={"Last-Event-ID": before.id or ""}) as resp:
+            assert [e.data["content"] for e in (await read_events(resp, 2))[1:]] == ["after"]
