@@ -150,7 +150,7 @@ def create_app(
             if bus is None:
                 stack.push_async_callback(the_bus.close)
             if store is None and settings.default_store:
-                Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+                await asyncio.to_thread(Path(settings.data_dir).mkdir, parents=True, exist_ok=True)
             the_store = store or open_store(settings.store_url)
             await the_store.open()
             if store is None:
