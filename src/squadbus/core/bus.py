@@ -125,13 +125,15 @@ class Bus:
         self._pending_replies.clear()
         if self._owns_backend and self._started:
             errors += await self._finish("backend", [self.backend.close()])
+        for extra in errors[1:]:
+            logger.error("closing the bus also failed with: %s", extra, exc_info=extra)
         if errors:
             raise errors[0]
 
     async def _finish(self, what: str, closing: Sequence[Awaitable[None]]) -> list[Exception]:
         """Run ``closing`` concurrently for up to ``close_timeout`` seconds, then cancel the rest.
 
-        Returns the errors they raised (logged here once, raised by the caller).
+        Returns the errors they raised, for the caller to raise.
         """
         if not closing:
             return []
@@ -153,6 +155,8 @@ class Bus:
             await asyncio.wait(pending, timeout=self.close_timeout)
         errors: list[Exception] = []
         for task in done:
+            if task.cancelled():
+                continue
             error = task.exception()
             if isinstance(error, Exception):
                 errors.append(error)
