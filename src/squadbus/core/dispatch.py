@@ -4,7 +4,8 @@ The outcome of a handler call is sorted into exactly one of:
 
 * returned (and did not settle the delivery itself): **ack**;
 * raised :class:`~squadbus.core.errors.Nack` / ``Retry`` or any other
-  exception, with attempts left: **nack** with the backoff delay;
+  exception, with attempts left: **nack** with the backoff delay (a ``Nack``
+  with its own ``delay`` uses that, ``0`` meaning at once);
 * raised :class:`~squadbus.core.errors.Reject`, or failed on its last
   attempt: **dead letter** to ``agent.dlq.<group>`` with the reason in the
   headers, then **term**. If the dead-letter publish fails the delivery is
@@ -12,6 +13,10 @@ The outcome of a handler call is sorted into exactly one of:
 
 :func:`wrap_batch` does the same per delivery of a batch: a batch handler
 returns the deliveries that failed with their exception, or raises for all.
+
+Every delivery the wrappers hand out gets :meth:`_Settler.failed` as its
+failure policy, so ``async with delivery:`` and ``Delivery.fail`` (the inbox's
+way to fail a delivery) settle exactly as a raising handler does.
 """
 
 from __future__ import annotations
