@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
-from squadbus.benchmarks.stats import Result, interleaved_rounds, median_of, paired_ratio, percentile
+from squadbus.benchmarks.stats import (
+    Result,
+    format_table,
+    interleaved_rounds,
+    median_of,
+    paired_ratio,
+    percentile,
+    to_json,
+)
+from squadbus.cli.bench import bench
 
 
 def _line(*rates: float) -> list[Result]:
@@ -52,3 +64,42 @@ async def test_interleaved_rounds_alternate_the_lines() -> None:
     assert [r.name for r in a] == ["a"] * 3 and [r.throughput for r in b] == pytest.approx([20] * 3)
     assert Result("x", 1, 1.0, ratio=0.5).summary()["ratio"] == 0.5
     assert "ratio" not in Result("x", 1, 1.0).summary()
+
+
+def _strict_json(text: str) -> Any:
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_line_without_latency_samples_shows_none_not_nan() -> None:
+    burst = Result("closed-loop burst", 1000, 0.5)
+    timed = Result("open loop", 3, 1.0, [1.0, 2.0, 3.0])
+    assert {k: burst.summary()[k] for k in ("p50_ms", "p99_ms", "p999_ms")} == dict.fromkeys(
+        ("p50_ms", "p99_ms", "p999_ms"))
+    header, _, burst_row, timed_row = format_table([burst, timed]).splitlines()
+    assert "nan" not in burst_row.lower()
+    assert burst_row.split()[-3:] == ["-", "-", "-"]
+    assert timed_row.split()[-3:] == ["2.0", "3.0", "3.0"]
+    assert header.split()[-2:] == ["p99.9", "ms"]
+    rows = _strict_json(to_json([burst, timed]))["results"]
+    assert rows[0]["p50_ms"] is None and rows[1]["p50_ms"] == 2.0
+
+
+def test_bench_cli_every_open_loop_line_has_samples_and_bursts_have_none() -> None:
+    # --rate 0.4 asks for fewer than one open-loop message per second of the two-second run.
+    result = CliRunner().invoke(bench, ["--url", "memory://", "--count", "200", "--rate", "0.4", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = _strict_json(result.output)["results"]
+    open_loop = [row for row in rows if "open loop" in row["name"]]
+    bursts = [row for row in rows if "open loop" not in row["name"]]
+    assert len(open_loop) == 2 and bursts
+    assert all(isinstance(row["p50_ms"], float) and row["p50_ms"] <= row["p999_ms"] for row in open_loop)
+    assert all(row[k] is None for row in bursts for k in ("p50_ms", "p99_ms", "p999_ms"))
+
+
+@pytest.mark.parametrize("option", [["--count", "0"], ["--rate", "0"], ["--rate", "-5"]])
+def test_bench_cli_refuses_counts_and_rates_it_cannot_run(option: list[str]) -> None:
+    result = CliRunner().invoke(bench, ["--url", "memory://", *option])
+    assert result.exit_code == 2, result.output
+    assert "Invalid value" in result.output

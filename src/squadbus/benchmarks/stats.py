@@ -32,16 +32,18 @@ class Result:
     def throughput(self) -> float:
         return self.count / self.seconds if self.seconds > 0 else math.nan
 
-    def summary(self) -> dict[str, float | int | str]:
+    def summary(self) -> dict[str, float | int | str | None]:
+        """The line as plain values; the latency percentiles are None for a line without samples
+        (a closed-loop throughput run measures msgs/s only: see :mod:`.openloop`)."""
         lat = sorted(self.latencies_ms)
         return {
             "name": self.name,
             "count": self.count,
             "seconds": round(self.seconds, 4),
             "msgs_per_s": round(self.throughput, 1),
-            "p50_ms": round(percentile(lat, 0.50), 3),
-            "p99_ms": round(percentile(lat, 0.99), 3),
-            "p999_ms": round(percentile(lat, 0.999), 3),
+            "p50_ms": round(percentile(lat, 0.50), 3) if lat else None,
+            "p99_ms": round(percentile(lat, 0.99), 3) if lat else None,
+            "p999_ms": round(percentile(lat, 0.999), 3) if lat else None,
             "notes": self.notes,
             **({} if self.ratio is None else {"ratio": round(self.ratio, 3)}),
         }
@@ -110,11 +112,11 @@ def merged(one: Result, two: Result) -> Result:
 
 
 def format_table(results: Sequence[Result]) -> str:
-    """A fixed-width table of results (msgs/s and latency percentiles)."""
+    """A fixed-width table of results (msgs/s and latency percentiles, ``-`` for a line without samples)."""
     header = f"{'benchmark':44} {'count':>8} {'msgs/s':>11} {'p50 ms':>9} {'p99 ms':>9} {'p99.9 ms':>9}"
     lines = [header, "-" * len(header)]
     for r in results:
-        s = r.summary()
+        s = {k: "-" if v is None else v for k, v in r.summary().items()}
         lines.append(
             f"{r.name:44} {r.count:>8} {s['msgs_per_s']:>11} {s['p50_ms']:>9} {s['p99_ms']:>9} {s['p999_ms']:>9}"
             + (f"  {r.notes}" if r.notes else "")

@@ -23,8 +23,10 @@ BENCHMARKS = {
 
 
 @click.command()
-@click.option("--count", type=int, default=20_000, show_default=True, help="Messages per throughput run.")
-@click.option("--rate", type=float, default=1_000.0, show_default=True, help="Open-loop rate (msgs/s).")
+@click.option("--count", type=click.IntRange(min=1), default=20_000, show_default=True,
+              help="Messages per throughput run.")
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=1_000.0, show_default=True,
+              help="Open-loop rate (msgs/s).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--url", "backend_url", default=None, help="Backend URL (overrides the group's --url / SQUADBUS_URL).")
 @click.pass_context
