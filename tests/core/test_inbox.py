@@ -137,7 +137,7 @@ async def test_closing_an_inbox_ends_a_waiting_loop() -> None:
         assert received == []
 
 
-async def test_closing_the_bus_nacks_what_an_agent_holds_and_ends_its_loop() -> None:
+async def test_closing_the_bus_nacks_what_an_agent_holds_and_closes_its_inbox() -> None:
     backend = MemoryBackend()
     await backend.connect()
     try:
