@@ -5,9 +5,11 @@ aiokafka logs each failed bootstrap attempt at ERROR (``Unable connect to
 why (``Unable to bootstrap from [...]``). While the backend's first connect
 runs, :class:`ConnectLogs` takes the WARNING-and-above records that aiokafka
 emits *in the connecting task* off the log and keeps them, so a failed
-connect is one error naming the cause and nothing else. Records from other
-tasks (other backends, running consumers) and records below WARNING pass as
-usual, and nothing is held once the connect is over.
+connect is one error naming the cause and nothing else; after a connect that
+succeeded (one of several brokers down, say) they are logged as they would
+have been. Records from other tasks (other backends, running consumers) and
+records below WARNING pass as usual, and nothing is held once the connect is
+over.
 """
 
 from __future__ import annotations
@@ -68,3 +70,6 @@ class ConnectLogs(logging.Filter):
         for logger in self._loggers:
             logger.removeFilter(self)
         self._loggers = []
+        if exc_type is None:
+            for record in self.records:
+                logging.getLogger(record.name).handle(record)

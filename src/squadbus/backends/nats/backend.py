@@ -82,6 +82,7 @@ class NatsBackend:
             return
         s = self.settings
         nc = Client()
+        self._connect_error = None
         try:
             await asyncio.wait_for(
                 nc.connect(
