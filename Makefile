@@ -14,13 +14,18 @@ install:            ## apt + pip: servers for the tests and the package with eve
 install-pkg:        ## pip only (servers already installed), every extra
 	scripts/install.sh --no-apt
 
-install-server:     ## only what `squadbus serve` needs (.[server])
+# Installed again only when the project or the lock changed, so a second `make run` starts at once.
+SERVER_STAMP := $(VENV)/.squadbus-server-installed
+$(SERVER_STAMP): pyproject.toml $(LOCK)
 	scripts/install.sh --server
+	touch $@
 
-run: install-server ## the main job on the embedded default: memory bus + SQLite, HTTP on 127.0.0.1:8000
+install-server: $(SERVER_STAMP) ## only what `squadbus serve` needs (.[server])
+
+run: $(SERVER_STAMP) ## the main job on the embedded default: memory bus + SQLite, HTTP on 127.0.0.1:8000
 	$(VENV)/bin/squadbus serve
 
-demo: install-server ## an example squad printed to the terminal
+demo: $(SERVER_STAMP) ## an example squad printed to the terminal
 	$(VENV)/bin/squadbus demo
 
 lint:

@@ -53,7 +53,7 @@ def test_lock_pins_every_requirement_to_a_version_in_its_range() -> None:
 
 
 def test_make_targets_use_the_project_venv_and_run_installs_only_the_server_extra() -> None:
-    plan = subprocess.run(["make", "-n", "run", "check"], cwd=ROOT, capture_output=True, text=True, check=True,
+    plan = subprocess.run(["make", "-n", "-B", "run", "check"], cwd=ROOT, capture_output=True, text=True, check=True,
                           env={**os.environ, "VENV": ".venv"}).stdout
     assert "scripts/install.sh --server" in plan
     assert ".venv/bin/squadbus serve" in plan
