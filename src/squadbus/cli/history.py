@@ -9,19 +9,17 @@ to read from it.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import uuid
-from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
 from squadbus.cli.api import ApiClient
-from squadbus.cli.errors import CliError
+from squadbus.cli.errors import CliError, run
 from squadbus.cli.target import find_service, local_api, settings_of
 from squadbus.core import envelope
 from squadbus.core.errors import SquadbusError
@@ -29,21 +27,8 @@ from squadbus.core.settings import Settings
 from squadbus.store import HistoryQuery, StoredMessage, open_store
 from squadbus.store.base import MAX_LIMIT
 
-T = TypeVar("T")
-
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
-
-
-def run_store_command(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro``; squadbus and OS errors become one line on stderr and exit status 1."""
-    try:
-        return asyncio.run(coro)
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
-    except (SquadbusError, OSError, ImportError) as exc:
-        click.echo(f"squadbus: error: {exc}", err=True)
-        raise SystemExit(1) from None
 
 
 def store_url_of(ctx: click.Context, override: str | None) -> str:
@@ -149,7 +134,7 @@ def history(
         from squadbus.cli.serve import redact
 
         click.echo(f"history: from the store {redact(url)}", err=True)
-        more = run_store_command(_print_store(url, query, limit, as_json))
+        more = run(_print_store(url, query, limit, as_json))
     if more is not None:
         click.echo(f"more rows: rerun with --cursor {more}", err=True)
 

@@ -6,7 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import click
 
-from squadbus.cli.history import run_store_command, store_url_of
+from squadbus.cli.errors import run
+from squadbus.cli.history import store_url_of
 from squadbus.store import open_store
 
 
@@ -28,5 +29,5 @@ def retention(ctx: click.Context, days: float, store_url: str | None) -> None:
         async with open_store(url) as store:
             return await store.delete_older_than(cutoff)
 
-    deleted = run_store_command(go())
+    deleted = run(go())
     click.echo(f"deleted {deleted} messages stored before {cutoff.isoformat(timespec='seconds')}")

@@ -92,8 +92,8 @@ def summary(worker: Worker) -> dict[str, object]:
 def worker(ctx: click.Context, name: str, backend_url: str | None, store_url: str | None,
            audit_path: str | None, report_every: float) -> None:
     """Run worker NAME alone (db-writer, analytics, audit-logger, sse-broadcaster) until SIGTERM."""
-    from squadbus.cli.history import run_store_command
+    from squadbus.cli.errors import run
 
     base = ctx.obj if isinstance(ctx.obj, Settings) else Settings.from_env()
     settings = replace(base, url=backend_url or base.url, store_url=store_url or base.store_url)
-    run_store_command(run_worker(name, settings, audit_path=audit_path, report_every=report_every))
+    run(run_worker(name, settings, audit_path=audit_path, report_every=report_every))
