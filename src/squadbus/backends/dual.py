@@ -2,7 +2,14 @@
 
 Every publish goes to the primary, then to the secondary; a publish returns
 only when both stored the message, and raises if either failed (the caller
-retries with the same id; backends that dedupe by id drop the copy).
+retries with the same id; backends that dedupe by id drop the copy). A
+secondary failure keeps its kind: a :class:`BackendTimeout` means the
+secondary did not confirm in time (the copy may be stored there), a
+:class:`PublishFailed` or :class:`ConnectionLost` that it was not stored.
+
+Retrying safely: ``Bus.send`` makes a new id per call, so a retry must pass
+the first attempt's id (``bus.send(..., id=message.id)``, or build the message
+once and ``bus.publish`` it again); then neither side stores it twice.
 Subscriptions and replay read from the primary only. The migration:
 
 1. ``dual://redis://old|nats://new``: write both, consumers still on old;
@@ -33,10 +40,19 @@ from squadbus.core.backend import (
 )
 from squadbus.core.batching import gather_batches
 from squadbus.core.envelope import Message
-from squadbus.core.errors import ConfigError, PublishFailed, SquadbusError
+from squadbus.core.errors import BackendError, BackendTimeout, ConfigError, InvalidMessage, PublishFailed, SquadbusError
 from squadbus.core.registry import open_backend
 
 logger = logging.getLogger("squadbus.backends.dual")
+
+
+def secondary_error(primary: str, secondary: str, exc: SquadbusError, ids: str) -> SquadbusError:
+    """The error of a publish the primary stored and the secondary did not confirm, of ``exc``'s kind."""
+    if isinstance(exc, BackendTimeout):
+        return BackendTimeout(f"stored in {primary}; not confirmed by {secondary} in time (it may be stored "
+                              f"there): {exc}; retry with the same {ids}")
+    kind = type(exc) if isinstance(exc, BackendError | InvalidMessage) else PublishFailed
+    return kind(f"stored in {primary} but not in {secondary}: {exc}; retry with the same {ids}")
 
 
 class DualBackend:
@@ -72,9 +88,7 @@ class DualBackend:
         except SquadbusError as exc:
             self.secondary_failures += 1
             logger.warning("dual-write: secondary %s failed for %s: %s", self.secondary.name, message.id, exc)
-            raise PublishFailed(
-                f"stored in {self.primary.name} but not in {self.secondary.name}: {exc}; retry with the same id"
-            ) from exc
+            raise secondary_error(self.primary.name, self.secondary.name, exc, "id") from exc
 
     async def publish_many(self, messages: Sequence[Message]) -> None:
         """Store all in the primary, then all in the secondary, each with its batch publish if it has one."""
@@ -85,9 +99,7 @@ class DualBackend:
             self.secondary_failures += 1
             logger.warning("dual-write: secondary %s failed for a batch of %d: %s",
                            self.secondary.name, len(messages), exc)
-            raise PublishFailed(
-                f"stored in {self.primary.name} but not in {self.secondary.name}: {exc}; retry with the same ids"
-            ) from exc
+            raise secondary_error(self.primary.name, self.secondary.name, exc, "ids") from exc
 
     async def subscribe(
         self, pattern: str, handler: RawHandler, *, group: str | None, options: ConsumerOptions
