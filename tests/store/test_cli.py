@@ -6,6 +6,7 @@ import asyncio
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -102,3 +103,11 @@ def test_retention(seeded: tuple[str, uuid.UUID, list[StoredMessage]]) -> None:
     code, _, err = invoke(url, "retention")
     assert code == 2
     assert "--older-than-days" in err
+
+
+def test_retention_on_a_missing_store_deletes_nothing_and_creates_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "nothing-here" / "history.db"
+    code, out, err = invoke(f"sqlite+aiosqlite:///{path}", "retention", "--older-than-days", "1")
+    assert code == 0, err
+    assert out.startswith("deleted 0 messages: no history at")
+    assert not path.exists() and not path.parent.exists()
