@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 
 from squadbus.backends.redis import RedisBackend, RedisSettings
 from squadbus.core import subjects
-from squadbus.core.backend import ConsumerOptions, Delivery
+from squadbus.core.backend import ConsumerOptions, Delivery, durable_name
 from squadbus.core.bus import Bus
 from squadbus.core.dispatch import DLQ_GROUP, DLQ_REASON
 from squadbus.core.errors import BackendError, ConfigError
@@ -210,3 +210,35 @@ async def test_ephemeral_subscriptions_fan_out_new_messages_only(redis_url: str)
         await eventually(lambda: new.id in first.ids and new.id in second.ids, WAIT, "both subscribers")
         assert old.id not in first.ids and old.id not in second.ids
         assert attempts == [1, 2]
+
+
+async def test_a_dead_members_backlog_larger_than_one_claim_is_taken_over_without_waiting_claim_intervals(
+    redis_url: str,
+) -> None:
+    """A dead member held 300 entries; the survivor has room for ~50 at a time. Each claim pass
+    took only what fitted, so the rest waited one claim_interval per pass (255 entries took 21 s
+    with ack_wait 10 s). Now it claims again as soon as room frees: with claim_interval 60 s the
+    whole backlog arrives long before a second interval (WAIT is a liveness bound, not a timing)."""
+    agent, group = _uid("agent"), _uid("workers")
+    subject = subjects.direct(agent)
+    url = f"{redis_url}&claim_interval=60"
+    options = ConsumerOptions(ack_wait=1.0, batch_size=50)
+    async with Bus.from_url(url) as bus:
+        backend = bus.backend
+        assert isinstance(backend, RedisBackend)
+        sub = await bus.subscribe(subject, Collector(), group=group, options=options)  # creates the group
+        await bus.unsubscribe(sub)
+        sent = [await bus.send("pm", agent, f"job-{i}") for i in range(300)]
+        raw = aioredis.from_url(redis_url.split("?", maxsplit=1)[0])
+        try:
+            stream = backend.layout.subject_stream(subject)
+            reply = await raw.xreadgroup(durable_name(group, subject), "dead-member", {stream: ">"}, count=1000)
+            assert sum(len(entries) for _, entries in reply) == len(sent)  # all pending on the dead member
+        finally:
+            await raw.aclose()
+        await asyncio.sleep(options.ack_wait + 0.2)  # idle past ack_wait: claimable from the first pass
+        survivor = Collector()
+        await bus.subscribe(subject, survivor, group=group, options=options)
+        await eventually(lambda: set(survivor.ids) >= {m.id for m in sent}, WAIT,
+                         "the whole backlog claimed within one claim interval")
+        assert all(d.attempt >= 2 for d in survivor.deliveries)

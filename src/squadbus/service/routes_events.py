@@ -40,7 +40,7 @@ from squadbus.service.auth import Principal, overseer
 from squadbus.service.errors import LocatedInvalid
 from squadbus.service.routes_messages import ERRORS
 from squadbus.service.routes_sse import RETRY_MS, resume_cursor
-from squadbus.service.sse_hub import HEARTBEAT_FRAME, STORE_PAGE, event_frame, message_payload
+from squadbus.service.sse_hub import CHUNK_BYTES, HEARTBEAT_FRAME, STORE_PAGE, event_frame, message_payload
 from squadbus.service.state import Service, ServiceDep
 from squadbus.store import HistoryQuery, position_cursor
 
@@ -122,17 +122,24 @@ async def squad_events(
             if resuming and (gap := await _gap_before(service, cursor)) is not None:
                 yield gap
             while True:
-                page = await service.store.query(
-                    HistoryQuery(cursor=position_cursor(last), since=since, limit=STORE_PAGE)
-                )
+                # a page is bounded in bytes and sent as it is read: a watcher that stops reading holds one
+                page = await service.store.query(HistoryQuery(
+                    cursor=position_cursor(last), since=since, limit=STORE_PAGE, max_bytes=hub.page_bytes,
+                ))
                 out: list[bytes] = []
+                size = 0
                 for row in page.items:
                     last = max(last, row.position or 0)
                     if subjects.matches(pattern, row.message.subject):
                         out.append(event_frame("message", message_payload(row), event_id=row.position))
+                        size += len(out[-1])
+                        if size >= CHUNK_BYTES:
+                            yield b"".join(out)
+                            out, size = [], 0
                 if out:
                     yield b"".join(out)
                 if page.next_cursor is not None:
+                    del page  # not held through the next read
                     continue
                 if not await watcher.wait(heartbeat):
                     yield HEARTBEAT_FRAME

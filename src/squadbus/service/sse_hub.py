@@ -12,11 +12,15 @@ what the store holds, never straight from the bus:
   written by another process) makes it read ``store.after(execution, last)``
   once for all its viewers, retrying with backoff until the expected message
   ids are visible. A slow periodic poll is the safety net.
-* every viewer has a bounded queue of pre-encoded frames. Fan-out never waits:
-  when a viewer's queue is full its frames are dropped and it is marked
-  *behind*; the viewer itself then catches up from the store (see
-  :class:`ViewerStream`), so a slow viewer never stalls the bus, the feed or
-  other viewers, and never misses an event.
+* every viewer has a queue of pre-encoded frames bounded in count and bytes.
+  Fan-out never waits: when a viewer's queue is full its frames are dropped
+  and it is marked *behind*; the viewer itself then catches up from the store
+  (see :class:`ViewerStream`), so a slow viewer never stalls the bus, the
+  feed or other viewers, and never misses an event.
+* every store read is bounded in bytes (``page_bytes`` of message bodies, at
+  least one row) and a replay is sent in chunks of about ``CHUNK_BYTES`` as it
+  is read, so what a viewer that stops reading holds is a page, a chunk and
+  its queue, however much history it asked for.
 * a :class:`Watcher` is a stream of every execution (``GET /v1/events``): it
   reads the store in its global order itself and is only woken by the hub on
   every offer, notify and poll.
@@ -42,6 +46,8 @@ from squadbus.store.base import HistoryStore, StoredMessage
 logger = logging.getLogger("squadbus.service.sse")
 
 STORE_PAGE = 1000
+CHUNK_BYTES = 64 * 1024
+"""Frames are joined into writes of about this size (fewer sends than one per frame)."""
 _RETRY_FIRST = 0.01
 _RETRY_MAX = 1.0
 _EXPECT_TTL = 30.0
@@ -93,28 +99,39 @@ class HubStats:
 class Viewer:
     """One connected SSE client of one execution: a bounded buffer of frames and a wake-up future.
 
+    The buffer holds at most ``queue_size`` frames and ``max_bytes`` bytes.
     Cheaper than an ``asyncio.Queue`` read with ``wait_for`` (no task and no
     timeout object per frame), which matters with thousands of viewers.
     """
 
-    __slots__ = ("behind", "buffer", "execution", "limit", "waiter")
+    __slots__ = ("behind", "buffer", "execution", "limit", "max_bytes", "size", "waiter")
 
-    def __init__(self, execution: UUID, queue_size: int) -> None:
+    def __init__(self, execution: UUID, queue_size: int, max_bytes: int = 1 << 62) -> None:
         self.execution = execution
         self.limit = queue_size
+        self.max_bytes = max_bytes
+        self.size = 0
         self.buffer: deque[tuple[int, bytes]] = deque()
         self.waiter: asyncio.Future[None] | None = None
         self.behind = False
 
     def push(self, seq: int, frame: bytes) -> bool:
         """Buffer a frame; False (and marked behind) when the buffer is full."""
-        if len(self.buffer) >= self.limit:
+        if len(self.buffer) >= self.limit or self.size + len(frame) > self.max_bytes:
             self.behind = True
             self.wake()
             return False
         self.buffer.append((seq, frame))
+        self.size += len(frame)
         self.wake()
         return True
+
+    def take(self) -> list[tuple[int, bytes]]:
+        """Empty the buffer and return what it held, oldest first."""
+        batch = list(self.buffer)
+        self.buffer.clear()
+        self.size = 0
+        return batch
 
     def wake(self) -> None:
         """Resume the viewer's stream if it is waiting."""
@@ -267,12 +284,12 @@ class Feed:
             assert self.last_seq is not None
             stats.store_reads += 1
             self.last_read = time.monotonic()
-            rows = await store.after(self.execution, self.last_seq, STORE_PAGE)
+            rows = await store.after(self.execution, self.last_seq, STORE_PAGE, max_bytes=self.hub.page_bytes)
             for row in rows:
                 self.expected.pop(row.message.id, None)
                 if self.last_seq is None or row.seq > self.last_seq:
                     self.fan_out(row.seq, message_frame(row))
-            if len(rows) < STORE_PAGE:
+            if not rows:  # a page may end early for its size: only an empty one is the end
                 return
 
     def _schedule_retry(self) -> None:
@@ -299,13 +316,23 @@ class Feed:
 
 
 class SseHub:
-    """All live feeds of one service process."""
+    """All live feeds of one service process.
 
-    def __init__(self, store: HistoryStore, *, queue_size: int = 1024, poll_interval: float = 5.0) -> None:
-        if queue_size < 1 or poll_interval <= 0:
-            raise ValueError("queue_size must be >= 1 and poll_interval > 0")
+    ``queue_size`` frames and ``buffer_bytes`` bytes are the most a viewer's
+    queue holds before the viewer is caught up from the store instead;
+    ``page_bytes`` bounds the message bodies of one store read.
+    """
+
+    def __init__(
+        self, store: HistoryStore, *, queue_size: int = 1024, poll_interval: float = 5.0,
+        buffer_bytes: int = 4 * 1024 * 1024, page_bytes: int = 1024 * 1024,
+    ) -> None:
+        if queue_size < 1 or poll_interval <= 0 or buffer_bytes < 1 or page_bytes < 1:
+            raise ValueError("queue_size, buffer_bytes and page_bytes must be >= 1 and poll_interval > 0")
         self.store = store
         self.queue_size = queue_size
+        self.buffer_bytes = buffer_bytes
+        self.page_bytes = page_bytes
         self.poll_interval = poll_interval
         self.stats = HubStats()
         self._feeds: dict[UUID, Feed] = {}
@@ -362,7 +389,7 @@ class SseHub:
 
     async def join(self, execution: UUID) -> Viewer:
         """Register a viewer of ``execution`` (its feed is created and primed on first join)."""
-        viewer = Viewer(execution, self.queue_size)
+        viewer = Viewer(execution, self.queue_size, self.buffer_bytes)
         feed = self._feeds.get(execution)
         if feed is None:
             feed = self._feeds[execution] = Feed(self, execution)
@@ -424,27 +451,40 @@ class ViewerStream:
         self.last = after
         self.heartbeat = heartbeat
 
-    async def catch_up(self) -> list[bytes]:
-        """Frames of every stored row after ``last`` (plus a gap event when retention removed some)."""
-        frames: list[bytes] = []
-        store, execution = self.hub.store, self.viewer.execution
+    async def catch_up(self) -> AsyncIterator[bytes]:
+        """Chunks of every stored row after ``last`` (and a gap event when retention removed some).
+
+        Read page by page (``page_bytes`` of bodies at most) and sent as read,
+        so a replay never holds more than a page, however long the history.
+        """
+        store, execution, stats = self.hub.store, self.viewer.execution, self.hub.stats
         while True:
-            self.hub.stats.store_reads += 1
-            rows = await store.after(execution, self.last, STORE_PAGE)
-            if rows and rows[0].seq > self.last + 1:
+            stats.store_reads += 1
+            rows = await store.after(execution, self.last, STORE_PAGE, max_bytes=self.hub.page_bytes)
+            if not rows:
+                return
+            if rows[0].seq > self.last + 1:
                 snapshot = await store.snapshot(execution)
                 if snapshot.first_seq <= self.last + 1:
                     # not a retention gap: the missing rows are not visible yet; retry shortly
                     self.viewer.behind = True
-                    return frames
-                frames.append(self.gap_frame(snapshot.first_seq - 1, "retention"))
-                self.hub.stats.gaps_sent += 1
+                    return
+                yield self.gap_frame(snapshot.first_seq - 1, "retention")
+                stats.gaps_sent += 1
+            chunk: list[bytes] = []
+            size = 0
             for row in rows:
                 if row.seq > self.last:
-                    frames.append(message_frame(row))
+                    frame = message_frame(row)
                     self.last = row.seq
-            if len(rows) < STORE_PAGE:
-                return frames
+                    chunk.append(frame)
+                    size += len(frame)
+                    if size >= CHUNK_BYTES:
+                        yield b"".join(chunk)
+                        chunk, size = [], 0
+            if chunk:
+                yield b"".join(chunk)
+            del rows  # not held through the next read: one page at a time
 
     def gap_frame(self, to_seq: int, reason: str) -> bytes:
         """The ``gap`` event: seqs ``last+1 .. to_seq`` are gone; the id moves past them."""
@@ -457,18 +497,16 @@ class ViewerStream:
     async def frames(self) -> AsyncIterator[bytes]:
         """Resume from the store, then live frames and heartbeats, until the client goes away."""
         viewer = self.viewer
-        initial = await self.catch_up()
-        if initial:
-            yield b"".join(initial)
+        async for chunk in self.catch_up():
+            yield chunk
         while True:
             if viewer.behind:
                 viewer.behind = False
                 # drop what is buffered: the store read below covers it, in order
-                viewer.buffer.clear()
+                viewer.take()
                 self.hub.stats.viewer_catchups += 1
-                caught = await self.catch_up()
-                if caught:
-                    yield b"".join(caught)
+                async for chunk in self.catch_up():
+                    yield chunk
                 if viewer.behind:
                     await asyncio.sleep(_BEHIND_RETRY)
                 continue
@@ -477,8 +515,7 @@ class ViewerStream:
                 continue
             if viewer.behind:
                 continue
-            batch = list(viewer.buffer)
-            viewer.buffer.clear()
+            batch = viewer.take()
             out: list[bytes] = []
             for seq, frame in batch:
                 if seq <= self.last:

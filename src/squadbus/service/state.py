@@ -26,8 +26,10 @@ class ServiceOptions:
     runs all four; a replica behind a load balancer with separate worker
     processes keeps at least ``sse-broadcaster``). ``max_body_bytes``
     defaults to ``2 * max_content_bytes + 64 KiB``. ``heartbeat``: seconds
-    between SSE comment lines. ``sse_queue_size``: frames buffered per viewer
-    before it is caught up from the store instead. ``audit_path``: the
+    between SSE comment lines. ``sse_queue_size`` and ``sse_buffer_bytes``:
+    frames and bytes buffered per viewer before it is caught up from the store
+    instead. ``sse_page_bytes``: message bodies read from the store at a time
+    by an SSE replay (at least one message). ``audit_path``: the
     audit-logger's file (None: ``audit.jsonl`` in the settings' data directory). ``poll_interval``: the
     feeds' safety-net store poll. ``db_writer_max_wait``: batching delay of
     the in-process db-writer (SSE latency of messages published directly on
@@ -38,6 +40,8 @@ class ServiceOptions:
     max_body_bytes: int | None = None
     heartbeat: float = 15.0
     sse_queue_size: int = 1024
+    sse_buffer_bytes: int = 4 * 1024 * 1024
+    sse_page_bytes: int = 1024 * 1024
     poll_interval: float = 5.0
     db_writer_batch_size: int = 500
     db_writer_max_wait: float = 0.01
@@ -50,8 +54,10 @@ class ServiceOptions:
         unknown = set(self.workers) - set(ALL_WORKERS)
         if unknown:
             raise ValueError(f"unknown workers {sorted(unknown)}; expected some of {', '.join(ALL_WORKERS)}")
-        if self.heartbeat <= 0 or self.poll_interval <= 0 or self.sse_queue_size < 1:
-            raise ValueError("heartbeat and poll_interval must be positive, sse_queue_size >= 1")
+        if self.heartbeat <= 0 or self.poll_interval <= 0 or min(
+            self.sse_queue_size, self.sse_buffer_bytes, self.sse_page_bytes
+        ) < 1:
+            raise ValueError("heartbeat and poll_interval must be positive, sse_queue_size and sse_*_bytes >= 1")
 
     def body_limit(self, settings: Settings) -> int:
         """The request body size limit in bytes."""

@@ -57,6 +57,16 @@ def decode_cursor(cursor: str) -> int:
     raise InvalidQuery(f"invalid cursor {cursor[:40]!r}: pass next_cursor from a previous page unchanged")
 
 
+def fitting(sizes: Sequence[int], max_bytes: int) -> int:
+    """How many leading rows of ``sizes`` (body bytes) fit in ``max_bytes``; at least one if any."""
+    total = 0
+    for count, size in enumerate(sizes):
+        total += size
+        if total > max_bytes and count > 0:
+            return count
+    return len(sizes)
+
+
 def unique_by_id(messages: Sequence[Message]) -> list[Message]:
     """``messages`` without repeated ids (first occurrence wins), in order."""
     seen: dict[UUID, Message] = {}

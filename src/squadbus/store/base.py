@@ -59,6 +59,9 @@ class HistoryQuery:
     ``agent_id`` matches the sender OR the recipient; ``since`` is inclusive
     and ``until`` exclusive, both on ``created_at``; ``cursor`` comes from a
     previous :attr:`HistoryPage.next_cursor` of the same filters.
+    ``max_bytes`` bounds a page by size as well: it ends before the row whose
+    stored body would take the page's bodies past that many bytes (a page
+    holds at least one row), and ``next_cursor`` continues after it.
     """
 
     task_execution_id: UUID | None = None
@@ -68,11 +71,14 @@ class HistoryQuery:
     until: datetime | None = None
     cursor: str | None = None
     limit: int = 100
+    max_bytes: int | None = None
 
     def validate(self) -> None:
         """Raise :class:`InvalidQuery` when the limit or time range is invalid."""
         if not 1 <= self.limit <= MAX_LIMIT:
             raise InvalidQuery(f"limit must be between 1 and {MAX_LIMIT}, got {self.limit}")
+        if self.max_bytes is not None and self.max_bytes < 1:
+            raise InvalidQuery(f"max_bytes must be positive, got {self.max_bytes}")
         for name in ("since", "until"):
             value = getattr(self, name)
             if value is not None and value.tzinfo is None:
@@ -122,7 +128,8 @@ class HistoryStore(Protocol):
     * ``query(q)`` returns rows in stored order (ascending), ``q.limit`` at
       most; following ``next_cursor`` visits every matching row once.
     * ``after(execution, seq)`` returns that execution's rows with a larger
-      seq, ascending (SSE resume).
+      seq, ascending (SSE resume); with ``max_bytes`` it stops before the row
+      whose stored body would take the rows' bodies past it (at least one row).
     * ``delete_older_than(cutoff)`` removes rows stored before ``cutoff``
       (retention); seqs are never reused, so :meth:`snapshot` reveals the gap.
     * A row that cannot be decoded is logged and skipped, never raised.
@@ -156,8 +163,10 @@ class HistoryStore(Protocol):
         """One page of messages matching ``q``, in stored order."""
         ...
 
-    async def after(self, task_execution_id: UUID, after_seq: int, limit: int = 1000) -> list[StoredMessage]:
-        """Up to ``limit`` rows of one execution with ``seq > after_seq``, ascending by seq."""
+    async def after(
+        self, task_execution_id: UUID, after_seq: int, limit: int = 1000, *, max_bytes: int | None = None
+    ) -> list[StoredMessage]:
+        """Up to ``limit`` rows (and ``max_bytes`` of bodies) of one execution with ``seq > after_seq``, by seq."""
         ...
 
     async def snapshot(self, task_execution_id: UUID) -> ExecutionSnapshot:

@@ -327,26 +327,46 @@ class PostgresStore:
             where.append(f"created_at >= {arg(q.since)}")
         if q.until is not None:
             where.append(f"created_at < {arg(q.until)}")
-        sql = f"SELECT {_COLUMNS} FROM messages"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += f" ORDER BY pk LIMIT {arg(q.limit + 1)}"
-        rows = await self._fetch("query", sql, *args)
-        more = len(rows) > q.limit
-        rows = rows[: q.limit]
-        next_cursor = c.encode_cursor(int(rows[-1][3])) if more else None
+        limit, cut, more = q.limit, None, False
+        if q.max_bytes is not None:
+            # sizes first (octet_length reads a TOASTed body's header only), then only the bodies that fit
+            sizes = await self._select("query", "pk, octet_length(body)", where, args, "pk", limit + 1)
+            if not sizes:
+                return HistoryPage(items=[], next_cursor=None)
+            limit = c.fitting([size for _, size in sizes[:limit]], q.max_bytes)
+            cut, more = int(sizes[limit - 1][0]), len(sizes) > limit
+            where = [*where, f"pk <= {arg(cut)}"]
+        rows = await self._select("query", _COLUMNS, where, args, "pk", limit + 1)
+        more = more or len(rows) > limit
+        rows = rows[:limit]
+        last = int(rows[-1][3]) if rows else cut
+        next_cursor = c.encode_cursor(last) if more and last is not None else None
         return HistoryPage(items=self._rows(rows), next_cursor=next_cursor)
 
-    async def after(self, task_execution_id: UUID, after_seq: int, limit: int = 1000) -> list[StoredMessage]:
-        """Up to ``limit`` rows of one execution with ``seq > after_seq``, ascending by seq."""
+    async def _select(
+        self, what: str, columns: str, where: list[str], args: list[Any], order: str, limit: int
+    ) -> list[Any]:
+        sql = f"SELECT {columns} FROM messages"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        return await self._fetch(what, f"{sql} ORDER BY {order} LIMIT ${len(args) + 1}", *args, limit)
+
+    async def after(
+        self, task_execution_id: UUID, after_seq: int, limit: int = 1000, *, max_bytes: int | None = None
+    ) -> list[StoredMessage]:
+        """Up to ``limit`` rows (and ``max_bytes`` of bodies) of one execution with ``seq > after_seq``, by seq."""
         if limit < 1:
             return []
-        rows = await self._fetch(
-            "after",
-            f"SELECT {_COLUMNS} FROM messages WHERE task_execution_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-            task_execution_id, after_seq, limit,
-        )
-        return self._rows(rows)
+        where = ["task_execution_id = $1", "seq > $2"]
+        args: list[Any] = [task_execution_id, after_seq]
+        if max_bytes is not None:
+            sizes = await self._select("after", "seq, octet_length(body)", where, args, "seq", limit)
+            if not sizes:
+                return []
+            limit = c.fitting([size for _, size in sizes], max_bytes)
+            where.append("seq <= $3")
+            args.append(int(sizes[limit - 1][0]))
+        return self._rows(await self._select("after", _COLUMNS, where, args, "seq", limit))
 
     async def snapshot(self, task_execution_id: UUID) -> ExecutionSnapshot:
         """Counts, seq bounds and agents of one execution as currently retained."""

@@ -322,28 +322,47 @@ class SqliteStore:
         if q.until is not None:
             where.append("created_at < ?")
             params.append(c.to_micros(q.until))
-        sql = f"SELECT {_COLUMNS} FROM messages"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY pk LIMIT ?"
-        params.append(q.limit + 1)
-        with _translate("query"):
-            rows = await self._read(sql, params)
-        more = len(rows) > q.limit
-        rows = rows[: q.limit]
-        next_cursor = c.encode_cursor(int(rows[-1][3])) if more else None
+        limit, cut, more = q.limit, None, False
+        if q.max_bytes is not None:
+            # sizes first (length() of a blob does not read it), then only the bodies that fit
+            sizes = await self._read_rows("query", "pk, length(body)", where, params, "pk", limit + 1)
+            if not sizes:
+                return HistoryPage(items=[], next_cursor=None)
+            limit = c.fitting([size for _, size in sizes[:limit]], q.max_bytes)
+            cut, more = int(sizes[limit - 1][0]), len(sizes) > limit
+            where, params = [*where, "pk <= ?"], [*params, cut]
+        rows = await self._read_rows("query", _COLUMNS, where, params, "pk", limit + 1)
+        more = more or len(rows) > limit
+        rows = rows[:limit]
+        last = int(rows[-1][3]) if rows else cut
+        next_cursor = c.encode_cursor(last) if more and last is not None else None
         return HistoryPage(items=self._rows(rows), next_cursor=next_cursor)
 
-    async def after(self, task_execution_id: UUID, after_seq: int, limit: int = 1000) -> list[StoredMessage]:
-        """Up to ``limit`` rows of one execution with ``seq > after_seq``, ascending by seq."""
+    async def _read_rows(
+        self, what: str, columns: str, where: list[str], params: list[Any], order: str, limit: int
+    ) -> list[Any]:
+        sql = f"SELECT {columns} FROM messages"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        with _translate(what):
+            return await self._read(f"{sql} ORDER BY {order} LIMIT ?", [*params, limit])
+
+    async def after(
+        self, task_execution_id: UUID, after_seq: int, limit: int = 1000, *, max_bytes: int | None = None
+    ) -> list[StoredMessage]:
+        """Up to ``limit`` rows (and ``max_bytes`` of bodies) of one execution with ``seq > after_seq``, by seq."""
         if limit < 1:
             return []
-        with _translate("after"):
-            rows = await self._read(
-                f"SELECT {_COLUMNS} FROM messages WHERE task_execution_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-                (task_execution_id.bytes, after_seq, limit),
-            )
-        return self._rows(rows)
+        where = ["task_execution_id = ?", "seq > ?"]
+        params: list[Any] = [task_execution_id.bytes, after_seq]
+        if max_bytes is not None:
+            sizes = await self._read_rows("after", "seq, length(body)", where, params, "seq", limit)
+            if not sizes:
+                return []
+            limit = c.fitting([size for _, size in sizes], max_bytes)
+            where.append("seq <= ?")
+            params.append(sizes[limit - 1][0])
+        return self._rows(await self._read_rows("after", _COLUMNS, where, params, "seq", limit))
 
     async def snapshot(self, task_execution_id: UUID) -> ExecutionSnapshot:
         """Counts, seq bounds and agents of one execution as currently retained."""

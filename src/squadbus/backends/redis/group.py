@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -267,7 +268,14 @@ class GroupSubscription(BaseConsumer):
             try:
                 await self._touch_waiting()
                 if loop.time() >= next_claim:
-                    await self._autoclaim()
+                    if await self._autoclaim():
+                        # Claimable entries are left (a dead member's backlog larger than our room):
+                        # claim again as soon as handlers free room, not a claim_interval later, so
+                        # a backlog of N entries arrives within ack_wait + claim_interval plus its
+                        # handling time, not N / room claim intervals.
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self.wait_for_room(), self._touch_interval)
+                        continue
                     next_claim = loop.time() + self._claim_interval
             except FAILURES as exc:
                 logger.debug("group %s: claim pass failed: %s", self.group, exc)
@@ -288,15 +296,22 @@ class GroupSubscription(BaseConsumer):
                 )
             await pipe.execute()
 
-    async def _autoclaim(self) -> None:
+    async def _autoclaim(self) -> bool:
+        """Claim entries idle longer than ack_wait.
+
+        True when this pass claimed some and stopped before the end (room or page limit ran out),
+        so more may be claimable now; False when it found them all (or none: a busy consumer
+        without room is not a backlog, and must not make the claimer run at every freed slot).
+        """
         min_idle = int(self.options.ack_wait * 1000)
         client = self.ctx.client
+        claimed = left = False
         for stream in self.streams:
             cursor: bytes | str = "0-0"
             for _ in range(16):
                 room = self.free_slots()
                 if room == 0:
-                    return
+                    return claimed
                 next_cursor, entries, deleted = await call(client,
                     "XAUTOCLAIM", stream, self.redis_group, self.consumer, min_idle, cursor, "COUNT", room
                 )
@@ -305,6 +320,7 @@ class GroupSubscription(BaseConsumer):
                 held = self._held[stream]
                 fresh = [(i, f) for i, f in entries if i not in held]
                 if fresh:
+                    claimed = True
                     counts = await self._delivery_counts(stream, [i for i, _ in fresh])
                     self.ctx.counters.claimed += len(fresh)
                     logger.info("group %s: claimed %d idle entries from %s", self.group, len(fresh), stream)
@@ -313,6 +329,9 @@ class GroupSubscription(BaseConsumer):
                 cursor = next_cursor
                 if cursor in (b"0-0", "0-0"):
                     break
+            else:
+                left = True  # this stream has more pages than a pass reads
+        return claimed and left
 
     async def _delivery_counts(self, stream: str, ids: list[bytes]) -> dict[bytes, int]:
         ordered = sorted(ids, key=lambda i: tuple(int(p) for p in i.split(b"-")))
