@@ -44,17 +44,22 @@ SSE_EVENT_SCHEMA: dict[str, object] = {
 }
 
 
+MAX_EVENT_ID = 2**62
+"""The largest resume cursor (``Last-Event-ID`` or ``?after=``): far above any seq or position, inside int64."""
+
+
 def resume_cursor(last_event_id: str | None, after: int | None) -> int:
-    """Where a stream resumes: ``Last-Event-ID`` (wins) or ``?after=``, else 0; 422 for a bad header."""
+    """Where a stream resumes: ``Last-Event-ID`` (wins) or ``?after=``, else 0.
+
+    The header must be ASCII digits up to :data:`MAX_EVENT_ID`, else 422 before
+    anything is streamed (a larger value would overflow the store's int64).
+    """
     if last_event_id is not None and last_event_id.strip():
-        try:
-            value = int(last_event_id.strip())
-        except ValueError:
-            value = -1
-        if value < 0:
-            raise LocatedInvalid("Last-Event-ID must be a non-negative integer (an event id)",
+        text = last_event_id.strip()
+        if not (text.isascii() and text.isdigit()) or int(text) > MAX_EVENT_ID:
+            raise LocatedInvalid(f"Last-Event-ID must be an event id: ASCII digits, at most {MAX_EVENT_ID}",
                                  ("header", "Last-Event-ID"))
-        return value
+        return int(text)
     return after or 0
 
 
