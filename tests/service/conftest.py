@@ -76,7 +76,7 @@ async def asgi(app: FastAPI) -> AsyncIterator[Api]:
     """Run ``app``'s lifespan and give an ASGI client (no streaming: use :func:`served` for SSE)."""
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             yield Api(app, client)
 
 

@@ -15,8 +15,9 @@ import pytest
 from click.testing import CliRunner
 
 from squadbus.cli.main import main
-from squadbus.cli.serve import is_loopback, redact
+from squadbus.cli.serve import redact
 from squadbus.core.bus import Bus
+from squadbus.service.open_mode import is_loopback
 from squadbus.testing.servers.process import free_port, port_open, spawn, stop, wait_until
 from squadbus.workers.analytics import Analytics
 from squadbus.workers.audit import AuditFile, AuditLogger

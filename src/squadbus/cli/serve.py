@@ -9,7 +9,6 @@ durable backend by changing URLs.
 from __future__ import annotations
 
 import gc
-import ipaddress
 import logging
 from dataclasses import replace
 from urllib.parse import urlsplit, urlunsplit
@@ -19,18 +18,7 @@ import click
 from squadbus.core.errors import SquadbusError
 from squadbus.core.settings import Settings
 
-LOOPBACK_NAMES = frozenset({"localhost"})
 GC_THRESHOLD = 20_000
-
-
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and ``localhost``."""
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def redact(url: str) -> str:
@@ -85,6 +73,7 @@ def serve(
 
     from squadbus.service import ServiceOptions, create_app
     from squadbus.service.auth import load_tokens
+    from squadbus.service.open_mode import is_loopback
 
     base = ctx.obj if isinstance(ctx.obj, Settings) else Settings.from_env()
     try:
@@ -96,6 +85,7 @@ def serve(
         )
         tokens = load_tokens(settings.tokens_file)
         options = ServiceOptions(workers=parse_workers(workers), audit_path=audit_path)
+        # the app refuses non-loopback peers in open mode itself; refusing here fails at start, not per request
         if tokens.open and not is_loopback(host):
             raise click.UsageError(
                 f"refusing to serve without tokens on {host}: bind 127.0.0.1 or give --tokens-file "

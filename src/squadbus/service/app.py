@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Response, status
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Response, status
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 
@@ -25,10 +25,11 @@ from squadbus.core.bus import Bus
 from squadbus.core.errors import SquadbusError
 from squadbus.core.settings import Settings
 from squadbus.service import dashboard, errors, routes_events, routes_messages, routes_sse
-from squadbus.service.auth import Principal, TokenTable, load_tokens, reader
+from squadbus.service.auth import Principal, Role, TokenTable, load_tokens, reader
 from squadbus.service.group_commit import GroupWriter
 from squadbus.service.limits import BodyLimit
 from squadbus.service.metrics import ServiceMetrics
+from squadbus.service.open_mode import LoopbackOnly
 from squadbus.service.schemas import ErrorOut, Health
 from squadbus.service.sse_hub import SseHub
 from squadbus.service.state import Service, ServiceDep, ServiceOptions
@@ -87,7 +88,9 @@ async def readyz(service: ServiceDep) -> JSONResponse:
                401: {"model": ErrorOut}, 403: {"model": ErrorOut}},
 )
 async def metrics(service: ServiceDep, who: Annotated[Principal, Depends(reader)]) -> Response:
-    """Prometheus text exposition of this process's metrics."""
+    """Prometheus text exposition of this process's metrics (viewer and admin tokens; agents get 403)."""
+    if who.role is Role.AGENT:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "agent tokens cannot read metrics (viewer or admin only)")
     body, content_type = service.metrics.render()
     return Response(body, media_type=content_type)
 
@@ -135,8 +138,8 @@ def create_app(
     passed in is started/opened if needed but not closed by the app (the
     caller owns it); otherwise the lifespan builds them from ``settings`` and
     closes them. ``tokens`` overrides ``settings.tokens_file``; an empty
-    table (no tokens file) means open mode: only bind such an app to
-    127.0.0.1 (``squadbus serve`` enforces it).
+    table (no tokens file) means open mode: the app then answers only
+    loopback peers addressing a loopback host (see :mod:`.open_mode`).
     """
     settings = settings or Settings.from_env()
     options = options or ServiceOptions()
@@ -155,7 +158,8 @@ def create_app(
             await the_store.open()
             if store is None:
                 stack.push_async_callback(the_store.close)
-            hub = SseHub(the_store, queue_size=options.sse_queue_size, poll_interval=options.poll_interval)
+            hub = SseHub(the_store, queue_size=options.sse_queue_size, poll_interval=options.poll_interval,
+                         buffer_bytes=options.sse_buffer_bytes, page_bytes=options.sse_page_bytes)
             await hub.start()
             stack.push_async_callback(hub.close)
             service_metrics = ServiceMetrics(the_bus.backend.name)
@@ -193,6 +197,8 @@ def create_app(
     app.state.service = None
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=options.body_limit(settings))
+    if table.open:
+        app.add_middleware(LoopbackOnly)  # added last: the outermost check
     app.include_router(routes_messages.router)
     app.include_router(routes_sse.router)
     app.include_router(routes_events.router)
