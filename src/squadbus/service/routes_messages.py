@@ -4,14 +4,22 @@ How a POST and the db-writer share the work, so each row is written once:
 
 1. the request is validated into an envelope (422/413 before anything is sent);
 2. ``store.get(id)``: if the id is already stored, that message is returned
-   (200) and nothing is published again: this is the idempotent replay;
+   (200) and nothing is published again: this is the idempotent replay. A
+   request holds its client-set ids (:class:`~.id_claims.IdClaims`) from
+   this lookup until its write, so two requests racing on one id run one
+   after the other: the second gets 200 (same sender) or 409 (another), as
+   if sent later, and publishes nothing;
 3. otherwise the message is **published first** (a publish failure is a 503
    with nothing stored: retrying with the same id is safe), then **written
    through** to the store, which assigns its ``seq`` (201). The db-writer
    consumes the same message from the bus and its write is a no-op
    (``ON CONFLICT DO NOTHING`` by id), so the row exists once, whoever wins;
 4. if the store write fails after the publish, the answer is 202 with
-   ``seq: null``: the message is on the bus and the db-writer stores it.
+   ``seq: null``: the message is on the bus and the db-writer stores it;
+5. the write returns the row stored under each id: when it holds another
+   sender's message (a replica sharing the store won the race), the answer
+   is 409, as in step 2; that loser's message was published but is stored
+   nowhere (the claims of step 2 are per process).
 
 Publishing before writing means a message is never in the history without
 having been sent; writing through gives the caller its ``seq`` and makes the
@@ -91,8 +99,17 @@ def _check_existing(existing: StoredMessage, message: Message) -> None:
         raise HTTPException(status.HTTP_409_CONFLICT, f"id {message.id} is already used by another sender")
 
 
+def _client_ids(bodies: list[MessageIn], messages: list[Message]) -> list[UUID]:
+    # a server-made id is new by construction: only client-set ids can collide
+    return [m.id for body, m in zip(bodies, messages, strict=True) if body.id is not None]
+
+
 async def send_all(service: Service, messages: list[Message]) -> list[MessageOut]:
-    """Publish ``messages`` in order, then write them through (see the module docstring)."""
+    """Publish ``messages`` in order, then write them through (see the module docstring).
+
+    Raises 409 when the store already held another sender's message under one
+    of the ids (step 5 of the module docstring).
+    """
     await service.bus.publish_many(messages)
     for message in messages:
         service.metrics.record_published(message.message_type)
@@ -102,6 +119,8 @@ async def send_all(service: Service, messages: list[Message]) -> list[MessageOut
         return [_unstored(m) for m in messages]
     service.metrics.record_stored(rows, "http")
     service.hub.offer(rows)
+    for row, message in zip(rows, messages, strict=True):
+        _check_existing(row, message)
     return [MessageOut.of(row) for row in rows]
 
 
@@ -130,15 +149,18 @@ async def post_message(
     """Send one message. With a client-set ``id``, repeating the request returns the stored message."""
     check_sender(who, body.sender_id)
     message = to_message(body, service)
-    # a server-made id cannot be stored yet: only a client-set id needs the lookup
-    existing = None if body.id is None else await service.store.get(message.id)
-    if existing is not None:
-        _check_existing(existing, message)
-        response.status_code = status.HTTP_200_OK
-        return MessageOut.of(existing)
-    [out] = await send_all(service, [message])
+    async with service.claims.hold(_client_ids([body], [message])):
+        # a server-made id cannot be stored yet: only a client-set id needs the lookup
+        existing = None if body.id is None else await service.store.get(message.id)
+        if existing is not None:
+            _check_existing(existing, message)
+            response.status_code = status.HTTP_200_OK
+            return MessageOut.of(existing)
+        [out] = await send_all(service, [message])
     if out.seq is None:
         response.status_code = status.HTTP_202_ACCEPTED
+    elif out.created_at != message.created_at or out.content != message.content:
+        response.status_code = status.HTTP_200_OK  # a replica stored this sender's message first
     return out
 
 
@@ -156,19 +178,20 @@ async def post_batch(body: BatchIn, service: ServiceDep, who: Annotated[Principa
     found: dict[UUID, MessageOut] = {}
     fresh: list[Message] = []
     fresh_ids: set[UUID] = set()
-    for index, message in enumerate(messages):
-        if message.id in found or message.id in fresh_ids:
-            continue
-        existing = None if body.messages[index].id is None else await service.store.get(message.id)
-        if existing is not None:
-            _check_existing(existing, message)
-            found[message.id] = MessageOut.of(existing)
-        else:
-            fresh.append(message)
-            fresh_ids.add(message.id)
-    if fresh:
-        for out in await send_all(service, fresh):
-            found[out.id] = out
+    async with service.claims.hold(_client_ids(body.messages, messages)):
+        for index, message in enumerate(messages):
+            if message.id in found or message.id in fresh_ids:
+                continue
+            existing = None if body.messages[index].id is None else await service.store.get(message.id)
+            if existing is not None:
+                _check_existing(existing, message)
+                found[message.id] = MessageOut.of(existing)
+            else:
+                fresh.append(message)
+                fresh_ids.add(message.id)
+        if fresh:
+            for out in await send_all(service, fresh):
+                found[out.id] = out
     return BatchOut(items=[found[m.id] for m in messages])
 
 

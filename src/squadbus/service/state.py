@@ -10,6 +10,7 @@ from fastapi import Depends, HTTPException, Request, status
 from squadbus.core.bus import Bus
 from squadbus.core.settings import Settings
 from squadbus.service.group_commit import GroupWriter
+from squadbus.service.id_claims import IdClaims
 from squadbus.service.metrics import ServiceMetrics
 from squadbus.service.sse_hub import SseHub
 from squadbus.store.base import HistoryStore
@@ -76,6 +77,7 @@ class Service:
     metrics: ServiceMetrics
     writer: GroupWriter
     workers: list[Worker] = field(default_factory=list)
+    claims: IdClaims = field(default_factory=IdClaims)
 
 
 async def get_service(request: Request) -> Service:
