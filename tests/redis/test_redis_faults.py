@@ -242,3 +242,57 @@ async def test_a_dead_members_backlog_larger_than_one_claim_is_taken_over_withou
         await eventually(lambda: set(survivor.ids) >= {m.id for m in sent}, WAIT,
                          "the whole backlog claimed within one claim interval")
         assert all(d.attempt >= 2 for d in survivor.deliveries)
+
+
+async def test_after_a_server_crash_a_member_first_re_reads_its_own_pending_entries(tmp_path: Path) -> None:
+    """Issue 17 item 2: an entry Redis handed to a member at the instant of the crash (in the member's
+    pending list, the reply lost) came back only after ack_wait, after later messages of its
+    execution. After reading fails, a member now re-reads its own pending entries before new ones.
+    Here the lost reply is made by hand: a raw XREADGROUP under the member's consumer name."""
+    server = RedisServer("durable", directory=tmp_path)
+    server.start()
+    try:
+        url = f"{server.url}?profile=durable&publish_timeout=5&block=0.5"
+        agent, group = _uid("agent"), _uid("g")
+        subject = subjects.direct(agent)
+        execution = uuid.uuid4()
+        release = asyncio.Event()
+        seen: list[str] = []
+
+        async def handle(delivery: Delivery) -> None:
+            seen.append(delivery.message.content)
+            if delivery.message.content == "first":
+                await release.wait()
+
+        # ack_wait 60 s: without the re-read, "lost" would only come back by XAUTOCLAIM a minute later.
+        options = ConsumerOptions(ack_wait=60.0, batch_size=2, max_in_flight=1)
+        raw = aioredis.from_url(server.url)
+        async with Bus.from_url(url) as bus:
+            backend = bus.backend
+            assert isinstance(backend, RedisBackend)
+            stream, redis_group = backend.layout.subject_stream(subject), durable_name(group, subject)
+            sub = await bus.subscribe(subject, handle, group=group, options=options)
+            for content in ("first", "queued-1", "queued-2"):  # the handler holds "first"; then no room to read
+                await bus.send("pm", agent, content, task_execution_id=execution)
+
+            async def pending() -> int:
+                return int((await raw.xpending(stream, redis_group))["pending"])
+
+            for _ in range(int(WAIT * 20)):
+                if seen == ["first"] and await pending() == 3:
+                    break
+                await asyncio.sleep(0.05)
+            assert seen == ["first"] and await pending() == 3
+            await bus.send("pm", agent, "lost", task_execution_id=execution)
+            reply = await raw.xreadgroup(redis_group, sub.consumer, {stream: ">"}, count=10)  # type: ignore[attr-defined]
+            assert len(reply[0][1]) == 1, "the raw read under the member's name took 'lost'"
+            await raw.aclose()
+            await bus.send("pm", agent, "later", task_execution_id=execution)
+            await asyncio.to_thread(server.restart, crash=True, down_for=0.5)
+            release.set()
+            await eventually(lambda: "later" in seen and "lost" in seen, WAIT,
+                             "'lost' to come back without waiting for ack_wait")
+            assert seen.index("lost") < seen.index("later"), seen
+    finally:
+        await raw.aclose()
+        server.cleanup()

@@ -11,6 +11,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("the Redis backend needs redis-py: pip install 'squadbus[redis]'") from exc
 
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -21,6 +22,7 @@ __all__ = [
     "RETRYABLE",
     "TRANSIENT",
     "PackedCommand",
+    "Reconnects",
     "aioredis",
     "call",
     "entry_parts",
@@ -48,6 +50,38 @@ TRANSIENT: tuple[type[BaseException], ...] = (TimeoutError, *RETRYABLE)
 
 FAILURES: tuple[type[BaseException], ...] = (TimeoutError, *RETRYABLE, redis_errors.RedisError)
 """Anything a Redis command can fail with."""
+
+
+class Reconnects:
+    """Counts the times a client's pooled connections connected *again* (Redis restarted, a link broke).
+
+    redis-py reconnects a broken pooled connection silently when it hands it out, so a command
+    after a server crash succeeds and nothing tells the caller that replies may have been lost
+    (an XREADGROUP whose entries are in our pending list, never received). Group members compare
+    :attr:`count` around their reads and take such entries back (see ``GroupSubscription``).
+    First connections of new pooled connections are not counted.
+    """
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.count = 0
+        self._seen: weakref.WeakSet[Any] = weakref.WeakSet()
+        pool = client.connection_pool
+        make = pool.make_connection
+
+        # ConnectionPool.make_connection is documented as the point to override; the pool is built
+        # inside redis.asyncio.Redis (TLS and all), so it is wrapped here rather than rebuilt.
+        def make_connection() -> Any:
+            connection = make()  # type: ignore[no-untyped-call]
+            connection.register_connect_callback(self._connected)
+            return connection
+
+        pool.make_connection = make_connection  # type: ignore[method-assign]
+
+    def _connected(self, connection: Any) -> None:
+        if connection in self._seen:
+            self.count += 1
+        else:
+            self._seen.add(connection)
 
 
 def no_retry() -> Retry:

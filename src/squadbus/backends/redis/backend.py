@@ -15,6 +15,7 @@ from squadbus.backends.redis._driver import (
     FAILURES,
     RETRYABLE,
     TRANSIENT,
+    Reconnects,
     aioredis,
     call,
     no_retry,
@@ -54,6 +55,7 @@ class RedisBackend:
         self.layout = KeyLayout(self.settings.prefix, self.settings.partitions)
         self.counters = RedisCounters()
         self._client: aioredis.Redis | None = None
+        self._reconnects: Reconnects | None = None
         self._publisher: RedisPublisher | None = None
         self._trimmer: Trimmer | None = None
         self._subscriptions: set[BaseConsumer] = set()
@@ -78,6 +80,7 @@ class RedisBackend:
             socket_timeout=None, socket_connect_timeout=s.connect_timeout, socket_keepalive=True,
             client_name="squadbus", retry=no_retry(), **tls,
         )
+        reconnects = Reconnects(client)
         try:
             async with asyncio.timeout(s.connect_timeout):
                 await call(client, "PING")
@@ -92,6 +95,7 @@ class RedisBackend:
             await client.aclose()
             raise
         self._client = client
+        self._reconnects = reconnects
         self._publisher = RedisPublisher(client, self.layout, s)
         self._publisher.wait_aof = wait_aof
         if s.retention:
@@ -180,7 +184,10 @@ class RedisBackend:
     ) -> GroupSubscription | EphemeralSubscription:
         client, _ = self._require()
         subjects.validate_pattern(pattern)
-        ctx = ConsumerContext(client, self.layout, self.settings, self.counters, self.publish)
+        reconnects = self._reconnects
+        if reconnects is None:  # set together with the client, which _require() checked
+            raise Closed("redis backend is not connected")
+        ctx = ConsumerContext(client, self.layout, self.settings, self.counters, self.publish, reconnects)
         sub: GroupSubscription | EphemeralSubscription
         if group is None:
             sub = EphemeralSubscription(ctx, pattern, handler, options)

@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from squadbus.backends.redis._driver import aioredis
+from squadbus.backends.redis._driver import Reconnects, aioredis
 from squadbus.backends.redis.layout import KeyLayout
 from squadbus.backends.redis.settings import RedisSettings
 from squadbus.core import subjects
@@ -57,6 +57,7 @@ class ConsumerContext:
     settings: RedisSettings
     counters: RedisCounters
     publish: Callable[[Message], Any]
+    reconnects: Reconnects
 
 
 class Entry(msgspec.Struct, gc=False, eq=False):

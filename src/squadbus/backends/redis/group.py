@@ -137,6 +137,8 @@ class GroupSubscription(BaseConsumer):
         backoff = 0.05
         block_ms = int(self.ctx.settings.block * 1000)
         args_tail = ["STREAMS", *self.streams, *([">"] * len(self.streams))]
+        reconnects = self.ctx.reconnects
+        connected = reconnects.count
         while True:
             count = await self.wait_for_room()
             try:
@@ -161,10 +163,47 @@ class GroupSubscription(BaseConsumer):
             if self._read_failing:
                 self._read_failing = False
                 logger.info("group %s: reading again from Redis", self.group)
+            if reconnects.count != connected:
+                # A connection broke and came back (Redis restarted?): entries Redis handed us whose
+                # replies were lost are in our pending list. Take them back before this read's entries.
+                connected = reconnects.count
+                try:
+                    await self._reread_own_pending()
+                except FAILURES as exc:
+                    # Left in our pending list: XAUTOCLAIM brings them back after ack_wait.
+                    logger.warning("group %s: could not re-read own pending entries: %r", self.group, exc)
             backoff = 0.05
             for key, entries in reply:
                 for entry_id, raw in entries:
                     self._accept(key, entry_id, raw, 1)
+
+    async def _reread_own_pending(self) -> None:
+        """Take back entries Redis lists as ours that we do not hold (read replies lost in a crash).
+
+        Called after a pooled connection reconnected, before the entries of the read that
+        followed are accepted, so per-execution order holds across a server crash: without it
+        they waited in our pending list for ack_wait, behind later entries of their execution.
+        """
+        client = self.ctx.client
+        for stream in self.streams:
+            held = self._held[stream]
+            after: bytes | str = "0"
+            while True:
+                reply = await read_streams(client,
+                    "XREADGROUP", "GROUP", self.redis_group, self.consumer, "COUNT", 500, "STREAMS", stream, after,
+                )
+                entries = [entry for _, page in reply for entry in page]
+                if not entries:
+                    break
+                after = entries[-1][0]
+                lost = [(entry_id, raw) for entry_id, raw in entries if entry_id not in held]
+                if not lost:
+                    continue
+                counts = await self._delivery_counts(stream, [entry_id for entry_id, _ in lost])
+                logger.info("group %s: re-reading %d entries of %s whose delivery was lost", self.group,
+                            len(lost), stream)
+                for entry_id, raw in lost:
+                    self._accept(stream, entry_id, raw, counts.get(entry_id, 2))
 
     async def _read_failed(self, exc: BaseException, backoff: float) -> float:
         self.ctx.counters.read_errors += 1
