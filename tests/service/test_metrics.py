@@ -60,3 +60,36 @@ async def test_each_app_has_its_own_registry(make_app: MakeApp) -> None:
     key = ("squadbus_messages_published_total", (("backend", "memory"), ("message_type", "message")))
     assert a[key] == 1
     assert key not in b
+
+
+async def test_message_type_labels_are_bounded(make_app: MakeApp) -> None:
+    # an agent inventing a type per message must not grow /metrics without end (issue 16 item 3)
+    distinct, budget = 1200, 20
+    async with asgi(make_app(metrics_message_types=budget, workers=("analytics",))) as api:
+        for start in range(0, distinct, 400):
+            bodies = [message(message_type=f"type-{i}") for i in range(start, start + 400)]
+            r = await api.client.post("/v1/messages:batch", json={"messages": bodies})
+            assert r.status_code == 200
+        for _ in range(100):
+            got = samples((await api.client.get("/metrics")).text)
+            consumed = {k: v for k, v in got.items() if k[0] == "squadbus_messages_consumed_total"}
+            if sum(consumed.values()) == distinct:
+                break
+            await asyncio.sleep(0.05)
+    for family in ("squadbus_messages_published_total", "squadbus_messages_stored_total",
+                   "squadbus_messages_consumed_total"):
+        values = {dict(labels)["message_type"]: v for (name, labels), v in got.items() if name == family}
+        assert len(values) == budget + 1, family
+        assert values["other"] == distinct - budget, family
+        assert sum(values.values()) == distinct, family
+
+
+async def test_label_values_carry_no_raw_control_characters(api: Api) -> None:
+    kind = "evil\r\n# TYPE fake counter\x00\u2028end"
+    assert (await api.client.post("/v1/messages", json=message(message_type=kind))).status_code == 201
+    raw = (await api.client.get("/metrics")).content
+    assert b"\r" not in raw and b"\x00" not in raw and "\u2028".encode() not in raw
+    assert not any(line.startswith(b"# TYPE fake") for line in raw.split(b"\n"))
+    published = {dict(labels)["message_type"] for (name, labels), _ in samples(raw.decode()).items()
+                 if name == "squadbus_messages_published_total"}
+    assert len(published) == 1

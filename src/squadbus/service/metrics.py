@@ -19,6 +19,14 @@ Exported names (all prefixed ``squadbus_``):
   ``sse_catchups_total``, ``sse_gaps_total``: the SSE hub;
 * ``response_time_seconds``: question→reply time (analytics), histogram;
 * ``agents_tracked``, ``analytics_evicted_total{what}``.
+
+``message_type`` is chosen by whoever sends, so its label is bounded
+(:class:`TypeLabels`): the first ``max_types`` distinct types (ServiceOptions
+``metrics_message_types``, default 100) get a label of their own, every later
+one counts under ``other``. Label values are at most 64 characters and show
+control, separator and surrogate characters (CR, LF, NUL, U+2028, …) as
+``\\uXXXX``, so a type can never break a line of the exposition. Bounded
+labels keep a scrape small, so it is rendered on the event loop.
 """
 
 from __future__ import annotations
@@ -38,6 +46,40 @@ from squadbus.workers.analytics import Analytics
 from squadbus.workers.analytics import Histogram as PlainHistogram
 
 LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0)
+OTHER = "other"
+MAX_LABEL_CHARS = 64
+DEFAULT_MAX_TYPES = 100
+
+
+def label_text(value: str) -> str:
+    """``value`` as a label value: at most 64 characters, unprintable ones (CR, LF, NUL, ...) as ``\\uXXXX``."""
+    head = value[:MAX_LABEL_CHARS]
+    if head.isprintable():
+        return head
+    return "".join(ch if ch.isprintable() else f"\\u{ord(ch):04x}" for ch in head)
+
+
+class TypeLabels:
+    """The ``message_type`` label of a type: its own for the first ``max_types`` distinct types, then ``other``.
+
+    First come, first kept: the set never changes once full, so a series never
+    moves between labels (counters stay monotonic) and memory stays bounded.
+    """
+
+    def __init__(self, max_types: int = DEFAULT_MAX_TYPES) -> None:
+        if max_types < 0:
+            raise ValueError("max_types must be >= 0")
+        self.max_types = max_types
+        self._labels: dict[str, str] = {}
+
+    def __call__(self, message_type: str) -> str:
+        """The label for ``message_type``."""
+        label = self._labels.get(message_type)
+        if label is None:
+            if len(self._labels) >= self.max_types:
+                return OTHER
+            label = self._labels[message_type] = label_text(message_type)
+        return label
 
 
 @dataclass(slots=True)
@@ -60,9 +102,10 @@ def _histogram(name: str, doc: str, label: str | None, values: dict[str, PlainHi
 class LiveCollector(Collector):
     """Reads the Bus, hub and worker figures when Prometheus scrapes."""
 
-    def __init__(self, sources: Sources, backend: str) -> None:
+    def __init__(self, sources: Sources, backend: str, types: TypeLabels | None = None) -> None:
         self.sources = sources
         self.backend = backend
+        self.types = types or TypeLabels()
 
     def collect(self) -> Iterator[Metric]:
         """Yield the current figures (nothing for a source that is not running)."""
@@ -100,8 +143,12 @@ class LiveCollector(Collector):
                 "squadbus_messages_consumed", "Messages seen by the analytics consumer group",
                 labels=["message_type", "backend"],
             )
-            for message_type, count in sorted(fig.by_type.items()):
-                consumed.add_metric([message_type, self.backend], count)
+            folded: dict[str, float] = {}
+            for message_type, count in fig.by_type.items():
+                label = self.types(message_type)
+                folded[label] = folded.get(label, 0) + count
+            for label, total in sorted(folded.items()):
+                consumed.add_metric([label, self.backend], total)
             yield consumed
             yield _histogram("squadbus_response_time_seconds", "Time from a question to its reply", None,
                              {"": fig.response_time})
@@ -120,8 +167,9 @@ class LiveCollector(Collector):
 class ServiceMetrics:
     """The metrics of one app: a private registry plus the service's own counters."""
 
-    def __init__(self, backend: str) -> None:
+    def __init__(self, backend: str, *, max_types: int = DEFAULT_MAX_TYPES) -> None:
         self.backend = backend
+        self.types = TypeLabels(max_types)
         self.registry = CollectorRegistry()
         self.sources = Sources()
         self.published = Counter(
@@ -136,8 +184,8 @@ class ServiceMetrics:
             "squadbus_consumer_lag_seconds", "Time from a message's created_at to its commit in the store",
             ["worker"], buckets=LAG_BUCKETS, registry=self.registry,
         )
-        self.registry.register(LiveCollector(self.sources, backend))
-        # labels() is a locked dict lookup with validation: keep the children at hand
+        self.registry.register(LiveCollector(self.sources, backend, self.types))
+        # labels() is a locked dict lookup with validation: keep the children at hand (keyed by label: bounded)
         self._stored_children: dict[tuple[str, str], Any] = {}
         self._published_children: dict[str, Any] = {}
         self._lag_children: dict[str, Any] = {}
@@ -151,7 +199,7 @@ class ServiceMetrics:
         if lag is None:
             lag = self._lag_children[worker] = self.lag.labels(worker)
         for row in rows:
-            key = (row.message.message_type, worker)
+            key = (self.types(row.message.message_type), worker)
             counter = self._stored_children.get(key)
             if counter is None:
                 counter = self._stored_children[key] = self.stored.labels(*key)
@@ -160,9 +208,10 @@ class ServiceMetrics:
 
     def record_published(self, message_type: str) -> None:
         """Count one message sent through the HTTP API."""
-        counter = self._published_children.get(message_type)
+        label = self.types(message_type)
+        counter = self._published_children.get(label)
         if counter is None:
-            counter = self._published_children[message_type] = self.published.labels(message_type, self.backend)
+            counter = self._published_children[label] = self.published.labels(label, self.backend)
         counter.inc()
 
     def render(self) -> tuple[bytes, str]:

@@ -34,7 +34,9 @@ class ServiceOptions:
     audit-logger's file (None: ``audit.jsonl`` in the settings' data directory). ``poll_interval``: the
     feeds' safety-net store poll. ``db_writer_max_wait``: batching delay of
     the in-process db-writer (SSE latency of messages published directly on
-    the bus).
+    the bus). ``readiness_timeout``: seconds each ``/readyz`` check may take.
+    ``metrics_message_types``: distinct message types with a ``/metrics`` label
+    of their own; later ones count under ``other``.
     """
 
     workers: tuple[str, ...] = ALL_WORKERS
@@ -50,6 +52,7 @@ class ServiceOptions:
     audit_max_bytes: int = 64 * 1024 * 1024
     audit_max_files: int | None = None
     readiness_timeout: float = 2.0
+    metrics_message_types: int = 100
 
     def __post_init__(self) -> None:
         unknown = set(self.workers) - set(ALL_WORKERS)
