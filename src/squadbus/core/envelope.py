@@ -281,7 +281,7 @@ def decode(
     """Parse wire bytes into a validated Message; raises MalformedMessage on bad input."""
     try:
         message = _decoder.decode(data)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:  # JSON nested past the decoder's limit: RecursionError
         raise MalformedMessage(f"not a valid squadbus envelope: {exc}") from exc
     # The decoder checked every field's type (and created_at's timezone, message_type non-empty);
     # left are the names and the size.

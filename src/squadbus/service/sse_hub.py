@@ -442,7 +442,10 @@ class ViewerStream:
     ``last`` is the highest seq sent. A live frame that does not continue it
     (the viewer's queue overflowed, or it joined while rows were committed) is
     replaced by a read of the store after ``last``; rows the store no longer
-    holds because of retention become one ``gap`` event.
+    holds because of retention become one ``gap`` event (reason
+    ``retention``), and seqs the store holds but cannot read (it skips such
+    rows) one ``gap`` each (reason ``unreadable``), so a bad row never stalls
+    a stream.
     """
 
     def __init__(self, hub: SseHub, viewer: Viewer, *, after: int, heartbeat: float) -> None:
@@ -465,16 +468,25 @@ class ViewerStream:
                 return
             if rows[0].seq > self.last + 1:
                 snapshot = await store.snapshot(execution)
-                if snapshot.first_seq <= self.last + 1:
-                    # not a retention gap: the missing rows are not visible yet; retry shortly
-                    self.viewer.behind = True
-                    return
-                yield self.gap_frame(snapshot.first_seq - 1, "retention")
-                stats.gaps_sent += 1
+                if snapshot.first_seq > self.last + 1:
+                    yield self.gap_frame(snapshot.first_seq - 1, "retention")
+                    stats.gaps_sent += 1
+                if rows[0].seq > self.last + 1:
+                    again = await store.after(execution, self.last, 1, max_bytes=1)
+                    if again and again[0].seq < rows[0].seq:
+                        # the missing rows were not visible yet: read again shortly
+                        self.viewer.behind = True
+                        return
             chunk: list[bytes] = []
             size = 0
             for row in rows:
                 if row.seq > self.last:
+                    if row.seq > self.last + 1:
+                        # stored but unreadable (the store logs and skips such a row), or removed by hand
+                        frame = self.gap_frame(row.seq - 1, "unreadable")
+                        stats.gaps_sent += 1
+                        chunk.append(frame)
+                        size += len(frame)
                     frame = message_frame(row)
                     self.last = row.seq
                     chunk.append(frame)
