@@ -14,7 +14,9 @@ from squadbus.core.errors import SquadbusError
 from squadbus.workers.bridge import Bridge
 
 
-async def run_bridge(source_url: str, destination_url: str, pattern: str, group: str, from_start: bool) -> int:
+async def run_bridge(
+    source_url: str, destination_url: str, pattern: str, group: str, from_start: bool, ack_wait: float = 30.0,
+) -> int:
     """Run a Bridge until SIGINT/SIGTERM; returns how many messages it copied."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -22,7 +24,7 @@ async def run_bridge(source_url: str, destination_url: str, pattern: str, group:
         loop.add_signal_handler(sig, stop.set)
     async with Bus.from_url(source_url) as source, Bus.from_url(destination_url) as destination:
         bridge = Bridge(source, destination, pattern=pattern, group=group,
-                        start_from=StartFrom.EARLIEST if from_start else StartFrom.NEW)
+                        start_from=StartFrom.EARLIEST if from_start else StartFrom.NEW, ack_wait=ack_wait)
         await bridge.start()
         click.echo(f"bridging {pattern} from {source.backend.name} to {destination.backend.name} "
                    f"as group {group!r}; Ctrl-C to stop", err=True)
@@ -37,11 +39,18 @@ async def run_bridge(source_url: str, destination_url: str, pattern: str, group:
 @click.option("--to", "destination_url", required=True, help="Destination backend URL.")
 @click.option("--pattern", default=subjects.ALL, show_default=True, help="Subjects to copy.")
 @click.option("--group", default="bridge", show_default=True, help="Durable consumer group on the source.")
-@click.option("--from-start", is_flag=True, help="A new group starts from the earliest retained message.")
-def bridge(source_url: str, destination_url: str, pattern: str, group: str, from_start: bool) -> None:
-    """Copy messages from one backend to another (a migration without touching producers)."""
+@click.option("--from-start", is_flag=True,
+              help="A new group starts from the earliest retained message (without it: from now on).")
+@click.option("--ack-wait", default=30.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds a copy may take before the source redelivers it to another consumer.")
+def bridge(source_url: str, destination_url: str, pattern: str, group: str, from_start: bool, ack_wait: float) -> None:
+    """Copy messages from one backend to another (a migration without touching producers).
+
+    One bridge per group: on start it takes over what its group holds unacknowledged (a bridge
+    that died) before anything new, so executions keep their order in the destination.
+    """
     try:
-        asyncio.run(run_bridge(source_url, destination_url, pattern, group, from_start))
+        asyncio.run(run_bridge(source_url, destination_url, pattern, group, from_start, ack_wait))
     except (SquadbusError, OSError, ImportError) as exc:
         click.echo(f"squadbus: error: {exc}", err=True)
         raise SystemExit(1) from None

@@ -63,7 +63,12 @@ class ConsumerOptions:
     ``max_in_flight`` is how many deliveries one subscription may hand to its
     handler at once (1 = strictly one at a time, the default; more lets a
     batching handler such as the db-writer collect a batch, at the cost of
-    per-execution order *between* concurrent handler calls).
+    per-execution order *between* concurrent handler calls). ``take_over``: on
+    start, take every message the group holds unacknowledged (its members
+    died) before any new one, in order, instead of waiting ``ack_wait`` for
+    them; only for a subscription that is its group's one member (the
+    bridge), since it takes them from live members too. Backends whose groups
+    resume from a committed position (Kafka) do this by nature.
     """
 
     max_deliver: int = 5
@@ -75,6 +80,7 @@ class ConsumerOptions:
     max_in_flight: int = 1
     start: StartFrom = StartFrom.EARLIEST
     slow_consumer: SlowConsumerPolicy = SlowConsumerPolicy.BLOCK
+    take_over: bool = False
 
     def __post_init__(self) -> None:
         if self.max_deliver < 1:

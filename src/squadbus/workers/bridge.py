@@ -4,7 +4,10 @@ A durable consumer group (``bridge`` by default) on the source republishes
 each message, unchanged and with the same ``id``, to the destination, and
 acks on the source only after the destination stored it. A crash re-sends
 at most the unacked messages; the destination (or the idempotent db-writer)
-drops the copies by id. Messages the bridge itself would loop back (a
+drops the copies by id. A (re)started bridge takes over what its group
+holds unacknowledged before copying anything new (``ConsumerOptions.take_over``),
+so a crash does not reorder an execution in the destination; run one bridge
+per group. Messages the bridge itself would loop back (a
 bridge in each direction) carry the ``bridged-from`` header and are skipped.
 """
 
@@ -34,12 +37,14 @@ class Bridge:
         pattern: str = subjects.ALL,
         group: str = "bridge",
         start_from: StartFrom = StartFrom.EARLIEST,
+        ack_wait: float = 30.0,
     ) -> None:
         self.source = source
         self.destination = destination
         self.pattern = pattern
         self.group = group
         self.start_from = start_from
+        self.ack_wait = ack_wait
         self.copied = 0
         self.skipped = 0
         self._sub: Subscription | None = None
@@ -55,7 +60,8 @@ class Bridge:
     async def start(self) -> None:
         """Start copying (idempotent)."""
         if self._sub is None:
-            options = ConsumerOptions(start=self.start_from, max_deliver=1_000_000, backoff_max=10.0)
+            options = ConsumerOptions(start=self.start_from, max_deliver=1_000_000, backoff_max=10.0,
+                                      ack_wait=self.ack_wait, take_over=True)
             self._sub = await self.source.subscribe(self.pattern, self._copy, group=self.group, options=options)
             logger.info("bridge %s -> %s started on %s", self.source.backend.name,
                         self.destination.backend.name, self.pattern)

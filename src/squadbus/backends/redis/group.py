@@ -133,7 +133,37 @@ class GroupSubscription(BaseConsumer):
 
     # ---- reading -----------------------------------------------------------------------------
 
+    async def _take_over(self) -> None:
+        """Claim every entry of the group's pending lists, in order, before the first read (``take_over``)."""
+        backoff = 0.05
+        client = self.ctx.client
+        for stream in self.streams:
+            cursor: bytes | str = "0-0"
+            while True:
+                room = await self.wait_for_room()
+                try:
+                    next_cursor, entries, deleted = await call(client,
+                        "XAUTOCLAIM", stream, self.redis_group, self.consumer, 0, cursor, "COUNT", room
+                    )
+                    if deleted:
+                        self._report_trimmed(stream, len(deleted))
+                    counts = await self._delivery_counts(stream, [i for i, _ in entries]) if entries else {}
+                except FAILURES as exc:
+                    backoff = await self._read_failed(exc, backoff)
+                    continue
+                if entries:
+                    self.ctx.counters.claimed += len(entries)
+                    logger.info("group %s: took over %d unacknowledged entries of %s", self.group, len(entries),
+                                stream)
+                for entry_id, fields in entries:
+                    self._accept(stream, entry_id, fields, counts.get(entry_id, 2))
+                if next_cursor in (b"0-0", "0-0"):
+                    break
+                cursor = next_cursor
+
     async def _read_loop(self) -> None:
+        if self.options.take_over:
+            await self._take_over()
         backoff = 0.05
         block_ms = int(self.ctx.settings.block * 1000)
         args_tail = ["STREAMS", *self.streams, *([">"] * len(self.streams))]
