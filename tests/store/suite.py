@@ -259,6 +259,33 @@ class StoreSuite:
         [again] = await store.write([stored[1].message])
         assert again.seq == 2
 
+    async def test_reads_bounded_in_bytes(self, store: HistoryStore) -> None:
+        x = uuid.uuid4()
+        agent = f"agent-{uuid.uuid4().hex[:6]}"
+        stored = await store.write([msg(agent, execution=x, content=str(i) * 1000) for i in range(5)])
+        size = len(envelope.encode(stored[0].message))
+        budget = 2 * size + size // 2  # two bodies fit, three do not
+        assert [s.seq for s in await store.after(x, 0, max_bytes=budget)] == [1, 2]
+        assert [s.seq for s in await store.after(x, 2, max_bytes=1)] == [3]  # at least one row
+        assert [s.seq for s in await store.after(x, 3, 1, max_bytes=budget)] == [4]
+        assert len(await store.after(x, 0, max_bytes=10**9)) == 5
+        seen: list[int] = []
+        cursor = None
+        for _ in range(5):
+            page = await store.query(HistoryQuery(agent_id=agent, limit=3, max_bytes=budget, cursor=cursor))
+            assert 1 <= len(page.items) <= 2
+            seen += [s.seq for s in page.items]
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        assert seen == [1, 2, 3, 4, 5] and cursor is None
+        one = await store.query(HistoryQuery(agent_id=agent, limit=3, max_bytes=1))
+        assert [s.seq for s in one.items] == [1] and one.next_cursor is not None
+        whole = await store.query(HistoryQuery(agent_id=agent, limit=5, max_bytes=10**9))
+        assert len(whole.items) == 5 and whole.next_cursor is None
+        with pytest.raises(InvalidQuery):
+            await store.query(HistoryQuery(max_bytes=0))
+
     async def test_ping_open_close(self, store_factory: StoreFactory) -> None:
         store = await store_factory()
         assert isinstance(store, HistoryStore)
