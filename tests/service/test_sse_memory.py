@@ -9,6 +9,7 @@ real server subprocess (``/proc/<pid>/status``), loopback only.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.service.conftest import UvicornProcess
+from tests.service.conftest import MakeApp, UvicornProcess, read_events, served
 
 MiB = 1024 * 1024
 MESSAGES = 32
@@ -141,3 +142,45 @@ def test_stuck_squad_watchers_keep_memory_bounded(uvicorn_process: UvicornProces
     assert after < AFTER_BOUND, f"RSS still {after // MiB} MiB above {before // MiB} MiB after {WAVES} waves left"
     ids = _read_all(uvicorn_process.url, "/v1/events", str(MESSAGES))
     assert len(ids) == MESSAGES
+
+
+async def test_a_viewer_that_stops_reading_is_dropped_and_resumes(make_app: MakeApp) -> None:
+    app = make_app(sse_send_timeout=0.5, max_content_bytes=3 * MiB)
+    execution = uuid.uuid4()
+    loop = asyncio.get_running_loop()
+    async with served(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+        body = {"sender_id": "pm", "recipient_id": "dev-1", "task_execution_id": str(execution)}
+        for index in range(8):  # more than the socket buffers between the server and a client that never reads
+            response = await client.post("/v1/messages", json={**body, "content": f"{index}" * CONTENT_BYTES})
+            assert response.status_code == 201
+        hub = app.state.service.hub
+        port = int(url.rsplit(":", 1)[1])
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, ("127.0.0.1", port))
+            await loop.sock_sendall(sock, f"GET /v1/executions/{execution}/events HTTP/1.1\r\n"
+                                          f"Host: 127.0.0.1:{port}\r\n\r\n".encode())
+            for _ in range(200):
+                if hub.viewer_count == 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert hub.viewer_count == 1
+            for _ in range(400):  # dropped by the server while the client still holds its socket
+                if hub.viewer_count == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert hub.viewer_count == 0
+            received = bytearray()
+            while chunk := await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), 10):
+                received += chunk
+        finally:
+            sock.close()
+        complete = bytes(received).rsplit(b"\n\n", 1)[0]
+        last_id = [line[4:].decode() for line in complete.split(b"\n") if line.startswith(b"id: ")][-1]
+        assert 1 <= int(last_id) < 8
+        async with client.stream("GET", f"/v1/executions/{execution}/events",
+                                 headers={"Last-Event-ID": last_id}) as response:
+            events = await read_events(response, 1 + 8 - int(last_id))
+        assert [e.id for e in events[1:]] == [str(seq) for seq in range(int(last_id) + 1, 9)]

@@ -41,6 +41,7 @@ from squadbus.service.errors import LocatedInvalid
 from squadbus.service.routes_messages import ERRORS
 from squadbus.service.routes_sse import RETRY_MS, resume_cursor
 from squadbus.service.sse_hub import CHUNK_BYTES, HEARTBEAT_FRAME, STORE_PAGE, event_frame, message_payload
+from squadbus.service.sse_response import SseResponse
 from squadbus.service.state import Service, ServiceDep
 from squadbus.store import HistoryQuery, position_cursor
 
@@ -146,7 +147,4 @@ async def squad_events(
         finally:
             hub.unwatch(watcher)
 
-    return StreamingResponse(
-        frames(), media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return SseResponse(frames(), send_timeout=service.options.sse_send_timeout)

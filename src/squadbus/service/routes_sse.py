@@ -25,6 +25,7 @@ from squadbus.service.errors import LocatedInvalid
 from squadbus.service.routes_messages import ERRORS
 from squadbus.service.schemas import SnapshotOut
 from squadbus.service.sse_hub import ViewerStream, event_frame
+from squadbus.service.sse_response import SseResponse
 from squadbus.service.state import ServiceDep
 
 router = APIRouter(prefix="/v1", tags=["executions"])
@@ -96,7 +97,4 @@ async def execution_events(
         finally:
             hub.leave(viewer)
 
-    return StreamingResponse(
-        frames(), media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return SseResponse(frames(), send_timeout=service.options.sse_send_timeout)

@@ -30,7 +30,9 @@ class ServiceOptions:
     between SSE comment lines. ``sse_queue_size`` and ``sse_buffer_bytes``:
     frames and bytes buffered per viewer before it is caught up from the store
     instead. ``sse_page_bytes``: message bodies read from the store at a time
-    by an SSE replay (at least one message). ``audit_path``: the
+    by an SSE replay (at least one message). ``sse_send_timeout``: seconds
+    an SSE client may take no data before its stream is dropped (it resumes
+    with ``Last-Event-ID``). ``audit_path``: the
     audit-logger's file (None: ``audit.jsonl`` in the settings' data directory). ``poll_interval``: the
     feeds' safety-net store poll. ``db_writer_max_wait``: batching delay of
     the in-process db-writer (SSE latency of messages published directly on
@@ -45,6 +47,7 @@ class ServiceOptions:
     sse_queue_size: int = 1024
     sse_buffer_bytes: int = 4 * 1024 * 1024
     sse_page_bytes: int = 1024 * 1024
+    sse_send_timeout: float = 60.0
     poll_interval: float = 5.0
     db_writer_batch_size: int = 500
     db_writer_max_wait: float = 0.01
@@ -58,10 +61,11 @@ class ServiceOptions:
         unknown = set(self.workers) - set(ALL_WORKERS)
         if unknown:
             raise ValueError(f"unknown workers {sorted(unknown)}; expected some of {', '.join(ALL_WORKERS)}")
-        if self.heartbeat <= 0 or self.poll_interval <= 0 or min(
+        if self.heartbeat <= 0 or self.poll_interval <= 0 or self.sse_send_timeout <= 0 or min(
             self.sse_queue_size, self.sse_buffer_bytes, self.sse_page_bytes
         ) < 1:
-            raise ValueError("heartbeat and poll_interval must be positive, sse_queue_size and sse_*_bytes >= 1")
+            raise ValueError("heartbeat, poll_interval and sse_send_timeout must be positive, "
+                             "sse_queue_size and sse_*_bytes >= 1")
 
     def body_limit(self, settings: Settings) -> int:
         """The request body size limit in bytes."""
