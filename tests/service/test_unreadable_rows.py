@@ -11,6 +11,7 @@ sending the same id again answers with the stored seq instead of a 500.
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import uuid
 
@@ -121,3 +122,32 @@ async def test_streams_get_a_gap_for_the_row(make_app: MakeApp, store_url: str, 
         async with client.stream("GET", "/v1/events") as response:
             events = await read_events(response, 4, timeout=5)
             assert [e.data["content"] for e in events[1:]] == ["m0", "m2", "m3"]
+
+
+def _nested(depth: int) -> dict[str, object]:
+    value: dict[str, object] = {"leaf": 1}
+    for _ in range(depth - 1):
+        value = {"a": value}
+    return value
+
+
+async def test_what_a_post_stores_it_can_answer_and_show(make_app: MakeApp) -> None:
+    execution = uuid.uuid4()
+    async with served(make_app()) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+        deepest = _nested(32)  # the deepest metadata the envelope accepts
+        sent = await client.post("/v1/messages", json=message(execution=execution, metadata=deepest))
+        assert sent.status_code == 201, sent.text
+        assert sent.json()["metadata"] == deepest
+        for bad in ({"metadata": _nested(33)}, {"metadata": {"x": float("inf")}}):
+            refused = await client.post("/v1/messages", content=json.dumps(message(execution=execution, **bad)),
+                                        headers={"Content-Type": "application/json"})
+            assert refused.status_code == 422, refused.text
+            batch = await client.post("/v1/messages:batch", content=json.dumps(
+                {"messages": [message(execution=execution), message(execution=execution, **bad)]}),
+                headers={"Content-Type": "application/json"})
+            assert batch.status_code == 422, batch.text
+        history = await client.get("/v1/messages", params={"task_execution_id": str(execution)})
+        assert [m["metadata"] for m in history.json()["items"]] == [deepest]
+        async with client.stream("GET", f"/v1/executions/{execution}/events") as response:
+            [_, event] = await read_events(response, 2, timeout=5)
+        assert event.data["metadata"] == deepest
