@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
 import uuid
 from pathlib import Path
@@ -167,11 +168,15 @@ def test_serve_process_runs_everything_and_says_so(tmp_path: Path) -> None:
     log = tmp_path / "serve.log"
     store = f"sqlite+aiosqlite:///{tmp_path / 'serve.db'}"
     argv = [sys.executable, "-m", "squadbus", "serve", "--port", str(port), "--store", store,
-            "--audit-path", str(tmp_path / "audit.jsonl"), "--log-level", "warning"]
+            "--audit-path", str(tmp_path / "audit.jsonl"), "--log-level", "warning",
+            "--max-connections", "50", "--header-timeout", "1"]
     proc = spawn(argv, log, env=env)
     try:
         wait_until(lambda: port_open(port), 30, "squadbus serve", proc)
         base = f"http://127.0.0.1:{port}"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+            slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # headers that never end
+            assert slow.recv(64).startswith(b"HTTP/1.1 408 ")
         r = httpx.post(base + "/v1/messages", json={"sender_id": "pm", "content": "hi"})
         assert r.status_code == 201
         assert httpx.get(base + "/readyz").status_code == 200
@@ -187,3 +192,4 @@ def test_serve_process_runs_everything_and_says_so(tmp_path: Path) -> None:
     assert "backend: memory://" in out and "store:   sqlite+aiosqlite" in out
     assert "auth:    OPEN" in out
     assert "db-writer, sse-broadcaster, analytics, audit-logger" in out
+    assert "limits:  50 connections, headers within 1 s, bodies within 30 s" in out

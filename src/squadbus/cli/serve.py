@@ -63,10 +63,17 @@ def parse_workers(value: str) -> tuple[str, ...]:
               help="Audit log file (default: audit.jsonl in the data directory, SQUADBUS_DATA_DIR).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="uvicorn log level.")
+@click.option("--max-connections", default=None, type=click.IntRange(1),
+              help="Open connections before new ones get 503 [default: 4096, less under a low open-files limit].")
+@click.option("--header-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds a connection may take to send a request's headers (408 after).")
+@click.option("--body-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds a request body may take to arrive (408 after).")
 @click.pass_context
 def serve(
     ctx: click.Context, host: str, port: int, backend_url: str | None, store_url: str | None,
     tokens_file: str | None, workers: str, audit_path: str | None, log_level: str,
+    max_connections: int | None, header_timeout: float, body_timeout: float,
 ) -> None:
     """Run the HTTP service (REST, SSE, /metrics, dashboard) with its workers."""
     import uvicorn
@@ -74,6 +81,7 @@ def serve(
     from squadbus.service import ServiceOptions, create_app
     from squadbus.service.auth import load_tokens
     from squadbus.service.open_mode import is_loopback
+    from squadbus.service.server import ServerLimits, protocol_class
 
     base = ctx.obj if isinstance(ctx.obj, Settings) else Settings.from_env()
     try:
@@ -84,7 +92,9 @@ def serve(
             tokens_file=tokens_file or base.tokens_file,
         )
         tokens = load_tokens(settings.tokens_file)
-        options = ServiceOptions(workers=parse_workers(workers), audit_path=audit_path)
+        options = ServiceOptions(workers=parse_workers(workers), audit_path=audit_path, body_timeout=body_timeout)
+        limits = ServerLimits(header_timeout=header_timeout) if max_connections is None else \
+            ServerLimits(max_connections=max_connections, header_timeout=header_timeout)
         # the app refuses non-loopback peers in open mode itself; refusing here fails at start, not per request
         if tokens.open and not is_loopback(host):
             raise click.UsageError(
@@ -102,6 +112,8 @@ def serve(
     if "audit-logger" in options.workers:
         click.echo(f"  audit:   {options.audit_path or settings.audit_path}")
     click.echo(f"  workers: {', '.join(options.workers) or 'none'}")
+    click.echo(f"  limits:  {limits.max_connections} connections, headers within {limits.header_timeout:g} s, "
+               f"bodies within {options.body_timeout:g} s")
     if tokens.open:
         click.echo(f"  auth:    OPEN, no tokens file: anyone who can reach {host} may send and read "
                    "(allowed on loopback only)")
@@ -112,7 +124,7 @@ def serve(
     gc.set_threshold(GC_THRESHOLD, 50, 1000)
     gc.freeze()
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                            timeout_graceful_shutdown=10)
+                            timeout_graceful_shutdown=10, http=protocol_class(limits))
     server = uvicorn.Server(config)
     try:
         server.run()

@@ -218,7 +218,7 @@ def create_app(
     app.state.tokens = table
     app.state.service = None
     errors.install(app)
-    app.add_middleware(BodyLimit, max_bytes=options.body_limit(settings))
+    app.add_middleware(BodyLimit, max_bytes=options.body_limit(settings), body_timeout=options.body_timeout)
     if table.open:
         app.add_middleware(LoopbackOnly)  # added last: the outermost check
     app.include_router(routes_messages.router)

@@ -38,7 +38,8 @@ class ServiceOptions:
     the in-process db-writer (SSE latency of messages published directly on
     the bus). ``readiness_timeout``: seconds each ``/readyz`` check may take.
     ``metrics_message_types``: distinct message types with a ``/metrics`` label
-    of their own; later ones count under ``other``.
+    of their own; later ones count under ``other``. ``body_timeout``: seconds
+    a request body may take to arrive (408 after).
     """
 
     workers: tuple[str, ...] = ALL_WORKERS
@@ -56,6 +57,7 @@ class ServiceOptions:
     audit_max_files: int | None = None
     readiness_timeout: float = 2.0
     metrics_message_types: int = 100
+    body_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         unknown = set(self.workers) - set(ALL_WORKERS)

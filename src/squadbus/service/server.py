@@ -1,0 +1,141 @@
+"""Connection limits uvicorn lacks: a cap on open connections and a deadline for request headers.
+
+uvicorn (0.55) answers 503 past ``limit_concurrency`` only once a whole
+request has arrived, and has no timeout for reading request headers: a
+client that opens connections and sends headers a byte at a time
+(slowloris) holds a socket each until the process runs out of file
+descriptors. The protocol classes here close that gap:
+
+* past ``max_connections`` open connections, a new connection gets an
+  immediate ``503`` (``Retry-After: 1``) and is closed before anything is
+  read, so the process never runs out of descriptors;
+* a connection must deliver a request's complete headers within
+  ``header_timeout`` seconds of opening, and of each previous response:
+  otherwise it gets ``408`` and is closed. A request being handled (an SSE
+  stream, a slow handler) is never cut: the deadline covers headers only.
+
+The body is the app's business (``ServiceOptions.body_timeout``, see
+:mod:`.limits`). ``squadbus serve`` installs these classes; with plain
+uvicorn, pass ``--http squadbus.service.server:GuardedHttpToolsProtocol``
+(or ``GuardedH11Protocol``) for the default :class:`ServerLimits`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+from dataclasses import dataclass
+from typing import Any
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+_FD_RESERVE = 64  # descriptors kept for the store, the broker, logs and the listening socket
+
+
+def default_max_connections() -> int:
+    """4096, or fewer when the open-files limit would not allow that many plus a reserve."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 4096
+    return max(16, min(4096, soft - _FD_RESERVE))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ServerLimits:
+    """Per-process connection limits (see the module docstring)."""
+
+    max_connections: int = default_max_connections()
+    header_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 1 or self.header_timeout <= 0:
+            raise ValueError("max_connections must be >= 1 and header_timeout > 0")
+
+
+def _response(status: str, detail: str, *extra: str) -> bytes:
+    body = json.dumps({"detail": detail}).encode()
+    head = [f"HTTP/1.1 {status}", "content-type: application/json", f"content-length: {len(body)}",
+            "connection: close", *extra]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+REFUSED = _response("503 Service Unavailable", "too many open connections; retry later", "retry-after: 1")
+TIMED_OUT = _response("408 Request Timeout", "request headers not received in time")
+
+
+class _Guard:
+    """What both protocol classes add to uvicorn's (mixed in before the uvicorn class)."""
+
+    limits: ServerLimits = ServerLimits()
+    _refused = False
+    _header_timer: asyncio.TimerHandle | None = None
+
+    # provided by the uvicorn protocol class this is mixed into
+    server_state: Any
+    transport: asyncio.Transport
+    loop: asyncio.AbstractEventLoop
+    cycle: Any
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Refuse past the cap, else serve with a deadline for the first request's headers."""
+        if len(self.server_state.connections) >= self.limits.max_connections:
+            self._refused = True
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(REFUSED)
+            transport.close()
+            return
+        super().connection_made(transport)  # type: ignore[misc]
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        """Ignore anything a refused connection still sends."""
+        if not self._refused:
+            super().data_received(data)  # type: ignore[misc]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Stop the header deadline."""
+        if self._refused:
+            return
+        self._disarm()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def on_response_complete(self) -> None:
+        """Start the next request's header deadline (before uvicorn may start a pipelined one)."""
+        self._arm()
+        super().on_response_complete()  # type: ignore[misc]
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._header_timer = self.loop.call_later(self.limits.header_timeout, self._expire, self.cycle)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _expire(self, cycle_when_armed: Any) -> None:
+        self._header_timer = None
+        # a new cycle means a request's headers arrived in time; a websocket owns the transport now
+        if self.cycle is not cycle_when_armed or self.transport.is_closing():
+            return
+        owner: object = self.transport.get_protocol()
+        if owner is not self:
+            return
+        self.transport.write(TIMED_OUT)
+        self.transport.close()
+
+
+class GuardedH11Protocol(_Guard, H11Protocol):
+    """uvicorn's h11 protocol with :class:`ServerLimits` (defaults)."""
+
+
+class GuardedHttpToolsProtocol(_Guard, HttpToolsProtocol):
+    """uvicorn's httptools protocol with :class:`ServerLimits` (defaults)."""
+
+
+def protocol_class(limits: ServerLimits, *, http: str = "auto") -> type[asyncio.Protocol]:
+    """A uvicorn ``http=`` protocol class enforcing ``limits`` (``http``: auto, h11 or httptools)."""
+    base: type[_Guard] = GuardedH11Protocol if http == "h11" else GuardedHttpToolsProtocol
+    return type(f"{base.__name__}Limited", (base,), {"limits": limits})
