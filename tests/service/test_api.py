@@ -87,7 +87,7 @@ async def test_batch_is_validated_before_anything_is_sent(api: Api) -> None:
     batch = [message(execution=execution), message(execution=execution, sender_id="bad id")]
     r = await api.client.post("/v1/messages:batch", json={"messages": batch})
     assert r.status_code == 422
-    assert r.json()["detail"][0]["loc"] == ["body", "messages", 1]
+    assert r.json()["detail"][0]["loc"][:3] == ["body", "messages", 1]
     page = (await api.client.get("/v1/messages", params={"task_execution_id": str(execution)})).json()
     assert page["items"] == []
 

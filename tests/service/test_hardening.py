@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from squadbus.store import position_cursor
 from tests.service.conftest import Api, MakeApp, asgi, auth, message, read_events, served
 
 SURROGATE_FIELDS = ("message_type", "recipient_id", "domain", "sender_id")
@@ -119,3 +120,10 @@ async def test_with_tokens_any_host_and_client_is_served(make_app: MakeApp, toke
         async with httpx.AsyncClient(transport=transport, base_url="http://squad.example") as client:
             r = await client.post("/v1/messages", json=message(), headers=auth("pm"))
             assert r.status_code == 201, r.text
+
+
+@pytest.mark.parametrize("position", [2**63, 2**70])
+async def test_cursor_past_int64_is_a_422(secure_api: Api, position: int) -> None:
+    r = await secure_api.client.get("/v1/messages", params={"cursor": position_cursor(position)},
+                                    headers=auth("admin"))
+    assert r.status_code == 422, r.text

@@ -25,7 +25,7 @@ from squadbus import __version__
 from squadbus.core.bus import Bus
 from squadbus.core.errors import ConfigError, SquadbusError
 from squadbus.core.settings import Settings
-from squadbus.service import dashboard, errors, routes_events, routes_messages, routes_sse
+from squadbus.service import dashboard, errors, openapi, routes_events, routes_messages, routes_sse
 from squadbus.service.auth import Principal, Role, TokenTable, load_tokens, reader
 from squadbus.service.group_commit import GroupWriter
 from squadbus.service.limits import BodyLimit
@@ -226,4 +226,5 @@ def create_app(
     app.include_router(routes_events.router)
     app.include_router(ops)
     app.include_router(dashboard.router)
+    openapi.describe(app)
     return app

@@ -204,7 +204,9 @@ async def list_messages(
     message_type: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
     since: Annotated[IsoDateTime | None, Query(description="created_at >= since (with a timezone)")] = None,
     until: Annotated[IsoDateTime | None, Query(description="created_at < until (with a timezone)")] = None,
-    cursor: Annotated[str | None, Query(description="next_cursor of the previous page", max_length=1000)] = None,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page, unchanged (opaque, "
+                                                    "unpadded base64url)", max_length=64,
+                                        pattern=r"^[A-Za-z0-9_-]+$")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> MessagePage:
     """Messages matching every filter given, oldest first, with their seq and server ``stored_at``."""

@@ -11,7 +11,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from squadbus.store.base import ExecutionSnapshot, StoredMessage
 
 MAX_BATCH = 500
-AGENT_ID = Field(min_length=1, max_length=200, description="Agent id: one subject token (no spaces, '.', '*', '>').")
+TOKEN_PATTERN = r"^[^\x00-\x20\x7f-\xa0.*>]+$"
+"""The part of the subject-token rule a JSON Schema pattern can say; the server also refuses every other
+character Python's ``str.isprintable`` refuses (Unicode separators, format and unassigned characters)."""
+TOKEN_RULE = ("one subject token: printable characters only, no whitespace (Unicode separators included), "
+              "control, format (bidi overrides, zero-width) or unassigned characters, and no '.', '*' or '>'")
+AGENT_ID = Field(min_length=1, max_length=200, pattern=TOKEN_PATTERN, description=f"Agent id: {TOKEN_RULE}.")
 
 
 class MessageIn(BaseModel):
@@ -23,8 +28,10 @@ class MessageIn(BaseModel):
         default=None, description="Idempotency key: repeating a request with the same id returns the same message."
     )
     sender_id: str = AGENT_ID
-    recipient_id: str | None = Field(default=None, min_length=1, max_length=200)
-    domain: str | None = Field(default=None, min_length=1, max_length=200)
+    recipient_id: str | None = Field(default=None, min_length=1, max_length=200, pattern=TOKEN_PATTERN,
+                                     description=f"Recipient agent id ({TOKEN_RULE}); null broadcasts.")
+    domain: str | None = Field(default=None, min_length=1, max_length=200, pattern=TOKEN_PATTERN,
+                               description=f"Domain of a broadcast ({TOKEN_RULE}).")
     content: str
     message_type: str = Field(default="message", min_length=1, max_length=200)
     task_execution_id: UUID | None = None

@@ -50,7 +50,7 @@ def decode_cursor(cursor: str) -> int:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         if text.startswith(_CURSOR_PREFIX):
             position = int(text[len(_CURSOR_PREFIX):])
-            if position >= 0:
+            if 0 <= position < 2**63:  # positions are int64 in every engine: a larger one cannot be a query value
                 return position
     except (binascii.Error, UnicodeDecodeError, ValueError):
         pass
