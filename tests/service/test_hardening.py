@@ -127,3 +127,12 @@ async def test_cursor_past_int64_is_a_422(secure_api: Api, position: int) -> Non
     r = await secure_api.client.get("/v1/messages", params={"cursor": position_cursor(position)},
                                     headers=auth("admin"))
     assert r.status_code == 422, r.text
+
+
+async def test_batch_over_500_is_a_422_with_nothing_sent(api: Api) -> None:
+    execution = uuid.uuid4()
+    bodies = [message(execution=execution, content=f"m{i}") for i in range(501)]
+    r = await api.client.post("/v1/messages:batch", json={"messages": bodies})
+    assert r.status_code == 422
+    page = (await api.client.get("/v1/messages", params={"task_execution_id": str(execution)})).json()
+    assert page["items"] == []
