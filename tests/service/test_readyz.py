@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -12,6 +13,9 @@ import pytest
 
 from squadbus.core.envelope import Message
 from squadbus.core.errors import ConnectionLost
+from squadbus.testing.servers.kafka import TansuServer
+from squadbus.testing.servers.nats import NatsServer
+from squadbus.testing.servers.redis import RedisServer
 from tests.service.conftest import MakeApp, asgi
 
 
@@ -76,3 +80,41 @@ async def test_closed_bus_is_not_ready(make_app: MakeApp) -> None:
         r = await running.client.get("/readyz")
     assert r.status_code == 503
     assert "closed" in r.json()["checks"]["bus"]
+
+
+async def ready_then_not_then_ready(make_app: MakeApp, url: str, stop: Callable[[], object],
+                                    start: Callable[[], object]) -> None:
+    """Ready while the broker runs; ``bus`` not ready (within the timeout) while it is down; ready once it is back."""
+    async with asgi(make_app(url=url, workers=(), readiness_timeout=3.0)) as running:
+        r = await running.client.get("/readyz")
+        assert (r.status_code, r.json()["checks"]) == (200, {"store": "ok", "bus": "ok"})
+        stop()
+        r = await asyncio.wait_for(running.client.get("/readyz"), 20)
+        assert r.status_code == 503
+        checks = r.json()["checks"]
+        assert checks["store"] == "ok" and checks["bus"].startswith("unavailable"), checks
+        start()
+        for _ in range(100):
+            if (await running.client.get("/readyz")).status_code == 200:
+                break
+            await asyncio.sleep(0.2)
+        assert (await running.client.get("/readyz")).json()["checks"]["bus"] == "ok"
+
+
+@pytest.mark.redis
+async def test_readyz_round_trip_on_redis(make_app: MakeApp) -> None:
+    with RedisServer("durable") as server:
+        await ready_then_not_then_ready(make_app, server.url, server.stop, server.start)
+
+
+@pytest.mark.nats
+async def test_readyz_round_trip_on_nats(make_app: MakeApp, tmp_path: Path) -> None:
+    with NatsServer(tmp_path / "nats") as server:
+        await ready_then_not_then_ready(make_app, server.url, server.stop, server.start)
+
+
+@pytest.mark.kafka
+async def test_readyz_round_trip_on_kafka(make_app: MakeApp) -> None:
+    with TansuServer() as server:
+        await ready_then_not_then_ready(make_app, f"{server.url}?partitions=2&idempotence=off", server.stop,
+                                        server.start)
