@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from squadbus.cli.main import main
 from squadbus.cli.serve import redact
+from squadbus.core import envelope
 from squadbus.core.bus import Bus
 from squadbus.service.open_mode import is_loopback
 from squadbus.testing.servers.process import free_port, port_open, spawn, stop, wait_until
@@ -193,3 +194,12 @@ def test_serve_process_runs_everything_and_says_so(tmp_path: Path) -> None:
     assert "auth:    OPEN" in out
     assert "db-writer, sse-broadcaster, analytics, audit-logger" in out
     assert "limits:  50 connections, headers within 1 s, bodies within 30 s" in out
+
+
+async def test_analytics_counts_types_past_its_bound_as_other() -> None:
+    async with Bus.from_url("memory://") as bus:
+        analytics = Analytics(bus, max_types=3)
+        for i in range(10):
+            analytics.record(envelope.build(subject="agent.message.dev-1", sender_id="pm", recipient_id="dev-1",
+                                            content="x", message_type=f"t{i}"))
+    assert dict(analytics.figures.by_type) == {"t0": 1, "t1": 1, "t2": 1, "other": 7}

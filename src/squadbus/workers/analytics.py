@@ -11,7 +11,9 @@ header (``Bus.request``/``Bus.reply``), ``metadata["in_reply_to"]`` (a message
 id), or, for a ``message_type == "question"``, the next message in the same
 execution from the asked agent back to the asker. Tracking is bounded
 (``max_open_questions``, ``max_agents``); what is evicted is counted and
-exported, never silently dropped.
+exported, never silently dropped. Message types are chosen by senders, so
+``by_type`` counts the first ``max_types`` distinct types on their own and
+every later one under ``other``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ PATTERNS = ("agent.message.>", "agent.reply.>")
 RESPONSE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 LATENCY_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 QUESTION = "question"
+OTHER_TYPES = "other"
 
 K = TypeVar("K")
 
@@ -97,11 +100,13 @@ class Analytics:
 
     name = "analytics"
 
-    def __init__(self, bus: Bus, *, max_agents: int = 100_000, max_open_questions: int = 100_000) -> None:
-        if max_agents < 1 or max_open_questions < 1:
-            raise ValueError("max_agents and max_open_questions must be at least 1")
+    def __init__(self, bus: Bus, *, max_agents: int = 100_000, max_open_questions: int = 100_000,
+                 max_types: int = 10_000) -> None:
+        if max_agents < 1 or max_open_questions < 1 or max_types < 1:
+            raise ValueError("max_agents, max_open_questions and max_types must be at least 1")
         self.bus = bus
         self.max_agents = max_agents
+        self.max_types = max_types
         self.max_open_questions = max_open_questions
         self.figures = AnalyticsSnapshot()
         self.latency = Histogram(LATENCY_BUCKETS)
@@ -133,7 +138,11 @@ class Analytics:
         """Account for one message (public so tests and other callers can feed it directly)."""
         figures = self.figures
         figures.messages += 1
-        figures.by_type[message.message_type] += 1
+        by_type = figures.by_type
+        kind = message.message_type
+        if kind not in by_type and len(by_type) >= self.max_types:
+            kind = OTHER_TYPES
+        by_type[kind] += 1
         sender = self._agent(message.sender_id)
         sender.sent += 1
         sender.last_seen = message.created_at
