@@ -18,6 +18,7 @@ silently skipping the dead letter.
 
 from __future__ import annotations
 
+import logging
 import secrets
 
 import nats.js.errors
@@ -27,6 +28,9 @@ from nats.js.client import JetStreamContext
 from squadbus.backends.nats.settings import NatsSettings
 from squadbus.backends.nats.translate import translate
 from squadbus.core.backend import ConsumerOptions, StartFrom, durable_name
+from squadbus.core.errors import BackendTimeout
+
+logger = logging.getLogger("squadbus.backends.nats")
 
 
 def consumer_config(
@@ -54,8 +58,27 @@ def consumer_config(
     return config
 
 
-async def ensure_consumer(js: JetStreamContext, stream: str, config: api.ConsumerConfig) -> None:
-    """Create the consumer unless it exists (a durable is joined as it is)."""
+async def ensure_consumer(
+    js: JetStreamContext, stream: str, config: api.ConsumerConfig, *, attempts: int = 3
+) -> None:
+    """Create the consumer unless it exists (a durable is joined as it is).
+
+    A call that times out is asked again, up to ``attempts`` times in all: on a busy cluster (a
+    leader election, many replicated consumers being created) one create can take longer than one
+    JetStream API timeout, and asking again is safe (a durable is looked up first, and creating
+    the same config twice is idempotent).
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            await _ensure_once(js, stream, config)
+            return
+        except BackendTimeout as exc:
+            if attempt == attempts:
+                raise
+            logger.warning("consumer %s: %s; asking again (%d of %d)", config.name, exc, attempt + 1, attempts)
+
+
+async def _ensure_once(js: JetStreamContext, stream: str, config: api.ConsumerConfig) -> None:
     name = config.name
     assert name is not None
     if config.durable_name:
