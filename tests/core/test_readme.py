@@ -14,6 +14,7 @@ EXPECTED = {
     "dev-1 got task: build the login form",
     "dev-1 got broadcast: stand-up in 5 minutes",
     "pm got: done (approved)",
+    "pm got: on my way",
 }
 
 
@@ -41,7 +42,7 @@ def test_readme_example_is_examples_squad_py_and_about_thirty_lines() -> None:
 def test_example_runs_on_memory() -> None:
     lines = run_example("memory://")
     assert set(lines) == EXPECTED
-    assert len(lines) == 3
+    assert len(lines) == 4
 
 
 def test_first_lines_give_the_two_commands_and_the_disclaimer() -> None:
