@@ -5,13 +5,15 @@ from __future__ import annotations
 import pytest
 
 from squadbus.core.bus import Bus
-from squadbus.testing.conformance import BusFactory, ConformanceSuite, Features
+from squadbus.testing.conformance import BusFactory, ConformanceSuite, Features, HostProcessCases
 
 pytestmark = pytest.mark.redis
 
 
-class TestRedisConformance(ConformanceSuite):
-    features = Features(name="redis", persistent=True, dedupe=True, replay=True, timeout=20.0)
+class TestRedisConformance(ConformanceSuite, HostProcessCases):
+    # inbox_scale: 2 pooled connections per inbox, redis-py's pool stops at 100 (issue 15).
+    features = Features(name="redis", persistent=True, dedupe=True, replay=True, timeout=20.0,
+                        inbox_scale=40, inbox_resource_bound=8)
 
     @pytest.fixture
     async def bus_factory(self, redis_url: str) -> BusFactory:
@@ -19,3 +21,7 @@ class TestRedisConformance(ConformanceSuite):
             return await Bus.from_url(redis_url).start()
 
         return make
+
+    @pytest.fixture
+    def bus_url(self, redis_url: str) -> str:
+        return redis_url

@@ -22,10 +22,15 @@ no test asserts how fast anything happens.
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import uuid
+import zlib
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
 
 import msgspec
 import pytest
@@ -41,12 +46,15 @@ from squadbus.core.errors import (
     InvalidSubject,
     MessageTooLarge,
     Nack,
+    ReceiveTimeout,
     Reject,
     RequestTimeout,
 )
 from squadbus.core.inbox import Inbox
+from squadbus.testing import inbox_host
 
 BusFactory = Callable[[], Awaitable[Bus]]
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,6 +72,16 @@ class Features:
     there it starts again at 1). ``timeout``: seconds any wait may take before
     the test fails. ``scale``: a multiplier on message counts for slow backends
     (1.0 = the full suite).
+
+    Inboxes at scale (issue 15, docs/design/inboxes.md): ``inbox_scale`` is how
+    many default inboxes one Bus opens at once in the scale case (2,000 is the
+    target; a backend that still pays a broker consumer or connection per inbox
+    runs what it holds today). ``inbox_resource_bound`` is the broker-side bound
+    per Bus (Redis connections ≤ 8, NATS consumers ≤ 8, Kafka members ≤ 4; None
+    where there is no broker), counted by the suite's ``broker_resources``
+    fixture. ``inboxes_multiplexed``: inboxes share the Bus's broker resources
+    and tasks; until it is set, the cost case asserts today's cost *grows* with
+    the agents, so it fails, and asks for the flag, the day it stops growing.
     """
 
     name: str
@@ -74,6 +92,24 @@ class Features:
     shared_attempts: bool = True
     timeout: float = 20.0
     scale: float = 1.0
+    inbox_scale: int = 2000
+    inbox_resource_bound: int | None = None
+    inboxes_multiplexed: bool = False
+
+
+def open_sockets() -> int:
+    """Sockets this process holds open (Linux ``/proc/self/fd``): the default count of broker connections."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+        except OSError:  # closed between listdir and readlink
+            continue
+    return count
+
+
+def _chunks(items: Sequence[_T], size: int) -> list[Sequence[_T]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def _uid(prefix: str) -> str:
@@ -137,6 +173,17 @@ class ConformanceSuite:
     async def bus(self, open_bus: BusFactory) -> Bus:
         """One started Bus."""
         return await open_bus()
+
+    @pytest.fixture
+    def broker_resources(self) -> Callable[[], Awaitable[int]]:
+        """Counts the broker resources ``inbox_resource_bound`` is about; override per backend.
+
+        The default counts this process's open sockets (connections to the broker).
+        """
+        async def count() -> int:
+            return open_sockets()
+
+        return count
 
     def n(self, count: int) -> int:
         """``count`` scaled by ``features.scale`` (at least 2)."""
@@ -662,6 +709,69 @@ class ConformanceSuite:
             assert again.attempt == (2 if self.features.shared_attempts else 1)
             await again.ack()
 
+    # ---- inboxes at scale (issue 15) ------------------------------------------------------------
+
+    async def test_scale_many_inboxes_each_get_their_own_message_once(self, bus: Bus) -> None:
+        agents = [_uid("agent") for _ in range(self.features.inbox_scale)]
+        inboxes = [bus.inbox(agent) for agent in agents]
+        try:
+            for chunk in _chunks(inboxes, 200):
+                await asyncio.gather(*(inbox.open() for inbox in chunk))
+            sent: dict[str, uuid.UUID] = {}
+            for names in _chunks(agents, 200):
+                messages = await asyncio.gather(*(bus.send("pm", agent, f"for {agent}") for agent in names))
+                sent.update((m.recipient_id or "", m.id) for m in messages)
+
+            async def first(inbox: Inbox) -> uuid.UUID:
+                delivery = await inbox.get(self.features.timeout)
+                await delivery.ack()
+                return delivery.message.id
+
+            got = await asyncio.gather(*(first(inbox) for inbox in inboxes))
+            assert dict(zip(agents, got, strict=True)) == sent, "every inbox gets the message sent to its agent"
+
+            async def nothing_more(inbox: Inbox) -> uuid.UUID | None:
+                try:
+                    extra = await inbox.get(0.5)
+                except ReceiveTimeout:
+                    return None
+                await extra.ack()
+                return extra.message.id
+
+            extras = [i for i in await asyncio.gather(*(nothing_more(inbox) for inbox in inboxes)) if i]
+            assert extras == [], f"{len(extras)} messages delivered twice"
+        finally:
+            for chunk in _chunks(inboxes, 200):
+                await asyncio.gather(*(inbox.close() for inbox in chunk))
+
+    async def test_scale_inbox_cost_stays_bounded_per_bus(
+        self, bus: Bus, broker_resources: Callable[[], Awaitable[int]]
+    ) -> None:
+        # More agents than any bound: 20 default inboxes (direct + squad + one domain each).
+        count = 20
+        bound = self.features.inbox_resource_bound
+        await asyncio.sleep(0.2)  # let connections of earlier tests finish closing
+        resources_before, tasks_before = await broker_resources(), len(asyncio.all_tasks())
+        inboxes = [bus.inbox(_uid("agent"), domains=["dev"]) for _ in range(count)]
+        try:
+            await asyncio.gather(*(inbox.open() for inbox in inboxes))
+            resources = await broker_resources() - resources_before
+            tasks = len(asyncio.all_tasks()) - tasks_before
+        finally:
+            await asyncio.gather(*(inbox.close() for inbox in inboxes))
+        if self.features.inboxes_multiplexed:
+            assert tasks <= 4, f"{count} inboxes started {tasks} tasks"
+            if bound is not None:
+                assert resources <= bound, f"{count} inboxes hold {resources} broker resources (bound {bound})"
+        else:
+            # Today's cost, which issue 15 removes: a consumer (tasks, and on a broker a
+            # connection or consumer) per subscription. Set inboxes_multiplexed once this fails.
+            assert tasks >= count, f"{count} inboxes started only {tasks} tasks: set Features.inboxes_multiplexed"
+            if bound is not None:
+                assert resources > bound, (
+                    f"{count} inboxes hold {resources} broker resources, within the bound {bound}: "
+                    "set Features.inboxes_multiplexed")
+
     async def test_nack_delay_zero_is_at_once_none_is_the_backoff(self, bus: Bus) -> None:
         # A backoff longer than any wait here: only a redelivery "at once" can arrive in time.
         options = ConsumerOptions(backoff_base=60, backoff_max=60, ack_wait=120)
@@ -746,3 +856,110 @@ class ConformanceSuite:
 def _new() -> ConsumerOptions:
     return ConsumerOptions(start=StartFrom.NEW)
 
+
+
+class HostProcessCases:
+    """Inboxes across host processes, for backends whose broker outlives a process (issue 15, item 2).
+
+    Mix into a backend's conformance class next to :class:`ConformanceSuite`
+    and provide a ``bus_url`` fixture: the URL child processes connect to.
+    Hosts run :mod:`squadbus.testing.inbox_host`; agents are placed by
+    ``crc32(agent) % hosts``, as ``squadbus simulate`` places them.
+    """
+
+    features: Features
+    host_agents = 10
+    """Agents per host process."""
+    host_ack_wait = 2.0
+    """The hosts' ack wait: how long a dead host's deliveries stay with it."""
+
+    @pytest.fixture
+    async def start_host(self, bus_url: str, tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[_Host]]]:
+        """Start host processes; each is killed (SIGKILL, by PID) at the end of the test if still running."""
+        hosts: list[_Host] = []
+
+        async def start(agents: Sequence[str], mode: str = "ack") -> _Host:
+            log = tmp_path / f"host-{len(hosts)}.log"
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", inbox_host.MODULE, bus_url, str(log), str(self.host_ack_wait), mode, *agents)
+            host = _Host(proc, log)
+            hosts.append(host)
+            await eventually(lambda: host.ready or proc.returncode is not None, self.features.timeout * 3,
+                             f"host {log.name} to open {len(agents)} inboxes")
+            assert proc.returncode is None, f"host {log.name} exited with {proc.returncode}"
+            return host
+
+        yield start
+        for host in hosts:
+            await host.kill()
+
+    async def test_hosts_get_only_their_own_agents_messages(
+        self, bus: Bus, start_host: Callable[..., Awaitable[_Host]]
+    ) -> None:
+        agents = [_uid("agent") for _ in range(2 * self.host_agents)]
+        placed: list[list[str]] = [[], []]
+        for agent in agents:
+            placed[zlib.crc32(agent.encode()) % 2].append(agent)
+        hosts = [await start_host(placed[0]), await start_host(placed[1])]
+        sent = {m.id: m.recipient_id for m in await asyncio.gather(*(bus.send("pm", a, "hi") for a in agents))}
+        await eventually(lambda: sum(len(h.deliveries()) for h in hosts) >= len(sent), self.features.timeout * 3,
+                         "every message delivered to a host")
+        await asyncio.sleep(0.5)  # time for a copy to reach the other host, if one were sent
+        for index, host in enumerate(hosts):
+            got = host.deliveries()
+            assert len(got) == len({message_id for _, message_id, _ in got}), "a host got a message twice"
+            assert {agent for agent, _, _ in got} == set(placed[index]), "a host got another host's agent"
+            assert {sent[message_id] for _, message_id, _ in got} == set(placed[index])
+        assert sorted(str(i) for h in hosts for _, i, _ in h.deliveries()) == sorted(str(i) for i in sent)
+
+    async def test_kill9_of_a_host_loses_nothing_when_its_agents_open_elsewhere(
+        self, bus: Bus, start_host: Callable[..., Awaitable[_Host]]
+    ) -> None:
+        agents = [_uid("agent") for _ in range(self.host_agents)]
+        host = await start_host(agents, mode="hold")
+        first = {m.recipient_id: m.id for m in await asyncio.gather(*(bus.send("pm", a, "1") for a in agents))}
+        second = {m.recipient_id: m.id for m in await asyncio.gather(*(bus.send("pm", a, "2") for a in agents))}
+        await eventually(lambda: len(host.deliveries()) >= len(agents), self.features.timeout * 3,
+                         "the host to hold a delivery per agent")
+        await host.kill()
+        options = ConsumerOptions(ack_wait=self.host_ack_wait)
+
+        async def reopen(agent: str) -> list[tuple[uuid.UUID, int]]:
+            async with bus.inbox(agent, broadcasts=False, options=options) as inbox:
+                got = []
+                for _ in range(2):
+                    delivery = await inbox.get(self.features.timeout * 2)
+                    got.append((delivery.message.id, delivery.attempt))
+                    await delivery.ack()
+                return got
+
+        results = dict(zip(agents, await asyncio.gather(*(reopen(a) for a in agents)), strict=True))
+        for agent, got in results.items():
+            assert [message_id for message_id, _ in got] == [first[agent], second[agent]], (
+                f"{agent}: the message the dead host held, then the next, in order")
+            if self.features.shared_attempts:
+                assert got[0][1] >= 2, f"{agent}: the held message comes back as a redelivery"
+
+
+class _Host:
+    """A running :mod:`squadbus.testing.inbox_host` process and its log."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, log: Path) -> None:
+        self.proc, self.log = proc, log
+
+    def _lines(self) -> list[str]:
+        return self.log.read_text().splitlines() if self.log.exists() else []
+
+    @property
+    def ready(self) -> bool:
+        return "ready" in self._lines()
+
+    def deliveries(self) -> list[tuple[str, uuid.UUID, int]]:
+        """``(agent, message id, attempt)`` per delivery the host logged."""
+        rows = [line.split() for line in self._lines() if line != "ready"]
+        return [(agent, uuid.UUID(message_id), int(attempt)) for agent, message_id, attempt in rows]
+
+    async def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+        await self.proc.wait()
