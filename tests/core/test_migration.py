@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
 from squadbus.backends.dual import DualBackend, from_url
 from squadbus.backends.memory import MemoryBackend
+from squadbus.backends.spool import Spool
 from squadbus.core.backend import (
     Backend,
     BatchSubscriber,
@@ -21,7 +23,7 @@ from squadbus.core.backend import (
 )
 from squadbus.core.bus import Bus
 from squadbus.core.envelope import Message, build
-from squadbus.core.errors import ConfigError, PublishFailed
+from squadbus.core.errors import ConfigError, ConnectionLost, MessageTooLarge, PublishFailed
 from squadbus.workers.bridge import BRIDGED_FROM, Bridge
 
 
@@ -173,3 +175,69 @@ async def test_bridge_retries_until_the_destination_takes_it() -> None:
         assert flaky_backend.stats()["replay_window"]["retained"] == 1
         await bridge.stop()
         await destination.close()
+
+
+# ---- dual:// secondary=spool (issue 17, item 4); the outage of a real server is in tests/nats/test_dual_spool.py
+
+
+def test_dual_url_options() -> None:
+    spooled = from_url("dual://memory://|memory://|secondary=spool&spool=/tmp/x.db&retry_max=2")
+    assert spooled.spool is not None and str(spooled.spool.path) == "/tmp/x.db" and spooled.retry_max == 2
+    assert from_url("dual://memory://|memory://").spool is None
+    for bad, says in (("secondary=later", "fail or spool"), ("speed=1", "unknown dual:// option"),
+                      ("spool=/tmp/x.db", "needs secondary=spool"), ("secondary=spool&retry_max=x", "number")):
+        with pytest.raises(ConfigError, match=says):
+            from_url(f"dual://memory://|memory://|{bad}")
+
+
+def test_dual_default_spool_is_in_the_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SQUADBUS_DATA_DIR", str(tmp_path))
+    spool = from_url("dual://memory://|redis://127.0.0.1:6379/0|secondary=spool").spool
+    assert spool is not None and spool.path.parent == tmp_path and spool.path.name.startswith("dual-spool-")
+
+
+async def test_one_process_per_spool_file(tmp_path: Path) -> None:
+    first = DualBackend(MemoryBackend(), MemoryBackend(), spool=Spool(tmp_path / "s.db"))
+    second = DualBackend(MemoryBackend(), MemoryBackend(), spool=Spool(tmp_path / "s.db"))
+    await first.connect()
+    try:
+        with pytest.raises(ConfigError, match="in use by another process"):
+            await second.connect()
+    finally:
+        await first.close()
+    third = DualBackend(MemoryBackend(), MemoryBackend(), spool=Spool(tmp_path / "s.db"))
+    await third.connect()  # free again once the first closed
+    await third.close()
+
+
+class _Refusing(MemoryBackend):
+    """A secondary that is down until told otherwise and refuses one content for good."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = True
+
+    async def publish(self, message: Message) -> None:
+        if self.down:
+            raise ConnectionLost("secondary down")
+        if message.content == "too big there":
+            raise MessageTooLarge("over the secondary's limit")
+        await super().publish(message)
+
+
+async def test_spool_sets_aside_what_the_secondary_refuses_for_good_and_sends_the_rest(tmp_path: Path) -> None:
+    old, new = MemoryBackend(), _Refusing()
+    execution = uuid.uuid4()
+    async with Bus(DualBackend(old, new, spool=Spool(tmp_path / "s.db"), retry_max=0.05)) as bus:
+        sent = [await bus.send("pm", "dev-1", text, task_execution_id=execution)
+                for text in ("a", "too big there", "b")]
+        backend = bus.backend
+        assert isinstance(backend, DualBackend)
+        assert backend.figures()["dual_spool_depth"] == 3
+        new.down = False
+        await _wait(lambda: backend.figures()["dual_spool_depth"] == 0, "the spool to drain")
+        assert backend.figures()["dual_spool_refused"] == 1
+        on_new = [m.id async for _, m in new.replay(execution)]
+        assert on_new == [sent[0].id, sent[2].id]
+        after = await bus.send("pm", "dev-1", "c", task_execution_id=execution)
+        assert [m.id async for _, m in new.replay(execution)][-1] == after.id, "direct again once drained"

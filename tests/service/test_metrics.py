@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -93,3 +94,12 @@ async def test_label_values_carry_no_raw_control_characters(api: Api) -> None:
     published = {dict(labels)["message_type"] for (name, labels), _ in samples(raw.decode()).items()
                  if name == "squadbus_messages_published_total"}
     assert len(published) == 1
+
+
+async def test_metrics_show_the_dual_write_spool(make_app: MakeApp, tmp_path: Path) -> None:
+    url = f"dual://memory://|memory://|secondary=spool&spool={tmp_path / 'spool.db'}"
+    async with asgi(make_app(url=url)) as api:
+        got = samples((await api.client.get("/metrics")).text)
+    assert got[("squadbus_backend_dual_spool_depth", ())] == 0
+    assert got[("squadbus_backend_dual_spool_refused", ())] == 0
+    assert got[("squadbus_backend_dual_secondary_failures", ())] == 0

@@ -18,16 +18,41 @@ Subscriptions and replay read from the primary only. The migration:
 3. ``nats://new`` alone. Rollback at any step: set the URL back.
 
 ``squadbus bridge`` is the alternative when producers cannot be changed.
+
+**The secondary's policy** is a third ``|`` part of the URL:
+``dual://<primary>|<secondary>|secondary=spool&spool=/var/lib/squadbus/spool.db``.
+
+* ``secondary=fail`` (the default): as above, a publish raises when the
+  secondary did not store it, so an outage of the new system stops producers.
+* ``secondary=spool``: the primary's acknowledgement decides success. What the
+  secondary did not take is appended to a local durable spool
+  (:mod:`squadbus.backends.spool`; ``spool=`` its file, default
+  ``dual-spool-<digest of the secondary URL>.db`` in ``SQUADBUS_DATA_DIR``) and
+  sent to it in spool order, retried with backoff up to ``retry_max`` seconds
+  (default 5) until it lands; while anything is spooled, new messages queue
+  behind it, so per-execution order holds on the secondary. A message the
+  secondary refuses for good (too large there, say) is set aside in the
+  spool's ``refused`` table with the reason, logged, and counted. What is
+  spooled survives a restart of the process (the same ``spool=`` resumes
+  it). The depth is :meth:`DualBackend.figures` (``/metrics``:
+  ``squadbus_backend_dual_spool_depth``). The secondary must be reachable
+  when the process starts; outages after that are spooled.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Sequence
+import os
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from uuid import UUID
 
+from squadbus.backends.spool import Spool, default_path
 from squadbus.core.backend import (
     Backend,
     BatchRawHandler,
@@ -42,6 +67,7 @@ from squadbus.core.batching import gather_batches
 from squadbus.core.envelope import Message
 from squadbus.core.errors import BackendError, BackendTimeout, ConfigError, InvalidMessage, PublishFailed, SquadbusError
 from squadbus.core.registry import open_backend
+from squadbus.core.settings import default_data_dir
 
 logger = logging.getLogger("squadbus.backends.dual")
 
@@ -56,50 +82,146 @@ def secondary_error(primary: str, secondary: str, exc: SquadbusError, ids: str) 
 
 
 class DualBackend:
-    """Writes to two backends, reads from the first."""
+    """Writes to two backends, reads from the first; see the module docstring for the secondary's policy."""
 
-    def __init__(self, primary: Backend, secondary: Backend) -> None:
+    def __init__(
+        self, primary: Backend, secondary: Backend, *, spool: Spool | None = None, retry_max: float = 5.0
+    ) -> None:
         self.primary = primary
         self.secondary = secondary
         self.name = f"dual({primary.name}|{secondary.name})"
         self.secondary_failures = 0
+        self.spool = spool
+        self.retry_max = retry_max
+        self._spooling = False
+        self._order = asyncio.Lock()  # held to append to the spool and to decide it is empty
+        self._drainer: asyncio.Task[None] | None = None
 
     async def connect(self) -> None:
-        """Connect both; if the secondary fails, the primary is closed again."""
+        """Connect both (and open the spool); if the secondary fails, the primary is closed again."""
         await self.primary.connect()
         try:
             await self.secondary.connect()
+            if self.spool is not None:
+                await self.spool.open()
+                if self.spool.depth:
+                    logger.warning("dual-write: %d messages spooled for %s by an earlier run; sending them first",
+                                   self.spool.depth, self.secondary.name)
+                    self._spooling = True
+                    self._start_drainer()
         except BaseException:
             await self.primary.close()
+            await self.secondary.close()
             raise
 
     async def close(self) -> None:
-        """Close both (idempotent)."""
+        """Close both (idempotent); what is still spooled stays on disk for the next start."""
+        drainer, self._drainer = self._drainer, None
+        if drainer is not None:
+            drainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await drainer
         try:
             await self.primary.close()
         finally:
-            await self.secondary.close()
+            try:
+                await self.secondary.close()
+            finally:
+                if self.spool is not None:
+                    await self.spool.close()
+
+    def figures(self) -> Mapping[str, float]:
+        """Gauges for ``/metrics``: the spool's depth and refusals, the secondary's failures."""
+        spool = self.spool
+        return {
+            "dual_secondary_failures": self.secondary_failures,
+            "dual_spool_depth": spool.depth if spool is not None else 0,
+            "dual_spool_refused": spool.refused if spool is not None else 0,
+        }
 
     async def publish(self, message: Message) -> None:
-        """Store in the primary, then the secondary; raise if either failed."""
+        """Store in the primary, then the secondary (or its spool)."""
         await self.primary.publish(message)
-        try:
-            await self.secondary.publish(message)
-        except SquadbusError as exc:
-            self.secondary_failures += 1
-            logger.warning("dual-write: secondary %s failed for %s: %s", self.secondary.name, message.id, exc)
-            raise secondary_error(self.primary.name, self.secondary.name, exc, "id") from exc
+        await self._to_secondary([message], "id")
 
     async def publish_many(self, messages: Sequence[Message]) -> None:
-        """Store all in the primary, then all in the secondary, each with its batch publish if it has one."""
+        """Store all in the primary, then all in the secondary (or its spool), each with its batch publish."""
         await publish_all(self.primary, messages)
-        try:
-            await publish_all(self.secondary, messages)
-        except SquadbusError as exc:
-            self.secondary_failures += 1
-            logger.warning("dual-write: secondary %s failed for a batch of %d: %s",
-                           self.secondary.name, len(messages), exc)
-            raise secondary_error(self.primary.name, self.secondary.name, exc, "ids") from exc
+        await self._to_secondary(messages, "ids")
+
+    async def _to_secondary(self, messages: Sequence[Message], ids: str) -> None:
+        if not self._spooling:
+            try:
+                await publish_all(self.secondary, messages)
+                return
+            except SquadbusError as exc:
+                self.secondary_failures += 1
+                what = str(messages[0].id) if len(messages) == 1 else f"a batch of {len(messages)}"
+                if self.spool is None:
+                    logger.warning("dual-write: secondary %s failed for %s: %s", self.secondary.name, what, exc)
+                    raise secondary_error(self.primary.name, self.secondary.name, exc, ids) from exc
+                logger.warning("dual-write: secondary %s failed for %s (%s); spooling to %s until it answers",
+                               self.secondary.name, what, exc, self.spool.path)
+        assert self.spool is not None
+        async with self._order:
+            await self.spool.append(messages)
+            self._spooling = True
+        self._start_drainer()
+
+    def _start_drainer(self) -> None:
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain(), name="squadbus-dual-spool")
+
+    async def _drain(self) -> None:
+        """Send the spool to the secondary, oldest first, until it is empty; then publish directly again."""
+        spool = self.spool
+        assert spool is not None
+        delay, started, sent = 0.1, time.monotonic(), 0
+        while True:
+            batch = await spool.head(500)
+            if not batch:
+                async with self._order:  # no append is in flight while this is held
+                    if spool.depth == 0:
+                        self._spooling = False
+                        logger.warning("dual-write: spool drained: %d messages sent to %s in %.1f s",
+                                       sent, self.secondary.name, time.monotonic() - started)
+                        return
+                continue
+            try:
+                await publish_all(self.secondary, [m for _, m in batch])
+            except InvalidMessage:
+                # Refused for good somewhere in the batch: send one at a time to find it.
+                if not await self._send_one_by_one(batch):
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.retry_max)
+                continue
+            except SquadbusError as exc:
+                self.secondary_failures += 1
+                logger.info("dual-write: secondary %s still failing (%s); %d spooled, next try in %.1f s",
+                            self.secondary.name, exc, spool.depth, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_max)
+                continue
+            await spool.remove_through(batch[-1][0])
+            sent += len(batch)
+            delay = 0.1
+
+    async def _send_one_by_one(self, batch: Sequence[tuple[int, Message]]) -> bool:
+        """True if the whole batch was settled (sent or refused); False on a passing error."""
+        spool = self.spool
+        assert spool is not None
+        for seq, message in batch:
+            try:
+                await self.secondary.publish(message)
+            except InvalidMessage as exc:
+                logger.error("dual-write: secondary %s refuses %s for good (%s); set aside in %s (refused)",
+                             self.secondary.name, message.id, exc, spool.path)
+                await spool.refuse(seq, str(exc))
+                continue
+            except SquadbusError:
+                return False
+            await spool.remove_through(seq)
+        return True
 
     async def subscribe(
         self, pattern: str, handler: RawHandler, *, group: str | None, options: ConsumerOptions
@@ -131,11 +253,32 @@ class DualBackend:
 
 
 def from_url(url: str) -> DualBackend:
-    """``dual://<primary-url>|<secondary-url>``."""
+    """``dual://<primary-url>|<secondary-url>[|secondary=fail|spool&spool=PATH&retry_max=S]``."""
     rest = url.split("://", 1)[1] if "://" in url else ""
-    primary, sep, secondary = rest.partition("|")
+    primary, sep, tail = rest.partition("|")
+    secondary, _, option_text = tail.partition("|")
     if not sep or not primary or not secondary:
         raise ConfigError(f"expected dual://<primary-url>|<secondary-url>, got {url!r}")
     if primary.startswith("dual:") or secondary.startswith("dual:"):
         raise ConfigError("dual:// cannot nest")
-    return DualBackend(open_backend(primary), open_backend(secondary))
+    options = dict(urllib.parse.parse_qsl(option_text, keep_blank_values=True))
+    unknown = set(options) - {"secondary", "spool", "retry_max"}
+    if unknown:
+        raise ConfigError(f"unknown dual:// option(s) {', '.join(sorted(unknown))} "
+                          "(known: secondary=fail|spool, spool=PATH, retry_max=SECONDS)")
+    policy = options.get("secondary", "fail")
+    if policy not in ("fail", "spool"):
+        raise ConfigError(f"dual:// secondary={policy!r}: expected fail or spool")
+    try:
+        retry_max = float(options.get("retry_max", "5"))
+    except ValueError:
+        raise ConfigError(f"dual:// retry_max={options['retry_max']!r} is not a number of seconds") from None
+    if not retry_max > 0:
+        raise ConfigError("dual:// retry_max must be > 0")
+    spool = None
+    if policy == "spool":
+        data_dir = os.environ.get("SQUADBUS_DATA_DIR") or default_data_dir(os.environ)
+        spool = Spool(options.get("spool") or default_path(data_dir, secondary))
+    elif "spool" in options:
+        raise ConfigError("dual:// spool= needs secondary=spool")
+    return DualBackend(open_backend(primary), open_backend(secondary), spool=spool, retry_max=retry_max)

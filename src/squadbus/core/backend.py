@@ -19,7 +19,7 @@ import enum
 import functools
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
@@ -409,6 +409,13 @@ class Backend(Protocol):
     ) -> Subscription: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class ReportsFigures(Protocol):
+    """A backend with figures of its own for ``/metrics`` (gauges named ``squadbus_backend_<key>``)."""
+
+    def figures(self) -> Mapping[str, float]: ...
 
 
 @runtime_checkable

@@ -39,6 +39,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from squadbus.core.backend import ReportsFigures
 from squadbus.core.bus import Bus
 from squadbus.service.sse_hub import SseHub
 from squadbus.store.base import StoredMessage
@@ -121,6 +122,10 @@ class LiveCollector(Collector):
                 ("bus_gaps", "Messages a slow consumer lost (reported by the backend)", s.gaps),
             ):
                 yield CounterMetricFamily(f"squadbus_{name}", doc, value=value)
+            if isinstance(src.bus.backend, ReportsFigures):
+                for key, figure in sorted(src.bus.backend.figures().items()):
+                    yield GaugeMetricFamily(f"squadbus_backend_{key}", f"{key} (see the backend's docs)",
+                                            value=figure)
         if src.hub is not None:
             hub = src.hub
             yield GaugeMetricFamily("squadbus_sse_viewers", "Connected SSE viewers", value=hub.viewer_count)

@@ -207,7 +207,9 @@ class NatsBackend:
         if nc is not None and not nc.is_closed:
             with contextlib.suppress(nats.errors.Error, TimeoutError):
                 await nc.flush(timeout=2)
-            with contextlib.suppress(nats.errors.Error):
+            # A server that is gone makes nats-py's close raise ConnectionResetError while
+            # draining its writer: the connection is closed either way.
+            with contextlib.suppress(nats.errors.Error, OSError):
                 await nc.close()
 
     # ---- Backend -----------------------------------------------------------------------------
