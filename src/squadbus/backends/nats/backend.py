@@ -23,6 +23,7 @@ from nats.aio.client import Client
 from nats.js import api
 from nats.js.client import JetStreamContext
 
+from squadbus.backends.nats.attempts import AttemptLedger
 from squadbus.backends.nats.consumers import consumer_config, consumer_exists, ensure_consumer
 from squadbus.backends.nats.publisher import NatsPublisher
 from squadbus.backends.nats.replay import replay as replay_stream
@@ -51,6 +52,7 @@ class NatsBackend:
         self._replies: ReplyRouter | None = None
         self._subs: set[NatsSubscription] = set()
         self._configs: dict[NatsSubscription, api.ConsumerConfig] = {}
+        self._ledgers: dict[str, AttemptLedger] = {}
         self._checks: set[asyncio.Task[None]] = set()
         self._connect_error: Exception | None = None
         self._closed = False
@@ -271,9 +273,18 @@ class NatsBackend:
         await sub.start()
         return sub
 
+    def attempt_ledger(self, consumer: str, *, open_limit: int) -> AttemptLedger:
+        """The attempts this process handed out for ``consumer``, shared by its members here."""
+        ledger = self._ledgers.get(consumer)
+        if ledger is None:
+            ledger = self._ledgers[consumer] = AttemptLedger(open_limit=open_limit)
+        return ledger
+
     async def forget(self, sub: NatsSubscription) -> None:
         """Called by a closing subscription: delete its consumer if it was ephemeral."""
         self._subs.discard(sub)
+        if not any(other.consumer == sub.consumer for other in self._subs):
+            self._ledgers.pop(sub.consumer, None)
         config = self._configs.pop(sub, None)
         if config is not None and not config.durable_name and self._js is not None and not self._closed:
             try:

@@ -56,8 +56,8 @@ _MALFORMED_CONTENT_LIMIT = 64 * 1024
 _FAIRNESS_STREAK = 64
 
 
-def _delivery_count(reply: str) -> int:
-    """``num_delivered`` from a JetStream ack subject, without building nats-py's Metadata.
+def _ack_info(reply: str) -> tuple[int, int]:
+    """``(num_delivered, stream sequence)`` from a JetStream ack subject, without nats-py's Metadata.
 
     ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>`` (9 tokens) or the
     v2 form with ``<domain>.<account hash>`` after ``$JS.ACK`` (11 or 12 tokens).
@@ -65,20 +65,24 @@ def _delivery_count(reply: str) -> int:
     tokens = reply.split(".")
     if tokens[0] != "$JS" or tokens[1] != "ACK":
         raise ValueError(f"not a JetStream ack subject: {reply!r}")
-    return int(tokens[4] if len(tokens) == 9 else tokens[6])
+    if len(tokens) == 9:
+        return int(tokens[4]), int(tokens[5])
+    return int(tokens[6]), int(tokens[7])
 
 
 class NatsDelivery(Delivery):
     """A delivery backed by one JetStream message; settling sends the ack protocol to its reply subject."""
 
-    __slots__ = ("_msg", "_sub")
+    __slots__ = ("_msg", "_seq", "_sub")
 
-    def __init__(self, message: Message, msg: Msg, attempt: int, sub: NatsSubscription) -> None:
+    def __init__(self, message: Message, msg: Msg, attempt: int, seq: int, sub: NatsSubscription) -> None:
         super().__init__(message, attempt=attempt, group=sub.group)
         self._msg = msg
+        self._seq = seq
         self._sub = sub
 
     async def _ack(self) -> None:
+        self._sub.attempts.settled(self._seq)
         await self._sub.send_ack(self._msg, _ACK)
 
     async def _nack(self, delay: float) -> None:
@@ -88,6 +92,7 @@ class NatsDelivery(Delivery):
         await self._sub.send_ack(self._msg, payload)
 
     async def _term(self) -> None:
+        self._sub.attempts.settled(self._seq)
         await self._sub.send_ack(self._msg, _TERM)
 
     async def in_progress(self) -> None:
@@ -132,6 +137,7 @@ class NatsSubscription:
         self._request_subject = f"$JS.API.CONSUMER.MSG.NEXT.{backend.settings.stream}.{consumer}"
         self._batch_handler: BatchRawHandler | None = None
         self._max_wait = 0.0
+        self.attempts = backend.attempt_ledger(consumer, open_limit=2 * max(options.max_pending, options.batch_size))
 
     def use_batches(self, handler: BatchRawHandler, max_wait: float) -> None:
         """Before start: hand the handler batches of up to ``batch_size`` messages (one batch at a
@@ -314,16 +320,17 @@ class NatsSubscription:
     async def _delivery_of(self, msg: Msg) -> NatsDelivery | None:
         """The delivery of ``msg``; None (after dead-lettering it) when it is not an envelope."""
         try:
-            attempt = _delivery_count(msg.reply)
+            delivered, seq = _ack_info(msg.reply)
         except (ValueError, IndexError):
             logger.error("consumer %s got a message without JetStream metadata on %s", self.consumer, msg.subject)
             return None
+        attempt = self.attempts.attempt(seq, delivered)
         try:
             message = decode(msg.data)
         except MalformedMessage as exc:
             await self._malformed(msg, exc, attempt)
             return None
-        return NatsDelivery(message, msg, attempt, self)
+        return NatsDelivery(message, msg, attempt, seq, self)
 
     async def _handle(self, msg: Msg) -> None:
         delivery = await self._delivery_of(msg)
@@ -335,6 +342,7 @@ class NatsSubscription:
         seq = msg.metadata.sequence.stream
         if self._group is None:
             logger.error("dropping malformed message at stream seq %d on %s: %s", seq, msg.subject, exc)
+            self.attempts.settled(seq)
             await self.send_ack(msg, _TERM)
             return
         original_id = (msg.headers or {}).get("Nats-Msg-Id") or f"stream-seq-{seq}"
@@ -363,6 +371,7 @@ class NatsSubscription:
             await self.send_ack(msg, b"-NAK " + json.dumps({"delay": delay}).encode())
             return
         logger.warning("dead-lettered malformed message at stream seq %d of group %s: %s", seq, self._group, exc)
+        self.attempts.settled(seq)
         await self.send_ack(msg, _TERM)
 
     async def send_ack(self, msg: Msg, payload: bytes) -> None:
