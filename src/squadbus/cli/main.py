@@ -19,6 +19,7 @@ from squadbus.cli.send import send
 from squadbus.cli.serve import serve
 from squadbus.cli.tail import tail
 from squadbus.cli.target import LOCAL_API_KEY
+from squadbus.cli.verify import verify
 from squadbus.cli.worker import worker
 from squadbus.core.errors import SquadbusError
 from squadbus.core.settings import Settings
@@ -73,3 +74,4 @@ main.add_command(history)
 main.add_command(retention)
 main.add_command(serve)
 main.add_command(worker)
+main.add_command(verify)
