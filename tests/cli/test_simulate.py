@@ -1,0 +1,87 @@
+"""``squadbus simulate`` on memory://, and its one-line refusals (the command function run with CliRunner).
+
+These check what the command reports, never how fast: timings on a shared machine are not assertions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from squadbus.benchmarks.simulate_squad import KINDS
+from squadbus.cli.simulate import simulate
+from squadbus.testing.servers.process import free_port
+
+
+def _run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(simulate, list(args), catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_a_small_squad_on_memory_holds_and_every_kind_arrives(tmp_path: Path) -> None:
+    out = tmp_path / "sim.json"
+    # --p99-target far off: held must not depend on how busy the shared machine is
+    code, stdout, stderr = _run("--url", "memory://", "--agents", "200", "--msgs-per-hour", "30",
+                                "--speedup", "240", "--duration", "3", "--p99-target", "60000", "--json", str(out))
+    assert code == 0, stdout + stderr
+    assert "verdict     custom (200 agents × 30 msgs/h): held" in stdout
+    assert "opened 200 of 200 inboxes" in stderr  # the progress line
+    [run] = json.loads(out.read_text())["runs"]
+    assert run["held"] is True and run["reasons"] == []
+    assert run["open"] == {"opened": 200, "of": 200, "seconds": run["open"]["seconds"], "errors": []}
+    assert run["lost"] == 0 and run["duplicated"] == 0 and run["misrouted"] == 0
+    assert run["sent"]["errors"] == 0 and run["sent"]["request_timeouts"] == 0
+    for kind in KINDS:
+        assert run["sent"]["by_kind"][kind] > 0, kind
+        assert run["delivered"]["by_kind"][kind] > 0, kind
+    assert run["delivered"]["total"] == run["delivered"]["expected"] > run["sent"]["total"]
+    assert run["store"]["rows"] == run["store"]["sent_persisted"] == run["sent"]["total"]
+    assert run["store"]["lag_at_end"] == 0
+    for figure in ("p50", "p99", "p99.9", "max"):
+        assert run["latency_ms"][figure] > 0
+    assert run["latency_ms"]["count"] == run["delivered"]["total"]
+    assert run["rates"]["offered_msgs_per_s"] > 0 and run["rates"]["delivered_per_s"] > 0
+    [host] = run["processes_figures"]["hosts"]
+    assert host["rss_kib"] > 0 and host["gc_frozen"] is True and "gc_max_pause_ms" in host
+
+
+def test_json_on_stdout_instead_of_the_table() -> None:
+    code, stdout, _ = _run("--url", "memory://", "--agents", "20", "--msgs-per-hour", "60", "--speedup", "600",
+                           "--duration", "1", "--p99-target", "60000", "--json", "-")
+    assert code == 0
+    document = json.loads(stdout)
+    assert document["runs"][0]["agents"] == 20 and "environment" in document
+
+
+def _one_line_usage_error(code: int, stderr: str, *words: str) -> None:
+    assert code == 2
+    [line] = stderr.strip().splitlines()
+    assert line.startswith("squadbus: error:")
+    for word in words:
+        assert word in line, line
+
+
+def test_memory_with_several_processes_is_refused() -> None:
+    code, stdout, stderr = _run("--url", "memory://", "--processes", "2", "--scenario", "1")
+    assert stdout == ""
+    _one_line_usage_error(code, stderr, "memory://", "--processes")
+
+
+def test_a_bad_url_is_one_line() -> None:
+    code, _, stderr = _run("--url", "nope://x", "--scenario", "1")
+    _one_line_usage_error(code, stderr, "nope://x")
+
+
+def test_a_down_broker_is_one_line() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    code, _, stderr = _run("--url", url, "--scenario", "1", "--duration", "1")
+    _one_line_usage_error(code, stderr, "cannot reach", url)
+
+
+def test_bad_options_are_one_line() -> None:
+    for args in (["--scenario", "6"], ["--agents", "3", "--msgs-per-hour", "5"], ["--agents", "10"],
+                 ["--scenario", "1", "--agents", "10", "--msgs-per-hour", "5"]):
+        code, _, stderr = _run("--url", "memory://", *args)
+        _one_line_usage_error(code, stderr)
