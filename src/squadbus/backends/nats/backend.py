@@ -30,6 +30,7 @@ from squadbus.backends.nats.replay import replay as replay_stream
 from squadbus.backends.nats.requests import ReplyRouter
 from squadbus.backends.nats.settings import STREAM_SUBJECTS, NatsSettings, Profile
 from squadbus.backends.nats.subscriber import NatsSubscription
+from squadbus.backends.nats.takeover import take_over
 from squadbus.backends.nats.translate import is_transient, translate
 from squadbus.core import subjects
 from squadbus.core.backend import BatchRawHandler, ConsumerOptions, RawHandler, batch_only
@@ -242,7 +243,8 @@ class NatsBackend:
         self, pattern: str, handler: RawHandler, *, group: str | None, options: ConsumerOptions
     ) -> NatsSubscription:
         """Join the durable consumer of ``(group, pattern)`` (creating it), or create an
-        ephemeral one for ``group=None``, and start pulling."""
+        ephemeral one for ``group=None``, and start pulling. With ``options.take_over`` the
+        group's unacknowledged messages are queued for redelivery first (see :mod:`.takeover`)."""
         return await self._start_subscription(pattern, handler, group, options, None)
 
     async def subscribe_batch(
@@ -263,6 +265,8 @@ class NatsBackend:
         config = consumer_config(pattern, group, options, self.settings)
         await ensure_consumer(js, self.settings.stream, config)
         assert config.name is not None
+        if options.take_over and group is not None:
+            await take_over(self.nc, js, self.settings.stream, config.name, timeout=self.settings.connect_timeout)
         sub = NatsSubscription(
             self, pattern=pattern, group=group, consumer=config.name, handler=handler, options=options
         )
