@@ -78,6 +78,7 @@ SCENARIOS: dict[int, tuple[int, int]] = {1: (100, 10), 2: (500, 20), 3: (1_000, 
 P99_TARGET_MS = {"kafka": 50.0}
 DEFAULT_P99_TARGET_MS = 10.0
 RATE_SHORTFALL = 0.95
+MAX_LATENCY_US = 3_600_000_000
 
 
 class SimulateError(Exception):
@@ -192,8 +193,11 @@ class LocalHost:
         return self._refresh()
 
     async def send(self, t0: float, duration: float) -> dict[str, Any]:
+        self.pauses.reset()
         await self.host.send_for(t0, duration)
-        return self._refresh()
+        self._refresh()
+        self.status.update(self.pauses.figures())
+        return self.status
 
     async def stop(self, timeout: float) -> dict[str, Any]:
         figures = process_figures()
@@ -203,8 +207,7 @@ class LocalHost:
             self.pauses.__exit__()
             self._log.close()
             gc.unfreeze()  # the parent goes on (a test, a second scenario): its objects are collectable again
-        self.status = {**self.host.status(), **figures, "gc_max_pause_ms": self.pauses.longest * 1e3,
-                       "gc_collections": self.pauses.collections, "gc_frozen": True}
+        self.status = {**self.host.status(), **figures, **{k: v for k, v in self.status.items() if k.startswith("gc_")}}
         return self.status
 
     def kill(self) -> None:
@@ -400,6 +403,7 @@ class RunReport:
     unknown: int = 0
     stale: int = 0
     latency_ms: dict[str, float | int | None] = field(default_factory=dict)
+    latency_by_kind_ms: dict[str, dict[str, float | int | None]] = field(default_factory=dict)
     persisted_sent: int = 0
     stored_at_end_of_sending: int = 0
     stored: int = 0
@@ -439,7 +443,7 @@ class RunReport:
             "delivered": {"total": self.delivered, "expected": self.expected, "by_kind": self.delivered_by_kind},
             "lost": self.lost, "lost_by_kind": self.lost_by_kind, "duplicated": self.duplicated,
             "misrouted": self.misrouted, "delivered_unknown": self.unknown, "stale": self.stale,
-            "latency_ms": self.latency_ms,
+            "latency_ms": self.latency_ms, "latency_by_kind_ms": self.latency_by_kind_ms,
             "store": {"sent_persisted": self.persisted_sent, "rows_at_end_of_sending": self.stored_at_end_of_sending,
                       "rows": self.stored, "lag_at_end_of_sending": self.persisted_sent - self.stored_at_end_of_sending,
                       "lag_at_end": self.persisted_sent - self.stored, "catch_up_s": self.store_catch_up_s},
@@ -602,7 +606,8 @@ def _account(config: SimConfig, squad: Squad, workdir: Path, report: RunReport, 
     t0 = min((s[2] for s in sent.values()), default=0.0)
     window_end = t0 + config.duration
     counts: Counter[tuple[str, str]] = Counter()
-    histogram = HdrHistogram(1, 3_600_000_000, 3)
+    histogram = HdrHistogram(1, MAX_LATENCY_US, 3)
+    per_kind = {kind: HdrHistogram(1, MAX_LATENCY_US, 3) for kind in KINDS}
     by_kind: Counter[str] = Counter()
     for message_id, agent, latency_us, host in deliveries:
         entry = sent.get(message_id)
@@ -617,7 +622,8 @@ def _account(config: SimConfig, squad: Squad, workdir: Path, report: RunReport, 
         if sent_at + latency_us / 1e6 <= window_end:
             report.delivered_in_window += 1
         if sent_at >= t0 + config.warmup:
-            histogram.record_value(min(latency_us, 3_600_000_000))
+            histogram.record_value(min(latency_us, MAX_LATENCY_US))
+            per_kind[kind].record_value(min(latency_us, MAX_LATENCY_US))
     report.delivered = sum(counts.values())
     report.duplicated = sum(n - 1 for n in counts.values() if n > 1)
     report.delivered_by_kind = {k: by_kind[k] for k in KINDS}
@@ -639,15 +645,20 @@ def _account(config: SimConfig, squad: Squad, workdir: Path, report: RunReport, 
     report.first_send_error = next((h["first_send_error"] for h in report.hosts if h.get("first_send_error")), "")
     report.request_timeouts = sum(int(h.get("request_timeouts", 0)) for h in report.hosts)
     report.stale = sum(int(h.get("stale", 0)) for h in report.hosts)
-    n = histogram.get_total_count()
-    report.latency_ms = {
+    report.latency_ms = _percentiles(histogram)
+    report.latency_by_kind_ms = {kind: _percentiles(h) for kind, h in per_kind.items()}
+    report.notes.append("latency = time.time() at delivery - time.time() before the send, one machine, one clock")
+
+
+def _percentiles(histogram: Any) -> dict[str, float | int | None]:
+    n = int(histogram.get_total_count())
+    return {
         "count": n,
         "p50": histogram.get_value_at_percentile(50) / 1e3 if n else None,
         "p99": histogram.get_value_at_percentile(99) / 1e3 if n else None,
         "p99.9": histogram.get_value_at_percentile(99.9) / 1e3 if n else None,
         "max": histogram.get_max_value() / 1e3 if n else None,
     }
-    report.notes.append("latency = time.time() at delivery - time.time() before the send, one machine, one clock")
 
 
 def _judge(config: SimConfig, report: RunReport) -> None:
@@ -711,6 +722,9 @@ def format_report(report: RunReport) -> str:
             f"  latency     p50 {_ms(lat.get('p50'))} ms  p99 {_ms(lat.get('p99'))} ms  "
             f"p99.9 {_ms(lat.get('p99.9'))} ms  max {_ms(lat.get('max'))} ms  ({lat.get('count', 0):,} deliveries"
             + (f", first {c.warmup:g} s left out" if c.warmup else "") + ")",
+            "  by kind     " + "; ".join(
+                f"{k} p50 {_ms(v['p50'])} p99 {_ms(v['p99'])}" for k, v in report.latency_by_kind_ms.items()
+                if v["count"]) + " (ms)",
             f"  lost        {report.lost:,}   duplicated {report.duplicated:,}   misrouted {report.misrouted:,}   "
             f"send errors {report.send_errors:,}   request timeouts {report.request_timeouts:,}"
             + (f"   stale {report.stale:,}" if report.stale else ""),
@@ -721,7 +735,8 @@ def format_report(report: RunReport) -> str:
     procs = [("parent", report.parent), *((f"host {h.get('host', '?')}", h) for h in report.hosts)]
     for label, p in procs:
         name = "host 0 (in the parent)" if label == "host 0" and is_memory(c.url) else label
-        gc_note = f", longest GC pause {float(p['gc_max_pause_ms']):.1f} ms" if "gc_max_pause_ms" in p else ""
+        gc_note = (f", longest GC pause while sending {float(p['gc_max_pause_ms']):.1f} ms "
+                   f"({int(p['gc_collections']):,} collections)" if "gc_max_pause_ms" in p else "")
         lines.append(f"  {name:11} RSS {_mib(p.get('rss_kib'))} (peak {_mib(p.get('hwm_kib'))}), "
                      f"{int(p.get('sockets', 0))} sockets{gc_note}"
                      + (f"; {p['close_error']}" if p.get("close_error") else ""))

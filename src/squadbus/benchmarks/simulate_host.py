@@ -127,6 +127,10 @@ class GcPauses:
         with contextlib.suppress(ValueError):
             gc.callbacks.remove(self._callback)
 
+    def figures(self) -> dict[str, Any]:
+        """The longest pause (ms) and the collection count so far, and that ``gc.freeze()`` was called."""
+        return {"gc_max_pause_ms": self.longest * 1e3, "gc_collections": self.collections, "gc_frozen": True}
+
     def reset(self) -> None:
         """Forget the pauses so far."""
         self.longest = 0.0
@@ -382,8 +386,9 @@ async def _child(plan: HostPlan, emit: Callable[[dict[str, Any]], None]) -> int:
             emit({"t": "opened", **host.status(), **process_figures()})
             while line := (await commands.readline()).decode().split():
                 if line[0] == "go":
+                    pauses.reset()
                     await host.send_for(float(line[1]), float(line[2]))
-                    emit({"t": "sent", **host.status(), **process_figures()})
+                    emit({"t": "sent", **host.status(), **process_figures(), **pauses.figures()})
                 elif line[0] == "stop":
                     break
         finally:
@@ -397,8 +402,7 @@ async def _child(plan: HostPlan, emit: Callable[[dict[str, Any]], None]) -> int:
                 host.figures.close_error = host.figures.close_error or (
                     one_line(exc) if not isinstance(exc, TimeoutError)
                     else f"closing the bus took over {plan.close_timeout:g} s")
-            emit({"t": "final", **host.status(), **figures, "gc_max_pause_ms": pauses.longest * 1e3,
-                  "gc_collections": pauses.collections, "gc_frozen": True})
+            emit({"t": "final", **host.status(), **figures})
     return 0
 
 
