@@ -1,20 +1,40 @@
-"""Per-id claims: one request at a time per client-set message id, in this process.
+"""Claims on client-set message ids: in this process, and in the store for replicas.
 
 A POST with a client-set id looks the id up, publishes, then writes through.
-Two requests racing on one id would both miss the lookup and both publish;
-holding the id from the lookup until the write makes them run one after the
-other, so the second sees the first's row (200 for the same sender, 409 for
-another) and publishes nothing. Replicas do not share claims: between
-processes the store's write decides (the loser gets 409, see
-:mod:`.routes_messages`).
+Two requests racing on one id would both miss the lookup and both publish.
+:class:`IdClaims` holds the id from the lookup until the write, so two
+requests of this process run one after the other: the second sees the
+first's row (200 for the same sender, 409 for another) and publishes nothing.
+Replicas sharing a store also claim the id there before publishing
+(:class:`~squadbus.store.base.ClaimsIds`, one atomic insert): the claim
+records the message's :func:`fingerprint`, so only one message is ever
+published under an id, while the same message sent again (a retry, even
+after a crash between claim and publish) may always go on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 from collections.abc import AsyncIterator, Iterable
 from uuid import UUID
+
+from squadbus.core.envelope import Message
+
+
+def fingerprint(message: Message) -> bytes:
+    """SHA-256 of what the client chose: sender, recipient, domain, subject, type, execution, content, metadata.
+
+    Equal for two sends of the same request body; ``id``, ``created_at`` and
+    the server-set headers are left out.
+    """
+    m = message
+    execution = None if m.task_execution_id is None else str(m.task_execution_id)
+    chosen = [m.sender_id, m.recipient_id, m.domain, m.subject, m.message_type, execution, m.content, m.metadata]
+    canonical = json.dumps(chosen, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).digest()
 
 
 class IdClaims:

@@ -6,26 +6,35 @@ How a POST and the db-writer share the work, so each row is written once:
 2. ``store.get(id)``: if the id is already stored, that message is returned
    (200) and nothing is published again: this is the idempotent replay. A
    request holds its client-set ids (:class:`~.id_claims.IdClaims`) from
-   this lookup until its write, so two requests racing on one id run one
-   after the other: the second gets 200 (same sender) or 409 (another), as
-   if sent later, and publishes nothing;
-3. otherwise the message is **published first** (a publish failure is a 503
-   with nothing stored: retrying with the same id is safe), then **written
+   this lookup until its write, so two requests of one process racing on one
+   id run one after the other: the second gets 200 (same sender) or 409
+   (another), as if sent later, and publishes nothing;
+3. a client-set id not stored yet is **claimed in the store** for this
+   message (:class:`~squadbus.store.base.ClaimsIds`: one atomic insert, so
+   replicas sharing the store agree). An id claimed for another sender's
+   message is a 409 and nothing is published. An id claimed for another
+   message of the same sender is answered as in step 2 once that message is
+   stored (200), and is a 409 while it is not yet. The same message claimed
+   earlier (a concurrent retry, or a retry after a crash or a failed
+   publish) goes on: claims are never released, a message can always claim
+   its id again, and no other message can take it until retention removes
+   the claim with the messages;
+4. the message is then **published** (a publish failure is a 503 with
+   nothing stored: retrying with the same id is safe), then **written
    through** to the store, which assigns its ``seq`` (201). The db-writer
    consumes the same message from the bus and its write is a no-op
    (``ON CONFLICT DO NOTHING`` by id), so the row exists once, whoever wins;
-4. if the store write fails after the publish, the answer is 202 with
+5. if the store write fails after the publish, the answer is 202 with
    ``seq: null``: the message is on the bus and the db-writer stores it;
-5. the write returns the row stored under each id: when it holds another
-   sender's message (a replica sharing the store won the race), the answer
-   is 409, as in step 2; that loser's message was published but is stored
-   nowhere (the claims of step 2 are per process).
+6. the write returns the row stored under each id: when a concurrent retry
+   of the same message stored it first, the answer is 200 with that row;
+   when it holds another sender's message (only possible with a store
+   without claims, or one written outside this service), the answer is 409.
 
 Publishing before writing means a message is never in the history without
 having been sent; writing through gives the caller its ``seq`` and makes the
 message readable (and idempotent) at once, before the db-writer's batch.
 """
-
 from __future__ import annotations
 
 from datetime import datetime
@@ -40,9 +49,10 @@ from squadbus.core.envelope import Message
 from squadbus.core.errors import BackendError, InvalidMessage, MessageTooLarge
 from squadbus.service.auth import Principal, check_sender, reader, sender
 from squadbus.service.errors import LocatedInvalid
+from squadbus.service.id_claims import fingerprint
 from squadbus.service.schemas import BatchIn, BatchOut, ErrorOut, MessageIn, MessageOut, MessagePage, SnapshotOut
 from squadbus.service.state import Service, ServiceDep
-from squadbus.store.base import HistoryQuery, StoredMessage
+from squadbus.store.base import ClaimsIds, HistoryQuery, IdClaim, StoredMessage
 
 router = APIRouter(prefix="/v1", tags=["messages"])
 
@@ -104,11 +114,47 @@ def _client_ids(bodies: list[MessageIn], messages: list[Message]) -> list[UUID]:
     return [m.id for body, m in zip(bodies, messages, strict=True) if body.id is not None]
 
 
+async def claim_in_store(service: Service, messages: list[Message]) -> dict[UUID, StoredMessage]:
+    """Claim the (distinct, client-set) ids of ``messages`` in the store (step 3 of the module docstring).
+
+    On return every id is claimed for its message, except those returned: ids
+    another message of the same sender holds and has stored, mapped to that
+    stored row (answered as in step 2). Raises 409 for an id held by another
+    sender's message, or by another message of the same sender not stored
+    yet. A store that does not claim ids (not ``ClaimsIds``) returns at once.
+    """
+    store = service.store
+    found: dict[UUID, StoredMessage] = {}
+    if not isinstance(store, ClaimsIds):
+        return found
+    pending = messages
+    while pending:
+        wanted = [IdClaim(m.id, m.sender_id, fingerprint(m)) for m in pending]
+        holders = await store.claim(wanted)
+        taken = [m for m, w, h in zip(pending, wanted, holders, strict=True) if h.fingerprint != w.fingerprint]
+        if not taken:
+            return found
+        # nothing was claimed: refuse, or answer the same sender's taken ids from the store and claim the rest
+        for m, h in zip(pending, holders, strict=True):
+            if h.sender_id != m.sender_id:
+                raise HTTPException(status.HTTP_409_CONFLICT, f"id {m.id} is already used by another sender")
+        for m in taken:
+            row = await store.get(m.id)
+            if row is None:
+                raise HTTPException(
+                    status.HTTP_409_CONFLICT,
+                    f"id {m.id} is already used by another message of this sender, not stored yet",
+                )
+            found[m.id] = row
+        pending = [m for m in pending if m.id not in found]
+    return found
+
+
 async def send_all(service: Service, messages: list[Message]) -> list[MessageOut]:
     """Publish ``messages`` in order, then write them through (see the module docstring).
 
     Raises 409 when the store already held another sender's message under one
-    of the ids (step 5 of the module docstring).
+    of the ids (step 6 of the module docstring).
     """
     await service.bus.publish_many(messages)
     for message in messages:
@@ -152,6 +198,8 @@ async def post_message(
     async with service.claims.hold(_client_ids([body], [message])):
         # a server-made id cannot be stored yet: only a client-set id needs the lookup
         existing = None if body.id is None else await service.store.get(message.id)
+        if existing is None and body.id is not None:
+            existing = (await claim_in_store(service, [message])).get(message.id)
         if existing is not None:
             _check_existing(existing, message)
             response.status_code = status.HTTP_200_OK
@@ -178,7 +226,8 @@ async def post_batch(body: BatchIn, service: ServiceDep, who: Annotated[Principa
     found: dict[UUID, MessageOut] = {}
     fresh: list[Message] = []
     fresh_ids: set[UUID] = set()
-    async with service.claims.hold(_client_ids(body.messages, messages)):
+    client_ids = _client_ids(body.messages, messages)
+    async with service.claims.hold(client_ids):
         for index, message in enumerate(messages):
             if message.id in found or message.id in fresh_ids:
                 continue
@@ -189,6 +238,13 @@ async def post_batch(body: BatchIn, service: ServiceDep, who: Annotated[Principa
             else:
                 fresh.append(message)
                 fresh_ids.add(message.id)
+        claimed = set(client_ids)
+        stored = await claim_in_store(service, [m for m in fresh if m.id in claimed])
+        for message in fresh:
+            if message.id in stored:
+                _check_existing(stored[message.id], message)
+                found[message.id] = MessageOut.of(stored[message.id])
+        fresh = [m for m in fresh if m.id not in stored]
         if fresh:
             for out in await send_all(service, fresh):
                 found[out.id] = out

@@ -5,20 +5,24 @@
 
 from squadbus.store._common import position_cursor
 from squadbus.store.base import (
+    ClaimsIds,
     ExecutionSnapshot,
     HistoryPage,
     HistoryQuery,
     HistoryStore,
+    IdClaim,
     InvalidQuery,
     StoredMessage,
     open_store,
 )
 
 __all__ = [
+    "ClaimsIds",
     "ExecutionSnapshot",
     "HistoryPage",
     "HistoryQuery",
     "HistoryStore",
+    "IdClaim",
     "InvalidQuery",
     "StoredMessage",
     "open_store",

@@ -1,4 +1,4 @@
-"""Engine-neutral pieces of the stores: cursors, seq assignment, row decoding, timestamps."""
+"""Engine-neutral pieces of the stores: cursors, seq assignment, row decoding, timestamps, id claims."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from uuid import UUID
 from squadbus.core import envelope
 from squadbus.core.envelope import Message
 from squadbus.core.errors import InvalidMessage
-from squadbus.store.base import InvalidQuery, StoredMessage
+from squadbus.store.base import IdClaim, InvalidQuery, StoredMessage
 
 logger = logging.getLogger("squadbus.store")
 
@@ -131,3 +131,16 @@ def existing_row(seq: int, stored_at: datetime, body: Body, offered: Message) ->
     """The stored row a duplicate write returns; ``offered`` stands in if the stored body is unreadable."""
     row = decode_row(seq, stored_at, body, offered.id)
     return row if row is not None else StoredMessage(seq=seq, stored_at=stored_at, message=offered)
+
+
+def first_claims(claims: Sequence[IdClaim]) -> dict[UUID, IdClaim]:
+    """The first claim of each id in ``claims``, in order."""
+    wanted: dict[UUID, IdClaim] = {}
+    for item in claims:
+        wanted.setdefault(item.id, item)
+    return wanted
+
+
+def claim_holder(wanted: IdClaim, held: IdClaim | None) -> IdClaim:
+    """The claim holding ``wanted.id``: ``wanted`` itself unless a claim of another fingerprint holds it."""
+    return wanted if held is None or held.fingerprint == wanted.fingerprint else held

@@ -44,3 +44,11 @@ SAVE_COUNTERS = """
 UPDATE exec_counters AS ec SET last_seq = u.s
 FROM unnest($1::text[], $2::bigint[]) AS u(k, s) WHERE ec.exec_key = u.k
 """
+CLAIM = """
+INSERT INTO id_claims (id, sender_id, fingerprint, claimed_at)
+SELECT u.i, u.s, u.f, clock_timestamp()
+FROM unnest($1::uuid[], $2::text[], $3::bytea[]) AS u(i, s, f)
+ORDER BY u.i
+ON CONFLICT (id) DO NOTHING
+"""
+CLAIMS_HELD = "SELECT id, sender_id, fingerprint FROM id_claims WHERE id = ANY($1::uuid[])"

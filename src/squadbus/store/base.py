@@ -132,6 +132,8 @@ class HistoryStore(Protocol):
       whose stored body would take the rows' bodies past it (at least one row).
     * ``delete_older_than(cutoff)`` removes rows stored before ``cutoff``
       (retention); seqs are never reused, so :meth:`snapshot` reveals the gap.
+      A store that also :class:`ClaimsIds` removes the claims made before
+      ``cutoff`` with them (the count returned is of messages only).
     * A row that cannot be decoded is logged and skipped, never raised.
     """
 
@@ -179,6 +181,40 @@ class HistoryStore(Protocol):
 
     async def ping(self) -> None:
         """Return if the database answers; raise a BackendError subclass otherwise."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class IdClaim:
+    """A claim on a message id: the message ``sender_id`` means to send under it.
+
+    ``fingerprint`` is the caller's digest of that message (the store only
+    compares it): two claims with equal fingerprints are the same message.
+    """
+
+    id: UUID
+    sender_id: str
+    fingerprint: bytes
+
+
+@runtime_checkable
+class ClaimsIds(Protocol):
+    """A store that records id claims, so replicas sharing it agree on who may publish under an id.
+
+    Contract of ``claim(claims)``, one transaction, atomic across processes
+    sharing the database: each id not yet claimed is recorded with its claim;
+    the result is the claim holding each id, in input order (an id repeated in
+    ``claims`` keeps its first claim). That is the given claim when it now
+    holds (new, or the same fingerprint claimed earlier: a retry of the same
+    message, which is not refused) and the other claim when a different
+    fingerprint holds the id. If any id is held by a different fingerprint,
+    nothing of the call is recorded. Claims are kept until
+    ``delete_older_than`` removes those made before its cutoff; releasing a
+    claim is never needed, since its own message can always claim again.
+    """
+
+    async def claim(self, claims: Sequence[IdClaim]) -> list[IdClaim]:
+        """Claim each id for its message (see the class contract); raises a BackendError subclass on failure."""
         ...
 
 

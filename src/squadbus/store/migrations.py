@@ -4,7 +4,10 @@ The ``schema_version`` table records applied versions. Both engines have the
 same tables, columns and indexes; only types differ. ``pk`` is the stored
 order (cursor key); ``exec_counters`` holds the last seq per execution
 (``''`` = messages without one), updated in the writing transaction, so a seq
-is never reused even after retention deletes rows.
+is never reused even after retention deletes rows. ``id_claims`` (version 2)
+holds the claims on client-set ids made before publishing (see
+:class:`~squadbus.store.base.ClaimsIds`), removed by retention with the
+messages.
 """
 
 from __future__ import annotations
@@ -41,6 +44,18 @@ SQLITE_MIGRATIONS: Sequence[Migration] = (
             "CREATE TABLE exec_counters (exec_key TEXT PRIMARY KEY, last_seq INTEGER NOT NULL) WITHOUT ROWID",
         ),
     ),
+    (
+        2,
+        (
+            """CREATE TABLE id_claims (
+                id BLOB PRIMARY KEY,
+                sender_id TEXT NOT NULL,
+                fingerprint BLOB NOT NULL,
+                claimed_at INTEGER NOT NULL
+            ) WITHOUT ROWID""",
+            "CREATE INDEX id_claims_claimed ON id_claims (claimed_at)",
+        ),
+    ),
 )
 
 POSTGRES_MIGRATIONS: Sequence[Migration] = (
@@ -68,6 +83,18 @@ POSTGRES_MIGRATIONS: Sequence[Migration] = (
             "CREATE INDEX messages_created ON messages (created_at)",
             "CREATE INDEX messages_stored ON messages (stored_at)",
             "CREATE TABLE exec_counters (exec_key text PRIMARY KEY, last_seq bigint NOT NULL)",
+        ),
+    ),
+    (
+        2,
+        (
+            """CREATE TABLE id_claims (
+                id uuid PRIMARY KEY,
+                sender_id text NOT NULL,
+                fingerprint bytea NOT NULL,
+                claimed_at timestamptz NOT NULL
+            )""",
+            "CREATE INDEX id_claims_claimed ON id_claims (claimed_at)",
         ),
     ),
 )

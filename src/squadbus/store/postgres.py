@@ -16,6 +16,12 @@ How a batch is written, in one transaction (READ COMMITTED):
   execution by a concurrent writer) retries the transaction rather than
   leaving a seq gap.
 
+Claiming ids (``claim``, see :class:`~squadbus.store.base.ClaimsIds`) is one
+transaction too: insert every claim ``ON CONFLICT (id) DO NOTHING`` in id
+order (an insert that meets another transaction's uncommitted claim waits
+for it), then read the claims holding those ids; if one has another
+fingerprint, roll back.
+
 Deadlocks and serialization failures are retried a few times. The message
 body is its wire encoding (bytea), so reads return exactly what was published.
 """
@@ -41,7 +47,7 @@ from squadbus.core.envelope import Message
 from squadbus.core.errors import BackendError, BackendTimeout, Closed, ConfigError, ConnectionLost
 from squadbus.store import _common as c
 from squadbus.store import _postgres_sql as q
-from squadbus.store.base import ExecutionSnapshot, HistoryPage, HistoryQuery, StoredMessage
+from squadbus.store.base import ExecutionSnapshot, HistoryPage, HistoryQuery, IdClaim, StoredMessage
 from squadbus.store.migrations import POSTGRES_MIGRATIONS
 
 _MIGRATION_LOCK = 0x5155_4144  # pg_advisory_xact_lock key: one migrator at a time
@@ -56,6 +62,10 @@ class _RetryWrite(Exception):
 
 class _Duplicates(Exception):
     """The fast path met stored ids; roll back and take the careful path."""
+
+
+class _ClaimedElsewhere(Exception):
+    """An id is claimed for another message: roll back this call's claims."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -121,7 +131,7 @@ def _translate(what: str) -> Iterator[None]:
 
 
 class PostgresStore:
-    """A :class:`~squadbus.store.base.HistoryStore` on PostgreSQL (see the module docstring)."""
+    """A :class:`~squadbus.store.base.HistoryStore` (and ``ClaimsIds``) on PostgreSQL (see the module docstring)."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -282,6 +292,37 @@ class PostgresStore:
             stored[m.id] = StoredMessage(seq=seq, stored_at=stored_at, message=m)
         return stored
 
+    async def claim(self, claims: Sequence[IdClaim]) -> list[IdClaim]:
+        """Claim each id for its message, all or nothing (see ClaimsIds and the module docstring)."""
+        if not claims:
+            return []
+        wanted = c.first_claims(claims)
+        ids = list(wanted)
+        pool = self._the_pool()
+        held: dict[UUID, IdClaim] = {}
+        with _translate("claim"):
+            for attempt in range(1, _WRITE_ATTEMPTS + 1):
+                held = {}
+                try:
+                    async with pool.acquire() as conn, conn.transaction():
+                        await conn.execute(
+                            q.CLAIM, ids, [c.index_text(w.sender_id) for w in wanted.values()],
+                            [w.fingerprint for w in wanted.values()],
+                        )
+                        for raw_id, sender_id, fingerprint in await conn.fetch(q.CLAIMS_HELD, ids):
+                            ident = UUID(bytes=raw_id.bytes)
+                            held[ident] = IdClaim(ident, sender_id, bytes(fingerprint))
+                        if any(held[i].fingerprint != wanted[i].fingerprint for i in held):
+                            raise _ClaimedElsewhere
+                    break
+                except _ClaimedElsewhere:
+                    break
+                except asyncpg.exceptions.TransactionRollbackError as exc:
+                    if attempt == _WRITE_ATTEMPTS:
+                        raise BackendError(f"PostgreSQL claim: gave up after {attempt} conflicting attempts") from exc
+                    await asyncio.sleep(0.01 * attempt)
+        return [c.claim_holder(wanted[item.id], held.get(item.id)) for item in claims]
+
     # ---- reading -----------------------------------------------------------------------------
 
     @staticmethod
@@ -410,6 +451,14 @@ class PostgresStore:
                 count = int(status.rsplit(" ", 1)[-1])
                 deleted += count
                 if count == 0:
+                    break
+            while True:
+                status = await pool.execute(
+                    "DELETE FROM id_claims WHERE id IN"
+                    " (SELECT id FROM id_claims WHERE claimed_at < $1 ORDER BY claimed_at LIMIT 10000)",
+                    cutoff,
+                )
+                if status.rsplit(" ", 1)[-1] == "0":
                     return deleted
 
     async def ping(self) -> None:

@@ -29,7 +29,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 from squadbus.core.envelope import Message, utcnow
 from squadbus.core.errors import BackendError, BackendTimeout, Closed, ConfigError, ConnectionLost
 from squadbus.store import _common as c
-from squadbus.store.base import ExecutionSnapshot, HistoryPage, HistoryQuery, StoredMessage
+from squadbus.store.base import ExecutionSnapshot, HistoryPage, HistoryQuery, IdClaim, StoredMessage
 from squadbus.store.migrations import SQLITE_MIGRATIONS
 
 _CHUNK = 500  # ids per IN (...) list, well under SQLITE_MAX_VARIABLE_NUMBER
@@ -100,7 +100,7 @@ def _translate(what: str) -> Iterator[None]:
 
 
 class SqliteStore:
-    """A :class:`~squadbus.store.base.HistoryStore` on one SQLite file (see the module docstring)."""
+    """A :class:`~squadbus.store.base.HistoryStore` and ``ClaimsIds`` on one SQLite file (see the module docstring)."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -282,6 +282,43 @@ class SqliteStore:
             stored[m.id] = StoredMessage(seq=seq, stored_at=now, message=m)
         return stored
 
+    async def claim(self, claims: Sequence[IdClaim]) -> list[IdClaim]:
+        """Claim each id for its message, all or nothing (see ClaimsIds); BEGIN IMMEDIATE makes it atomic."""
+        if not claims:
+            return []
+        wanted = c.first_claims(claims)
+        writer, _ = self._conns()
+        held: dict[UUID, IdClaim] = {}
+        with _translate("claim"):
+            async with self._write_lock:
+                await writer.execute("BEGIN IMMEDIATE")
+                try:
+                    ids = [ident.bytes for ident in wanted]
+                    for start in range(0, len(ids), _CHUNK):
+                        chunk = ids[start:start + _CHUNK]
+                        rows = await writer.execute_fetchall(
+                            "SELECT id, sender_id, fingerprint FROM id_claims"
+                            f" WHERE id IN ({','.join('?' * len(chunk))})",
+                            chunk,
+                        )
+                        for raw_id, sender_id, fingerprint in rows:
+                            ident = UUID(bytes=raw_id)
+                            held[ident] = IdClaim(ident, sender_id, bytes(fingerprint))
+                    if all(held[i].fingerprint == wanted[i].fingerprint for i in held):
+                        now_us = c.to_micros(utcnow())
+                        await writer.executemany(
+                            "INSERT INTO id_claims (id, sender_id, fingerprint, claimed_at) VALUES (?, ?, ?, ?)",
+                            [(i.bytes, w.sender_id, w.fingerprint, now_us) for i, w in wanted.items() if i not in held],
+                        )
+                        await writer.execute("COMMIT")
+                    else:
+                        await writer.execute("ROLLBACK")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error, ValueError):
+                        await writer.execute("ROLLBACK")
+                    raise
+        return [c.claim_holder(wanted[item.id], held.get(item.id)) for item in claims]
+
     # ---- reading -----------------------------------------------------------------------------
 
     def _rows(self, rows: list[Any]) -> list[StoredMessage]:
@@ -409,7 +446,17 @@ class SqliteStore:
                     count = writer.total_changes - before
                 deleted += count
                 if count == 0:
-                    return deleted
+                    break
+            while True:
+                async with self._write_lock:
+                    before = writer.total_changes
+                    await writer.execute(
+                        "DELETE FROM id_claims WHERE id IN"
+                        " (SELECT id FROM id_claims WHERE claimed_at < ? ORDER BY claimed_at LIMIT 5000)",
+                        (limit,),
+                    )
+                    if writer.total_changes == before:
+                        return deleted
 
     async def ping(self) -> None:
         """Run a trivial query; raises a BackendError subclass when the database cannot answer."""
