@@ -10,12 +10,14 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import nats.js.errors
 import pytest
 
+from squadbus.core import envelope
 from squadbus.core.bus import Bus
 from squadbus.core.envelope import Message
 from squadbus.testing.servers.kafka import TansuServer
@@ -123,6 +125,15 @@ def test_redis_to_nats_after_the_bridge_matches_then_names_exactly_the_deleted(
     assert not [c for c in consumers if c.startswith("verify-")], consumers
 
 
+async def _send_created(url: str, created_at: datetime, count: int) -> list[Message]:
+    messages = [envelope.build(subject="agent.message.dev-1", sender_id="pm", recipient_id="dev-1",
+                               content=f"old {i}", task_execution_id=uuid.uuid4(), created_at=created_at)
+                for i in range(count)]
+    async with Bus.from_url(url) as bus:
+        await bus.publish_many(messages)
+    return messages
+
+
 async def _to_kafka(url: str, messages: list[Message]) -> None:
     async with Bus.from_url(url) as bus:
         await bus.publish_many(messages)
@@ -155,6 +166,13 @@ def test_redis_to_kafka_lists_skipped_added_and_reordered(
     }
     assert {i["id"] for i in report["extra"]["ids"]} == {str(m.id) for m in added}
     assert report["order"]["executions"] == [{"execution": str(executions[1]), "first_difference": 3}]
+
+    # created_at decides --since, not when the broker stored the message: 3 sent now but created 2 h ago
+    old = asyncio.run(_send_created(redis_url, datetime.now(UTC) - timedelta(hours=2), 3))  # on Redis only
+    everything = json.loads(_verify(tmp_path, "--from", redis_url, "--to", kafka_url, "--json").stdout)
+    assert everything["missing"]["count"] == len(skipped) + len(old)
+    recent = json.loads(_verify(tmp_path, "--from", redis_url, "--to", kafka_url, "--since", "1h", "--json").stdout)
+    assert {i["id"] for i in recent["missing"]["ids"]} == {str(m.id) for m in skipped}
 
 
 async def _produce_while(url: str, verify: list[str], env: dict[str, str]) -> tuple[set[str], int, str]:

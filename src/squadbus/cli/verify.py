@@ -152,7 +152,8 @@ class RedisReader:
         client = self.backend._client  # no public read-everything call on RedisBackend yet
         for stream in self.backend.layout.partition_streams():
             try:
-                last = await call(client, "XREVRANGE", stream, "+", "-", "COUNT", 1)
+                async with asyncio.timeout(_STALL):  # the client has no socket timeout of its own
+                    last = await call(client, "XREVRANGE", stream, "+", "-", "COUNT", 1)
             except FAILURES as exc:
                 raise translate(exc, f"read the end of {stream}") from exc
             if last:
@@ -169,7 +170,8 @@ class RedisReader:
             start = floor
             while True:
                 try:
-                    page = await call(client, "XRANGE", stream, start, end, "COUNT", _PAGE)
+                    async with asyncio.timeout(_STALL):
+                        page = await call(client, "XRANGE", stream, start, end, "COUNT", _PAGE)
                 except FAILURES as exc:
                     raise translate(exc, f"read {stream}") from exc
                 for _, fields in page:
@@ -416,34 +418,46 @@ async def open_side(url: str, pattern: str, since: datetime | None) -> AsyncIter
         await backend.close()
 
 
-async def _read(reader: Reader, pattern: str) -> Holdings:
-    """Everything ``reader`` yields, by execution; None (bytes that are not an envelope) is counted."""
+async def _read(flag: str, reader: Reader, pattern: str, since: datetime | None) -> Holdings:
+    """Everything ``reader`` yields that ``pattern`` and ``since`` select, by execution; None (bytes
+    that are not an envelope) is counted. Errors become one VerifyError naming the side."""
     held = Holdings()
     skip_dlq = not _names_dlq(pattern)
-    async for message in reader.messages():
-        if message is None:
-            held.unreadable += 1
-        elif not (skip_dlq and message.subject.startswith(subjects.DLQ_PREFIX + ".")):
-            held.add(message)
+    try:
+        async for message in reader.messages():
+            if message is None:
+                held.unreadable += 1
+            elif skip_dlq and message.subject.startswith(subjects.DLQ_PREFIX + "."):
+                continue
+            elif since is None or message.created_at >= since:
+                held.add(message)
+    except (SquadbusError, OSError) as exc:
+        raise VerifyError(f"{flag}: {exc}") from None
     return held
 
 
 async def verify_sides(source_url: str, destination_url: str, pattern: str, since: datetime | None) -> Report:
     """Snapshot both ends (source first), read both sides at once, compare."""
+    sides = (("--from", source_url), ("--to", destination_url))
     async with contextlib.AsyncExitStack() as stack:
         readers = []
-        for flag, url in (("--from", source_url), ("--to", destination_url)):
+        for flag, url in sides:
             try:
                 readers.append(await stack.enter_async_context(open_side(url, pattern, since)))
             except (VerifyError, SquadbusError, OSError, ImportError) as exc:
                 raise VerifyError(f"{flag}: {exc}") from None
-        try:
-            for reader in readers:
+        for (flag, _), reader in zip(sides, readers, strict=True):  # both connected: snapshots close together
+            try:
                 await reader.snapshot()
-            source, destination = await asyncio.gather(*(_read(r, pattern) for r in readers))
-        except (SquadbusError, OSError) as exc:
-            raise VerifyError(str(exc)) from None
-    return compare(source, destination)
+            except (SquadbusError, OSError) as exc:
+                raise VerifyError(f"{flag}: {exc}") from None
+        try:
+            async with asyncio.TaskGroup() as group:  # one side failing stops the other
+                tasks = [group.create_task(_read(flag, reader, pattern, since))
+                         for (flag, _), reader in zip(sides, readers, strict=True)]
+        except BaseExceptionGroup as errors:
+            raise errors.exceptions[0] from None
+    return compare(tasks[0].result(), tasks[1].result())
 
 
 # ---- output --------------------------------------------------------------------------------------
