@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 LOCK := requirements/constraints.txt
 export VENV
 
-.PHONY: install install-pkg install-server run demo test test-core lint typecheck check bench lock clean
+.PHONY: install install-pkg install-server run demo test test-core lint typecheck check faults bench lock clean
 
 install:            ## apt + pip: servers for the tests and the package with every extra, from the lock
 	scripts/install.sh
@@ -43,6 +43,12 @@ test-core:
 	$(PY) -m pytest -q tests/core
 
 check: install test ## what .ci/run does: install from scratch, then test
+
+faults:             ## the fault runs (tests/faults) with ROUNDS rounds each (default 5), then their table
+	rm -f build/faults-report.jsonl && mkdir -p build
+	SQUADBUS_FAULT_ROUNDS=$(or $(ROUNDS),5) SQUADBUS_FAULTS_REPORT=build/faults-report.jsonl \
+		$(PY) -m pytest -q -p no:randomly tests/faults
+	$(PY) -m squadbus.testing.ledger build/faults-report.jsonl
 
 bench:              ## every benchmark, squadbus beside the raw client in the same run
 	for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
