@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from squadbus.backends.dual import DualBackend, from_url
+from squadbus.backends.dual.spool import Spool
 from squadbus.backends.memory import MemoryBackend
-from squadbus.backends.spool import Spool
 from squadbus.core.backend import (
     Backend,
     BatchSubscriber,

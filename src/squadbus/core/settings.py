@@ -45,6 +45,12 @@ def default_data_dir(environ: Mapping[str, str]) -> str:
     return str(Path(base) / "squadbus")
 
 
+def data_dir_from_env(environ: Mapping[str, str] | None = None) -> str:
+    """``SQUADBUS_DATA_DIR`` of ``environ`` (default ``os.environ``), else :func:`default_data_dir`."""
+    env = os.environ if environ is None else environ
+    return env.get("SQUADBUS_DATA_DIR") or default_data_dir(env)
+
+
 def sqlite_url(path: str | Path) -> str:
     """The store URL of the SQLite file at ``path`` (made absolute)."""
     return f"sqlite+aiosqlite:///{Path(path).absolute()}"
@@ -108,7 +114,7 @@ class Settings:
             raise ConfigError(f"SQUADBUS_MAX_CONTENT_BYTES={raw_limit!r} is not an integer") from exc
         return cls(
             url=url,
-            data_dir=env.get("SQUADBUS_DATA_DIR") or default_data_dir(env),
+            data_dir=data_dir_from_env(env),
             store_url=env.get("SQUADBUS_STORE_URL") or "",
             max_content_bytes=limit,
             tokens_file=env.get("SQUADBUS_TOKENS_FILE") or None,

@@ -26,7 +26,7 @@ Subscriptions and replay read from the primary only. The migration:
   secondary did not store it, so an outage of the new system stops producers.
 * ``secondary=spool``: the primary's acknowledgement decides success. What the
   secondary did not take is appended to a local durable spool
-  (:mod:`squadbus.backends.spool`; ``spool=`` its file, default
+  (:mod:`squadbus.backends.dual.spool`; ``spool=`` its file, default
   ``dual-spool-<digest of the secondary URL>.db`` in ``SQUADBUS_DATA_DIR``) and
   sent to it in spool order, retried with backoff up to ``retry_max`` seconds
   (default 5) until it lands; while anything is spooled, new messages queue
@@ -45,14 +45,13 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from uuid import UUID
 
-from squadbus.backends.spool import Spool, default_path
+from squadbus.backends.dual.spool import Spool, default_path
 from squadbus.core.backend import (
     Backend,
     BatchRawHandler,
@@ -67,7 +66,7 @@ from squadbus.core.batching import gather_batches
 from squadbus.core.envelope import Message
 from squadbus.core.errors import BackendError, BackendTimeout, ConfigError, InvalidMessage, PublishFailed, SquadbusError
 from squadbus.core.registry import open_backend
-from squadbus.core.settings import default_data_dir
+from squadbus.core.settings import data_dir_from_env
 
 logger = logging.getLogger("squadbus.backends.dual")
 
@@ -277,8 +276,7 @@ def from_url(url: str) -> DualBackend:
         raise ConfigError("dual:// retry_max must be > 0")
     spool = None
     if policy == "spool":
-        data_dir = os.environ.get("SQUADBUS_DATA_DIR") or default_data_dir(os.environ)
-        spool = Spool(options.get("spool") or default_path(data_dir, secondary))
+        spool = Spool(options.get("spool") or default_path(data_dir_from_env(), secondary))
     elif "spool" in options:
         raise ConfigError("dual:// spool= needs secondary=spool")
     return DualBackend(open_backend(primary), open_backend(secondary), spool=spool, retry_max=retry_max)
