@@ -664,7 +664,9 @@ def _percentiles(histogram: Any) -> dict[str, float | int | None]:
 def _judge(config: SimConfig, report: RunReport) -> None:
     reasons = report.reasons
     if report.opened < config.agents or report.open_errors:
-        why = "; ".join(report.open_errors) or "open phase ended early"
+        why = report.open_errors[0] if report.open_errors else "open phase ended early"
+        if len(report.open_errors) > 1:
+            why += f" (and {len(report.open_errors) - 1} more host(s))"
         reasons.append(f"opened {report.opened:,} of {config.agents:,} inboxes in {report.open_seconds:.1f} s: {why}")
         return
     if report.sent == 0:
