@@ -19,7 +19,12 @@ import pytest
 
 from squadbus.core.bus import Bus
 from squadbus.core.envelope import Message
+from squadbus.core.errors import PublishFailed
 from squadbus.core.settings import Settings
+from squadbus.service.id_claims import fingerprint
+from squadbus.service.routes_messages import to_message
+from squadbus.service.schemas import MessageIn
+from squadbus.store import ClaimsIds, HistoryStore, IdClaim, open_store
 from tests.service.conftest import Api, MakeApp, asgi, message
 
 TRIALS = 20
@@ -109,3 +114,120 @@ async def test_identical_retry_across_replicas_sqlite(make_app: MakeApp) -> None
 async def test_identical_retry_across_replicas_postgres(make_app: MakeApp, postgres_url: str) -> None:
     async with replicas(make_app, store_url=postgres_url) as (one, two, _):
         await retry_across_replicas(one, two)
+
+
+# ---- claims that outlive their request ----------------------------------------------------------
+
+
+async def claim_as_a_crashed_replica(api: Api, body: dict[str, Any]) -> None:
+    """Claim ``body``'s id in the store for it, as a replica that died before publishing would have."""
+    store = api.service.store
+    assert isinstance(store, ClaimsIds)
+    sent = to_message(MessageIn(**body), api.service)
+    [held] = await store.claim([IdClaim(sent.id, sent.sender_id, fingerprint(sent))])
+    assert held.sender_id == body["sender_id"]
+
+
+async def test_a_claim_left_by_a_crash_lets_the_same_message_through_and_no_other(make_app: MakeApp) -> None:
+    async with replicas(make_app) as (one, two, published):
+        ident = str(uuid.uuid4())
+        body = message(sender="pm", id=ident, content="sent after a crash")
+        await claim_as_a_crashed_replica(one, body)
+        other = await two.client.post("/v1/messages", json=message(sender="dev-1", id=ident, content="mine"))
+        assert other.status_code == 409
+        assert "another sender" in other.json()["detail"]
+        changed = await two.client.post("/v1/messages", json={**body, "content": "changed"})
+        assert changed.status_code == 409
+        assert "not stored yet" in changed.json()["detail"]
+        retry = await two.client.post("/v1/messages", json=body)
+        assert retry.status_code == 201, retry.text
+        assert published_for(published, ident) == [("pm", "sent after a crash")]
+        # once stored, the same sender's other message under the id gets the stored one, as before
+        again = await one.client.post("/v1/messages", json={**body, "content": "changed"})
+        assert (again.status_code, again.json()) == (200, retry.json())
+
+
+async def test_a_failed_publish_keeps_the_claim_for_its_retry(make_app: MakeApp) -> None:
+    async with replicas(make_app) as (one, two, published):
+        bus = one.service.bus
+        recording = bus.publish_many
+        failures = [PublishFailed("broker down")]
+
+        async def failing_once(messages: Sequence[Message]) -> Sequence[Message]:
+            if failures:
+                raise failures.pop()
+            return await recording(messages)
+
+        bus.publish_many = failing_once  # type: ignore[method-assign]
+        ident = str(uuid.uuid4())
+        body = message(sender="pm", id=ident, content="first try fails")
+        first = await one.client.post("/v1/messages", json=body)
+        assert first.status_code == 503
+        assert (await two.client.get(f"/v1/messages/{ident}")).status_code == 404
+        # the id stays claimed for pm's message: another sender is refused, pm's retry goes through
+        other = await two.client.post("/v1/messages", json=message(sender="dev-1", id=ident))
+        assert other.status_code == 409
+        retry = await two.client.post("/v1/messages", json=body)
+        assert retry.status_code == 201, retry.text
+        assert published_for(published, ident) == [("pm", "first try fails")]
+
+
+async def test_a_refused_batch_sends_and_claims_nothing(make_app: MakeApp) -> None:
+    async with replicas(make_app) as (one, two, published):
+        taken, free = str(uuid.uuid4()), str(uuid.uuid4())
+        await claim_as_a_crashed_replica(one, message(sender="pm", id=taken))
+        batch = {"messages": [message(sender="dev-1", id=free, content="a"),
+                              message(sender="dev-1", id=taken, content="b")]}
+        refused = await two.client.post("/v1/messages:batch", json=batch)
+        assert refused.status_code == 409
+        assert published_for(published, free) == published_for(published, taken) == []
+        # ``free`` was not claimed for dev-1's refused batch: pm may use it
+        ok = await one.client.post("/v1/messages", json=message(sender="pm", id=free, content="pm's"))
+        assert ok.status_code == 201, ok.text
+
+
+async def test_batch_retry_across_replicas_stores_each_message_once(make_app: MakeApp) -> None:
+    async with replicas(make_app) as (one, two, _):
+        execution = uuid.uuid4()
+        bodies = [message(sender="pm", execution=execution, id=str(uuid.uuid4()), content=f"m{i}") for i in range(20)]
+        a, b = await asyncio.gather(one.client.post("/v1/messages:batch", json={"messages": bodies}),
+                                    two.client.post("/v1/messages:batch", json={"messages": bodies}))
+        assert (a.status_code, b.status_code) == (200, 200), (a.text, b.text)
+        assert a.json() == b.json()
+        page = (await one.client.get("/v1/messages", params={"task_execution_id": str(execution)})).json()
+        assert [m["content"] for m in page["items"]] == [f"m{i}" for i in range(20)]
+        assert [m["seq"] for m in page["items"]] == list(range(1, 21))
+
+
+class UnclaimingStore:
+    """A HistoryStore that does not claim ids (delegates everything else to ``inner``)."""
+
+    def __init__(self, inner: HistoryStore) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.open, self.close, self.write, self.get = inner.open, inner.close, inner.write, inner.get
+        self.query, self.after, self.snapshot = inner.query, inner.after, inner.snapshot
+        self.delete_older_than, self.ping = inner.delete_older_than, inner.ping
+
+    async def __aenter__(self) -> UnclaimingStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def test_a_store_without_claims_keeps_todays_answers(make_app: MakeApp, store_url: str) -> None:
+    store = UnclaimingStore(open_store(store_url))
+    assert isinstance(store, HistoryStore)
+    assert not isinstance(store, ClaimsIds)
+    try:
+        async with asgi(make_app(store=store)) as api:
+            ident = str(uuid.uuid4())
+            first = await api.client.post("/v1/messages", json=message(id=ident))
+            again = await api.client.post("/v1/messages", json=message(id=ident))
+            other = await api.client.post("/v1/messages", json=message(sender="dev-1", id=ident))
+            assert (first.status_code, again.status_code, other.status_code) == (201, 200, 409)
+            assert again.json() == first.json()
+    finally:
+        await store.close()
