@@ -63,7 +63,8 @@ ERRORS: dict[int | str, dict[str, object]] = {
 }
 SEND_ERRORS: dict[int | str, dict[str, object]] = {
     **ERRORS,
-    409: {"model": ErrorOut, "description": "The id is already used by a message of another sender"},
+    409: {"model": ErrorOut, "description": "The id is already used by another sender's message, or by another "
+                                            "message of this sender that is not stored yet"},
     413: {"model": ErrorOut, "description": "Request body or message content too large"},
 }
 
