@@ -25,8 +25,9 @@ What is measured, from the hosts' event logs:
   not for, or on a host that does not host that agent;
 * store lag: rows the db-writer committed for this run's messages at the end of
   sending and at the end, and how long after sending ended the last row landed;
-* per process: RSS and peak RSS, open sockets, the longest GC pause
-  (``gc.callbacks``; every process calls ``gc.freeze()`` once its inboxes are open);
+* per process, at the end of sending (after opening, when the run stops
+  there): RSS and peak RSS, open sockets; the longest GC pause while sending
+  (``gc.callbacks``; every host calls ``gc.freeze()`` once its inboxes are open);
 * broker resources at the end of sending: Redis client connections (``CLIENT
   LIST``, less this probe's own), NATS JetStream consumers on the stream
   (``consumer_count``), Kafka consumer groups (``list_consumer_groups``); on
@@ -200,14 +201,13 @@ class LocalHost:
         return self.status
 
     async def stop(self, timeout: float) -> dict[str, Any]:
-        figures = process_figures()
         try:
             await self.host.stop()
         finally:
             self.pauses.__exit__()
             self._log.close()
             gc.unfreeze()  # the parent goes on (a test, a second scenario): its objects are collectable again
-        self.status = {**self.host.status(), **figures, **{k: v for k, v in self.status.items() if k.startswith("gc_")}}
+        self.status = {**self.status, **self.host.status()}  # process figures stay those of the end of sending
         return self.status
 
     def kill(self) -> None:

@@ -394,7 +394,6 @@ async def _child(plan: HostPlan, emit: Callable[[dict[str, Any]], None]) -> int:
         finally:
             reporter.cancel()
             await host.stop()
-            figures = process_figures()
             try:
                 async with asyncio.timeout(plan.close_timeout):
                     await bus.close()
@@ -402,7 +401,7 @@ async def _child(plan: HostPlan, emit: Callable[[dict[str, Any]], None]) -> int:
                 host.figures.close_error = host.figures.close_error or (
                     one_line(exc) if not isinstance(exc, TimeoutError)
                     else f"closing the bus took over {plan.close_timeout:g} s")
-            emit({"t": "final", **host.status(), **figures})
+            emit({"t": "final", **host.status()})  # process figures stay those of the end of sending
     return 0
 
 
