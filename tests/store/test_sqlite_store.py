@@ -10,6 +10,7 @@ import pytest
 
 from squadbus.core.errors import ConfigError
 from squadbus.store import open_store
+from squadbus.store.migrations import SQLITE_MIGRATIONS
 from squadbus.store.sqlite import SqliteSettings
 from tests.store.suite import Corrupt, StoreFactory, StoreSuite, msg
 
@@ -61,6 +62,7 @@ async def test_reopen_keeps_history_and_migrations_are_idempotent(sqlite_url: st
         assert second.seq == 2
     path = sqlite_url.split(":///", 1)[1]
     with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        versions = [(version,) for version, _ in SQLITE_MIGRATIONS]
+        assert conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall() == versions
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     conn.close()
