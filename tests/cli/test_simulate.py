@@ -11,6 +11,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from squadbus.benchmarks.simulate_squad import KINDS
+from squadbus.cli.main import main
 from squadbus.cli.simulate import simulate
 from squadbus.testing.servers.process import free_port
 
@@ -85,3 +86,9 @@ def test_bad_options_are_one_line() -> None:
                  ["--scenario", "1", "--agents", "10", "--msgs-per-hour", "5"]):
         code, _, stderr = _run("--url", "memory://", *args)
         _one_line_usage_error(code, stderr)
+
+
+def test_squadbus_simulate_is_a_command_of_the_cli() -> None:
+    result = CliRunner().invoke(main, ["simulate", "--agents", "10", "--msgs-per-hour", "60", "--processes", "2"])
+    assert result.exit_code == 2
+    assert "memory://" in result.output

@@ -17,6 +17,7 @@ from squadbus.cli.history import history
 from squadbus.cli.retention import retention
 from squadbus.cli.send import send
 from squadbus.cli.serve import serve
+from squadbus.cli.simulate import simulate
 from squadbus.cli.tail import tail
 from squadbus.cli.target import LOCAL_API_KEY
 from squadbus.cli.verify import verify
@@ -75,3 +76,4 @@ main.add_command(retention)
 main.add_command(serve)
 main.add_command(worker)
 main.add_command(verify)
+main.add_command(simulate)
