@@ -268,6 +268,7 @@ class KafkaReader:
 
     async def snapshot(self) -> None:
         from squadbus.backends.kafka._driver import AIOKafkaConsumer, KafkaError, TopicPartition
+        from squadbus.backends.kafka.ends import high_watermarks
         from squadbus.backends.kafka.producer import translate
 
         s, layout = self.backend.settings, self.backend.layout
@@ -284,10 +285,8 @@ class KafkaReader:
                        for p in sorted(self.consumer.partitions_for_topic(t) or ())]
                 if not tps:
                     return
-                self.consumer.assign(tps)
-                self.ends = await self.consumer.end_offsets(tps)
-                await self._true_ends(tps)
                 starts = await self.consumer.beginning_offsets(tps)
+                self.ends = await high_watermarks(self.consumer, tps, beginnings=starts)  # tansu: see .ends
                 if self.since is not None:
                     stamp = int((self.since - _CLOCK_SLACK).timestamp() * 1000)
                     found = await self.consumer.offsets_for_times(dict.fromkeys(tps, stamp))
@@ -299,16 +298,6 @@ class KafkaReader:
             self.consumer.seek(tp, start)
         self.ends = {tp: end for tp, end in self.ends.items() if starts[tp] < end}
         self.consumer.pause(*(tp for tp in tps if tp not in self.ends))
-
-    async def _true_ends(self, tps: list[Any]) -> None:
-        # tansu 0.6 answers ListOffsets(latest) with the last record batch's base offset + 1, not the
-        # high watermark (4 batches of 2,000 records: end offsets 1), so a fetch from there tells the
-        # real end; on Kafka that fetch is empty and costs one fetch_max_wait_ms.
-        for tp in tps:
-            self.consumer.seek(tp, self.ends[tp])
-        while any(self.consumer.highwater(tp) is None for tp in tps):
-            await self.consumer.getmany(*tps, timeout_ms=200, max_records=1)
-        self.ends = {tp: max(self.ends[tp], self.consumer.highwater(tp)) for tp in tps}
 
     async def messages(self) -> AsyncIterator[Message | None]:
         from squadbus.backends.kafka._driver import KafkaError

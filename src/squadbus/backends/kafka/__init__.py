@@ -8,7 +8,8 @@ tested on tansu versus Apache Kafka: docs/backends/kafka.md.
 Package layout: :mod:`.settings` (URL and options), :mod:`.topics`
 (subject-to-topic mapping, topic creation), :mod:`.producer` (publishing),
 :mod:`.consumer` and :mod:`.partition` (consumer groups, commits, retries),
-:mod:`.deadletter` (records that are not envelopes), :mod:`.replay`.
+:mod:`.deadletter` (records that are not envelopes), :mod:`.ends` (the real end
+of partitions), :mod:`.replay`.
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ from squadbus.backends.kafka._driver import (
     TopicPartition,
 )
 from squadbus.backends.kafka.deadletter import malformed_dead_letter
+from squadbus.backends.kafka.ends import high_watermarks, high_watermarks_now
 from squadbus.backends.kafka.partition import PartitionState, header_subject
 from squadbus.backends.kafka.producer import ID_HEADER, translate
 from squadbus.backends.kafka.settings import KafkaSettings
@@ -203,7 +204,7 @@ class KafkaSubscription:
                     await self._assign_at_end(consumer)
                 else:
                     if options.start is StartFrom.NEW:
-                        self._snapshot = await consumer.end_offsets(await self._all_partitions(consumer))
+                        self._snapshot = await high_watermarks_now(s, await self._all_partitions(consumer))
                     consumer.subscribe(self._topics, listener=_Listener(self))
         except (KafkaError, TimeoutError) as exc:
             await consumer.stop()
@@ -225,10 +226,9 @@ class KafkaSubscription:
 
     async def _assign_at_end(self, consumer: AIOKafkaConsumer) -> None:
         tps = await self._all_partitions(consumer)
-        consumer.assign(tps)
-        await consumer.seek_to_end(*tps)
+        ends = await high_watermarks(consumer, tps)  # not seek_to_end: tansu lists less (see .ends)
         for tp in tps:
-            await consumer.position(tp)  # resolve now: what is published after subscribe() returns is seen
+            consumer.seek(tp, ends[tp])  # fixed now: what is published after subscribe() returns is seen
             self._parts[tp] = PartitionState(tp)
         self._order = list(self._parts.values())
 
@@ -543,7 +543,10 @@ class KafkaSubscription:
                 continue
             start = self._snapshot.get(tp)
             if start is None:
-                start = (await consumer.end_offsets([tp]))[tp]
+                try:
+                    start = (await high_watermarks_now(self._settings, [tp]))[tp]
+                except TimeoutError as exc:
+                    raise KafkaError(f"no end offset of {tp} within {self._settings.connect_timeout:g} s") from exc
             consumer.seek(tp, start)
             starts[tp] = start
         if starts:

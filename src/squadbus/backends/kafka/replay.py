@@ -6,7 +6,8 @@ producer uses. A consumer without a group reads that partition from an
 offset (``from_seq``) or from the first offset whose timestamp is at or
 after ``since`` (``offsets_for_times``; a record's timestamp is taken when
 it is sent, after the message's ``created_at``, so no message is missed),
-up to the end offset as of the start of the replay. Positions are Kafka
+up to the partition's end as of the start of the replay (its real end,
+:mod:`.ends`: tansu lists less after a batched publish). Positions are Kafka
 offsets in that partition.
 """
 
@@ -18,6 +19,7 @@ from datetime import datetime
 from uuid import UUID
 
 from squadbus.backends.kafka._driver import AIOKafkaConsumer, KafkaError, TopicPartition
+from squadbus.backends.kafka.ends import high_watermarks
 from squadbus.backends.kafka.partitioner import partition_for
 from squadbus.backends.kafka.producer import translate
 from squadbus.backends.kafka.settings import KafkaSettings
@@ -46,9 +48,9 @@ async def replay_execution(
     try:
         async with asyncio.timeout(settings.connect_timeout):
             await consumer.start()
-            consumer.assign([tp])
-            end = (await consumer.end_offsets([tp]))[tp]
-            start = max(from_seq, (await consumer.beginning_offsets([tp]))[tp])
+            first = await consumer.beginning_offsets([tp])
+            end = (await high_watermarks(consumer, [tp], beginnings=first))[tp]
+            start = max(from_seq, first[tp])
             if since is not None:
                 found = (await consumer.offsets_for_times({tp: int(since.timestamp() * 1000)}))[tp]
                 start = end if found is None else max(start, found.offset)
