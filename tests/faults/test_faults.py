@@ -5,7 +5,7 @@ Each case starts a private broker of its own (it kills or pauses it) and stops i
 case in ``make test``; ``make faults`` runs ``SQUADBUS_FAULT_ROUNDS`` rounds (default 5 there) and writes
 every report to ``SQUADBUS_FAULTS_REPORT`` (JSON lines) for docs/reliability.md.
 
-Pass: nothing acknowledged is lost. Duplicates are allowed (at-least-once; the db-writer removes
+Pass: nothing acknowledged is lost, and nothing the sender was told failed ("not stored") is delivered. Duplicates are allowed (at-least-once; the db-writer removes
 them from history); order and redelivery delay are reported, and asserted where the backend promises them.
 """
 
@@ -195,6 +195,7 @@ async def test_broker_kill9_while_publishing_then_restart(broker: Broker) -> Non
         report = await _broker_fault_run(broker, "broker kill -9 while publishing, restart after 1 s",
                                          broker.kill9, broker.start, 1.0)
         assert report.lost == 0, report.lost_ids
+        assert report.failed_delivered == 0, report.failed_delivered_errors
         assert report.failed + report.unknown > 0, "the sends should overlap the outage"
 
 
@@ -205,3 +206,4 @@ async def test_broker_sigstop_past_the_client_timeout(broker: Broker) -> None:
             broker, "broker SIGSTOP 2 s (publish timeout 1 s), SIGCONT",
             lambda: os.kill(broker.pid(), signal.SIGSTOP), lambda: os.kill(broker.pid(), signal.SIGCONT), 2.0)
         assert report.lost == 0, report.lost_ids
+        assert report.failed_delivered == 0, report.failed_delivered_errors

@@ -12,6 +12,8 @@ merged with :meth:`Ledger.load`. :meth:`Ledger.check` then counts:
 * ``duplicates``: completions beyond the first of a message (at-least-once
   allows them; the db-writer removes them from history);
 * ``unknown_delivered``: sends of unknown outcome that were in fact delivered;
+* ``failed_delivered``: sends the sender was told *failed* (not stored) that were
+  delivered all the same: a broken promise, the error should have said "unknown";
 * ``order_violations``: within one execution and one producer, a message
   completed before an earlier-sent one (first completions compared);
 * ``max_redelivery_s``: the longest time from a message's send to its first
@@ -80,14 +82,17 @@ class Report:
     lost: int
     duplicates: int
     unknown_delivered: int
+    failed_delivered: int
     order_violations: int
     max_redelivery_s: float
     notes: str = ""
     lost_ids: list[str] = field(default_factory=list)
+    failed_delivered_errors: list[str] = field(default_factory=list)
 
     def as_row(self) -> dict[str, object]:
         row = asdict(self)
         row["lost_ids"] = self.lost_ids[:10]
+        row["failed_delivered_errors"] = self.failed_delivered_errors[:5]
         return row
 
 
@@ -163,6 +168,7 @@ class Ledger:
                 if s.seq < highest:
                     violations += 1
                 highest = max(highest, s.seq)
+        failed_delivered = [s for i, s in self.sent.items() if s.outcome == "failed" and i in first]
         delays = [first[i].at - self.sent[i].at for i in redelivered if i in self.sent]
         outcomes = [s.outcome for s in self.sent.values()]
         return Report(
@@ -171,6 +177,8 @@ class Ledger:
             delivered=len(first.keys() & self.sent.keys()), lost=len(lost),
             duplicates=sum(n - 1 for n in count.values()),
             unknown_delivered=sum(1 for i, s in self.sent.items() if s.outcome == "unknown" and i in first),
+            failed_delivered=len(failed_delivered),
+            failed_delivered_errors=[s.error for s in failed_delivered],
             order_violations=violations, max_redelivery_s=round(max(delays, default=0.0), 2),
             notes=notes, lost_ids=lost,
         )
@@ -187,14 +195,14 @@ def append_report(path: Path | None, report: Report) -> None:
 def table(rows: list[dict[str, object]]) -> str:
     """docs/reliability.md's table: the reports of ``rows`` summed per (fault, backend), worst delay kept."""
     keys = ("sent", "acknowledged", "failed", "unknown", "delivered", "lost", "duplicates", "unknown_delivered",
-            "order_violations")
+            "failed_delivered", "order_violations")
     merged: dict[tuple[str, str], dict[str, float]] = {}
     for row in rows:
         key = (str(row["fault"]), str(row["backend"]))
         total = merged.setdefault(key, dict.fromkeys(("rounds", *keys, "max_redelivery_s"), 0.0))
         total["rounds"] += 1
         for name in keys:
-            total[name] += float(row[name])  # type: ignore[arg-type]
+            total[name] += float(row.get(name, 0))  # type: ignore[arg-type]
         total["max_redelivery_s"] = max(total["max_redelivery_s"], float(row["max_redelivery_s"]))  # type: ignore[arg-type]
     head = ("fault", "backend", "rounds", *keys, "max redelivery s")
     lines = ["| " + " | ".join(h.replace("_", " ") for h in head) + " |", "|" + "---|" * len(head)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 try:
     import redis.asyncio as aioredis
     import redis.exceptions as redis_errors
@@ -141,13 +143,26 @@ async def execute_packed(client: aioredis.Redis, *commands: PackedCommand) -> li
                           len(commands))
 
 
-async def execute_streamed(client: aioredis.Redis, commands: Iterable[PackedCommand]) -> list[Any]:
+@dataclass(slots=True)
+class WriteLog:
+    """How many commands a call wrote to a connection: once one is written, Redis may have run it,
+    whatever error follows (the publisher then says "not confirmed", not "not reachable")."""
+
+    written: int = 0
+
+
+async def execute_streamed(
+    client: aioredis.Redis, commands: Iterable[PackedCommand], log: WriteLog | None = None
+) -> list[Any]:
     """Like :func:`execute_packed`, but each command is written as soon as ``commands`` yields it,
-    so Redis runs one while the next is being packed; then every reply is read."""
-    return await _execute(client, (b"".join(command.pieces()) for command in commands), None)
+    so Redis runs one while the next is being packed; then every reply is read. ``log`` counts the
+    commands written."""
+    return await _execute(client, (b"".join(command.pieces()) for command in commands), None, log)
 
 
-async def _execute(client: aioredis.Redis, writes: Iterable[bytes], count: int | None) -> list[Any]:
+async def _execute(
+    client: aioredis.Redis, writes: Iterable[bytes], count: int | None, log: WriteLog | None = None
+) -> list[Any]:
     """Write each of ``writes`` on one pooled connection, then read one reply per command (``count``,
     or one per write)."""
     pool = client.connection_pool
@@ -157,6 +172,8 @@ async def _execute(client: aioredis.Redis, writes: Iterable[bytes], count: int |
         for data in writes:
             await conn.send_packed_command([data])
             written += 1
+            if log is not None:
+                log.written += 1
         replies: list[Any] = []
         error: redis_errors.ResponseError | None = None
         for _ in range(written if count is None else count):

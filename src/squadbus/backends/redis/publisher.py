@@ -22,7 +22,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from squadbus.backends.redis._driver import RETRYABLE, PackedCommand, aioredis, execute_streamed, redis_errors
+from squadbus.backends.redis._driver import (
+    RETRYABLE,
+    PackedCommand,
+    WriteLog,
+    aioredis,
+    execute_streamed,
+    redis_errors,
+)
 from squadbus.backends.redis.layout import KeyLayout, is_reply
 from squadbus.backends.redis.settings import RedisSettings
 from squadbus.core.envelope import Message, encode
@@ -223,6 +230,7 @@ class RedisPublisher:
         loop = asyncio.get_running_loop()
         backoff = 0.05
         last: BaseException | None = None
+        log = WriteLog()  # once a call was written, a later failure leaves its messages "maybe stored"
         while True:
             now = loop.time()
             live: list[_Run] = []
@@ -230,7 +238,7 @@ class RedisPublisher:
                 if run.future.done():
                     continue
                 if now >= run.deadline:
-                    run.future.set_exception(self._timeout_error(last))
+                    run.future.set_exception(self._timeout_error(last, maybe_stored=log.written > 0))
                 else:
                     live.append(run)
             if not live:
@@ -239,7 +247,7 @@ class RedisPublisher:
             budget = min(run.deadline for run in live) - now
             try:
                 async with asyncio.timeout(budget):
-                    results = await self._execute(live)
+                    results = await self._execute(live, log)
             except TimeoutError as exc:  # our budget ran out (OSError subclass: catch it first)
                 last = exc
                 continue
@@ -270,25 +278,29 @@ class RedisPublisher:
                     run.future.set_result(fresh)
             return
 
-    def _timeout_error(self, last: BaseException | None) -> BackendError:
+    def _timeout_error(self, last: BaseException | None, *, maybe_stored: bool) -> BackendError:
         seconds = self._settings.publish_timeout
         error: BackendError
         if last is None or isinstance(last, TimeoutError | redis_errors.TimeoutError):
             error = BackendTimeout(f"Redis did not confirm the publish within {seconds}s")
+        elif maybe_stored:
+            error = BackendTimeout(
+                f"Redis did not confirm the publish within {seconds}s: it was written before the connection "
+                f"failed, so it may be stored (retry with the same id): {last}")
         else:
             error = ConnectionLost(f"Redis was not reachable within the publish timeout of {seconds}s: {last}")
         error.__cause__ = last
         return error
 
-    async def _execute(self, batch: list[_Run]) -> bytes:
+    async def _execute(self, batch: list[_Run], log: WriteLog) -> bytes:
         """Store ``batch`` with one Lua call per ``publish_batch`` messages on one connection, each call
         written as soon as it is packed (Redis runs it while the next is packed)."""
         fresh_subjects: set[str] = set()  # registered by the first of their messages in this batch
         try:
-            replies = await self._call(self._scripts(batch, "EVALSHA", PUBLISH_SHA, fresh_subjects))
+            replies = await self._call(self._scripts(batch, "EVALSHA", PUBLISH_SHA, fresh_subjects), log)
         except redis_errors.NoScriptError:  # a new or restarted server: send the source once
             fresh_subjects.clear()
-            replies = await self._call(self._scripts(batch, "EVAL", PUBLISH_LUA, fresh_subjects))
+            replies = await self._call(self._scripts(batch, "EVAL", PUBLISH_LUA, fresh_subjects), log)
         results = b"".join(replies)
         registered = self._registered
         if len(registered) > _REGISTERED_LIMIT:
@@ -350,15 +362,15 @@ class RedisPublisher:
                 )
         yield _script(command, script, head, count, parts)
 
-    async def _call(self, scripts: Iterator[PackedCommand]) -> list[Any]:
+    async def _call(self, scripts: Iterator[PackedCommand], log: WriteLog) -> list[Any]:
         """Run the publish scripts, each written once packed, and return their replies; in the durable
         profile on Redis >= 7.2, WAITAOF after them on the same connection."""
         if not self.wait_aof:
-            return await execute_streamed(self._client, scripts)
+            return await execute_streamed(self._client, scripts, log)
         settings = self._settings
         timeout_ms = max(1, int(settings.publish_timeout * 1000))
         wait = PackedCommand("WAITAOF", 1, 0, timeout_ms)
-        replies = await execute_streamed(self._client, itertools.chain(scripts, (wait,)))
+        replies = await execute_streamed(self._client, itertools.chain(scripts, (wait,)), log)
         synced = replies[-1]
         if not synced or int(synced[0]) < 1:
             raise PublishFailed(f"Redis did not fsync the batch to its AOF within {settings.publish_timeout}s")
