@@ -123,6 +123,9 @@ async def claim_in_store(service: Service, messages: list[Message]) -> dict[UUID
     stored row (answered as in step 2). Raises 409 for an id held by another
     sender's message, or by another message of the same sender not stored
     yet. A store that does not claim ids (not ``ClaimsIds``) returns at once.
+    Concurrent requests' claims share one store transaction
+    (:meth:`~.group_commit.GroupWriter.claim`), each request's decided on
+    its own, so another request's refusal never refuses this one.
     """
     store = service.store
     found: dict[UUID, StoredMessage] = {}
@@ -131,7 +134,7 @@ async def claim_in_store(service: Service, messages: list[Message]) -> dict[UUID
     pending = messages
     while pending:
         wanted = [IdClaim(m.id, m.sender_id, fingerprint(m)) for m in pending]
-        holders = await store.claim(wanted)
+        holders = await service.writer.claim(wanted)
         taken = [m for m, w, h in zip(pending, wanted, holders, strict=True) if h.fingerprint != w.fingerprint]
         if not taken:
             return found

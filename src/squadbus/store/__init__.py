@@ -5,6 +5,7 @@
 
 from squadbus.store._common import position_cursor
 from squadbus.store.base import (
+    ClaimsIdGroups,
     ClaimsIds,
     ExecutionSnapshot,
     HistoryPage,
@@ -17,6 +18,7 @@ from squadbus.store.base import (
 )
 
 __all__ = [
+    "ClaimsIdGroups",
     "ClaimsIds",
     "ExecutionSnapshot",
     "HistoryPage",

@@ -144,3 +144,26 @@ def first_claims(claims: Sequence[IdClaim]) -> dict[UUID, IdClaim]:
 def claim_holder(wanted: IdClaim, held: IdClaim | None) -> IdClaim:
     """The claim holding ``wanted.id``: ``wanted`` itself unless a claim of another fingerprint holds it."""
     return wanted if held is None or held.fingerprint == wanted.fingerprint else held
+
+
+def decide_claim_groups(
+    groups: Sequence[Sequence[IdClaim]], held: dict[UUID, IdClaim]
+) -> tuple[list[list[IdClaim]], dict[UUID, IdClaim]]:
+    """Decide ``groups`` one after another against the claims ``held`` before them (see ``ClaimsIdGroups``).
+
+    Returns each group's result (the holder of each of its claims, in order)
+    and the claims to record, by id: those of the groups that hold, on ids
+    nobody held before them.
+    """
+    holders = dict(held)
+    recorded: dict[UUID, IdClaim] = {}
+    results: list[list[IdClaim]] = []
+    for group in groups:
+        wanted = first_claims(group)
+        outcome = {i: claim_holder(w, holders.get(i)) for i, w in wanted.items()}
+        if all(outcome[i].fingerprint == w.fingerprint for i, w in wanted.items()):
+            for i, w in wanted.items():
+                if i not in holders:
+                    holders[i] = recorded[i] = w
+        results.append([outcome[item.id] for item in group])
+    return results, recorded

@@ -50,5 +50,11 @@ SELECT u.i, u.s, u.f, clock_timestamp()
 FROM unnest($1::uuid[], $2::text[], $3::bytea[]) AS u(i, s, f)
 ORDER BY u.i
 ON CONFLICT (id) DO NOTHING
+RETURNING id
 """
 CLAIMS_HELD = "SELECT id, sender_id, fingerprint FROM id_claims WHERE id = ANY($1::uuid[])"
+UNCLAIM = "DELETE FROM id_claims WHERE id = ANY($1::uuid[])"
+RECLAIM = """
+UPDATE id_claims AS ic SET sender_id = u.s, fingerprint = u.f
+FROM unnest($1::uuid[], $2::text[], $3::bytea[]) AS u(i, s, f) WHERE ic.id = u.i
+"""

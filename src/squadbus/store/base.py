@@ -218,6 +218,25 @@ class ClaimsIds(Protocol):
         ...
 
 
+@runtime_checkable
+class ClaimsIdGroups(ClaimsIds, Protocol):
+    """A :class:`ClaimsIds` store that also decides many callers' claims in one transaction (group commit).
+
+    Contract of ``claim_groups(groups)``, one transaction, atomic across
+    processes sharing the database: the groups are decided one after another
+    in input order, each exactly as ``claim(group)`` would be at that point,
+    and the result is what that call would return, one list per group. So a
+    group is all or nothing on its own: one with an id held by a different
+    fingerprint (by another transaction, or by an earlier group of this call)
+    records nothing, and neither fails nor changes the outcome of any other
+    group. ``claim(claims)`` is ``claim_groups([claims])[0]``.
+    """
+
+    async def claim_groups(self, groups: Sequence[Sequence[IdClaim]]) -> list[list[IdClaim]]:
+        """Decide each group of claims on its own, all in one transaction (see the class contract)."""
+        ...
+
+
 def open_store(url: str) -> HistoryStore:
     """A (not yet opened) store for ``url``.
 

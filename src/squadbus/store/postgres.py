@@ -16,11 +16,28 @@ How a batch is written, in one transaction (READ COMMITTED):
   execution by a concurrent writer) retries the transaction rather than
   leaving a seq gap.
 
-Claiming ids (``claim``, see :class:`~squadbus.store.base.ClaimsIds`) is one
-transaction too: insert every claim ``ON CONFLICT (id) DO NOTHING`` in id
-order (an insert that meets another transaction's uncommitted claim waits
-for it), then read the claims holding those ids; if one has another
-fingerprint, roll back.
+Claiming ids (``claim_groups``, several callers' claims at once, see
+:class:`~squadbus.store.base.ClaimsIdGroups`; ``claim`` is one group) is one
+transaction too, deciding each group on its own:
+
+1. insert, in one statement in id order, the first claim of each id of any
+   group, ``ON CONFLICT (id) DO NOTHING`` (an insert that meets another
+   transaction's uncommitted claim waits for its end), returning the ids it
+   inserted: this transaction now holds the lock on every free id;
+2. read the claims holding the ids: those it did not insert are committed
+   claims of others, which no one can change before this commit;
+3. decide the groups one after another in input order against those
+   claims (one that meets another fingerprint is refused, the others hold);
+4. fix its own rows: delete those no holding group wanted (their groups were
+   refused), rewrite those a later group holds with another message (the
+   first group to name the id was refused). Usually there are none.
+
+No deadlock between claim transactions: the only locks one takes waiting are
+those of its one insert, taken in id order; the fix-ups touch only rows it
+inserted itself. Savepoints per group were not used: they cost round trips
+per group, and locks taken group by group are not in one order across the
+transaction, so two transactions could deadlock. A deadlock against another
+statement (retention) is retried like any write.
 
 Deadlocks and serialization failures are retried a few times. The message
 body is its wire encoding (bytea), so reads return exactly what was published.
@@ -62,10 +79,6 @@ class _RetryWrite(Exception):
 
 class _Duplicates(Exception):
     """The fast path met stored ids; roll back and take the careful path."""
-
-
-class _ClaimedElsewhere(Exception):
-    """An id is claimed for another message: roll back this call's claims."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -131,7 +144,7 @@ def _translate(what: str) -> Iterator[None]:
 
 
 class PostgresStore:
-    """A :class:`~squadbus.store.base.HistoryStore` (and ``ClaimsIds``) on PostgreSQL (see the module docstring)."""
+    """A :class:`~squadbus.store.base.HistoryStore` and ``ClaimsIdGroups`` on PostgreSQL (see the module docstring)."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -293,35 +306,59 @@ class PostgresStore:
         return stored
 
     async def claim(self, claims: Sequence[IdClaim]) -> list[IdClaim]:
-        """Claim each id for its message, all or nothing (see ClaimsIds and the module docstring)."""
-        if not claims:
-            return []
-        wanted = c.first_claims(claims)
-        ids = list(wanted)
+        """Claim each id for its message, all or nothing (see ClaimsIds)."""
+        [holders] = await self.claim_groups([claims])
+        return holders
+
+    async def claim_groups(self, groups: Sequence[Sequence[IdClaim]]) -> list[list[IdClaim]]:
+        """Decide each group of claims on its own in one transaction (see ClaimsIdGroups and the module docstring)."""
+        first: dict[UUID, IdClaim] = {}
+        for group in groups:
+            for item in group:
+                first.setdefault(item.id, item)
+        if not first:
+            return [[] for _ in groups]
+        ids = list(first)
         pool = self._the_pool()
-        held: dict[UUID, IdClaim] = {}
         with _translate("claim"):
             for attempt in range(1, _WRITE_ATTEMPTS + 1):
-                held = {}
                 try:
                     async with pool.acquire() as conn, conn.transaction():
-                        await conn.execute(
-                            q.CLAIM, ids, [c.index_text(w.sender_id) for w in wanted.values()],
-                            [w.fingerprint for w in wanted.values()],
-                        )
-                        for raw_id, sender_id, fingerprint in await conn.fetch(q.CLAIMS_HELD, ids):
-                            ident = UUID(bytes=raw_id.bytes)
-                            held[ident] = IdClaim(ident, sender_id, bytes(fingerprint))
-                        if any(held[i].fingerprint != wanted[i].fingerprint for i in held):
-                            raise _ClaimedElsewhere
-                    break
-                except _ClaimedElsewhere:
-                    break
+                        return await self._claim_groups(conn, groups, first, ids)
+                except _RetryWrite:
+                    if attempt == _WRITE_ATTEMPTS:
+                        raise BackendError(f"PostgreSQL claim: claims removed while read {attempt} times") from None
                 except asyncpg.exceptions.TransactionRollbackError as exc:
                     if attempt == _WRITE_ATTEMPTS:
                         raise BackendError(f"PostgreSQL claim: gave up after {attempt} conflicting attempts") from exc
                     await asyncio.sleep(0.01 * attempt)
-        return [c.claim_holder(wanted[item.id], held.get(item.id)) for item in claims]
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    async def _claim_groups(
+        conn: asyncpg.Connection, groups: Sequence[Sequence[IdClaim]], first: dict[UUID, IdClaim], ids: list[UUID]
+    ) -> list[list[IdClaim]]:
+        """Steps 1-4 of the module docstring inside the caller's transaction."""
+        rows = await conn.fetch(
+            q.CLAIM, ids, [c.index_text(w.sender_id) for w in first.values()], [w.fingerprint for w in first.values()]
+        )
+        inserted = {UUID(bytes=row[0].bytes) for row in rows}
+        held: dict[UUID, IdClaim] = {}
+        for raw_id, sender_id, fingerprint in await conn.fetch(q.CLAIMS_HELD, ids):
+            ident = UUID(bytes=raw_id.bytes)
+            if ident not in inserted:
+                held[ident] = IdClaim(ident, sender_id, bytes(fingerprint))
+        if len(held) + len(inserted) != len(ids):
+            raise _RetryWrite  # a claim that kept ours out was removed (retention) before the read
+        results, recorded = c.decide_claim_groups(groups, held)
+        unwanted = [i for i in inserted if i not in recorded]
+        if unwanted:
+            await conn.execute(q.UNCLAIM, unwanted)
+        changed = [w for i, w in recorded.items() if w != first[i]]
+        if changed:
+            await conn.execute(q.RECLAIM, [w.id for w in changed], [c.index_text(w.sender_id) for w in changed],
+                               [w.fingerprint for w in changed])
+        return results
 
     # ---- reading -----------------------------------------------------------------------------
 

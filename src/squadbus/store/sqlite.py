@@ -100,7 +100,7 @@ def _translate(what: str) -> Iterator[None]:
 
 
 class SqliteStore:
-    """A :class:`~squadbus.store.base.HistoryStore` and ``ClaimsIds`` on one SQLite file (see the module docstring)."""
+    """A :class:`~squadbus.store.base.HistoryStore` and ``ClaimsIdGroups`` on one SQLite file (see module docstring)."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -283,19 +283,28 @@ class SqliteStore:
         return stored
 
     async def claim(self, claims: Sequence[IdClaim]) -> list[IdClaim]:
-        """Claim each id for its message, all or nothing (see ClaimsIds); BEGIN IMMEDIATE makes it atomic."""
-        if not claims:
-            return []
-        wanted = c.first_claims(claims)
+        """Claim each id for its message, all or nothing (see ClaimsIds)."""
+        [holders] = await self.claim_groups([claims])
+        return holders
+
+    async def claim_groups(self, groups: Sequence[Sequence[IdClaim]]) -> list[list[IdClaim]]:
+        """Decide each group of claims on its own in one transaction (see ClaimsIdGroups).
+
+        Check, then insert: ``BEGIN IMMEDIATE`` holds SQLite's write lock from
+        the read of the claims already held to the commit, so nothing can
+        claim in between and deciding the groups in Python is atomic.
+        """
+        ids = list(dict.fromkeys(item.id for group in groups for item in group))
+        if not ids:
+            return [[] for _ in groups]
         writer, _ = self._conns()
         held: dict[UUID, IdClaim] = {}
         with _translate("claim"):
             async with self._write_lock:
                 await writer.execute("BEGIN IMMEDIATE")
                 try:
-                    ids = [ident.bytes for ident in wanted]
                     for start in range(0, len(ids), _CHUNK):
-                        chunk = ids[start:start + _CHUNK]
+                        chunk = [ident.bytes for ident in ids[start:start + _CHUNK]]
                         rows = await writer.execute_fetchall(
                             "SELECT id, sender_id, fingerprint FROM id_claims"
                             f" WHERE id IN ({','.join('?' * len(chunk))})",
@@ -304,11 +313,12 @@ class SqliteStore:
                         for raw_id, sender_id, fingerprint in rows:
                             ident = UUID(bytes=raw_id)
                             held[ident] = IdClaim(ident, sender_id, bytes(fingerprint))
-                    if all(held[i].fingerprint == wanted[i].fingerprint for i in held):
+                    results, recorded = c.decide_claim_groups(groups, held)
+                    if recorded:
                         now_us = c.to_micros(utcnow())
                         await writer.executemany(
                             "INSERT INTO id_claims (id, sender_id, fingerprint, claimed_at) VALUES (?, ?, ?, ?)",
-                            [(i.bytes, w.sender_id, w.fingerprint, now_us) for i, w in wanted.items() if i not in held],
+                            [(i.bytes, w.sender_id, w.fingerprint, now_us) for i, w in recorded.items()],
                         )
                         await writer.execute("COMMIT")
                     else:
@@ -317,7 +327,7 @@ class SqliteStore:
                     with contextlib.suppress(sqlite3.Error, ValueError):
                         await writer.execute("ROLLBACK")
                     raise
-        return [c.claim_holder(wanted[item.id], held.get(item.id)) for item in claims]
+        return results
 
     # ---- reading -----------------------------------------------------------------------------
 
