@@ -4,16 +4,11 @@ Each side is a bus URL (``redis://``, ``rediss://``, ``nats://``, ``tls://``, ``
 history store URL (``sqlite+aiosqlite:///PATH``, ``postgresql://...``). ``memory://`` lives inside
 one process and ``dual://`` is two sides at once, so both are refused: name each side on its own.
 
-Both sides' ends are noted first (a snapshot), then each is read from the start of its retention
-(or ``--since``) up to that end, with no consumer group and without waiting for anything new, so
-verify always terminates:
-
-* Redis: ``XRANGE`` in pages over every partition stream, up to the stream's last entry id at start;
-* NATS: one temporary in-memory consumer without acks, filtered by the pattern, up to the stream's
-  last sequence at start; deleted at the end (the server drops it after 30 s idle if verify dies);
-* Kafka: one consumer without a group, assigned to every partition of the topics the pattern can
-  match, up to the end offsets at start;
-* a store: pages of the history whose ``created_at`` is before verify started.
+Once both sides are connected, both are read at once, each from the start of its retention (or
+``--since``) up to where it ended when its read began (a snapshot), with no consumer group and
+without waiting for anything new, so verify always terminates. A bus is read through its
+:class:`~squadbus.core.backend.ReadsAll` (how each broker does it: the backends' ``read_all``
+modules); a store as pages of the history whose ``created_at`` is before its read began.
 
 Connecting is what any squadbus process does (NATS and Kafka create their stream or topics when
 missing; the Redis trimmer is left off). Dead letters (``agent.dlq.>``) are left out unless the
@@ -31,12 +26,11 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import secrets
 import signal
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 from uuid import UUID
 
 import click
@@ -44,8 +38,9 @@ import click
 from squadbus.cli.history import parse_time, sqlite_path
 from squadbus.cli.serve import redact
 from squadbus.core import subjects
-from squadbus.core.envelope import Message, decode
-from squadbus.core.errors import MalformedMessage, SquadbusError
+from squadbus.core.backend import Backend, ReadsAll
+from squadbus.core.envelope import Message
+from squadbus.core.errors import SquadbusError
 from squadbus.core.registry import open_backend, scheme_of
 
 EXIT_MATCH = 0
@@ -55,30 +50,10 @@ EXIT_USAGE = 2
 _STORE_SCHEMES = ("sqlite", "sqlite+aiosqlite", "postgresql", "postgres", "postgresql+asyncpg")
 _BUS_SCHEMES = ("redis", "rediss", "nats", "tls", "kafka")
 _PAGE = 1000
-_ANY_SIZE = 1 << 62  # read whatever a side holds, whatever size limit its writers had
-_CLOCK_SLACK = timedelta(seconds=60)  # broker timestamps and created_at come from different clocks
-_STALL = 15.0  # seconds a side may give nothing while short of its end before verify gives up
 
 
 class VerifyError(Exception):
     """A usage or connection error: one line, exit 2."""
-
-
-class Reader(Protocol):
-    """One side: ``snapshot()`` notes where it ends now, ``messages()`` reads up to there."""
-
-    async def snapshot(self) -> None: ...
-
-    def messages(self) -> AsyncIterator[Message | None]: ...
-
-
-def _decode(data: bytes | None) -> Message | None:
-    if data is None:
-        return None
-    try:
-        return decode(data, max_content_bytes=_ANY_SIZE)
-    except MalformedMessage:
-        return None
 
 
 @dataclasses.dataclass
@@ -96,6 +71,14 @@ class Holdings:
             return
         self.execution_of[message.id] = message.task_execution_id
         self.by_execution.setdefault(message.task_execution_id, {})[message.id] = None
+
+    def count_unreadable(self, data: bytes) -> None:
+        """A record that is not a squadbus envelope."""
+        self.unreadable += 1
+
+
+Side = Callable[[Holdings], AsyncGenerator[Message, None]]
+"""How to read one side, counting its unreadable records in the given Holdings."""
 
 
 @dataclasses.dataclass
@@ -136,231 +119,27 @@ def compare(source: Holdings, destination: Holdings) -> Report:
     return Report(source, destination, missing, extra, order)
 
 
-# ---- readers -------------------------------------------------------------------------------------
+# ---- sides ---------------------------------------------------------------------------------------
 
 
-class RedisReader:
-    """``XRANGE`` over every partition stream up to its last entry at the snapshot."""
+async def _store_messages(store: Any, pattern: str, since: datetime | None) -> AsyncGenerator[Message, None]:
+    """Pages of a history store whose ``created_at`` is before the first page (the snapshot), in stored order."""
+    from squadbus.store import HistoryQuery
 
-    def __init__(self, backend: Any, pattern: str, since: datetime | None) -> None:
-        self.backend, self.pattern, self.since = backend, pattern, since
-        self.ends: dict[str, str] = {}
-
-    async def snapshot(self) -> None:
-        from squadbus.backends.redis._driver import FAILURES, call, translate
-
-        client = self.backend._client  # no public read-everything call on RedisBackend yet
-        for stream in self.backend.layout.partition_streams():
-            try:
-                async with asyncio.timeout(_STALL):  # the client has no socket timeout of its own
-                    last = await call(client, "XREVRANGE", stream, "+", "-", "COUNT", 1)
-            except FAILURES as exc:
-                raise translate(exc, f"read the end of {stream}") from exc
-            if last:
-                self.ends[stream] = last[0][0].decode()
-
-    async def messages(self) -> AsyncIterator[Message | None]:
-        from squadbus.backends.redis._driver import FAILURES, call, translate
-
-        client = self.backend._client
-        floor = "-"
-        if self.since is not None:
-            floor = f"{max(0, int((self.since - _CLOCK_SLACK).timestamp() * 1000))}-0"
-        for stream, end in self.ends.items():
-            start = floor
-            while True:
-                try:
-                    async with asyncio.timeout(_STALL):
-                        page = await call(client, "XRANGE", stream, start, end, "COUNT", _PAGE)
-                except FAILURES as exc:
-                    raise translate(exc, f"read {stream}") from exc
-                for _, fields in page:
-                    subject = fields.get(b"s", b"").decode()
-                    if subject and not subjects.matches(self.pattern, subject):
-                        continue
-                    message = _decode(fields.get(b"m"))
-                    if message is None or subject or subjects.matches(self.pattern, message.subject):
-                        yield message
-                if len(page) < _PAGE:
-                    break
-                start = "(" + page[-1][0].decode()
-
-
-class NatsReader:
-    """One AckNone in-memory consumer filtered by the pattern, up to the stream's last sequence."""
-
-    def __init__(self, backend: Any, pattern: str, since: datetime | None) -> None:
-        self.backend, self.pattern, self.since = backend, pattern, since
-        self.first = self.last = 0
-
-    async def snapshot(self) -> None:
-        from squadbus.backends.nats.translate import translate
-
-        stream = self.backend.settings.stream
-        try:
-            info = await self.backend.js.stream_info(stream)
-        except Exception as exc:
-            raise translate(exc, f"stream info of {stream}") from exc
-        self.first, self.last = info.state.first_seq, info.state.last_seq
-
-    async def messages(self) -> AsyncIterator[Message | None]:
-        import nats.errors
-        from nats.js import api
-
-        from squadbus.backends.nats.translate import translate
-
-        if self.last == 0 or self.first > self.last:
+    until = datetime.now(UTC)
+    cursor: str | None = None
+    while True:
+        page = await store.query(HistoryQuery(since=since, until=until, cursor=cursor, limit=_PAGE))
+        for row in page.items:
+            if subjects.matches(pattern, row.message.subject):
+                yield row.message
+        cursor = page.next_cursor
+        if cursor is None:
             return
-        js, stream = self.backend.js, self.backend.settings.stream
-        name = f"verify-{secrets.token_hex(8)}"
-        config = api.ConsumerConfig(
-            name=name, ack_policy=api.AckPolicy.NONE, filter_subject=self.pattern, mem_storage=True,
-            num_replicas=1, inactive_threshold=30.0, deliver_policy=api.DeliverPolicy.ALL,
-        )
-        if self.since is not None:
-            config.deliver_policy = api.DeliverPolicy.BY_START_TIME
-            config.opt_start_time = self.since - _CLOCK_SLACK
-        try:
-            await js.add_consumer(stream, config)
-            sub = await js.pull_subscribe_bind(name, stream=stream)
-            pending = (await js.consumer_info(stream, name)).num_pending
-        except Exception as exc:
-            with contextlib.suppress(Exception):
-                await js.delete_consumer(stream, name)
-            raise translate(exc, f"create a reader on {stream}") from exc
-        try:
-            seq, idle = 0, 0.0
-            if not pending:
-                return
-            while seq < self.last:
-                try:
-                    msgs = await sub.fetch(_PAGE, timeout=1.0)
-                except (nats.errors.TimeoutError, TimeoutError):
-                    idle += 1.0
-                    if idle >= _STALL:
-                        raise VerifyError(f"nats: no message after sequence {seq} of {self.last} "
-                                          f"for {_STALL:g} s") from None
-                    continue
-                except nats.errors.Error as exc:
-                    raise translate(exc, f"read {stream}") from exc
-                idle = 0.0
-                for msg in msgs:
-                    seq = msg.metadata.sequence.stream
-                    if seq > self.last:
-                        break
-                    yield _decode(msg.data)
-                if msgs and msgs[-1].metadata.num_pending == 0:
-                    break  # nothing else matches the filter (up to now)
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-            with contextlib.suppress(Exception):
-                await js.delete_consumer(stream, name)
-
-
-class KafkaReader:
-    """A consumer without a group on every partition of the pattern's topics, up to the end offsets."""
-
-    def __init__(self, backend: Any, pattern: str, since: datetime | None) -> None:
-        self.backend, self.pattern, self.since = backend, pattern, since
-        self.consumer: Any = None
-        self.ends: dict[Any, int] = {}
-
-    async def snapshot(self) -> None:
-        from squadbus.backends.kafka._driver import AIOKafkaConsumer, KafkaError, TopicPartition
-        from squadbus.backends.kafka.ends import high_watermarks
-        from squadbus.backends.kafka.producer import translate
-
-        s, layout = self.backend.settings, self.backend.layout
-        topics = [t for t in layout.topics_for(self.pattern) if t != layout.dlq or _names_dlq(self.pattern)]
-        self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=list(s.bootstrap_servers), client_id=s.client_id, group_id=None,
-            enable_auto_commit=False, fetch_max_wait_ms=s.fetch_max_wait_ms,
-        )
-        try:
-            async with asyncio.timeout(s.connect_timeout):
-                await self.consumer.start()
-                known = await self.consumer.topics()
-                tps = [TopicPartition(t, p) for t in topics if t in known
-                       for p in sorted(self.consumer.partitions_for_topic(t) or ())]
-                if not tps:
-                    return
-                starts = await self.consumer.beginning_offsets(tps)
-                self.ends = await high_watermarks(self.consumer, tps, beginnings=starts)  # tansu: see .ends
-                if self.since is not None:
-                    stamp = int((self.since - _CLOCK_SLACK).timestamp() * 1000)
-                    found = await self.consumer.offsets_for_times(dict.fromkeys(tps, stamp))
-                    starts = {tp: self.ends[tp] if found[tp] is None else max(starts[tp], found[tp].offset)
-                              for tp in tps}
-        except (KafkaError, TimeoutError) as exc:
-            raise translate(exc, "read the end offsets") from exc
-        for tp, start in starts.items():
-            self.consumer.seek(tp, start)
-        self.ends = {tp: end for tp, end in self.ends.items() if starts[tp] < end}
-        self.consumer.pause(*(tp for tp in tps if tp not in self.ends))
-
-    async def messages(self) -> AsyncIterator[Message | None]:
-        from squadbus.backends.kafka._driver import KafkaError
-        from squadbus.backends.kafka.producer import translate
-
-        left = dict(self.ends)
-        idle = 0.0
-        try:
-            while left:
-                batch = await self.consumer.getmany(*left, timeout_ms=1000, max_records=_PAGE)
-                idle = 0.0 if batch else idle + 1.0
-                if idle >= _STALL:
-                    raise VerifyError(f"kafka: no record for {_STALL:g} s while short of the end offsets "
-                                      f"{ {str(tp): end for tp, end in left.items()} }")
-                for tp, records in batch.items():
-                    for record in records:
-                        if record.offset >= left.get(tp, 0):
-                            break
-                        message = _decode(record.value)
-                        if message is None or subjects.matches(self.pattern, message.subject):
-                            yield message
-                for tp in list(left):
-                    if await self.consumer.position(tp) >= left[tp]:
-                        self.consumer.pause(tp)
-                        del left[tp]
-        except KafkaError as exc:
-            raise translate(exc, "read records") from exc
-
-    async def close(self) -> None:
-        if self.consumer is not None:
-            await self.consumer.stop()
-
-
-class StoreReader:
-    """Pages of a history store whose ``created_at`` is before verify started, in stored order."""
-
-    def __init__(self, store: Any, pattern: str, since: datetime | None) -> None:
-        self.store, self.pattern, self.since = store, pattern, since
-        self.until = datetime.now(UTC)
-
-    async def snapshot(self) -> None:
-        self.until = datetime.now(UTC)
-
-    async def messages(self) -> AsyncIterator[Message | None]:
-        from squadbus.store import HistoryQuery
-
-        cursor: str | None = None
-        while True:
-            page = await self.store.query(HistoryQuery(since=self.since, until=self.until, cursor=cursor,
-                                                       limit=_PAGE))
-            for row in page.items:
-                if subjects.matches(self.pattern, row.message.subject):
-                    yield row.message
-            cursor = page.next_cursor
-            if cursor is None:
-                return
 
 
 def _names_dlq(pattern: str) -> bool:
     return pattern.startswith(subjects.DLQ_PREFIX + ".")
-
-
-# ---- sides ---------------------------------------------------------------------------------------
 
 
 def check_side(flag: str, url: str) -> None:
@@ -379,71 +158,63 @@ def check_side(flag: str, url: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def open_side(url: str, pattern: str, since: datetime | None) -> AsyncIterator[Reader]:
-    """Connect to one side and yield its reader; the connection is closed afterwards."""
+async def open_side(url: str, pattern: str, since: datetime | None) -> AsyncIterator[Side]:
+    """Connect to one side and yield how to read it; the connection is closed afterwards."""
     scheme = scheme_of(url)
     if scheme in _STORE_SCHEMES:
         from squadbus.store import open_store
 
         async with open_store(url) as store:
-            yield StoreReader(store, pattern, since)
+            yield lambda held: _store_messages(store, pattern, since)
         return
     if scheme in ("redis", "rediss"):
         from squadbus.backends.redis import RedisBackend, RedisSettings
 
         # Verify reads; it does not trim (a backend with retention settings would start a trimmer).
         settings = dataclasses.replace(RedisSettings.from_url(url), maxlen=None, subject_maxlen=None, max_age=None)
-        backend: Any = RedisBackend(settings)
+        backend: Backend = RedisBackend(settings)
     else:
         backend = open_backend(url)
-    reader: Any = {"redis": RedisReader, "rediss": RedisReader, "nats": NatsReader, "tls": NatsReader,
-                   "kafka": KafkaReader}[scheme](backend, pattern, since)
+    if not isinstance(backend, ReadsAll):
+        raise VerifyError(f"the {backend.name} backend cannot read everything it holds")
     try:
         await backend.connect()
-        yield reader
+        yield lambda held: backend.read_all(pattern, since=since, on_unreadable=held.count_unreadable)
     finally:
-        if isinstance(reader, KafkaReader):
-            await reader.close()
         await backend.close()
 
 
-async def _read(flag: str, reader: Reader, pattern: str, since: datetime | None) -> Holdings:
-    """Everything ``reader`` yields that ``pattern`` and ``since`` select, by execution; None (bytes
-    that are not an envelope) is counted. Errors become one VerifyError naming the side."""
+async def _read(flag: str, side: Side, pattern: str, since: datetime | None) -> Holdings:
+    """Everything ``side`` yields that ``pattern`` and ``since`` select, by execution; records that are
+    not envelopes are counted. Errors become one VerifyError naming the side."""
     held = Holdings()
     skip_dlq = not _names_dlq(pattern)
     try:
-        async for message in reader.messages():
-            if message is None:
-                held.unreadable += 1
-            elif skip_dlq and message.subject.startswith(subjects.DLQ_PREFIX + "."):
-                continue
-            elif since is None or message.created_at >= since:
-                held.add(message)
+        async with contextlib.aclosing(side(held)) as messages:
+            async for message in messages:
+                if skip_dlq and message.subject.startswith(subjects.DLQ_PREFIX + "."):
+                    continue
+                if since is None or message.created_at >= since:
+                    held.add(message)
     except (SquadbusError, OSError) as exc:
         raise VerifyError(f"{flag}: {exc}") from None
     return held
 
 
 async def verify_sides(source_url: str, destination_url: str, pattern: str, since: datetime | None) -> Report:
-    """Snapshot both ends (source first), read both sides at once, compare."""
+    """Connect both sides, then read both at once, each up to where it ended when its read began."""
     sides = (("--from", source_url), ("--to", destination_url))
     async with contextlib.AsyncExitStack() as stack:
-        readers = []
+        opened = []
         for flag, url in sides:
             try:
-                readers.append(await stack.enter_async_context(open_side(url, pattern, since)))
+                opened.append(await stack.enter_async_context(open_side(url, pattern, since)))
             except (VerifyError, SquadbusError, OSError, ImportError) as exc:
                 raise VerifyError(f"{flag}: {exc}") from None
-        for (flag, _), reader in zip(sides, readers, strict=True):  # both connected: snapshots close together
-            try:
-                await reader.snapshot()
-            except (SquadbusError, OSError) as exc:
-                raise VerifyError(f"{flag}: {exc}") from None
-        try:
-            async with asyncio.TaskGroup() as group:  # one side failing stops the other
-                tasks = [group.create_task(_read(flag, reader, pattern, since))
-                         for (flag, _), reader in zip(sides, readers, strict=True)]
+        try:  # both connected: the two snapshots are taken close together; one side failing stops the other
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(_read(flag, side, pattern, since))
+                         for (flag, _), side in zip(sides, opened, strict=True)]
         except BaseExceptionGroup as errors:
             raise errors.exceptions[0] from None
     return compare(tasks[0].result(), tasks[1].result())

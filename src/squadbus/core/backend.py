@@ -7,6 +7,7 @@ so that it behaves the same on every backend.
 
 Extra abilities are separate protocols checked with ``isinstance``:
 :class:`Replayable` (read one execution's history back from the broker),
+:class:`ReadsAll` (read everything retained once, up to a snapshot of the end),
 :class:`Requester` (a native request/reply faster than publish + reply subject),
 :class:`BatchPublisher` (many messages in few round trips) and
 :class:`BatchSubscriber` (deliveries handed over in batches).
@@ -19,7 +20,7 @@ import enum
 import functools
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
@@ -431,6 +432,30 @@ class Replayable(Protocol):
     def replay(
         self, task_execution_id: UUID, *, from_seq: int = 0, since: datetime | None = None
     ) -> AsyncIterator[tuple[int, Message]]: ...
+
+
+@runtime_checkable
+class ReadsAll(Protocol):
+    """A backend that can read back, once, everything it still retains.
+
+    ``read_all`` yields every retained message whose subject matches
+    ``pattern`` (and, with ``since``, whose ``created_at`` is at or after
+    it), up to the end of each partition or stream as it was when the
+    iteration started (a snapshot: nothing published later is waited for),
+    then stops. Order is kept per ``task_execution_id``; there is none across
+    partitions, and copies of one id are yielded as the broker holds them.
+    It creates no consumer group; a temporary consumer it needs is deleted
+    at the end, also when the iterator is closed early (close it with
+    ``contextlib.aclosing``). Records that are not squadbus envelopes are
+    skipped and their bytes handed to ``on_unreadable`` when given. Raises a
+    BackendError (BackendTimeout when the broker stops answering short of
+    the snapshot's end).
+    """
+
+    def read_all(
+        self, pattern: str, *, since: datetime | None = None,
+        on_unreadable: Callable[[bytes], None] | None = None,
+    ) -> AsyncGenerator[Message, None]: ...
 
 
 @runtime_checkable

@@ -22,6 +22,7 @@ no test asserts how fast anything happens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import uuid
@@ -29,6 +30,7 @@ import zlib
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -36,7 +38,7 @@ import msgspec
 import pytest
 
 from squadbus.core import envelope, subjects
-from squadbus.core.backend import ConsumerOptions, Delivery, StartFrom
+from squadbus.core.backend import ConsumerOptions, Delivery, ReadsAll, StartFrom
 from squadbus.core.batching import batched
 from squadbus.core.bus import Bus
 from squadbus.core.dispatch import DLQ_ATTEMPTS, DLQ_GROUP, DLQ_ORIGINAL_ID, DLQ_REASON
@@ -851,6 +853,32 @@ class ConformanceSuite:
         fresh = await bus.send("pm", agent, "new")
         await eventually(lambda: fresh.id in got.ids, self.features.timeout, "the new message")
         assert [m.content for m in got.messages] == ["new"]
+
+    async def test_read_all_reads_what_is_retained_up_to_where_it_began(self, bus: Bus) -> None:
+        backend = bus.backend
+        assert isinstance(backend, ReadsAll)
+        agent, other = _uid("agent"), _uid("agent")
+        executions = [uuid.uuid4(), uuid.uuid4(), None]
+        start = envelope.utcnow() - timedelta(seconds=10)
+        sent = [envelope.build(subject=subjects.direct(agent), sender_id="pm", recipient_id=agent, content=f"m{i}",
+                               task_execution_id=executions[i % 3], created_at=start + timedelta(milliseconds=i))
+                for i in range(self.n(90))]
+        await bus.publish_many(sent)
+        await bus.send("pm", other, "another subject")
+        got: list[Message] = []
+        late: list[Message] = []
+        async with contextlib.aclosing(backend.read_all(subjects.direct(agent))) as reading:
+            async for message in reading:
+                if not late:
+                    late.append(await bus.send("pm", agent, "published after the read began"))
+                got.append(message)
+        assert sorted(m.id for m in got) == sorted(m.id for m in sent)
+        for execution in executions[:2]:
+            assert [m.id for m in got if m.task_execution_id == execution] == \
+                [m.id for m in sent if m.task_execution_id == execution]
+        cut = len(sent) // 2
+        since = [m.id async for m in backend.read_all(subjects.direct(agent), since=sent[cut].created_at)]
+        assert sorted(since) == sorted(m.id for m in sent[cut:] + late)
 
 
 def _new() -> ConsumerOptions:

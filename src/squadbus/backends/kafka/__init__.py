@@ -9,7 +9,7 @@ Package layout: :mod:`.settings` (URL and options), :mod:`.topics`
 (subject-to-topic mapping, topic creation), :mod:`.producer` (publishing),
 :mod:`.consumer` and :mod:`.partition` (consumer groups, commits, retries),
 :mod:`.deadletter` (records that are not envelopes), :mod:`.ends` (the real end
-of partitions), :mod:`.replay`.
+of partitions), :mod:`.replay`, :mod:`.read_all` (everything retained, once).
 """
 
 from __future__ import annotations

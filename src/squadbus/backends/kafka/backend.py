@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from datetime import datetime
 from uuid import UUID
 
@@ -18,6 +18,7 @@ from squadbus.backends.kafka._driver import (
 from squadbus.backends.kafka.connectlogs import ConnectLogs
 from squadbus.backends.kafka.consumer import KafkaSubscription
 from squadbus.backends.kafka.producer import KafkaPublisher, translate
+from squadbus.backends.kafka.read_all import read_all
 from squadbus.backends.kafka.replay import replay_execution
 from squadbus.backends.kafka.settings import KafkaSettings
 from squadbus.backends.kafka.topics import TopicLayout, ensure_topics
@@ -36,7 +37,7 @@ class KafkaBackend:
     (``acks="all"``); concurrent publishes share requests. Every
     subscription is its own consumer; see :mod:`.consumer` for commits,
     retries and rebalances, :mod:`.topics` for the subject-to-topic layout
-    and :mod:`.replay` for replay. Broker-side dedupe by message id is not
+    :mod:`.replay` for replay and :mod:`.read_all` for ``read_all``. Broker-side dedupe by message id is not
     offered: the idempotent producer (when the broker grants it) only removes
     duplicates caused by the producer's own retries.
     """
@@ -167,3 +168,11 @@ class KafkaBackend:
             self.settings, topic, partitions, task_execution_id, from_seq=from_seq, since=since
         ):
             yield item
+
+    def read_all(
+        self, pattern: str, *, since: datetime | None = None, on_unreadable: Callable[[bytes], None] | None = None,
+    ) -> AsyncGenerator[Message, None]:
+        """Every retained message matching ``pattern``, up to the ends at the start (ReadsAll); see :mod:`.read_all`."""
+        self._check()
+        subjects.validate_pattern(pattern)
+        return read_all(self.settings, self.layout, pattern, since=since, on_unreadable=on_unreadable)

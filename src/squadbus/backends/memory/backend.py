@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -218,6 +218,19 @@ class MemoryBackend:
             if since is not None and message.created_at < since:
                 continue
             yield seq, message
+
+    def read_all(
+        self, pattern: str, *, since: datetime | None = None, on_unreadable: Callable[[bytes], None] | None = None,
+    ) -> AsyncGenerator[Message, None]:
+        """Every message still in the replay window matching ``pattern`` (ReadsAll), in publish order,
+        up to the last one published when the iteration starts. Holds nothing unreadable."""
+        subjects.validate_pattern(pattern)
+        return self._read_all(pattern, since)
+
+    async def _read_all(self, pattern: str, since: datetime | None) -> AsyncGenerator[Message, None]:
+        for _, message in list(self._log):
+            if subjects.matches(pattern, message.subject) and (since is None or message.created_at >= since):
+                yield message
 
     def stats(self) -> dict[str, Any]:
         """Replay window bounds, duplicates dropped, and per-group buffer state."""

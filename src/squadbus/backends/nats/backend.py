@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from datetime import datetime
 from uuid import UUID
 
@@ -26,6 +26,7 @@ from nats.js.client import JetStreamContext
 from squadbus.backends.nats.attempts import AttemptLedger
 from squadbus.backends.nats.consumers import consumer_config, consumer_exists, ensure_consumer
 from squadbus.backends.nats.publisher import NatsPublisher
+from squadbus.backends.nats.read_all import read_all as read_stream
 from squadbus.backends.nats.replay import replay as replay_stream
 from squadbus.backends.nats.requests import ReplyRouter
 from squadbus.backends.nats.settings import STREAM_SUBJECTS, NatsSettings, Profile
@@ -336,3 +337,11 @@ class NatsBackend:
             self.js, self.settings.stream, task_execution_id, from_seq=from_seq, since=since
         ):
             yield item
+
+    def read_all(
+        self, pattern: str, *, since: datetime | None = None, on_unreadable: Callable[[bytes], None] | None = None,
+    ) -> AsyncGenerator[Message, None]:
+        """Every retained message matching ``pattern``, up to the stream's end at the start (ReadsAll);
+        see :mod:`.read_all`."""
+        subjects.validate_pattern(pattern)
+        return read_stream(self.js, self.settings.stream, pattern, since=since, on_unreadable=on_unreadable)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -27,6 +27,7 @@ from squadbus.backends.redis.ephemeral import EphemeralSubscription
 from squadbus.backends.redis.group import GroupSubscription
 from squadbus.backends.redis.layout import KeyLayout, entry_id_of, position_of
 from squadbus.backends.redis.publisher import RedisPublisher
+from squadbus.backends.redis.read_all import read_all
 from squadbus.backends.redis.retention import Trimmer
 from squadbus.backends.redis.settings import Profile, RedisSettings
 from squadbus.core import subjects
@@ -279,6 +280,15 @@ class RedisBackend:
             if len(page) < _REPLAY_PAGE:
                 return
             start = "(" + page[-1][0].decode()
+
+    def read_all(
+        self, pattern: str, *, since: datetime | None = None, on_unreadable: Callable[[bytes], None] | None = None,
+    ) -> AsyncGenerator[Message, None]:
+        """Every retained message matching ``pattern``, up to each partition stream's end at the start
+        (ReadsAll); see :mod:`.read_all`."""
+        client, _ = self._require()
+        subjects.validate_pattern(pattern)
+        return read_all(client, self.layout, pattern, since=since, on_unreadable=on_unreadable)
 
     # ---- introspection -----------------------------------------------------------------------
 
