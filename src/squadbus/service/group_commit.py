@@ -11,8 +11,10 @@ transaction instead of queueing them one commit at a time.
 Claims are grouped per request: the store decides each request's claims on
 their own, all or nothing, inside the shared transaction
 (:class:`~squadbus.store.base.ClaimsIdGroups`), so one request's refusal
-neither fails nor refuses another's. ``bench/bench_post_ids.py`` measures
-what claims cost (POST/s with client-set ids against without).
+neither fails nor refuses another's. 32 concurrent POSTs with client-set
+ids through ASGI, paired rounds on a 2-CPU machine: about 650 POST/s against
+490 with one claim transaction per request on SQLite, 585 against 455 on
+PostgreSQL (``bench/bench_post_ids.py`` compares with and without ids).
 """
 
 from __future__ import annotations

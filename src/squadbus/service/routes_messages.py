@@ -10,8 +10,9 @@ How a POST and the db-writer share the work, so each row is written once:
    id run one after the other: the second gets 200 (same sender) or 409
    (another), as if sent later, and publishes nothing;
 3. a client-set id not stored yet is **claimed in the store** for this
-   message (:class:`~squadbus.store.base.ClaimsIds`: one atomic insert, so
-   replicas sharing the store agree). An id claimed for another sender's
+   message (:class:`~squadbus.store.base.ClaimsIds`: atomic, so replicas
+   sharing the store agree; concurrent requests share one transaction, each
+   decided on its own, see :func:`claim_in_store`). An id claimed for another sender's
    message is a 409 and nothing is published. An id claimed for another
    message of the same sender is answered as in step 2 once that message is
    stored (200), and is a 409 while it is not yet. The same message claimed
