@@ -5,8 +5,9 @@ Each case starts a private broker of its own (it kills or pauses it) and stops i
 case in ``make test``; ``make faults`` runs ``SQUADBUS_FAULT_ROUNDS`` rounds (default 5 there) and writes
 every report to ``SQUADBUS_FAULTS_REPORT`` (JSON lines) for docs/reliability.md.
 
-Pass: nothing acknowledged is lost, and nothing the sender was told failed ("not stored") is delivered. Duplicates are allowed (at-least-once; the db-writer removes
-them from history); order and redelivery delay are reported, and asserted where the backend promises them.
+Pass: nothing acknowledged is lost, and nothing the sender was told failed ("not stored") is delivered.
+Duplicates are allowed (at-least-once; the db-writer removes them from history); order and redelivery
+delay are reported, and asserted where the backend promises them.
 """
 
 from __future__ import annotations
