@@ -235,7 +235,8 @@ async def test_spool_sets_aside_what_the_secondary_refuses_for_good_and_sends_th
         assert isinstance(backend, DualBackend)
         assert backend.figures()["dual_spool_depth"] == 3
         new.down = False
-        await _wait(lambda: backend.figures()["dual_spool_depth"] == 0, "the spool to drain")
+        await _wait(lambda: not backend.spooling, "the spool to drain")
+        assert backend.figures()["dual_spool_depth"] == 0
         assert backend.figures()["dual_spool_refused"] == 1
         on_new = [m.id async for _, m in new.replay(execution)]
         assert on_new == [sent[0].id, sent[2].id]

@@ -103,3 +103,4 @@ async def test_metrics_show_the_dual_write_spool(make_app: MakeApp, tmp_path: Pa
     assert got[("squadbus_backend_dual_spool_depth", ())] == 0
     assert got[("squadbus_backend_dual_spool_refused", ())] == 0
     assert got[("squadbus_backend_dual_secondary_failures", ())] == 0
+    assert got[("squadbus_backend_dual_spooling", ())] == 0

@@ -129,11 +129,17 @@ class DualBackend:
                 if self.spool is not None:
                     await self.spool.close()
 
+    @property
+    def spooling(self) -> bool:
+        """True while the secondary's copies go to the spool (from a failure until the spool drained)."""
+        return self._spooling
+
     def figures(self) -> Mapping[str, float]:
         """Gauges for ``/metrics``: the spool's depth and refusals, the secondary's failures."""
         spool = self.spool
         return {
             "dual_secondary_failures": self.secondary_failures,
+            "dual_spooling": int(self._spooling),
             "dual_spool_depth": spool.depth if spool is not None else 0,
             "dual_spool_refused": spool.refused if spool is not None else 0,
         }
