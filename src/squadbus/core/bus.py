@@ -34,9 +34,10 @@ from squadbus.core.backend import (
     publish_all,
 )
 from squadbus.core.batching import gather_batches
+from squadbus.core.broadcasts import HOST_GROUP_PREFIX, BroadcastHub
 from squadbus.core.dispatch import BatchHandler, DispatchStats, Handler, wrap, wrap_batch
 from squadbus.core.envelope import DEFAULT_MAX_CONTENT_BYTES, Message
-from squadbus.core.errors import Closed, ConfigError, RequestTimeout
+from squadbus.core.errors import Closed, ConfigError, InvalidSubject, RequestTimeout
 from squadbus.core.inbox import Inbox
 from squadbus.core.registry import open_backend
 from squadbus.core.settings import Settings
@@ -69,9 +70,16 @@ class Bus:
         consumer_options: ConsumerOptions | None = None,
         owns_backend: bool = True,
         close_timeout: float = 10.0,
+        host_id: str | None = None,
     ) -> None:
         if close_timeout <= 0:
             raise ConfigError("close_timeout must be positive")
+        if host_id is not None:
+            try:
+                subjects.validate_token(host_id, what="host_id")
+            except InvalidSubject as exc:
+                raise ConfigError(str(exc)) from None
+        self.host_id = host_id
         self.backend = backend
         self.close_timeout = close_timeout
         self.max_content_bytes = max_content_bytes
@@ -87,6 +95,7 @@ class Bus:
         self._reply_sub: Subscription | None = None
         self._reply_lock = asyncio.Lock()
         self._pending_replies: dict[str, asyncio.Future[Message]] = {}
+        self._broadcast_hub: BroadcastHub | None = None
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> Bus:
@@ -96,6 +105,7 @@ class Bus:
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> Bus:
         """A Bus built from a :class:`Settings` object (see ``Settings.from_env``)."""
+        kwargs.setdefault("host_id", settings.host_id)
         return cls(open_backend(settings.url), max_content_bytes=settings.max_content_bytes, **kwargs)
 
     async def start(self) -> Bus:
@@ -117,6 +127,8 @@ class Bus:
             return
         self._closed = True
         errors = await self._finish("inbox", [inbox.close() for inbox in list(self._inboxes) if inbox.is_open])
+        if self._broadcast_hub is not None:
+            errors += await self._finish("broadcast subscription", [self._broadcast_hub.close()])
         subs, self._subscriptions = self._subscriptions, []
         errors += await self._finish("subscription", [sub.close() for sub in reversed(subs)])
         for fut in self._pending_replies.values():
@@ -384,6 +396,14 @@ class Bus:
         inbox = Inbox(self, str(agent_id), tuple(domains), broadcasts, options or self.consumer_options)
         self._inboxes.add(inbox)
         return inbox
+
+    @property
+    def broadcast_hub(self) -> BroadcastHub:
+        """The squad and domain broadcast subscriptions this Bus shares among its inboxes."""
+        if self._broadcast_hub is None:
+            group = f"{HOST_GROUP_PREFIX}{self.host_id}" if self.host_id else None
+            self._broadcast_hub = BroadcastHub(self, group=group)
+        return self._broadcast_hub
 
     # ---- request / reply --------------------------------------------------------------------
 

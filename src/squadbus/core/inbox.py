@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from squadbus.core import subjects
 from squadbus.core.backend import ConsumerOptions, Delivery, StartFrom, Subscription
+from squadbus.core.dispatch import wrap
 from squadbus.core.errors import Closed, Nack, ReceiveTimeout
 
 if TYPE_CHECKING:
@@ -38,8 +39,11 @@ class Inbox:
     Direct messages sent before the inbox was first opened wait for it
     (within what the backend retains; on a durable backend that includes
     what earlier runs left unacked); squad and domain broadcasts are received
-    from the first opening on. These are three streams merged here: order
-    holds within each, not across them.
+    while the inbox is open: the Bus reads each broadcast subject once and
+    copies it to its open inboxes (:mod:`squadbus.core.broadcasts`; with
+    ``Bus(host_id=...)`` a restarted host also gets what it had not finished).
+    These are separate streams merged here: order holds within each, not
+    across them.
 
     Iterating or calling :meth:`get` on an inbox that is not open raises
     :class:`~squadbus.core.errors.Closed`; closing it ends the loops waiting on it.
@@ -51,11 +55,9 @@ class Inbox:
         subjects.validate_token(agent_id, what="agent_id")
         self.agent_id = agent_id
         self._bus = bus
-        self._patterns: list[tuple[str, StartFrom]] = [(subjects.direct(agent_id), StartFrom.EARLIEST)]
-        if broadcasts:
-            self._patterns.append((subjects.BROADCAST, StartFrom.NEW))
-        for name in domains:
-            self._patterns.append((subjects.domain(name), StartFrom.NEW))
+        self._direct = subjects.direct(agent_id)
+        # Broadcast subjects are read once per Bus and copied here (squadbus.core.broadcasts).
+        self._broadcasts = ([subjects.BROADCAST] if broadcasts else []) + [subjects.domain(d) for d in domains]
         self._options = options
         # Unbounded on purpose: each subscription hands over one delivery at a
         # time and waits for it to be settled, so it never holds more than
@@ -81,10 +83,14 @@ class Inbox:
             return self
         self._open = True
         self._queue = asyncio.Queue()
+        bus = self._bus
         try:
-            for pattern, start in self._patterns:
-                opts = dataclasses.replace(self._options, start=start)
-                self._subs.append(await self._bus.subscribe(pattern, self._enqueue, group=self.group, options=opts))
+            opts = dataclasses.replace(self._options, start=StartFrom.EARLIEST)
+            self._subs.append(await bus.subscribe(self._direct, self._enqueue, group=self.group, options=opts))
+            if self._broadcasts:
+                copies = wrap(self._enqueue, self._options, bus.backend.publish, bus.stats)
+                for subject in self._broadcasts:
+                    await bus.broadcast_hub.join(subject, self, copies)
         except BaseException:
             await self.close()
             raise
@@ -120,7 +126,9 @@ class Inbox:
         for delivery in unsettled:
             await self._give_back(delivery)
         subs, self._subs = self._subs, []
-        await asyncio.gather(*(self._bus.unsubscribe(sub) for sub in subs))
+        hub = self._bus.broadcast_hub
+        await asyncio.gather(*(self._bus.unsubscribe(sub) for sub in subs),
+                             *(hub.leave(subject, self) for subject in self._broadcasts))
 
     async def _give_back(self, delivery: Delivery) -> None:
         await delivery.nack(self._options.backoff(delivery.attempt))

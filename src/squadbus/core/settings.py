@@ -14,7 +14,9 @@
 * ``SQUADBUS_API``, ``SQUADBUS_TOKEN``: a running service the CLI talks to
   (see ``squadbus --help``);
 * ``SQUADBUS_MAX_CONTENT_BYTES``: content size limit (default 1 MiB);
-* ``SQUADBUS_TOKENS_FILE``: bearer tokens for the HTTP service.
+* ``SQUADBUS_TOKENS_FILE``: bearer tokens for the HTTP service;
+* ``SQUADBUS_HOST_ID``: a stable name for this host process (durable broadcast
+  subscription for its inboxes, see :mod:`squadbus.core.broadcasts`).
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ class Settings:
     tokens_file: str | None = None
     api_url: str | None = None
     api_token: str | None = None
+    host_id: str | None = None
+    """``SQUADBUS_HOST_ID``: a stable name for this host process; its inboxes' broadcast subscription is
+    then the durable group ``inbox-host-<host_id>`` (see :mod:`squadbus.core.broadcasts`)."""
 
     def __post_init__(self) -> None:
         if not self.data_dir:
@@ -120,4 +125,5 @@ class Settings:
             tokens_file=env.get("SQUADBUS_TOKENS_FILE") or None,
             api_url=env.get("SQUADBUS_API") or None,
             api_token=env.get("SQUADBUS_TOKEN") or None,
+            host_id=env.get("SQUADBUS_HOST_ID") or None,
         )

@@ -711,6 +711,79 @@ class ConformanceSuite:
             assert again.attempt == (2 if self.features.shared_attempts else 1)
             await again.ack()
 
+    # ---- broadcasts to inboxes: read once per Bus, copied to each open inbox -------------------
+
+    async def test_inbox_broadcasts_are_read_once_per_bus_and_reach_every_inbox(self, bus: Bus) -> None:
+        domain = _uid("dom")
+        agents = [_uid("agent") for _ in range(12)]
+        inboxes = [await bus.inbox(agent, domains=[domain]).open() for agent in agents]
+        try:
+            assert bus.broadcast_hub.subscriptions == 2, "one squad and one domain subscription for 12 inboxes"
+            squad = await bus.broadcast("pm", "all hands")
+            dom = await bus.broadcast("pm", "dev sync", domain=domain)
+
+            async def two(inbox: Inbox) -> set[uuid.UUID]:
+                got = set()
+                for _ in range(2):
+                    delivery = await inbox.get(self.features.timeout)
+                    got.add(delivery.message.id)
+                    assert delivery.attempt == 1
+                    await delivery.ack()
+                return got
+
+            results = await asyncio.gather(*(two(inbox) for inbox in inboxes))
+            assert all(r == {squad.id, dom.id} for r in results)
+        finally:
+            await asyncio.gather(*(inbox.close() for inbox in inboxes))
+        assert bus.broadcast_hub.subscriptions == 0, "the last inbox out closes the broadcast subscriptions"
+
+    async def test_inbox_broadcast_nack_comes_back_to_that_agent_only(self, bus: Bus) -> None:
+        options = ConsumerOptions(backoff_base=0.01, backoff_max=0.05, ack_wait=self.features.timeout * 2)
+        slow, fine = _uid("slow"), _uid("fine")
+        async with bus.inbox(slow, options=options) as first, bus.inbox(fine, options=options) as second:
+            sent = await bus.broadcast("pm", "stand-up")
+            got = await first.get(self.features.timeout)
+            await got.nack(0.01)
+            once = await second.get(self.features.timeout)
+            assert once.message.id == sent.id
+            await once.ack()
+            again = await first.get(self.features.timeout)
+            assert (again.message.id, again.attempt) == (sent.id, 2)
+            await again.ack()
+            with pytest.raises(ReceiveTimeout):
+                await second.get(0.3)
+
+    async def test_inbox_broadcast_copy_dead_letters_after_max_deliver(self, bus: Bus) -> None:
+        agent = _uid("agent")
+        dlq = Collector()
+        await bus.subscribe(subjects.dead_letter(f"inbox-{agent}"), dlq, group=_uid("dlq"))
+        options = ConsumerOptions(max_deliver=2, backoff_base=0.01, backoff_max=0.02,
+                                  ack_wait=self.features.timeout * 2)
+        async with bus.inbox(agent, options=options) as inbox:
+            sent = await bus.broadcast("pm", "poison for this agent")
+            for attempt in (1, 2):
+                delivery = await inbox.get(self.features.timeout)
+                assert (delivery.message.id, delivery.attempt) == (sent.id, attempt)
+                await delivery.fail(ValueError("cannot"))
+            await eventually(lambda: len(dlq.messages) == 1, self.features.timeout, "the dead letter")
+        dead = dlq.messages[0]
+        assert dead.headers[DLQ_ORIGINAL_ID] == str(sent.id)
+        assert dead.headers[DLQ_GROUP] == f"inbox-{agent}"
+
+    async def test_a_closed_inbox_gives_its_broadcast_copy_back_and_others_go_on(self, bus: Bus) -> None:
+        leaving, staying = _uid("leaving"), _uid("staying")
+        async with bus.inbox(staying) as stays:
+            async with bus.inbox(leaving) as leaves:
+                first = await bus.broadcast("pm", "one")
+                held = await leaves.get(self.features.timeout)
+                assert held.message.id == first.id
+            # Closed holding its copy: the copy is given back, not acked, and not redelivered elsewhere.
+            assert held.settled == "nack"
+            for expected in (first, await bus.broadcast("pm", "two")):
+                delivery = await stays.get(self.features.timeout)
+                assert delivery.message.id == expected.id
+                await delivery.ack()
+
     # ---- inboxes at scale (issue 15) ------------------------------------------------------------
 
     async def test_scale_many_inboxes_each_get_their_own_message_once(self, bus: Bus) -> None:
