@@ -224,13 +224,25 @@ async def _stored(store_url: str, ids: list[uuid.UUID]) -> list[tuple[uuid.UUID,
     return [(r["id"], r["task_execution_id"], r["seq"]) for r in rows]
 
 
+POSTGRES_DOWN = (
+    3.0,
+    pytest.param(7.0, marks=pytest.mark.xfail(strict=True, reason=(
+        "db-writer: a batch nacked after its 5 s of retries in place (retry_for) while PostgreSQL is down is "
+        "written after batches read later, so its rows get higher seqs (the SSE event ids) than later messages "
+        "of their executions: 5-6 rows (the batch in flight at the crash, e.g. sends #160-#165) stored after "
+        "~470 later sends of their executions (e.g. #631) in 4 of 4 runs at 100 msgs/s over 4 executions, "
+        "PostgreSQL killed for 7 s; nothing lost or doubled, the 3 s case keeps order"))),
+)
+
+
 @pytest.mark.redis
 @pytest.mark.postgres
-async def test_postgres_kill9_during_db_writer_batches(redis: RedisServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("down_for", POSTGRES_DOWN)
+async def test_postgres_kill9_during_db_writer_batches(redis: RedisServer, tmp_path: Path, down_for: float) -> None:
     """A producer sends 100/s to Redis while ``squadbus worker db-writer`` writes batches to PostgreSQL;
-    PostgreSQL (postmaster and backends) is killed with SIGKILL, down 3 s (round 2: 7 s, past the worker's
-    5 s of retries in place), restarted on the same data directory. Then every acknowledged message is a
-    row exactly once, and each execution's rows are in send order."""
+    PostgreSQL (postmaster and backends) is killed with SIGKILL, down ``down_for`` seconds (3 s: within the
+    worker's 5 s of retries in place; 7 s: past them, the batch is nacked), restarted on the same data
+    directory. Then every acknowledged message is a row exactly once, each execution's rows in send order."""
     url = f"{redis.url}?{REDIS_OPTIONS}"
     with _private_postgres() as pg:
         conn = await asyncpg.connect(pg.url)
@@ -246,20 +258,20 @@ async def test_postgres_kill9_during_db_writer_batches(redis: RedisServer, tmp_p
             await _until(lambda: (worker.returncode is not None or "running on" in log.read_text()),
                          WAIT, "the db-writer to start")
             assert worker.returncode is None, _tail(log)
-            for round_no in range(ROUNDS):
-                down = 7.0 if round_no % 2 else 3.0
-                report = await _db_writer_round(url, pg, store_url, down, worker, log)
+            for _ in range(ROUNDS):
+                report, misplaced = await _db_writer_round(url, pg, store_url, down_for, worker, log)
                 assert report.lost == 0, report.lost_ids
                 assert report.failed_delivered == 0, report.failed_delivered_errors
                 assert report.duplicates == 0, "a message stored twice by the db-writer"
-                assert report.order_violations == 0, "an execution's rows out of send order"
+                assert report.order_violations == 0, f"rows out of send order: {misplaced[:10]}"
         finally:
             code = await _terminate(worker)
         assert code == 0, f"the db-writer exited with {code}:\n{_tail(log)}"
 
 
 async def _db_writer_round(url: str, pg: PostgresServer, store_url: str, down: float,
-                           worker: asyncio.subprocess.Process, log: Path) -> Report:
+                           worker: asyncio.subprocess.Process, log: Path) -> tuple[Report, list[str]]:
+    """One round: the report, and each row stored after a row of a later send of its execution."""
     ledger, agent = Ledger(), f"agent-{uuid.uuid4().hex[:8]}"
     executions = [uuid.uuid4() for _ in range(4)]
     async with Bus.from_url(url) as bus:
@@ -281,10 +293,18 @@ async def _db_writer_round(url: str, pg: PostgresServer, store_url: str, down: f
         await asyncio.sleep(1.0)  # a late second write, if any, would be counted
     rows = await _stored(store_url, list(ledger.sent))
     _read_back(ledger, [message_id for message_id, _, _ in rows], "db-writer")
-    return _report(ledger.check(
+    misplaced, highest = [], dict[uuid.UUID, int]()
+    for message_id, execution, seq in rows:
+        sent = ledger.sent[message_id].seq
+        if sent < highest.get(execution, -1):
+            misplaced.append(f"{str(execution)[:8]}: send #{sent} stored as seq {seq}, after send "
+                             f"#{highest[execution]}")
+        highest[execution] = max(sent, highest.get(execution, -1))
+    report = _report(ledger.check(
         f"PostgreSQL kill -9 (postmaster and backends) during db-writer batches, down {down:.0f} s",
         "redis (durable) + postgresql 15",
         notes=f"delivered = rows in the store, read in seq order; {before} stored before the crash"))
+    return report, misplaced
 
 
 async def _any_stored(store_url: str, ledger: Ledger) -> bool:
@@ -531,7 +551,7 @@ async def _dual_round(url: str, nats: NatsServer, down_for: float) -> tuple[Repo
     _read_back(ledger, [m.id for m in await _read_all(nats.url, subjects.direct(agent))], "nats")
     report = _report(ledger.check(
         f"dual:// secondary (nats) kill -9, down {down_for:.0f} s, secondary=spool",
-        "redis (durable) | nats (file, sync always)",
+        "dual: redis (durable), nats (file, sync always)",
         notes=f"delivered = read back from the secondary; spool depth {spooled:.0f} at the end of the outage"))
     return report, spooled, refused
 
