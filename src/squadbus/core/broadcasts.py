@@ -27,7 +27,15 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from squadbus.core.backend import ConsumerOptions, Delivery, RawHandler, StartFrom, Subscription, settles_itself
+from squadbus.core.backend import (
+    ConsumerOptions,
+    Delivery,
+    FailurePolicy,
+    RawHandler,
+    StartFrom,
+    Subscription,
+    settles_itself,
+)
 from squadbus.core.envelope import Message
 
 if TYPE_CHECKING:
@@ -58,14 +66,35 @@ class _Copy(Delivery):
         return None
 
 
+class _Fanout:
+    """One broadcast being copied to a Bus's inboxes: ``done`` once every copy is settled or given up."""
+
+    __slots__ = ("done", "left", "subject")
+
+    def __init__(self, subject: str, count: int) -> None:
+        self.subject = subject
+        self.left = count
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def finish_one(self) -> None:
+        self.left -= 1
+        if self.left == 0 and not self.done.done():
+            self.done.set_result(None)
+
+
 class BroadcastHub:
-    """The broadcast subscriptions of one Bus, shared by its inboxes."""
+    """The broadcast subscriptions of one Bus, shared by its inboxes.
+
+    Copies are put straight into the inboxes' queues and followed by a callback
+    on their settlement (no task per copy: a squad broadcast to 10,000 inboxes
+    is 10,000 small objects, not 10,000 tasks).
+    """
 
     def __init__(self, bus: Bus, *, group: str | None, max_in_flight: int = 256) -> None:
         self._bus = bus
         self.group = group
         self._max_in_flight = max_in_flight
-        self._listeners: dict[str, dict[Inbox, RawHandler]] = {}
+        self._listeners: dict[str, dict[Inbox, FailurePolicy]] = {}
         self._subs: dict[str, Subscription] = {}
         self._lock = asyncio.Lock()
 
@@ -74,10 +103,10 @@ class BroadcastHub:
         """Broadcast subscriptions held now (one per subject some open inbox listens on)."""
         return len(self._subs)
 
-    async def join(self, subject: str, inbox: Inbox, handler: RawHandler) -> None:
-        """Hand ``inbox`` (through ``handler``, the Bus's wrapper of its queue) the broadcasts on ``subject``."""
+    async def join(self, subject: str, inbox: Inbox, on_failure: FailurePolicy) -> None:
+        """Copy the broadcasts on ``subject`` to ``inbox``; a failed copy is settled by ``on_failure``."""
         async with self._lock:
-            self._listeners.setdefault(subject, {})[inbox] = handler
+            self._listeners.setdefault(subject, {})[inbox] = on_failure
             if subject in self._subs:
                 return
             base = self._bus.consumer_options
@@ -92,7 +121,7 @@ class BroadcastHub:
                 raise
 
     async def leave(self, subject: str, inbox: Inbox) -> None:
-        """Stop handing ``inbox`` the broadcasts on ``subject``; the last one out closes the subscription."""
+        """Stop copying ``subject`` to ``inbox``; the last one out closes the subscription."""
         async with self._lock:
             listeners = self._listeners.get(subject, {})
             listeners.pop(inbox, None)
@@ -116,9 +145,10 @@ class BroadcastHub:
             try:
                 targets = list(self._listeners.get(subject, {}).items())
                 if targets:
-                    copies = asyncio.gather(*(self._copy_to(subject, delivery, inbox, handler)
-                                              for inbox, handler in targets))
-                    await self._hold(delivery, copies)
+                    fanout = _Fanout(subject, len(targets))
+                    for inbox, on_failure in targets:
+                        self._offer(fanout, delivery.message, delivery.attempt, inbox, on_failure)
+                    await self._hold(delivery, fanout.done)
                 await delivery.ack()
             except asyncio.CancelledError:
                 if delivery.settled is None:
@@ -131,32 +161,40 @@ class BroadcastHub:
 
         return settles_itself(fan_out)
 
-    async def _hold(self, delivery: Delivery, copies: asyncio.Future[list[None]]) -> None:
-        """Wait for ``copies``, extending ``delivery``'s lease meanwhile."""
+    async def _hold(self, delivery: Delivery, done: asyncio.Future[None]) -> None:
+        """Wait for ``done``, extending ``delivery``'s lease meanwhile."""
         every = max(0.05, self._bus.consumer_options.ack_wait / 3)
-        try:
-            while True:
-                done, _ = await asyncio.wait({copies}, timeout=every)
-                if done:
-                    copies.result()
-                    return
-                await delivery.in_progress()
-        except asyncio.CancelledError:
-            copies.cancel()
-            raise
-
-    async def _copy_to(self, subject: str, delivery: Delivery, inbox: Inbox, handler: RawHandler) -> None:
-        """Deliver ``delivery``'s message to ``inbox`` until its copy is acked or dead-lettered (or it closes)."""
-        attempt = delivery.attempt
         while True:
-            copy = _Copy(delivery.message, attempt=attempt, group=inbox.group)
-            await handler(copy)  # returns once the agent settled it (or the inbox gave it back)
-            if copy.settled != "nack" or not self._listening(subject, inbox, handler):
+            finished, _ = await asyncio.wait({done}, timeout=every)
+            if finished:
                 return
-            await asyncio.sleep(copy.delay)
-            if not self._listening(subject, inbox, handler):
-                return
-            attempt += 1
+            await delivery.in_progress()
 
-    def _listening(self, subject: str, inbox: Inbox, handler: RawHandler) -> bool:
-        return inbox.is_open and self._listeners.get(subject, {}).get(inbox) is handler
+    def _offer(self, fanout: _Fanout, message: Message, attempt: int, inbox: Inbox, on_failure: FailurePolicy) -> None:
+        """Put a copy in ``inbox``'s queue and follow it until acked or dead-lettered (or the inbox closes)."""
+        copy = _Copy(message, attempt=attempt, group=inbox.group)
+        copy._on_failure = on_failure
+        stats = self._bus.stats
+        stats.delivered += 1
+        if attempt > 1:
+            stats.redelivered += 1
+        if not inbox.offer(copy):
+            fanout.finish_one()
+            return
+        copy.settled_future().add_done_callback(lambda _: self._settled(fanout, copy, inbox, on_failure))
+
+    def _settled(self, fanout: _Fanout, copy: _Copy, inbox: Inbox, on_failure: FailurePolicy) -> None:
+        if copy.settled == "nack" and self._listening(fanout.subject, inbox, on_failure):
+            loop = asyncio.get_running_loop()
+            loop.call_later(copy.delay, self._retry, fanout, copy, inbox, on_failure)
+            return
+        fanout.finish_one()
+
+    def _retry(self, fanout: _Fanout, copy: _Copy, inbox: Inbox, on_failure: FailurePolicy) -> None:
+        if self._listening(fanout.subject, inbox, on_failure):
+            self._offer(fanout, copy.message, copy.attempt + 1, inbox, on_failure)
+        else:
+            fanout.finish_one()
+
+    def _listening(self, subject: str, inbox: Inbox, on_failure: FailurePolicy) -> bool:
+        return inbox.is_open and self._listeners.get(subject, {}).get(inbox) is on_failure

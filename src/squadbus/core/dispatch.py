@@ -27,7 +27,14 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from squadbus.core import subjects
-from squadbus.core.backend import BatchRawHandler, ConsumerOptions, Delivery, RawHandler, settles_itself
+from squadbus.core.backend import (
+    BatchRawHandler,
+    ConsumerOptions,
+    Delivery,
+    FailurePolicy,
+    RawHandler,
+    settles_itself,
+)
 from squadbus.core.envelope import Message, new_id
 from squadbus.core.errors import Nack, Reject, SquadbusError
 
@@ -153,6 +160,12 @@ class _Settler:
             stats.redelivered += 1
         if delivery.gap_before:
             stats.gaps += delivery.gap_before
+
+
+def failure_policy(options: ConsumerOptions, publish: Publish, stats: DispatchStats) -> FailurePolicy:
+    """What ``Delivery.fail`` does for deliveries a Bus hands out without :func:`wrap` (inbox broadcast
+    copies): retry with backoff, dead-letter after ``max_deliver``, as a wrapped handler's failure."""
+    return _Settler(options, publish, stats).failed
 
 
 def wrap(handler: Handler, options: ConsumerOptions, publish: Publish, stats: DispatchStats) -> RawHandler:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from squadbus.core import subjects
 from squadbus.core.backend import ConsumerOptions, Delivery, StartFrom, Subscription
-from squadbus.core.dispatch import wrap
+from squadbus.core.dispatch import failure_policy
 from squadbus.core.errors import Closed, Nack, ReceiveTimeout
 
 if TYPE_CHECKING:
@@ -88,9 +88,9 @@ class Inbox:
             opts = dataclasses.replace(self._options, start=StartFrom.EARLIEST)
             self._subs.append(await bus.subscribe(self._direct, self._enqueue, group=self.group, options=opts))
             if self._broadcasts:
-                copies = wrap(self._enqueue, self._options, bus.backend.publish, bus.stats)
+                on_failure = failure_policy(self._options, bus.backend.publish, bus.stats)
                 for subject in self._broadcasts:
-                    await bus.broadcast_hub.join(subject, self, copies)
+                    await bus.broadcast_hub.join(subject, self, on_failure)
         except BaseException:
             await self.close()
             raise
@@ -103,6 +103,14 @@ class Inbox:
         done = delivery.settled_future()
         self._queue.put_nowait(delivery)
         await done
+
+    def offer(self, delivery: Delivery) -> bool:
+        """Queue ``delivery`` for the agent without waiting for it to be settled (broadcast copies);
+        False if the inbox is not open."""
+        if not self._open:
+            return False
+        self._queue.put_nowait(delivery)
+        return True
 
     async def close(self) -> None:
         """Stop receiving (idempotent): unsettled deliveries are nacked, loops waiting on the inbox end.
