@@ -41,6 +41,7 @@ from squadbus.core.errors import Closed, ConfigError, InvalidSubject, RequestTim
 from squadbus.core.inbox import Inbox
 from squadbus.core.registry import open_backend
 from squadbus.core.settings import Settings
+from squadbus.core.tracing import BusTracer
 
 logger = logging.getLogger("squadbus.bus")
 
@@ -60,6 +61,10 @@ class Bus:
     cancelled (a cancelled handler's delivery is nacked) and logged, so closing
     always ends. Leaving ``async with`` on an error never hides that error:
     a failure to close is then logged, and the original error propagates.
+
+    ``tracing=True`` emits OpenTelemetry spans and carries the trace context in
+    the message headers (see :mod:`squadbus.core.tracing`; needs
+    ``squadbus[otel]``), with ``tracer_provider`` or OpenTelemetry's global one.
     """
 
     def __init__(
@@ -71,6 +76,8 @@ class Bus:
         owns_backend: bool = True,
         close_timeout: float = 10.0,
         host_id: str | None = None,
+        tracing: bool = False,
+        tracer_provider: Any = None,
     ) -> None:
         if close_timeout <= 0:
             raise ConfigError("close_timeout must be positive")
@@ -81,6 +88,8 @@ class Bus:
                 raise ConfigError(str(exc)) from None
         self.host_id = host_id
         self.backend = backend
+        self.tracer: BusTracer | None = BusTracer(backend.name, tracer_provider) if tracing else None
+        """The Bus's spans when tracing is on, else None."""
         self.close_timeout = close_timeout
         self.max_content_bytes = max_content_bytes
         self.consumer_options = consumer_options or ConsumerOptions()
@@ -106,6 +115,7 @@ class Bus:
     def from_settings(cls, settings: Settings, **kwargs: Any) -> Bus:
         """A Bus built from a :class:`Settings` object (see ``Settings.from_env``)."""
         kwargs.setdefault("host_id", settings.host_id)
+        kwargs.setdefault("tracing", settings.tracing)
         return cls(open_backend(settings.url), max_content_bytes=settings.max_content_bytes, **kwargs)
 
     async def start(self) -> Bus:
@@ -203,6 +213,8 @@ class Bus:
         self._check_open()
         envelope.validate(message, max_content_bytes=self.max_content_bytes)
         subjects.validate_scheme(message.subject)
+        if self.tracer is not None:
+            return await self.tracer.publish(self.backend.publish, message)
         await self.backend.publish(message)
         return message
 
@@ -221,6 +233,8 @@ class Bus:
             envelope.validate(message, max_content_bytes=limit)
             subjects.validate_scheme(message.subject)
         if messages:
+            if self.tracer is not None:
+                return await self.tracer.publish_many(lambda batch: publish_all(self.backend, batch), messages)
             await publish_all(self.backend, messages)
         return messages
 
@@ -256,6 +270,8 @@ class Bus:
             id=id,
             max_content_bytes=self.max_content_bytes,
         )
+        if self.tracer is not None:
+            return await self.tracer.publish(self.backend.publish, message)
         await self.backend.publish(message)
         return message
 
@@ -320,6 +336,8 @@ class Bus:
         if group is not None:
             subjects.validate_token(group, what="group")
         opts = options or self.consumer_options
+        if self.tracer is not None:
+            handler = self.tracer.handler(handler, pattern)
         raw = wrap(handler, opts, self.backend.publish, self.stats)
         sub = await self.backend.subscribe(pattern, raw, group=group, options=opts)
         self._subscriptions.append(sub)
@@ -355,6 +373,8 @@ class Bus:
             raise ConfigError("max_batch and pipeline must be >= 1, max_wait >= 0")
         base = options or self.consumer_options
         opts = dataclasses.replace(base, batch_size=max_batch, max_pending=max(base.max_pending, max_batch))
+        if self.tracer is not None:
+            handler = self.tracer.batch_handler(handler, pattern)
         raw = wrap_batch(handler, opts, self.backend.publish, self.stats)
         backend = self.backend
         sub: Subscription
@@ -446,28 +466,32 @@ class Bus:
             raise ConfigError("timeout must be positive")
         message_id = envelope.new_id() if id is None else UUID(str(id))
         deadline = envelope.utcnow().timestamp() + timeout
+        headers = {DEADLINE: f"{deadline:.6f}"}
+        if not isinstance(self.backend, Requester):
+            await self._ensure_reply_subscription()
+            headers[REPLY_TO] = subjects.reply(self._reply_token, str(message_id))
+        message = envelope.build(
+            subject=subjects.direct(str(recipient_id)), sender_id=sender_id, recipient_id=recipient_id,
+            content=content, message_type=message_type, task_execution_id=task_execution_id,
+            metadata=metadata, id=message_id, headers=headers, max_content_bytes=self.max_content_bytes,
+        )
+        if self.tracer is None:
+            return await self._request(message, timeout)
+        with self.tracer.sending(message) as traced:  # the send span lasts until the reply
+            return await self._request(traced, timeout)
+
+    async def _request(self, message: Message, timeout: float) -> Message:
         backend = self.backend
         if isinstance(backend, Requester):
-            message = envelope.build(
-                subject=subjects.direct(str(recipient_id)), sender_id=sender_id, recipient_id=recipient_id,
-                content=content, message_type=message_type, task_execution_id=task_execution_id,
-                metadata=metadata, id=message_id, headers={DEADLINE: f"{deadline:.6f}"},
-                max_content_bytes=self.max_content_bytes,
-            )
             return await backend.request(message, timeout=timeout)
-        await self._ensure_reply_subscription()
-        key = str(message_id)
+        key = str(message.id)
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._pending_replies[key] = fut
         try:
-            await self.send(
-                sender_id, recipient_id, content, message_type,
-                task_execution_id=task_execution_id, metadata=metadata, id=message_id,
-                headers={REPLY_TO: subjects.reply(self._reply_token, key), DEADLINE: f"{deadline:.6f}"},
-            )
+            await backend.publish(message)
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError as exc:
-            raise RequestTimeout(f"no reply from {recipient_id} within {timeout}s") from exc
+            raise RequestTimeout(f"no reply from {message.recipient_id} within {timeout}s") from exc
         finally:
             self._pending_replies.pop(key, None)
 
@@ -490,6 +514,11 @@ class Bus:
             message_type=message_type, task_execution_id=request.task_execution_id, metadata=metadata,
             headers={CORRELATION_ID: str(request.id)}, max_content_bytes=self.max_content_bytes,
         )
+        if self.tracer is not None:
+            # Outside any span (an inbox loop), the reply's parent is the request's creation context.
+            with self.tracer.sending(message, parent_headers=request.headers) as traced:
+                await self.backend.publish(traced)
+            return traced
         await self.backend.publish(message)
         return message
 

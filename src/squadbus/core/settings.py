@@ -16,7 +16,9 @@
 * ``SQUADBUS_MAX_CONTENT_BYTES``: content size limit (default 1 MiB);
 * ``SQUADBUS_TOKENS_FILE``: bearer tokens for the HTTP service;
 * ``SQUADBUS_HOST_ID``: a stable name for this host process (durable broadcast
-  subscription for its inboxes, see :mod:`squadbus.core.broadcasts`).
+  subscription for its inboxes, see :mod:`squadbus.core.broadcasts`);
+* ``SQUADBUS_TRACING``: ``1``/``true``/``yes``/``on`` turns OpenTelemetry tracing
+  on (default off; ``0``/``false``/``no``/``off``), see :mod:`squadbus.core.tracing`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,20 @@ MESSAGE_BUS_URLS: Mapping[str, str] = {
     "nats": "nats://127.0.0.1:4222",
     "kafka": "kafka://127.0.0.1:9092",
 }
+
+
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"", "0", "false", "no", "off"})
+
+
+def flag(name: str, value: str | None) -> bool:
+    """The boolean of environment variable ``name`` set to ``value`` (unset: False); ConfigError if not a boolean."""
+    word = (value or "").strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ConfigError(f"{name}={value!r}: expected one of 1, true, yes, on, 0, false, no, off")
 
 
 def default_data_dir(environ: Mapping[str, str]) -> str:
@@ -77,6 +93,8 @@ class Settings:
     host_id: str | None = None
     """``SQUADBUS_HOST_ID``: a stable name for this host process; its inboxes' broadcast subscription is
     then the durable group ``inbox-host-<host_id>`` (see :mod:`squadbus.core.broadcasts`)."""
+    tracing: bool = False
+    """``SQUADBUS_TRACING``: OpenTelemetry spans and trace context in the headers (needs ``squadbus[otel]``)."""
 
     def __post_init__(self) -> None:
         if not self.data_dir:
@@ -126,4 +144,5 @@ class Settings:
             api_url=env.get("SQUADBUS_API") or None,
             api_token=env.get("SQUADBUS_TOKEN") or None,
             host_id=env.get("SQUADBUS_HOST_ID") or None,
+            tracing=flag("SQUADBUS_TRACING", env.get("SQUADBUS_TRACING")),
         )
