@@ -45,7 +45,7 @@ def test_send_reaches_the_served_history(served: Served, tmp_path: Path) -> None
 
 def test_a_tail_started_before_a_send_prints_it(served: Served, tmp_path: Path) -> None:
     env = clean_env(tmp_path / "client-data", SQUADBUS_API=served.url)
-    tail = subprocess.Popen([*SQUADBUS, "tail", "agent.message.>", "--count", "1"], env=env, text=True,
+    tail = subprocess.Popen([*SQUADBUS, "tail", "agent.message.>", "--count", "1", "--json"], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert tail.stdout is not None and tail.stderr is not None
     err, out = LineReader(tail.stderr), LineReader(tail.stdout)
@@ -126,4 +126,5 @@ def test_tokens_come_from_squadbus_token(tmp_path: Path) -> None:
         assert [json.loads(line)["message"]["content"] for line in shown.stdout.splitlines()] == ["with a token"]
         replay = run_cli(["tail", "--from-start", "--count", "1"], as_board, timeout=30)
         assert replay.returncode == 0, replay.stderr
-        assert json.loads(replay.stdout)["content"] == "with a token"
+        [shown] = replay.stdout.splitlines()  # the readable line (not a terminal: whole, no colour)
+        assert shown.endswith(" - pm → dev-1 [message] with a token"), shown

@@ -51,11 +51,11 @@ def test_history_filters_and_json(seeded: tuple[str, uuid.UUID, list[StoredMessa
     code, out, _ = invoke(url, "history", "--execution", str(execution), "--agent", "pm", "--type", "status")
     assert code == 0
     [line] = out.splitlines()
-    assert "dev-1 -> pm [status] done" in line
+    assert "dev-1 → pm [status] done" in line
     assert f"{str(execution)[:8]}#2" in line
 
     code, out, _ = invoke(url, "history", "--agent", "qa")
-    assert out.splitlines()[0].endswith("qa -> * [message] release today")
+    assert out.splitlines()[0].endswith(" - qa → * [message] release today")
 
     code, out, _ = invoke(url, "history", "--since", "1h", "--until", datetime.now(UTC).isoformat(), "--json")
     assert [json.loads(line)["message"]["content"] for line in out.splitlines()] == (

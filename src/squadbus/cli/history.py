@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,8 +21,8 @@ import click
 
 from squadbus.cli.api import ApiClient
 from squadbus.cli.errors import CliError, run
+from squadbus.cli.format import LineFormat, from_api, line, output_options
 from squadbus.cli.target import find_service, local_api, settings_of
-from squadbus.core import envelope
 from squadbus.core.errors import SquadbusError
 from squadbus.core.settings import Settings
 from squadbus.store import HistoryQuery, StoredMessage, open_store
@@ -64,18 +65,16 @@ def parse_time(value: str | None, option: str, now: datetime) -> datetime | None
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-def _line(row: StoredMessage) -> str:
-    m = row.message
-    execution = str(m.task_execution_id)[:8] if m.task_execution_id else "-"
-    to = m.recipient_id or (f"domain:{m.domain}" if m.domain else "*")
-    stamp = row.stored_at.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    return f"{stamp} {execution}#{row.seq} {m.sender_id} -> {to} [{m.message_type}] {m.content}"
-
-
 def _from_api(item: dict[str, Any]) -> StoredMessage:
-    fields = {k: v for k, v in item.items() if k not in ("seq", "stored_at")}
-    message = envelope.decode(json.dumps(fields).encode(), max_content_bytes=1 << 62)
+    message, _ = from_api(item)
     return StoredMessage(seq=item["seq"], stored_at=datetime.fromisoformat(item["stored_at"]), message=message)
+
+
+def _print(row: StoredMessage, fmt: LineFormat | None) -> None:
+    if fmt is None:
+        click.echo(_json(row))
+    else:
+        click.echo(line(row.message, fmt, seq=row.seq), color=fmt.color)
 
 
 def _api_query(q: HistoryQuery) -> dict[str, object]:
@@ -104,12 +103,15 @@ def _json(row: StoredMessage) -> str:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line: seq, stored_at, message.")
 @click.option("--store", "store_url", default=None,
               help="Read this store URL (default: a service, else SQUADBUS_STORE_URL or the data directory's).")
+@output_options
 @click.pass_context
 def history(
     ctx: click.Context, execution: str | None, agent: str | None, message_type: str | None, since: str | None,
-    until: str | None, limit: int, cursor: str | None, as_json: bool, store_url: str | None,
+    until: str | None, limit: int, cursor: str | None, as_json: bool, store_url: str | None, color: str,
+    utc: bool, no_color: str | None,
 ) -> None:
-    """Print stored messages, oldest first, with their per-execution seq."""
+    """Print stored messages, oldest first, one line each: time, execution#seq, sender → recipient
+    (#domain, * for the squad), [type], content; --json prints JSON lines instead."""
     try:
         execution_id = uuid.UUID(execution) if execution else None
     except ValueError:
@@ -120,12 +122,13 @@ def history(
         since=parse_time(since, "--since", now), until=parse_time(until, "--until", now), cursor=cursor,
         limit=min(limit, MAX_LIMIT),
     )
+    fmt = None if as_json else LineFormat.for_stream(sys.stdout, color, no_color=no_color, utc=utc)
     settings = settings_of(ctx)
     client = find_service(ctx) if not store_url and (settings.api_url or settings.default_store) else None
     if client is not None:
         click.echo(f"history: from the service at {client.base_url}", err=True)
         try:
-            more = _print_pages(query, limit, as_json, client=client)
+            more = _print_pages(query, limit, fmt, client=client)
         except SquadbusError as exc:
             raise CliError(str(exc)) from None
     else:
@@ -134,7 +137,7 @@ def history(
         from squadbus.cli.serve import redact
 
         click.echo(f"history: from the store {redact(url)}", err=True)
-        more = run(_print_store(url, query, limit, as_json))
+        more = run(_print_store(url, query, limit, fmt))
     if more is not None:
         click.echo(f"more rows: rerun with --cursor {more}", err=True)
 
@@ -157,13 +160,12 @@ def _next(q: HistoryQuery, cursor: str, remaining: int) -> HistoryQuery:
     )
 
 
-def _print_pages(q: HistoryQuery, limit: int, as_json: bool, *, client: ApiClient) -> str | None:
+def _print_pages(q: HistoryQuery, limit: int, fmt: LineFormat | None, *, client: ApiClient) -> str | None:
     printed = 0
     while True:
         page = client.history(_api_query(q))
         for item in page["items"]:
-            row = _from_api(item)
-            click.echo(_json(row) if as_json else _line(row))
+            _print(_from_api(item), fmt)
         printed += len(page["items"])
         cursor = page["next_cursor"]
         if cursor is None or printed >= limit:
@@ -171,13 +173,13 @@ def _print_pages(q: HistoryQuery, limit: int, as_json: bool, *, client: ApiClien
         q = _next(q, cursor, limit - printed)
 
 
-async def _print_store(url: str, q: HistoryQuery, limit: int, as_json: bool) -> str | None:
+async def _print_store(url: str, q: HistoryQuery, limit: int, fmt: LineFormat | None) -> str | None:
     printed = 0
     async with open_store(url) as store:
         while True:
             page = await store.query(q)
             for row in page.items:
-                click.echo(_json(row) if as_json else _line(row))
+                _print(row, fmt)
             printed += len(page.items)
             if page.next_cursor is None or printed >= limit:
                 return page.next_cursor

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 
 import click
 
 from squadbus.cli.api import ApiClient
 from squadbus.cli.errors import CliError, run
+from squadbus.cli.format import LineFormat, from_api, line, output_options
 from squadbus.cli.target import service_or_bus, settings_of
 from squadbus.core import subjects
 from squadbus.core.backend import ConsumerOptions, Delivery, StartFrom
@@ -31,8 +33,9 @@ def check_pattern(pattern: str) -> str:
     return pattern
 
 
-def tail_service(client: ApiClient, pattern: str, count: int, from_start: bool) -> None:
-    """Follow ``GET /v1/events`` of a service, printing each message's JSON (as the REST API shows it)."""
+def tail_service(client: ApiClient, pattern: str, count: int, from_start: bool, fmt: LineFormat | None = None) -> None:
+    """Follow ``GET /v1/events`` of a service, printing each message as a line (``fmt``) or, with ``fmt`` None,
+    its JSON (as the REST API shows it)."""
     seen = 0
     started = False
     for event in client.events(pattern, start="earliest" if from_start else "new"):
@@ -44,20 +47,33 @@ def tail_service(client: ApiClient, pattern: str, count: int, from_start: bool) 
             click.echo(f"squadbus tail: positions {event.data['from_position']}..{event.data['to_position']} "
                        "were removed by retention", err=True)
         elif event.event == "message":
-            click.echo(json.dumps(event.data, ensure_ascii=False))
+            if fmt is None:
+                click.echo(json.dumps(event.data, ensure_ascii=False))
+            else:
+                message, seq = from_api(event.data)
+                click.echo(line(message, fmt, seq=seq), color=fmt.color)
             seen += 1
             if count and seen >= count:
                 return
 
 
-async def tail_bus(settings: Settings, pattern: str, count: int, group: str | None, from_start: bool) -> None:
-    """Subscribe on the bus itself (a broker every process shares), printing each delivery's JSON."""
+def show_delivery(delivery: Delivery, fmt: LineFormat | None) -> None:
+    """Print one delivery as a line (``fmt``) or, with ``fmt`` None, as JSON with its attempt."""
+    if fmt is None:
+        click.echo(json.dumps({**delivery.message.to_dict(), "attempt": delivery.attempt}, default=str))
+    else:
+        click.echo(line(delivery.message, fmt, attempt=delivery.attempt), color=fmt.color)
+
+
+async def tail_bus(settings: Settings, pattern: str, count: int, group: str | None, from_start: bool,
+                   fmt: LineFormat | None = None) -> None:
+    """Subscribe on the bus itself (a broker every process shares), printing each delivery (:func:`show_delivery`)."""
     done = asyncio.Event()
     seen = 0
 
     async def show(delivery: Delivery) -> None:
         nonlocal seen
-        click.echo(json.dumps({**delivery.message.to_dict(), "attempt": delivery.attempt}, default=str))
+        show_delivery(delivery, fmt)
         seen += 1
         if count and seen >= count:
             done.set()
@@ -75,14 +91,22 @@ async def tail_bus(settings: Settings, pattern: str, count: int, group: str | No
 @click.option("--group", default=None, help="Join this consumer group instead of a private live tail (broker URLs).")
 @click.option("--from-start", is_flag=True,
               help="Start from the earliest retained message (with --group, or through a service).")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per message: the REST API's fields (on a broker URL: the envelope and attempt).")
+@output_options
 @click.pass_context
-def tail(ctx: click.Context, pattern: str, count: int, group: str | None, from_start: bool) -> None:
-    """Print messages matching PATTERN as JSON lines (NATS wildcards: '*' one token, '>' the rest).
+def tail(ctx: click.Context, pattern: str, count: int, group: str | None, from_start: bool, as_json: bool,
+         color: str, utc: bool, no_color: str | None) -> None:
+    """Print messages matching PATTERN as they are sent (NATS wildcards: '*' one token, '>' the rest).
+
+    One line per message: time, execution, sender → recipient (#domain, * for the squad), [type], content;
+    --json prints JSON lines instead.
 
     Through a service (--api, SQUADBUS_API, or the local one on memory://) it follows GET /v1/events and
     resumes where it stopped if the connection drops; on a broker URL it subscribes on the bus.
     """
     check_pattern(pattern)
+    fmt = None if as_json else LineFormat.for_stream(sys.stdout, color, no_color=no_color, utc=utc)
     try:
         client = service_or_bus(ctx, "tail")
         if client is not None:
@@ -90,10 +114,10 @@ def tail(ctx: click.Context, pattern: str, count: int, group: str | None, from_s
                 raise click.UsageError("--group needs a broker URL (--url): a service's event stream has no "
                                        "consumer groups")
             try:
-                tail_service(client, pattern, count, from_start)
+                tail_service(client, pattern, count, from_start, fmt)
             except KeyboardInterrupt:
                 raise SystemExit(130) from None
             return
     except SquadbusError as exc:
         raise CliError(str(exc)) from None
-    run(tail_bus(settings_of(ctx), pattern, count, group, from_start))
+    run(tail_bus(settings_of(ctx), pattern, count, group, from_start, fmt))
