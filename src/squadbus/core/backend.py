@@ -20,6 +20,7 @@ import enum
 import functools
 import hashlib
 import logging
+import sys
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,8 +28,9 @@ from types import TracebackType
 from typing import Any, Protocol, Self, TypeVar, runtime_checkable
 from uuid import UUID
 
-from squadbus.core.envelope import Message
-from squadbus.core.errors import ConfigError
+from squadbus.core import subjects
+from squadbus.core.envelope import Message, decode
+from squadbus.core.errors import ConfigError, MalformedMessage
 
 logger = logging.getLogger("squadbus.backend")
 
@@ -456,6 +458,22 @@ class ReadsAll(Protocol):
         self, pattern: str, *, since: datetime | None = None,
         on_unreadable: Callable[[bytes], None] | None = None,
     ) -> AsyncGenerator[Message, None]: ...
+
+
+def read_back(
+    data: bytes, pattern: str, since: datetime | None, on_unreadable: Callable[[bytes], None] | None
+) -> Message | None:
+    """The message in ``data`` if it is an envelope matching ``pattern`` and ``since`` (a ``read_all``
+    step shared by the backends); unreadable bytes go to ``on_unreadable``."""
+    try:
+        message = decode(data, max_content_bytes=sys.maxsize)  # whatever its writer allowed
+    except MalformedMessage:
+        if on_unreadable is not None:
+            on_unreadable(data)
+        return None
+    if not subjects.matches(pattern, message.subject) or (since is not None and message.created_at < since):
+        return None
+    return message
 
 
 @runtime_checkable

@@ -10,7 +10,6 @@ broker.
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import AsyncGenerator, Callable
 from datetime import datetime, timedelta
 
@@ -19,9 +18,9 @@ from squadbus.backends.kafka.ends import high_watermarks
 from squadbus.backends.kafka.producer import translate
 from squadbus.backends.kafka.settings import KafkaSettings
 from squadbus.backends.kafka.topics import TopicLayout
-from squadbus.core import subjects
-from squadbus.core.envelope import Message, decode
-from squadbus.core.errors import BackendTimeout, MalformedMessage
+from squadbus.core.backend import read_back
+from squadbus.core.envelope import Message
+from squadbus.core.errors import BackendTimeout
 
 _PAGE = 1000
 _POLL_MS = 1000
@@ -51,14 +50,8 @@ async def read_all(
                 for record in records:
                     if record.offset >= left.get(tp, 0):
                         break
-                    data = record.value or b""
-                    try:
-                        message = decode(data, max_content_bytes=sys.maxsize)  # whatever its writer allowed
-                    except MalformedMessage:
-                        if on_unreadable is not None:
-                            on_unreadable(data)
-                        continue
-                    if subjects.matches(pattern, message.subject) and (since is None or message.created_at >= since):
+                    message = read_back(record.value or b"", pattern, since, on_unreadable)
+                    if message is not None:
                         yield message
             for tp in list(left):
                 if await consumer.position(tp) >= left[tp]:

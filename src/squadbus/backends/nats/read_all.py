@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-import sys
 from collections.abc import AsyncGenerator, Callable
 from datetime import datetime, timedelta
 
@@ -19,8 +18,9 @@ from nats.js import api
 from nats.js.client import JetStreamContext
 
 from squadbus.backends.nats.translate import translate
-from squadbus.core.envelope import Message, decode
-from squadbus.core.errors import BackendTimeout, MalformedMessage
+from squadbus.core.backend import read_back
+from squadbus.core.envelope import Message
+from squadbus.core.errors import BackendTimeout
 
 _PAGE = 1000
 _FETCH_WAIT = 1.0
@@ -74,13 +74,8 @@ async def read_all(
                 seq = msg.metadata.sequence.stream
                 if seq > last:
                     return
-                try:
-                    message = decode(msg.data, max_content_bytes=sys.maxsize)  # whatever its writer allowed
-                except MalformedMessage:
-                    if on_unreadable is not None:
-                        on_unreadable(msg.data)
-                    continue
-                if since is None or message.created_at >= since:
+                message = read_back(msg.data, ">", since, on_unreadable)  # the consumer filters by pattern
+                if message is not None:
                     yield message
             if msgs and msgs[-1].metadata.num_pending == 0:
                 return  # nothing else matches the filter (up to now)

@@ -9,15 +9,14 @@ Nothing is created on the server. Every call is bounded: the client has no socke
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import AsyncGenerator, Callable
 from datetime import datetime, timedelta
 
 from squadbus.backends.redis._driver import FAILURES, aioredis, call, translate
 from squadbus.backends.redis.layout import KeyLayout
 from squadbus.core import subjects
-from squadbus.core.envelope import Message, decode
-from squadbus.core.errors import MalformedMessage
+from squadbus.core.backend import read_back
+from squadbus.core.envelope import Message
 
 _PAGE = 1000
 _CALL_TIMEOUT = 15.0  # seconds one Redis call may take
@@ -43,14 +42,8 @@ async def read_all(
                 subject = fields.get(b"s", b"").decode()
                 if subject and not subjects.matches(pattern, subject):
                     continue
-                data = fields.get(b"m", b"")
-                try:
-                    message = decode(data, max_content_bytes=sys.maxsize)  # whatever its writer allowed
-                except MalformedMessage:
-                    if on_unreadable is not None:
-                        on_unreadable(data)
-                    continue
-                if subjects.matches(pattern, message.subject) and (since is None or message.created_at >= since):
+                message = read_back(fields.get(b"m", b""), pattern, since, on_unreadable)
+                if message is not None:
                     yield message
             if len(page) < _PAGE:
                 break
