@@ -35,6 +35,9 @@ How a POST and the db-writer share the work, so each row is written once:
 Publishing before writing means a message is never in the history without
 having been sent; writing through gives the caller its ``seq`` and makes the
 message readable (and idempotent) at once, before the db-writer's batch.
+
+With tracing on, a request's W3C ``traceparent`` is continued: the publish
+spans are its children (see :mod:`squadbus.core.tracing`).
 """
 from __future__ import annotations
 
@@ -42,12 +45,13 @@ from datetime import datetime
 from typing import Annotated
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
 from pydantic import BeforeValidator
 
 from squadbus.core import envelope, subjects
 from squadbus.core.envelope import Message
 from squadbus.core.errors import BackendError, InvalidMessage, MessageTooLarge
+from squadbus.core.tracing import continue_trace
 from squadbus.service.auth import Principal, check_sender, reader, sender
 from squadbus.service.errors import LocatedInvalid
 from squadbus.service.id_claims import fingerprint
@@ -155,13 +159,14 @@ async def claim_in_store(service: Service, messages: list[Message]) -> dict[UUID
     return found
 
 
-async def send_all(service: Service, messages: list[Message]) -> list[MessageOut]:
-    """Publish ``messages`` in order, then write them through (see the module docstring).
+async def send_all(service: Service, messages: list[Message], request: Request) -> list[MessageOut]:
+    """Publish ``messages`` in order (continuing ``request``'s trace), then write them through.
 
     Raises 409 when the store already held another sender's message under one
     of the ids (step 6 of the module docstring).
     """
-    await service.bus.publish_many(messages)
+    with continue_trace(service.bus.tracer, request.headers):
+        messages = list(await service.bus.publish_many(messages))  # as published: with trace headers
     for message in messages:
         service.metrics.record_published(message.message_type)
     try:
@@ -195,7 +200,8 @@ def _unstored(message: Message) -> MessageOut:
     summary="Send a message (idempotent by id)",
 )
 async def post_message(
-    body: MessageIn, response: Response, service: ServiceDep, who: Annotated[Principal, Depends(sender)]
+    body: MessageIn, request: Request, response: Response, service: ServiceDep,
+    who: Annotated[Principal, Depends(sender)],
 ) -> MessageOut:
     """Send one message. With a client-set ``id``, repeating the request returns the stored message."""
     check_sender(who, body.sender_id)
@@ -209,7 +215,7 @@ async def post_message(
             _check_existing(existing, message)
             response.status_code = status.HTTP_200_OK
             return MessageOut.of(existing)
-        [out] = await send_all(service, [message])
+        [out] = await send_all(service, [message], request)
     if out.seq is None:
         response.status_code = status.HTTP_202_ACCEPTED
     elif out.created_at != message.created_at or out.content != message.content:
@@ -218,7 +224,9 @@ async def post_message(
 
 
 @router.post("/messages:batch", responses=SEND_ERRORS, summary="Send up to 500 messages")
-async def post_batch(body: BatchIn, service: ServiceDep, who: Annotated[Principal, Depends(sender)]) -> BatchOut:
+async def post_batch(
+    body: BatchIn, request: Request, service: ServiceDep, who: Annotated[Principal, Depends(sender)]
+) -> BatchOut:
     """Send a batch in order; every message is validated and authorised before any is sent.
 
     Messages whose id is already stored (or repeated in the batch) are not sent
@@ -251,7 +259,7 @@ async def post_batch(body: BatchIn, service: ServiceDep, who: Annotated[Principa
                 found[message.id] = MessageOut.of(stored[message.id])
         fresh = [m for m in fresh if m.id not in stored]
         if fresh:
-            for out in await send_all(service, fresh):
+            for out in await send_all(service, fresh, request):
                 found[out.id] = out
     return BatchOut(items=[found[m.id] for m in messages])
 
