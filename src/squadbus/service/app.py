@@ -25,7 +25,7 @@ from squadbus import __version__
 from squadbus.core.bus import Bus
 from squadbus.core.errors import ConfigError, SquadbusError
 from squadbus.core.settings import Settings
-from squadbus.service import dashboard, errors, openapi, routes_events, routes_messages, routes_sse
+from squadbus.service import dashboard, errors, openapi, routes_events, routes_executions, routes_messages, routes_sse
 from squadbus.service.auth import Principal, Role, TokenTable, load_tokens, reader
 from squadbus.service.group_commit import GroupWriter
 from squadbus.service.limits import BodyLimit
@@ -222,6 +222,7 @@ def create_app(
     if table.open:
         app.add_middleware(LoopbackOnly)  # added last: the outermost check
     app.include_router(routes_messages.router)
+    app.include_router(routes_executions.router)
     app.include_router(routes_sse.router)
     app.include_router(routes_events.router)
     app.include_router(ops)

@@ -8,7 +8,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from squadbus.store.base import ExecutionSnapshot, StoredMessage
+from squadbus.store.base import AgentSummary, ExecutionSnapshot, ExecutionSummary, StoredMessage
 
 MAX_BATCH = 500
 TOKEN_PATTERN = r"^[^\x00-\x20\x7f-\xa0.*>]+$"
@@ -123,3 +123,65 @@ class ErrorOut(BaseModel):
     """An error: ``detail`` says what was wrong."""
 
     detail: Any
+
+
+class ExecutionSummaryOut(BaseModel):
+    """One execution in the list: counts, activity times (server ``stored_at``), agents and types seen.
+
+    ``agents`` (senders and direct recipients) and ``message_types`` name the
+    first 20 in sorted order; ``agent_count`` and ``message_type_count`` count them all.
+    """
+
+    task_execution_id: UUID
+    message_count: int
+    first_activity_at: datetime
+    last_activity_at: datetime
+    agents: list[str]
+    agent_count: int
+    message_types: list[str]
+    message_type_count: int
+
+    @classmethod
+    def of(cls, item: ExecutionSummary) -> ExecutionSummaryOut:
+        """The API view of a store summary."""
+        return cls(
+            task_execution_id=item.task_execution_id, message_count=item.message_count,
+            first_activity_at=item.first_activity_at, last_activity_at=item.last_activity_at,
+            agents=list(item.agents), agent_count=item.agent_count, message_types=list(item.message_types),
+            message_type_count=item.message_type_count,
+        )
+
+
+class ExecutionList(BaseModel):
+    """One page of executions, newest activity first; pass ``next_cursor`` as ``cursor`` (null: no more)."""
+
+    items: list[ExecutionSummaryOut]
+    next_cursor: str | None
+
+
+class AgentOut(BaseModel):
+    """An agent seen in the history as sender or direct recipient.
+
+    ``domain``: the domain named by the newest of its last 5 sent messages that names one (null when none
+    does). ``messages_received`` counts direct messages only. ``last_activity_at``: server ``stored_at`` of
+    its newest message, sent or received.
+    """
+
+    agent_id: str
+    domain: str | None
+    last_activity_at: datetime
+    messages_sent: int
+    messages_received: int
+
+    @classmethod
+    def of(cls, item: AgentSummary) -> AgentOut:
+        """The API view of a store summary."""
+        return cls(agent_id=item.agent_id, domain=item.domain, last_activity_at=item.last_activity_at,
+                   messages_sent=item.messages_sent, messages_received=item.messages_received)
+
+
+class AgentList(BaseModel):
+    """One page of agents by id; pass ``next_cursor`` as ``cursor`` (null: no more)."""
+
+    items: list[AgentOut]
+    next_cursor: str | None

@@ -19,7 +19,7 @@ ON CONFLICT (id) DO NOTHING
 RETURNING id, stored_at
 """
 FAST_WRITE = """
-WITH batch AS (
+WITH now AS (SELECT clock_timestamp() AS ts), batch AS (
     SELECT u.*, row_number() OVER (PARTITION BY u.k ORDER BY u.ord) AS rn,
            count(*) OVER (PARTITION BY u.k) AS cnt
     FROM (
@@ -28,21 +28,29 @@ WITH batch AS (
              WITH ORDINALITY AS v(i, e, snd, rcp, t, c, b, ord)
     ) AS u
 ), counters AS (
-    INSERT INTO exec_counters AS ec (exec_key, last_seq)
-    SELECT k, count(*) FROM batch GROUP BY k ORDER BY k
-    ON CONFLICT (exec_key) DO UPDATE SET last_seq = ec.last_seq + EXCLUDED.last_seq
+    INSERT INTO exec_counters AS ec (exec_key, last_seq, task_execution_id, last_at)
+    SELECT k, count(*), e, (SELECT ts FROM now) FROM batch GROUP BY k, e ORDER BY k
+    ON CONFLICT (exec_key) DO UPDATE SET last_seq = ec.last_seq + EXCLUDED.last_seq,
+        task_execution_id = EXCLUDED.task_execution_id, last_at = greatest(ec.last_at, EXCLUDED.last_at)
     RETURNING exec_key, last_seq
 )
 INSERT INTO messages (id, task_execution_id, seq, sender_id, recipient_id, message_type, created_at, stored_at, body)
-SELECT b.i, b.e, counters.last_seq - b.cnt + b.rn, b.snd, b.rcp, b.t, b.c, (SELECT clock_timestamp()), b.b
+SELECT b.i, b.e, counters.last_seq - b.cnt + b.rn, b.snd, b.rcp, b.t, b.c, (SELECT ts FROM now), b.b
 FROM batch AS b JOIN counters ON counters.exec_key = b.k
 ORDER BY b.ord
 ON CONFLICT (id) DO NOTHING
 RETURNING id, seq, stored_at
 """
 SAVE_COUNTERS = """
-UPDATE exec_counters AS ec SET last_seq = u.s
+UPDATE exec_counters AS ec SET last_seq = u.s, task_execution_id = nullif(u.k, '')::uuid,
+    last_at = greatest(ec.last_at, $3::timestamptz)
 FROM unnest($1::text[], $2::bigint[]) AS u(k, s) WHERE ec.exec_key = u.k
+"""
+RETIRE_EXECUTIONS = """
+UPDATE exec_counters SET task_execution_id = NULL WHERE exec_key IN (
+    SELECT exec_key FROM exec_counters WHERE task_execution_id IS NOT NULL AND last_at < $1
+    ORDER BY exec_key FOR UPDATE
+)
 """
 CLAIM = """
 INSERT INTO id_claims (id, sender_id, fingerprint, claimed_at)

@@ -237,6 +237,143 @@ class ClaimsIdGroups(ClaimsIds, Protocol):
         ...
 
 
+MAX_LIST_LIMIT = 500
+LISTED = 20
+"""How many agents and message types an :class:`ExecutionSummary` names (it counts them all)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExecutionQuery:
+    """Filters of :meth:`ListsExecutions.list_executions`; every filter given must match.
+
+    ``id_prefix``: the start of the execution id as text (lowercase hex and
+    ``-``, as ``str(UUID)`` writes it; a whole id matches exactly).
+    ``agent_id``: took part as sender or direct recipient. ``message_type``:
+    at least one message of that type. ``since`` (inclusive) and ``until``
+    (exclusive) bound the last activity. ``cursor`` comes from a previous
+    :attr:`ExecutionPage.next_cursor` of the same filters.
+    """
+
+    id_prefix: str | None = None
+    agent_id: str | None = None
+    message_type: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    cursor: str | None = None
+    limit: int = 100
+
+    def validate(self) -> None:
+        """Raise :class:`InvalidQuery` when the limit, prefix or time range is invalid."""
+        if not 1 <= self.limit <= MAX_LIST_LIMIT:
+            raise InvalidQuery(f"limit must be between 1 and {MAX_LIST_LIMIT}, got {self.limit}")
+        prefix = self.id_prefix
+        if prefix is not None and (len(prefix) > 36 or prefix.strip("0123456789abcdef-")):
+            raise InvalidQuery(f"q must be the start of an execution id (hex digits and '-'), got {prefix[:40]!r}")
+        for name in ("since", "until"):
+            value = getattr(self, name)
+            if value is not None and value.tzinfo is None:
+                raise InvalidQuery(f"{name} must be timezone-aware")
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionSummary:
+    """One execution as currently retained.
+
+    ``first_activity_at`` / ``last_activity_at`` are the store's ``stored_at``
+    of its first retained and its last message. ``agents`` are the first
+    :data:`LISTED` of its distinct senders and direct recipients in sorted
+    order, ``agent_count`` how many there are; ``message_types`` and
+    ``message_type_count`` likewise.
+    """
+
+    task_execution_id: UUID
+    message_count: int
+    first_activity_at: datetime
+    last_activity_at: datetime
+    agents: list[str]
+    agent_count: int
+    message_types: list[str]
+    message_type_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionPage:
+    """One page of executions, newest activity first; ``next_cursor`` is None when there is nothing more."""
+
+    items: list[ExecutionSummary]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentQuery:
+    """Filters of :meth:`ListsExecutions.list_agents`: ``prefix`` of the agent id, ``cursor``, ``limit``."""
+
+    prefix: str | None = None
+    cursor: str | None = None
+    limit: int = 100
+
+    def validate(self) -> None:
+        """Raise :class:`InvalidQuery` when the limit is out of range."""
+        if not 1 <= self.limit <= MAX_LIST_LIMIT:
+            raise InvalidQuery(f"limit must be between 1 and {MAX_LIST_LIMIT}, got {self.limit}")
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSummary:
+    """An agent seen in the retained history, as sender or as direct recipient.
+
+    ``domain`` is the ``domain`` of the newest of the last
+    :data:`DOMAIN_LOOKBACK` messages it sent that names one (messages over
+    64 KiB are not read for it), None when none does: the store keeps no
+    other record of an agent's domain. ``messages_received`` counts direct
+    messages only (broadcasts name no recipient). ``last_activity_at`` is the
+    ``stored_at`` of its newest message, sent or received.
+    """
+
+    agent_id: str
+    domain: str | None
+    last_activity_at: datetime
+    messages_sent: int
+    messages_received: int
+
+
+DOMAIN_LOOKBACK = 5
+
+
+@dataclass(frozen=True, slots=True)
+class AgentPage:
+    """One page of agents in agent-id order; ``next_cursor`` is None when there is nothing more."""
+
+    items: list[AgentSummary]
+    next_cursor: str | None
+
+
+@runtime_checkable
+class ListsExecutions(Protocol):
+    """A store that lists the executions and agents of its history (the dashboard's lists).
+
+    Contracts:
+
+    * ``list_executions(q)``: executions with at least one retained message,
+      by last activity (newest first, ties by id), ``q.limit`` at most;
+      following ``next_cursor`` visits every matching execution once while
+      nothing is written. An execution that gets a message meanwhile moves to
+      the front: a reader already past it does not see it again.
+    * ``list_agents(q)``: agents in the engine's text order of their ids
+      (SQLite: code points; PostgreSQL: the database collation), ``q.limit``
+      at most; following ``next_cursor`` visits every agent once.
+    * Both raise :class:`InvalidQuery` for a bad cursor, limit or filter.
+    """
+
+    async def list_executions(self, q: ExecutionQuery) -> ExecutionPage:
+        """One page of executions matching ``q`` (see the class contract)."""
+        ...
+
+    async def list_agents(self, q: AgentQuery) -> AgentPage:
+        """One page of agents matching ``q`` (see the class contract)."""
+        ...
+
+
 def open_store(url: str) -> HistoryStore:
     """A (not yet opened) store for ``url``.
 

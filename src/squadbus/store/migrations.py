@@ -8,6 +8,11 @@ is never reused even after retention deletes rows. ``id_claims`` (version 2)
 holds the claims on client-set ids made before publishing (see
 :class:`~squadbus.store.base.ClaimsIds`), removed by retention with the
 messages.
+Version 3 gives each execution's counter row its ``task_execution_id`` (native
+type) and ``last_at``, the ``stored_at`` of its newest message (the write
+path keeps both; retention clears ``task_execution_id`` once all its rows are
+gone), indexed for the newest-first execution list, and indexes
+``messages (task_execution_id, message_type)`` for the list's type filter.
 """
 
 from __future__ import annotations
@@ -56,6 +61,20 @@ SQLITE_MIGRATIONS: Sequence[Migration] = (
             "CREATE INDEX id_claims_claimed ON id_claims (claimed_at)",
         ),
     ),
+    (
+        3,
+        (
+            "ALTER TABLE exec_counters ADD COLUMN task_execution_id BLOB",
+            "ALTER TABLE exec_counters ADD COLUMN last_at INTEGER",
+            """UPDATE exec_counters SET task_execution_id = m.e, last_at = m.t
+            FROM (SELECT task_execution_id AS e, lower(hex(task_execution_id)) AS h, max(stored_at) AS t
+                  FROM messages WHERE task_execution_id IS NOT NULL GROUP BY task_execution_id) AS m
+            WHERE replace(exec_counters.exec_key, '-', '') = m.h""",
+            "CREATE INDEX exec_counters_activity ON exec_counters (last_at, exec_key)"
+            " WHERE task_execution_id IS NOT NULL",
+            "CREATE INDEX messages_execution_type ON messages (task_execution_id, message_type)",
+        ),
+    ),
 )
 
 POSTGRES_MIGRATIONS: Sequence[Migration] = (
@@ -95,6 +114,19 @@ POSTGRES_MIGRATIONS: Sequence[Migration] = (
                 claimed_at timestamptz NOT NULL
             )""",
             "CREATE INDEX id_claims_claimed ON id_claims (claimed_at)",
+        ),
+    ),
+    (
+        3,
+        (
+            "ALTER TABLE exec_counters ADD COLUMN task_execution_id uuid, ADD COLUMN last_at timestamptz",
+            """UPDATE exec_counters AS ec SET task_execution_id = m.e, last_at = m.t
+            FROM (SELECT task_execution_id AS e, max(stored_at) AS t
+                  FROM messages WHERE task_execution_id IS NOT NULL GROUP BY task_execution_id) AS m
+            WHERE ec.exec_key = m.e::text""",
+            "CREATE INDEX exec_counters_activity ON exec_counters (last_at, exec_key)"
+            " WHERE task_execution_id IS NOT NULL",
+            "CREATE INDEX messages_execution_type ON messages (task_execution_id, message_type)",
         ),
     ),
 )

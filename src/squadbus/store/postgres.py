@@ -63,8 +63,19 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 from squadbus.core.envelope import Message
 from squadbus.core.errors import BackendError, BackendTimeout, Closed, ConfigError, ConnectionLost
 from squadbus.store import _common as c
+from squadbus.store import _listing_postgres
 from squadbus.store import _postgres_sql as q
-from squadbus.store.base import ExecutionSnapshot, HistoryPage, HistoryQuery, IdClaim, StoredMessage
+from squadbus.store.base import (
+    AgentPage,
+    AgentQuery,
+    ExecutionPage,
+    ExecutionQuery,
+    ExecutionSnapshot,
+    HistoryPage,
+    HistoryQuery,
+    IdClaim,
+    StoredMessage,
+)
 from squadbus.store.migrations import POSTGRES_MIGRATIONS
 
 _MIGRATION_LOCK = 0x5155_4144  # pg_advisory_xact_lock key: one migrator at a time
@@ -144,7 +155,7 @@ def _translate(what: str) -> Iterator[None]:
 
 
 class PostgresStore:
-    """A :class:`~squadbus.store.base.HistoryStore` and ``ClaimsIdGroups`` on PostgreSQL (see the module docstring)."""
+    """A ``HistoryStore``, ``ClaimsIdGroups`` and ``ListsExecutions`` on PostgreSQL (see the module docstring)."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -300,7 +311,7 @@ class PostgresStore:
             raise _RetryWrite
         stored_at = rows[0][1]
         touched = sorted({c.exec_key(m) for m in new})
-        await conn.execute(q.SAVE_COUNTERS, touched, [last[k] for k in touched])
+        await conn.execute(q.SAVE_COUNTERS, touched, [last[k] for k in touched], stored_at)
         for m, seq in zip(new, seqs, strict=True):
             stored[m.id] = StoredMessage(seq=seq, stored_at=stored_at, message=m)
         return stored
@@ -470,6 +481,22 @@ class PostgresStore:
             last_message_at=last_at,
         )
 
+    async def list_executions(self, q: ExecutionQuery) -> ExecutionPage:
+        """One page of executions, newest activity first (see ListsExecutions)."""
+
+        async def fetch(sql: str, *args: Any) -> list[Any]:
+            return await self._fetch("list_executions", sql, *args)
+
+        return await _listing_postgres.list_executions(fetch, q)
+
+    async def list_agents(self, q: AgentQuery) -> AgentPage:
+        """One page of agents by id (see ListsExecutions)."""
+
+        async def fetch(sql: str, *args: Any) -> list[Any]:
+            return await self._fetch("list_agents", sql, *args)
+
+        return await _listing_postgres.list_agents(fetch, q)
+
     # ---- maintenance -------------------------------------------------------------------------
 
     async def delete_older_than(self, cutoff: datetime) -> int:
@@ -489,6 +516,8 @@ class PostgresStore:
                 deleted += count
                 if count == 0:
                     break
+            # every row of an execution last active before the cutoff is gone: it leaves the list
+            await pool.execute(q.RETIRE_EXECUTIONS, cutoff)
             while True:
                 status = await pool.execute(
                     "DELETE FROM id_claims WHERE id IN"

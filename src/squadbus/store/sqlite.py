@@ -29,7 +29,18 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 from squadbus.core.envelope import Message, utcnow
 from squadbus.core.errors import BackendError, BackendTimeout, Closed, ConfigError, ConnectionLost
 from squadbus.store import _common as c
-from squadbus.store.base import ExecutionSnapshot, HistoryPage, HistoryQuery, IdClaim, StoredMessage
+from squadbus.store import _listing_sqlite
+from squadbus.store.base import (
+    AgentPage,
+    AgentQuery,
+    ExecutionPage,
+    ExecutionQuery,
+    ExecutionSnapshot,
+    HistoryPage,
+    HistoryQuery,
+    IdClaim,
+    StoredMessage,
+)
 from squadbus.store.migrations import SQLITE_MIGRATIONS
 
 _CHUNK = 500  # ids per IN (...) list, well under SQLITE_MAX_VARIABLE_NUMBER
@@ -100,7 +111,7 @@ def _translate(what: str) -> Iterator[None]:
 
 
 class SqliteStore:
-    """A :class:`~squadbus.store.base.HistoryStore` and ``ClaimsIdGroups`` on one SQLite file (see module docstring)."""
+    """A ``HistoryStore``, ``ClaimsIdGroups`` and ``ListsExecutions`` on one SQLite file (see module docstring)."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -274,9 +285,10 @@ class SqliteStore:
             # Impossible under BEGIN IMMEDIATE; refuse rather than leave a seq gap.
             raise BackendError("concurrent insert of the same message id; retry the write")
         await conn.executemany(
-            "INSERT INTO exec_counters (exec_key, last_seq) VALUES (?, ?)"
-            " ON CONFLICT (exec_key) DO UPDATE SET last_seq = excluded.last_seq",
-            [(key, last[key]) for key in keys],
+            "INSERT INTO exec_counters (exec_key, last_seq, task_execution_id, last_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (exec_key) DO UPDATE SET last_seq = excluded.last_seq,"
+            " task_execution_id = excluded.task_execution_id, last_at = max(coalesce(last_at, 0), excluded.last_at)",
+            [(key, last[key], UUID(key).bytes if key else None, now_us) for key in keys],
         )
         for m, seq in zip(new, seqs, strict=True):
             stored[m.id] = StoredMessage(seq=seq, stored_at=now, message=m)
@@ -435,6 +447,16 @@ class SqliteStore:
             last_message_at=None if last_at is None else c.from_micros(int(last_at)),
         )
 
+    async def list_executions(self, q: ExecutionQuery) -> ExecutionPage:
+        """One page of executions, newest activity first (see ListsExecutions)."""
+        with _translate("list_executions"):
+            return await _listing_sqlite.list_executions(self._read, q)
+
+    async def list_agents(self, q: AgentQuery) -> AgentPage:
+        """One page of agents by id (see ListsExecutions)."""
+        with _translate("list_agents"):
+            return await _listing_sqlite.list_agents(self._read, q)
+
     # ---- maintenance -------------------------------------------------------------------------
 
     async def delete_older_than(self, cutoff: datetime) -> int:
@@ -457,6 +479,13 @@ class SqliteStore:
                 deleted += count
                 if count == 0:
                     break
+            async with self._write_lock:
+                # every row of an execution last active before the cutoff is gone: it leaves the list
+                await writer.execute(
+                    "UPDATE exec_counters SET task_execution_id = NULL"
+                    " WHERE task_execution_id IS NOT NULL AND last_at < ?",
+                    (limit,),
+                )
             while True:
                 async with self._write_lock:
                     before = writer.total_changes
