@@ -132,7 +132,7 @@ async def check_migration_2(url: str, versions: Callable[[], Awaitable[list[int]
     await asyncio.gather(*(s.open() for s in stores))  # two processes opening at once migrate once
     ident = uuid.uuid4()
     try:
-        assert await versions() == [1, 2]
+        assert (await versions())[:2] == [1, 2]  # later migrations may follow
         one = stores[0]
         assert isinstance(one, ClaimsIds)
         assert await one.claim([claim(ident)]) == [claim(ident)]
@@ -144,7 +144,7 @@ async def check_migration_2(url: str, versions: Callable[[], Awaitable[list[int]
     async with open_store(url) as again:
         assert isinstance(again, ClaimsIds)
         assert await again.claim([claim(ident, "dev-1")]) == [claim(ident)]
-    assert await versions() == [1, 2]
+    assert (await versions())[:2] == [1, 2]  # later migrations may follow
 
 
 async def test_opening_a_version_1_sqlite_database_adds_the_claims_table_once(sqlite_url: str) -> None:
