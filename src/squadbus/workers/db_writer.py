@@ -13,9 +13,16 @@ while one commits.
 What happens on failure:
 
 * store unreachable (ConnectionLost, BackendTimeout): the batch is retried in
-  place for up to ``retry_for`` seconds, then nacked as a whole; the backend
-  redelivers it and the idempotent write stores each message once. The
-  default ``max_deliver`` is very high, so an outage never dead-letters history;
+  place (backoff up to 1 s) until the store answers, its deliveries' leases
+  extended meanwhile, and nothing after it is written: a batch given back
+  would be written after later ones, and the store would hand their
+  executions' messages out of order (seen in tests/faults: a 7 s PostgreSQL
+  outage put 5–6 rows after ~470 later ones of their executions). With
+  ``retry_for`` set, the batch is nacked after that many seconds instead
+  (order across the outage is then not kept). Stopping the worker nacks the
+  batch at once; the backend redelivers it and the idempotent write stores
+  each message once. The default ``max_deliver`` is very high, so an outage
+  never dead-letters history;
 * any other store error: the batch is written again one message at a time to
   find the message(s) the database refuses; those are dead-lettered
   (``Reject``) on redelivery, the rest are stored normally;
@@ -68,8 +75,8 @@ class DbWriter:
     per delivery (redelivered messages return their existing row).
     ``options`` overrides the consumer options (``batch_size`` and
     ``max_in_flight`` come from ``batch_size`` and ``pipeline``);
-    ``retry_for`` is how long a batch is retried in place while the store is
-    unreachable before it is nacked.
+    ``retry_for`` (default None: until the store answers) is how long a batch
+    is retried in place while the store is unreachable before it is nacked.
     """
 
     name = GROUP
@@ -82,11 +89,11 @@ class DbWriter:
         batch_size: int = 500,
         max_wait: float = 0.05,
         on_written: OnWritten | None = None,
-        retry_for: float = 5.0,
+        retry_for: float | None = None,
         pipeline: int = 2,
         options: ConsumerOptions | None = None,
     ) -> None:
-        if batch_size < 1 or pipeline < 1 or max_wait < 0 or retry_for < 0:
+        if batch_size < 1 or pipeline < 1 or max_wait < 0 or (retry_for is not None and retry_for < 0):
             raise ValueError("batch_size and pipeline must be >= 1, max_wait and retry_for >= 0")
         self.bus = bus
         self.store = store
@@ -148,11 +155,25 @@ class DbWriter:
             else:
                 fresh.append(delivery)
         if fresh:
+            keeping = asyncio.create_task(self._keep_leases(fresh))
             try:
                 await self._process([d.message for d in fresh])
             except Exception as exc:
                 failures.update(dict.fromkeys(fresh, exc))
+            finally:
+                keeping.cancel()
         return failures
+
+    async def _keep_leases(self, deliveries: Sequence[Delivery]) -> None:
+        """Extend the leases of a batch being written (a long store outage must not hand it to another member)."""
+        every = max(0.5, self.options.ack_wait / 3)
+        while True:
+            await asyncio.sleep(every)
+            for delivery in deliveries:
+                try:
+                    await delivery.in_progress()
+                except SquadbusError as exc:  # the broker is unreachable too: redelivery will tell
+                    logger.info("could not extend the lease of %s: %s", delivery.message.id, exc)
 
     async def _process(self, messages: Sequence[Message]) -> None:
         rows = await self._write(messages)
@@ -166,17 +187,22 @@ class DbWriter:
 
     async def _write(self, messages: Sequence[Message]) -> list[StoredMessage]:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.retry_for
+        deadline = None if self.retry_for is None else loop.time() + self.retry_for
         delay = 0.05
+        outage_logged = False
         while True:
             try:
                 return await self.store.write(messages)
             except _TRANSIENT as exc:
                 self.stats.store_failures += 1
-                if self._stopping.is_set() or loop.time() + delay > deadline:
+                if self._stopping.is_set() or (deadline is not None and loop.time() + delay > deadline):
                     logger.warning("store unavailable, returning a batch of %d for redelivery: %s",
                                    len(messages), exc)
                     raise Nack(f"store unavailable: {exc}") from exc
+                if not outage_logged:
+                    logger.warning("store unavailable; retrying a batch of %d in place until it answers: %s",
+                                   len(messages), exc)
+                    outage_logged = True
                 logger.info("store unavailable, retrying a batch of %d in %.2fs: %s", len(messages), delay, exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), delay)
