@@ -33,6 +33,17 @@ class InvalidQuery(ConfigError):
     """A history query is malformed: bad cursor, limit out of 1..1000, since >= until."""
 
 
+def _check_limit(limit: int, maximum: int) -> None:
+    if not 1 <= limit <= maximum:
+        raise InvalidQuery(f"limit must be between 1 and {maximum}, got {limit}")
+
+
+def _check_aware(**times: datetime | None) -> None:
+    for name, value in times.items():
+        if value is not None and value.tzinfo is None:
+            raise InvalidQuery(f"{name} must be timezone-aware")
+
+
 @dataclass(frozen=True, slots=True)
 class StoredMessage:
     """A message as stored.
@@ -75,14 +86,10 @@ class HistoryQuery:
 
     def validate(self) -> None:
         """Raise :class:`InvalidQuery` when the limit or time range is invalid."""
-        if not 1 <= self.limit <= MAX_LIMIT:
-            raise InvalidQuery(f"limit must be between 1 and {MAX_LIMIT}, got {self.limit}")
+        _check_limit(self.limit, MAX_LIMIT)
         if self.max_bytes is not None and self.max_bytes < 1:
             raise InvalidQuery(f"max_bytes must be positive, got {self.max_bytes}")
-        for name in ("since", "until"):
-            value = getattr(self, name)
-            if value is not None and value.tzinfo is None:
-                raise InvalidQuery(f"{name} must be timezone-aware")
+        _check_aware(since=self.since, until=self.until)
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,15 +271,11 @@ class ExecutionQuery:
 
     def validate(self) -> None:
         """Raise :class:`InvalidQuery` when the limit, prefix or time range is invalid."""
-        if not 1 <= self.limit <= MAX_LIST_LIMIT:
-            raise InvalidQuery(f"limit must be between 1 and {MAX_LIST_LIMIT}, got {self.limit}")
+        _check_limit(self.limit, MAX_LIST_LIMIT)
         prefix = self.id_prefix
         if prefix is not None and (len(prefix) > 36 or prefix.strip("0123456789abcdef-")):
             raise InvalidQuery(f"q must be the start of an execution id (hex digits and '-'), got {prefix[:40]!r}")
-        for name in ("since", "until"):
-            value = getattr(self, name)
-            if value is not None and value.tzinfo is None:
-                raise InvalidQuery(f"{name} must be timezone-aware")
+        _check_aware(since=self.since, until=self.until)
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,8 +317,7 @@ class AgentQuery:
 
     def validate(self) -> None:
         """Raise :class:`InvalidQuery` when the limit is out of range."""
-        if not 1 <= self.limit <= MAX_LIST_LIMIT:
-            raise InvalidQuery(f"limit must be between 1 and {MAX_LIST_LIMIT}, got {self.limit}")
+        _check_limit(self.limit, MAX_LIST_LIMIT)
 
 
 @dataclass(frozen=True, slots=True)

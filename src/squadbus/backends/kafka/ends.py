@@ -46,15 +46,20 @@ async def high_watermarks(
     return {tp: max(listed[tp], consumer.highwater(tp) or 0) if tp in probe else listed[tp] for tp in tps}
 
 
+def groupless_consumer(settings: KafkaSettings) -> AIOKafkaConsumer:
+    """A consumer without a group (assigned partitions, no commits): replay, read_all, end probes."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=list(settings.bootstrap_servers), client_id=settings.client_id,
+        group_id=None, enable_auto_commit=False, fetch_max_wait_ms=settings.fetch_max_wait_ms,
+    )
+
+
 async def high_watermarks_now(settings: KafkaSettings, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
     """:func:`high_watermarks` through a short-lived consumer without a group (for a group's consumer,
     which cannot fetch before it joins). Bounded by ``connect_timeout``; raises KafkaError or TimeoutError."""
     if not tps:
         return {}
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=list(settings.bootstrap_servers), client_id=settings.client_id,
-        group_id=None, enable_auto_commit=False, fetch_max_wait_ms=settings.fetch_max_wait_ms,
-    )
+    consumer = groupless_consumer(settings)
     try:
         async with asyncio.timeout(settings.connect_timeout):
             await consumer.start()

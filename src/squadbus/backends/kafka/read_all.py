@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator, Callable
 from datetime import datetime, timedelta
 
 from squadbus.backends.kafka._driver import AIOKafkaConsumer, KafkaError, TopicPartition
-from squadbus.backends.kafka.ends import high_watermarks
+from squadbus.backends.kafka.ends import groupless_consumer, high_watermarks
 from squadbus.backends.kafka.producer import translate
 from squadbus.backends.kafka.settings import KafkaSettings
 from squadbus.backends.kafka.topics import TopicLayout
@@ -33,10 +33,7 @@ async def read_all(
     on_unreadable: Callable[[bytes], None] | None = None,
 ) -> AsyncGenerator[Message, None]:
     """Yield every message of the topics ``pattern`` can match; see the module docstring."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=list(settings.bootstrap_servers), client_id=settings.client_id, group_id=None,
-        enable_auto_commit=False, fetch_max_wait_ms=settings.fetch_max_wait_ms,
-    )
+    consumer = groupless_consumer(settings)
     try:
         left = await _start(consumer, settings, layout.topics_for(pattern), since)
         idle = 0.0

@@ -18,8 +18,8 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from uuid import UUID
 
-from squadbus.backends.kafka._driver import AIOKafkaConsumer, KafkaError, TopicPartition
-from squadbus.backends.kafka.ends import high_watermarks
+from squadbus.backends.kafka._driver import KafkaError, TopicPartition
+from squadbus.backends.kafka.ends import groupless_consumer, high_watermarks
 from squadbus.backends.kafka.partitioner import partition_for
 from squadbus.backends.kafka.producer import translate
 from squadbus.backends.kafka.settings import KafkaSettings
@@ -41,10 +41,7 @@ async def replay_execution(
     """Yield ``(offset, message)`` of ``task_execution_id`` in ``topic``; see the module docstring."""
     key = str(task_execution_id).encode()
     tp = TopicPartition(topic, partition_of(key, partitions))
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=list(settings.bootstrap_servers), client_id=settings.client_id,
-        group_id=None, enable_auto_commit=False, fetch_max_wait_ms=settings.fetch_max_wait_ms,
-    )
+    consumer = groupless_consumer(settings)
     try:
         async with asyncio.timeout(settings.connect_timeout):
             await consumer.start()
