@@ -1,4 +1,6 @@
-"""The dashboard's own JavaScript, run by Node against a live server (DOM stubbed, real fetch and SSE parsing)."""
+"""The dashboard: its files are served by squadbus with nothing from elsewhere, and its script's core
+(API errors, the executions list, the SSE client with resume, the conversation summary) run by Node
+against a live server. The DOM views are left to the browser tests (issue 18)."""
 
 from __future__ import annotations
 
@@ -6,53 +8,112 @@ import asyncio
 import json
 import re
 import shutil
+import tomllib
 import uuid
+from fnmatch import fnmatch
+from importlib import resources
 from pathlib import Path
 
 import httpx
 
-from squadbus.service.dashboard import PAGE
+from squadbus.service.dashboard import ASSETS, asset
 from squadbus.testing.servers.process import ServerUnavailable
-from tests.service.conftest import MakeApp, auth, message, served
+from tests.service.conftest import MakeApp, asgi, auth, message, served
 
-DOM_STUB = """
-const elements = {};
-function el(id) {
-  if (!elements[id]) {
-    elements[id] = {id, value: "", textContent: "", className: "", children: [], listeners: {},
-      append(...kids) { this.children.push(...kids); },
-      addEventListener(kind, fn) { this.listeners[kind] = fn; }};
-    Object.defineProperty(elements[id], "textContent", {
-      get() { return this._text ?? ""; }, set(v) { this._text = v; if (v === "") this.children = []; }});
-  }
-  return elements[id];
-}
-globalThis.document = {getElementById: el, createElement: () => el("n" + Math.random())};
+ROOT = Path(__file__).resolve().parents[2]
+URL = re.compile(r"https?://\S*")
+
+
+async def test_the_page_and_its_assets_are_served_with_nothing_from_elsewhere(make_app: MakeApp) -> None:
+    async with asgi(make_app()) as api:
+        page = await api.client.get("/")
+        assert page.status_code == 200
+        assert page.headers["content-type"] == "text/html; charset=utf-8"
+        assets = re.findall(r"""(?:src|href)="([^"#]+)\"""", page.text)
+        assert set(assets) >= {"static/dashboard/dashboard.js", "static/dashboard/dashboard.css", "favicon.ico"}
+        texts = {"/": page.text}
+        for path, media in ((f"{ASSETS}/dashboard.js", "text/javascript"), (f"{ASSETS}/dashboard.css", "text/css")):
+            r = await api.client.get(path)
+            assert r.status_code == 200, path
+            assert r.headers["content-type"] == f"{media}; charset=utf-8"
+            texts[path] = r.text
+        for path in assets:
+            assert (await api.client.get("/" + path)).status_code == 200, path
+    for path, text in texts.items():
+        assert URL.findall(text) == [], f"{path} names a URL elsewhere"
+        assert "//cdn" not in text and 'src="//' not in text and 'href="//' not in text, path
+
+
+async def test_favicon_is_served(make_app: MakeApp) -> None:
+    async with asgi(make_app()) as api:
+        r = await api.client.get("/favicon.ico")
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "image/svg+xml"
+    assert r.content.startswith(b"<svg")
+
+
+async def test_the_script_uses_endpoints_that_exist(make_app: MakeApp) -> None:
+    js = asset("dashboard.js").decode()
+    async with asgi(make_app()) as api:
+        paths = (await api.client.get("/openapi.json")).json()["paths"]
+    assert "/v1/executions" in paths and "/v1/executions/{execution_id}/events" in paths
+    assert 'const EXECUTIONS = "v1/executions";' in js
+    assert "${EXECUTIONS}/${encodeURIComponent(executionId)}/events" in js
+    assert "Last-Event-ID" in js and "Bearer " in js
+
+
+def test_every_dashboard_file_is_package_data() -> None:
+    """A wheel install has the page: each file matches a package-data pattern of squadbus.service."""
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    files = [f.name for f in resources.files("squadbus.service").joinpath("static", "dashboard").iterdir()]
+    assert sorted(files) == ["dashboard.css", "dashboard.js", "index.html"]
+    for name in files:
+        assert any(fnmatch(f"static/dashboard/{name}", p) for p in patterns["squadbus.service"]), name
+
+
+NODE_SHIM = """
 const realFetch = globalThis.fetch;
 globalThis.fetch = (url, opts) => realFetch(process.env.BASE + "/" + url, opts);
 """
 
-DRIVER = """
-el("exec").value = process.env.EXEC;
-el("token").value = process.env.TOKEN;
-el("f").listeners.submit({preventDefault() {}});
-const started = Date.now();
-const timer = setInterval(() => {
-  const log = el("log").children;
-  const failed = el("status").textContent.startsWith("error");
-  if (failed || log.length >= Number(process.env.WANT) || Date.now() - started > 15000) {
-    clearInterval(timer);
-    console.log(JSON.stringify({snapshot: el("snap").textContent, status: el("status").textContent,
-      lines: log.map((d) => d.children.map((c) => c.textContent).join(" | "))}));
-    process.exit(0);
-  }
-}, 50);
+NODE_DRIVER = """
+const EXEC = process.env.EXEC, TOKEN = process.env.TOKEN;
+const out = {};
+try { await apiGet(executionsQuery(), ""); } catch (e) { out.noToken = e.message; }
+try { await apiGet(`${EXECUTIONS}/not-a-uuid`, TOKEN); } catch (e) { out.badUuid = e.message; }
+const page = await apiGet(executionsQuery({q: EXEC.slice(0, 8)}), TOKEN);
+out.listed = page.items.map((x) => [x.task_execution_id, x.message_count, x.message_types]);
+out.refused = await new Promise((resolve) => {
+  followStream(eventsPath(EXEC), "wrong-token", {onStatus() {}, onEvent() {}, onError: (e) => resolve(e.message)});
+});
+const conv = new Conversation();
+out.rows = [];
+out.summaries = [];
+await new Promise((resolve) => {
+  const stop = followStream(eventsPath(EXEC), TOKEN, {
+    onStatus(s) { out.status = s; },
+    onError(e) { out.error = e.message; stop(); resolve(); },
+    onEvent(kind, data) {
+      if (kind === "snapshot") conv.snapshot(data);
+      else if (kind === "message" && conv.add(data) !== null) {
+        out.rows.push(`${data.seq} ${data.sender_id} → ${recipientLabel(data)} ${data.content}`);
+      }
+      out.summaries.push(conv.summary());
+      if (out.rows.length >= Number(process.env.WANT)) { stop(); resolve(); }
+    },
+  });
+  setTimeout(() => { stop(); resolve(); }, 15000);
+});
+// a reply placed with its request, a repeated seq ignored
+const pair = new Conversation();
+pair.add({id: "r1", seq: 1, sender_id: "pm", recipient_id: "dev-1", headers: {reply_to: "agent.reply.x.r1"}});
+const link = pair.add({id: "a1", seq: 2, sender_id: "dev-1", recipient_id: "pm", headers: {correlation_id: "r1"}});
+out.pairedWith = link.request && link.request.id;
+out.repeat = pair.add({id: "a1", seq: 2, sender_id: "dev-1", recipient_id: "pm", headers: {}});
+out.relative = [relativeTime("2026-01-01T00:00:00Z", Date.parse("2026-01-01T00:05:30Z")), relativeTime("x")];
+console.log(JSON.stringify(out));
+process.exit(0);
 """
-
-
-def script() -> str:
-    js = PAGE.split("<script>", 1)[1].split("</script>", 1)[0]
-    return DOM_STUB + js + DRIVER
 
 
 async def run_node(tmp_path: Path, env: dict[str, str]) -> dict[str, object]:
@@ -60,7 +121,7 @@ async def run_node(tmp_path: Path, env: dict[str, str]) -> dict[str, object]:
     if node is None:
         raise ServerUnavailable("node is not installed (Debian package nodejs): the dashboard test needs it")
     path = tmp_path / "dashboard.mjs"
-    path.write_text(script())
+    path.write_text(NODE_SHIM + asset("dashboard.js").decode() + NODE_DRIVER)
     proc = await asyncio.create_subprocess_exec(node, str(path), env=env, stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.PIPE)
     try:
@@ -74,20 +135,19 @@ async def run_node(tmp_path: Path, env: dict[str, str]) -> dict[str, object]:
     return result
 
 
-async def test_dashboard_shows_snapshot_history_and_live_messages(make_app: MakeApp, tokens_file: Path,
-                                                                 tmp_path: Path) -> None:
+async def test_script_core_lists_streams_and_reports_errors_against_a_live_server(
+        make_app: MakeApp, tokens_file: Path, tmp_path: Path) -> None:
     execution = uuid.uuid4()
     async with served(make_app(tokens_file=tokens_file)) as url, httpx.AsyncClient(base_url=url) as c:
-        for i in range(2):
-            r = await c.post("/v1/messages", json=message(execution=execution, content=f"hello {i}"),
-                             headers=auth("pm"))
-            assert r.status_code == 201
-        page = await c.get("/")
-        assert page.text == PAGE
+        bodies = [message(execution=execution, content="hello 0"),
+                  message(execution=execution, content="to dev", recipient_id=None, domain="dev", message_type="plan"),
+                  message(execution=execution, content="to all", recipient_id=None)]
+        for body in bodies:
+            r = await c.post("/v1/messages", json=body, headers=auth("pm"))
+            assert r.status_code == 201, r.text
 
         async def later() -> None:
-            # Only once the page is connected: its snapshot is taken before it joins the live feed, so
-            # a message posted earlier would be in the snapshot rather than arrive live.
+            # Only once the script is connected, so that this message arrives live rather than in the snapshot.
             async with asyncio.timeout(20):
                 while True:
                     text = (await c.get("/metrics", headers=auth("viewer"))).text
@@ -98,19 +158,20 @@ async def test_dashboard_shows_snapshot_history_and_live_messages(make_app: Make
             await c.post("/v1/messages", json=message(execution=execution, content="live one"), headers=auth("pm"))
 
         poster = asyncio.create_task(later())
-        env = {"BASE": url, "EXEC": str(execution), "TOKEN": "viewer-token-1", "WANT": "3", "PATH": "/usr/bin:/bin"}
+        env = {"BASE": url, "EXEC": str(execution), "TOKEN": "viewer-token-1", "WANT": "4", "PATH": "/usr/bin:/bin"}
         result = await run_node(tmp_path, env)
         await poster
-    assert result["status"] == "live"
-    assert str(result["snapshot"]).startswith("2 messages, seq 1..2")
-    lines = result["lines"]
-    assert isinstance(lines, list) and len(lines) == 3
-    assert [line.split(" | ")[1] for line in lines] == ["hello 0", "hello 1", "live one"]
-    assert lines[0].startswith("#1 ") and "pm → dev-1 [message]" in lines[0]
-
-
-async def test_dashboard_reports_a_refused_token(make_app: MakeApp, tokens_file: Path, tmp_path: Path) -> None:
-    async with served(make_app(tokens_file=tokens_file)) as url:
-        env = {"BASE": url, "EXEC": str(uuid.uuid4()), "TOKEN": "wrong-token", "WANT": "1", "PATH": "/usr/bin:/bin"}
-        result = await run_node(tmp_path, env)
-    assert str(result["status"]).startswith("error 401")
+    assert result["noToken"] == "a token is needed (HTTP 401): missing bearer token"
+    assert str(result["badUuid"]).startswith("the request was refused (HTTP 422): execution_id: ")
+    assert "{" not in str(result["badUuid"])
+    assert result["listed"] == [[str(execution), 3, ["message", "plan"]]]
+    assert str(result["refused"]).startswith("a token is needed (HTTP 401)")
+    assert "error" not in result and result["status"] == "live"
+    assert result["rows"] == ["1 pm → dev-1 hello 0", "2 pm → #dev to dev", "3 pm → * to all", "4 pm → dev-1 live one"]
+    summaries = result["summaries"]
+    assert isinstance(summaries, list)
+    assert summaries[0] == "3 messages · 2 agents: dev-1, pm"
+    assert summaries[-1] == "4 messages · 2 agents: dev-1, pm"
+    assert result["pairedWith"] == "r1"
+    assert result["repeat"] is None
+    assert result["relative"] == ["5 min ago", ""]

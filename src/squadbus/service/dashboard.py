@@ -1,99 +1,74 @@
-"""A minimal dashboard at ``/``: watch one execution's SSE stream in the browser.
+"""The dashboard at ``/``: the executions list and one execution's conversation, live.
 
-It uses ``fetch`` with a streaming body rather than ``EventSource`` so it can
-send the bearer token in a header (tokens never go into URLs) and resumes with
-``Last-Event-ID`` after a dropped connection.
+A plain static page, no build step and no external asset: ``index.html``,
+``dashboard.js`` and ``dashboard.css`` ship as package data under
+``static/dashboard/`` and are served from here, with ``/favicon.ico``. The page
+reads the API like any client (``GET /v1/executions``; the execution's SSE
+stream through ``fetch``, so its bearer token goes in a header, never in a
+URL) and asks for a token once per browser tab when the API answers 401.
 """
 
 from __future__ import annotations
 
+from functools import cache
+from importlib import resources
+
 from fastapi import APIRouter
-from fastapi.responses import HTMLResponse
+from fastapi.responses import Response
 
-router = APIRouter()
+router = APIRouter(include_in_schema=False)
 
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>squadbus</title>
-<style>
- body{font:14px system-ui,sans-serif;margin:1.5em;max-width:70em}
- input{font:inherit;padding:.2em} #exec{width:24em} #log{margin-top:1em}
- .m{border-bottom:1px solid #ddd;padding:.3em 0} .meta{color:#666;font-size:12px}
- #status{color:#555;margin-left:1em} .gap{color:#a40}
-</style></head><body>
-<h1>squadbus</h1>
-<form id="f">
- <label>Execution <input id="exec" placeholder="task_execution_id (UUID)" required></label>
- <label>Token <input id="token" type="password" placeholder="bearer token (if required)"></label>
- <button>Watch</button><span id="status"></span>
-</form>
-<div id="snap" class="meta"></div><div id="log"></div>
-<script>
-"use strict";
-let ctrl = null, lastId = null;
-const $ = (id) => document.getElementById(id);
-function show(kind, data) {
-  if (kind === "snapshot") {
-    $("snap").textContent = `${data.message_count} messages, seq ${data.first_seq}..${data.last_seq}, ` +
-      `agents: ${data.agents.join(", ")}`;
-    return;
-  }
-  const div = document.createElement("div");
-  div.className = kind === "gap" ? "m gap" : "m";
-  if (kind === "gap") { div.textContent = `gap: seq ${data.from_seq}..${data.to_seq} (${data.reason})`; }
-  else {
-    const meta = document.createElement("div"); meta.className = "meta";
-    meta.textContent = `#${data.seq} ${data.created_at} ${data.sender_id} → ` +
-      `${data.recipient_id ?? "(broadcast)"} [${data.message_type}]`;
-    const body = document.createElement("div"); body.textContent = data.content;
-    div.append(meta, body);
-  }
-  $("log").append(div);
+ASSETS = "/static/dashboard"
+"""Where the page's script and style sheet are served (``index.html`` names them relative to ``/``)."""
+
+MEDIA_TYPES = {
+    "index.html": "text/html; charset=utf-8",
+    "dashboard.js": "text/javascript; charset=utf-8",
+    "dashboard.css": "text/css; charset=utf-8",
 }
-async function watch(exec, token) {
-  ctrl = new AbortController();
-  const headers = {};
-  if (token) headers["Authorization"] = "Bearer " + token;
-  if (lastId !== null) headers["Last-Event-ID"] = lastId;
-  $("status").textContent = "connecting…";
-  const resp = await fetch(`v1/executions/${encodeURIComponent(exec)}/events`, {headers, signal: ctrl.signal});
-  if (!resp.ok) { $("status").textContent = `error ${resp.status}: ${await resp.text()}`; return false; }
-  $("status").textContent = "live";
-  const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
-  let buf = "";
-  for (;;) {
-    const {value, done} = await reader.read();
-    if (done) return true;
-    buf += value;
-    let end;
-    while ((end = buf.indexOf("\\n\\n")) >= 0) {
-      const block = buf.slice(0, end); buf = buf.slice(end + 2);
-      let kind = "message", data = "", id = null;
-      for (const line of block.split("\\n")) {
-        if (line.startsWith("event: ")) kind = line.slice(7);
-        else if (line.startsWith("data: ")) data += line.slice(6);
-        else if (line.startsWith("id: ")) id = line.slice(4);
-      }
-      if (id !== null) lastId = id;
-      if (data) show(kind, JSON.parse(data));
-    }
-  }
-}
-$("f").addEventListener("submit", async (ev) => {
-  ev.preventDefault();
-  if (ctrl) ctrl.abort();
-  lastId = null; $("log").textContent = ""; $("snap").textContent = "";
-  const exec = $("exec").value.trim(), token = $("token").value.trim();
-  for (;;) {
-    try { if (!(await watch(exec, token))) return; } catch (e) { if (e.name === "AbortError") return; }
-    $("status").textContent = "reconnecting…";
-    await new Promise((r) => setTimeout(r, 2000));
-  }
-});
-</script></body></html>
-"""
+
+FAVICON = (
+    b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
+    b'<rect width="16" height="16" rx="3" fill="#1f5fbf"/>'
+    b'<circle cx="5" cy="8" r="2" fill="#fff"/><circle cx="11" cy="4.5" r="2" fill="#fff"/>'
+    b'<circle cx="11" cy="11.5" r="2" fill="#fff"/>'
+    b'<path d="M5 8L11 4.5M5 8L11 11.5" stroke="#fff" stroke-width="1"/></svg>'
+)
+"""An SVG icon (three connected agents); the namespace URI is an identifier, nothing is fetched from it."""
+
+NO_CACHE = {"Cache-Control": "no-cache"}
 
 
-@router.get("/", include_in_schema=False)
-async def dashboard() -> HTMLResponse:
-    """The dashboard page (static; it authenticates its SSE request itself)."""
-    return HTMLResponse(PAGE)
+@cache
+def asset(name: str) -> bytes:
+    """The bytes of one of the page's files, read once from the package."""
+    return resources.files("squadbus.service").joinpath("static", "dashboard", name).read_bytes()
+
+
+def _file(name: str) -> Response:
+    # no-cache: the browser revalidates, so an upgraded squadbus never runs a stale script
+    return Response(asset(name), media_type=MEDIA_TYPES[name], headers=NO_CACHE)
+
+
+@router.get("/")
+async def dashboard() -> Response:
+    """The dashboard page."""
+    return _file("index.html")
+
+
+@router.get(f"{ASSETS}/dashboard.js")
+async def dashboard_js() -> Response:
+    """The dashboard's script."""
+    return _file("dashboard.js")
+
+
+@router.get(f"{ASSETS}/dashboard.css")
+async def dashboard_css() -> Response:
+    """The dashboard's style sheet."""
+    return _file("dashboard.css")
+
+
+@router.get("/favicon.ico")
+async def favicon() -> Response:
+    """The tab icon (SVG, which browsers accept at this path)."""
+    return Response(FAVICON, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
