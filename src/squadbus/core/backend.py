@@ -16,6 +16,7 @@ Extra abilities are separate protocols checked with ``isinstance``:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import functools
 import hashlib
@@ -274,6 +275,31 @@ class Delivery:
 
     def _term(self) -> Awaitable[None] | None:
         return self._ack()
+
+
+@contextlib.asynccontextmanager
+async def leases_kept(deliveries: Sequence[Delivery], every: float) -> AsyncIterator[None]:
+    """Extend the leases of ``deliveries`` (:meth:`Delivery.in_progress`) every ``every`` seconds while
+    the block runs: work held longer than ``ack_wait`` (a destination or store outage, a broadcast's
+    slow copies) is not handed to another member. A failed extension is logged and tried next time."""
+
+    async def extend() -> None:
+        while True:
+            await asyncio.sleep(every)
+            for delivery in deliveries:
+                try:
+                    await delivery.in_progress()
+                except Exception as exc:  # the lease holds until ack_wait; try again next time
+                    logger.warning("could not extend the lease of %s: %s", delivery.message.id, exc)
+                    break
+
+    keeper = asyncio.get_running_loop().create_task(extend())
+    try:
+        yield
+    finally:
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
 
 
 RawHandler = Callable[[Delivery], Awaitable[None]]

@@ -34,6 +34,7 @@ from squadbus.core.backend import (
     RawHandler,
     StartFrom,
     Subscription,
+    leases_kept,
     settles_itself,
 )
 from squadbus.core.envelope import Message
@@ -148,7 +149,8 @@ class BroadcastHub:
                     fanout = _Fanout(subject, len(targets))
                     for inbox, on_failure in targets:
                         self._offer(fanout, delivery.message, delivery.attempt, inbox, on_failure)
-                    await self._hold(delivery, fanout.done)
+                    async with leases_kept([delivery], max(0.05, self._bus.consumer_options.ack_wait / 3)):
+                        await asyncio.wait({fanout.done})
                 await delivery.ack()
             except asyncio.CancelledError:
                 if delivery.settled is None:
@@ -160,15 +162,6 @@ class BroadcastHub:
                     await delivery.nack(self._bus.consumer_options.backoff(delivery.attempt))
 
         return settles_itself(fan_out)
-
-    async def _hold(self, delivery: Delivery, done: asyncio.Future[None]) -> None:
-        """Wait for ``done``, extending ``delivery``'s lease meanwhile."""
-        every = max(0.05, self._bus.consumer_options.ack_wait / 3)
-        while True:
-            finished, _ = await asyncio.wait({done}, timeout=every)
-            if finished:
-                return
-            await delivery.in_progress()
 
     def _offer(self, fanout: _Fanout, message: Message, attempt: int, inbox: Inbox, on_failure: FailurePolicy) -> None:
         """Put a copy in ``inbox``'s queue and follow it until acked or dead-lettered (or the inbox closes)."""

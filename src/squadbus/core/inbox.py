@@ -59,9 +59,10 @@ class Inbox:
         # Broadcast subjects are read once per Bus and copied here (squadbus.core.broadcasts).
         self._broadcasts = ([subjects.BROADCAST] if broadcasts else []) + [subjects.domain(d) for d in domains]
         self._options = options
-        # Unbounded on purpose: each subscription hands over one delivery at a
-        # time and waits for it to be settled, so it never holds more than
-        # one entry per pattern. None is the "closed" wake-up for waiting loops.
+        # Unbounded on purpose, bounded in fact: the direct subscription hands over one
+        # delivery at a time and waits for it to be settled, and the Bus's broadcast hub
+        # holds at most max_in_flight broadcasts per subject. None is the "closed"
+        # wake-up for waiting loops.
         self._queue: asyncio.Queue[Delivery | None] = asyncio.Queue()
         self._subs: list[Subscription] = []
         self._current: Delivery | None = None
@@ -97,12 +98,10 @@ class Inbox:
         return self
 
     async def _enqueue(self, delivery: Delivery) -> None:
-        if not self._open:
+        if not self.offer(delivery):
             await self._give_back(delivery)
             return
-        done = delivery.settled_future()
-        self._queue.put_nowait(delivery)
-        await done
+        await delivery.settled_future()
 
     def offer(self, delivery: Delivery) -> bool:
         """Queue ``delivery`` for the agent without waiting for it to be settled (broadcast copies);

@@ -30,10 +30,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
 
 from squadbus.core import subjects
-from squadbus.core.backend import ConsumerOptions, Delivery, StartFrom, Subscription
+from squadbus.core.backend import ConsumerOptions, Delivery, StartFrom, Subscription, leases_kept
 from squadbus.core.bus import Bus
 from squadbus.core.envelope import Message
 from squadbus.core.errors import BackendError, ConfigError
@@ -107,7 +106,7 @@ class Bridge:
             type(error).__name__, error, self.retry_max,
         )
         delay, retries = self.retry_base, 0
-        async with self._lease(delivery):
+        async with leases_kept([delivery], self.ack_wait / 3):
             while True:
                 if await self._stopped_within(delay):
                     break
@@ -142,27 +141,6 @@ class Bridge:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
         return self._stopping.is_set()
-
-    @contextlib.asynccontextmanager
-    async def _lease(self, delivery: Delivery) -> AsyncIterator[None]:
-        """Extend ``delivery``'s lease on the source every ``ack_wait / 3`` while the block runs."""
-
-        async def extend() -> None:
-            while True:
-                await asyncio.sleep(self.ack_wait / 3)
-                try:
-                    await delivery.in_progress()
-                except Exception as exc:  # the source keeps its lease until ack_wait; try again next time
-                    logger.warning("bridge: could not extend the lease of %s on the source: %s",
-                                   delivery.message.id, exc)
-
-        keeper = asyncio.get_running_loop().create_task(extend())
-        try:
-            yield
-        finally:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
 
     async def start(self) -> None:
         """Start copying (idempotent)."""

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from uuid import UUID
 
 from squadbus.core import subjects
-from squadbus.core.backend import ConsumerOptions, Delivery, Subscription
+from squadbus.core.backend import ConsumerOptions, Delivery, Subscription, leases_kept
 from squadbus.core.bus import Bus
 from squadbus.core.envelope import Message
 from squadbus.core.errors import BackendTimeout, Closed, ConnectionLost, InvalidMessage, Nack, Reject, SquadbusError
@@ -155,25 +155,13 @@ class DbWriter:
             else:
                 fresh.append(delivery)
         if fresh:
-            keeping = asyncio.create_task(self._keep_leases(fresh))
-            try:
-                await self._process([d.message for d in fresh])
-            except Exception as exc:
-                failures.update(dict.fromkeys(fresh, exc))
-            finally:
-                keeping.cancel()
-        return failures
-
-    async def _keep_leases(self, deliveries: Sequence[Delivery]) -> None:
-        """Extend the leases of a batch being written (a long store outage must not hand it to another member)."""
-        every = max(0.5, self.options.ack_wait / 3)
-        while True:
-            await asyncio.sleep(every)
-            for delivery in deliveries:
+            # A long store outage must not hand the batch to another member meanwhile.
+            async with leases_kept(fresh, max(0.5, self.options.ack_wait / 3)):
                 try:
-                    await delivery.in_progress()
-                except SquadbusError as exc:  # the broker is unreachable too: redelivery will tell
-                    logger.info("could not extend the lease of %s: %s", delivery.message.id, exc)
+                    await self._process([d.message for d in fresh])
+                except Exception as exc:
+                    failures.update(dict.fromkeys(fresh, exc))
+        return failures
 
     async def _process(self, messages: Sequence[Message]) -> None:
         rows = await self._write(messages)
