@@ -133,9 +133,8 @@ class Inbox:
         for delivery in unsettled:
             await self._give_back(delivery)
         subs, self._subs = self._subs, []
-        hub = self._bus.broadcast_hub
-        await asyncio.gather(*(self._bus.unsubscribe(sub) for sub in subs),
-                             *(hub.leave(subject, self) for subject in self._broadcasts))
+        leaving = [self._bus.broadcast_hub.leave(subject, self) for subject in self._broadcasts]
+        await asyncio.gather(*(self._bus.unsubscribe(sub) for sub in subs), *leaving)
 
     async def _give_back(self, delivery: Delivery) -> None:
         await delivery.nack(self._options.backoff(delivery.attempt))

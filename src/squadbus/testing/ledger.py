@@ -35,7 +35,7 @@ from typing import Literal
 
 from squadbus.core.bus import Bus
 from squadbus.core.envelope import Message
-from squadbus.core.errors import BackendTimeout, ConnectionLost, InvalidMessage, PublishFailed, SquadbusError
+from squadbus.core.errors import ConnectionLost, InvalidMessage, PublishFailed, SquadbusError
 
 Outcome = Literal["ok", "failed", "unknown"]
 
@@ -117,7 +117,7 @@ class Ledger:
                            id=message_id)
         except (PublishFailed, ConnectionLost, InvalidMessage) as exc:
             outcome, error = "failed", f"{type(exc).__name__}: {exc}"
-        except (BackendTimeout, SquadbusError) as exc:
+        except SquadbusError as exc:  # BackendTimeout and the rest: it may be stored
             outcome, error = "unknown", f"{type(exc).__name__}: {exc}"
         record = Sent(message_id, producer, seq, execution, outcome, at, error)
         self.sent[message_id] = record
