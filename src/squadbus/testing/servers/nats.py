@@ -23,7 +23,7 @@ from types import TracebackType
 from squadbus.testing.servers.process import (
     ServerUnavailable,
     find_binary,
-    free_port,
+    free_ports,
     kill9,
     spawn,
     stop,
@@ -59,8 +59,9 @@ class NatsNode:
     ) -> None:
         self.directory = Path(directory)
         self.name = name
-        self.port = port or free_port()
-        self.monitor_port = monitor_port or free_port()
+        spare = free_ports(2)
+        self.port = port or spare[0]
+        self.monitor_port = monitor_port or spare[1]
         self.cluster_port = cluster_port
         self.routes = routes or []
         self.sync_always = sync_always
@@ -169,11 +170,13 @@ class NatsCluster:
     """
 
     def __init__(self, directory: Path, *, size: int = 3, sync_always: bool = True) -> None:
-        cluster_ports = [free_port() for _ in range(size)]
+        # Every port of every node in one call: ports taken one by one can repeat (see free_ports).
+        ports = free_ports(3 * size)
+        cluster_ports = ports[:size]
         self.nodes = [
             NatsNode(
-                Path(directory), name=f"n{i + 1}", cluster_port=cluster_ports[i], routes=cluster_ports,
-                sync_always=sync_always,
+                Path(directory), name=f"n{i + 1}", port=ports[size + 2 * i], monitor_port=ports[size + 2 * i + 1],
+                cluster_port=cluster_ports[i], routes=cluster_ports, sync_always=sync_always,
             )
             for i in range(size)
         ]

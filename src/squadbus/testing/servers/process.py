@@ -29,6 +29,22 @@ def free_port() -> int:
         return port
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports on 127.0.0.1 that were free a moment ago.
+
+    Every socket stays bound until all ports are known, so the kernel cannot hand the same port out
+    twice; separate :func:`free_port` calls can (a NATS cluster once got a route port equal to a node's
+    monitor port, and its routes spoke to an HTTP server).
+    """
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind(("127.0.0.1", 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
+
+
 def find_binary(name: str, *extra_dirs: str | Path) -> str:
     """Path of executable ``name`` on PATH, in the venv's scripts dir, or in ``extra_dirs``."""
     search = [sysconfig.get_path("scripts"), *map(str, extra_dirs)]
