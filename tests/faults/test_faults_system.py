@@ -129,6 +129,14 @@ async def _read_all(url: str, pattern: str) -> list[Message]:
             return [m async for m in messages]
 
 
+def _warnings(log: Path, limit: int = 40) -> str:
+    """A child's WARNING and ERROR lines (the tail of the log may not reach back to the fault)."""
+    if not log.exists():
+        return ""
+    lines = [line for line in log.read_text(errors="replace").splitlines() if "WARNING" in line or "ERROR" in line]
+    return "\n".join(lines[-limit:])
+
+
 def _tail(log: Path) -> str:
     """The end of a child's log, for a failure message."""
     return log.read_text(errors="replace")[-3000:] if log.exists() else ""
@@ -267,7 +275,8 @@ async def test_postgres_kill9_during_db_writer_batches(redis: RedisServer, tmp_p
                 assert report.lost == 0, report.lost_ids
                 assert report.failed_delivered == 0, report.failed_delivered_errors
                 assert report.duplicates == 0, "a message stored twice by the db-writer"
-                assert report.order_violations == 0, f"rows out of send order: {misplaced[:10]}"
+                assert report.order_violations == 0, (
+                    f"rows out of send order: {misplaced[:10]}\nthe db-writer's warnings:\n{_warnings(log)}")
         finally:
             code = await _terminate(worker)
         assert code == 0, f"the db-writer exited with {code}:\n{_tail(log)}"

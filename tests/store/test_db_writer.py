@@ -14,7 +14,7 @@ from squadbus.core.backend import ConsumerOptions, Delivery
 from squadbus.core.bus import Bus
 from squadbus.core.dispatch import DLQ_ORIGINAL_ID
 from squadbus.core.envelope import Message
-from squadbus.core.errors import ConnectionLost
+from squadbus.core.errors import BackendError, ConnectionLost
 from squadbus.core.settings import Settings
 from squadbus.store import HistoryQuery, HistoryStore, StoredMessage, open_store
 from squadbus.testing.servers.postgres import PostgresServer
@@ -260,3 +260,53 @@ async def test_closed_store_does_not_lose_messages(bus: Bus, sqlite_url: str) ->
     async with open_store(sqlite_url) as reopened:
         assert await all_rows(reopened, sender) == []
     assert len(sent) == 20
+
+
+class RefusesThenGoesAway:
+    """Wraps a store: the first write of more than one message fails with a database error that is not
+    a connection error, and the one-by-one writes the db-writer then tries reach the store once before it
+    goes away (ConnectionLost) for ``down_for`` more writes; then the store is back."""
+
+    def __init__(self, inner: HistoryStore, down_for: int = 3) -> None:
+        self.inner = inner
+        self.down_for = down_for
+        self.state = "armed"
+
+    async def write(self, messages: Sequence[Message]) -> list[StoredMessage]:
+        if self.state == "armed" and len(messages) > 2:
+            self.state = "one-more"
+            raise BackendError("injected: could not extend file: No space left on device")
+        if self.state == "one-more":
+            self.state = "down"
+            return await self.inner.write(messages)
+        if self.state == "down" and self.down_for > 0:
+            self.down_for -= 1
+            raise ConnectionLost("injected: the store went away during the one-by-one writes")
+        return await self.inner.write(messages)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+async def test_store_error_then_outage_keeps_execution_order(bus: Bus, store: HistoryStore) -> None:
+    """A batch the store refuses is written one message at a time to find the culprit; when the store goes
+    away during that, nothing is blamed and the batch must still be written before any later one (it was
+    given back instead, and its rows were stored after later messages of the execution)."""
+    flaky = RefusesThenGoesAway(store)
+    writer = DbWriter(bus, flaky, batch_size=10, max_wait=0.05)  # type: ignore[arg-type]
+    sender = f"pm-{uuid.uuid4().hex[:6]}"
+    execution = uuid.uuid4()
+    await writer.start()
+    sent = [await bus.send(sender, "dev-1", f"m{i}", task_execution_id=execution) for i in range(60)]
+
+    async def all_written() -> bool:
+        return len(await all_rows(store, sender)) == len(sent)
+
+    await eventually(all_written)
+    await writer.stop()
+    assert flaky.state == "down" and flaky.down_for == 0, "the fault was not injected"
+    rows = await all_rows(store, sender)
+    assert_exactly_once(rows, sent)
+    stored_order = [row.message.id for row in sorted(rows, key=lambda r: r.seq)]
+    assert stored_order == [m.id for m in sent]
+    assert bus.stats.dead_lettered == 0

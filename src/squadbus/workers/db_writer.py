@@ -25,7 +25,10 @@ What happens on failure:
   never dead-letters history;
 * any other store error: the batch is written again one message at a time to
   find the message(s) the database refuses; those are dead-lettered
-  (``Reject``) on redelivery, the rest are stored normally;
+  (``Reject``) on redelivery, the rest are stored normally (in order, one by
+  one). When nothing can be blamed (the store went away during those writes,
+  or it refuses every message: disk full, permissions) the batch is retried
+  in place as in an outage: given back, it would be written after later ones;
 * ``on_written`` failing is logged: the rows are committed, so the batch is
   still acked.
 """
@@ -38,6 +41,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 from uuid import UUID
 
 from squadbus.core import subjects
@@ -55,6 +59,7 @@ _SKIPPED = subjects.DLQ_PREFIX + "."
 _TRANSIENT = (ConnectionLost, BackendTimeout)
 _POISON_MEMORY = 10_000
 
+_Verdict = Literal["found", "none", "interrupted"]
 OnWritten = Callable[[list[StoredMessage]], Awaitable[None]]
 
 
@@ -177,37 +182,46 @@ class DbWriter:
         loop = asyncio.get_running_loop()
         deadline = None if self.retry_for is None else loop.time() + self.retry_for
         delay = 0.05
-        outage_logged = False
+        logged: set[str] = set()
+        error: Exception
         while True:
             try:
                 return await self.store.write(messages)
             except _TRANSIENT as exc:
                 self.stats.store_failures += 1
-                if self._stopping.is_set() or (deadline is not None and loop.time() + delay > deadline):
-                    logger.warning("store unavailable, returning a batch of %d for redelivery: %s",
-                                   len(messages), exc)
-                    raise Nack(f"store unavailable: {exc}") from exc
-                if not outage_logged:
-                    logger.warning("store unavailable; retrying a batch of %d in place until it answers: %s",
-                                   len(messages), exc)
-                    outage_logged = True
-                logger.info("store unavailable, retrying a batch of %d in %.2fs: %s", len(messages), delay, exc)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay)
-                delay = min(delay * 2, 1.0)
+                why, error = "store unavailable", exc
             except Closed as exc:
                 raise Nack(f"store closed: {exc}") from exc
             except (SquadbusError, ValueError) as exc:
                 self.stats.store_failures += 1
-                found = await self._isolate(messages, exc)
-                raise Nack(f"batch refused by the store: {exc}", delay=0.0 if found else None) from exc
+                verdict = await self._isolate(messages, exc)
+                if verdict == "found":
+                    # The rest were written one by one, in order; the culprits are rejected on redelivery.
+                    raise Nack(f"batch refused by the store: {exc}", delay=0.0) from exc
+                # Nobody to blame: the store went away during the one-by-one writes, or it refuses every
+                # message (disk full, permissions). Either way a batch given back would be written after
+                # later ones, out of execution order: retry it in place like an outage.
+                why = "store unavailable" if verdict == "interrupted" else "store refuses every message"
+                error = exc
+            if self._stopping.is_set() or (deadline is not None and loop.time() + delay > deadline):
+                logger.warning("%s, returning a batch of %d for redelivery: %s", why, len(messages), error)
+                raise Nack(f"{why}: {error}") from error
+            if why not in logged:
+                log = logger.warning if why == "store unavailable" else logger.error
+                log("%s; retrying a batch of %d in place until it answers: %s", why, len(messages), error)
+                logged.add(why)
+            logger.info("%s, retrying a batch of %d in %.2fs: %s", why, len(messages), delay, error)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            delay = min(delay * 2, 1.0)
 
-    async def _isolate(self, messages: Sequence[Message], batch_error: BaseException) -> bool:
+    async def _isolate(self, messages: Sequence[Message], batch_error: BaseException) -> _Verdict:
         """Write one by one to find the messages the store refuses; remember them for Reject.
 
         A message is blamed only when it cannot be encoded, or when others of
         the batch were stored: if every write fails the database is at fault
-        (disk full, permissions), and nothing is dead-lettered.
+        (disk full, permissions), and nothing is dead-lettered ("none"). A
+        connection error ends the search with nothing blamed ("interrupted").
         """
         logger.warning("store refused a batch of %d (%s); writing one by one", len(messages), batch_error)
         refused: dict[UUID, str] = {}
@@ -218,7 +232,7 @@ class DbWriter:
                 await self.store.write([message])
                 stored_any = True
             except (ConnectionLost, BackendTimeout, Closed):
-                return False
+                return "interrupted"
             except InvalidMessage as exc:
                 refused[message.id] = f"history store refused the message: {exc}"
             except (SquadbusError, ValueError) as exc:
@@ -231,4 +245,4 @@ class DbWriter:
             self._poison[message_id] = reason
         while len(self._poison) > _POISON_MEMORY:
             self._poison.popitem(last=False)
-        return bool(refused)
+        return "found" if refused else "none"
