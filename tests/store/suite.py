@@ -114,6 +114,45 @@ class StoreSuite:
         rows = await stores[0].after(execution, 0, limit=1000)
         assert [r.seq for r in rows] == list(range(1, len(by_id) + 1))
 
+    async def test_large_batches_are_idempotent_with_dense_seqs(self, store: HistoryStore) -> None:
+        # Batches this large take PostgreSQL's COPY path; a stored id in one sends it the careful way.
+        x, y = uuid.uuid4(), uuid.uuid4()
+        first = [msg(execution=x if i % 3 else y, content=f"a{i}") for i in range(150)]
+        stored = await store.write(first)
+        assert [s.message.id for s in stored] == [m.id for m in first]
+        mixed = [*first[100:], *(msg(execution=x if i % 3 else y, content=f"b{i}") for i in range(100)), None]
+        batch = [m for m in mixed if m is not None] + [msg(execution=None, content="no execution")]
+        again = await store.write(batch)
+        assert [s.message.id for s in again] == [m.id for m in batch]
+        old = {s.message.id: s.seq for s in stored}
+        assert all(s.seq == old[s.message.id] for s in again[:50])
+        for execution in (x, y):
+            rows = await store.after(execution, 0, limit=1000)
+            assert [r.seq for r in rows] == list(range(1, len(rows) + 1))
+            sent = [m.id for m in [*first, *batch[50:]] if m.task_execution_id == execution]
+            assert [r.message.id for r in rows] == sent
+        assert await store.write(first) == stored  # all stored: nothing changes
+
+    async def test_concurrent_large_batches_to_one_execution(self, store_factory: StoreFactory) -> None:
+        stores = [await store_factory() for _ in range(3)]
+        execution = uuid.uuid4()
+        shared = [msg(execution=execution, content=f"shared {i}") for i in range(100)]
+
+        async def writer(store: HistoryStore, n: int) -> list[StoredMessage]:
+            out: list[StoredMessage] = []
+            for i in range(4):
+                batch = [msg(execution=execution, content=f"w{n} {i} {j}") for j in range(80)]
+                out += await store.write([*batch, *shared[i * 25:i * 25 + 25]])
+            return out
+
+        results = await asyncio.gather(*(writer(s, n) for n, s in enumerate(stores)))
+        by_id: dict[uuid.UUID, int] = {}
+        for result in results:
+            for item in result:
+                assert by_id.setdefault(item.message.id, item.seq) == item.seq
+        assert len(by_id) == 3 * 320 + 100
+        assert sorted(by_id.values()) == list(range(1, len(by_id) + 1))
+
     async def test_query_filters(self, store: HistoryStore) -> None:
         x = uuid.uuid4()
         t0 = datetime(2030, 1, 1, tzinfo=UTC)

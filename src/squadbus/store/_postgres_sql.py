@@ -8,6 +8,15 @@ SELECT k, 0 FROM unnest($1::text[]) AS k ORDER BY k
 ON CONFLICT (exec_key) DO UPDATE SET last_seq = ec.last_seq
 RETURNING exec_key, last_seq
 """
+LOCK_COUNTERS_AT = """
+WITH now AS (SELECT clock_timestamp() AS ts)
+INSERT INTO exec_counters AS ec (exec_key, last_seq)
+SELECT k, 0 FROM unnest($1::text[]) AS k ORDER BY k
+ON CONFLICT (exec_key) DO UPDATE SET last_seq = ec.last_seq
+RETURNING exec_key, last_seq, (SELECT ts FROM now)
+"""
+COPY_COLUMNS = ("id", "task_execution_id", "seq", "sender_id", "recipient_id", "message_type", "created_at",
+                "stored_at", "body")
 EXISTING = "SELECT id, seq, stored_at, body FROM messages WHERE id = ANY($1::uuid[])"
 INSERT = """
 INSERT INTO messages (id, task_execution_id, seq, sender_id, recipient_id, message_type, created_at, stored_at, body)

@@ -2,6 +2,16 @@
 
 How a batch is written, in one transaction (READ COMMITTED):
 
+* copy path, for batches of ``_COPY_MIN`` messages or more: lock the
+  counters of the batch's executions (sorted key order), count seqs on from
+  them, ``COPY`` the rows into ``messages`` and store the new counters. COPY
+  has no ``ON CONFLICT``: a stored id makes it fail (unique violation), the
+  transaction is rolled back and the batch goes the careful way. Measured
+  with 1 KiB messages in batches of 500, fsync on, one connection, on the
+  same server: 24.9k rows/s against 17.4k for the one-statement upsert
+  below (``ON CONFLICT`` and the CTE cost more than sending the rows); in
+  ``bench/bench_persist.py`` the store alone went from 16.2k to 30.6-34.7k
+  rows/s. Below ``_COPY_MIN`` the upsert's single round trip wins;
 * fast path, one statement: an upsert adds the batch's per-execution counts
   to ``exec_counters`` (locking those rows, in sorted key order so writers
   do not deadlock) and the same statement inserts the rows with seqs counted
@@ -80,6 +90,7 @@ from squadbus.store.migrations import POSTGRES_MIGRATIONS
 
 _MIGRATION_LOCK = 0x5155_4144  # pg_advisory_xact_lock key: one migrator at a time
 _WRITE_ATTEMPTS = 5
+_COPY_MIN = 64
 _COLUMNS = "seq, stored_at, body, pk"
 _OUR_OPTIONS = {"min_size": int, "max_size": int, "command_timeout": float, "connect_timeout": float}
 
@@ -244,10 +255,12 @@ class PostgresStore:
                     async with pool.acquire() as conn, conn.transaction():
                         if careful:
                             stored = await self._careful_tx(conn, unique, bodies)
+                        elif len(unique) >= _COPY_MIN:
+                            stored = await self._copy_tx(conn, unique, bodies)
                         else:
                             stored = await self._fast_tx(conn, unique, bodies)
                     break
-                except _Duplicates:
+                except (_Duplicates, asyncpg.exceptions.UniqueViolationError):
                     careful = True
                 except (_RetryWrite, asyncpg.exceptions.TransactionRollbackError) as exc:
                     careful = True
@@ -257,6 +270,29 @@ class PostgresStore:
             else:
                 raise BackendError("PostgreSQL write: gave up after repeated conflicts")
         return [stored[m.id] for m in messages]
+
+    @staticmethod
+    async def _copy_tx(
+        conn: asyncpg.Connection, unique: list[Message], bodies: dict[UUID, bytes]
+    ) -> dict[UUID, StoredMessage]:
+        keys = sorted({c.exec_key(m) for m in unique})
+        counters = await conn.fetch(q.LOCK_COUNTERS_AT, keys)
+        last = {row[0]: int(row[1]) for row in counters}
+        stored_at: datetime = counters[0][2]
+        seqs = c.assign_seqs(unique, last)
+        await conn.copy_records_to_table(
+            "messages",
+            columns=q.COPY_COLUMNS,
+            records=[
+                (m.id, m.task_execution_id, seq, m.sender_id, m.recipient_id, c.index_text(m.message_type),
+                 m.created_at, stored_at, bodies[m.id])
+                for m, seq in zip(unique, seqs, strict=True)
+            ],
+        )
+        await conn.execute(q.SAVE_COUNTERS, keys, [last[k] for k in keys], stored_at)
+        return {
+            m.id: StoredMessage(seq=seq, stored_at=stored_at, message=m) for m, seq in zip(unique, seqs, strict=True)
+        }
 
     @staticmethod
     async def _fast_tx(

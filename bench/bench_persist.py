@@ -1,0 +1,213 @@
+"""End-to-end persistence: a backlog on Redis or NATS written to PostgreSQL or SQLite by
+``squadbus worker db-writer`` running as its own process (issue 19's first line).
+
+    python bench/bench_persist.py [--backend redis|nats] [--store postgres|sqlite] [--count 50000]
+                                  [--runs 3] [--size 1024]
+
+Each run starts private servers (PostgreSQL 15 with server defaults: fsync on;
+Redis with the `fast` test profile (no persistence); nats-server with file storage and
+``sync_always``), publishes ``count`` messages of ``size`` bytes of content over
+100 executions with ``publish_many`` (chunks of 1,000), then starts the db-writer
+process. Throughput counts from the first stored row to the last (the process
+start, group join and store migration are a one-time cost, printed on their own
+line), polling ``count(*)`` every 20 ms. Beside it, in the same run: the store
+alone (``HistoryStore.write`` of the same messages in batches of 500, no bus) on a
+fresh database. CPU seconds of the db-writer process are read from /proc.
+After each run every message is checked stored exactly once, in publish order
+per execution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import asyncpg
+
+from squadbus.benchmarks.stats import Environment
+from squadbus.core import envelope
+from squadbus.core.bus import Bus
+from squadbus.core.envelope import Message
+from squadbus.store import open_store
+from squadbus.testing.servers.nats import NatsServer
+from squadbus.testing.servers.postgres import running_postgres
+from squadbus.testing.servers.redis import RedisServer
+
+EXECUTIONS = 100
+SQUADBUS = str(Path(sys.executable).with_name("squadbus"))
+STORE_BATCH = 500
+
+
+def make_messages(count: int, size: int) -> list[Message]:
+    executions = [uuid.uuid4() for _ in range(EXECUTIONS)]
+    content = "x" * size
+    return [
+        envelope.build(subject=f"agent.message.dev-{i % 50}", sender_id=f"pm-{i % 7}", recipient_id=f"dev-{i % 50}",
+                       content=content, message_type="task", task_execution_id=executions[i % EXECUTIONS])
+        for i in range(count)
+    ]
+
+
+@contextmanager
+def broker(kind: str, base: Path) -> Iterator[str]:
+    (base / kind).mkdir()
+    if kind == "redis":
+        with RedisServer("fast", directory=base / "redis") as server:
+            yield server.url
+    else:
+        with NatsServer(base / "nats") as server:
+            yield server.url
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def count_rows(store_url: str) -> int:
+    if store_url.startswith("sqlite"):
+        import aiosqlite
+
+        path = store_url.split("///", 1)[1]
+        if not Path(path).exists():
+            return 0
+        async with aiosqlite.connect(path) as conn:
+            try:
+                async with conn.execute("SELECT count(*) FROM messages") as cur:
+                    row = await cur.fetchone()
+            except Exception:  # table not created yet
+                return 0
+        return int(row[0]) if row else 0
+    conn = await asyncpg.connect(store_url)
+    try:
+        try:
+            return int(await conn.fetchval("SELECT count(*) FROM messages"))
+        except asyncpg.UndefinedTableError:
+            return 0
+    finally:
+        await conn.close()
+
+
+async def check_stored(store_url: str, messages: list[Message]) -> None:
+    """Every message once, each execution's rows in publish order."""
+    async with open_store(store_url) as store:
+        from squadbus.store import HistoryQuery
+
+        seen: list[uuid.UUID] = []
+        by_exec: dict[uuid.UUID | None, list[tuple[int, uuid.UUID]]] = {}
+        cursor = None
+        while True:
+            page = await store.query(HistoryQuery(cursor=cursor, limit=1000))
+            for row in page.items:
+                seen.append(row.message.id)
+                by_exec.setdefault(row.message.task_execution_id, []).append((row.seq, row.message.id))
+            if page.next_cursor is None:
+                break
+            cursor = page.next_cursor
+    assert len(seen) == len(set(seen)) == len(messages), (len(seen), len(set(seen)), len(messages))
+    position = {m.id: i for i, m in enumerate(messages)}
+    for rows in by_exec.values():
+        order = [position[i] for _, i in sorted(rows)]
+        assert order == sorted(order), "rows out of publish order"
+
+
+async def one_run(backend: str, store_kind: str, count: int, size: int) -> dict[str, float]:
+    messages = make_messages(count, size)
+    with ExitStack() as stack:
+        base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="squadbus-persist-")))
+        url = stack.enter_context(broker(backend, base))
+        if store_kind == "postgres":
+            pg = stack.enter_context(running_postgres())
+            for db in ("history", "alone"):
+                conn = await asyncpg.connect(pg.url)
+                try:
+                    await conn.execute(f'CREATE DATABASE "{db}"')
+                finally:
+                    await conn.close()
+            store_url, alone_url = pg.url_for("history"), pg.url_for("alone")
+        else:
+            store_url = f"sqlite+aiosqlite:///{base / 'history.db'}"
+            alone_url = f"sqlite+aiosqlite:///{base / 'alone.db'}"
+
+        # The store alone, no bus.
+        async with open_store(alone_url) as store:
+            await store.write(make_messages(STORE_BATCH, size))  # warm-up
+            start = time.perf_counter()
+            for i in range(0, count, STORE_BATCH):
+                await store.write(messages[i:i + STORE_BATCH])
+            alone = count / (time.perf_counter() - start)
+
+        async with Bus.from_url(url) as bus:
+            start = time.perf_counter()
+            for i in range(0, count, 1000):
+                await bus.publish_many(messages[i:i + 1000])
+            publish = count / (time.perf_counter() - start)
+
+        log = base / "db-writer.log"
+        started = time.perf_counter()
+        with log.open("wb") as out:
+            proc = await asyncio.create_subprocess_exec(
+                SQUADBUS, "worker", "db-writer", "--url", url, "--store", store_url,
+                stdout=out, stderr=out, stdin=asyncio.subprocess.DEVNULL,
+                env={**os.environ, "SQUADBUS_DATA_DIR": str(base)})
+        try:
+            first_at = first_rows = None
+            cpu_at_first = 0.0
+            while True:
+                if proc.returncode is not None:
+                    raise RuntimeError(f"db-writer exited {proc.returncode}: {log.read_text()[-2000:]}")
+                rows = await count_rows(store_url)
+                now = time.perf_counter()
+                if first_at is None and rows > 0:
+                    first_at, first_rows, cpu_at_first = now, rows, cpu_seconds(proc.pid)
+                if rows >= count:
+                    break
+                await asyncio.sleep(0.02)
+            cpu = cpu_seconds(proc.pid) - cpu_at_first
+        finally:
+            if proc.returncode is None:
+                proc.terminate()
+            await proc.wait()
+        assert first_at is not None and first_rows is not None
+        steady = count - first_rows
+        seconds = now - first_at
+        await check_stored(store_url, messages)
+        return {
+            "db_writer_rows_per_s": steady / seconds if seconds > 0 else float("nan"),
+            "store_alone_rows_per_s": alone,
+            "publish_many_msgs_per_s": publish,
+            "start_to_first_row_s": first_at - started,
+            "db_writer_cpu_us_per_row": cpu / steady * 1e6 if steady else float("nan"),
+        }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", choices=("redis", "nats"), default="redis")
+    parser.add_argument("--store", choices=("postgres", "sqlite"), default="postgres")
+    parser.add_argument("--count", type=int, default=50_000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--size", type=int, default=1024, help="content bytes per message")
+    args = parser.parse_args()
+    runs = [asyncio.run(one_run(args.backend, args.store, args.count, args.size)) for _ in range(args.runs)]
+    out = sys.stdout
+    out.write(f"{args.backend} -> db-writer process -> {args.store}, {args.count:,} msgs of {args.size} B, "
+              f"{args.runs} runs (worst .. best, median)\n")
+    for key in runs[0]:
+        values = sorted(r[key] for r in runs)
+        out.write(f"  {key:28s} {values[0]:>10,.1f} .. {values[-1]:>10,.1f}  (median {statistics.median(values):,.1f})\n")
+    out.write(f"  environment: {Environment.current().as_dict()}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
