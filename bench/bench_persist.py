@@ -78,7 +78,7 @@ async def count_rows(store_url: str) -> int:
         import aiosqlite
 
         path = store_url.split("///", 1)[1]
-        if not Path(path).exists():
+        if not await asyncio.to_thread(Path(path).exists):
             return 0
         async with aiosqlite.connect(path) as conn:
             try:
@@ -204,7 +204,8 @@ def main() -> int:
               f"{args.runs} runs (worst .. best, median)\n")
     for key in runs[0]:
         values = sorted(r[key] for r in runs)
-        out.write(f"  {key:28s} {values[0]:>10,.1f} .. {values[-1]:>10,.1f}  (median {statistics.median(values):,.1f})\n")
+        median = statistics.median(values)
+        out.write(f"  {key:28s} {values[0]:>10,.1f} .. {values[-1]:>10,.1f}  (median {median:,.1f})\n")
     out.write(f"  environment: {Environment.current().as_dict()}\n")
     return 0
 
