@@ -555,6 +555,47 @@ class BatchSubscriber(Protocol):
     ) -> Subscription: ...
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GroupFigures:
+    """What a backend knows about one consumer group ``(group, subject)`` right now.
+
+    ``lag``: messages the group has not been handed yet; ``pending``: handed
+    out and not acknowledged yet (in a handler, or waiting for a redelivery);
+    ``dead_letters``: dead letters of the group the backend still holds on
+    ``agent.dlq.<group>``; ``redeliveries``: unacknowledged messages that were
+    delivered more than once. ``None`` is "this backend cannot tell", never 0.
+    """
+
+    group: str
+    subject: str
+    lag: int | None
+    pending: int | None
+    dead_letters: int | None = None
+    redeliveries: int | None = None
+
+
+def group_of(durable: str) -> str | None:
+    """The group part of a :func:`durable_name` (``None`` when ``durable`` is not one)."""
+    head, sep, digest = durable.rpartition("-")
+    if not sep or not head or len(digest) != 8 or any(c not in "0123456789abcdef" for c in digest):
+        return None
+    return head
+
+
+@runtime_checkable
+class DescribesGroups(Protocol):
+    """A backend that reports its consumer groups (``/metrics``: ``squadbus_group_*``).
+
+    ``group_figures`` returns one :class:`GroupFigures` per named group the
+    broker knows, whichever process created it (not only this one's); it
+    creates nothing and moves no offset. It raises a
+    :class:`~squadbus.core.errors.BackendError` when the broker does not
+    answer; callers bound it with a timeout of their own.
+    """
+
+    async def group_figures(self) -> Sequence[GroupFigures]: ...
+
+
 async def batch_only(delivery: Delivery) -> None:
     """The per-delivery handler of a batch subscription, which a backend never calls."""
     raise AssertionError("a batch subscription has no per-delivery handler")
