@@ -57,6 +57,8 @@ from squadbus.core.backend import (
     BatchRawHandler,
     BatchSubscriber,
     ConsumerOptions,
+    DescribesGroups,
+    GroupFigures,
     RawHandler,
     Replayable,
     Subscription,
@@ -255,6 +257,13 @@ class DualBackend:
             raise ConfigError(f"primary backend {self.primary.name!r} cannot replay")
         async for item in self.primary.replay(task_execution_id, from_seq=from_seq, since=since):
             yield item
+
+    async def group_figures(self) -> Sequence[GroupFigures]:
+        """The primary's consumer groups (DescribesGroups; consumers read from the primary), or none
+        when the primary cannot describe them."""
+        if not isinstance(self.primary, DescribesGroups):
+            return ()
+        return await self.primary.group_figures()
 
 
 def from_url(url: str) -> DualBackend:

@@ -12,10 +12,11 @@ from typing import Any
 from uuid import UUID
 
 from squadbus.backends.memory.group import GroupBuffer
+from squadbus.backends.memory.group_figures import group_figures as describe_groups
 from squadbus.backends.memory.settings import MemorySettings
 from squadbus.backends.memory.subscription import MemoryBatchSubscription, MemorySubscription
 from squadbus.core import subjects
-from squadbus.core.backend import BatchRawHandler, ConsumerOptions, RawHandler, StartFrom
+from squadbus.core.backend import BatchRawHandler, ConsumerOptions, GroupFigures, RawHandler, StartFrom
 from squadbus.core.envelope import Message
 from squadbus.core.errors import BackendTimeout, Closed
 
@@ -231,6 +232,10 @@ class MemoryBackend:
         for _, message in list(self._log):
             if subjects.matches(pattern, message.subject) and (since is None or message.created_at >= since):
                 yield message
+
+    async def group_figures(self) -> list[GroupFigures]:
+        """Lag, pending and dead letters of every named group (DescribesGroups); see :mod:`.group_figures`."""
+        return describe_groups(self)
 
     def stats(self) -> dict[str, Any]:
         """Replay window bounds, duplicates dropped, and per-group buffer state."""
