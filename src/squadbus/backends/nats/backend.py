@@ -25,6 +25,7 @@ from nats.js.client import JetStreamContext
 
 from squadbus.backends.nats.attempts import AttemptLedger
 from squadbus.backends.nats.consumers import consumer_config, consumer_exists, ensure_consumer
+from squadbus.backends.nats.group_figures import group_figures as describe_groups
 from squadbus.backends.nats.publisher import NatsPublisher
 from squadbus.backends.nats.read_all import read_all as read_stream
 from squadbus.backends.nats.replay import replay as replay_stream
@@ -34,7 +35,7 @@ from squadbus.backends.nats.subscriber import NatsSubscription
 from squadbus.backends.nats.takeover import take_over
 from squadbus.backends.nats.translate import is_transient, translate
 from squadbus.core import subjects
-from squadbus.core.backend import BatchRawHandler, ConsumerOptions, RawHandler, batch_only
+from squadbus.core.backend import BatchRawHandler, ConsumerOptions, GroupFigures, RawHandler, batch_only
 from squadbus.core.envelope import Message
 from squadbus.core.errors import BackendError, Closed, ConfigError, ConnectionLost
 
@@ -345,3 +346,8 @@ class NatsBackend:
         see :mod:`.read_all`."""
         subjects.validate_pattern(pattern)
         return read_stream(self.js, self.settings.stream, pattern, since=since, on_unreadable=on_unreadable)
+
+    async def group_figures(self) -> list[GroupFigures]:
+        """Lag, pending, redeliveries and dead letters of every durable consumer (DescribesGroups);
+        see :mod:`.group_figures`."""
+        return await describe_groups(self)
