@@ -22,6 +22,8 @@ BACKEND_MODULES: Mapping[str, str] = {
     "tls": "squadbus.backends.nats",
     "kafka": "squadbus.backends.kafka",
     "dual": "squadbus.backends.dual",
+    "amqp": "squadbus.backends.rabbitmq",
+    "amqps": "squadbus.backends.rabbitmq",
 }
 
 

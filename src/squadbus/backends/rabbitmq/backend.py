@@ -1,0 +1,308 @@
+"""RabbitBackend: the Backend protocol over RabbitMQ (plus Replayable, ReadsAll, BatchPublisher).
+
+Mapping (docs/backends/rabbitmq.md says why):
+
+* one durable **topic exchange** ``<namespace>``; a message's routing key is its subject;
+* one **stream queue** ``<namespace>.log`` bound with ``#``: the log every message is kept in
+  (``log_max_age``), read by offset for replay, ``read_all`` and a new group's backlog;
+* a consumer group ``(group, pattern)`` is a durable **quorum queue**
+  ``<namespace>.group.<durable_name>`` bound with the pattern; its members are competing consumers;
+  a group created with ``StartFrom.EARLIEST`` first gets a copy of what the log holds for its pattern;
+* ``group=None`` is an exclusive, auto-deleted queue bound with the pattern (new messages only).
+
+One robust connection per backend (aio-pika reconnects and restores channels, queues,
+bindings and consumers), one confirm channel for publishing, one channel per subscription.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from datetime import datetime, timedelta
+from uuid import UUID
+
+import aio_pika
+import aio_pika.abc
+import aiormq.exceptions
+
+from squadbus.backends.rabbitmq.log import Offset, read_log
+from squadbus.backends.rabbitmq.publisher import RabbitPublisher
+from squadbus.backends.rabbitmq.settings import RabbitSettings
+from squadbus.backends.rabbitmq.subscriber import RabbitSubscription
+from squadbus.backends.rabbitmq.topology import (
+    ORIGINAL_KEY_HEADER,
+    binding_key,
+    group_queue_arguments,
+    log_queue_arguments,
+    short_name,
+)
+from squadbus.backends.rabbitmq.translate import translate
+from squadbus.core import subjects
+from squadbus.core.backend import ConsumerOptions, RawHandler, StartFrom, durable_name, read_back
+from squadbus.core.envelope import Message, decode
+from squadbus.core.errors import Closed, ConfigError, ConnectionLost, MalformedMessage
+
+logger = logging.getLogger("squadbus.backends.rabbitmq")
+
+_COPY_CONCURRENCY = 256
+
+
+class RabbitBackend:
+    """A RabbitMQ-backed transport; ``RabbitBackend(RabbitSettings.from_url("amqp://127.0.0.1:5672/"))``."""
+
+    name = "rabbitmq"
+
+    def __init__(self, settings: RabbitSettings | None = None) -> None:
+        self.settings = settings or RabbitSettings()
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._publisher: RabbitPublisher | None = None
+        self._subs: set[RabbitSubscription] = set()
+        self._group_locks: dict[str, asyncio.Lock] = {}
+        self._probe: aio_pika.abc.AbstractConnection | None = None
+        self._probe_lock = asyncio.Lock()
+        self._closed = False
+
+    # ---- connection --------------------------------------------------------------------------
+
+    @property
+    def connection(self) -> aio_pika.abc.AbstractRobustConnection:
+        """The live connection; raises Closed before connect() or after close()."""
+        if self._connection is None or self._closed:
+            raise Closed("rabbitmq backend is not connected")
+        return self._connection
+
+    @property
+    def publisher(self) -> RabbitPublisher:
+        if self._publisher is None or self._closed:
+            raise Closed("rabbitmq backend is not connected")
+        return self._publisher
+
+    async def connect(self) -> None:
+        """Connect, then declare the exchange and the log stream if they are missing.
+
+        Raises ConnectionLost naming the URL (without the password) and the cause
+        when the broker cannot be reached within ``connect_timeout``.
+        """
+        if self._closed:
+            raise Closed("rabbitmq backend is closed")
+        if self._connection is not None:
+            return
+        s = self.settings
+        try:
+            connection = await asyncio.wait_for(
+                aio_pika.connect_robust(
+                    s.driver_url(), timeout=s.connect_timeout, ssl_context=s.ssl_context(),
+                    client_properties={"connection_name": f"squadbus {s.namespace}"},
+                ),
+                timeout=s.connect_timeout + 1,
+            )
+        except Exception as exc:
+            cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+            reason = f"no answer within {s.connect_timeout:g} s" if isinstance(exc, TimeoutError) else (
+                f"{type(cause).__name__}: {cause}")
+            raise ConnectionLost(f"cannot connect to {s.redacted()}: {reason}") from cause
+        self._connection = connection
+        try:
+            channel = await connection.channel(publisher_confirms=True)
+            await self._declare_topology(channel)
+            self._publisher = RabbitPublisher(channel, s)
+            await self._publisher.setup()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _declare_topology(self, channel: aio_pika.abc.AbstractChannel) -> None:
+        s = self.settings
+        what = f"declare the exchange {s.exchange} and the log {s.log_queue}"
+        try:
+            exchange = await channel.declare_exchange(s.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        except Exception as exc:
+            raise translate(exc, what) from exc
+        setup = await self.connection.channel()
+        try:
+            log = await setup.declare_queue(
+                s.log_queue, durable=True, arguments=log_queue_arguments(s.log_max_age, s.log_max_bytes)
+            )
+            await log.bind(exchange, "#")
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            logger.warning("log stream %s exists with other settings (kept as it is): %s", s.log_queue, exc)
+        except Exception as exc:
+            raise translate(exc, what) from exc
+        finally:
+            with contextlib.suppress(Exception):
+                await setup.close()
+
+    async def close(self) -> None:
+        """Close every subscription (handlers in progress finish), then the connection. Idempotent."""
+        if self._closed:
+            return
+        for sub in list(self._subs):
+            await sub.close()
+        self._closed = True
+        if self._probe is not None:
+            with contextlib.suppress(Exception):
+                await self._probe.close()
+        connection = self._connection
+        if connection is not None:
+            with contextlib.suppress(Exception):  # a broker that is gone cannot be said goodbye to
+                await connection.close()
+
+    # ---- Backend -----------------------------------------------------------------------------
+
+    async def publish(self, message: Message) -> None:
+        """Publish to the exchange and return after the broker's confirm; retries transient failures
+        within ``publish_timeout``; raises ConnectionLost, PublishFailed or BackendTimeout."""
+        await self.publisher.publish(message)
+
+    async def publish_many(self, messages: Sequence[Message]) -> None:
+        """Publish every message with the confirms awaited together (BatchPublisher).
+
+        The publishes are written in list order on one channel, so the queues keep that order
+        unless a transient failure makes one of them retry.
+        """
+        publish = self.publisher.publish
+        outcomes = await asyncio.gather(*(publish(m) for m in messages), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    async def subscribe(
+        self, pattern: str, handler: RawHandler, *, group: str | None, options: ConsumerOptions
+    ) -> RabbitSubscription:
+        """Join the quorum queue of ``(group, pattern)`` (creating it, with the log's backlog when it
+        starts at EARLIEST), or bind an exclusive queue for ``group=None``, and start consuming."""
+        subjects.validate_pattern(pattern)
+        if not subjects.matches(subjects.ALL, pattern.replace("*", "x").replace(">", "x")):
+            raise ConfigError(f"pattern {pattern!r} is outside the squad's subjects {subjects.ALL}")
+        binding_key(pattern)  # refuses a pattern too long for AMQP before anything is created
+        queue_name = None
+        if group is not None:
+            queue_name = short_name(self.settings.group_queue(durable_name(group, pattern)))
+            await self._ensure_group(queue_name, pattern, options.start)
+        sub = RabbitSubscription(
+            self, pattern=pattern, group=group, queue_name=queue_name, handler=handler, options=options
+        )
+        self._subs.add(sub)
+        try:
+            await sub.start()
+        except BaseException as exc:
+            await sub.close()
+            if isinstance(exc, Exception):
+                raise translate(exc, f"subscribe to {pattern}") from exc
+            raise
+        return sub
+
+    def forget(self, sub: RabbitSubscription) -> None:
+        """Called by a closing subscription."""
+        self._subs.discard(sub)
+
+    async def declare_group_queue(
+        self, channel: aio_pika.abc.AbstractChannel, name: str
+    ) -> aio_pika.abc.AbstractQueue:
+        """Declare a group's quorum queue on ``channel`` (idempotent; restored after a reconnect)."""
+        return await channel.declare_queue(name, durable=True, arguments=group_queue_arguments())
+
+    async def _queue_exists(self, name: str) -> bool:
+        # A passive declare of a missing queue closes its channel. On the robust connection the
+        # channel would try to reopen under the same number while a new one is opened (the broker
+        # closes the connection: "second 'channel.open' seen"), so probes use a plain connection of
+        # their own, one at a time.
+        async with self._probe_lock:
+            if self._probe is None or self._probe.is_closed:
+                s = self.settings
+                self._probe = await aio_pika.connect(
+                    s.driver_url(), timeout=s.connect_timeout, ssl_context=s.ssl_context(),
+                    client_properties={"connection_name": f"squadbus {s.namespace} probe"},
+                )
+            channel = await self._probe.channel()
+            try:
+                await channel.declare_queue(name, passive=True)
+                return True
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                return False
+            finally:
+                if not channel.is_closed:
+                    with contextlib.suppress(Exception):
+                        await channel.close()
+
+    async def _ensure_group(self, name: str, pattern: str, start: StartFrom) -> None:
+        lock = self._group_locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            what = f"create the queue {name}"
+            try:
+                created = not await self._queue_exists(name)
+                channel = await self.connection.channel()
+                try:
+                    queue = await self.declare_group_queue(channel, name)
+                    await queue.bind(self.settings.exchange, binding_key(pattern))
+                finally:
+                    with contextlib.suppress(Exception):
+                        await channel.close()
+            except Exception as exc:
+                raise translate(exc, what) from exc
+            if created and start is StartFrom.EARLIEST:
+                copied = await self._copy_backlog(name, pattern)
+                logger.info("created group queue %s for %s with %d messages from the log", name, pattern, copied)
+
+    async def _copy_backlog(self, queue: str, pattern: str) -> int:
+        """Copy what the log holds for ``pattern`` (up to a marker appended after the queue was bound)
+        into ``queue``. Messages published between the bind and the marker are in both: they reach the
+        group twice (at-least-once); nothing stored before the bind is missed."""
+        publisher = self.publisher
+        pending: list[asyncio.Future[None]] = []
+        copied = 0
+        async for _, msg in read_log(self):
+            key = msg.routing_key or ""
+            if not subjects.matches(pattern, key):
+                continue
+            copy = aio_pika.Message(
+                msg.body, message_id=msg.message_id, content_type=msg.content_type,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT, headers={ORIGINAL_KEY_HEADER: key},
+            )
+            pending.append(asyncio.ensure_future(publisher.publish_to_queue(queue, copy, f"copy the log into {queue}")))
+            copied += 1
+            if len(pending) >= _COPY_CONCURRENCY:
+                await asyncio.gather(*pending)
+                pending.clear()
+        await asyncio.gather(*pending)
+        return copied
+
+    # ---- Replayable and ReadsAll -------------------------------------------------------------
+
+    async def replay(
+        self, task_execution_id: UUID, *, from_seq: int = 0, since: datetime | None = None
+    ) -> AsyncIterator[tuple[int, Message]]:
+        """Yield ``(log offset, message)`` of one execution, reading the log from ``from_seq`` (or from a
+        second before ``since``) to now; cost O(log after the start point)."""
+        start: Offset = "first"
+        if from_seq > 0:
+            start = from_seq
+        elif since is not None:
+            start = since - timedelta(seconds=1)  # the broker's timestamps have second precision
+        async for offset, msg in read_log(self, start):
+            if offset < from_seq:
+                continue
+            try:
+                message = decode(msg.body, max_content_bytes=sys.maxsize)
+            except MalformedMessage:
+                continue
+            if message.task_execution_id != task_execution_id:
+                continue
+            if since is not None and message.created_at < since:
+                continue
+            yield offset, message
+
+    async def read_all(
+        self, pattern: str, *, since: datetime | None = None, on_unreadable: Callable[[bytes], None] | None = None,
+    ) -> AsyncGenerator[Message, None]:
+        """Every message the log holds matching ``pattern`` (and ``since``), up to a marker appended when
+        the read starts (ReadsAll)."""
+        subjects.validate_pattern(pattern)
+        start: Offset = "first" if since is None else since - timedelta(seconds=1)
+        async for _, msg in read_log(self, start):
+            message = read_back(msg.body, pattern, since, on_unreadable)
+            if message is not None:
+                yield message

@@ -1,0 +1,146 @@
+"""Settings of the RabbitMQ backend, parsed from an ``amqp://`` or ``amqps://`` URL.
+
+``amqp://[user:pass@]host[:port][/vhost][?option=value&...]`` (the vhost is
+the URL-encoded path, ``/`` when absent; ``%2F`` names the vhost ``/`` too).
+
+Options (all optional): ``profile`` (``durable``), ``namespace`` (prefix of
+the exchange, the log stream and every queue: several squads can share a
+vhost), ``log_max_age`` (s, retention of the log stream, 0 = unlimited),
+``log_max_bytes`` (0 = unlimited), ``publish_timeout`` (s, total including
+retries), ``connect_timeout`` (s), ``dedupe_window`` (s, 0 = off) and
+``dedupe_size`` (ids remembered by the in-process publish window),
+``tls_ca`` (path; ``amqps://`` turns TLS on with the system CAs).
+"""
+
+from __future__ import annotations
+
+import enum
+import ssl
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from squadbus.core.errors import ConfigError
+
+
+class Profile(enum.Enum):
+    """What a publisher confirm means (see docs/backends/rabbitmq.md)."""
+
+    DURABLE = "durable"
+    """Persistent messages, quorum queues and a stream: a confirm comes once the log stream and every
+    group queue the message was routed to have written it to disk (fsync) on a quorum of their
+    replicas, so an acknowledged message survives a broker crash."""
+
+
+_FLOAT_OPTIONS = ("log_max_age", "publish_timeout", "connect_timeout", "dedupe_window")
+_INT_OPTIONS = ("log_max_bytes", "dedupe_size")
+_STR_OPTIONS = ("namespace", "tls_ca")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RabbitSettings:
+    """How to reach RabbitMQ and name the squad's exchange, log and queues; ``RabbitSettings.from_url(url)``."""
+
+    host: str = "127.0.0.1"
+    port: int = 5672
+    user: str = "guest"
+    password: str = "guest"
+    vhost: str = "/"
+    tls: bool = False
+    tls_ca: str | None = None
+    profile: Profile = Profile.DURABLE
+    namespace: str = "squadbus"
+    log_max_age: float = 7 * 24 * 3600.0
+    log_max_bytes: int = 0
+    publish_timeout: float = 15.0
+    connect_timeout: float = 5.0
+    dedupe_window: float = 120.0
+    dedupe_size: int = 100_000
+
+    def __post_init__(self) -> None:
+        if not self.namespace or any(not (c.isalnum() or c in "-_") for c in self.namespace):
+            raise ConfigError(f"namespace {self.namespace!r} may contain only letters, digits, '-' and '_'")
+        if len(self.namespace) > 100:
+            raise ConfigError("namespace is longer than 100 characters")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port {self.port} is out of range")
+        if min(self.publish_timeout, self.connect_timeout) <= 0:
+            raise ConfigError("publish_timeout and connect_timeout must be positive")
+        if self.log_max_age < 0 or self.log_max_bytes < 0 or self.dedupe_window < 0 or self.dedupe_size < 0:
+            raise ConfigError("log_max_age, log_max_bytes, dedupe_window and dedupe_size must be >= 0")
+
+    @classmethod
+    def from_url(cls, url: str) -> RabbitSettings:
+        """Parse an ``amqp://`` / ``amqps://`` URL (see the module docstring)."""
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("amqp", "amqps"):
+            raise ConfigError(f"not an amqp:// or amqps:// URL: {url!r}")
+        values: dict[str, Any] = {"tls": scheme == "amqps", "port": 5671 if scheme == "amqps" else 5672}
+        try:
+            if parts.hostname:
+                values["host"] = parts.hostname
+            if parts.port is not None:
+                values["port"] = parts.port
+        except ValueError as exc:
+            raise ConfigError(f"bad host or port in {url!r}: {exc}") from exc
+        if parts.username is not None:
+            values["user"] = unquote(parts.username)
+        if parts.password is not None:
+            values["password"] = unquote(parts.password)
+        path = parts.path[1:] if parts.path.startswith("/") else parts.path
+        if path:
+            values["vhost"] = unquote(path)
+        query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        unknown = set(query) - {"profile", *_FLOAT_OPTIONS, *_INT_OPTIONS, *_STR_OPTIONS}
+        if unknown:
+            raise ConfigError(f"unknown amqp:// option(s): {', '.join(sorted(unknown))}")
+        try:
+            for key, raw in query.items():
+                if key == "profile":
+                    values[key] = Profile(raw.lower())
+                elif key in _FLOAT_OPTIONS:
+                    values[key] = float(raw)
+                elif key in _INT_OPTIONS:
+                    values[key] = int(raw)
+                else:
+                    values[key] = raw
+        except ValueError as exc:
+            raise ConfigError(f"bad amqp:// option in {url!r}: {exc}") from exc
+        return cls(**values)
+
+    # ---- names -----------------------------------------------------------------------------
+
+    @property
+    def exchange(self) -> str:
+        """The topic exchange every message is published to."""
+        return self.namespace
+
+    @property
+    def log_queue(self) -> str:
+        """The stream queue that keeps every message (replay, read_all, new groups' backlog)."""
+        return f"{self.namespace}.log"
+
+    def group_queue(self, durable: str) -> str:
+        """The quorum queue of a consumer group (``durable`` from ``core.backend.durable_name``)."""
+        return f"{self.namespace}.group.{durable}"
+
+    # ---- connecting ------------------------------------------------------------------------
+
+    def driver_url(self) -> str:
+        """The URL aio-pika connects with (credentials included; never log it)."""
+        scheme = "amqps" if self.tls else "amqp"
+        user, password = quote(self.user, safe=""), quote(self.password, safe="")
+        return f"{scheme}://{user}:{password}@{self.host}:{self.port}/{quote(self.vhost, safe='')}"
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context for ``amqps://``, else None."""
+        if not self.tls:
+            return None
+        return ssl.create_default_context(cafile=self.tls_ca)
+
+    def redacted(self) -> str:
+        """The URL without the password, for logs and errors."""
+        scheme = "amqps" if self.tls else "amqp"
+        vhost = "" if self.vhost == "/" else quote(self.vhost, safe="")
+        return f"{scheme}://{self.user}:***@{self.host}:{self.port}/{vhost}"

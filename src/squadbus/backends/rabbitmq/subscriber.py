@@ -1,0 +1,299 @@
+"""Consumers: one channel and one ``basic.consume`` per subscription, a dispatch task feeding the handler.
+
+The broker pushes up to ``prefetch`` unacknowledged messages (``basic.qos``:
+the larger of ``batch_size`` and ``max_in_flight``); the dispatch task hands
+them to the handler one at a time (or up to ``max_in_flight`` at once) in the
+order the queue holds them.
+
+Attempts: a quorum queue counts how often it handed a message out and got it
+back (``basic.nack`` with requeue, or the consumer's channel closing) in the
+``x-delivery-count`` header; ``attempt`` is that count + 1, shared by every
+member of the group and kept across restarts. A fan-out subscription's
+exclusive queue has no such header; only this consumer ever gets its
+messages back, so it counts them itself.
+
+``nack(delay)``: a delay of 0 requeues at once. A longer delay keeps the
+message unacknowledged here and requeues it when the delay has passed (a
+quorum queue puts a returned message ahead of the others). It holds a
+prefetch slot meanwhile and stays with this consumer: if the consumer dies,
+the broker requeues it at once, which costs only an early retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+import aio_pika
+import aio_pika.abc
+import aio_pika.exceptions
+import aiormq.exceptions
+
+from squadbus.backends.rabbitmq.topology import ORIGINAL_KEY_HEADER, binding_key, needs_filter
+from squadbus.core import subjects
+from squadbus.core.backend import ConsumerOptions, Delivery, InFlight, RawHandler, invoke
+from squadbus.core.dispatch import DLQ_ATTEMPTS, DLQ_GROUP, DLQ_ORIGINAL_ID, DLQ_REASON, DLQ_SUBJECT
+from squadbus.core.envelope import Message, decode, new_id, utcnow
+from squadbus.core.errors import MalformedMessage, SquadbusError
+
+if TYPE_CHECKING:
+    from squadbus.backends.rabbitmq.backend import RabbitBackend
+
+logger = logging.getLogger("squadbus.backends.rabbitmq")
+
+IncomingMessage = aio_pika.abc.AbstractIncomingMessage
+
+_MALFORMED_CONTENT_LIMIT = 64 * 1024
+_FAIRNESS_STREAK = 64
+_SETTLE_ERRORS = (aio_pika.exceptions.MessageProcessError, aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
+
+
+class RabbitDelivery(Delivery):
+    """A delivery backed by one AMQP delivery; settling sends ``basic.ack`` / ``basic.nack``."""
+
+    __slots__ = ("_msg", "_sub")
+
+    def __init__(self, message: Message, msg: IncomingMessage, attempt: int, sub: RabbitSubscription) -> None:
+        super().__init__(message, attempt=attempt, group=sub.group)
+        self._msg = msg
+        self._sub = sub
+
+    def _ack(self) -> Awaitable[None]:
+        return self._sub.send(self._msg, ack=True)
+
+    def _nack(self, delay: float) -> Awaitable[None] | None:
+        if delay > 0:
+            self._sub.nack_later(self._msg, delay)
+            return None
+        return self._sub.send(self._msg, ack=False)
+
+
+class RabbitSubscription:
+    """One member of a consumer group (a quorum queue) or a fan-out consumer (an exclusive queue)."""
+
+    def __init__(
+        self,
+        backend: RabbitBackend,
+        *,
+        pattern: str,
+        group: str | None,
+        queue_name: str | None,
+        handler: RawHandler,
+        options: ConsumerOptions,
+    ) -> None:
+        self._backend = backend
+        self._pattern = pattern
+        self._group = group
+        self._queue_name = queue_name
+        self._handler = handler
+        self._options = options
+        self._filter = needs_filter(pattern)
+        self._buffer: asyncio.Queue[IncomingMessage] = asyncio.Queue()
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._queue: aio_pika.abc.AbstractQueue | None = None
+        self._tag: str | None = None
+        self._dispatch: asyncio.Task[None] | None = None
+        self._later: dict[IncomingMessage, asyncio.TimerHandle] = {}
+        self._attempts: dict[str, int] = {}
+        self._settling: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self._closed = False
+        self._waiting_for_msg = False
+
+    @property
+    def pattern(self) -> str:
+        return self._pattern
+
+    @property
+    def group(self) -> str | None:
+        return self._group
+
+    @property
+    def queue_name(self) -> str | None:
+        """The group's queue, or the server-named exclusive queue of a fan-out subscription."""
+        return self._queue.name if self._queue is not None else self._queue_name
+
+    async def start(self) -> None:
+        """Open the channel, declare (fan-out) or join (group) the queue, and start consuming."""
+        backend = self._backend
+        channel = self._channel = await backend.connection.channel()
+        await channel.set_qos(prefetch_count=max(self._options.batch_size, self._options.max_in_flight))
+        if self._queue_name is not None:
+            queue = await backend.declare_group_queue(channel, self._queue_name)
+        else:
+            queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
+            await queue.bind(backend.settings.exchange, binding_key(self._pattern))
+        self._queue = queue
+        self._tag = await queue.consume(self._on_message)
+        name = f"squadbus-rabbitmq-{self._group or 'fanout'}"
+        self._dispatch = asyncio.get_running_loop().create_task(self._dispatch_loop(), name=name)
+
+    # ---- receiving ---------------------------------------------------------------------------
+
+    async def _on_message(self, msg: IncomingMessage) -> None:
+        if self._closing:
+            await self.send(msg, ack=False)
+            return
+        self._buffer.put_nowait(msg)
+
+    async def _next(self) -> IncomingMessage | None:
+        if self._closing:
+            return None
+        try:
+            return self._buffer.get_nowait()
+        except asyncio.QueueEmpty:
+            self._waiting_for_msg = True
+            try:
+                return await self._buffer.get()
+            finally:
+                self._waiting_for_msg = False
+
+    async def _dispatch_loop(self) -> None:
+        if self._options.max_in_flight > 1:
+            await self._dispatch_concurrently(self._options.max_in_flight)
+            return
+        streak = 0
+        while (msg := await self._next()) is not None:
+            streak += 1
+            if streak >= _FAIRNESS_STREAK:
+                streak = 0
+                await asyncio.sleep(0)
+            await self._handle(msg)
+
+    async def _dispatch_concurrently(self, limit: int) -> None:
+        inflight = InFlight(limit)
+        try:
+            while True:
+                await inflight.slot()
+                try:
+                    msg = await self._next()
+                except asyncio.CancelledError:
+                    inflight.give_back()
+                    raise
+                if msg is None:
+                    inflight.give_back()
+                    break
+                inflight.start(self._handle(msg))
+        finally:
+            await inflight.finish()
+
+    def _attempt(self, msg: IncomingMessage) -> int:
+        if self._group is not None:
+            count = (msg.headers or {}).get("x-delivery-count", 0)
+            return (count if isinstance(count, int) else 0) + 1
+        key = msg.message_id or str(msg.delivery_tag)
+        attempt = self._attempts[key] = self._attempts.get(key, 0) + 1
+        return attempt
+
+    async def _handle(self, msg: IncomingMessage) -> None:
+        attempt = self._attempt(msg)
+        try:
+            message = decode(msg.body)
+        except MalformedMessage as exc:
+            await self._malformed(msg, exc, attempt)
+            return
+        if self._filter and not subjects.matches(self._pattern, message.subject):
+            await self.send(msg, ack=True)  # bound wider than the pattern (a literal '#' token)
+            return
+        await invoke(self._handler, RabbitDelivery(message, msg, attempt, self), self._options)
+
+    async def _malformed(self, msg: IncomingMessage, exc: MalformedMessage, attempt: int) -> None:
+        """Dead-letter bytes that are not an envelope, so they never block the queue."""
+        headers = msg.headers or {}
+        key = str(headers.get(ORIGINAL_KEY_HEADER) or msg.routing_key or "")
+        if self._group is None:
+            logger.error("dropping malformed message on %s (fan-out consumer): %s", key, exc)
+            await self.send(msg, ack=True)
+            return
+        text = bytes(msg.body[:_MALFORMED_CONTENT_LIMIT]).decode("utf-8", "replace")
+        dead = Message(
+            id=new_id(),
+            subject=subjects.dead_letter(self._group),
+            sender_id="squadbus-rabbitmq",
+            content=text,
+            message_type="malformed",
+            metadata={"size": len(msg.body), "truncated": len(msg.body) > len(text), "queue": self.queue_name},
+            created_at=utcnow(),
+            headers={
+                DLQ_REASON: f"malformed payload: {exc}"[:1000],
+                DLQ_GROUP: self._group,
+                DLQ_ATTEMPTS: str(attempt),
+                DLQ_SUBJECT: key,
+                DLQ_ORIGINAL_ID: msg.message_id or f"delivery-{msg.delivery_tag}",
+            },
+        )
+        try:
+            await self._backend.publish(dead)
+        except SquadbusError:
+            logger.exception("could not dead-letter a malformed message of group %s; will retry", self._group)
+            self.nack_later(msg, self._options.backoff(attempt))
+            return
+        logger.warning("dead-lettered a malformed message of group %s from %s: %s", self._group, key, exc)
+        await self.send(msg, ack=True)
+
+    # ---- settling ----------------------------------------------------------------------------
+
+    async def send(self, msg: IncomingMessage, *, ack: bool) -> None:
+        """Ack (or requeue) ``msg`` now; a failure only means the broker redelivers it."""
+        if ack and self._group is None and msg.message_id:
+            self._attempts.pop(msg.message_id, None)
+        try:
+            if ack:
+                await msg.ack()
+            else:
+                await msg.nack(requeue=True)
+        except _SETTLE_ERRORS as exc:
+            # The channel closed (the broker requeued the message) or it was settled already.
+            logger.info("could not %s message %s (it will be redelivered): %s",
+                        "ack" if ack else "requeue", msg.message_id, exc)
+
+    def nack_later(self, msg: IncomingMessage, delay: float) -> None:
+        """Requeue ``msg`` after ``delay`` seconds (at once when the subscription closes)."""
+        if self._closing:
+            self._spawn(self.send(msg, ack=False))
+            return
+        loop = asyncio.get_running_loop()
+        self._later[msg] = loop.call_later(delay, self._requeue_now, msg)
+
+    def _requeue_now(self, msg: IncomingMessage) -> None:
+        if self._later.pop(msg, None) is not None:
+            self._spawn(self.send(msg, ack=False))
+
+    def _spawn(self, settling: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(settling)
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    # ---- closing -----------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop consuming, requeue what was buffered or held, let the handler in progress finish. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._closing = True
+        queue, tag = self._queue, self._tag
+        if queue is not None and tag is not None:
+            with contextlib.suppress(*_SETTLE_ERRORS, TimeoutError):
+                await queue.cancel(tag, timeout=5)
+        dispatch = self._dispatch
+        if dispatch is not None:
+            if self._waiting_for_msg:
+                dispatch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await dispatch
+        while not self._buffer.empty():
+            await self.send(self._buffer.get_nowait(), ack=False)
+        for msg, timer in list(self._later.items()):
+            timer.cancel()
+            await self.send(msg, ack=False)
+        self._later.clear()
+        if self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
+        if self._channel is not None:
+            with contextlib.suppress(*_SETTLE_ERRORS, TimeoutError):
+                await self._channel.close()
+        self._backend.forget(self)

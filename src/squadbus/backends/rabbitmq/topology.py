@@ -1,0 +1,80 @@
+"""Names and shapes on the broker: routing keys, binding keys, queue names and arguments.
+
+A subject is the routing key of its message on the squad's topic exchange. A
+pattern becomes a binding key: NATS ``*`` is AMQP ``*`` (one word) and ``>``
+is ``#`` at the end; ``>`` means *one or more* tokens and ``#`` zero or more,
+which differ only for the subject that is the pattern's prefix itself
+(``agent.message`` for ``agent.message.>``), and such subjects have too few
+tokens to exist in the squadbus scheme. A literal token ``#`` (a legal agent
+id) would be a wildcard in a binding, so it is bound as ``*`` and consumers
+drop what their pattern does not match (:func:`squadbus.core.subjects.matches`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from squadbus.core.errors import InvalidSubject
+
+MAX_SHORTSTR = 255
+"""AMQP 0-9-1 routing keys, binding keys and queue names are short strings: at most 255 bytes."""
+
+MARKER_HEADER = "x-squadbus-marker"
+"""Header of the marker messages a reader appends to the log to know where "now" ends."""
+
+ORIGINAL_KEY_HEADER = "x-squadbus-routing-key"
+"""Header of a log message copied into a new group's queue: the routing key it was published with."""
+
+
+def routing_key(subject: str) -> str:
+    """The routing key of ``subject`` (the subject itself); InvalidSubject past the AMQP limit."""
+    if len(subject) > MAX_SHORTSTR // 4 and len(subject.encode()) > MAX_SHORTSTR:
+        raise InvalidSubject(
+            f"subject {subject[:40]!r}... is {len(subject.encode())} bytes in UTF-8; "
+            f"RabbitMQ routing keys hold at most {MAX_SHORTSTR}"
+        )
+    return subject
+
+
+def binding_key(pattern: str) -> str:
+    """The topic-exchange binding key for a (valid) NATS-style ``pattern``."""
+    tokens = ["#" if t == ">" else "*" if t in ("*", "#") else t for t in pattern.split(".")]
+    key = ".".join(tokens)
+    if len(key.encode()) > MAX_SHORTSTR:
+        raise InvalidSubject(f"pattern {pattern[:40]!r}... is longer than {MAX_SHORTSTR} bytes in UTF-8")
+    return key
+
+
+def needs_filter(pattern: str) -> bool:
+    """True when the binding of ``pattern`` is wider than the pattern (a literal ``#`` token)."""
+    return "#" in pattern.split(".")
+
+
+def short_name(name: str) -> str:
+    """``name`` if it fits an AMQP short string, else a prefix of it and a hash of the whole."""
+    if len(name.encode()) <= MAX_SHORTSTR:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:16]
+    cut = name.encode()[:200].decode(errors="ignore")
+    return f"{cut}-{digest}"
+
+
+def group_queue_arguments() -> dict[str, Any]:
+    """A group's queue: quorum (replicated, fsynced before the confirm, counts deliveries).
+
+    Nothing that depends on a subscription's options goes here: every member
+    declares the queue, and RabbitMQ refuses a second declaration whose
+    arguments differ.
+    """
+    return {"x-queue-type": "quorum"}
+
+
+def log_queue_arguments(max_age: float, max_bytes: int) -> dict[str, Any]:
+    """The log: a stream queue, read by offset without consuming it."""
+    arguments: dict[str, Any] = {"x-queue-type": "stream"}
+    if max_age > 0:
+        arguments["x-max-age"] = f"{max(1, int(max_age))}s"
+    if max_bytes > 0:
+        arguments["x-max-length-bytes"] = max_bytes
+    return arguments
