@@ -17,13 +17,14 @@ from squadbus.backends.kafka._driver import (
 )
 from squadbus.backends.kafka.connectlogs import ConnectLogs
 from squadbus.backends.kafka.consumer import KafkaSubscription
+from squadbus.backends.kafka.group_figures import group_figures as describe_groups
 from squadbus.backends.kafka.producer import KafkaPublisher, translate
 from squadbus.backends.kafka.read_all import read_all
 from squadbus.backends.kafka.replay import replay_execution
 from squadbus.backends.kafka.settings import KafkaSettings
 from squadbus.backends.kafka.topics import TopicLayout, ensure_topics
 from squadbus.core import subjects
-from squadbus.core.backend import BatchRawHandler, ConsumerOptions, RawHandler, batch_only
+from squadbus.core.backend import BatchRawHandler, ConsumerOptions, GroupFigures, RawHandler, batch_only
 from squadbus.core.envelope import Message
 from squadbus.core.errors import BackendError, Closed, ConnectionLost
 
@@ -176,3 +177,11 @@ class KafkaBackend:
         self._check()
         subjects.validate_pattern(pattern)
         return read_all(self.settings, self.layout, pattern, since=since, on_unreadable=on_unreadable)
+
+    async def group_figures(self) -> list[GroupFigures]:
+        """Lag (end minus committed offsets) of every squadbus group on the broker (DescribesGroups);
+        see :mod:`.group_figures`."""
+        self._check()
+        local = {sub.kafka_group_id: (sub.group, sub.pattern) for sub in self._subscriptions
+                 if sub.kafka_group_id is not None and sub.group is not None}
+        return await describe_groups(self.settings, self.layout, local=local)
