@@ -113,7 +113,7 @@ async def metrics(service: ServiceDep, who: Annotated[Principal, Depends(reader)
     """Prometheus text exposition of this process's metrics (viewer and admin tokens; agents get 403)."""
     if who.role is Role.AGENT:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "agent tokens cannot read metrics (viewer or admin only)")
-    body, content_type = service.metrics.render()
+    body, content_type = await service.metrics.scrape()
     return Response(body, media_type=content_type)
 
 

@@ -18,7 +18,20 @@ Exported names (all prefixed ``squadbus_``):
 * ``sse_viewers``, ``sse_executions``, ``sse_frames_total``, ``sse_frames_dropped_total``,
   ``sse_catchups_total``, ``sse_gaps_total``: the SSE hub;
 * ``response_time_seconds``: question→reply time (analytics), histogram;
-* ``agents_tracked``, ``analytics_evicted_total{what}``.
+* ``agents_tracked``, ``analytics_evicted_total{what}``;
+* ``info{backend,version}``: always 1, names the backend;
+* ``publish_latency_seconds{backend}``: one HTTP publish call (a batch is one call), histogram;
+* ``dead_letters_total{group}``: dead letters the db-writer of this process stored, by group;
+* ``group_lag{group,subject}``, ``group_pending{group,subject}``, ``group_dead_letters{group}``,
+  ``group_redeliveries{group}``, ``group_figures_up``, ``group_figures_omitted``: the backend's
+  consumer groups (:class:`~squadbus.core.backend.DescribesGroups`), read by :class:`GroupReader`.
+
+Group figures come from the broker, so :meth:`ServiceMetrics.scrape` reads
+them before rendering: at most once per ``max_age`` (1.5 s) however many
+scrapers ask, and for at most ``timeout`` (2 s); a broker that is down or
+does not answer makes ``group_figures_up`` 0 and the scrape goes on without
+group figures. At most ``max_groups`` (200) groups are exported, those with
+the most lag + pending first. docs/metrics.md describes every metric.
 
 ``message_type`` is chosen by whoever sends, so its label is bounded
 (:class:`TypeLabels`): the first ``max_types`` distinct types (ServiceOptions
@@ -31,7 +44,11 @@ labels keep a scrape small, so it is rendered on the event loop.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +56,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from squadbus.core.backend import ReportsFigures
+from squadbus import __version__
+from squadbus.core import subjects
+from squadbus.core.backend import DescribesGroups, GroupFigures, ReportsFigures
 from squadbus.core.bus import Bus
 from squadbus.service.sse_hub import SseHub
 from squadbus.store.base import StoredMessage
@@ -50,6 +69,13 @@ LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 1
 OTHER = "other"
 MAX_LABEL_CHARS = 64
 DEFAULT_MAX_TYPES = 100
+PUBLISH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+GROUP_TIMEOUT = 2.0
+GROUP_MAX_AGE = 1.5
+DEFAULT_MAX_GROUPS = 200
+_DLQ = subjects.DLQ_PREFIX + "."
+
+logger = logging.getLogger("squadbus.service")
 
 
 def label_text(value: str) -> str:
@@ -83,6 +109,85 @@ class TypeLabels:
         return label
 
 
+class GroupReader:
+    """The backend's group figures for scrapes: read at most once per ``max_age``, each read bounded by ``timeout``.
+
+    Concurrent scrapes share one read. A read that fails or times out leaves
+    no figures and ``up`` False until the next read; it is logged once when
+    the figures go away and once when they come back.
+    """
+
+    def __init__(self, *, timeout: float = GROUP_TIMEOUT, max_age: float = GROUP_MAX_AGE,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.timeout = timeout
+        self.max_age = max_age
+        self.figures: list[GroupFigures] = []
+        self.up: bool | None = None
+        """None before the first read."""
+        self._clock = clock
+        self._read_at: float | None = None
+        self._lock = asyncio.Lock()
+
+    async def refresh(self, backend: DescribesGroups) -> None:
+        """Read the figures unless a read younger than ``max_age`` exists; never raises, never waits much
+        longer than ``timeout`` (plus a read already running)."""
+        async with self._lock:
+            now = self._clock()
+            if self._read_at is not None and now - self._read_at < self.max_age:
+                return
+            try:
+                figures = list(await asyncio.wait_for(backend.group_figures(), self.timeout))
+            except Exception as exc:  # whatever the broker or driver does, the scrape goes on
+                if self.up is not False:
+                    logger.warning("/metrics: no consumer-group figures from the backend (%s: %s); "
+                                   "squadbus_group_figures_up is 0 until it answers", type(exc).__name__, exc)
+                self.figures, self.up = [], False
+            else:
+                if self.up is False:
+                    logger.info("/metrics: consumer-group figures are back")
+                self.figures, self.up = figures, True
+            self._read_at = self._clock()
+
+
+def _group_families(reader: GroupReader, max_groups: int) -> Iterator[Metric]:
+    yield GaugeMetricFamily("squadbus_group_figures_up",
+                            "1 when the backend answered the last read of its consumer groups, else 0",
+                            value=int(bool(reader.up)))
+    figures = sorted(reader.figures, key=lambda f: -((f.lag or 0) + (f.pending or 0)))
+    kept = figures[:max_groups]
+    yield GaugeMetricFamily("squadbus_group_figures_omitted", "Groups left out beyond the export limit",
+                            value=len(figures) - len(kept))
+    lag = GaugeMetricFamily("squadbus_group_lag", "Messages a consumer group has not been handed yet",
+                            labels=["group", "subject"])
+    pending = GaugeMetricFamily("squadbus_group_pending", "Messages handed to a consumer group and not acknowledged",
+                                labels=["group", "subject"])
+    dead: dict[str, int] = {}
+    redelivered: dict[str, int] = {}
+    for f in kept:
+        group, subject = label_text(f.group), label_text(f.subject)
+        if f.lag is not None:
+            lag.add_metric([group, subject], f.lag)
+        if f.pending is not None:
+            pending.add_metric([group, subject], f.pending)
+        if f.dead_letters is not None:  # one DLQ per group name, whatever the pattern
+            dead[group] = max(dead.get(group, 0), f.dead_letters)
+        if f.redeliveries is not None:
+            redelivered[group] = redelivered.get(group, 0) + f.redeliveries
+    yield lag
+    yield pending
+    dead_family = GaugeMetricFamily("squadbus_group_dead_letters",
+                                    "Dead letters of a group the backend holds on agent.dlq.<group>", labels=["group"])
+    for group, count in sorted(dead.items()):
+        dead_family.add_metric([group], count)
+    yield dead_family
+    redelivered_family = GaugeMetricFamily(
+        "squadbus_group_redeliveries", "Unacknowledged messages of a group delivered more than once", labels=["group"],
+    )
+    for group, count in sorted(redelivered.items()):
+        redelivered_family.add_metric([group], count)
+    yield redelivered_family
+
+
 @dataclass(slots=True)
 class Sources:
     """What :class:`LiveCollector` reads at scrape time (filled in by the lifespan)."""
@@ -91,6 +196,7 @@ class Sources:
     hub: SseHub | None = None
     analytics: Analytics | None = None
     latencies: dict[str, PlainHistogram] = field(default_factory=dict)
+    groups: GroupReader = field(default_factory=GroupReader)
 
 
 def _histogram(name: str, doc: str, label: str | None, values: dict[str, PlainHistogram]) -> Metric:
@@ -103,10 +209,12 @@ def _histogram(name: str, doc: str, label: str | None, values: dict[str, PlainHi
 class LiveCollector(Collector):
     """Reads the Bus, hub and worker figures when Prometheus scrapes."""
 
-    def __init__(self, sources: Sources, backend: str, types: TypeLabels | None = None) -> None:
+    def __init__(self, sources: Sources, backend: str, types: TypeLabels | None = None,
+                 max_groups: int = DEFAULT_MAX_GROUPS) -> None:
         self.sources = sources
         self.backend = backend
         self.types = types or TypeLabels()
+        self.max_groups = max_groups
 
     def collect(self) -> Iterator[Metric]:
         """Yield the current figures (nothing for a source that is not running)."""
@@ -126,6 +234,8 @@ class LiveCollector(Collector):
                 for key, figure in sorted(src.bus.backend.figures().items()):
                     yield GaugeMetricFamily(f"squadbus_backend_{key}", f"{key} (see the backend's docs)",
                                             value=figure)
+            if isinstance(src.bus.backend, DescribesGroups) and src.groups.up is not None:
+                yield from _group_families(src.groups, self.max_groups)
         if src.hub is not None:
             hub = src.hub
             yield GaugeMetricFamily("squadbus_sse_viewers", "Connected SSE viewers", value=hub.viewer_count)
@@ -172,7 +282,8 @@ class LiveCollector(Collector):
 class ServiceMetrics:
     """The metrics of one app: a private registry plus the service's own counters."""
 
-    def __init__(self, backend: str, *, max_types: int = DEFAULT_MAX_TYPES) -> None:
+    def __init__(self, backend: str, *, max_types: int = DEFAULT_MAX_TYPES,
+                 max_groups: int = DEFAULT_MAX_GROUPS) -> None:
         self.backend = backend
         self.types = TypeLabels(max_types)
         self.registry = CollectorRegistry()
@@ -189,7 +300,20 @@ class ServiceMetrics:
             "squadbus_consumer_lag_seconds", "Time from a message's created_at to its commit in the store",
             ["worker"], buckets=LAG_BUCKETS, registry=self.registry,
         )
-        self.registry.register(LiveCollector(self.sources, backend, self.types))
+        self.publish_latency = Histogram(
+            "squadbus_publish_latency_seconds", "Time of one publish call of the HTTP API until the backend stored it",
+            ["backend"], buckets=PUBLISH_BUCKETS, registry=self.registry,
+        ).labels(backend)
+        self.dead_letters = Counter(
+            "squadbus_dead_letters", "Dead letters stored by this process's db-writer, by group",
+            ["group"], registry=self.registry,
+        )
+        self.groups = TypeLabels(max_groups)
+        info = GaugeMetricFamily("squadbus_info", "The service's backend and squadbus version (always 1)",
+                                 labels=["backend", "version"])
+        info.add_metric([label_text(backend), __version__], 1)
+        self.registry.register(_Fixed([info]))
+        self.registry.register(LiveCollector(self.sources, backend, self.types, max_groups))
         # labels() is a locked dict lookup with validation: keep the children at hand (keyed by label: bounded)
         self._stored_children: dict[tuple[str, str], Any] = {}
         self._published_children: dict[str, Any] = {}
@@ -210,6 +334,8 @@ class ServiceMetrics:
                 counter = self._stored_children[key] = self.stored.labels(*key)
             counter.inc()
             lag.observe(max(0.0, (row.stored_at - row.message.created_at).total_seconds()))
+            if worker == "db-writer" and row.message.subject.startswith(_DLQ):
+                self.dead_letters.labels(self.groups(row.message.subject[len(_DLQ):])).inc()
 
     def record_published(self, message_type: str) -> None:
         """Count one message sent through the HTTP API."""
@@ -219,6 +345,31 @@ class ServiceMetrics:
             counter = self._published_children[label] = self.published.labels(label, self.backend)
         counter.inc()
 
+    @contextlib.contextmanager
+    def timed_publish(self) -> Iterator[None]:
+        """Observe the time the block takes in ``publish_latency_seconds`` (when it does not raise)."""
+        started = time.perf_counter()
+        yield
+        self.publish_latency.observe(time.perf_counter() - started)
+
     def render(self) -> tuple[bytes, str]:
-        """The exposition text and its content type."""
+        """The exposition text and its content type (group figures as last read by :meth:`scrape`)."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    async def scrape(self) -> tuple[bytes, str]:
+        """Read the backend's group figures if due (bounded, see :class:`GroupReader`), then render."""
+        bus = self.sources.bus
+        if bus is not None and isinstance(bus.backend, DescribesGroups):
+            await self.sources.groups.refresh(bus.backend)
+        return self.render()
+
+
+class _Fixed(Collector):
+    """Metric families that never change."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        """The families given."""
+        return iter(self._families)

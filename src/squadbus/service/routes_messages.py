@@ -165,7 +165,7 @@ async def send_all(service: Service, messages: list[Message], request: Request) 
     Raises 409 when the store already held another sender's message under one
     of the ids (step 6 of the module docstring).
     """
-    with continue_trace(service.bus.tracer, request.headers):
+    with continue_trace(service.bus.tracer, request.headers), service.metrics.timed_publish():
         messages = list(await service.bus.publish_many(messages))  # as published: with trace headers
     for message in messages:
         service.metrics.record_published(message.message_type)
