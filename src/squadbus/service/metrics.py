@@ -21,7 +21,7 @@ Exported names (all prefixed ``squadbus_``):
 * ``agents_tracked``, ``analytics_evicted_total{what}``;
 * ``info{backend,version}``: always 1, names the backend;
 * ``publish_latency_seconds{backend}``: one HTTP publish call (a batch is one call), histogram;
-* ``dead_letters_total{group}``: dead letters the db-writer of this process stored, by group;
+* ``dead_letters_total{group}``: dead letters the db-writer of this process saw, by group;
 * ``group_lag{group,subject}``, ``group_pending{group,subject}``, ``group_dead_letters{group}``,
   ``group_redeliveries{group}``, ``group_figures_up``, ``group_figures_omitted``: the backend's
   consumer groups (:class:`~squadbus.core.backend.DescribesGroups`), read by :class:`GroupReader`.
@@ -60,6 +60,7 @@ from squadbus import __version__
 from squadbus.core import subjects
 from squadbus.core.backend import DescribesGroups, GroupFigures, ReportsFigures
 from squadbus.core.bus import Bus
+from squadbus.core.envelope import Message
 from squadbus.service.sse_hub import SseHub
 from squadbus.store.base import StoredMessage
 from squadbus.workers.analytics import Analytics
@@ -305,7 +306,7 @@ class ServiceMetrics:
             ["backend"], buckets=PUBLISH_BUCKETS, registry=self.registry,
         ).labels(backend)
         self.dead_letters = Counter(
-            "squadbus_dead_letters", "Dead letters stored by this process's db-writer, by group",
+            "squadbus_dead_letters", "Dead letters seen by this process's db-writer, by group",
             ["group"], registry=self.registry,
         )
         self.groups = TypeLabels(max_groups)
@@ -334,8 +335,16 @@ class ServiceMetrics:
                 counter = self._stored_children[key] = self.stored.labels(*key)
             counter.inc()
             lag.observe(max(0.0, (row.stored_at - row.message.created_at).total_seconds()))
-            if worker == "db-writer" and row.message.subject.startswith(_DLQ):
-                self.dead_letters.labels(self.groups(row.message.subject[len(_DLQ):])).inc()
+
+    def record_dead_letters(self, messages: Sequence[Message]) -> None:
+        """Count the messages on ``agent.dlq.<group>`` in ``dead_letters_total{group}`` (others are ignored).
+
+        For a consumer that sees every dead letter once, such as the db-writer (which acks them unstored).
+        Group labels are bounded like message types: past ``max_groups`` groups they count under ``other``.
+        """
+        for message in messages:
+            if message.subject.startswith(_DLQ):
+                self.dead_letters.labels(self.groups(message.subject[len(_DLQ):])).inc()
 
     def record_published(self, message_type: str) -> None:
         """Count one message sent through the HTTP API."""
