@@ -46,7 +46,7 @@ def test_group_of_reads_a_durable_name_back() -> None:
     from squadbus.core.backend import durable_name
 
     assert group_of(durable_name("db-writer", "agent.>")) == "db-writer"
-    assert group_of(durable_name("a.b", "agent.>")) == "a_b"
+    assert group_of(durable_name("a:b", "agent.>")) == "a_b"
     assert group_of("plain") is None
     assert group_of("x-notahex!") is None
     assert group_of("-0123abcd") is None

@@ -7,7 +7,7 @@ yet), ``pending`` its ``num_ack_pending`` (delivered, not acknowledged),
 more than once). ``dead_letters`` is the number of messages the stream holds
 on ``agent.dlq.<group>``. The group's name is the one its members here gave;
 for groups of other processes it is read back from the durable name
-(``durable_name`` keeps ``[A-Za-z0-9_-]``, so ``a.b`` reads as ``a_b``).
+(``durable_name`` keeps ``[A-Za-z0-9_-]``, so ``a:b`` reads as ``a_b``).
 Cost: one CONSUMER.LIST request per 256 consumers and one STREAM.INFO.
 """
 
