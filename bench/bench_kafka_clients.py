@@ -37,6 +37,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from squadbus.testing.servers.kafka import TansuServer
 
 PARTITIONS = 8
+# squadbus's defaults for both clients (librdkafka's own session timeout, 45 s, made its first join on
+# tansu take 23 s: tansu completes a new group's first join after about half the session timeout).
+SESSION_MS, HEARTBEAT_MS = 10_000, 3_000
 WINDOW = 1000
 HEADERS: list[tuple[str, str | bytes | None]] = [
     ("squadbus-subject", b"agent.message.dev-1"), ("squadbus-id", b"0c7c6b7e-3f59-4a47-8c3a-1e2f9c1d9b7a"),
@@ -129,7 +132,8 @@ async def confluent_produce(bootstrap: str, topic: str, data: list[tuple[bytes, 
 
 async def aiokafka_consume(bootstrap: str, topic: str, count: int) -> float:
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"g-{uuid.uuid4().hex[:8]}",
-                                enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=500)
+                                enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=500,
+                                session_timeout_ms=SESSION_MS, heartbeat_interval_ms=HEARTBEAT_MS)
     await consumer.start()
     first_at, seen = 0.0, 0
     try:
@@ -150,7 +154,8 @@ async def confluent_consume(bootstrap: str, topic: str, count: int) -> float:
     from confluent_kafka.aio import AIOConsumer
 
     consumer = AIOConsumer({"bootstrap.servers": bootstrap, "group.id": f"g-{uuid.uuid4().hex[:8]}",
-                            "enable.auto.commit": False, "auto.offset.reset": "earliest"}, max_workers=2)
+                            "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                            "session.timeout.ms": SESSION_MS, "heartbeat.interval.ms": HEARTBEAT_MS}, max_workers=2)
     await consumer.subscribe([topic])
     first_at, seen = 0.0, 0
     try:
