@@ -1,4 +1,4 @@
-"""RabbitBackend: the Backend protocol over RabbitMQ (plus Replayable, ReadsAll, BatchPublisher).
+"""RabbitBackend: the Backend protocol over RabbitMQ (plus Replayable, ReadsAll, BatchPublisher, BatchSubscriber).
 
 Mapping (docs/backends/rabbitmq.md says why):
 
@@ -28,6 +28,7 @@ import aio_pika
 import aio_pika.abc
 import aiormq.exceptions
 
+from squadbus.backends.rabbitmq.connectlogs import ConnectLogs
 from squadbus.backends.rabbitmq.log import Offset, read_log
 from squadbus.backends.rabbitmq.publisher import RabbitPublisher
 from squadbus.backends.rabbitmq.settings import RabbitSettings
@@ -41,7 +42,15 @@ from squadbus.backends.rabbitmq.topology import (
 )
 from squadbus.backends.rabbitmq.translate import translate
 from squadbus.core import subjects
-from squadbus.core.backend import ConsumerOptions, RawHandler, StartFrom, durable_name, read_back
+from squadbus.core.backend import (
+    BatchRawHandler,
+    ConsumerOptions,
+    RawHandler,
+    StartFrom,
+    batch_only,
+    durable_name,
+    read_back,
+)
 from squadbus.core.envelope import Message, decode
 from squadbus.core.errors import Closed, ConfigError, ConnectionLost, MalformedMessage
 
@@ -92,13 +101,16 @@ class RabbitBackend:
             return
         s = self.settings
         try:
-            connection = await asyncio.wait_for(
-                aio_pika.connect_robust(
-                    s.driver_url(), timeout=s.connect_timeout, ssl_context=s.ssl_context(),
-                    client_properties={"connection_name": f"squadbus {s.namespace}"},
-                ),
-                timeout=s.connect_timeout + 1,
-            )
+            with ConnectLogs() as held:
+                connection = await asyncio.wait_for(
+                    aio_pika.connect_robust(
+                        s.driver_url(), timeout=s.connect_timeout, ssl_context=s.ssl_context(),
+                        client_properties={"connection_name": f"squadbus {s.namespace}"},
+                        reconnect_interval=s.reconnect_interval,
+                    ),
+                    timeout=s.connect_timeout + 1,
+                )
+            held.release()
         except Exception as exc:
             cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
             reason = f"no answer within {s.connect_timeout:g} s" if isinstance(exc, TimeoutError) else (
@@ -174,6 +186,19 @@ class RabbitBackend:
     ) -> RabbitSubscription:
         """Join the quorum queue of ``(group, pattern)`` (creating it, with the log's backlog when it
         starts at EARLIEST), or bind an exclusive queue for ``group=None``, and start consuming."""
+        return await self._start_subscription(pattern, handler, group, options, None)
+
+    async def subscribe_batch(
+        self, pattern: str, handler: BatchRawHandler, *, group: str | None, options: ConsumerOptions,
+        max_wait: float,
+    ) -> RabbitSubscription:
+        """Like :meth:`subscribe`, handing ``handler`` batches of up to ``batch_size`` (BatchSubscriber)."""
+        return await self._start_subscription(pattern, batch_only, group, options, (handler, max_wait))
+
+    async def _start_subscription(
+        self, pattern: str, handler: RawHandler, group: str | None, options: ConsumerOptions,
+        batches: tuple[BatchRawHandler, float] | None,
+    ) -> RabbitSubscription:
         subjects.validate_pattern(pattern)
         if not subjects.matches(subjects.ALL, pattern.replace("*", "x").replace(">", "x")):
             raise ConfigError(f"pattern {pattern!r} is outside the squad's subjects {subjects.ALL}")
@@ -185,6 +210,8 @@ class RabbitBackend:
         sub = RabbitSubscription(
             self, pattern=pattern, group=group, queue_name=queue_name, handler=handler, options=options
         )
+        if batches is not None:
+            sub.use_batches(*batches)
         self._subs.add(sub)
         try:
             await sub.start()

@@ -7,7 +7,8 @@ Options (all optional): ``profile`` (``durable``), ``namespace`` (prefix of
 the exchange, the log stream and every queue: several squads can share a
 vhost), ``log_max_age`` (s, retention of the log stream, 0 = unlimited),
 ``log_max_bytes`` (0 = unlimited), ``publish_timeout`` (s, total including
-retries), ``connect_timeout`` (s), ``dedupe_window`` (s, 0 = off) and
+retries), ``connect_timeout`` (s), ``reconnect_interval`` (s between
+attempts to reconnect after the connection was lost), ``dedupe_window`` (s, 0 = off) and
 ``dedupe_size`` (ids remembered by the in-process publish window),
 ``tls_ca`` (path; ``amqps://`` turns TLS on with the system CAs).
 """
@@ -32,7 +33,7 @@ class Profile(enum.Enum):
     replicas, so an acknowledged message survives a broker crash."""
 
 
-_FLOAT_OPTIONS = ("log_max_age", "publish_timeout", "connect_timeout", "dedupe_window")
+_FLOAT_OPTIONS = ("log_max_age", "publish_timeout", "connect_timeout", "reconnect_interval", "dedupe_window")
 _INT_OPTIONS = ("log_max_bytes", "dedupe_size")
 _STR_OPTIONS = ("namespace", "tls_ca")
 
@@ -54,6 +55,7 @@ class RabbitSettings:
     log_max_bytes: int = 0
     publish_timeout: float = 15.0
     connect_timeout: float = 5.0
+    reconnect_interval: float = 1.0
     dedupe_window: float = 120.0
     dedupe_size: int = 100_000
 
@@ -64,8 +66,8 @@ class RabbitSettings:
             raise ConfigError("namespace is longer than 100 characters")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port {self.port} is out of range")
-        if min(self.publish_timeout, self.connect_timeout) <= 0:
-            raise ConfigError("publish_timeout and connect_timeout must be positive")
+        if min(self.publish_timeout, self.connect_timeout, self.reconnect_interval) <= 0:
+            raise ConfigError("publish_timeout, connect_timeout and reconnect_interval must be positive")
         if self.log_max_age < 0 or self.log_max_bytes < 0 or self.dedupe_window < 0 or self.dedupe_size < 0:
             raise ConfigError("log_max_age, log_max_bytes, dedupe_window and dedupe_size must be >= 0")
 

@@ -34,7 +34,16 @@ import aiormq.exceptions
 
 from squadbus.backends.rabbitmq.topology import ORIGINAL_KEY_HEADER, binding_key, needs_filter
 from squadbus.core import subjects
-from squadbus.core.backend import ConsumerOptions, Delivery, InFlight, RawHandler, invoke
+from squadbus.core.backend import (
+    BatchRawHandler,
+    ConsumerOptions,
+    Delivery,
+    InFlight,
+    RawHandler,
+    invoke,
+    invoke_batch,
+)
+from squadbus.core.batching import fill_batch
 from squadbus.core.dispatch import DLQ_ATTEMPTS, DLQ_GROUP, DLQ_ORIGINAL_ID, DLQ_REASON, DLQ_SUBJECT
 from squadbus.core.envelope import Message, decode, new_id, utcnow
 from squadbus.core.errors import MalformedMessage, SquadbusError
@@ -102,6 +111,8 @@ class RabbitSubscription:
         self._closing = False
         self._closed = False
         self._waiting_for_msg = False
+        self._batch_handler: BatchRawHandler | None = None
+        self._max_wait = 0.0
 
     @property
     def pattern(self) -> str:
@@ -151,7 +162,16 @@ class RabbitSubscription:
             finally:
                 self._waiting_for_msg = False
 
+    def use_batches(self, handler: BatchRawHandler, max_wait: float) -> None:
+        """Before start: hand the handler batches of up to ``batch_size`` messages (one batch at a
+        time) instead of one delivery per call, waiting at most ``max_wait`` after the first for more."""
+        self._batch_handler = handler
+        self._max_wait = max_wait
+
     async def _dispatch_loop(self) -> None:
+        if self._batch_handler is not None:
+            await self._dispatch_batches(self._batch_handler)
+            return
         if self._options.max_in_flight > 1:
             await self._dispatch_concurrently(self._options.max_in_flight)
             return
@@ -180,6 +200,27 @@ class RabbitSubscription:
         finally:
             await inflight.finish()
 
+    async def _dispatch_batches(self, handler: BatchRawHandler) -> None:
+        limit = self._options.batch_size
+        while (first := await self._next()) is not None:
+            msgs = [first]
+            self._waiting_for_msg = True  # fill_batch only suspends in queue.get(): safe to cancel
+            try:
+                await fill_batch(self._buffer, msgs, limit, self._max_wait)
+            except asyncio.CancelledError:
+                for msg in msgs:  # closing: back to the queue at once
+                    await self.send(msg, ack=False)
+                raise
+            finally:
+                self._waiting_for_msg = False
+            deliveries: list[Delivery] = []
+            for msg in msgs:
+                delivery = await self._delivery_of(msg)
+                if delivery is not None:
+                    deliveries.append(delivery)
+            if deliveries:
+                await invoke_batch(handler, deliveries, self._options)
+
     def _attempt(self, msg: IncomingMessage) -> int:
         if self._group is not None:
             count = (msg.headers or {}).get("x-delivery-count", 0)
@@ -188,17 +229,23 @@ class RabbitSubscription:
         attempt = self._attempts[key] = self._attempts.get(key, 0) + 1
         return attempt
 
-    async def _handle(self, msg: IncomingMessage) -> None:
+    async def _delivery_of(self, msg: IncomingMessage) -> RabbitDelivery | None:
+        """The delivery of ``msg``; None (after dead-lettering or dropping it) when there is nothing to handle."""
         attempt = self._attempt(msg)
         try:
             message = decode(msg.body)
         except MalformedMessage as exc:
             await self._malformed(msg, exc, attempt)
-            return
+            return None
         if self._filter and not subjects.matches(self._pattern, message.subject):
             await self.send(msg, ack=True)  # bound wider than the pattern (a literal '#' token)
-            return
-        await invoke(self._handler, RabbitDelivery(message, msg, attempt, self), self._options)
+            return None
+        return RabbitDelivery(message, msg, attempt, self)
+
+    async def _handle(self, msg: IncomingMessage) -> None:
+        delivery = await self._delivery_of(msg)
+        if delivery is not None:
+            await invoke(self._handler, delivery, self._options)
 
     async def _malformed(self, msg: IncomingMessage, exc: MalformedMessage, attempt: int) -> None:
         """Dead-letter bytes that are not an envelope, so they never block the queue."""

@@ -21,7 +21,7 @@ def is_transient(exc: BaseException) -> bool:
     """True when retrying the same operation after a pause may succeed (reconnecting, timeouts)."""
     if isinstance(exc, aiormq.exceptions.ChannelPreconditionFailed | aiormq.exceptions.ChannelAccessRefused):
         return False
-    return isinstance(exc, TimeoutError | CONNECTION_ERRORS)
+    return isinstance(exc, (TimeoutError, *CONNECTION_ERRORS))
 
 
 def translate(exc: BaseException, what: str) -> BackendError:
