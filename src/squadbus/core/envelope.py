@@ -48,7 +48,10 @@ def new_id() -> uuid.UUID:
     Uses the process PRNG, which Python reseeds in forked children, rather than
     ``os.urandom``: ids need uniqueness, not secrecy. The value is a valid
     version-4 int by construction, so ``UUID.__init__``'s argument parsing is
-    skipped (the send path's largest single cost otherwise).
+    skipped. Kept over the standard library because it is measurably the send
+    path's largest single cost otherwise: 0.39 µs per id against 1.69 µs for
+    ``uuid.uuid4()`` and 1.01 µs for ``UUID(int=..., version=4)`` (timeit,
+    200,000 calls, 2026-12-04), where a whole memory-backend send is ~6 µs.
     """
     value = _new_uuid(uuid.UUID)
     _set_attr(value, "int", (_getrandbits(128) & _UUID4_MASK) | _UUID4_BITS)

@@ -16,7 +16,7 @@ try:
         NodeNotReadyError,
         RequestTimedOutError,
     )
-    from aiokafka.partitioner import DefaultPartitioner
+    from aiokafka.partitioner import DefaultPartitioner, murmur2
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("the kafka:// backend needs aiokafka: pip install squadbus[kafka]") from exc
 
@@ -37,4 +37,5 @@ __all__ = [
     "NodeNotReadyError",
     "RequestTimedOutError",
     "TopicPartition",
+    "murmur2",
 ]
