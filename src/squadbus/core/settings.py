@@ -23,10 +23,16 @@
 
 from __future__ import annotations
 
+import enum
 import os
-from collections.abc import Mapping
+import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+import msgspec
 
 from squadbus.core.envelope import DEFAULT_MAX_CONTENT_BYTES
 from squadbus.core.errors import ConfigError
@@ -55,6 +61,36 @@ def flag(name: str, value: str | None) -> bool:
     if word in FALSE_WORDS:
         return False
     raise ConfigError(f"{name}={value!r}: expected one of 1, true, yes, on, 0, false, no, off")
+
+
+def url_options(cls: type, query: str, *, scheme: str, names: Iterable[str]) -> dict[str, Any]:
+    """The ``?name=value`` options of a backend or store URL, converted for dataclass ``cls``.
+
+    Each value becomes its field's type by msgspec's conversion (int, float,
+    str, ``X | None``, enums by value, bools: ``1/true/yes/on`` and
+    ``0/false/no/off``, any case); the last of a repeated name wins. ``names``
+    are the options allowed. A ConfigError names an unknown option (and the
+    known ones) or a value that does not convert.
+    """
+    allowed = set(names)
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for name, raws in parse_qs(query, keep_blank_values=True).items():
+        if name not in allowed:
+            raise ConfigError(f"unknown {scheme}:// option {name!r}; known: {', '.join(sorted(allowed))}")
+        raw = raws[-1]
+        kind = hints[name]
+        word = raw.strip().lower()
+        if kind is bool and word in TRUE_WORDS | FALSE_WORDS:
+            values[name] = word in TRUE_WORDS
+            continue
+        if isinstance(kind, type) and issubclass(kind, enum.Enum):
+            raw = word
+        try:
+            values[name] = msgspec.convert(raw, type=kind, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"bad {scheme}:// option {name}={raw!r}: {exc}") from exc
+    return values
 
 
 def default_data_dir(environ: Mapping[str, str]) -> str:

@@ -6,9 +6,10 @@ import enum
 import re
 from dataclasses import dataclass, fields
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 from squadbus.core.errors import ConfigError
+from squadbus.core.settings import url_options
 
 DEFAULT_PORT = 9092
 SEVEN_DAYS_MS = 7 * 24 * 3600 * 1000
@@ -109,28 +110,7 @@ class KafkaSettings:
         values: dict[str, Any] = {}
         if servers:
             values["bootstrap_servers"] = tuple(servers)
-        types = {f.name: f.type for f in fields(cls)}
-        for key, raw in ((k, v[-1]) for k, v in parse_qs(parts.query).items()):
-            if key not in types or key == "bootstrap_servers":
-                known = ", ".join(sorted(set(types) - {"bootstrap_servers"}))
-                raise ConfigError(f"unknown kafka:// option {key!r}; known: {known}")
-            values[key] = _convert(key, str(types[key]), raw)
+        names = [f.name for f in fields(cls) if f.name != "bootstrap_servers"]
+        values.update(url_options(cls, parts.query, scheme="kafka", names=names))
         return cls(**values)
 
-
-def _convert(key: str, kind: str, raw: str) -> Any:
-    try:
-        if kind == "int":
-            return int(raw)
-        if kind == "float":
-            return float(raw)
-        if kind == "bool":
-            lowered = raw.strip().lower()
-            if lowered not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-                raise ValueError(f"not a boolean: {raw!r}")
-            return lowered in ("true", "1", "yes", "on")
-        if kind == "Idempotence":
-            return Idempotence(raw.strip().lower())
-        return raw
-    except ValueError as exc:
-        raise ConfigError(f"bad kafka:// option {key}={raw!r}: {exc}") from exc

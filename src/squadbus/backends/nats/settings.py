@@ -18,9 +18,10 @@ import enum
 import ssl
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 from squadbus.core.errors import ConfigError
+from squadbus.core.settings import url_options
 
 DEFAULT_STREAM = "agent-messages"
 STREAM_SUBJECTS = ("agent.>",)
@@ -37,11 +38,11 @@ class Profile(enum.Enum):
     quorum of replicas (R3) loses the stream, its messages and the consumer positions."""
 
 
-_INT_OPTIONS = ("replicas", "max_bytes", "max_msgs", "max_pending_acks", "max_deliver_margin")
-_FLOAT_OPTIONS = (
-    "dedupe_window", "max_age", "publish_timeout", "ack_timeout", "connect_timeout", "pull_expires",
+_URL_OPTIONS = (
+    "profile", "replicas", "max_bytes", "max_msgs", "max_pending_acks", "max_deliver_margin", "dedupe_window",
+    "max_age", "publish_timeout", "ack_timeout", "connect_timeout", "pull_expires", "stream", "name", "creds",
+    "tls_ca", "tls_cert", "tls_key",
 )
-_STR_OPTIONS = ("stream", "name", "creds", "tls_ca", "tls_cert", "tls_key")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -116,23 +117,7 @@ class NatsSettings:
             with_port = host if ":" in host.rsplit("]", 1)[-1] else f"{host}:4222"
             servers.append(f"{scheme}://{with_port}")
         values["servers"] = tuple(servers)
-        query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
-        known = {"profile", *_INT_OPTIONS, *_FLOAT_OPTIONS, *_STR_OPTIONS}
-        unknown = set(query) - known
-        if unknown:
-            raise ConfigError(f"unknown nats:// option(s): {', '.join(sorted(unknown))}")
-        try:
-            for key, raw in query.items():
-                if key == "profile":
-                    values[key] = Profile(raw.lower())
-                elif key in _INT_OPTIONS:
-                    values[key] = int(raw)
-                elif key in _FLOAT_OPTIONS:
-                    values[key] = float(raw)
-                else:
-                    values[key] = raw
-        except ValueError as exc:
-            raise ConfigError(f"bad nats:// option in {url!r}: {exc}") from exc
+        values.update(url_options(cls, parts.query, scheme="nats", names=_URL_OPTIONS))
         return cls(**values)
 
     def ssl_context(self) -> ssl.SSLContext | None:
