@@ -115,8 +115,12 @@ class GroupReader:
 
     Concurrent scrapes share one read. A read that fails or times out leaves
     no figures and ``up`` False until the next read; it is logged once when
-    the figures go away and once when they come back.
+    the figures go away and once when they come back. A read that times out
+    is cancelled and not waited for (a driver may take a while to unwind);
+    while ``MAX_UNWINDING`` such reads are still unwinding, no new one starts.
     """
+
+    MAX_UNWINDING = 4
 
     def __init__(self, *, timeout: float = GROUP_TIMEOUT, max_age: float = GROUP_MAX_AGE,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -128,16 +132,17 @@ class GroupReader:
         self._clock = clock
         self._read_at: float | None = None
         self._lock = asyncio.Lock()
+        self._unwinding: set[asyncio.Task[Sequence[GroupFigures]]] = set()
 
     async def refresh(self, backend: DescribesGroups) -> None:
-        """Read the figures unless a read younger than ``max_age`` exists; never raises, never waits much
-        longer than ``timeout`` (plus a read already running)."""
+        """Read the figures unless a read younger than ``max_age`` exists; never raises, and waits at most
+        ``timeout`` (plus the end of a read another scrape started)."""
         async with self._lock:
             now = self._clock()
             if self._read_at is not None and now - self._read_at < self.max_age:
                 return
             try:
-                figures = list(await asyncio.wait_for(backend.group_figures(), self.timeout))
+                figures = list(await self._read(backend))
             except Exception as exc:  # whatever the broker or driver does, the scrape goes on
                 if self.up is not False:
                     logger.warning("/metrics: no consumer-group figures from the backend (%s: %s); "
@@ -148,6 +153,30 @@ class GroupReader:
                     logger.info("/metrics: consumer-group figures are back")
                 self.figures, self.up = figures, True
             self._read_at = self._clock()
+
+    async def _read(self, backend: DescribesGroups) -> Sequence[GroupFigures]:
+        if len(self._unwinding) >= self.MAX_UNWINDING:
+            raise TimeoutError(f"{len(self._unwinding)} earlier reads are still unwinding")
+        task = asyncio.ensure_future(backend.group_figures())
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self.timeout)
+        except asyncio.CancelledError:  # the scraper went away
+            self._abandon(task)
+            raise
+        if task in done:
+            return task.result()
+        self._abandon(task)
+        raise TimeoutError(f"no answer within {self.timeout:g} s")
+
+    def _abandon(self, task: asyncio.Task[Sequence[GroupFigures]]) -> None:
+        task.cancel()
+        self._unwinding.add(task)
+        task.add_done_callback(self._unwound)
+
+    def _unwound(self, task: asyncio.Task[Sequence[GroupFigures]]) -> None:
+        self._unwinding.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: it was reported as a timeout already
 
 
 def _group_families(reader: GroupReader, max_groups: int) -> Iterator[Metric]:
