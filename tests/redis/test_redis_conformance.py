@@ -11,9 +11,9 @@ pytestmark = pytest.mark.redis
 
 
 class TestRedisConformance(ConformanceSuite, HostProcessCases):
-    # inbox_scale: 2 pooled connections per inbox, redis-py's pool stops at 100 (issue 15).
+    # Inboxes are multiplexed (backends/redis/inboxes.py): a Pub/Sub connection and a few pooled ones per Bus.
     features = Features(name="redis", persistent=True, dedupe=True, replay=True, timeout=20.0,
-                        inbox_scale=40, inbox_resource_bound=8)
+                        inbox_scale=2000, inbox_resource_bound=8, inboxes_multiplexed=True)
 
     @pytest.fixture
     async def bus_factory(self, redis_url: str) -> BusFactory:

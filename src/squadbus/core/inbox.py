@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 
 from squadbus.core import subjects
 from squadbus.core.backend import ConsumerOptions, Delivery, StartFrom, Subscription
-from squadbus.core.dispatch import failure_policy
+from squadbus.core.dispatch import Handler, failure_policy, wrap
 from squadbus.core.errors import Closed, Nack, ReceiveTimeout
+from squadbus.core.inbox_source import MultiplexesInboxes
 
 if TYPE_CHECKING:
     from squadbus.core.bus import Bus
@@ -65,6 +66,8 @@ class Inbox:
         # wake-up for waiting loops.
         self._queue: asyncio.Queue[Delivery | None] = asyncio.Queue()
         self._subs: list[Subscription] = []
+        # The direct subscription when the backend multiplexes inboxes (not one of the Bus's own).
+        self._shared: Subscription | None = None
         self._current: Delivery | None = None
         self._open = False
 
@@ -87,7 +90,16 @@ class Inbox:
         bus = self._bus
         try:
             opts = dataclasses.replace(self._options, start=StartFrom.EARLIEST)
-            self._subs.append(await bus.subscribe(self._direct, self._enqueue, group=self.group, options=opts))
+            backend = bus.backend
+            if isinstance(backend, MultiplexesInboxes):
+                # One set of connections per Bus for every agent (squadbus.core.inbox_source).
+                handler: Handler = self._enqueue
+                if bus.tracer is not None:
+                    handler = bus.tracer.handler(handler, self._direct)
+                raw = wrap(handler, opts, backend.publish, bus.stats)
+                self._shared = await backend.open_inbox(self.agent_id, raw, group=self.group, options=opts)
+            else:
+                self._subs.append(await bus.subscribe(self._direct, self._enqueue, group=self.group, options=opts))
             if self._broadcasts:
                 on_failure = failure_policy(self._options, bus.backend.publish, bus.stats)
                 for subject in self._broadcasts:
@@ -133,7 +145,10 @@ class Inbox:
         for delivery in unsettled:
             await self._give_back(delivery)
         subs, self._subs = self._subs, []
+        shared, self._shared = self._shared, None
         leaving = [self._bus.broadcast_hub.leave(subject, self) for subject in self._broadcasts]
+        if shared is not None:
+            leaving.append(shared.close())
         await asyncio.gather(*(self._bus.unsubscribe(sub) for sub in subs), *leaving)
 
     async def _give_back(self, delivery: Delivery) -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "aioredis",
     "call",
     "entry_parts",
+    "execute_each",
     "execute_packed",
     "execute_streamed",
     "is_nogroup",
@@ -143,6 +144,16 @@ async def execute_packed(client: aioredis.Redis, *commands: PackedCommand) -> li
                           len(commands))
 
 
+async def execute_each(client: aioredis.Redis, commands: Iterable[PackedCommand]) -> list[Any]:
+    """Like :func:`execute_packed`, but an error reply does not raise: it is the ``ResponseError`` in
+    its place in the list (commands about different keys whose failures are handled one by one)."""
+    commands = list(commands)
+    if not commands:
+        return []
+    data = b"".join([piece for command in commands for piece in command.pieces()])
+    return await _execute(client, [data], len(commands), raise_errors=False)
+
+
 @dataclass(slots=True)
 class WriteLog:
     """How many commands a call wrote to a connection: once one is written, Redis may have run it,
@@ -161,10 +172,11 @@ async def execute_streamed(
 
 
 async def _execute(
-    client: aioredis.Redis, writes: Iterable[bytes], count: int | None, log: WriteLog | None = None
+    client: aioredis.Redis, writes: Iterable[bytes], count: int | None, log: WriteLog | None = None,
+    *, raise_errors: bool = True,
 ) -> list[Any]:
     """Write each of ``writes`` on one pooled connection, then read one reply per command (``count``,
-    or one per write)."""
+    or one per write); an error reply raises once all are read, unless ``raise_errors`` is False."""
     pool = client.connection_pool
     conn = await pool.get_connection()  # type: ignore[no-untyped-call]
     try:
@@ -182,7 +194,7 @@ async def _execute(
             except redis_errors.ResponseError as exc:
                 error = error or exc
                 replies.append(exc)
-        if error is not None:
+        if error is not None and raise_errors:
             raise error
         return replies
     except redis_errors.ResponseError:

@@ -25,6 +25,7 @@ from squadbus.backends.redis._driver import (
 from squadbus.backends.redis.consumer import BaseConsumer, ConsumerContext, RedisCounters
 from squadbus.backends.redis.ephemeral import EphemeralSubscription
 from squadbus.backends.redis.group import GroupSubscription
+from squadbus.backends.redis.inboxes import InboxHolder, InboxHub
 from squadbus.backends.redis.layout import KeyLayout, entry_id_of, position_of
 from squadbus.backends.redis.publisher import RedisPublisher
 from squadbus.backends.redis.read_all import read_all
@@ -42,8 +43,9 @@ _REPLAY_CLOCK_SLACK_MS = 60_000
 
 
 class RedisBackend:
-    """Redis Streams backend. Also :class:`~squadbus.core.backend.Replayable` and
-    :class:`~squadbus.core.backend.Requester`.
+    """Redis Streams backend. Also :class:`~squadbus.core.backend.Replayable`,
+    :class:`~squadbus.core.backend.Requester` and
+    :class:`~squadbus.core.inbox_source.MultiplexesInboxes` (see :mod:`.inboxes`).
 
     Delivery contract as in ``squadbus.core.backend.Backend``; what is kept
     where, and what each profile can lose, is in docs/backends/redis.md.
@@ -60,6 +62,7 @@ class RedisBackend:
         self._publisher: RedisPublisher | None = None
         self._trimmer: Trimmer | None = None
         self._subscriptions: set[BaseConsumer] = set()
+        self._inboxes: InboxHub | None = None
         self._reply_token = secrets.token_hex(8)
         self._closed = False
 
@@ -141,7 +144,10 @@ class RedisBackend:
             return
         self._closed = True
         subs, self._subscriptions = list(self._subscriptions), set()
-        await asyncio.gather(*(sub.close() for sub in subs))
+        closing = [sub.close() for sub in subs]
+        if self._inboxes is not None:
+            closing.append(self._inboxes.close())
+        await asyncio.gather(*closing)
         if self._trimmer is not None:
             await self._trimmer.close()
         if self._publisher is not None:
@@ -183,12 +189,8 @@ class RedisBackend:
         self, pattern: str, handler: RawHandler, group: str | None, options: ConsumerOptions,
         batches: tuple[BatchRawHandler, float] | None,
     ) -> GroupSubscription | EphemeralSubscription:
-        client, _ = self._require()
         subjects.validate_pattern(pattern)
-        reconnects = self._reconnects
-        if reconnects is None:  # set together with the client, which _require() checked
-            raise Closed("redis backend is not connected")
-        ctx = ConsumerContext(client, self.layout, self.settings, self.counters, self.publish, reconnects)
+        ctx = self._context()
         sub: GroupSubscription | EphemeralSubscription
         if group is None:
             sub = EphemeralSubscription(ctx, pattern, handler, options)
@@ -205,6 +207,24 @@ class RedisBackend:
         self._subscriptions.add(sub)
         sub.on_closed = self._subscriptions.discard
         return sub
+
+    async def open_inbox(
+        self, agent_id: str, handler: RawHandler, *, group: str, options: ConsumerOptions
+    ) -> InboxHolder:
+        """Serve ``agent_id``'s direct messages to ``handler`` through this backend's shared inbox
+        connections (MultiplexesInboxes; see :mod:`.inboxes`)."""
+        self._require()
+        hub = self._inboxes
+        if hub is None:
+            hub = self._inboxes = InboxHub(self._context())
+        return await hub.open(agent_id, handler, group=group, options=options)
+
+    def _context(self) -> ConsumerContext:
+        client, _ = self._require()
+        reconnects = self._reconnects
+        if reconnects is None:  # set together with the client, which _require() checked
+            raise Closed("redis backend is not connected")
+        return ConsumerContext(client, self.layout, self.settings, self.counters, self.publish, reconnects)
 
     # ---- Requester ---------------------------------------------------------------------------
 
@@ -302,5 +322,6 @@ class RedisBackend:
             "publish_batches": publisher.batches if publisher else 0,
             "publish_retries": publisher.retries if publisher else 0,
             "subscriptions": len(self._subscriptions),
+            "inboxes_open": self._inboxes.open_agents if self._inboxes is not None else 0,
             **{name: getattr(self.counters, name) for name in self.counters.__dataclass_fields__},
         }

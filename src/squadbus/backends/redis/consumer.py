@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
@@ -79,12 +79,22 @@ class Entry(msgspec.Struct, gc=False, eq=False):
     timer: asyncio.TimerHandle | None = None
 
 
+class EntryOwner(Protocol):
+    """What holds an entry while it is out: a subscription, or an agent of the inbox hub (inboxes.py)."""
+
+    def settle_ack(self, entry: Entry) -> None: ...
+
+    def settle_nack(self, entry: Entry, delay: float) -> None: ...
+
+    async def touch(self, entry: Entry) -> None: ...
+
+
 class RedisDelivery(Delivery):
     """A delivery whose settlement goes back to its subscription."""
 
     __slots__ = ("_entry", "_owner")
 
-    def __init__(self, entry: Entry, owner: BaseConsumer, group: str | None) -> None:
+    def __init__(self, entry: Entry, owner: EntryOwner, group: str | None) -> None:
         # Delivery's fields set here rather than through super().__init__: one call less per message.
         self.message = entry.message
         self.attempt = entry.attempt

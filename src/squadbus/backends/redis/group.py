@@ -30,11 +30,13 @@ import os
 import secrets
 import socket
 from collections import defaultdict
+from collections.abc import Callable, Container
 from typing import Any
 
 from squadbus.backends.redis._driver import (
     FAILURES,
     TRANSIENT,
+    aioredis,
     call,
     entry_parts,
     is_nogroup,
@@ -48,6 +50,7 @@ from squadbus.backends.redis.layout import is_reply
 from squadbus.core import envelope, subjects
 from squadbus.core.backend import ConsumerOptions, RawHandler, StartFrom, durable_name
 from squadbus.core.dispatch import DLQ_ATTEMPTS, DLQ_GROUP, DLQ_ORIGINAL_ID, DLQ_REASON, DLQ_SUBJECT
+from squadbus.core.envelope import Message
 from squadbus.core.errors import MalformedMessage, SquadbusError
 
 logger = logging.getLogger("squadbus.backends.redis.group")
@@ -422,51 +425,68 @@ class GroupSubscription(BaseConsumer):
     async def _release_all(self, unhanded: set[tuple[str, bytes]]) -> None:
         client = self.ctx.client
         for stream in self.streams:
-            while True:
-                rows = await call(client,
-                    "XPENDING", stream, self.redis_group, "-", "+", 500, self.consumer, parse_detail=True
-                )
-                if not rows:
-                    break
-                async with client.pipeline(transaction=False) as pipe:
-                    for row in rows:
-                        entry_id = row["message_id"]
-                        count = int(row["times_delivered"])
-                        # An entry the handler never saw gives its delivery back.
-                        if (stream, entry_id) in unhanded:
-                            count = max(0, count - 1)
-                        queue(pipe,
-                            "XCLAIM", stream, self.redis_group, RELEASED_CONSUMER, 0, entry_id,
-                            "IDLE", _RELEASE_IDLE_MS, "RETRYCOUNT", count, "JUSTID", parse_justid=True,
-                        )
-                    await pipe.execute()
-                if len(rows) < 500:
-                    break
+            await release_pending(client, stream, self.redis_group, self.consumer,
+                                  {entry_id for s, entry_id in unhanded if s == stream})
             await call(client, "XGROUP", "DELCONSUMER", stream, self.redis_group, self.consumer)
 
     # ---- malformed entries -------------------------------------------------------------------
 
     async def _dead_letter_malformed(self, stream: str, entry_id: bytes, raw: RawFields, reason: str) -> None:
-        subject, payload = entry_parts(raw)
-        content = payload.decode("utf-8", "replace") if payload is not None else repr(raw)
-        where = f"{stream}/{entry_id.decode()}"
-        message = envelope.build(
-            subject=subjects.dead_letter(self.group_name),
-            sender_id="squadbus",
-            content=content[:_MAX_DLQ_CONTENT],
-            message_type="malformed",
-            headers={
-                DLQ_REASON: f"malformed entry {where}: {reason}"[:1000],
-                DLQ_GROUP: self.group_name,
-                DLQ_ATTEMPTS: "1",
-                DLQ_SUBJECT: (subject or b"").decode("utf-8", "replace"),
-                DLQ_ORIGINAL_ID: f"redis:{where}",
-            },
-        )
-        try:
-            await self.ctx.publish(message)
-        except SquadbusError as exc:
-            logger.error("group %s: could not dead-letter malformed entry %s, will retry: %s", self.group, where, exc)
-            return  # left pending: XAUTOCLAIM brings it back after ack_wait
-        logger.warning("group %s: dead-lettered malformed entry %s: %s", self.group, where, reason)
-        self._acks.add(stream, entry_id)
+        if await dead_letter_malformed(self.ctx.publish, self.group_name, stream, entry_id, raw, reason):
+            self._acks.add(stream, entry_id)
+        # else left pending: XAUTOCLAIM brings it back after ack_wait
+
+
+async def release_pending(
+    client: aioredis.Redis, stream: str, redis_group: str, consumer: str, unhanded: Container[bytes]
+) -> None:
+    """Hand every entry ``consumer`` holds in ``redis_group`` on ``stream`` back to the group at once:
+    claimed by :data:`RELEASED_CONSUMER` with a huge idle time, which the next XAUTOCLAIM of any member
+    takes. An entry in ``unhanded`` (read, never given to a handler) gives its delivery back."""
+    while True:
+        rows = await call(client, "XPENDING", stream, redis_group, "-", "+", 500, consumer, parse_detail=True)
+        if not rows:
+            return
+        async with client.pipeline(transaction=False) as pipe:
+            for row in rows:
+                entry_id = row["message_id"]
+                count = int(row["times_delivered"])
+                if entry_id in unhanded:
+                    count = max(0, count - 1)
+                queue(pipe,
+                    "XCLAIM", stream, redis_group, RELEASED_CONSUMER, 0, entry_id,
+                    "IDLE", _RELEASE_IDLE_MS, "RETRYCOUNT", count, "JUSTID", parse_justid=True,
+                )
+            await pipe.execute()
+        if len(rows) < 500:
+            return
+
+
+async def dead_letter_malformed(
+    publish: Callable[[Message], Any], group_name: str, stream: str, entry_id: bytes, raw: RawFields, reason: str
+) -> bool:
+    """Publish an entry that is not an envelope to ``agent.dlq.<group_name>`` with the reason; True once
+    stored (then ack it), False when the publish failed (logged; leave it pending to retry later)."""
+    subject, payload = entry_parts(raw)
+    content = payload.decode("utf-8", "replace") if payload is not None else repr(raw)
+    where = f"{stream}/{entry_id.decode()}"
+    message = envelope.build(
+        subject=subjects.dead_letter(group_name),
+        sender_id="squadbus",
+        content=content[:_MAX_DLQ_CONTENT],
+        message_type="malformed",
+        headers={
+            DLQ_REASON: f"malformed entry {where}: {reason}"[:1000],
+            DLQ_GROUP: group_name,
+            DLQ_ATTEMPTS: "1",
+            DLQ_SUBJECT: (subject or b"").decode("utf-8", "replace"),
+            DLQ_ORIGINAL_ID: f"redis:{where}",
+        },
+    )
+    try:
+        await publish(message)
+    except SquadbusError as exc:
+        logger.error("group %s: could not dead-letter malformed entry %s, will retry: %s", group_name, where, exc)
+        return False
+    logger.warning("group %s: dead-lettered malformed entry %s: %s", group_name, where, reason)
+    return True

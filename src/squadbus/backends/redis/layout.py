@@ -76,6 +76,11 @@ class KeyLayout:
             return message.task_execution_id.int % self.partitions
         return zlib.crc32(message.subject.encode()) % self.partitions
 
+    def bell(self, agent_id: str) -> str:
+        """The Pub/Sub channel the publish script rings (no payload) when it stores a direct message
+        to ``agent_id``: the hosts of open inboxes listen on it (``backends/redis/inboxes.py``)."""
+        return f"{self.prefix}:bell:{agent_id}"
+
     def subject_stream(self, subject: str) -> str:
         return f"{self.prefix}:s:{subject}"
 
@@ -84,6 +89,19 @@ class KeyLayout:
         if subjects.is_literal(pattern):
             return [self.subject_stream(pattern)]
         return self.partition_streams()
+
+
+_DIRECT_HEAD = subjects.MESSAGE_PREFIX + "."
+
+
+def direct_recipient(subject: str) -> str | None:
+    """The agent a direct subject (``agent.message.<agent>``) is for; None for any other subject."""
+    if not subject.startswith(_DIRECT_HEAD):
+        return None
+    rest = subject[len(_DIRECT_HEAD):]
+    if "." in rest or subject == subjects.BROADCAST:
+        return None
+    return rest
 
 
 def is_reply(subject: str) -> bool:

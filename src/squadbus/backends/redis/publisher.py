@@ -30,7 +30,7 @@ from squadbus.backends.redis._driver import (
     execute_streamed,
     redis_errors,
 )
-from squadbus.backends.redis.layout import KeyLayout, is_reply
+from squadbus.backends.redis.layout import KeyLayout, direct_recipient, is_reply
 from squadbus.backends.redis.settings import RedisSettings
 from squadbus.core.envelope import Message, encode
 from squadbus.core.errors import BackendError, BackendTimeout, Closed, ConnectionLost, PublishFailed
@@ -40,10 +40,12 @@ logger = logging.getLogger("squadbus.backends.redis.publisher")
 # ARGV[1] = key prefix, ARGV[2] = dedupe window ms (0 = off), ARGV[3] = reply stream ttl ms; then six
 # arguments per message: partition stream key, id, execution (or empty), subject, flag, payload.
 # flag 0: plain, 1: reply subject (its stream expires), 2: plain and add the subject stream to the
-# registry. Key names are passed or built here rather than passed as KEYS (Redis Cluster is not
-# supported anyway: one call touches several streams). Redis runs this script for every message, so
-# it does as little as it can: the partition key comes whole from the publisher, and a subject's
-# stream key is built once per call, not once per message.
+# registry; 3 and 4: as 0 and 2 for a direct subject, whose agent's bell <prefix>:bell:<agent> is rung
+# (an empty PUBLISH: a hash lookup when no host listens; see inboxes.py). Key names are passed or
+# built here rather than passed as KEYS (Redis Cluster is not supported anyway: one call touches
+# several streams). Redis runs this script for every message, so it does as little as it can: the
+# partition key comes whole from the publisher, and a subject's stream key is built once per call,
+# not once per message.
 #
 # Dedupe: ids are kept in one set per window-long time bucket, <prefix>:ids:<bucket>; an id is a
 # duplicate if the current or the previous bucket has it (so it is remembered for at least one
@@ -107,8 +109,11 @@ for i = 4, #ARGV, 6 do
     call('XADD', sstream, '*', 'm', payload)
     if flag == '1' then
       call('PEXPIRE', sstream, reply_ttl)
-    elseif flag == '2' then
+    elseif flag == '2' or flag == '4' then
       call('SADD', prefix .. ':subjects', sstream)
+    end
+    if flag == '3' or flag == '4' then
+      call('PUBLISH', prefix .. ':bell:' .. string.sub(s, 15), '')
     end
     out[n] = '1'
   end
@@ -143,8 +148,8 @@ class RedisPublisher:
         self._flushers: set[asyncio.Task[None]] = set()
         # Subject streams this process already added to the registry (SADD once, not per message).
         self._registered: set[str] = set()
-        # Subject -> (its wire form as the script's argument, is it a reply subject).
-        self._subjects: dict[str, tuple[bytes, bool]] = {}
+        # Subject -> (its wire form as the script's argument, is it a reply subject, is it direct).
+        self._subjects: dict[str, tuple[bytes, bool, bool]] = {}
         # Each partition stream's key as the script's argument, in wire form.
         self._partition_args = [_wire(layout.partition_stream(i).encode()) for i in range(layout.partitions)]
         self._closed = False
@@ -341,13 +346,14 @@ class RedisPublisher:
                 if seen is None:
                     if len(known) > _REGISTERED_LIMIT:
                         known.clear()
-                    seen = known[subject] = (_wire(subject.encode()), is_reply(subject))
-                subject_arg, reply = seen
-                flag = "0"
+                    seen = known[subject] = (
+                        _wire(subject.encode()), is_reply(subject), direct_recipient(subject) is not None)
+                subject_arg, reply, direct = seen
+                flag = "3" if direct else "0"
                 if reply:
                     flag = "1"
                 elif subject not in registered and subject not in fresh_subjects:
-                    flag = "2"
+                    flag = "4" if direct else "2"
                     fresh_subjects.add(subject)
                 payload = encode(message)
                 # Six arguments in wire form: partition stream key, id and execution (ASCII), subject,

@@ -1,0 +1,48 @@
+"""An optional backend ability: serve many agents' direct inboxes through resources shared per Bus.
+
+Without it an inbox is one group subscription on the agent's direct subject,
+which costs a broker connection or consumer per agent (issue 15,
+docs/design/inboxes.md). A backend that implements :class:`MultiplexesInboxes`
+serves every open agent of a Bus with a fixed set of connections; the
+:class:`~squadbus.core.inbox.Inbox` uses it instead of ``Backend.subscribe``
+for the direct subject when the backend has it (checked with ``isinstance``).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from squadbus.core.backend import ConsumerOptions, RawHandler, Subscription
+
+
+@runtime_checkable
+class MultiplexesInboxes(Protocol):
+    """A backend whose agents' inboxes cost no broker connection or consumer of their own."""
+
+    async def open_inbox(
+        self, agent_id: str, handler: RawHandler, *, group: str, options: ConsumerOptions
+    ) -> Subscription:
+        """Start handing ``agent_id``'s direct messages (``subjects.direct(agent_id)``) to ``handler``.
+
+        Contract, the same as a ``subscribe`` of that subject in the durable
+        group ``group`` starting at ``StartFrom.EARLIEST`` with
+        ``max_in_flight=1``:
+
+        * messages published before the first open wait for it (within
+          retention), and so does whatever an earlier holder left unacked;
+        * ``handler`` gets one delivery of this agent at a time, in publish
+          order, and each call is awaited (the handler settles it) before the
+          next delivery of this agent is handed over; a nacked delivery comes
+          back (``attempt`` + 1, after its delay) before any later message;
+        * ``options`` apply to this agent (``ack_wait``, ``max_deliver``, ...);
+          a delivery left unsettled by a holder that died is delivered again
+          once ``ack_wait`` has passed, to whichever process opens the agent;
+        * a second open of an agent already open in the same backend instance
+          gets nothing until the first is closed, then takes over.
+
+        ``close()`` of the returned subscription stops handing deliveries to
+        ``handler`` and gives back what it held unsettled; it is idempotent.
+        Raises a :class:`~squadbus.core.errors.BackendError` when the broker
+        cannot be reached.
+        """
+        ...
