@@ -152,3 +152,14 @@ def _version() -> str:
 async def _noop(*_: object) -> None:
     return None
 
+
+
+async def test_groups_whose_labels_meet_make_one_series(make_app: MakeApp) -> None:
+    # label values are cut at 64 characters: two such groups must not repeat a series
+    backend = MemoryBackend()
+    async with Bus(backend) as bus, asgi(make_app(bus=bus, workers=())) as api:
+        for suffix in ("a", "b"):
+            await bus.subscribe("agent.message.ops", _noop, group="x" * 64 + suffix)
+        response = await api.client.get("/metrics")
+    lines = [line for line in response.text.splitlines() if line.startswith('squadbus_group_lag{group="' + "x" * 64)]
+    assert len(lines) == 1, lines

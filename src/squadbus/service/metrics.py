@@ -191,18 +191,27 @@ def _group_families(reader: GroupReader, max_groups: int) -> Iterator[Metric]:
                             labels=["group", "subject"])
     pending = GaugeMetricFamily("squadbus_group_pending", "Messages handed to a consumer group and not acknowledged",
                                 labels=["group", "subject"])
+    # Summed per label set: names cut at 64 characters (or read back from durable names) may meet,
+    # and a repeated series would make Prometheus refuse the whole scrape.
+    lags: dict[tuple[str, str], int] = {}
+    pendings: dict[tuple[str, str], int] = {}
     dead: dict[str, int] = {}
     redelivered: dict[str, int] = {}
     for f in kept:
-        group, subject = label_text(f.group), label_text(f.subject)
+        key = (label_text(f.group), label_text(f.subject))
+        group = key[0]
         if f.lag is not None:
-            lag.add_metric([group, subject], f.lag)
+            lags[key] = lags.get(key, 0) + f.lag
         if f.pending is not None:
-            pending.add_metric([group, subject], f.pending)
+            pendings[key] = pendings.get(key, 0) + f.pending
         if f.dead_letters is not None:  # one DLQ per group name, whatever the pattern
             dead[group] = max(dead.get(group, 0), f.dead_letters)
         if f.redeliveries is not None:
             redelivered[group] = redelivered.get(group, 0) + f.redeliveries
+    for key, value in sorted(lags.items()):
+        lag.add_metric(list(key), value)
+    for key, value in sorted(pendings.items()):
+        pending.add_metric(list(key), value)
     yield lag
     yield pending
     dead_family = GaugeMetricFamily("squadbus_group_dead_letters",
