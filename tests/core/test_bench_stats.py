@@ -88,7 +88,7 @@ def test_a_line_without_latency_samples_shows_none_not_nan() -> None:
 
 def test_bench_cli_every_open_loop_line_has_samples_and_bursts_have_none() -> None:
     # --rate 0.4 asks for fewer than one open-loop message per second of the two-second run.
-    result = CliRunner().invoke(bench, ["--url", "memory://", "--count", "200", "--rate", "0.4", "--json"])
+    result = CliRunner().invoke(bench, ["--url", "memory://", "--suite", "--count", "200", "--rate", "0.4", "--json"])
     assert result.exit_code == 0, result.output
     rows = _strict_json(result.output)["results"]
     open_loop = [row for row in rows if "open loop" in row["name"]]

@@ -24,6 +24,7 @@ batch size) and the same consumer fetch settings.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 import time
 import uuid
@@ -33,10 +34,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from squadbus.backends.kafka import KafkaBackend, KafkaSettings
+from squadbus.benchmarks import loadgen
 from squadbus.benchmarks.openloop import drive
 from squadbus.benchmarks.stats import Result, abba, interleaved_medians
 from squadbus.core import envelope, subjects
-from squadbus.core.backend import ConsumerOptions, Delivery
+from squadbus.core.backend import ConsumerOptions, Delivery, Subscription
 from squadbus.core.bus import Bus
 
 PUBLISHERS = 200
@@ -301,3 +303,110 @@ async def run(*, url: str, count: int, rate: float) -> list[Result]:
     half = max(1, latency_count // 2)
     raw_lat, our_lat = await abba(lambda: raw_latency(url, half, rate), lambda: squadbus_latency(url, half, rate))
     return [raw, ours, raw_lat, our_lat, awaited, many]
+
+
+# ---- squadbus bench: the raw side on kafka:// ------------------------------------------------------
+
+
+class RawSide:
+    """The raw side of ``squadbus bench`` on Kafka: each sender awaits one record's ack (``acks="all"``,
+    no linger, the backend's batch size), one group consumer runs ``getmany`` + ``commit()`` per batch
+    with the URL's session and fetch settings."""
+
+    def __init__(self, url: str, size: int, tag: str) -> None:
+        import aiokafka
+
+        self.name = f"aiokafka {aiokafka.__version__}: send awaited -> getmany + commit"
+        self.settings = KafkaSettings.from_url(url)
+        self.tag = tag
+        self.topic = ""
+        self._producer: AIOKafkaProducer | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._value = envelope.encode(envelope.build(subject="agent.message.bench", sender_id="bench",
+                                                     content="x" * (size - loadgen.INDEX_DIGITS)))
+
+    async def start(self, deliver: Callable[[int], None]) -> dict[str, float]:
+        t0 = time.perf_counter()
+        self.topic = await _raw_topic(self.settings, self.tag)
+        producer = self._producer = _raw_producer(self.settings)
+        consumer = self._consumer = _raw_consumer(self.settings, self.topic, f"bench-raw-{self.tag}")
+        await producer.start()
+        connected = time.perf_counter()
+        await consumer.start()
+        subscribed = time.perf_counter()
+
+        async def consume() -> None:
+            while True:
+                batch = await consumer.getmany(timeout_ms=200, max_records=BATCH)
+                for records in batch.values():
+                    for record in records:
+                        if record.value is not None:
+                            deliver(loadgen.index_of(record.value))
+                if batch:
+                    await consumer.commit()
+
+        self._task = asyncio.create_task(consume())
+        return {"connect_s": connected - t0, "subscribe_s": subscribed - connected}
+
+    async def publish(self, index: int) -> None:
+        assert self._producer is not None
+        value = loadgen.stamp(index).encode() + self._value
+        await (await self._producer.send(self.topic, value, key=str(uuid.uuid4()).encode()))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        for client in (self._consumer, self._producer):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.stop()
+        self._consumer = self._producer = None
+        if self.topic:
+            await _delete_topics(self.settings, [self.topic])
+            self.topic = ""
+
+
+async def _delete_topics(settings: KafkaSettings, topics: list[str]) -> None:
+    """Best effort: a broker that refuses keeps them (tansu's memory storage forgets them on restart)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=list(settings.bootstrap_servers))
+    with contextlib.suppress(Exception):
+        await admin.start()
+        await admin.delete_topics(topics)
+    with contextlib.suppress(Exception):
+        await admin.close()
+
+
+def _bench_url(url: str, tag: str) -> str:
+    return f"{url}{'&' if '?' in url else '?'}topic=bench-sb-{tag}"
+
+
+async def _broker(url: str) -> loadgen.Broker:
+    """The broker's API versions (the Kafka protocol carries no version string) and the acks settings."""
+    from aiokafka.conn import create_conn
+
+    settings = KafkaSettings.from_url(url)
+    host, _, port = settings.bootstrap_servers[0].rpartition(":")
+    conn = await asyncio.wait_for(create_conn(host, int(port)), settings.connect_timeout)
+    try:
+        versions: dict[int, tuple[int, int]] = dict(conn._versions)  # ApiVersions, read by aiokafka at connect
+    finally:
+        conn.close()
+    produce, fetch = versions.get(0, (0, 0)), versions.get(1, (0, 0))
+    version = (f"Kafka protocol ({len(versions)} APIs, Produce v{produce[0]}-{produce[1]}, "
+               f"Fetch v{fetch[0]}-{fetch[1]}; no version string in the protocol)")
+    durability = (f"acks=all, replication_factor={settings.replication_factor} (URL), "
+                  f"idempotence={settings.idempotence.value}; what survives a crash is the broker's storage")
+    return loadgen.Broker("kafka", version, durability)
+
+
+async def _drop(url: str, tag: str, subs: list[Subscription]) -> None:
+    s = _settings(url, f"bench-sb-{tag}")
+    await _delete_topics(s, [s.topic, s.reply_topic, s.dlq_topic])
+
+
+TARGET = loadgen.Target(squadbus_url=_bench_url, raw=RawSide, broker=_broker, cleanup=_drop)
+"""How ``squadbus bench`` runs on kafka:// (every run on topics of its own)."""

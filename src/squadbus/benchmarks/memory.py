@@ -8,14 +8,18 @@ in-process bus) and the guide's ``MessageBus`` (:mod:`.guide_bus`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
+from collections.abc import Callable
 
+from squadbus import __version__
 from squadbus.backends.memory import MemoryBackend, MemorySettings
+from squadbus.benchmarks import loadgen
 from squadbus.benchmarks.guide_bus import AgentMessageResponse, GuideMessageBus
 from squadbus.benchmarks.openloop import drive
 from squadbus.benchmarks.stats import Result, median_of
-from squadbus.core.backend import ConsumerOptions, Delivery
+from squadbus.core.backend import ConsumerOptions, Delivery, Subscription
 from squadbus.core.bus import Bus
 
 PAYLOAD = "x" * 1024
@@ -207,3 +211,49 @@ async def run(*, url: str = "memory://", count: int = 200_000, rate: float = 10_
     latency_count = max(1, int(rate * 2))
     results += [await queue_latency(rate, latency_count), await squadbus_latency(rate, latency_count)]
     return results
+
+
+# ---- squadbus bench: the raw side on memory:// -----------------------------------------------------
+
+
+class QueueSide:
+    """The raw side of ``squadbus bench`` on memory://: an ``asyncio.Queue`` of byte payloads and one
+    consumer task; a put is the ack (nothing is stored anywhere else)."""
+
+    def __init__(self, url: str, size: int, tag: str) -> None:
+        self.name = "asyncio.Queue: put + one consumer task"
+        self._queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self._filler = b"x" * (size - loadgen.INDEX_DIGITS)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, deliver: Callable[[int], None]) -> dict[str, float]:
+        async def consume() -> None:
+            while True:
+                deliver(loadgen.index_of(await self._queue.get()))
+
+        self._task = asyncio.create_task(consume())
+        return {}
+
+    async def publish(self, index: int) -> None:
+        await self._queue.put(loadgen.stamp(index).encode() + self._filler)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
+async def _broker(url: str) -> loadgen.Broker:
+    settings = MemorySettings.from_url(url)
+    return loadgen.Broker("memory (in-process)", f"squadbus {__version__}",
+                          f"not durable: held in this process only (retain_messages={settings.retain_messages})")
+
+
+async def _nothing_left(url: str, tag: str, subs: list[Subscription]) -> None:
+    return None
+
+
+TARGET = loadgen.Target(squadbus_url=lambda url, tag: url, raw=QueueSide, broker=_broker, cleanup=_nothing_left)
+"""How ``squadbus bench`` runs on memory://."""

@@ -21,10 +21,13 @@ NATS) beside raw ``nc.request`` on core NATS (nothing stored).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import json
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import nats.errors
@@ -33,10 +36,11 @@ from nats.aio.msg import Msg
 from nats.js import api
 
 from squadbus.backends.nats import NatsSettings
+from squadbus.benchmarks import loadgen
 from squadbus.benchmarks.openloop import drive
 from squadbus.benchmarks.stats import Result, ratio
 from squadbus.core import envelope, subjects
-from squadbus.core.backend import ConsumerOptions, Delivery, StartFrom
+from squadbus.core.backend import ConsumerOptions, Delivery, StartFrom, Subscription
 from squadbus.core.bus import Bus
 
 CONTENT = "x" * 1024
@@ -269,3 +273,112 @@ def summary(results: list[Result]) -> dict[str, Any]:
     """The headline numbers of a ``run`` for the JSON line."""
     raw, ours = results[0], results[1]
     return {"throughput_ratio": round(ratio(ours, raw), 3), "target_ratio": 0.8}
+
+
+# ---- squadbus bench: the raw side on nats:// -------------------------------------------------------
+
+
+class RawSide:
+    """The raw side of ``squadbus bench`` on NATS: each sender awaits one ``js.publish`` (with a
+    ``Nats-Msg-Id``, as squadbus), a durable pull consumer acks each message with ``msg.ack()``.
+
+    The pull loop keeps two pull requests of ``FETCH`` messages (1 s expiry) waiting at the server,
+    sending a new one as each is served or expires; ``fetch(n)`` would wait for ``n`` messages
+    or its timeout, which measures the timeout at low rates (see the module docstring).
+    """
+
+    PULLS = 2
+
+    def __init__(self, url: str, size: int, tag: str) -> None:
+        self.name = f"nats-py {_nats_py()}: js.publish awaited -> pull consumer + ack"
+        self.url = url
+        self.settings = NatsSettings.from_url(url)
+        self.agent = f"bench-raw-{tag}"
+        self._nc: Client | None = None
+        self._consumer = ""
+        self._payload = envelope.encode(envelope.build(subject=subjects.direct(self.agent), sender_id="bench",
+                                                       content="x" * (size - loadgen.INDEX_DIGITS)))
+
+    async def start(self, deliver: Callable[[int], None]) -> dict[str, float]:
+        t0 = time.perf_counter()
+        nc = self._nc = await _raw_connect(self.url)
+        connected = time.perf_counter()
+        js = nc.jetstream()
+        stream = self.settings.stream
+        name = self._consumer = f"raw-{secrets.token_hex(4)}"
+        await js.add_consumer(stream, api.ConsumerConfig(
+            name=name, durable_name=name, filter_subject=subjects.direct(self.agent),
+            ack_policy=api.AckPolicy.EXPLICIT, deliver_policy=api.DeliverPolicy.NEW, max_ack_pending=20_000,
+        ))
+        inbox = nc.new_inbox()
+        next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}"
+        request = json.dumps({"batch": FETCH, "expires": 1_000_000_000}).encode()
+        left: collections.deque[int] = collections.deque()
+
+        async def pull() -> None:
+            left.append(FETCH)
+            await nc.publish(next_subject, request, reply=inbox)
+
+        async def on_message(msg: Msg) -> None:
+            if msg.headers and "Status" in msg.headers:  # 404/408/409: the oldest request ended
+                if left:
+                    left.popleft()
+            else:
+                deliver(loadgen.index_of(msg.data))
+                await msg.ack()
+                if left:
+                    left[0] -= 1
+                    if left[0] <= 0:
+                        left.popleft()
+            while len(left) < self.PULLS:
+                await pull()
+
+        await nc.subscribe(inbox, cb=on_message)
+        for _ in range(self.PULLS):
+            await pull()
+        return {"connect_s": connected - t0, "subscribe_s": time.perf_counter() - connected}
+
+    async def publish(self, index: int) -> None:
+        assert self._nc is not None
+        await self._nc.jetstream().publish(subjects.direct(self.agent), loadgen.stamp(index).encode() + self._payload,
+                                           headers={"Nats-Msg-Id": uuid.uuid4().hex})
+
+    async def stop(self) -> None:
+        nc, self._nc = self._nc, None
+        if nc is not None:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            await _cleanup(self.url, [self.agent], [self._consumer] if self._consumer else [])
+
+
+def _nats_py() -> str:
+    from nats.aio.client import __version__
+
+    return str(__version__)
+
+
+async def _broker(url: str) -> loadgen.Broker:
+    """The server's version (INFO) and the stream's storage and replicas (STREAM.INFO)."""
+    settings = NatsSettings.from_url(url)
+    async with Bus.from_url(url):
+        pass  # creates the stream (with the URL's profile) if it is missing, for the raw side too
+    nc = await _raw_connect(url)
+    try:
+        v = nc.connected_server_version
+        version = f"{v.major}.{v.minor}.{v.patch}"
+        info = await nc.jetstream().stream_info(settings.stream)
+    finally:
+        await nc.close()
+    storage = getattr(info.config.storage, "value", info.config.storage)
+    durability = (f"profile={settings.profile.value} (URL); stream {settings.stream}: storage={storage}, "
+                  f"replicas={info.config.num_replicas or 1} (fsync per the server's sync_interval)")
+    return loadgen.Broker("nats-server (JetStream)", version, durability)
+
+
+async def _drop(url: str, tag: str, subs: list[Subscription]) -> None:
+    consumers = [name for sub in subs if (name := getattr(sub, "consumer", None))]
+    await _cleanup(url, [f"bench-{tag}"], consumers)
+
+
+TARGET = loadgen.Target(squadbus_url=lambda url, tag: url, raw=RawSide, broker=_broker, cleanup=_drop)
+"""How ``squadbus bench`` runs on nats:// (the squadbus side's agent is ``bench-<tag>``)."""

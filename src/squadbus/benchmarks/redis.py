@@ -18,21 +18,23 @@ intended send time to the handler, p50/p99/p99.9, raw ``XADD`` + blocking
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import secrets
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
 
 from squadbus.backends.redis import RedisSettings
 from squadbus.backends.redis._driver import call, queue
+from squadbus.benchmarks import loadgen
 from squadbus.benchmarks.openloop import drive
 from squadbus.benchmarks.stats import Result, interleaved_rounds, median_of, paired_ratio
 from squadbus.core import envelope, subjects
-from squadbus.core.backend import ConsumerOptions, Delivery, StartFrom
+from squadbus.core.backend import ConsumerOptions, Delivery, StartFrom, Subscription
 from squadbus.core.bus import Bus
 
 CONTENT = "x" * 1024
@@ -271,3 +273,98 @@ def summary(results: list[Result]) -> dict[str, Any]:
 
 def _rounded(value: float | None) -> float:
     return round(value, 3) if value is not None else math.nan
+
+
+# ---- squadbus bench: the raw side on redis:// ------------------------------------------------------
+
+
+class RawSide:
+    """The raw side of ``squadbus bench`` on Redis: each sender awaits one ``XADD`` (redis-py's pool
+    gives concurrent senders connections of their own), one consumer reads ``XREADGROUP COUNT 500
+    BLOCK 1000`` and acks each batch with one ``XACK``."""
+
+    def __init__(self, url: str, size: int, tag: str) -> None:
+        self.name = f"redis-py {_redis_py()}: XADD awaited -> XREADGROUP/XACK"
+        self.url = url
+        self.key = f"bench-raw-{tag}"
+        self._client: aioredis.Redis | None = None
+        self._reader: aioredis.Redis | None = None
+        self._task: asyncio.Task[None] | None = None
+        # the same bytes squadbus puts in the entry for this content, after the index
+        self._payload = _payload_of(size - loadgen.INDEX_DIGITS)
+
+    async def start(self, deliver: Callable[[int], None]) -> dict[str, float]:
+        t0 = time.perf_counter()
+        client = self._client = _raw_client(self.url)
+        reader = self._reader = _raw_client(self.url)
+        await call(client, "PING")
+        connected = time.perf_counter()
+        await call(client, "XGROUP", "CREATE", self.key, "g", "$", "MKSTREAM")
+        subscribed = time.perf_counter()
+
+        async def consume() -> None:
+            while True:
+                reply = await call(reader, *_READ, self.key, ">")
+                for _, entries in reply or ():
+                    for _, fields in entries:
+                        deliver(loadgen.index_of(fields[b"m"]))
+                    await call(reader, "XACK", self.key, "g", *(entry_id for entry_id, _ in entries))
+
+        self._task = asyncio.create_task(consume())
+        return {"connect_s": connected - t0, "subscribe_s": subscribed - connected}
+
+    async def publish(self, index: int) -> None:
+        assert self._client is not None
+        await call(self._client, "XADD", self.key, "*", "m", loadgen.stamp(index).encode() + self._payload)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        for client in (self._client, self._reader):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    if client is self._client:
+                        await client.delete(self.key)
+                await client.aclose()
+        self._client = self._reader = None
+
+
+def _redis_py() -> str:
+    import redis
+
+    return str(redis.__version__)
+
+
+def _payload_of(size: int) -> bytes:
+    return envelope.encode(envelope.build(subject=subjects.direct("bench"), sender_id="bench", content="x" * size))
+
+
+async def _broker(url: str) -> loadgen.Broker:
+    """``INFO server`` / ``INFO persistence`` (and ``CONFIG GET appendfsync`` where allowed)."""
+    settings = RedisSettings.from_url(url)
+    client = _raw_client(url)
+    try:
+        server = await client.info("server")
+        persistence = await client.info("persistence")
+        try:
+            fsync = (await client.config_get("appendfsync")).get("appendfsync", "?")
+        except Exception:  # CONFIG is often disabled on managed Redis: say so instead
+            fsync = "unknown (CONFIG GET refused)"
+    finally:
+        await client.aclose()
+    aof = "on" if persistence.get("aof_enabled") in (1, "1") else "off"
+    durability = f"profile={settings.profile.value} (URL); server appendonly={aof}"
+    durability += f", appendfsync={fsync}" if aof == "on" else ", no AOF (RDB snapshots at most)"
+    return loadgen.Broker("redis", str(server.get("redis_version", "?")), durability)
+
+
+async def _drop(url: str, tag: str, subs: list[Subscription]) -> None:
+    await _drop_prefix(url, f"bench-{tag}")
+
+
+TARGET = loadgen.Target(squadbus_url=lambda url, tag: _with_prefix(url, f"bench-{tag}"), raw=RawSide,
+                        broker=_broker, cleanup=_drop)
+"""How ``squadbus bench`` runs on redis://."""
