@@ -288,10 +288,14 @@ class RabbitSubscription:
         if ack and self._group is None and msg.message_id:
             self._attempts.pop(msg.message_id, None)
         try:
+            # Straight to the delivery's channel without waiting for the frame to be written
+            # (``IncomingMessage.ack`` waits for the socket drain: a loop round trip per message,
+            # which halved a one-at-a-time consumer's throughput). A settle lost with the
+            # connection only means a redelivery. Every path here settles a delivery once.
             if ack:
-                await msg.ack()
+                await msg.channel.basic_ack(delivery_tag=msg.delivery_tag or 0, wait=False)
             else:
-                await msg.nack(requeue=True)
+                await msg.channel.basic_nack(delivery_tag=msg.delivery_tag or 0, requeue=True, wait=False)
         except _SETTLE_ERRORS as exc:
             # The channel closed (the broker requeued the message) or it was settled already.
             logger.info("could not %s message %s (it will be redelivered): %s",
