@@ -14,6 +14,7 @@ from squadbus.cli.bridge import bridge
 from squadbus.cli.demo import demo
 from squadbus.cli.errors import EXIT_ERROR, EXIT_USAGE, run
 from squadbus.cli.history import history
+from squadbus.cli.plan import plan
 from squadbus.cli.retention import retention
 from squadbus.cli.send import send
 from squadbus.cli.serve import serve
@@ -77,3 +78,4 @@ main.add_command(serve)
 main.add_command(worker)
 main.add_command(verify)
 main.add_command(simulate)
+main.add_command(plan)
