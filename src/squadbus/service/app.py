@@ -25,7 +25,16 @@ from squadbus import __version__
 from squadbus.core.bus import Bus
 from squadbus.core.errors import ConfigError, SquadbusError
 from squadbus.core.settings import Settings
-from squadbus.service import dashboard, errors, openapi, routes_events, routes_executions, routes_messages, routes_sse
+from squadbus.service import (
+    dashboard,
+    errors,
+    openapi,
+    routes_dead_letters,
+    routes_events,
+    routes_executions,
+    routes_messages,
+    routes_sse,
+)
 from squadbus.service.auth import Principal, Role, TokenTable, load_tokens, reader
 from squadbus.service.group_commit import GroupWriter
 from squadbus.service.limits import BodyLimit
@@ -39,6 +48,7 @@ from squadbus.workers.analytics import Analytics
 from squadbus.workers.audit import AuditLogger
 from squadbus.workers.base import Worker
 from squadbus.workers.db_writer import DbWriter
+from squadbus.workers.dead_letters import DeadLetterKeeper
 from squadbus.workers.sse_broadcaster import SseBroadcaster
 
 logger = logging.getLogger("squadbus.service")
@@ -129,6 +139,7 @@ def _workers(service: Service, analytics_out: list[Analytics]) -> list[Worker]:
 
             built.append(DbWriter(bus, store, batch_size=opts.db_writer_batch_size,
                                   max_wait=opts.db_writer_max_wait, on_written=on_written))
+            built.append(DeadLetterKeeper(bus, store))  # the db-writer leaves dead letters out of the history
         elif name == "sse-broadcaster":
             broadcaster = SseBroadcaster(bus, hub.notify)
             metrics_.sources.latencies[name] = broadcaster.latency
@@ -225,6 +236,7 @@ def create_app(
     app.include_router(routes_executions.router)
     app.include_router(routes_sse.router)
     app.include_router(routes_events.router)
+    app.include_router(routes_dead_letters.router)
     app.include_router(ops)
     app.include_router(dashboard.router)
     openapi.describe(app)

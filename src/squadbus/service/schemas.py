@@ -185,3 +185,67 @@ class AgentList(BaseModel):
 
     items: list[AgentOut]
     next_cursor: str | None
+
+
+class DeadLetterOut(BaseModel):
+    """A dead letter kept by the dead-letter keeper: why and where it died, and what became of it.
+
+    ``id`` is the dead letter's own id (the message on ``agent.dlq.<group>``);
+    ``original_id`` and ``original_subject`` name the message that failed
+    (``original_id`` is not a UUID for a record that was not a squadbus envelope).
+    ``redrivable`` says whether an admin can publish it again to its original subject.
+    ``state``: ``dead`` (waiting), ``redriven`` (published again as ``redriven_as``) or ``discarded``.
+    ``message`` is the dead letter as published (the original's content, sender and recipient).
+    """
+
+    id: UUID
+    group: str
+    reason: str
+    attempts: int | None
+    original_subject: str | None
+    original_id: str | None
+    dead_at: datetime
+    stored_at: datetime
+    state: str = Field(pattern="^(dead|redriven|discarded)$")
+    settled_at: datetime | None
+    settled_by: str | None
+    redriven_as: UUID | None
+    redrivable: bool
+    message: MessageOut
+
+
+class DeadLetterList(BaseModel):
+    """One page of dead letters, newest first; pass ``next_cursor`` as ``cursor`` (null: no more)."""
+
+    items: list[DeadLetterOut]
+    next_cursor: str | None
+
+
+class RedrivenOut(BaseModel):
+    """One dead letter published again: to ``subject`` as the new message ``redriven_as``."""
+
+    dead_letter_id: UUID
+    redriven_as: UUID
+    subject: str
+
+
+class SkippedOut(BaseModel):
+    """A dead letter a group re-drive left as it was, and why."""
+
+    dead_letter_id: UUID
+    reason: str
+
+
+class RedriveOut(BaseModel):
+    """What a re-drive did."""
+
+    redriven: list[RedrivenOut]
+    skipped: list[SkippedOut] = Field(default_factory=list)
+
+
+class DeadLetterSummary(BaseModel):
+    """Dead letters that died at or after ``since`` (every state), in all and by consumer group."""
+
+    since: datetime
+    total: int
+    by_group: dict[str, int]

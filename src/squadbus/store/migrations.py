@@ -13,6 +13,9 @@ type) and ``last_at``, the ``stored_at`` of its newest message (the write
 path keeps both; retention clears ``task_execution_id`` once all its rows are
 gone), indexed for the newest-first execution list, and indexes
 ``messages (task_execution_id, message_type)`` for the list's type filter.
+Version 4 adds ``dead_letters``: the messages published on ``agent.dlq.<group>``,
+one row per dead-letter id, with their group, state (``dead``, ``redriven``,
+``discarded``) and who settled them when (see :mod:`squadbus.store.dead_letters`).
 """
 
 from __future__ import annotations
@@ -75,6 +78,26 @@ SQLITE_MIGRATIONS: Sequence[Migration] = (
             "CREATE INDEX messages_execution_type ON messages (task_execution_id, message_type)",
         ),
     ),
+    (
+        4,
+        (
+            """CREATE TABLE dead_letters (
+                pk INTEGER PRIMARY KEY AUTOINCREMENT,
+                id BLOB NOT NULL UNIQUE,
+                grp TEXT NOT NULL,
+                state TEXT NOT NULL,
+                dead_at INTEGER NOT NULL,
+                stored_at INTEGER NOT NULL,
+                body BLOB NOT NULL,
+                settled_at INTEGER,
+                settled_by TEXT,
+                redriven_as BLOB
+            )""",
+            "CREATE INDEX dead_letters_state_group ON dead_letters (state, grp)",
+            "CREATE INDEX dead_letters_group ON dead_letters (grp)",
+            "CREATE INDEX dead_letters_dead_at ON dead_letters (dead_at)",
+        ),
+    ),
 )
 
 POSTGRES_MIGRATIONS: Sequence[Migration] = (
@@ -127,6 +150,26 @@ POSTGRES_MIGRATIONS: Sequence[Migration] = (
             "CREATE INDEX exec_counters_activity ON exec_counters (last_at, exec_key)"
             " WHERE task_execution_id IS NOT NULL",
             "CREATE INDEX messages_execution_type ON messages (task_execution_id, message_type)",
+        ),
+    ),
+    (
+        4,
+        (
+            """CREATE TABLE dead_letters (
+                pk bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                id uuid NOT NULL UNIQUE,
+                grp text NOT NULL,
+                state text NOT NULL,
+                dead_at timestamptz NOT NULL,
+                stored_at timestamptz NOT NULL,
+                body bytea NOT NULL,
+                settled_at timestamptz,
+                settled_by text,
+                redriven_as uuid
+            )""",
+            "CREATE INDEX dead_letters_state_group ON dead_letters (state, grp, pk)",
+            "CREATE INDEX dead_letters_group ON dead_letters (grp, pk)",
+            "CREATE INDEX dead_letters_dead_at ON dead_letters (dead_at)",
         ),
     ),
 )

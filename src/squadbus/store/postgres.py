@@ -73,6 +73,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 from squadbus.core.envelope import Message
 from squadbus.core.errors import BackendError, BackendTimeout, Closed, ConfigError, ConnectionLost
 from squadbus.store import _common as c
+from squadbus.store import _dead_letters_sql as dl
 from squadbus.store import _listing_postgres
 from squadbus.store import _postgres_sql as q
 from squadbus.store.base import (
@@ -86,6 +87,7 @@ from squadbus.store.base import (
     IdClaim,
     StoredMessage,
 )
+from squadbus.store.dead_letters import DeadLetter, DeadLetterPage, DeadLetterQuery, DeadLetterState
 from squadbus.store.migrations import POSTGRES_MIGRATIONS
 
 _MIGRATION_LOCK = 0x5155_4144  # pg_advisory_xact_lock key: one migrator at a time
@@ -166,7 +168,8 @@ def _translate(what: str) -> Iterator[None]:
 
 
 class PostgresStore:
-    """A ``HistoryStore``, ``ClaimsIdGroups`` and ``ListsExecutions`` on PostgreSQL (see the module docstring)."""
+    """A ``HistoryStore``, ``ClaimsIdGroups``, ``ListsExecutions`` and ``KeepsDeadLetters`` on PostgreSQL
+    (see the module docstring)."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -532,6 +535,42 @@ class PostgresStore:
             return await self._fetch("list_agents", sql, *args)
 
         return await _listing_postgres.list_agents(fetch, q)
+
+    # ---- dead letters ------------------------------------------------------------------------
+
+    async def _dl_read(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        return await self._fetch("dead letters", sql, *params)
+
+    async def _dl_change(self, sql: str, params: Sequence[Any]) -> int:
+        pool = self._the_pool()
+        with _translate("dead letters"):
+            status = await pool.execute(sql, *params)
+        return int(status.rsplit(" ", 1)[-1])  # "INSERT 0 1", "UPDATE 1"
+
+    async def keep_dead_letters(self, messages: Sequence[Message]) -> int:
+        """Keep dead letters once per id (see KeepsDeadLetters)."""
+        return await dl.keep(dl.POSTGRES, self._dl_change, messages)
+
+    async def get_dead_letter(self, dead_letter_id: UUID) -> DeadLetter | None:
+        """The kept dead letter with this id, or None."""
+        return await dl.get(dl.POSTGRES, self._dl_read, dead_letter_id)
+
+    async def list_dead_letters(self, q: DeadLetterQuery) -> DeadLetterPage:
+        """One page of kept dead letters, newest first."""
+        return await dl.page(dl.POSTGRES, self._dl_read, q)
+
+    async def settle_dead_letter(self, dead_letter_id: UUID, state: DeadLetterState, *, by: str,
+                                 redriven_as: UUID | None = None) -> bool:
+        """Move a ``dead`` row to ``state`` (compare-and-set)."""
+        return await dl.settle(dl.POSTGRES, self._dl_change, dead_letter_id, state, by, redriven_as)
+
+    async def reopen_dead_letter(self, dead_letter_id: UUID, redriven_as: UUID) -> bool:
+        """Put a row whose re-drive was not published back to ``dead``."""
+        return await dl.reopen(dl.POSTGRES, self._dl_change, dead_letter_id, redriven_as)
+
+    async def dead_letter_counts(self, since: datetime) -> dict[str, int]:
+        """Dead letters created at or after ``since``, by group."""
+        return await dl.counts(dl.POSTGRES, self._dl_read, since)
 
     # ---- maintenance -------------------------------------------------------------------------
 

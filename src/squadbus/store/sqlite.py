@@ -29,6 +29,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 from squadbus.core.envelope import Message, utcnow
 from squadbus.core.errors import BackendError, BackendTimeout, Closed, ConfigError, ConnectionLost
 from squadbus.store import _common as c
+from squadbus.store import _dead_letters_sql as dl
 from squadbus.store import _listing_sqlite
 from squadbus.store.base import (
     AgentPage,
@@ -41,6 +42,7 @@ from squadbus.store.base import (
     IdClaim,
     StoredMessage,
 )
+from squadbus.store.dead_letters import DeadLetter, DeadLetterPage, DeadLetterQuery, DeadLetterState
 from squadbus.store.migrations import SQLITE_MIGRATIONS
 
 _CHUNK = 500  # ids per IN (...) list, well under SQLITE_MAX_VARIABLE_NUMBER
@@ -111,7 +113,8 @@ def _translate(what: str) -> Iterator[None]:
 
 
 class SqliteStore:
-    """A ``HistoryStore``, ``ClaimsIdGroups`` and ``ListsExecutions`` on one SQLite file (see module docstring)."""
+    """A ``HistoryStore``, ``ClaimsIdGroups``, ``ListsExecutions`` and ``KeepsDeadLetters`` on one SQLite file
+    (see module docstring)."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -456,6 +459,45 @@ class SqliteStore:
         """One page of agents by id (see ListsExecutions)."""
         with _translate("list_agents"):
             return await _listing_sqlite.list_agents(self._read, q)
+
+    # ---- dead letters ------------------------------------------------------------------------
+
+    async def _change(self, sql: str, params: Sequence[Any]) -> int:
+        writer, _ = self._conns()
+        async with self._write_lock:
+            cursor = await writer.execute(sql, params)
+            return int(cursor.rowcount)
+
+    async def keep_dead_letters(self, messages: Sequence[Message]) -> int:
+        """Keep dead letters once per id (see KeepsDeadLetters)."""
+        with _translate("keep_dead_letters"):
+            return await dl.keep(dl.SQLITE, self._change, messages)
+
+    async def get_dead_letter(self, dead_letter_id: UUID) -> DeadLetter | None:
+        """The kept dead letter with this id, or None."""
+        with _translate("get_dead_letter"):
+            return await dl.get(dl.SQLITE, self._read, dead_letter_id)
+
+    async def list_dead_letters(self, q: DeadLetterQuery) -> DeadLetterPage:
+        """One page of kept dead letters, newest first."""
+        with _translate("list_dead_letters"):
+            return await dl.page(dl.SQLITE, self._read, q)
+
+    async def settle_dead_letter(self, dead_letter_id: UUID, state: DeadLetterState, *, by: str,
+                                 redriven_as: UUID | None = None) -> bool:
+        """Move a ``dead`` row to ``state`` (compare-and-set)."""
+        with _translate("settle_dead_letter"):
+            return await dl.settle(dl.SQLITE, self._change, dead_letter_id, state, by, redriven_as)
+
+    async def reopen_dead_letter(self, dead_letter_id: UUID, redriven_as: UUID) -> bool:
+        """Put a row whose re-drive was not published back to ``dead``."""
+        with _translate("reopen_dead_letter"):
+            return await dl.reopen(dl.SQLITE, self._change, dead_letter_id, redriven_as)
+
+    async def dead_letter_counts(self, since: datetime) -> dict[str, int]:
+        """Dead letters created at or after ``since``, by group."""
+        with _translate("dead_letter_counts"):
+            return await dl.counts(dl.SQLITE, self._read, since)
 
     # ---- maintenance -------------------------------------------------------------------------
 
