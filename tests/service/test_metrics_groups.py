@@ -91,6 +91,22 @@ async def test_dead_letters_are_counted_per_group_with_bounded_labels(make_app: 
     assert counted == {labels(group="a"): 2, labels(group="b"): 1, labels(group="other"): 2}
 
 
+async def test_dead_letters_acked_by_the_db_writer_are_counted(make_app: MakeApp) -> None:
+    async with asgi(make_app(workers=("db-writer",))) as api:
+        plain = envelope.build(subject="agent.message.ops", sender_id="pm", content="x")
+        bus = api.service.bus
+        for group in ("billing", "billing", "triage"):
+            await bus.publish(plain.evolve(id=envelope.new_id(), subject=subjects.dead_letter(group)))
+        counted: dict[object, float] = {}
+        for _ in range(500):
+            got = await scrape(api)
+            counted = {k[1]: v for k, v in got.items() if k[0] == "squadbus_dead_letters_total"}
+            if sum(counted.values()) >= 3:
+                break
+            await asyncio.sleep(0.02)
+    assert counted == {labels(group="billing"): 2, labels(group="triage"): 1}
+
+
 # ---- a broker that is down or hangs ------------------------------------------------------------------
 
 

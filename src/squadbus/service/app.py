@@ -138,7 +138,8 @@ def _workers(service: Service, analytics_out: list[Analytics]) -> list[Worker]:
                 hub.offer(rows)
 
             built.append(DbWriter(bus, store, batch_size=opts.db_writer_batch_size,
-                                  max_wait=opts.db_writer_max_wait, on_written=on_written))
+                                  max_wait=opts.db_writer_max_wait, on_written=on_written,
+                                  on_dead_letters=metrics_.record_dead_letters))
             built.append(DeadLetterKeeper(bus, store))  # the db-writer leaves dead letters out of the history
         elif name == "sse-broadcaster":
             broadcaster = SseBroadcaster(bus, hub.notify)

@@ -61,6 +61,7 @@ _POISON_MEMORY = 10_000
 
 _Verdict = Literal["found", "none", "interrupted"]
 OnWritten = Callable[[list[StoredMessage]], Awaitable[None]]
+OnDeadLetters = Callable[[list[Message]], None]
 
 
 @dataclass(slots=True)
@@ -77,7 +78,9 @@ class DbWriter:
     """Writes every message and reply (``agent.>`` but dead letters) to ``store`` (see the module docstring).
 
     ``on_written(rows)`` is awaited after each committed batch with one row
-    per delivery (redelivered messages return their existing row).
+    per delivery (redelivered messages return their existing row);
+    ``on_dead_letters(messages)`` is called with the dead letters of a batch
+    (acked, not stored), e.g. to count them per group.
     ``options`` overrides the consumer options (``batch_size`` and
     ``max_in_flight`` come from ``batch_size`` and ``pipeline``);
     ``retry_for`` (default None: until the store answers) is how long a batch
@@ -94,6 +97,7 @@ class DbWriter:
         batch_size: int = 500,
         max_wait: float = 0.05,
         on_written: OnWritten | None = None,
+        on_dead_letters: OnDeadLetters | None = None,
         retry_for: float | None = None,
         pipeline: int = 2,
         options: ConsumerOptions | None = None,
@@ -105,6 +109,7 @@ class DbWriter:
         self.batch_size = batch_size
         self.max_wait = max_wait
         self.on_written = on_written
+        self.on_dead_letters = on_dead_letters
         self.retry_for = retry_for
         self.pipeline = pipeline
         self.options = options or ConsumerOptions(max_deliver=1_000_000, backoff_base=0.1, backoff_max=5.0)
@@ -151,14 +156,21 @@ class DbWriter:
         """Write a batch; messages found poisonous on an earlier try are dead-lettered instead."""
         failures: dict[Delivery, BaseException] = {}
         fresh: list[Delivery] = []
+        dead: list[Message] = []
         for delivery in deliveries:
             if delivery.message.subject.startswith(_SKIPPED):
-                continue  # acked, not stored: a dead letter is a copy of a stored message
+                dead.append(delivery.message)  # acked, not stored: a dead letter is a copy of a stored message
+                continue
             reason = self._poison.pop(delivery.message.id, None)
             if reason is not None:
                 failures[delivery] = Reject(reason)
             else:
                 fresh.append(delivery)
+        if dead and self.on_dead_letters is not None:
+            try:
+                self.on_dead_letters(dead)
+            except Exception:
+                logger.exception("on_dead_letters callback failed for %d dead letters", len(dead))
         if fresh:
             # A long store outage must not hand the batch to another member meanwhile.
             async with leases_kept(fresh, max(0.5, self.options.ack_wait / 3)):
