@@ -14,9 +14,9 @@ messages back, so it counts them itself.
 
 ``nack(delay)``: a delay of 0 requeues at once. A longer delay keeps the
 message unacknowledged here and requeues it when the delay has passed (a
-quorum queue puts a returned message ahead of the others). It holds a
-prefetch slot meanwhile and stays with this consumer: if the consumer dies,
-the broker requeues it at once, which costs only an early retry.
+3.10 quorum queue then delivers it after the messages already queued). It
+holds a prefetch slot meanwhile and stays with this consumer: if the
+consumer dies, the broker requeues it at once, which costs only an early retry.
 """
 
 from __future__ import annotations
