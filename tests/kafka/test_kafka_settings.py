@@ -75,3 +75,15 @@ def test_compose_file_is_single_node_kraft_without_zookeeper() -> None:
     assert "KAFKA_ZOOKEEPER_CONNECT" not in env
     assert "9092:9092" in kafka["ports"]
     assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
+
+
+def test_group_timeouts_tuned_for_tansu_unless_the_url_sets_them() -> None:
+    plain = KafkaSettings.from_url("kafka://h")
+    tuned = plain.for_broker("tansu_cluster")
+    assert (tuned.session_timeout_ms, tuned.heartbeat_interval_ms) == (3000, 1000)
+    assert plain.for_broker("MkU3OEVBNTcwNTJENDM2Qk") is plain  # Apache Kafka: a random cluster id
+    assert plain.for_broker(None) is plain
+    session = KafkaSettings.from_url("kafka://h?session_timeout_ms=6000").for_broker("tansu_cluster")
+    assert (session.session_timeout_ms, session.heartbeat_interval_ms) == (6000, 1000)
+    both = KafkaSettings.from_url("kafka://h?session_timeout_ms=8000&heartbeat_interval_ms=2000")
+    assert both.for_broker("tansu_cluster") is both

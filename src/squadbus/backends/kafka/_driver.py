@@ -17,6 +17,7 @@ try:
         RequestTimedOutError,
     )
     from aiokafka.partitioner import DefaultPartitioner, murmur2
+    from aiokafka.protocol.metadata import MetadataRequest
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("the kafka:// backend needs aiokafka: pip install squadbus[kafka]") from exc
 
@@ -32,6 +33,7 @@ __all__ = [
     "KafkaConnectionError",
     "KafkaError",
     "KafkaTimeoutError",
+    "MetadataRequest",
     "NewTopic",
     "NoBrokersAvailable",
     "NodeNotReadyError",

@@ -89,6 +89,11 @@ class KafkaBackend:
         except (KafkaError, TimeoutError) as exc:
             await self._publisher.stop()
             raise self._connect_error(exc, held.cause()) from exc
+        tuned = self.settings.for_broker(await self._publisher.cluster_id())
+        if tuned is not self.settings:
+            logger.info("kafka: tansu broker, group session %d ms / heartbeat %d ms (set them in the URL to change)",
+                        tuned.session_timeout_ms, tuned.heartbeat_interval_ms)
+            self.settings = tuned
         self._connected = True
 
     def _connect_error(self, exc: KafkaError | TimeoutError, cause: str | None) -> BackendError:

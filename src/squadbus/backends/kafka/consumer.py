@@ -140,6 +140,7 @@ class KafkaSubscription:
         on_close: Callable[[KafkaSubscription], None],
     ) -> None:
         self._settings = settings
+        self._joined = asyncio.Event()
         self._topics = layout.topics_for(pattern)
         self._pattern = pattern
         self._group = group
@@ -215,6 +216,17 @@ class KafkaSubscription:
         self._dispatch_task = loop.create_task(self._dispatch_loop(), name=f"squadbus-kafka-dispatch-{name}")
         if self._group is not None:
             self._commit_task = loop.create_task(self._commit_loop(), name=f"squadbus-kafka-commit-{name}")
+            await self._wait_joined()
+
+    async def _wait_joined(self) -> None:
+        """Return once the group has given this member its first assignment (possibly no partition), or
+        after ``join_timeout`` with a warning: the member keeps trying and consumes once it joins."""
+        try:
+            async with asyncio.timeout(self._settings.join_timeout):
+                await self._joined.wait()
+        except TimeoutError:
+            logger.warning("group %s has not assigned partitions within %.0f s; subscribe() returns, "
+                           "deliveries start once it does", self.kafka_group_id, self._settings.join_timeout)
 
     async def _all_partitions(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
         await consumer.topics()  # refresh metadata
@@ -513,6 +525,12 @@ class KafkaSubscription:
         self._space.set()
 
     async def _on_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        try:
+            await self._take_partitions(assigned)
+        finally:
+            self._joined.set()
+
+    async def _take_partitions(self, assigned: Iterable[TopicPartition]) -> None:
         consumer = self._consumer
         assert consumer is not None
         fresh = [tp for tp in assigned if tp not in self._parts]

@@ -24,6 +24,7 @@ from squadbus.backends.kafka._driver import (
     KafkaConnectionError,
     KafkaError,
     KafkaTimeoutError,
+    MetadataRequest,
     NoBrokersAvailable,
     NodeNotReadyError,
     RequestTimedOutError,
@@ -231,6 +232,24 @@ class KafkaPublisher:
             await asyncio.gather(*(ack for ack, _ in submitted), return_exceptions=True)
             raise
         return submitted
+
+    async def cluster_id(self) -> str | None:
+        """The broker's cluster id (a Metadata request), or None if it does not say or cannot be asked."""
+        producer = self._producer
+        if producer is None:
+            return None
+        client = producer.client
+        try:
+            async with asyncio.timeout(self._settings.connect_timeout):
+                node = client.get_random_node()
+                if node is None:
+                    return None
+                response = await client.send(node, MetadataRequest([]))
+        except (KafkaError, TimeoutError) as exc:
+            logger.debug("could not read the cluster id: %s", exc)
+            return None
+        cluster: str | None = getattr(response, "cluster_id", None)
+        return cluster
 
     async def partitions(self, topic: str) -> list[int]:
         """The partition ids of ``topic``, sorted."""
