@@ -57,8 +57,8 @@ logger = logging.getLogger("squadbus.backends.redis.inboxes")
 
 _PER_CALL = 1000
 """Agents served per driver round trip (reads, checks, redeliveries)."""
-_SWEEP_CHUNK = 500
-"""Agents checked per sweep step; steps are spread over the claim interval."""
+_SWEEP_CHUNK = 100
+"""Agents checked per sweep step (200 commands, ~1 ms of Redis); steps are spread over the claim interval."""
 _OPS_PER_BATCH = 1000
 _RELEASE_IDLE_MS = 10**9
 
@@ -456,10 +456,7 @@ class InboxHub:
                              PackedCommand("XPENDING", agent.stream, agent.redis_group, entry_id, entry_id, 1, me))
             for agent in checks:
                 agent.busy = True
-                min_idle = int(agent.options.ack_wait * 1000)
-                commands += (
-                    PackedCommand("XAUTOCLAIM", agent.stream, agent.redis_group, me, min_idle, "0-0", "COUNT", 1),
-                    PackedCommand("XPENDING", agent.stream, agent.redis_group, "-", "+", 1))
+                commands += self._check_commands(agent)
             for agent in reads:
                 agent.busy = True
                 commands.append(PackedCommand("XREADGROUP", "GROUP", agent.redis_group, me, "COUNT", 1,
@@ -502,6 +499,36 @@ class InboxHub:
                 at += 1
             if missing:
                 await self._recreate(missing)
+
+    def _check_commands(self, agent: _Agent) -> tuple[PackedCommand, PackedCommand]:
+        """Claim the agent's oldest entry idle past its ack_wait; then its oldest pending entry (the gate)."""
+        min_idle = int(agent.options.ack_wait * 1000)
+        return (PackedCommand("XAUTOCLAIM", agent.stream, agent.redis_group, self._consumer, min_idle, "0-0",
+                              "COUNT", 1),
+                PackedCommand("XPENDING", agent.stream, agent.redis_group, "-", "+", 1))
+
+    async def _check_round(self, agents: list[_Agent]) -> None:
+        """The sweep's checks of idle ``agents``, in a round trip of their own (reads do not wait behind it)."""
+        agents = [a for a in agents if self._idle(a)]
+        if not agents:
+            return
+        commands: list[PackedCommand] = []
+        for agent in agents:
+            agent.busy = True
+            commands += self._check_commands(agent)
+        try:
+            async with asyncio.timeout(self.ctx.settings.publish_timeout):
+                replies = await execute_each(self._client, commands)
+        except FAILURES as exc:
+            logger.debug("inboxes: sweep step failed: %r", exc)
+            return
+        finally:
+            for agent in agents:
+                agent.busy = False
+        missing = [agent for i, agent in enumerate(agents) if not self._checked(agent, replies[2 * i],
+                                                                                replies[2 * i + 1])]
+        if missing:
+            await self._recreate(missing)
 
     def _redelivered(self, agent: _Agent, claimed: Any, pending: Any) -> None:
         entry = agent.entry
@@ -686,8 +713,7 @@ class InboxHub:
                 continue
             steps = [agents[i:i + _SWEEP_CHUNK] for i in range(0, len(agents), _SWEEP_CHUNK)]
             for step in steps:
-                self._checks.update(a for a in step if self._idle(a))
-                self._wake.set()
+                await self._check_round(step)
                 if loop.time() >= next_touch:
                     next_touch = loop.time() + touch_every
                     held = [(a, a.entry) for a in self._agents.values() if a.entry is not None and not a.closing]
