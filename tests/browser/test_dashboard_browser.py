@@ -83,7 +83,7 @@ def test_token_overview_executions_conversation_sequence_and_agents(page: Page, 
     page.element("#show-sequence").click()
     page.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#sequence svg .arrow")) == 4, "sequence arrows")
     lanes = page.texts("#sequence .lane-label")
-    assert lanes == ["pm", "dev-1", "#dev", "*"]
+    assert lanes == ["pm", "dev-1", "#dev", "* (squad)"]
     assert page.driver.current_url.endswith(f"#/executions/{execution}?view=sequence")
     page.driver.refresh()  # the URL holds the view: a reload (or a shared link) shows the sequence again
     page.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#sequence svg .arrow")) == 4, "sequence after reload")
@@ -97,6 +97,16 @@ def test_token_overview_executions_conversation_sequence_and_agents(page: Page, 
     page.screenshot("agents")
     page.element('tr[data-agent="pm"] a').click()
     page.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#agent-messages .msg")) == 4, "agent's messages")
+
+    # dark mode follows the system setting (prefers-color-scheme)
+    page.driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {
+        "features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+    page.element('header nav a[data-view="overview"]').click()
+    page.element('[data-agent="pm"]')
+    page.text_of("#rate-chart .legend", "plan")
+    background = page.driver.execute_script("return getComputedStyle(document.body).backgroundColor")
+    assert background == "rgb(21, 24, 29)"
+    page.screenshot("overview-dark")
 
 
 def test_conversation_recovers_after_a_restart_with_no_gap_and_no_duplicate(

@@ -178,3 +178,62 @@ async def test_script_core_lists_streams_and_reports_errors_against_a_live_serve
     assert result["pairedWith"] == "r1"
     assert result["repeat"] is None
     assert result["relative"] == ["5 min ago", ""]
+
+
+NODE_HELPERS = """
+const out = {};
+const metrics = parseMetrics([
+  '# TYPE squadbus_info gauge', 'squadbus_info{backend="nats",version="0.1.0"} 1.0',
+  'squadbus_group_figures_up 1.0',
+  'squadbus_group_lag{group="db-writer",subject="agent.>"} 3.0',
+  'squadbus_group_lag{group="billing",subject="agent.message.>"} 2.0',
+  'squadbus_group_lag{group="billing",subject="agent.reply.>"} 5.0',
+  'squadbus_group_pending{group="billing",subject="agent.message.>"} 1.0',
+  'squadbus_group_dead_letters{group="billing"} 4.0', ''].join("\\n"));
+out.metrics = {backend: metrics.backend, version: metrics.version, reported: metrics.groupsReported,
+  up: metrics.groupsUp, groups: metrics.groups};
+const bare = parseMetrics('squadbus_info{backend="kafka",version="0.1.0"} 1.0\\n');
+out.bare = {backend: bare.backend, reported: bare.groupsReported, groups: bare.groups};
+const rates = new RateWindow(60);
+const now = Date.parse("2026-12-04T12:00:30Z");
+for (let i = 0; i < 20; i++) rates.add("plan", now - 1000);
+rates.add("task", now);
+rates.add("old", now - 120000);
+const series = rates.series(now);
+out.rates = {types: series.types, seconds: series.seconds.length, last: [...series.seconds[59].counts],
+  plan: rates.rates(now).get("plan")};
+const layout = sequenceLayout([
+  {id: "1", seq: 1, sender_id: "pm", recipient_id: "dev-1", message_type: "plan", content: "x", headers: {}},
+  {id: "2", seq: 2, sender_id: "dev-1", recipient_id: null, domain: "dev", message_type: "m", content: "y"},
+  {id: "3", seq: 3, sender_id: "qa", recipient_id: null, domain: null, message_type: "m", content: "z"},
+  {id: "4", seq: 4, sender_id: "dev-1", recipient_id: "pm", message_type: "m", content: "w",
+   headers: {correlation_id: "1"}}]);
+out.layout = {lanes: layout.lanes, arrows: layout.arrows.map((a) => [a.from, a.to, a.broadcast, a.reply])};
+out.paths = [deadLettersQuery({group: "billing"}), redrivePath("a b"), redriveGroupPath("g:1")];
+console.log(JSON.stringify(out));
+"""
+
+
+async def test_script_helpers_for_metrics_rates_sequence_and_dead_letters(tmp_path: Path) -> None:
+    node = shutil.which("node")
+    if node is None:
+        raise ServerUnavailable("node is not installed (Debian package nodejs): the dashboard test needs it")
+    path = tmp_path / "helpers.mjs"
+    path.write_text(asset("dashboard.js").decode() + NODE_HELPERS)
+    proc = await asyncio.create_subprocess_exec(node, str(path), stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    assert result["metrics"] == {
+        "backend": "nats", "version": "0.1.0", "reported": True, "up": True,
+        "groups": [{"group": "billing", "lag": 7, "pending": 1, "dead_letters": 4},
+                   {"group": "db-writer", "lag": 3, "pending": None, "dead_letters": None}]}
+    assert result["bare"] == {"backend": "kafka", "reported": False, "groups": []}
+    assert result["rates"] == {"types": ["plan", "task"], "seconds": 60, "last": [["task", 1]], "plan": 2}
+    assert result["layout"] == {
+        "lanes": ["pm", "dev-1", "qa", "#dev", "* (squad)"],
+        "arrows": [["pm", "dev-1", False, False], ["dev-1", "#dev", True, False], ["qa", "* (squad)", True, False],
+                   ["dev-1", "pm", False, True]]}
+    assert result["paths"] == ["v1/dead-letters?limit=50&state=dead&group=billing", "v1/dead-letters/a%20b:redrive",
+                               "v1/dead-letters:redrive?group=g%3A1"]

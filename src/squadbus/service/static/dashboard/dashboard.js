@@ -181,6 +181,7 @@ class Conversation {
 const AGENTS = "v1/agents";
 const DEAD_LETTERS = "v1/dead-letters";
 const SQUAD_EVENTS = "v1/events";
+const SQUAD_LANE = "* (squad)";
 const SVG_NS = "http://www.w3.org/2000/svg"; // an XML namespace name: nothing is fetched from it
 
 /** POST to the API (admin actions); returns the JSON answer or throws ApiError with a readable message. */
@@ -297,7 +298,10 @@ function sequenceLayout(messages) {
     arrows.push({from: m.sender_id, to, broadcast, type: m.message_type, seq: m.seq, id: m.id,
       reply: Boolean((m.headers || {}).correlation_id), content: m.content});
   }
-  for (const a of arrows) if (a.broadcast) lane(a.to, targets);
+  for (const a of arrows) {
+    if (a.broadcast && a.to === "*") a.to = SQUAD_LANE;
+    if (a.broadcast) lane(a.to, targets);
+  }
   return {lanes: [...agents, ...targets], arrows};
 }
 
@@ -405,10 +409,11 @@ function markNav(name) {
 
 // ---- overview ----------------------------------------------------------------------------------------
 
-const CHART_W = 720, CHART_H = 180, CHART_PAD = 28;
+const CHART_H = 170, CHART_PAD = 28;
 
 function drawRateChart(target, rates) {
   const now = Date.now();
+  const CHART_W = Math.max(360, Math.round(target.clientWidth || 720)); // drawn at the card's width: text stays crisp
   const {types, seconds} = rates.series(now);
   const totals = seconds.map((s) => [...s.counts.values()].reduce((a, b) => a + b, 0));
   const max = Math.max(1, ...totals);
@@ -458,14 +463,14 @@ function overviewView() {
   const live = h("span", {class: "status muted"}, "");
   view().replaceChildren(h("h1", {}, "Overview", live), h("div", {id: "overview-empty"}),
     h("div", {class: "cards"},
-      card("Backend and store", health), card("Dead letters, last hour", dead),
-      h("section", {class: "card wide"}, h("h2", {}, "Messages per second by type"), chart),
-      card("Busiest agents and domains", busiest), card("Active executions (last 15 min)", active),
-      h("section", {class: "card wide"}, h("h2", {}, "Consumer groups"), groups)));
+      card("Backend and store", health), card("Active executions (last 15 min)", active),
+      card("Dead letters, last hour", dead),
+      h("section", {class: "card wide"}, h("h2", {}, "Messages per second by type, last minute"), chart),
+      card("Busiest agents and domains", busiest),
+      h("section", {class: "card span2"}, h("h2", {}, "Consumer groups"), groups)));
 
   const rates = new RateWindow(60);
   const agents = new Map(); // agent_id -> {sent, received, domain}
-  const domains = new Map();
   const executions = new Map(); // id -> {count, last}
   let dirty = true, stopped = false, failed = false;
 
@@ -524,6 +529,8 @@ function overviewView() {
   function renderBusiest() {
     const top = [...agents.entries()].map(([id, a]) => ({id, ...a, total: a.sent + a.received}))
       .sort((a, b) => b.total - a.total || a.id.localeCompare(b.id)).slice(0, 8);
+    const domains = new Map(); // domain -> messages sent and received by its agents
+    for (const a of agents.values()) if (a.domain) domains.set(a.domain, (domains.get(a.domain) || 0) + a.sent + a.received);
     const topDomains = [...domains.entries()].sort((a, b) => b[1] - a[1]).slice(0, 6);
     if (!top.length) {
       busiest.replaceChildren(h("p", {class: "muted"}, "No agent has sent anything yet."));
@@ -534,7 +541,7 @@ function overviewView() {
       h("td", {class: "mono"}, h("a", {href: `#/agents/${encodeURIComponent(a.id)}`}, a.id)),
       h("td", {class: "bar-cell"}, h("span", {class: "bar", style: `width: ${(100 * a.total / max).toFixed(1)}%`})),
       h("td", {class: "num", title: `${a.sent} sent, ${a.received} received`}, String(a.total)))))),
-    topDomains.length ? h("p", {class: "muted domains"}, "Domains: ", ...topDomains.flatMap(([d, n], i) =>
+    topDomains.length ? h("p", {class: "muted domains"}, "Domains, by their agents' messages: ", ...topDomains.flatMap(([d, n], i) =>
       [i ? ", " : "", h("b", {}, "#" + d), ` ${n}`])) : null);
   }
 
@@ -555,7 +562,6 @@ function overviewView() {
       const page = await apiGet(`${AGENTS}?limit=500`, token());
       for (const a of page.items) {
         agents.set(a.agent_id, {sent: a.messages_sent, received: a.messages_received, domain: a.domain});
-        if (a.domain) domains.set(a.domain, (domains.get(a.domain) || 0) + a.messages_sent);
       }
       if (!page.items.length) {
         document.getElementById("overview-empty")?.replaceChildren(sendHint("Nothing has been sent yet."));
@@ -586,13 +592,13 @@ function overviewView() {
     rates.add(m.message_type, Date.parse(m.created_at) || Date.now());
     const a = agents.get(m.sender_id) || {sent: 0, received: 0, domain: m.domain};
     a.sent += 1;
+    if (m.domain) a.domain = m.domain;
     agents.set(m.sender_id, a);
     if (m.recipient_id) {
       const r = agents.get(m.recipient_id) || {sent: 0, received: 0, domain: null};
       r.received += 1;
       agents.set(m.recipient_id, r);
     }
-    if (m.domain) domains.set(m.domain, (domains.get(m.domain) || 0) + 1);
     if (m.task_execution_id) {
       const x = executions.get(m.task_execution_id) || {count: 0, last: m.stored_at || m.created_at};
       x.count += 1;
