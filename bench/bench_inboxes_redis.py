@@ -49,8 +49,10 @@ async def squadbus_clients(raw: aioredis.Redis) -> int:
     return sum(1 for line in text.splitlines() if "name=squadbus" in line)
 
 
-async def one_case(server: RedisServer, agents: int, steady: float, seconds: float) -> dict[str, object]:
-    url = f"{server.url}?prefix=b{uuid.uuid4().hex[:8]}"
+async def one_case(
+    server: RedisServer, agents: int, steady: float, seconds: float, options: str = ""
+) -> dict[str, object]:
+    url = f"{server.url}?prefix=b{uuid.uuid4().hex[:8]}" + (f"&{options}" if options else "")
     raw = aioredis.Redis(port=server.port)
     rss0 = rss_mib()
     try:
@@ -154,13 +156,14 @@ async def main() -> None:
     parser.add_argument("--steady", type=float, default=0.0, help="msgs/s to random agents after opening")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--options", default="", help="redis:// URL options, e.g. claim_interval=1")
     args = parser.parse_args()
     server = RedisServer("fast")
     server.start()
     try:
         for _ in range(args.runs):
             for agents in args.agents:
-                print(json.dumps(await one_case(server, agents, args.steady, args.seconds)), flush=True)
+                print(json.dumps(await one_case(server, agents, args.steady, args.seconds, args.options)), flush=True)
     finally:
         server.cleanup()
 

@@ -18,22 +18,19 @@ logger = logging.getLogger("squadbus.backends.redis.acks")
 
 
 class AckQueue:
-    """Acks for one Redis consumer group (or for many: pass ``group`` to :meth:`add`), flushed by a
-    background task."""
+    """Acks for one Redis consumer group, flushed by a background task."""
 
     def __init__(self, client: aioredis.Redis, redis_group: str, counters: RedisCounters) -> None:
         self._client = client
         self._group = redis_group
         self._counters = counters
-        # (stream, group) -> entry ids
-        self._acks: dict[tuple[str, str], list[bytes]] = defaultdict(list)
+        self._acks: dict[str, list[bytes]] = defaultdict(list)
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
-    def add(self, stream: str, entry_id: bytes, group: str | None = None) -> None:
-        """Queue an XACK (in ``group``, default the queue's group); sent on the next loop iteration
-        with every other queued ack."""
-        self._acks[(stream, group or self._group)].append(entry_id)
+    def add(self, stream: str, entry_id: bytes) -> None:
+        """Queue an XACK; sent on the next loop iteration with every other queued ack."""
+        self._acks[stream].append(entry_id)
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="squadbus-redis-acks")
 
@@ -46,8 +43,8 @@ class AckQueue:
                     await self._send(batch)
                     backoff = 0.05
                 except FAILURES as exc:
-                    for key, ids in batch.items():
-                        self._acks[key][:0] = ids
+                    for stream, ids in batch.items():
+                        self._acks[stream][:0] = ids
                     logger.warning("group %s: XACK failed, retrying: %s", self._group, exc)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
@@ -55,15 +52,9 @@ class AckQueue:
             # Cleared synchronously with the loop's last check: a later add() starts a new task.
             self._task = None
 
-    async def _send(self, batch: dict[tuple[str, str], list[bytes]]) -> None:
-        await execute_packed(self._client, *(PackedCommand("XACK", stream, group, *ids)
-                                             for (stream, group), ids in batch.items()))
-
-    async def sent(self) -> None:
-        """Wait until every ack queued so far was sent (or given up on by a failed flush)."""
-        task = self._task
-        if task is not None:
-            await asyncio.shield(task)
+    async def _send(self, batch: dict[str, list[bytes]]) -> None:
+        await execute_packed(self._client, *(PackedCommand("XACK", stream, self._group, *ids)
+                                             for stream, ids in batch.items()))
 
     async def flush(self) -> None:
         """Stop the background task and send what is queued once; raises if Redis fails

@@ -19,10 +19,11 @@ blocking ``XREADGROUP`` per inbox, one :class:`InboxHub` per backend serves ever
   an agent with nothing pending reads, which covers bells lost in a reconnect or never rung (a
   publisher of an older version). Entries held here are touched (``XCLAIM JUSTID``) every
   ``ack_wait / 3``, so a live holder keeps them however long its agent works;
-* acks go through :class:`~squadbus.backends.redis.acks.AckQueue` (one pipelined ``XACK`` round
-  trip for the acks of a moment); ``attempt`` is Redis's delivery counter; a nack keeps the entry
-  pending and re-claims it after the delay (``XCLAIM`` counts a delivery), before anything newer;
-  closing an agent hands its pending entries back (:func:`.group.release_pending`).
+* an ack is an ``XACK`` sent by the driver in front of that agent's next read (or claim check), in
+  the same round trip: one round trip per message, and the check never sees an entry already acked
+  as pending; ``attempt`` is Redis's delivery counter; a nack keeps the entry pending and re-claims
+  it after the delay (``XCLAIM`` counts a delivery), before anything newer; closing an agent hands
+  its pending entries back as :func:`.group.release_pending` does (to ``RELEASED_CONSUMER``).
 
 Opens and closes are batched by one short-lived task (``SUBSCRIBE`` of many bells, ``XGROUP
 CREATE ... 0 MKSTREAM`` pipelined), so opening 10,000 agents costs no connection per agent.
@@ -45,7 +46,6 @@ from squadbus.backends.redis._driver import (
     is_nogroup,
     translate,
 )
-from squadbus.backends.redis.acks import AckQueue
 from squadbus.backends.redis.consumer import ConsumerContext, Entry, RawFields, RedisDelivery
 from squadbus.backends.redis.group import RELEASED_CONSUMER, consumer_name, dead_letter_malformed
 from squadbus.core import subjects
@@ -90,7 +90,7 @@ class _Agent:
     """One open agent: its keys, its holders (the first is served) and the one entry it has out."""
 
     __slots__ = ("agent_id", "blocked", "busy", "channel", "claimed", "closing", "entry", "holders", "hub",
-                 "ready", "redis_group", "stream", "subject")
+                 "ready", "redis_group", "stream", "subject", "unacked")
 
     def __init__(self, hub: InboxHub, agent_id: str, group: str) -> None:
         layout = hub.ctx.layout
@@ -102,6 +102,7 @@ class _Agent:
         self.channel = layout.bell(agent_id).encode()
         self.holders: list[InboxHolder] = []
         self.entry: Entry | None = None
+        self.unacked: list[bytes] = []  # acked entries whose XACK the driver has not sent yet
         self.busy = False  # a read or check of this agent is in flight
         self.blocked = False  # its oldest pending entry is held elsewhere: read nothing new
         self.claimed = False  # the entry out was claimed: check for more pending ones before reading
@@ -142,7 +143,7 @@ class InboxHub:
         self._consumer = consumer_name()
         self._bell_head = len(ctx.layout.bell(""))
         self._agents: dict[str, _Agent] = {}
-        self._acks = AckQueue(ctx.client, "inboxes", ctx.counters)
+        self._acking: set[_Agent] = set()  # agents with XACKs to send
         self._reads: set[_Agent] = set()
         self._checks: set[_Agent] = set()
         self._retries: list[_Agent] = []
@@ -275,14 +276,11 @@ class InboxHub:
         self._wake.set()
 
     async def _close_batch(self, agents: list[_Agent]) -> None:
-        if any(a.busy for a in agents):
-            # A read in flight: let its entry land (and be left pending) before handing back.
+        if not self._between_rounds.is_set():
+            # A round trip in flight (a read, an ack of these agents): let it land before handing back.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.ctx.settings.publish_timeout):
                     await self._between_rounds.wait()
-        with contextlib.suppress(TimeoutError, *FAILURES):
-            async with asyncio.timeout(self.ctx.settings.publish_timeout):
-                await self._acks.sent()
         reopened = {a.channel for a in self._agents.values()}
         channels = [a.channel for a in agents if a.channel not in reopened]
         if channels and self._pubsub is not None:
@@ -295,8 +293,10 @@ class InboxHub:
         me = self._consumer
         for first in range(0, len(agents), _PER_CALL):
             chunk = agents[first:first + _PER_CALL]
-            rows = await execute_each(self._client, (
-                PackedCommand("XPENDING", a.stream, a.redis_group, "-", "+", 100, me) for a in chunk))
+            acks = self._ack_commands(chunk)
+            replies = await execute_each(self._client, [*acks, *(
+                PackedCommand("XPENDING", a.stream, a.redis_group, "-", "+", 100, me) for a in chunk)])
+            rows = replies[len(acks):]
             commands: list[PackedCommand] = []
             for agent, pending in zip(chunk, rows, strict=True):
                 if isinstance(pending, Exception):
@@ -418,6 +418,16 @@ class InboxHub:
     def _idle(agent: _Agent) -> bool:
         return agent.ready and not agent.closing and not agent.busy and agent.entry is None
 
+    def _ack_commands(self, agents: Iterable[_Agent]) -> list[PackedCommand]:
+        """The XACKs ``agents`` owe, taken off them (put back with :meth:`_unsent` if they fail)."""
+        commands = []
+        for agent in agents:
+            if agent.unacked:
+                commands.append(PackedCommand("XACK", agent.stream, agent.redis_group, *agent.unacked))
+                agent.unacked = []
+            self._acking.discard(agent)
+        return commands
+
     def _take(self) -> tuple[list[_Agent], list[_Agent], list[_Agent]]:
         retries, self._retries = self._retries[:_PER_CALL], self._retries[_PER_CALL:]
         retries = [a for a in retries if not a.closing and a.entry is not None]
@@ -446,9 +456,12 @@ class InboxHub:
             await self._wake.wait()
             self._wake.clear()
             retries, checks, reads = self._take()
-            if not (retries or checks or reads):
+            acking = list(self._acking)
+            if not (retries or checks or reads or acking):
                 continue
-            commands: list[PackedCommand] = []
+            owed = {agent: list(agent.unacked) for agent in acking}
+            commands = self._ack_commands(acking)
+            acks = len(commands)
             for agent in retries:
                 assert agent.entry is not None
                 entry_id = agent.entry.entry_id
@@ -466,6 +479,9 @@ class InboxHub:
                 async with asyncio.timeout(self.ctx.settings.publish_timeout):
                     replies = await execute_each(self._client, commands)
             except FAILURES as exc:
+                for agent, ids in owed.items():
+                    agent.unacked[:0] = ids
+                    self._acking.add(agent)
                 for agent in (*checks, *reads):
                     agent.busy = False
                 self._retries += retries
@@ -482,7 +498,7 @@ class InboxHub:
             finally:
                 self._between_rounds.set()
             backoff = 0.05
-            at = 0
+            at = acks
             missing: list[_Agent] = []
             for agent in retries:
                 self._redelivered(agent, replies[at], replies[at + 1])
@@ -509,7 +525,7 @@ class InboxHub:
 
     async def _check_round(self, agents: list[_Agent]) -> None:
         """The sweep's checks of idle ``agents``, in a round trip of their own (reads do not wait behind it)."""
-        agents = [a for a in agents if self._idle(a)]
+        agents = [a for a in agents if self._idle(a) and not a.unacked]  # the driver acks and checks those
         if not agents:
             return
         commands: list[PackedCommand] = []
@@ -603,7 +619,7 @@ class InboxHub:
             return  # pending here: the close hands it back
         if raw is None:
             self._report_trimmed(agent, 1)
-            self._acks.add(agent.stream, entry_id, agent.redis_group)
+            self._ack(agent, entry_id)
             self._checks.add(agent)
             self._wake.set()
             return
@@ -626,7 +642,7 @@ class InboxHub:
         group = agent.holders[0].group if agent.holders else f"inbox-{agent.agent_id}"
         try:
             if await dead_letter_malformed(self.ctx.publish, group, agent.stream, entry_id, raw, reason):
-                self._acks.add(agent.stream, entry_id, agent.redis_group)
+                self._ack(agent, entry_id)
             # else pending here: the sweep claims it again after ack_wait
         finally:
             agent.busy = False
@@ -662,12 +678,17 @@ class InboxHub:
         """An agent's delivery was acked (or dead-lettered): XACK, then its next message."""
         if agent.entry is entry:
             agent.entry = None
-        self._acks.add(entry.stream, entry.entry_id, agent.redis_group)
+        self._ack(agent, entry.entry_id)
         if agent.closing:
             return
         # After a claimed entry, more may be pending from the same dead holder: check before reading.
         (self._checks if agent.claimed else self._reads).add(agent)
         agent.claimed = False
+        self._wake.set()
+
+    def _ack(self, agent: _Agent, entry_id: bytes) -> None:
+        agent.unacked.append(entry_id)
+        self._acking.add(agent)
         self._wake.set()
 
     def nacked(self, agent: _Agent, entry: Entry, delay: float) -> None:
@@ -745,7 +766,6 @@ class InboxHub:
             await asyncio.gather(self._control, return_exceptions=True)
         try:
             async with asyncio.timeout(self.ctx.settings.publish_timeout):
-                await self._acks.flush()
                 await self._release(agents)
         except FAILURES as exc:
             logger.warning("inboxes: could not hand back held entries on close (%s); they are claimed after "
