@@ -27,7 +27,7 @@ if [ "$mode" = "all" ]; then
 fi
 
 scripts/venv.sh "$venv"
-extras='redis,nats,kafka,rabbitmq,postgres,server,dev'
+extras='redis,nats,kafka,rabbitmq,postgres,server,a2a,dev'
 [ "$mode" = "--server" ] && extras='server'
 # PIP_CONSTRAINT (not -c) so the pins also hold inside pip's isolated build environment (setuptools).
 PIP_CONSTRAINT="$PWD/requirements/constraints.txt" PIP_DISABLE_PIP_VERSION_CHECK=1 \
