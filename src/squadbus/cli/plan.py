@@ -8,7 +8,7 @@ Three sources, each named where it is used:
   Analysis" for 5,000 agents / 250k msgs/day, managed and self-hosted; the
   range of "Cost Comparison"): the guide's figures, not measured by us;
 * measured capacities: ``squadbus bench --json`` files given with ``--bench``,
-  else our published measured figures (:data:`MEASURED`, each with its source);
+  else the figures of docs/benchmarks.md (:data:`MEASURED`, each with its command);
 * with ``--from URL``, live figures of a running ``squadbus serve``: agents
   from ``GET /v1/agents``, messages of the last hour and their busiest minute
   from ``GET /v1/messages``, the current rate from two reads of ``/metrics``.
@@ -84,14 +84,12 @@ class Capacity:
     source: str
 
 
+_BENCH = "docs/benchmarks.md (2026-12-04, 2 shared cores): squadbus bench --url {} --max --senders 100, worst of 3"
 MEASURED: dict[str, Capacity] = {
-    "memory": Capacity(223_000, "README.md, Measured numbers (2026-12-01): memory send -> handler, median of 3"),
-    "redis": Capacity(23_000, "README.md, Measured numbers (2026-12-01): Redis (no fsync), 500 concurrent send "
-                              "-> group handler, lowest of 23k-35k"),
-    "nats": Capacity(3_100, "README.md, Measured numbers (2026-12-01): NATS JetStream, fsync every write, send "
-                            "-> group, lowest of 3.1k-3.8k"),
-    "kafka": Capacity(18_800, "README.md, Measured numbers (2026-12-01): Kafka protocol (tansu), 200 concurrent "
-                              "send -> group, lowest of 18.8k-25.2k"),
+    "memory": Capacity(59_000, _BENCH.format("memory://")),
+    "redis": Capacity(27_900, _BENCH.format("redis:// (no AOF, profile=fast)")),
+    "nats": Capacity(1_600, _BENCH.format("nats:// (file stream, fsync every write)")),
+    "kafka": Capacity(12_200, _BENCH.format("kafka:// (tansu 0.6, memory storage)")),
 }
 """Built-in capacities (one 2-core machine shared with other test runs; a lower bound for a real server)."""
 
