@@ -58,3 +58,20 @@ async def test_sqlite(sqlite_factory: StoreFactory) -> None:
 @pytest.mark.postgres
 async def test_postgres(postgres_factory: StoreFactory) -> None:
     await check(postgres_factory)
+
+
+async def retention(factory: StoreFactory) -> None:
+    store = await factory()
+    assert isinstance(store, KeepsDeadLetters)
+    await store.keep_dead_letters([dead("billing", "old")])
+    await store.delete_older_than(utcnow() + timedelta(seconds=1))
+    assert (await store.list_dead_letters(DeadLetterQuery(state=None))).items == []
+
+
+async def test_retention_removes_dead_letters_sqlite(sqlite_factory: StoreFactory) -> None:
+    await retention(sqlite_factory)
+
+
+@pytest.mark.postgres
+async def test_retention_removes_dead_letters_postgres(postgres_factory: StoreFactory) -> None:
+    await retention(postgres_factory)

@@ -14,6 +14,8 @@ dead-letter id, with a state:
 
 A row leaves ``dead`` once (:meth:`KeepsDeadLetters.settle_dead_letter` is a
 compare-and-set), so two admins re-driving the same dead letter publish it once.
+Retention (``delete_older_than``) removes kept dead letters stored before its
+cutoff, whatever their state, as it removes history.
 """
 
 from __future__ import annotations

@@ -593,6 +593,7 @@ class PostgresStore:
                     break
             # every row of an execution last active before the cutoff is gone: it leaves the list
             await pool.execute(q.RETIRE_EXECUTIONS, cutoff)
+            await pool.execute("DELETE FROM dead_letters WHERE stored_at < $1", cutoff)  # kept with the history
             while True:
                 status = await pool.execute(
                     "DELETE FROM id_claims WHERE id IN"

@@ -528,6 +528,7 @@ class SqliteStore:
                     " WHERE task_execution_id IS NOT NULL AND last_at < ?",
                     (limit,),
                 )
+                await writer.execute("DELETE FROM dead_letters WHERE stored_at < ?", (limit,))  # kept with the history
             while True:
                 async with self._write_lock:
                     before = writer.total_changes
