@@ -19,6 +19,9 @@ Two measurements, each on fresh topics, 1 KiB messages:
 
 Both sides use the same producer settings (``acks="all"``, no linger, same
 batch size) and the same consumer fetch settings.
+
+``run`` is that fixed suite (``squadbus bench --suite``, ``bench/bench_kafka.py``);
+``TARGET`` is what ``squadbus bench`` loads on kafka:// (:mod:`.loadgen`, raw side :class:`RawSide`).
 """
 
 from __future__ import annotations

@@ -519,7 +519,8 @@ def format_report(comparisons: list[Comparison], broker: Broker, load: Load) -> 
     head = (f"{'line':58} {'msgs/s':>9} {'lost':>5} | {'e2e p50':>8} {'p99':>8} {'p99.9':>8} {'p99.99':>8} "
             f"{'max':>8} | {'ack p50':>8} {'p99':>8} {'max':>8} | {'lag p99':>8} {'max':>8}")
     for comparison in comparisons:
-        out += ["", head, "-" * len(head)]
+        out += ["", f"{comparison.senders} senders, round {comparison.round + 1}, against {broker.line()}",
+                head, "-" * len(head)]
         for line in (comparison.raw, comparison.squadbus):
             e, a, g = line.end_to_end.figures, line.publish_ack.figures, line.sender_lag.figures
             lost = line.acked - min(line.seen, line.acked)

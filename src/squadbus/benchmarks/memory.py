@@ -3,6 +3,9 @@
 Every squadbus line is printed beside a baseline doing the same work in the
 same run: a bare ``asyncio.Queue`` producer/consumer (the floor of any
 in-process bus) and the guide's ``MessageBus`` (:mod:`.guide_bus`).
+
+``run`` is the fixed suite (``squadbus bench --suite``, ``bench/bench_memory.py``);
+``TARGET`` is what ``squadbus bench`` loads on memory:// (:mod:`.loadgen`).
 """
 
 from __future__ import annotations

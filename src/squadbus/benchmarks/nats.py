@@ -16,6 +16,9 @@ which would measure the timeout, not the broker.
 Request/reply: sequential round trips, squadbus ``Bus.request`` (the request
 is stored in the stream and consumed by a group; the reply comes back on core
 NATS) beside raw ``nc.request`` on core NATS (nothing stored).
+
+``run`` is that fixed suite (``squadbus bench --suite``, ``bench/bench_nats.py``);
+``TARGET`` is what ``squadbus bench`` loads on nats:// (:mod:`.loadgen`, raw side :class:`RawSide`).
 """
 
 from __future__ import annotations

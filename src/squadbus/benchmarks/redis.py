@@ -13,6 +13,9 @@ per-round ratios (rounds seconds apart cancel the shared machine's drift).
 Latency: an open loop at ``rate`` msgs/s (``openloop.drive``), latency from the
 intended send time to the handler, p50/p99/p99.9, raw ``XADD`` + blocking
 ``XREADGROUP`` beside squadbus at the same rate.
+
+``run`` is that fixed suite (``squadbus bench --suite``, ``bench/bench_redis.py``);
+``TARGET`` is what ``squadbus bench`` loads on redis:// (:mod:`.loadgen`, raw side :class:`RawSide`).
 """
 
 from __future__ import annotations
