@@ -232,8 +232,9 @@ def capacities_from(files: Sequence[str]) -> dict[str, Capacity]:
                 best = max(best, document["rate"] or 0.0)
         if best > 0 and best > found.get(backend, Capacity(0, "")).msgs_per_s:
             how = "--max" if document["mode"] == "max" else f"held --rate {document['rate']:g}"
-            found[backend] = Capacity(best, f"{name}: squadbus bench {how} on {document['broker']['name']} "
-                                            f"{document['broker']['version']}")
+            broker = document["broker"]
+            found[backend] = Capacity(best, f"{name}: squadbus bench {how} on {broker['name']} {broker['version']}"
+                                            f" ({broker.get('durability', 'durability not recorded')})")
     capacities.update(found)
     return capacities
 
@@ -407,7 +408,7 @@ def render(result: Plan) -> str:
         out.append(f"  {key:7} {cap.msgs_per_s:>10,.0f} msgs/s  {mark}  ({cap.source})")
     out.append("")
     out.append(f"cost per month ({GUIDE}, Cost Analysis for 5,000 agents / 250k msgs/day, and Cost Comparison; "
-               "the guide's figures, not measured):")
+               "the guide's figures for that one scenario, not measured and not scaled to this squad):")
     for key in ("memory", *ORDER):
         o = OPTIONS[key]
         pick = "  <-" if key == result.backend else ""
