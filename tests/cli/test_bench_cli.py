@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from squadbus.cli.bench import bench, parse_size
+from squadbus.cli.bench import bench, parse_size, redacted
 from squadbus.testing.servers.process import free_port
 from squadbus.testing.servers.redis import RedisServer
 
@@ -129,3 +129,9 @@ def test_sizes() -> None:
     with pytest.raises(ValueError):
         parse_size("lots")
     _one_line_error(*_run("--url", "memory://", "--size", "8"), "--size")
+
+
+def test_the_report_never_shows_a_password() -> None:
+    assert redacted("redis://:s3cret@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
+    assert redacted("nats://bob:pw@h:4222?profile=fast") == "nats://bob:***@h:4222?profile=fast"
+    assert redacted("memory://") == "memory://"

@@ -126,10 +126,10 @@ def bench(ctx: click.Context, backend_url: str | None, size: str, rate: float | 
     stream = loadgen.progress_stream(progress)
     try:
         broker, comparisons = asyncio.run(_measure(module, url, loads, rounds, loadgen.Progress(stream)))
-    except (SquadbusError, loadgen.BenchError, OSError, TimeoutError, ValueError) as exc:
+    except (SquadbusError, loadgen.BenchError) as exc:
         _fail(_describe(exc))
     except Exception as exc:  # a driver's own error (redis-py, nats-py, aiokafka): one line, never a traceback
-        _fail(_describe(exc))
+        _fail(f"{redacted(url)}: {_describe(exc)}")
     document = _document(url, broker, loads[0], comparisons)
     if json_file == "-":
         sys.stdout.write(json.dumps(document, indent=2) + "\n")
