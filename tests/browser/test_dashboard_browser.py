@@ -71,6 +71,13 @@ def test_token_overview_executions_conversation_sequence_and_agents(page: Page, 
     row = page.element(f'#executions tr[data-execution="{execution}"]')
     page.until(lambda d: row.find_elements(By.CSS_SELECTOR, "td")[2].text == "4", "executions list count")
     page.screenshot("executions")
+    # searchable by type and time; the search is in the URL
+    page.open("/executions?type=task&period=1h")
+    page.element(f'#executions tr[data-execution="{execution}"]')
+    page.open("/executions?type=no-such-type")
+    page.text_of("main p", "No execution matches this search.")
+    page.open("/executions")
+    row = page.element(f'#executions tr[data-execution="{execution}"]')
 
     row.find_element(By.CSS_SELECTOR, "a").click()
     page.text_of("#conversation .msg", "Sent from the CLI")

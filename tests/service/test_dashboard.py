@@ -209,7 +209,8 @@ const layout = sequenceLayout([
   {id: "4", seq: 4, sender_id: "dev-1", recipient_id: "pm", message_type: "m", content: "w",
    headers: {correlation_id: "1"}}]);
 out.layout = {lanes: layout.lanes, arrows: layout.arrows.map((a) => [a.from, a.to, a.broadcast, a.reply])};
-out.paths = [deadLettersQuery({group: "billing"}), redrivePath("a b"), redriveGroupPath("g:1")];
+out.paths = [deadLettersQuery({group: "billing"}), redrivePath("a b"), redriveGroupPath("g:1"),
+  executionsQuery({type: "plan", period: "1h", now: Date.parse("2026-12-04T12:00:00Z")})];
 console.log(JSON.stringify(out));
 """
 
@@ -236,4 +237,5 @@ async def test_script_helpers_for_metrics_rates_sequence_and_dead_letters(tmp_pa
         "arrows": [["pm", "dev-1", False, False], ["dev-1", "#dev", True, False], ["qa", "* (squad)", True, False],
                    ["dev-1", "pm", False, True]]}
     assert result["paths"] == ["v1/dead-letters?limit=50&state=dead&group=billing", "v1/dead-letters/a%20b:redrive",
-                               "v1/dead-letters:redrive?group=g%3A1"]
+                               "v1/dead-letters:redrive?group=g%3A1",
+                               "v1/executions?limit=50&type=plan&since=2026-12-04T11%3A00%3A00.000Z"]

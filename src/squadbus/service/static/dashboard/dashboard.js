@@ -52,10 +52,16 @@ async function apiGet(path, token) {
   return resp.json();
 }
 
-function executionsQuery({q = "", agent = "", cursor = null, limit = PAGE_SIZE} = {}) {
+/** Periods the executions list can be limited to (last activity within), in minutes. */
+const PERIODS = {"15m": 15, "1h": 60, "24h": 1440, "7d": 10080};
+
+function executionsQuery({q = "", agent = "", type = "", period = "", cursor = null, limit = PAGE_SIZE,
+  now = Date.now()} = {}) {
   const params = new URLSearchParams({limit: String(limit)});
   if (q) params.set("q", q);
   if (agent) params.set("agent", agent);
+  if (type) params.set("type", type);
+  if (PERIODS[period]) params.set("since", new Date(now - PERIODS[period] * 60000).toISOString());
   if (cursor) params.set("cursor", cursor);
   return `${EXECUTIONS}?${params}`;
 }
@@ -640,16 +646,23 @@ function executionRow(x) {
 
 function executionsView(params) {
   markNav("executions");
-  const q = params.get("q") || "", agent = params.get("agent") || "";
+  const q = params.get("q") || "", agent = params.get("agent") || "", type = params.get("type") || "";
+  const period = PERIODS[params.get("period")] ? params.get("period") : "";
   const qInput = h("input", {name: "q", value: q, placeholder: "execution id (prefix)", size: "30"});
   const agentInput = h("input", {name: "agent", value: agent, placeholder: "agent id", size: "16"});
+  const typeInput = h("input", {name: "type", value: type, placeholder: "message type", size: "14"});
+  const periodSelect = h("select", {name: "period"}, ...[["", "any time"], ["15m", "last 15 min"], ["1h", "last hour"],
+    ["24h", "last 24 h"], ["7d", "last 7 days"]].map(([v, label]) =>
+    h("option", v === period ? {value: v, selected: "selected"} : {value: v}, label)));
   const search = h("form", {class: "search", onsubmit: (ev) => {
     ev.preventDefault();
     const next = new URLSearchParams();
     if (qInput.value.trim()) next.set("q", qInput.value.trim());
     if (agentInput.value.trim()) next.set("agent", agentInput.value.trim());
+    if (typeInput.value.trim()) next.set("type", typeInput.value.trim());
+    if (periodSelect.value) next.set("period", periodSelect.value);
     location.hash = "#/executions" + (next.toString() ? "?" + next : "");
-  }}, qInput, agentInput, h("button", {}, "Search"));
+  }}, qInput, agentInput, typeInput, periodSelect, h("button", {}, "Search"));
   const body = h("tbody");
   const table = h("table", {id: "executions"}, h("thead", {}, h("tr", {}, h("th", {}, "Execution"),
     h("th", {}, "Last activity"), h("th", {class: "num"}, "Messages"), h("th", {}, "Agents"), h("th", {}, "Types"))), body);
@@ -659,14 +672,15 @@ function executionsView(params) {
   async function load(cursor) {
     let page;
     try {
-      page = await apiGet(executionsQuery({q, agent, cursor}), token());
+      page = await apiGet(executionsQuery({q, agent, type, period, cursor}), token());
     } catch (e) {
       if (cursor) out.append(errorBox(e.message)); else showError(out, e, route);
       return;
     }
     if (!cursor) {
       if (!page.items.length) {
-        out.replaceChildren(q || agent ? h("p", {class: "muted"}, "No execution matches this search.") : emptyState());
+        out.replaceChildren(q || agent || type || period ? h("p", {class: "muted"}, "No execution matches this search.")
+          : emptyState());
         return;
       }
       out.replaceChildren(table);
