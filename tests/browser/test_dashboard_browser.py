@@ -198,3 +198,22 @@ def test_a_viewer_cannot_redrive_an_admin_can_and_the_group_gets_it_again(
     page.open(f"/executions/{execution}")
     page.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#conversation .msg")) == 2, "both in the conversation")
     page.text_of("#conversation .msg .note", "re-driven")
+
+
+def test_errors_are_sentences(page: Page) -> None:
+    # an agent token may not follow the whole squad nor read /metrics: each card says so, in words
+    page.open("/")
+    page.use_token("pm")
+    chart = page.text_of("#rate-chart .error", "HTTP 403")
+    assert "agent tokens cannot follow the whole squad" in chart.text
+    groups = page.text_of("#groups .error", "HTTP 403")
+    assert "agent tokens cannot read metrics" in groups.text
+    page.screenshot("overview-agent-token")
+    page.open("/executions/not-a-uuid")
+    page.text_of(".error", '"not-a-uuid" is not an execution id')
+    page.open("/no-such-page")
+    page.text_of(".error", 'There is no page "#/no-such-page"')
+    page.open("/dead-letters")
+    page.text_of(".error", "HTTP 403")
+    for text in page.texts(".error"):
+        assert "{" not in text and "detail" not in text

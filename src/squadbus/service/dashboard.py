@@ -1,11 +1,13 @@
-"""The dashboard at ``/``: the executions list and one execution's conversation, live.
+"""The dashboard at ``/``: overview, executions, one execution (conversation or sequence), agents, dead letters.
 
 A plain static page, no build step and no external asset: ``index.html``,
 ``dashboard.js`` and ``dashboard.css`` ship as package data under
 ``static/dashboard/`` and are served from here, with ``/favicon.ico``. The page
-reads the API like any client (``GET /v1/executions``; the execution's SSE
-stream through ``fetch``, so its bearer token goes in a header, never in a
-URL) and asks for a token once per browser tab when the API answers 401.
+reads the API like any client (``/v1/executions``, ``/v1/agents``,
+``/v1/dead-letters``, ``/metrics``, ``/readyz``; the SSE streams through
+``fetch``, so its bearer token goes in a header, never in a URL) and asks for a
+token once per browser tab when the API answers 401. Views and what each reads:
+``docs/dashboard.md``.
 """
 
 from __future__ import annotations

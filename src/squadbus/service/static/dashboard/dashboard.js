@@ -478,7 +478,7 @@ function overviewView() {
   const rates = new RateWindow(60);
   const agents = new Map(); // agent_id -> {sent, received, domain}
   const executions = new Map(); // id -> {count, last}
-  let dirty = true, stopped = false, failed = false;
+  let dirty = true, stopped = false, failed = false, streamFailed = false;
 
   function fail(target, e) {
     if (e instanceof ApiError && e.status === 401) { if (!failed) { failed = true; askToken(route, e); } return; }
@@ -618,11 +618,11 @@ function overviewView() {
   loadHealth(); loadDead(); loadAgents(); loadActive(); seedRates();
   const stopStream = followStream(`${SQUAD_EVENTS}?start=new`, token(), {
     onStatus(text) { live.textContent = text; live.classList.toggle("live", text === "live"); },
-    onError(e) { live.textContent = ""; fail(chart, e); },
+    onError(e) { live.textContent = ""; streamFailed = true; fail(chart, e); },
     onEvent(kind, data) { if (kind === "message") onMessage(data); },
   });
   const draw = setInterval(() => {
-    drawRateChart(chart, rates);
+    if (!streamFailed) drawRateChart(chart, rates);
     if (dirty) { renderBusiest(); renderActive(); dirty = false; }
   }, 1000);
   drawRateChart(chart, rates);
