@@ -138,33 +138,36 @@ async def test_broker_crash_while_publishing_loses_nothing_acknowledged(rabbitmq
     async def record(delivery: Delivery) -> None:
         done.add(delivery.message.id)
 
+    live = Collector()
     acked: list[uuid.UUID] = []
     try:
-        async with Bus.from_url(url) as producer:
-            await producer.subscribe(subjects.direct(agent), record, group=group)
+        async with Bus.from_url(url) as bus:
+            await bus.subscribe(subjects.direct(agent), record, group=group)
+            await bus.subscribe(subjects.direct(agent), live)  # fan-out: not durable, but it must come back
+            # RabbitMQ 3.10 does not bring back a quorum queue created within about a second before the
+            # node crashed (its Raft member is not registered yet): docs/backends/rabbitmq.md.
+            await asyncio.sleep(2.0)
             rate, seconds = 100.0, 4.0
             start = time.monotonic()
-            crashed = False
             restart: asyncio.Future[object] | None = None
             for i in range(int(rate * seconds)):
                 delay = start + i / rate - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                if not crashed and time.monotonic() - start >= 1.0:
-                    crashed = True
+                if restart is None and time.monotonic() - start >= 1.0:
                     rabbitmq_server.kill9()
                     # Restart in the background while the publisher keeps trying.
                     restart = asyncio.get_running_loop().run_in_executor(None, rabbitmq_server.start)
                 message_id = uuid.uuid4()
-                if await _publish_until_acknowledged(producer, agent, message_id, time.monotonic() + 30):
+                if await _publish_until_acknowledged(bus, agent, message_id, time.monotonic() + 30):
                     acked.append(message_id)
             assert restart is not None
             await restart
-            assert crashed and len(acked) > 100
-        # A fresh consumer on the restarted node: the group's quorum queue kept every confirmed message.
-        async with Bus.from_url(url) as consumer:
-            await consumer.subscribe(subjects.direct(agent), record, group=group)
+            assert len(acked) > 100
+            # The same subscription, restored by the reconnect, gets every confirmed message from the queue.
             await eventually(lambda: done >= set(acked), 30, "every acknowledged message after the crash")
+            after = await bus.send("pm", agent, "after the restart")
+            await eventually(lambda: after.id in live.ids, 20, "the fan-out subscription to be back")
     finally:
         if not rabbitmq_server.running:
             rabbitmq_server.start()

@@ -32,7 +32,7 @@ import aio_pika.abc
 import aio_pika.exceptions
 import aiormq.exceptions
 
-from squadbus.backends.rabbitmq.topology import ORIGINAL_KEY_HEADER, binding_key, needs_filter
+from squadbus.backends.rabbitmq.topology import ORIGINAL_KEY_HEADER, binding_key, needs_filter, short_name
 from squadbus.core import subjects
 from squadbus.core.backend import (
     BatchRawHandler,
@@ -135,7 +135,10 @@ class RabbitSubscription:
         if self._queue_name is not None:
             queue = await backend.declare_group_queue(channel, self._queue_name)
         else:
-            queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
+            # Named here, not by the server: after a reconnect aio-pika declares the queue again under
+            # the name it had, and the broker refuses names starting with "amq." from clients.
+            name = short_name(f"{backend.settings.namespace}.fanout.{new_id().hex}")
+            queue = await channel.declare_queue(name, exclusive=True, auto_delete=True)
             await queue.bind(backend.settings.exchange, binding_key(self._pattern))
         self._queue = queue
         self._tag = await queue.consume(self._on_message)

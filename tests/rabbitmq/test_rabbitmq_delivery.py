@@ -1,0 +1,59 @@
+"""RabbitMQ-specific delivery behaviour: the backlog a new group copies from the log, the per-process
+dedupe window, and a literal '#' token (an AMQP wildcard) in an agent id."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from squadbus.core import subjects
+from squadbus.core.bus import Bus
+from squadbus.testing.conformance import Collector, eventually
+
+pytestmark = pytest.mark.rabbitmq
+
+
+async def test_a_new_group_gets_the_backlog_once_in_order_and_a_later_member_copies_nothing(
+    rabbitmq_url: str,
+) -> None:
+    agent, other, group = f"a-{uuid.uuid4().hex[:8]}", f"o-{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:8]}"
+    async with Bus.from_url(rabbitmq_url) as bus, Bus.from_url(rabbitmq_url) as second:
+        early = [(await bus.send("pm", agent, f"early-{i}")).id for i in range(20)]
+        await bus.send("pm", other, "not for this group")
+        first = Collector()
+        await bus.subscribe(subjects.direct(agent), first, group=group)
+        await eventually(lambda: len(first.messages) >= 20, 20, "the backlog")
+        late = Collector()
+        await second.subscribe(subjects.direct(agent), late, group=group)  # joins: no second copy
+        after = (await bus.send("pm", agent, "after")).id
+        await eventually(lambda: after in first.ids + late.ids, 20, "the message sent after both joined")
+        await asyncio.sleep(0.3)
+        assert first.ids[:20] == early, "the backlog arrives once, in publish order"
+        assert sorted(map(str, first.ids + late.ids)) == sorted(map(str, [*early, after]))
+
+
+async def test_the_same_id_published_twice_by_one_process_is_stored_once(rabbitmq_url: str) -> None:
+    agent = f"a-{uuid.uuid4().hex[:8]}"
+    async with Bus.from_url(rabbitmq_url) as bus:
+        got = Collector()
+        await bus.subscribe(subjects.direct(agent), got, group=f"g-{uuid.uuid4().hex[:8]}")
+        message_id = uuid.uuid4()
+        for _ in range(3):
+            await bus.send("pm", agent, "once", id=message_id)
+        marker = await bus.send("pm", agent, "marker")
+        await eventually(lambda: marker.id in got.ids, 20, "the marker")
+        assert got.ids == [message_id, marker.id]
+
+
+async def test_an_agent_id_that_is_an_amqp_wildcard_gets_only_its_own_messages(rabbitmq_url: str) -> None:
+    async with Bus.from_url(rabbitmq_url) as bus:
+        hash_inbox, plain = Collector(), Collector()
+        await bus.subscribe(subjects.direct("#"), hash_inbox, group="hash")
+        await bus.subscribe(subjects.direct("plain"), plain, group="plain")
+        to_plain = await bus.send("pm", "plain", "for plain")
+        to_hash = await bus.send("pm", "#", "for #")
+        await eventually(lambda: to_hash.id in hash_inbox.ids and to_plain.id in plain.ids, 20, "both messages")
+        await asyncio.sleep(0.3)
+        assert hash_inbox.ids == [to_hash.id] and plain.ids == [to_plain.id]
