@@ -165,10 +165,12 @@ def test_a_viewer_cannot_redrive_an_admin_can_and_the_group_gets_it_again(
     loop.run(bus.subscribe("agent.message.>", flaky.handle, group=group,
                            options=ConsumerOptions(max_deliver=2, backoff_base=0.05)))
     execution = uuid.uuid4()
-    sent = send(served, execution, "bad invoice #42")
     page.open(f"/dead-letters?group={group}")
     page.use_token("viewer")
-    row = page.element("#dead-letters tbody tr")
+    page.text_of(".empty", "No dead letter matches this filter.")
+    sent = send(served, execution, "bad invoice #42")
+    row = page.element("#dead-letters tbody tr")  # comes in while the page is open
+    assert page.element("#redrive-group").is_displayed()
     cells = [td.text for td in row.find_elements(By.CSS_SELECTOR, "td")]
     assert cells[1] == group and cells[2] == "rejected: cannot bill this customer"
     assert cells[3] == "1" and cells[4] == "agent.message.dev-1" and "bad invoice #42" in cells[5]

@@ -995,20 +995,33 @@ function deadLettersView(params) {
           : "No dead letters: every consumer group handled what it got. When a group gives up on a message " +
             "(its handler raised on the last of max_deliver attempts, or raised Reject), it shows here with the reason."),
         h("p", {class: "muted"}, "To watch for new ones from a terminal: ", h("code", {}, "squadbus tail 'agent.dlq.>'"))));
-        all?.remove();
+        if (all) all.hidden = true;
         return;
       }
       out.replaceChildren(table);
     }
-    for (const d of page.items) body.append(deadRow(d));
+    for (const d of page.items) { shown.add(d.id); body.append(deadRow(d)); }
     out.querySelector(".more")?.remove();
     if (page.next_cursor) {
       out.append(h("button", {class: "more", onclick: (ev) => { ev.target.disabled = true; load(page.next_cursor); }},
         "More"));
     }
   }
+  const shown = new Set();
+  // new dead letters come in at the top while the page is open (a work list: nothing else moves)
+  async function poll() {
+    let page;
+    try { page = await apiGet(deadLettersQuery({group, state}), token()); } catch (e) { return; }
+    const fresh = page.items.filter((d) => !shown.has(d.id));
+    if (!fresh.length) return;
+    if (!out.contains(table)) out.replaceChildren(table);
+    if (all) all.hidden = false;
+    for (const d of fresh.reverse()) { shown.add(d.id); body.prepend(deadRow(d)); }
+  }
   load(null);
-  return ticking();
+  const timer = setInterval(poll, 5000);
+  const tick = ticking();
+  return () => { clearInterval(timer); tick(); };
 }
 
 // ---- routing -----------------------------------------------------------------------------------------
