@@ -188,6 +188,7 @@ const AGENTS = "v1/agents";
 const DEAD_LETTERS = "v1/dead-letters";
 const SQUAD_EVENTS = "v1/events";
 const SQUAD_LANE = "* (squad)";
+const SEQUENCE_MAX = 500; // arrows drawn at most (the newest): an SVG of thousands of rows helps nobody
 const SVG_NS = "http://www.w3.org/2000/svg"; // an XML namespace name: nothing is fetched from it
 
 /** POST to the API (admin actions); returns the JSON answer or throws ApiError with a readable message. */
@@ -731,7 +732,8 @@ function messageRow(m, link) {
 
 /** The SVG sequence diagram of `messages`: one lane per agent (and broadcast target), one arrow per message. */
 function drawSequence(target, messages) {
-  const {lanes, arrows} = sequenceLayout(messages);
+  const shown = messages.slice(-SEQUENCE_MAX);
+  const {lanes, arrows} = sequenceLayout(shown);
   if (!arrows.length) { target.replaceChildren(h("p", {class: "muted"}, "No message yet.")); return; }
   const laneW = 150, top = 40, rowH = 30, left = 20;
   const width = left * 2 + lanes.length * laneW, height = top + arrows.length * rowH + 20;
@@ -763,7 +765,10 @@ function drawSequence(target, messages) {
     g.append(svg("title", {}, `#${a.seq} ${a.from} → ${a.to}: ${a.content.slice(0, 200)}`));
     d.append(g);
   });
-  target.replaceChildren(h("div", {class: "sequence-scroll"}, d));
+  const note = messages.length > shown.length
+    ? h("p", {class: "muted"}, `The last ${shown.length} of ${messages.length} messages; the conversation has them all.`)
+    : null;
+  target.replaceChildren(...(note ? [note] : []), h("div", {class: "sequence-scroll"}, d));
 }
 
 function executionView(id, params) {
