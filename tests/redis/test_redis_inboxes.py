@@ -267,3 +267,26 @@ async def test_many_inboxes_hold_few_redis_connections(redis_url: str, raw: aior
         held = await clients() - before
         assert held <= 8, f"500 inboxes hold {held} Redis connections"
         assert backend.stats()["inboxes_open"] == 500
+
+
+async def test_two_processes_opening_one_agent_one_is_served_the_other_takes_over_when_it_closes(
+    redis_url: str,
+) -> None:
+    agent = _agent()
+    url = redis_url + "&claim_interval=0.2"
+    async with Bus.from_url(url) as one, Bus.from_url(url) as two:  # two backend instances, as two processes
+        first = await one.inbox(agent, broadcasts=False).open()
+        second = await two.inbox(agent, broadcasts=False).open()
+        sent = [await one.send("pm", agent, f"m{i}") for i in range(2)]
+        held = await first.get(TIMEOUT)
+        assert held.message.id == sent[0].id
+        with pytest.raises(ReceiveTimeout):
+            await second.get(0.6)  # several sweeps: the first holds the lease
+        await first.close()  # closed holding m0: given back, lease released
+        got = []
+        for _ in range(2):
+            delivery = await second.get(TIMEOUT)
+            got.append((delivery.message.id, delivery.attempt))
+            await delivery.ack()
+        assert got == [(sent[0].id, 2), (sent[1].id, 1)]
+        await second.close()

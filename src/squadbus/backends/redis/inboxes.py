@@ -25,6 +25,13 @@ blocking ``XREADGROUP`` per inbox, one :class:`InboxHub` per backend serves ever
   it after the delay (``XCLAIM`` counts a delivery), before anything newer; closing an agent hands
   its pending entries back as :func:`.group.release_pending` does (to ``RELEASED_CONSUMER``).
 
+**One holder per agent**: a backend instance serves an agent only while it holds the agent's lease
+``<prefix>:lease:<agent>`` (``SET NX PX``, renewed by the sweep, deleted on close). A second process
+opening the same agent gets nothing until the lease lapses (holder closed, or died: after
+``max(ack_wait, 3 claim intervals)``), then takes over and claims what the first left once it has
+been idle ``ack_wait``. An agent whose oldest pending entry is still held elsewhere reads nothing new
+until it can claim it, so per-agent order holds across a crash.
+
 Opens and closes are batched by one short-lived task (``SUBSCRIBE`` of many bells, ``XGROUP
 CREATE ... 0 MKSTREAM`` pipelined), so opening 10,000 agents costs no connection per agent.
 Connections: the Pub/Sub one, plus at most ~3 pooled ones in use at once (driver, sweep, acks).
@@ -62,6 +69,21 @@ _SWEEP_CHUNK = 100
 _OPS_PER_BATCH = 1000
 _RELEASE_IDLE_MS = 10**9
 
+# KEYS[1] lease, ARGV[1] holder, ARGV[2] ttl ms: take it if free, renew it if ours; 1 if ours now.
+_LEASE_LUA = """
+local holder = redis.call('GET', KEYS[1])
+if holder == false then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+_UNLEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
 
 class InboxHolder:
     """One open of an agent's inbox (the :class:`~squadbus.core.backend.Subscription` returned)."""
@@ -90,7 +112,7 @@ class _Agent:
     """One open agent: its keys, its holders (the first is served) and the one entry it has out."""
 
     __slots__ = ("agent_id", "blocked", "busy", "channel", "claimed", "closing", "entry", "holders", "hub",
-                 "ready", "redis_group", "stream", "subject", "unacked")
+                 "lease", "leased", "ready", "redis_group", "stream", "subject", "unacked")
 
     def __init__(self, hub: InboxHub, agent_id: str, group: str) -> None:
         layout = hub.ctx.layout
@@ -100,6 +122,8 @@ class _Agent:
         self.stream = layout.subject_stream(self.subject)
         self.redis_group = durable_name(group, self.subject)
         self.channel = layout.bell(agent_id).encode()
+        self.lease = layout.lease(agent_id)
+        self.leased = False  # this backend instance holds the agent's lease: it may read
         self.holders: list[InboxHolder] = []
         self.entry: Entry | None = None
         self.unacked: list[bytes] = []  # acked entries whose XACK the driver has not sent yet
@@ -264,16 +288,28 @@ class InboxHub:
                 PackedCommand("XGROUP", "CREATE", agent.stream, agent.redis_group, "0", "MKSTREAM"),
                 PackedCommand("HSET", layout.groups, agent.redis_group, agent.subject),
                 PackedCommand("SADD", layout.registry, agent.stream),
+                self._lease_command(agent),
             )
         replies = await execute_each(self._client, commands)
         for reply in replies:
             if isinstance(reply, Exception) and not str(reply).startswith("BUSYGROUP"):
                 raise reply
-        for agent in agents:
+        for agent, leased in zip(agents, replies[3::4], strict=True):
             if not agent.closing:
                 agent.ready = True
-                self._checks.add(agent)
+                agent.leased = leased == 1
+                if agent.leased:
+                    self._checks.add(agent)
+                else:
+                    logger.info("inbox of %s is held by another process; waiting for its lease", agent.agent_id)
         self._wake.set()
+
+    def _lease_command(self, agent: _Agent) -> PackedCommand:
+        # Renewed once per sweep pass, which takes at most this agent's claim interval.
+        ack_wait = agent.options.ack_wait
+        configured = self.ctx.settings.claim_interval
+        ttl = max(ack_wait, 3 * (configured if configured is not None else min(ack_wait / 2, 5.0)))
+        return PackedCommand("EVAL", _LEASE_LUA, 1, agent.lease, self._consumer, int(ttl * 1000))
 
     async def _close_batch(self, agents: list[_Agent]) -> None:
         if not self._between_rounds.is_set():
@@ -306,6 +342,8 @@ class InboxHub:
                                                   entry_id, "IDLE", _RELEASE_IDLE_MS, "RETRYCOUNT", count, "JUSTID"))
                 if len(pending) < 100:  # more than an agent ever holds here; else left for XAUTOCLAIM
                     commands.append(PackedCommand("XGROUP", "DELCONSUMER", agent.stream, agent.redis_group, me))
+                if agent.leased:
+                    commands.append(PackedCommand("EVAL", _UNLEASE_LUA, 1, agent.lease, me))
             await execute_each(self._client, commands)
 
     # ---- bells -------------------------------------------------------------------------------------
@@ -416,7 +454,7 @@ class InboxHub:
 
     @staticmethod
     def _idle(agent: _Agent) -> bool:
-        return agent.ready and not agent.closing and not agent.busy and agent.entry is None
+        return agent.ready and agent.leased and not agent.closing and not agent.busy and agent.entry is None
 
     def _ack_commands(self, agents: Iterable[_Agent]) -> list[PackedCommand]:
         """The XACKs ``agents`` owe, taken off them (put back with :meth:`_unsent` if they fail)."""
@@ -523,12 +561,14 @@ class InboxHub:
                               "COUNT", 1),
                 PackedCommand("XPENDING", agent.stream, agent.redis_group, "-", "+", 1))
 
-    async def _check_round(self, agents: list[_Agent]) -> None:
-        """The sweep's checks of idle ``agents``, in a round trip of their own (reads do not wait behind it)."""
-        agents = [a for a in agents if self._idle(a) and not a.unacked]  # the driver acks and checks those
-        if not agents:
+    async def _check_round(self, step: list[_Agent]) -> None:
+        """One sweep step, in a round trip of its own (reads do not wait behind it): renew or take the
+        leases of ``step``, and check its idle agents."""
+        live = [a for a in step if a.ready and not a.closing]
+        agents = [a for a in live if self._idle(a) and not a.unacked]  # the driver acks and checks those
+        if not live:
             return
-        commands: list[PackedCommand] = []
+        commands = [self._lease_command(a) for a in live]
         for agent in agents:
             agent.busy = True
             commands += self._check_commands(agent)
@@ -541,8 +581,21 @@ class InboxHub:
         finally:
             for agent in agents:
                 agent.busy = False
-        missing = [agent for i, agent in enumerate(agents) if not self._checked(agent, replies[2 * i],
-                                                                                replies[2 * i + 1])]
+        for agent, leased in zip(live, replies, strict=False):
+            if isinstance(leased, Exception):
+                continue  # unknown: unchanged until the next step
+            if leased == 1 and not agent.leased:
+                logger.info("inbox of %s: took over its lease", agent.agent_id)
+                agent.leased = True
+                self._checks.add(agent)
+                self._wake.set()
+            elif leased != 1 and agent.leased:
+                logger.warning("inbox of %s: its lease is held by another process (this one stalled past it?); "
+                               "reading nothing new for it", agent.agent_id)
+                agent.leased = False
+        at = len(live)
+        missing = [agent for i, agent in enumerate(agents) if not self._checked(agent, replies[at + 2 * i],
+                                                                                replies[at + 2 * i + 1])]
         if missing:
             await self._recreate(missing)
 

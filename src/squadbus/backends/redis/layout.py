@@ -81,6 +81,10 @@ class KeyLayout:
         to ``agent_id``: the hosts of open inboxes listen on it (``backends/redis/inboxes.py``)."""
         return f"{self.prefix}:bell:{agent_id}"
 
+    def lease(self, agent_id: str) -> str:
+        """Held (``SET NX PX``) by the one backend instance serving ``agent_id``'s inbox (``inboxes.py``)."""
+        return f"{self.prefix}:lease:{agent_id}"
+
     def subject_stream(self, subject: str) -> str:
         return f"{self.prefix}:s:{subject}"
 
