@@ -15,10 +15,10 @@ pytestmark = pytest.mark.nats
 
 
 class TestNatsConformance(ConformanceSuite, HostProcessCases):
-    # inbox_scale: 2 durable consumers per inbox against the stream's default limit of
-    # 1,000 consumers, shared with every other test on this server (issue 15).
+    # Inboxes cost no JetStream consumer (backends/nats/inboxes.py, design N2): the broadcast
+    # subscriptions of a Bus are its only consumers.
     features = Features(name="nats", persistent=True, dedupe=True, replay=True, timeout=20.0,
-                        inbox_scale=100, inbox_resource_bound=8)
+                        inbox_scale=2000, inbox_resource_bound=8, inboxes_multiplexed=True)
 
     @pytest.fixture
     async def broker_resources(self, nats_url: str) -> AsyncIterator[Callable[[], Awaitable[int]]]:

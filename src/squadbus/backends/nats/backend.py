@@ -4,8 +4,10 @@ Mapping: every subject under ``agent.>`` is stored in one stream (default
 ``agent-messages``); a consumer group is a durable pull consumer filtered by
 its pattern (see :mod:`.consumers`); ``group=None`` is an ephemeral consumer
 starting at new messages. Subjects outside ``agent.>`` (reply inboxes) travel
-on core NATS. One connection per backend, reconnecting forever across every
-listed server; see docs/backends/nats.md.
+on core NATS. Agents' inboxes cost no consumer: :meth:`NatsBackend.open_inbox`
+serves them all with per-agent cursors and bells (see :mod:`.inboxes`). One
+connection per backend, reconnecting forever across every listed server; see
+docs/backends/nats.md.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from nats.js.client import JetStreamContext
 from squadbus.backends.nats.attempts import AttemptLedger
 from squadbus.backends.nats.consumers import consumer_config, consumer_exists, ensure_consumer
 from squadbus.backends.nats.group_figures import group_figures as describe_groups
+from squadbus.backends.nats.inboxes import InboxHolder, InboxHub
 from squadbus.backends.nats.publisher import NatsPublisher
 from squadbus.backends.nats.read_all import read_all as read_stream
 from squadbus.backends.nats.replay import replay as replay_stream
@@ -58,6 +61,7 @@ class NatsBackend:
         self._ledgers: dict[str, AttemptLedger] = {}
         self._checks: set[asyncio.Task[None]] = set()
         self._connect_error: Exception | None = None
+        self._inboxes: InboxHub | None = None
         self._closed = False
 
     # ---- connection --------------------------------------------------------------------------
@@ -132,6 +136,7 @@ class NatsBackend:
             max_age=s.max_age or None,
             max_bytes=s.max_bytes,
             max_msgs=s.max_msgs,
+            allow_direct=True,  # inboxes read an agent's next message with DIRECT.GET (.inboxes)
         )
 
     async def _ensure_stream(self) -> None:
@@ -171,6 +176,14 @@ class NatsBackend:
                 "stream %s exists with storage=%s replicas=%s; settings ask for %s R%d (kept as it is)",
                 s.stream, info.config.storage, info.config.num_replicas, wanted, s.replicas,
             )
+        if not info.config.allow_direct:
+            # A stream of an earlier version: inboxes need direct gets (an update, no data moved).
+            info.config.allow_direct = True
+            try:
+                await js.update_stream(info.config)
+            except Exception as exc:
+                raise translate(exc, f"allow direct gets on stream {s.stream}") from exc
+            logger.info("stream %s: allow_direct turned on (for inboxes)", s.stream)
 
     def _connect_reason(self, exc: Exception, cause: Exception) -> str:
         """Why the first connect failed with ``exc``; ``cause`` is the driver's last error."""
@@ -194,11 +207,15 @@ class NatsBackend:
         logger.info("reconnected to NATS at %s", nc.connected_url.netloc if nc and nc.connected_url else "?")
         for sub in list(self._subs):
             sub.reset_credit()
+        if self._inboxes is not None:
+            self._inboxes.reconnected()
 
     async def close(self) -> None:
         """Close every subscription (handlers in progress finish), flush, disconnect. Idempotent."""
         if self._closed:
             return
+        if self._inboxes is not None:
+            await self._inboxes.close()
         for sub in list(self._subs):
             await sub.close()
         for task in list(self._checks):
@@ -248,6 +265,18 @@ class NatsBackend:
         ephemeral one for ``group=None``, and start pulling. With ``options.take_over`` the
         group's unacknowledged messages are queued for redelivery first (see :mod:`.takeover`)."""
         return await self._start_subscription(pattern, handler, group, options, None)
+
+    async def open_inbox(
+        self, agent_id: str, handler: RawHandler, *, group: str, options: ConsumerOptions
+    ) -> InboxHolder:
+        """Serve ``agent_id``'s direct messages to ``handler`` with no JetStream consumer of its own
+        (MultiplexesInboxes; see :mod:`.inboxes`)."""
+        if self._closed:
+            raise Closed("nats backend is closed")
+        hub = self._inboxes
+        if hub is None:
+            hub = self._inboxes = InboxHub(self)
+        return await hub.open(agent_id, handler, group=group, options=options)
 
     async def subscribe_batch(
         self, pattern: str, handler: BatchRawHandler, *, group: str | None, options: ConsumerOptions,

@@ -8,6 +8,10 @@ so the stream drops a repeat within ``dedupe_window``; that makes the retry
 below safe: a publish that failed for a transient reason (no stream leader
 during an election, a timeout while reconnecting) is sent again until
 ``publish_timeout`` runs out, then the translated error is raised.
+
+After the PubAck of an agent's direct message the publisher rings the agent's bell (core NATS,
+empty; :mod:`.inboxes`): the host holding that agent's inbox reads it. A bell lost on the way is
+caught by the inbox sweep.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import nats.errors
 from nats.aio.client import Client
 from nats.js.client import JetStreamContext
 
+from squadbus.backends.nats.inboxes import bell_of
 from squadbus.backends.nats.settings import NatsSettings
 from squadbus.backends.nats.translate import is_transient, translate
 from squadbus.core import subjects
@@ -130,4 +135,10 @@ class NatsPublisher:
                 continue
             if ack.duplicate:
                 self.duplicates += 1
+            bell = bell_of(self._settings.stream, subject)
+            if bell is not None:
+                try:
+                    await self._nc.publish(bell, b"")
+                except nats.errors.Error as exc:  # the inbox sweep reads it anyway
+                    logger.debug("bell %s not rung: %s", bell, exc)
             return

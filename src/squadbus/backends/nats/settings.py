@@ -8,6 +8,8 @@ Options (all optional): ``profile`` (``durable`` | ``fast``), ``stream``,
 including retries), ``ack_timeout`` (s, one PubAck wait), ``max_pending_acks``
 (publishes in flight per connection), ``connect_timeout`` (s),
 ``pull_expires`` (s, lifetime of one pull request), ``max_deliver_margin``,
+``claim_interval`` (s, how often multiplexed inboxes re-read every open agent and retry waiting
+leases; default ``min(ack_wait / 2, 5)``),
 ``name`` (client name), ``creds`` (a ``.creds`` file), ``tls_ca``,
 ``tls_cert``, ``tls_key`` (paths; ``tls://`` turns TLS on with the system CAs).
 """
@@ -41,7 +43,7 @@ class Profile(enum.Enum):
 _URL_OPTIONS = (
     "profile", "replicas", "max_bytes", "max_msgs", "max_pending_acks", "max_deliver_margin", "dedupe_window",
     "max_age", "publish_timeout", "ack_timeout", "connect_timeout", "pull_expires", "stream", "name", "creds",
-    "tls_ca", "tls_cert", "tls_key",
+    "tls_ca", "tls_cert", "tls_key", "claim_interval",
 )
 
 
@@ -72,6 +74,7 @@ class NatsSettings:
     connect_timeout: float = 5.0
     pull_expires: float = 5.0
     max_deliver_margin: int = 2
+    claim_interval: float | None = None
 
     def __post_init__(self) -> None:
         if not self.servers:
@@ -84,6 +87,8 @@ class NatsSettings:
             raise ConfigError("dedupe_window and max_age must be >= 0")
         if min(self.publish_timeout, self.ack_timeout, self.connect_timeout, self.pull_expires) <= 0:
             raise ConfigError("publish_timeout, ack_timeout, connect_timeout and pull_expires must be positive")
+        if self.claim_interval is not None and self.claim_interval <= 0:
+            raise ConfigError("claim_interval must be positive (or unset for the default)")
         if self.pull_expires < 1.0:
             raise ConfigError("pull_expires must be at least 1 second")
         if self.max_pending_acks < 1:
