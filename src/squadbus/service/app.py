@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
@@ -240,5 +241,9 @@ def create_app(
     app.include_router(routes_dead_letters.router)
     app.include_router(ops)
     app.include_router(dashboard.router)
+    if importlib.util.find_spec("a2a") is not None:  # squadbus[a2a] installed: the A2A edge (docs/a2a.md)
+        from squadbus.service.a2a.routes import install as install_a2a
+
+        install_a2a(app)
     openapi.describe(app)
     return app

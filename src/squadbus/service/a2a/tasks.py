@@ -1,0 +1,356 @@
+"""The A2A task operations on a running service: send, get, list, cancel, and the event stream of a task.
+
+Everything is read from the history store and written through the same path
+as ``POST /v1/messages`` (claim the id, publish, write through), so A2A
+traffic is squadbus traffic: durable, replayable, visible in the dashboard.
+
+Idempotency: the squadbus id of a client message is
+``uuid5(NAMESPACE, sender + "\\n" + messageId)``; sending the same A2A
+``messageId`` again (same caller) returns the task it opened and sends
+nothing. A CancelTask message has the id ``uuid5(NAMESPACE, "cancel\\n" +
+task id)``: concurrent or repeated cancels store one message.
+
+Scope: viewer and admin tokens (and open mode) see every task; an agent
+token sees the tasks it opened and the tasks sent to it. A task out of scope
+is reported as not found.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from uuid import UUID, uuid4, uuid5
+
+from a2a.types import ListTasksRequest, ListTasksResponse, SendMessageRequest, StreamResponse, Task, TaskState
+from a2a.utils.errors import (
+    InternalError,
+    InvalidParamsError,
+    InvalidRequestError,
+    TaskNotCancelableError,
+    TaskNotFoundError,
+    UnsupportedOperationError,
+)
+from fastapi import HTTPException, Request, status
+from google.protobuf.json_format import MessageToDict
+
+from squadbus.core import envelope, subjects
+from squadbus.core.envelope import Message
+from squadbus.core.errors import BackendError, InvalidMessage, InvalidSubject
+from squadbus.service.a2a.mapping import CANCEL_TYPE, FOLLOW_UP_TYPE, OPEN_TYPE, Entry, TaskView
+from squadbus.service.a2a.registry import AgentRegistry
+from squadbus.service.auth import Principal, Role
+from squadbus.service.routes_messages import claim_in_store, send_all
+from squadbus.service.sse_hub import HEARTBEAT_FRAME, ViewerStream
+from squadbus.service.state import Service
+from squadbus.store.base import HistoryQuery, StoredMessage
+
+logger = logging.getLogger("squadbus.service.a2a")
+
+NAMESPACE = UUID("6f1c2f8e-4a2b-5d7e-9c3a-a2a0a2a0a2a0")
+"""The uuid5 namespace of the squadbus ids derived from A2A message ids."""
+CLIENT_ID = "a2a-client"
+"""The sender id of A2A clients with an admin token or in open mode (an agent token sends as its agent)."""
+PAGE = 1000
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EdgeOptions:
+    """How the A2A edge behaves.
+
+    ``send_wait``: seconds a (non-streaming) SendMessage waits for the task to
+    reach a terminal or interrupted state before returning it as it is
+    (``returnImmediately`` skips the wait). ``squad_name``: the squad card's name.
+    """
+
+    send_wait: float = 30.0
+    squad_name: str = "squadbus squad"
+
+
+def sender_of(who: Principal) -> str:
+    """The sender id of A2A messages from ``who``; viewers cannot send (403)."""
+    if who.role is Role.VIEWER:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "viewer tokens cannot send A2A messages or cancel tasks")
+    return who.agent_id if who.role is Role.AGENT and who.agent_id else CLIENT_ID
+
+
+def in_scope(view: TaskView, who: Principal) -> bool:
+    """May ``who`` see this task (see the module docstring)?"""
+    if who.role is not Role.AGENT:
+        return True
+    return who.agent_id in (view.agent_id, view.client_id)
+
+
+def parse_task_id(raw: str) -> UUID:
+    """A task id (a UUID); anything else names no task."""
+    try:
+        return UUID(raw)
+    except (ValueError, TypeError, AttributeError):
+        raise TaskNotFoundError(f"no task {raw!r}") from None
+
+
+async def rows_of(service: Service, task_id: UUID) -> list[StoredMessage]:
+    """Every stored message of the execution, by seq."""
+    rows: list[StoredMessage] = []
+    after = 0
+    while True:
+        page = await service.store.after(task_id, after, PAGE)
+        if not page:
+            return rows
+        rows.extend(page)
+        after = page[-1].seq
+
+
+def fold(task_id: UUID, rows: list[StoredMessage], upto: int | None = None) -> TaskView:
+    """The task of these rows (those with seq <= ``upto`` when given)."""
+    view = TaskView(task_id)
+    for row in rows:
+        if upto is not None and row.seq > upto:
+            break
+        view.apply(Entry.of_row(row))
+    return view
+
+
+async def load(service: Service, task_id: UUID, who: Principal) -> tuple[TaskView, list[StoredMessage]]:
+    """The task and its rows; TaskNotFoundError when it is not an A2A task or out of ``who``'s scope."""
+    rows = await rows_of(service, task_id)
+    view = fold(task_id, rows)
+    if not view.opened or not in_scope(view, who):
+        raise TaskNotFoundError(f"no task {task_id}")
+    return view, rows
+
+
+def _text(request: SendMessageRequest) -> tuple[str, list[dict[str, object]]]:
+    texts: list[str] = []
+    others: list[dict[str, object]] = []
+    for part in request.message.parts:
+        if part.WhichOneof("content") == "text":
+            texts.append(part.text)
+        else:
+            others.append(MessageToDict(part))
+    return "\n".join(texts), others
+
+
+async def _publish(service: Service, message: Message, request: Request) -> StoredMessage | None:
+    """Send ``message`` once (idempotent by id); returns the row already stored under its id, if any."""
+    async with service.claims.hold([message.id]):
+        existing = await service.store.get(message.id)
+        if existing is None:
+            try:
+                existing = (await claim_in_store(service, [message])).get(message.id)
+            except HTTPException as exc:
+                raise InvalidRequestError(str(exc.detail)) from None
+        if existing is not None:
+            return existing
+        try:
+            [out] = await send_all(service, [message], request)
+        except HTTPException as exc:
+            raise InvalidRequestError(str(exc.detail)) from None
+        except BackendError as exc:
+            raise InternalError(f"the bus did not take the message ({exc}); sending the same messageId "
+                                "again is safe") from None
+        if out.seq is None:
+            logger.info("A2A message %s published; the db-writer stores it", message.id)
+    return None
+
+
+class TaskService:
+    """The A2A operations of one service (built per request: it holds no state of its own)."""
+
+    def __init__(self, service: Service, options: EdgeOptions) -> None:
+        self.service = service
+        self.options = options
+        self.registry = AgentRegistry(service.store)
+
+    async def send(self, req: SendMessageRequest, who: Principal, request: Request,
+                   agent_id: str | None) -> tuple[UUID, int]:
+        """Send the client's message (opening a task or continuing one); returns the task id and its seq."""
+        sender = sender_of(who)
+        m = req.message
+        if not m.message_id:
+            raise InvalidParamsError("message.messageId is required")
+        if not m.parts:
+            raise InvalidParamsError("message.parts must not be empty")
+        content, others = _text(req)
+        squad_id = uuid5(NAMESPACE, f"{sender}\n{m.message_id}")
+        existing = await self.service.store.get(squad_id)
+        if existing is not None and existing.message.task_execution_id is not None:
+            return existing.message.task_execution_id, existing.seq
+        if m.task_id:
+            task_id = parse_task_id(m.task_id)
+            view, _ = await load(self.service, task_id, who)
+            if view.terminal:
+                raise UnsupportedOperationError(f"task {task_id} is {TaskState.Name(view.state)}: it takes no "
+                                                "more messages")
+            if m.context_id and m.context_id != view.context_id:
+                raise InvalidParamsError(f"task {task_id} belongs to context {view.context_id}, not {m.context_id}")
+            target, message_type, context_id = view.agent_id, FOLLOW_UP_TYPE, view.context_id
+        else:
+            target = agent_id or ""
+            if not target:
+                raise InvalidParamsError("the squad interface needs message.metadata['squadbus.agent_id'] (or use "
+                                         "the agent's own interface, /a2a/agents/<agent_id>/jsonrpc)")
+            if await self.registry.get(target) is None:
+                raise InvalidParamsError(f"agent {target!r} is not A2A-reachable in this squad")
+            task_id, message_type = uuid4(), OPEN_TYPE
+            context_id = m.context_id or str(uuid4())
+        meta: dict[str, object] = {"message_id": m.message_id, "context_id": context_id}
+        if others:
+            meta["parts"] = others
+        if m.metadata:
+            meta["metadata"] = MessageToDict(m.metadata)
+        try:
+            message = envelope.build(
+                subject=subjects.direct(target), sender_id=sender, recipient_id=target, content=content,
+                message_type=message_type, task_execution_id=task_id, metadata={"a2a": meta}, id=squad_id,
+                max_content_bytes=self.service.settings.max_content_bytes,
+            )
+            envelope.encode(message)
+        except (InvalidMessage, InvalidSubject, TypeError, ValueError) as exc:
+            raise InvalidParamsError(f"cannot send this message: {exc}") from None
+        stored = await _publish(self.service, message, request)
+        if stored is not None and stored.message.task_execution_id is not None:
+            return stored.message.task_execution_id, stored.seq
+        row = await self.service.store.get(squad_id)
+        return task_id, row.seq if row is not None else 0
+
+    async def cancel(self, task_id: UUID, who: Principal, request: Request) -> Task:
+        """Cancel: a cancel message to the agent, the task ``canceled``. Repeating it returns the canceled task."""
+        view, _ = await load(self.service, task_id, who)
+        if view.state == TaskState.TASK_STATE_CANCELED:
+            return view.task()
+        if view.terminal:
+            raise TaskNotCancelableError(f"task {task_id} is already {TaskState.Name(view.state)}")
+        sender = sender_of(who)
+        message = envelope.build(
+            subject=subjects.direct(view.agent_id), sender_id=sender, recipient_id=view.agent_id,
+            content=json.dumps({"task_id": str(task_id), "reason": "canceled by the A2A client"}),
+            message_type=CANCEL_TYPE, task_execution_id=task_id, id=uuid5(NAMESPACE, f"cancel\n{task_id}"),
+        )
+        with contextlib.suppress(InvalidRequestError):  # another caller's cancel holds the id: canceled all the same
+            await _publish(self.service, message, request)
+        view, _ = await load(self.service, task_id, who)
+        if view.state != TaskState.TASK_STATE_CANCELED and not view.terminal:
+            # published but not yet stored (the db-writer does it): report what was asked
+            view.state = TaskState.TASK_STATE_CANCELED
+        return view.task()
+
+    async def list_tasks(self, req: ListTasksRequest, who: Principal, agent_id: str | None) -> ListTasksResponse:
+        """One page of the caller's tasks (of ``agent_id``'s when given), oldest first."""
+        page_size = req.page_size if req.HasField("page_size") else 50
+        history = req.history_length if req.HasField("history_length") else 0
+        scope_agent = who.agent_id if who.role is Role.AGENT else agent_id
+        want_state = req.status or None
+        after_ts = req.status_timestamp_after.ToDatetime() if req.HasField("status_timestamp_after") else None
+
+        async def matching(row: StoredMessage) -> TaskView | None:
+            execution = row.message.task_execution_id
+            if execution is None:
+                return None
+            if agent_id is not None and row.message.recipient_id != agent_id:
+                return None
+            view, _ = await self._view(execution)
+            if not view.opened or not in_scope(view, who):
+                return None
+            if req.context_id and view.context_id != req.context_id:
+                return None
+            if want_state is not None and view.state != want_state:
+                return None
+            if after_ts is not None and (view.updated_at is None or view.updated_at.replace(tzinfo=None) <= after_ts):
+                return None
+            return view
+
+        tasks: list[Task] = []
+        cursor = req.page_token or None
+        while len(tasks) < page_size:
+            try:
+                page = await self.service.store.query(HistoryQuery(
+                    message_type=OPEN_TYPE, agent_id=scope_agent, cursor=cursor, limit=page_size - len(tasks)))
+            except ValueError as exc:
+                raise InvalidParamsError(f"bad pageToken: {exc}") from None
+            for row in page.items:
+                view = await matching(row)
+                if view is not None:
+                    task = view.task(history)
+                    if not req.include_artifacts:
+                        task.ClearField("artifacts")
+                    tasks.append(task)
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        total = await self._count(scope_agent, matching)
+        return ListTasksResponse(tasks=tasks, next_page_token=cursor or "", page_size=page_size, total_size=total)
+
+    async def _view(self, task_id: UUID) -> tuple[TaskView, list[StoredMessage]]:
+        rows = await rows_of(self.service, task_id)
+        return fold(task_id, rows), rows
+
+    async def _count(self, scope_agent: str | None,
+                     matching: Callable[[StoredMessage], Awaitable[TaskView | None]]) -> int:
+        total, cursor = 0, None
+        while True:
+            page = await self.service.store.query(HistoryQuery(message_type=OPEN_TYPE, agent_id=scope_agent,
+                                                               cursor=cursor, limit=PAGE))
+            for row in page.items:
+                if await matching(row) is not None:
+                    total += 1
+            if page.next_cursor is None:
+                return total
+            cursor = page.next_cursor
+
+    async def events(self, task_id: UUID, after: int, start: TaskView) -> AsyncIterator[tuple[int, StreamResponse]
+                                                                                      | None]:
+        """The task's events after seq ``after`` (``start`` is the task folded up to it), then live.
+
+        Yields (seq, event), or None for a heartbeat; ends after the event that
+        makes the task terminal or interrupted. Events come from the SSE hub
+        (store replay, then live rows), so every subscriber gets the same
+        events in the same order.
+        """
+        if start.final_for_stream:
+            return
+        hub = self.service.hub
+        viewer = await hub.join(task_id)
+        try:
+            stream = ViewerStream(hub, viewer, after=after, heartbeat=self.service.options.heartbeat)
+            async for chunk in stream.frames():
+                if chunk == HEARTBEAT_FRAME:
+                    yield None
+                    continue
+                for block in chunk.split(b"\n\n"):
+                    data = _message_data(block)
+                    if data is None:
+                        continue
+                    event = start.apply(Entry.of_payload(data))
+                    if event is not None:
+                        yield start.last_seq, event
+                    if start.final_for_stream:
+                        return
+        finally:
+            hub.leave(viewer)
+
+    async def wait_final(self, task_id: UUID, after: int, start: TaskView) -> None:
+        """Wait (up to ``send_wait`` seconds) until the task is terminal or interrupted."""
+        try:
+            async with asyncio.timeout(self.options.send_wait):
+                async for _ in self.events(task_id, after, start):
+                    pass
+        except TimeoutError:
+            return
+
+
+def _message_data(block: bytes) -> dict[str, object] | None:
+    """The JSON data of an SSE ``message`` event block of the hub (None for anything else)."""
+    kind, data = b"", b""
+    for line in block.split(b"\n"):
+        if line.startswith(b"event: "):
+            kind = line[7:]
+        elif line.startswith(b"data: "):
+            data = line[6:]
+    if kind != b"message" or not data:
+        return None
+    parsed = json.loads(data)
+    return parsed if isinstance(parsed, dict) else None
