@@ -18,7 +18,9 @@
 * ``SQUADBUS_HOST_ID``: a stable name for this host process (durable broadcast
   subscription for its inboxes, see :mod:`squadbus.core.broadcasts`);
 * ``SQUADBUS_TRACING``: ``1``/``true``/``yes``/``on`` turns OpenTelemetry tracing
-  on (default off; ``0``/``false``/``no``/``off``), see :mod:`squadbus.core.tracing`.
+  on (default off; ``0``/``false``/``no``/``off``), see :mod:`squadbus.core.tracing`;
+* ``SQUADBUS_A2A``: ``0``/``false``/``no``/``off`` keeps the A2A edge off the
+  HTTP service (default on when ``squadbus[a2a]`` is installed), see docs/a2a.md.
 """
 
 from __future__ import annotations
@@ -131,6 +133,8 @@ class Settings:
     then the durable group ``inbox-host-<host_id>`` (see :mod:`squadbus.core.broadcasts`)."""
     tracing: bool = False
     """``SQUADBUS_TRACING``: OpenTelemetry spans and trace context in the headers (needs ``squadbus[otel]``)."""
+    a2a: bool = True
+    """``SQUADBUS_A2A``: the HTTP service mounts the A2A edge when ``squadbus[a2a]`` is installed (docs/a2a.md)."""
 
     def __post_init__(self) -> None:
         if not self.data_dir:
@@ -181,4 +185,5 @@ class Settings:
             api_token=env.get("SQUADBUS_TOKEN") or None,
             host_id=env.get("SQUADBUS_HOST_ID") or None,
             tracing=flag("SQUADBUS_TRACING", env.get("SQUADBUS_TRACING")),
+            a2a=env.get("SQUADBUS_A2A") is None or flag("SQUADBUS_A2A", env.get("SQUADBUS_A2A")),
         )

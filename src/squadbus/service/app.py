@@ -241,7 +241,7 @@ def create_app(
     app.include_router(routes_dead_letters.router)
     app.include_router(ops)
     app.include_router(dashboard.router)
-    if importlib.util.find_spec("a2a") is not None:  # squadbus[a2a] installed: the A2A edge (docs/a2a.md)
+    if settings.a2a and importlib.util.find_spec("a2a") is not None:  # squadbus[a2a]: the A2A edge, docs/a2a.md
         from squadbus.service.a2a.routes import install as install_a2a
 
         install_a2a(app)

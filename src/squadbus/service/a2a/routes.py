@@ -27,6 +27,7 @@ from a2a.types import (
     CancelTaskRequest,
     GetTaskRequest,
     ListTasksRequest,
+    ListTasksResponse,
     SendMessageRequest,
     SendMessageResponse,
     StreamResponse,
@@ -48,7 +49,7 @@ from a2a.utils.errors import (
 from a2a.utils.task import validate_history_length, validate_page_size
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
-from google.protobuf.json_format import ParseDict, ParseError
+from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 from google.protobuf.message import Message as Proto
 
 from squadbus.core.errors import SquadbusError
@@ -83,7 +84,11 @@ def _parse(params: Any, into: Proto) -> Any:
 
 
 def _result(request_id: RequestId, result: Proto) -> JSONResponse:
-    return JSONResponse({"jsonrpc": "2.0", "id": request_id, "result": to_json(result)})
+    if isinstance(result, ListTasksResponse):  # as the SDK's server: every field, also empty ones
+        body = MessageToDict(result, preserving_proto_field_name=False, always_print_fields_with_no_presence=True)
+    else:
+        body = to_json(result)
+    return JSONResponse({"jsonrpc": "2.0", "id": request_id, "result": body})
 
 
 def _error(request_id: RequestId, error: A2AError) -> JSONResponse:
