@@ -248,7 +248,7 @@ class InboxHub:
                 while self._ops and self._ops[0].kind == kind and len(batch) < _OPS_PER_BATCH:
                     batch.append(self._ops.pop(0))
                 agents = [op.agent for op in batch]
-                if self._closed:
+                if self._closed and kind == "open":  # closes still run: they hand entries and leases back
                     for op in batch:
                         if not op.future.done():
                             op.future.set_exception(Closed("redis backend is closed"))
@@ -293,6 +293,11 @@ class InboxHub:
         replies = await execute_each(self._client, commands)
         for reply in replies:
             if isinstance(reply, Exception) and not str(reply).startswith("BUSYGROUP"):
+                # The whole batch fails: give back the leases it took, or reopening waits for them.
+                with contextlib.suppress(*FAILURES):
+                    await execute_each(self._client, [
+                        PackedCommand("EVAL", _UNLEASE_LUA, 1, a.lease, self._consumer)
+                        for a, leased in zip(agents, replies[3::4], strict=True) if leased == 1])
                 raise reply
         for agent, leased in zip(agents, replies[3::4], strict=True):
             if not agent.closing:
@@ -811,12 +816,15 @@ class InboxHub:
             agent.closing = True
             if agent.entry is not None and agent.entry.timer is not None:
                 agent.entry.timer.cancel()
-        tasks = [*self._background, *([self._listener] if self._listener else []), *self._handling]
+        tasks = [*self._background, *self._handling]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._control is not None:
+        if self._control is not None:  # closes queued before this one run (opens fail)
             await asyncio.gather(self._control, return_exceptions=True)
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
         try:
             async with asyncio.timeout(self.ctx.settings.publish_timeout):
                 await self._release(agents)
