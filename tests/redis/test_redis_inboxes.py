@@ -290,3 +290,27 @@ async def test_two_processes_opening_one_agent_one_is_served_the_other_takes_ove
             await delivery.ack()
         assert got == [(sent[0].id, 2), (sent[1].id, 1)]
         await second.close()
+
+
+async def test_inboxes_go_on_after_redis_crashed_and_came_back_empty() -> None:
+    server = RedisServer("fast")  # no persistence: streams, groups and leases are gone after the restart
+    server.start()
+    try:
+        agents = [_agent() for _ in range(3)]
+        async with Bus.from_url(f"{server.url}?publish_timeout=10&claim_interval=0.3") as bus:
+            inboxes = [await bus.inbox(a, broadcasts=False).open() for a in agents]
+            for agent, inbox in zip(agents, inboxes, strict=True):
+                before = await bus.send("pm", agent, "before")
+                delivery = await inbox.get(TIMEOUT)
+                assert delivery.message.id == before.id
+                await delivery.ack()
+            await asyncio.to_thread(server.restart, crash=True, down_for=0.5)
+            after = {a: (await bus.send("pm", a, "after")).id for a in agents}
+            for agent, inbox in zip(agents, inboxes, strict=True):
+                delivery = await inbox.get(TIMEOUT)
+                assert delivery.message.id == after[agent]
+                await delivery.ack()
+            for inbox in inboxes:
+                await inbox.close()
+    finally:
+        server.cleanup()
