@@ -124,8 +124,10 @@ async def test_card_send_get_list(edge: UvicornProcess, squad: Bus) -> None:
         assert first.total_size == 4 and len(first.tasks) == 3 and first.next_page_token
         rest = await squad_client.list_tasks(ListTasksRequest(page_size=3, page_token=first.next_page_token))
         assert len(rest.tasks) == 1 and not rest.next_page_token
-        assert [t.id for t in [*first.tasks, *rest.tasks]] == pm_tasks
+        assert [t.id for t in [*first.tasks, *rest.tasks]] == pm_tasks[::-1]  # most recently updated first
         assert not first.tasks[0].history  # ListTasks sends no history unless asked
+        with_history = await squad_client.list_tasks(ListTasksRequest(page_size=1, history_length=1))
+        assert len(with_history.tasks[0].history) == 1
         done_only = await squad_client.list_tasks(ListTasksRequest(status=S.TASK_STATE_COMPLETED))
         assert len(done_only.tasks) == 4
     async with client_for(url, "dev-1", agent=None) as other_agent:
@@ -199,6 +201,7 @@ async def test_jsonrpc_errors_and_auth(edge: UvicornProcess, squad: Bus) -> None
             ("SendMessage", {"message": {"role": "ROLE_USER", "parts": [{"text": "x"}]},
                              "metadata": {"squadbus.agent_id": "echo"}}, -32602),
             ("CreateTaskPushNotificationConfig", {"taskId": "t"}, -32003),
+            ("GetExtendedAgentCard", {}, -32004),
         ]:
             r = await call(method, params)  # type: ignore[misc]
             assert r.status_code == 200, (method, r.text)
@@ -210,6 +213,10 @@ async def test_jsonrpc_errors_and_auth(edge: UvicornProcess, squad: Bus) -> None
         r = await call("SendMessage", {"message": {"messageId": "m2", "role": "ROLE_USER", "parts": [{"text": "x"}]},
                                        "metadata": {"squadbus.agent_id": "echo"}})
         assert r.json()["result"]["task"]["status"]["state"] == "TASK_STATE_COMPLETED"
+        listed = (await call("ListTasks", {}))  # type: ignore[misc]
+        result = listed.json()["result"]
+        assert result["nextPageToken"] == "" and result["totalSize"] == 1
+        assert "artifacts" not in result["tasks"][0] and "history" not in result["tasks"][0]
         # a viewer reads but does not send
         r = await call("SendMessage", {"message": {"messageId": "m3", "role": "ROLE_USER", "parts": [{"text": "x"}]},
                                        "metadata": {"squadbus.agent_id": "echo"}}, who="viewer")

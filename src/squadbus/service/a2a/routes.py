@@ -8,7 +8,7 @@
 Methods: ``SendMessage``, ``SendStreamingMessage``, ``GetTask``, ``ListTasks``,
 ``CancelTask``, ``SubscribeToTask``. The push-notification methods answer
 ``PushNotificationNotSupportedError``, ``GetExtendedAgentCard``
-``ExtendedAgentCardNotConfiguredError``. Errors travel as the binding says:
+``UnsupportedOperationError`` (the cards declare no extended card). Errors travel as the binding says:
 HTTP 200 with the JSON-RPC error object (code from the SDK's
 ``JSON_RPC_ERROR_CODE_MAP``); only authentication is HTTP (401, 403 for a
 viewer token that sends). Streams are ``text/event-stream`` whose events are
@@ -36,7 +36,6 @@ from a2a.types import (
 from a2a.utils.constants import VERSION_HEADER
 from a2a.utils.errors import (
     A2AError,
-    ExtendedAgentCardNotConfiguredError,
     InternalError,
     InvalidParamsError,
     InvalidRequestError,
@@ -83,12 +82,21 @@ def _parse(params: Any, into: Proto) -> Any:
         raise InvalidParamsError(f"invalid params: {exc}") from None
 
 
-def _result(request_id: RequestId, result: Proto) -> JSONResponse:
-    if isinstance(result, ListTasksResponse):  # as the SDK's server: every field, also empty ones
-        body = MessageToDict(result, preserving_proto_field_name=False, always_print_fields_with_no_presence=True)
-    else:
-        body = to_json(result)
+def _result(request_id: RequestId, result: Proto | dict[str, Any]) -> JSONResponse:
+    body = result if isinstance(result, dict) else to_json(result)
     return JSONResponse({"jsonrpc": "2.0", "id": request_id, "result": body})
+
+
+def _list_json(response: ListTasksResponse, *, include_artifacts: bool) -> dict[str, Any]:
+    """ListTasks' result: ``nextPageToken`` always present; no ``artifacts`` unless asked, no empty ``history``."""
+    body: dict[str, Any] = MessageToDict(response, preserving_proto_field_name=False,
+                                         always_print_fields_with_no_presence=True)
+    for task in body["tasks"]:
+        if not include_artifacts:
+            task.pop("artifacts", None)
+        if not task.get("history"):
+            task.pop("history", None)
+    return body
 
 
 def _error(request_id: RequestId, error: A2AError) -> JSONResponse:
@@ -138,7 +146,7 @@ class Edge:
             logger.warning("A2A request failed: %s", exc)
             return _error(request_id, InternalError(f"the squad could not answer: {exc}"))
 
-    async def call(self, method: str, params: Any, request: Request) -> Proto:
+    async def call(self, method: str, params: Any, request: Request) -> Proto | dict[str, Any]:
         """A non-streaming method's result."""
         if method == "SendMessage":
             req: SendMessageRequest = _parse(params, SendMessageRequest())
@@ -160,14 +168,15 @@ class Edge:
             validate_history_length(lst)
             if lst.HasField("page_size"):
                 validate_page_size(lst.page_size)
-            return await self.tasks.list_tasks(lst, self.who, self.agent_id)
+            listed = await self.tasks.list_tasks(lst, self.who, self.agent_id)
+            return _list_json(listed, include_artifacts=lst.include_artifacts)
         if method == "CancelTask":
             cancel: CancelTaskRequest = _parse(params, CancelTaskRequest())
             return await self.tasks.cancel(parse_task_id(cancel.id), self.who, request)
         if method in PUSH_METHODS:
             raise PushNotificationNotSupportedError("push notifications are not implemented by this edge yet")
-        if method == "GetExtendedAgentCard":
-            raise ExtendedAgentCardNotConfiguredError()
+        if method == "GetExtendedAgentCard":  # the cards declare extendedAgentCard false
+            raise UnsupportedOperationError("this edge has no extended agent card")
         raise MethodNotFoundError(f"method {method!r} not found")
 
     def _target(self, req: SendMessageRequest) -> str | None:
