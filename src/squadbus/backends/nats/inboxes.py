@@ -16,11 +16,11 @@ serves every open agent:
   reply comes back through one subscription. One delivery of an agent is out at a time; an ack
   advances the cursor and reads the next one; a nack re-reads the same message after its delay
   (``attempt`` + 1) before anything newer; ``term`` (dead-lettered) acks;
-* **cursor records** ``c.<agent>`` = ``"<cursor> <seq out> <its attempt>"``: written before a
-  delivery is handed out (one publish per hand-out, one flush round trip for all found at once), so
-  a message handed out and never settled (its host died) comes back to the next opener as attempt
-  + 1; after an ack saved coalesced by one flusher (``publish_async`` of every changed record): a
-  crash re-delivers what was acked but not saved yet (at-least-once);
+* **cursor records** ``c.<agent>`` = ``"<cursor> <seq out> <its attempt>"``: published (no PubAck
+  awaited) before a delivery is handed out, so a message handed out and never settled (its host
+  died) comes back to the next opener as attempt + 1; after an ack saved coalesced by one flusher
+  (``publish_async`` of every changed record, PubAcks checked): a crash re-delivers what was acked
+  but not saved yet (at-least-once);
 * **leases**: ``l.<agent>`` = the holding hub's id, taken with a revision-checked put (create);
   each hub keeps ``h.<hub>`` fresh every ``ttl / 3`` (``ttl`` = the smallest ``ack_wait`` of its
   agents). A second open of an agent held by another process waits; it takes over (revision-
@@ -39,8 +39,8 @@ consumer budget). Attempts of those messages start again at 1.
 Costs: per open agent one core subscription, one lease put and one cursor get at open and at
 close; per message one direct get and two KV puts (hand-out, ack; acks of a backlog coalesce with
 the next hand-out's). Per backend no JetStream consumer, one
-KV bucket, the backend's one connection, 4 tasks (driver, hand-out, flusher, sweep) beside nats-py's
-one for the replies.
+KV bucket, the backend's one connection, 3 tasks (driver, flusher, sweep) beside nats-py's one for
+the replies.
 """
 
 from __future__ import annotations
@@ -78,6 +78,8 @@ BELL_PREFIX = "_squadbus.bell"
 _FLUSH_DELAY = 0.05
 """Seconds the flusher waits after a change so an agent's hand-out and ack land in one put."""
 _SWEEP_CHUNK = 200
+_SWEEP_READS = 500.0
+"""At most this many sweep reads per second (10,000 agents: a pass every 20 s); bells do the work."""
 _PARALLEL = 256
 """KV requests in flight at once while opening or closing many agents."""
 _OPS_PER_BATCH = 1000
@@ -242,8 +244,7 @@ class InboxHub:
         self._watched: dict[str, tuple[int, float]] = {}  # other hubs' liveness: (KV seq, first seen)
         self._wake = asyncio.Event()
         self._flush_wake = asyncio.Event()
-        self._hand_wake = asyncio.Event()
-        self._handing: list[tuple[_Agent, Msg, int, int]] = []
+
         self._ops: list[_Op] = []
         self._control: asyncio.Task[None] | None = None
         self._background: list[asyncio.Task[None]] = []
@@ -574,7 +575,7 @@ class InboxHub:
         self._background = [
             loop.create_task(self._supervise(self._drive, "driver"), name="squadbus-inbox-driver"),
             loop.create_task(self._supervise(self._flush, "flusher"), name="squadbus-inbox-flusher"),
-            loop.create_task(self._supervise(self._hand, "hander"), name="squadbus-inbox-hand"),
+
             loop.create_task(self._supervise(self._sweep, "sweep"), name="squadbus-inbox-sweep"),
         ]
 
@@ -665,26 +666,14 @@ class InboxHub:
         seq = int(headers["Nats-Sequence"])
         attempt = agent.out_attempt + 1 if seq == agent.out_seq else 1
         agent.out_seq, agent.out_attempt, agent.held = seq, attempt, seq
-        self._handing.append((agent, msg, seq, attempt))
-        self._hand_wake.set()
-
-    async def _hand(self) -> None:
-        """Hand out what the reads found, once the server has the hand-out records: an agent's
-        delivery that was never settled (its host died) comes back to the next opener as attempt + 1."""
-        while True:
-            await self._hand_wake.wait()
-            self._hand_wake.clear()
-            handing, self._handing = self._handing, []
-            try:
-                for agent, _, _, _ in handing:
-                    # No PubAck wanted: the flush below says the server has it; the ack's record is acked.
-                    await self._nc.publish(f"{self._kv_prefix}c.{agent.agent_id}", agent.record())
-                await self._nc.flush(timeout=max(1, int(self._settings.ack_timeout)))
-            except (nats.errors.Error, TimeoutError) as exc:
-                logger.debug("inboxes: hand-out records not confirmed (%s); attempts may restart after a crash", exc)
-            for agent, msg, seq, attempt in handing:
-                if agent.held == seq:
-                    self._give(agent, msg, seq, attempt)
+        # The hand-out record goes on the wire before anything the handler does (nats-py's flusher
+        # runs before the handler's task): a delivery never settled because its host died comes
+        # back to the next opener as attempt + 1. No PubAck wanted; the ack's record is acked.
+        try:
+            await self._nc.publish(f"{self._kv_prefix}c.{agent.agent_id}", agent.record())
+        except nats.errors.Error as exc:
+            logger.debug("inboxes: hand-out record of %s not sent (%s)", agent.agent_id, exc)
+        self._give(agent, msg, seq, attempt)
 
     def _give(self, agent: _Agent, msg: Msg, seq: int, attempt: int) -> None:
         options = agent.options
@@ -806,30 +795,38 @@ class InboxHub:
         return configured if configured is not None else min(self._ttl / 2, 5.0)
 
     async def _sweep(self) -> None:
+        """Renew this hub's liveness, retry waiting leases (every interval) and read idle agents in
+        steps of ``_SWEEP_CHUNK``, a full pass per interval but at most ``_SWEEP_READS`` reads/s."""
         loop = asyncio.get_running_loop()
-        next_renew = 0.0
+        next_renew = next_leases = 0.0
+        pending: list[_Agent] = []
         while True:
             self._update_ttl()
             interval = self._sweep_interval()
-            agents = list(self._agents.values())
-            steps = max(1, -(-len(agents) // _SWEEP_CHUNK))
-            for first in range(0, max(len(agents), 1), _SWEEP_CHUNK):
-                if loop.time() >= next_renew:
-                    next_renew = loop.time() + self._ttl / 3
-                    try:
-                        await self._renew()
-                    except SquadbusError as exc:
-                        logger.warning("inboxes: could not renew this hub's liveness: %s", exc)
-                now = loop.time()
-                for agent in agents[first:first + _SWEEP_CHUNK]:
-                    if agent.busy and now - agent.asked_at > self._settings.publish_timeout:
-                        agent.busy = False  # the reply was lost
-                    if self._idle(agent):
-                        self._read(agent)
-                await asyncio.sleep(min(interval / steps, self._ttl / 3))
-            waiting = [a for a in self._waiting if not a.closing]
-            if waiting:
-                await self._retry_leases(waiting)
+            now = loop.time()
+            if now >= next_renew:
+                next_renew = now + self._ttl / 3
+                try:
+                    await self._renew()
+                except SquadbusError as exc:
+                    logger.warning("inboxes: could not renew this hub's liveness: %s", exc)
+            if now >= next_leases:
+                next_leases = now + interval
+                waiting = [a for a in self._waiting if not a.closing]
+                if waiting:
+                    await self._retry_leases(waiting)
+            if not pending:
+                pending = list(self._agents.values())
+            step, pending = pending[:_SWEEP_CHUNK], pending[_SWEEP_CHUNK:]
+            now = loop.time()
+            for agent in step:
+                if agent.busy and now - agent.asked_at > self._settings.publish_timeout:
+                    agent.busy = False  # the reply was lost
+                if self._idle(agent):
+                    self._read(agent)
+            steps = max(1, -(-len(self._agents) // _SWEEP_CHUNK))
+            pause = max(interval / steps, len(step) / _SWEEP_READS)
+            await asyncio.sleep(min(pause, self._ttl / 3, interval))
 
     async def _retry_leases(self, agents: Sequence[_Agent]) -> None:
         try:
