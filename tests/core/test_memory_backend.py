@@ -144,3 +144,39 @@ async def test_close_is_idempotent_and_finishes_the_handler_in_progress() -> Non
 
 async def _noop(delivery: Delivery) -> None:
     return None
+
+
+async def test_blocked_publishers_get_through_in_the_order_they_blocked() -> None:
+    """A full group admits waiting publishers first come, first served: a publisher that arrives after a
+    slot freed but before the woken waiters ran queues behind them (it used to take the slot, the woken
+    ones went back to the end of the queue, and under steady load one send waited ~5 s)."""
+    backend = MemoryBackend()
+    async with Bus(backend) as bus:
+        gate = asyncio.Queue[None]()
+        got: list[str] = []
+
+        async def one_at_a_time(delivery: Delivery) -> None:
+            await gate.get()
+            got.append(delivery.message.content)
+
+        options = ConsumerOptions(max_pending=1, max_in_flight=1)
+        await bus.subscribe("agent.message.dev-1", one_at_a_time, group="g", options=options)
+        [group] = backend._groups.values()
+        await bus.send("pm", "dev-1", "in the handler")
+        await asyncio.sleep(0)
+        await bus.send("pm", "dev-1", "buffered")
+        waiting = []
+        for name in ("first", "second"):
+            waiting.append(asyncio.create_task(bus.send("pm", "dev-1", name)))
+            await asyncio.sleep(0)
+        assert len(group.space_waiters) == 2
+        gate.put_nowait(None)  # the handler finishes one and takes 'buffered': one slot frees
+        while len(group.buffer) == 1:
+            await asyncio.sleep(0)
+        for _ in range(5):
+            gate.put_nowait(None)
+        await asyncio.wait_for(bus.send("pm", "dev-1", "late"), 5)  # reaches the bus before the woken waiters run
+        await asyncio.wait_for(asyncio.gather(*waiting), 5)
+        while len(got) < 5:
+            await asyncio.sleep(0.01)
+    assert got == ["in the handler", "buffered", "first", "second", "late"]

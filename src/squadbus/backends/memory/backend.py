@@ -85,7 +85,8 @@ class MemoryBackend:
             raise Closed("memory backend is not connected")
         targets = self._route_cache.get(message.subject) or self._route(message.subject)
         for group in targets:
-            if len(group.buffer) >= group.options.max_pending and group.blocks_publishers():
+            if (len(group.buffer) + group.waking >= group.options.max_pending or group.space_waiters) \
+                    and group.blocks_publishers():
                 await self._wait_for_space(targets)
                 targets = self._route(message.subject)
                 break
@@ -112,11 +113,15 @@ class MemoryBackend:
         # caller pushes to all of them without yielding in between.
         try:
             async with asyncio.timeout(self.settings.publish_timeout):
+                woken_by: GroupBuffer | None = None
                 while True:
-                    full = next((g for g in targets if not g.has_space() and g.blocks_publishers()), None)
+                    full = next((g for g in targets if g.must_wait(queued=g is woken_by)), None)
                     if full is None:
                         return
-                    await full.wait_for_space()
+                    if woken_by is not None and full is not woken_by:
+                        woken_by._wake_space()  # not pushing there yet: its free slot goes to the next in line
+                    await full.wait_for_space(front=full is woken_by)
+                    woken_by = full
         except TimeoutError as exc:
             raise BackendTimeout(
                 f"a consumer group stayed full for {self.settings.publish_timeout}s; nothing was published"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from typing import TYPE_CHECKING
@@ -52,7 +53,10 @@ class GroupBuffer:
         self.options = options
         self.buffer: deque[_Entry] = deque()
         self.getters: deque[asyncio.Future[None]] = deque()
+        # Publishers blocked on a full buffer, first come first served; ``waking`` counts those
+        # woken for a free slot that have not run yet (their slots are taken).
         self.space_waiters: deque[asyncio.Future[None]] = deque()
+        self.waking = 0
         self.members: set[MemorySubscription] = set()
         self.inflight = 0
         self.pending_gap = 0
@@ -60,7 +64,14 @@ class GroupBuffer:
         self.timers: set[asyncio.TimerHandle] = set()
 
     def has_space(self) -> bool:
-        return len(self.buffer) < self.options.max_pending
+        return len(self.buffer) + self.waking < self.options.max_pending
+
+    def must_wait(self, *, queued: bool) -> bool:
+        """True when a publisher must wait before pushing: no free slot, or (a newcomer, ``queued``
+        False) others are already waiting for one."""
+        if not self.blocks_publishers():
+            return False
+        return not self.has_space() or (not queued and bool(self.space_waiters))
 
     def blocks_publishers(self) -> bool:
         return bool(self.members) and self.options.slow_consumer is SlowConsumerPolicy.BLOCK
@@ -86,9 +97,11 @@ class GroupBuffer:
                 return
 
     def _wake_space(self) -> None:
-        while self.space_waiters and self.has_space():
+        """Wake as many waiting publishers as there are free slots (all when nothing blocks any more)."""
+        while self.space_waiters and (self.has_space() or not self.blocks_publishers()):
             waiter = self.space_waiters.popleft()
             if not waiter.done():
+                self.waking += 1
                 waiter.set_result(None)
 
     def take(self) -> tuple[Message, int, int] | None:
@@ -112,10 +125,25 @@ class GroupBuffer:
                 self._wake_getter()  # pass the wake-up on to another member
             raise
 
-    async def wait_for_space(self) -> None:
+    async def wait_for_space(self, *, front: bool = False) -> None:
+        """Wait for a slot, behind the publishers already waiting (``front``: ahead of them, for one
+        that was woken and lost its slot to a group that filled again)."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.space_waiters.append(fut)
-        await fut
+        if front:
+            self.space_waiters.appendleft(fut)
+        else:
+            self.space_waiters.append(fut)
+        try:
+            await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.waking -= 1  # woken, then cancelled (timeout): pass the slot on
+                self._wake_space()
+            else:
+                with contextlib.suppress(ValueError):  # _wake_space may have dropped it already
+                    self.space_waiters.remove(fut)
+            raise
+        self.waking -= 1  # the slot is this publisher's now: it pushes before it yields
 
     def redeliver(self, entry: _Entry, delay: float) -> None:
         if delay <= 0:
