@@ -61,7 +61,8 @@ def test_demo_runs_the_squad() -> None:
 
 
 def test_bench_reports_squadbus_beside_the_raw_baseline() -> None:
-    result = CliRunner().invoke(main, ["bench", "--url", "memory://", "--count", "2000", "--rate", "2000", "--json"])
+    result = CliRunner().invoke(
+        main, ["bench", "--url", "memory://", "--suite", "--count", "2000", "--rate", "2000", "--json"])
     assert result.exit_code == 0, result.output
     names = {row["name"]: row for row in json.loads(result.output)["results"]}
     assert "raw asyncio.Queue (no envelope)" in names

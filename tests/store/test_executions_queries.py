@@ -224,7 +224,8 @@ async def test_migration_fills_the_list_from_existing_history(sqlite_url: str) -
         db.execute("DROP INDEX messages_execution_type")
         db.execute("ALTER TABLE exec_counters DROP COLUMN task_execution_id")
         db.execute("ALTER TABLE exec_counters DROP COLUMN last_at")
-        db.execute("DELETE FROM schema_version WHERE version = 3")
+        db.execute("DROP TABLE IF EXISTS dead_letters")  # a later migration, undone with the rest
+        db.execute("DELETE FROM schema_version WHERE version >= 3")
     store = open_store(sqlite_url)
     await store.open()
     try:

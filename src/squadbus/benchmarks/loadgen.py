@@ -35,8 +35,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TextIO
 
-from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
-
 from squadbus import __version__
 from squadbus.core import subjects
 from squadbus.core.backend import Delivery, Subscription
@@ -208,6 +206,9 @@ class Latency:
 
     @classmethod
     def of(cls, values_s: list[float]) -> Latency:
+        # Imported here: the CLI imports this module, and hdrhistogram is in the bench and dev extras only.
+        from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
+
         hist = HdrHistogram(1, 3_600_000_000, 3)
         for value in values_s:
             hist.record_value(max(1, round(value * 1e6)))
