@@ -28,7 +28,30 @@ from squadbus.workers.sse_broadcaster import SseBroadcaster
 
 
 async def test_registry_knows_every_worker() -> None:
-    assert worker_names() == ["analytics", "audit-logger", "db-writer", "sse-broadcaster"]
+    assert worker_names() == ["analytics", "audit-logger", "db-writer", "dead-letter-keeper", "sse-broadcaster"]
+
+
+async def test_the_dead_letter_keeper_runs_from_the_registry(tmp_path: Path) -> None:
+    """``squadbus worker dead-letter-keeper`` builds it (a db-writer in its own process keeps no dead letters)."""
+    from squadbus.core import subjects
+    from squadbus.core.settings import Settings
+    from squadbus.store import open_store
+    from squadbus.store.dead_letters import DeadLetter, DeadLetterQuery, KeepsDeadLetters
+
+    async with Bus.from_url("memory://") as bus, open_store(f"sqlite+aiosqlite:///{tmp_path / 'h.db'}") as store:
+        assert isinstance(store, KeepsDeadLetters)
+        keeper = build_worker("dead-letter-keeper", bus, store, Settings())
+        await keeper.start()
+        plain = envelope.build(subject="agent.message.ops", sender_id="pm", content="x")
+        dead = await bus.publish(plain.evolve(id=envelope.new_id(), subject=subjects.dead_letter("billing")))
+        items: list[DeadLetter] = []
+        for _ in range(250):
+            items = (await store.list_dead_letters(DeadLetterQuery(group="billing"))).items
+            if items:
+                break
+            await asyncio.sleep(0.02)
+        await keeper.stop()
+    assert [item.message.id for item in items] == [dead.id]
 
 
 async def test_analytics_counts_and_times_replies() -> None:

@@ -41,8 +41,15 @@ def _sse_broadcaster(bus: Bus, store: HistoryStore, settings: Settings) -> Worke
     return SseBroadcaster(bus)
 
 
+def _dead_letter_keeper(bus: Bus, store: HistoryStore, settings: Settings) -> Worker:
+    from squadbus.workers.dead_letters import DeadLetterKeeper
+
+    return DeadLetterKeeper(bus, store)
+
+
 FACTORIES: Mapping[str, WorkerFactory] = {
     "db-writer": _db_writer,
+    "dead-letter-keeper": _dead_letter_keeper,
     "analytics": _analytics,
     "audit-logger": _audit_logger,
     "sse-broadcaster": _sse_broadcaster,
