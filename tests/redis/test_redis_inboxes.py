@@ -77,7 +77,7 @@ async def test_bells_lost_while_the_pubsub_connection_was_killed_are_caught_up(
         delivery = await inbox.get(TIMEOUT)
         assert delivery.message.id == lost.id
         await delivery.ack()
-        await eventually(lambda: bus.backend._inboxes._pubsub is not None,  # type: ignore[attr-defined]
+        await eventually(lambda: bus.backend._inboxes._bells.connected,  # type: ignore[attr-defined]
                          TIMEOUT, "the bell connection to come back")
         after = await bus.send("pm", agent, "after")
         delivery = await inbox.get(TIMEOUT)

@@ -53,6 +53,7 @@ from squadbus.backends.redis._driver import (
     is_nogroup,
     translate,
 )
+from squadbus.backends.redis.bells import Bells
 from squadbus.backends.redis.consumer import ConsumerContext, Entry, RawFields, RedisDelivery
 from squadbus.backends.redis.group import RELEASED_CONSUMER, consumer_name, dead_letter_malformed
 from squadbus.core import subjects
@@ -165,7 +166,6 @@ class InboxHub:
         self.ctx = ctx
         self._client = ctx.client
         self._consumer = consumer_name()
-        self._bell_head = len(ctx.layout.bell(""))
         self._agents: dict[str, _Agent] = {}
         self._acking: set[_Agent] = set()  # agents with XACKs to send
         self._reads: set[_Agent] = set()
@@ -178,9 +178,9 @@ class InboxHub:
         self._control: asyncio.Task[None] | None = None
         self._background: list[asyncio.Task[None]] = []
         self._handling: set[asyncio.Task[None]] = set()
-        self._pubsub: Any = None
-        self._listener: asyncio.Task[None] | None = None
-        self._confirm: dict[bytes, asyncio.Future[None]] = {}
+        self._bells = Bells(ctx.client, prefix=ctx.layout.bell(""), confirm_timeout=ctx.settings.connect_timeout,
+                            on_ring=self._rung, on_reconnect=self._bells_back,
+                            channels=lambda: [a.channel for a in self._agents.values()])
         self._failing = False
         self._closed = False
 
@@ -280,7 +280,7 @@ class InboxHub:
     async def _open_batch(self, agents: list[_Agent]) -> None:
         self._start()
         # The bell first: a message stored after the first read below rings it.
-        await self._subscribe([a.channel for a in agents])
+        await self._bells.subscribe([a.channel for a in agents])
         layout = self.ctx.layout
         commands: list[PackedCommand] = []
         for agent in agents:
@@ -323,10 +323,8 @@ class InboxHub:
                 async with asyncio.timeout(self.ctx.settings.publish_timeout):
                     await self._between_rounds.wait()
         reopened = {a.channel for a in self._agents.values()}
-        channels = [a.channel for a in agents if a.channel not in reopened]
-        if channels and self._pubsub is not None:
-            with contextlib.suppress(*FAILURES):  # a broken Pub/Sub connection is rebuilt without them
-                await self._pubsub.unsubscribe(*channels)
+        with contextlib.suppress(*FAILURES):  # a broken Pub/Sub connection is rebuilt without them
+            await self._bells.unsubscribe([a.channel for a in agents if a.channel not in reopened])
         await self._release(agents)
 
     async def _release(self, agents: Sequence[_Agent]) -> None:
@@ -353,88 +351,14 @@ class InboxHub:
 
     # ---- bells -------------------------------------------------------------------------------------
 
-    async def _subscribe(self, channels: list[bytes]) -> None:
-        if self._pubsub is None:
-            if self._listener is not None:
-                return  # reconnecting: it subscribes every open agent's bell
-            self._pubsub = self._client.pubsub()
-        loop = asyncio.get_running_loop()
-        waiting = []
-        for channel in channels:
-            future = self._confirm.get(channel)
-            if future is None:
-                future = self._confirm[channel] = loop.create_future()
-            waiting.append(future)
-        for first in range(0, len(channels), _OPS_PER_BATCH):
-            await self._pubsub.subscribe(*channels[first:first + _OPS_PER_BATCH])
-        if self._listener is None:
-            self._listener = loop.create_task(self._listen(), name="squadbus-inbox-bells")
-        # Wait for Redis to confirm, so the first read comes after the bell is heard; if it does not
-        # (connection broke), the sweep reads these agents anyway.
-        _, late = await asyncio.wait(waiting, timeout=self.ctx.settings.connect_timeout)
-        if late:
-            logger.warning("inboxes: %d bell subscriptions not confirmed in time; the sweep covers them", len(late))
+    def _rung(self, agent_id: str) -> None:
+        agent = self._agents.get(agent_id)
+        if agent is not None and agent.ready:
+            self._reads.add(agent)
+            self._wake.set()
 
-    async def _listen(self) -> None:
-        backoff = 0.05
-        while not self._closed:
-            pubsub = self._pubsub
-            try:
-                if pubsub is None:
-                    await self._resubscribe()
-                    backoff = 0.05
-                    continue
-                message = await pubsub.get_message(timeout=None)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # FAILURES, or redis-py's own complaint about a dead connection
-                if not self._failing:
-                    logger.warning("inboxes: bell connection failed (%r); reconnecting, then reading every agent",
-                                   exc)
-                self._failing = True
-                await self._drop_pubsub()
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-                continue
-            if message is None:
-                continue
-            kind = message.get("type")
-            channel = message.get("channel")
-            if kind == "message":
-                agent = self._agents.get(channel[self._bell_head:].decode(errors="replace"))
-                if agent is not None and agent.ready:
-                    self._reads.add(agent)
-                    self._wake.set()
-            elif kind == "subscribe":
-                future = self._confirm.pop(channel, None)
-                if future is not None and not future.done():
-                    future.set_result(None)
-
-    async def _drop_pubsub(self) -> None:
-        pubsub, self._pubsub = self._pubsub, None
-        for future in self._confirm.values():
-            if not future.done():
-                future.set_result(None)  # not confirmed: the read after reconnecting covers them
-        self._confirm.clear()
-        if pubsub is not None:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
-
-    async def _resubscribe(self) -> None:
-        pubsub: Any = self._client.pubsub()
-        try:
-            channels = [a.channel for a in self._agents.values()]
-            for first in range(0, len(channels), _OPS_PER_BATCH):
-                await pubsub.subscribe(*channels[first:first + _OPS_PER_BATCH])
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
-            raise
-        self._pubsub = pubsub
-        if self._failing:
-            self._failing = False
-            logger.info("inboxes: bell connection back; reading every open agent once")
-        # Bells rung while it was down are lost: look at every agent (the gate keeps order).
+    def _bells_back(self) -> None:
+        # Bells rung while the connection was down are lost: look at every agent (the gate keeps order).
         self._checks.update(a for a in self._agents.values() if a.ready)
         self._wake.set()
 
@@ -540,6 +464,9 @@ class InboxHub:
                 continue
             finally:
                 self._between_rounds.set()
+            if self._failing:
+                self._failing = False
+                logger.info("inboxes: reading from Redis again")
             backoff = 0.05
             at = acks
             missing: list[_Agent] = []
@@ -822,13 +749,10 @@ class InboxHub:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._control is not None:  # closes queued before this one run (opens fail)
             await asyncio.gather(self._control, return_exceptions=True)
-        if self._listener is not None:
-            self._listener.cancel()
-            await asyncio.gather(self._listener, return_exceptions=True)
         try:
             async with asyncio.timeout(self.ctx.settings.publish_timeout):
                 await self._release(agents)
         except FAILURES as exc:
             logger.warning("inboxes: could not hand back held entries on close (%s); they are claimed after "
                            "ack_wait", exc)
-        await self._drop_pubsub()
+        await self._bells.close()
