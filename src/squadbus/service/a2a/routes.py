@@ -17,6 +17,7 @@ JSON-RPC responses with ``id: <seq>``; ``Last-Event-ID`` resumes after it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -208,11 +209,13 @@ class Edge:
 
         async def frames() -> AsyncIterator[bytes]:
             yield _frame(request_id, StreamResponse(task=snapshot), None)
-            async for item in self.tasks.events(task_id, after, start):
-                if item is None:
-                    yield b": keepalive\n\n"
-                else:
-                    yield _frame(request_id, item[1], item[0])
+            # closed with the response (client gone, send timeout): the hub viewer leaves at once
+            async with contextlib.aclosing(self.tasks.events(task_id, after, start)) as events:
+                async for item in events:
+                    if item is None:
+                        yield b": keepalive\n\n"
+                    else:
+                        yield _frame(request_id, item[1], item[0])
 
         return SseResponse(frames(), send_timeout=self.service.options.sse_send_timeout)
 

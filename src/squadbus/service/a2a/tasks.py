@@ -23,7 +23,7 @@ import binascii
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import UTC
 from uuid import UUID, uuid4, uuid5
@@ -310,8 +310,8 @@ class TaskService:
         rows = await rows_of(self.service, task_id)
         return fold(task_id, rows), rows
 
-    async def events(self, task_id: UUID, after: int, start: TaskView) -> AsyncIterator[tuple[int, StreamResponse]
-                                                                                      | None]:
+    async def events(self, task_id: UUID, after: int,
+                     start: TaskView) -> AsyncGenerator[tuple[int, StreamResponse] | None, None]:
         """The task's events after seq ``after`` (``start`` is the task folded up to it), then live.
 
         Yields (seq, event), or None for a heartbeat; ends after the event that
@@ -344,8 +344,10 @@ class TaskService:
     async def wait_final(self, task_id: UUID, after: int, start: TaskView) -> None:
         """Wait (up to ``send_wait`` seconds) until the task is terminal or interrupted."""
         try:
-            async with asyncio.timeout(self.options.send_wait):
-                async for _ in self.events(task_id, after, start):
+            async with asyncio.timeout(self.options.send_wait), contextlib.aclosing(
+                self.events(task_id, after, start)
+            ) as events:
+                async for _ in events:
                     pass
         except TimeoutError:
             return
