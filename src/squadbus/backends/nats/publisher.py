@@ -28,9 +28,10 @@ from nats.js.client import JetStreamContext
 
 from squadbus.backends.nats.inboxes import bell_of
 from squadbus.backends.nats.settings import NatsSettings
-from squadbus.backends.nats.translate import is_transient, translate
+from squadbus.backends.nats.translate import is_transient, is_unanswered, translate
 from squadbus.core import subjects
 from squadbus.core.envelope import Message, encode
+from squadbus.core.errors import BackendTimeout
 
 logger = logging.getLogger("squadbus.backends.nats")
 
@@ -107,8 +108,12 @@ class NatsPublisher:
         settings = self._settings
         deadline = loop.time() + settings.publish_timeout
         pause = 0.05
+        # True once an attempt went out and got no answer (PubAck timeout, connection lost while waiting):
+        # the stream may hold the message, whatever later attempts say.
+        maybe_stored = False
         while True:
             remaining = deadline - loop.time()
+            sent = False
             try:
                 # nats-py wraps a stall timeout in a task and a timer: only pay for it when the
                 # pending-ack window is actually full.
@@ -119,15 +124,23 @@ class NatsPublisher:
                 )
                 # Failing the future on timeout (not cancelling it) also releases nats-py's
                 # pending-ack slot; cheaper than asyncio.wait_for on this hot path.
+                sent = True
                 unwatch = self._watch(loop, future, min(max(remaining, 0.001), settings.ack_timeout))
                 try:
                     ack = await future
                 finally:
                     unwatch()
             except Exception as exc:
+                maybe_stored = maybe_stored or (sent and is_unanswered(exc))
                 remaining = deadline - loop.time()
                 if not is_transient(exc) or remaining <= pause:
-                    raise translate(exc, f"publish to {subject}") from exc
+                    error = translate(exc, f"publish to {subject}")
+                    if maybe_stored and not isinstance(error, BackendTimeout):
+                        # "Not stored" would be a lie: an earlier attempt may have been (seen in a cluster
+                        # whose stream leader was killed: 4 sends told PublishFailed were delivered).
+                        error = BackendTimeout(f"publish to {subject}: no PubAck for an earlier attempt, so it "
+                                               f"may be stored; retry with the same id (last attempt: {error})")
+                    raise error from exc
                 self.retries += 1
                 logger.debug("publish of %s failed (%s: %s); retrying", msg_id, type(exc).__name__, exc)
                 await asyncio.sleep(pause)

@@ -30,6 +30,12 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (TimeoutError, nats.js.errors.TooManyStalledMsgsError, *_CONNECTION_ERRORS))
 
 
+def is_unanswered(exc: BaseException) -> bool:
+    """True when a publish that went out got no answer (its PubAck timed out, or the connection went
+    away while waiting): the stream may have stored it. A "no responders" answer means it did not."""
+    return isinstance(exc, (TimeoutError, *_CONNECTION_ERRORS))
+
+
 def translate(exc: BaseException, what: str) -> BackendError:
     """The most specific squadbus error for a nats-py failure while doing ``what``."""
     if isinstance(exc, BackendError):
