@@ -452,8 +452,9 @@ class InboxHub:
                 for agent in (*checks, *reads):
                     agent.busy = False
                 self._retries += retries
-                self._checks.update(checks)
-                self._reads.update(reads)
+                # A read Redis ran whose reply was lost left an entry pending here that nobody holds:
+                # check those agents (the gate holds newer ones back until it is claimed) rather than read.
+                self._checks.update(checks, reads)
                 self.ctx.counters.read_errors += 1
                 if not self._failing:
                     logger.warning("inboxes: reading failed, retrying with backoff: %r", exc)
