@@ -171,3 +171,28 @@ async def test_broker_crash_while_publishing_loses_nothing_acknowledged(rabbitmq
     finally:
         if not rabbitmq_server.running:
             rabbitmq_server.start()
+
+
+async def test_a_subscription_closed_while_the_broker_is_down_is_not_restored(rabbitmq_server: RabbitServer) -> None:
+    url = f"{rabbitmq_server.url}?namespace=down-{uuid.uuid4().hex[:8]}&publish_timeout=3"
+    agent, group = _ids("down")
+    try:
+        async with Bus.from_url(url) as bus:
+            closed, kept = Collector(), Collector()
+            sub = await bus.subscribe(subjects.direct(agent), closed, group=group)
+            await bus.subscribe(subjects.direct(agent), kept, group=f"other-{group}")
+            await asyncio.sleep(2.0)  # see the crash test: a quorum queue needs a moment to be registered
+            await asyncio.to_thread(rabbitmq_server.stop_node)
+            await bus.unsubscribe(sub)  # while the connection is down
+            await asyncio.to_thread(rabbitmq_server.start)
+            sent_id = uuid.uuid4()
+            assert await _publish_until_acknowledged(bus, agent, sent_id, time.monotonic() + 60)
+            await eventually(lambda: sent_id in kept.ids, 30, "the kept subscription, restored")
+            async with Bus.from_url(url) as member:
+                fresh = Collector()
+                await member.subscribe(subjects.direct(agent), fresh, group=group)
+                await eventually(lambda: sent_id in fresh.ids, 20, "the group's next member to get it")
+            assert closed.ids == [], "the closed subscription came back with the reconnect"
+    finally:
+        if not rabbitmq_server.running:
+            rabbitmq_server.start()

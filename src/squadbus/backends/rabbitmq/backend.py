@@ -84,6 +84,12 @@ class RabbitBackend:
         return self._connection
 
     @property
+    def connected(self) -> bool:
+        """True while the connection is up (False while it reconnects, and after close())."""
+        connection = self._connection
+        return connection is not None and not self._closed and connection.connected.is_set()
+
+    @property
     def publisher(self) -> RabbitPublisher:
         if self._publisher is None or self._closed:
             raise Closed("rabbitmq backend is not connected")
@@ -159,8 +165,10 @@ class RabbitBackend:
                 await self._probe.close()
         connection = self._connection
         if connection is not None:
+            up = connection.connected.is_set()
             with contextlib.suppress(Exception):  # a broker that is gone cannot be said goodbye to
-                await connection.close()
+                async with asyncio.timeout(5 if up else 1):
+                    await connection.close()
 
     # ---- Backend -----------------------------------------------------------------------------
 

@@ -329,8 +329,11 @@ class RabbitSubscription:
             return
         self._closed = True
         self._closing = True
+        # While the connection is down the broker has dropped the consumer and requeued what it held:
+        # nothing to cancel or close (waiting for the reconnect would only stall the close).
+        connected = self._backend.connected
         queue, tag = self._queue, self._tag
-        if queue is not None and tag is not None:
+        if connected and queue is not None and tag is not None:
             with contextlib.suppress(*_SETTLE_ERRORS, TimeoutError):
                 await queue.cancel(tag, timeout=5)
         dispatch = self._dispatch
@@ -348,6 +351,9 @@ class RabbitSubscription:
         if self._settling:
             await asyncio.gather(*self._settling, return_exceptions=True)
         if self._channel is not None:
+            # A robust channel marks itself closed (not to be restored by a reconnect) before it
+            # talks to the broker, so a close that times out on a dead connection still counts.
             with contextlib.suppress(*_SETTLE_ERRORS, TimeoutError):
-                await self._channel.close()
+                async with asyncio.timeout(5 if connected else 0.5):
+                    await self._channel.close()
         self._backend.forget(self)
