@@ -19,8 +19,8 @@ serves every open agent:
 * **cursor records** ``c.<agent>`` = ``"<cursor> <seq out> <its attempt>"``: published (no PubAck
   awaited) before a delivery is handed out, so a message handed out and never settled (its host
   died) comes back to the next opener as attempt + 1; after an ack saved coalesced by one flusher
-  (``publish_async`` of every changed record, PubAcks checked): a crash re-delivers what was acked
-  but not saved yet (at-least-once);
+  (every changed record pipelined, PubAcks checked): a crash re-delivers what was acked but not
+  saved yet (at-least-once);
 * **leases**: ``l.<agent>`` = the holding hub's id, taken with a revision-checked put (create);
   each hub keeps ``h.<hub>`` fresh every ``ttl / 3`` (``ttl`` = the smallest ``ack_wait`` of its
   agents). A second open of an agent held by another process waits; it takes over (revision-
@@ -251,6 +251,10 @@ class InboxHub:
         self._handling: set[asyncio.Task[None]] = set()
         self._replies: NatsSub | None = None
         self._reply_prefix = ""
+        self._put_replies: NatsSub | None = None
+        self._put_prefix = ""
+        self._put_waiting: dict[str, asyncio.Future[bytes]] = {}
+        self._put_count = 0
         self._starting = asyncio.Lock()
         self._ready = False
         self._ttl = 30.0
@@ -360,7 +364,15 @@ class InboxHub:
 
     async def _open_batch(self, agents: list[_Agent]) -> None:
         self._update_ttl()
-        leased = await self._gather(self._acquire(a) for a in agents)
+        mine = self.hub_id.encode()
+        created = await self._put_many([(f"l.{a.agent_id}", mine, 0, None) for a in agents])
+        for agent, outcome in zip(agents, created, strict=True):
+            if isinstance(outcome, SquadbusError):
+                raise outcome
+            if not isinstance(outcome, _WrongLast):
+                agent.lease = outcome
+        # Held already (by another hub, a closed one, or ours before a reopen): the slow way.
+        leased = await self._gather(self._acquire(a) if not a.lease else _true() for a in agents)
         taken = [a for a, ok in zip(agents, leased, strict=True) if ok and not a.closing]
         for agent, ok in zip(agents, leased, strict=True):
             if not ok and not agent.closing:
@@ -432,8 +444,20 @@ class InboxHub:
     async def _close_batch(self, agents: list[_Agent]) -> None:
         await self._unsubscribe(agents)
         leased = [a for a in agents if a.lease]
-        await self._gather(self._save(a) for a in leased)
-        await self._gather(self._release(a) for a in leased)
+        if not leased:
+            return
+        for agent in leased:
+            self._dirty.discard(agent)
+        # In order on one connection: each cursor is stored before its lease is given up.
+        puts: list[tuple[str, bytes, int | None, dict[str, str] | None]] = [
+            (f"c.{a.agent_id}", a.record(), None, None) for a in leased]
+        puts += [(f"l.{a.agent_id}", b"", a.lease, {"KV-Operation": "DEL"}) for a in leased]
+        for agent in leased:
+            agent.lease = 0
+        outcomes = await self._put_many(puts)
+        failed = [o for o in outcomes if isinstance(o, SquadbusError)]  # _WrongLast: taken over meanwhile
+        if failed:
+            raise failed[0]
 
     async def _unsubscribe(self, agents: Iterable[_Agent]) -> None:
         for agent in agents:
@@ -441,15 +465,6 @@ class InboxHub:
             if bell is not None and not self._nc.is_closed:
                 with contextlib.suppress(nats.errors.Error):
                     await bell.unsubscribe()
-
-    async def _save(self, agent: _Agent) -> None:
-        self._dirty.discard(agent)
-        await self._kv_put(f"c.{agent.agent_id}", agent.record())
-
-    async def _release(self, agent: _Agent) -> None:
-        lease, agent.lease = agent.lease, 0
-        with contextlib.suppress(_WrongLast):  # taken over meanwhile: not ours to delete
-            await self._kv_put(f"l.{agent.agent_id}", b"", expect=lease, headers={"KV-Operation": "DEL"})
 
     async def _gather(self, jobs: Iterable[Coroutine[Any, Any, Any]]) -> list[Any]:
         limit = asyncio.Semaphore(_PARALLEL)
@@ -538,21 +553,59 @@ class InboxHub:
     async def _kv_put(self, key: str, value: bytes, *, expect: int | None = None,
                       headers: dict[str, str] | None = None) -> int:
         """Put ``value`` at ``key`` (only over revision ``expect`` when given); its KV seq."""
-        if expect is not None:
-            headers = {**(headers or {}), "Nats-Expected-Last-Subject-Sequence": str(expect)}
+        outcome = (await self._put_many([(key, value, expect, headers)]))[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return int(outcome)
+
+    async def _put_many(self, puts: Sequence[tuple[str, bytes, int | None, dict[str, str] | None]]) -> list[Any]:
+        """Pipelined KV puts ``(key, value, expect, headers)``, sent in order; per put its KV seq,
+        :class:`_WrongLast`, or the translated error.
+
+        Not ``publish_async``: nats-py 2.16 raises inside its PubAck handler when the reply is an
+        error (``APIError.from_error`` raises for 400/404/503), so that future never resolves. The
+        replies come back through one subscription of this hub instead.
+        """
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[bytes]] = []
+        tokens: list[str] = []
         try:
-            reply = await self._nc.request(self._kv_prefix + key, value, timeout=self._settings.ack_timeout * 2,
-                                           headers=headers)
+            for key, value, expect, extra in puts:
+                headers = extra if expect is None else {**(extra or {}),
+                                                        "Nats-Expected-Last-Subject-Sequence": str(expect)}
+                self._put_count += 1
+                token = str(self._put_count)
+                future: asyncio.Future[bytes] = loop.create_future()
+                self._put_waiting[token] = future
+                tokens.append(token)
+                futures.append(future)
+                await self._nc.publish(self._kv_prefix + key, value, reply=f"{self._put_prefix}.{token}",
+                                       headers=headers)
+            replies = await asyncio.wait_for(asyncio.gather(*futures), self._settings.publish_timeout)
         except (nats.errors.Error, TimeoutError) as exc:
-            raise translate(exc, f"write {key} in bucket {self._bucket}") from exc
-        body = json.loads(reply.data)
-        error = body.get("error")
-        if error:
-            if error.get("err_code") == _WRONG_LAST:
-                raise _WrongLast(error.get("description"))
-            raise translate(nats.js.errors.APIError(code=error.get("code"), description=error.get("description")),
-                            f"write {key} in bucket {self._bucket}")
-        return int(body["seq"])
+            raise translate(exc, f"write {len(puts)} keys in bucket {self._bucket}") from exc
+        finally:
+            for token in tokens:
+                self._put_waiting.pop(token, None)
+        results: list[Any] = []
+        for reply in replies:
+            body: dict[str, Any] = json.loads(reply) if reply else {"error": {"code": 503,
+                                                                              "description": "no responders"}}
+            error: dict[str, Any] | None = body.get("error")
+            if not error:
+                results.append(int(body["seq"]))
+            elif error.get("err_code") == _WRONG_LAST:
+                results.append(_WrongLast(error.get("description")))
+            else:
+                results.append(translate(nats.js.errors.APIError(code=error.get("code"),
+                                                                 description=error.get("description")),
+                                         f"write in bucket {self._bucket}"))
+        return results
+
+    async def _on_put_reply(self, msg: Msg) -> None:
+        future = self._put_waiting.pop(msg.subject[len(self._put_prefix) + 1:], None)
+        if future is not None and not future.done():
+            future.set_result(msg.data)
 
     # ---- the background tasks --------------------------------------------------------------------
 
@@ -565,6 +618,8 @@ class InboxHub:
             await self._ensure_bucket()
             self._reply_prefix = self._nc.new_inbox()
             self._replies = await self._nc.subscribe(self._reply_prefix + ".*", cb=self._on_reply)
+            self._put_prefix = self._nc.new_inbox()
+            self._put_replies = await self._nc.subscribe(self._put_prefix + ".*", cb=self._on_put_reply)
             self._update_ttl()
             await self._renew()
             self._start_tasks()
@@ -777,11 +832,8 @@ class InboxHub:
             agents = list(dirty)
             outcomes: list[Any]
             try:
-                futures = [await self._js.publish_async(f"{self._kv_prefix}c.{a.agent_id}", a.record())
-                           for a in agents]
-                outcomes = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True),
-                                                  self._settings.publish_timeout)
-            except (nats.errors.Error, TimeoutError) as exc:
+                outcomes = await self._put_many([(f"c.{a.agent_id}", a.record(), None, None) for a in agents])
+            except SquadbusError as exc:
                 outcomes = [exc] * len(agents)
             failed = [a for a, outcome in zip(agents, outcomes, strict=True) if isinstance(outcome, BaseException)]
             if failed:
@@ -880,9 +932,14 @@ class InboxHub:
                 await self._kv_put(f"h.{self.hub_id}", b"", headers={"KV-Operation": "DEL"})
         except (SquadbusError, TimeoutError) as exc:
             logger.warning("inboxes: could not save cursors and leases on close (%s); they lapse after ack_wait", exc)
-        if self._replies is not None:
-            with contextlib.suppress(nats.errors.Error):
-                await self._replies.unsubscribe()
+        for sub in (self._replies, self._put_replies):
+            if sub is not None:
+                with contextlib.suppress(nats.errors.Error):
+                    await sub.unsubscribe()
+
+
+async def _true() -> bool:
+    return True
 
 
 def delivery_backoff(agent: _Agent, attempt: int) -> float:
