@@ -1,5 +1,5 @@
 """RabbitMQ-specific delivery behaviour: the backlog a new group copies from the log, the per-process
-dedupe window, and a literal '#' token (an AMQP wildcard) in an agent id."""
+dedupe window, a literal '#' token (an AMQP wildcard) in an agent id, and a message never settled."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ import uuid
 
 import pytest
 
+from squadbus.backends.rabbitmq.subscriber import UNSETTLED_MARGIN
 from squadbus.core import subjects
+from squadbus.core.backend import ConsumerOptions, Delivery
 from squadbus.core.bus import Bus
+from squadbus.core.dispatch import DLQ_ATTEMPTS, DLQ_ORIGINAL_ID, DLQ_REASON
 from squadbus.testing.conformance import Collector, eventually
 
 pytestmark = pytest.mark.rabbitmq
@@ -57,3 +60,31 @@ async def test_an_agent_id_that_is_an_amqp_wildcard_gets_only_its_own_messages(r
         await eventually(lambda: to_hash.id in hash_inbox.ids and to_plain.id in plain.ids, 20, "both messages")
         await asyncio.sleep(0.3)
         assert hash_inbox.ids == [to_hash.id] and plain.ids == [to_plain.id]
+
+
+async def test_a_message_never_settled_is_dead_lettered_after_max_deliver_and_the_margin(rabbitmq_url: str) -> None:
+    agent, group = f"a-{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:8]}"
+    options = ConsumerOptions(max_deliver=2)
+    attempts: list[int] = []
+
+    async def hangs(delivery: Delivery) -> None:
+        attempts.append(delivery.attempt)
+        await asyncio.Event().wait()  # a consumer that never settles it (hung, or crashing each time)
+
+    async with Bus.from_url(rabbitmq_url) as watcher:
+        dlq = Collector()
+        await watcher.subscribe(subjects.dead_letter(group), dlq, group=f"dlq-{group}")
+        sent = await watcher.send("pm", agent, "never settled")
+        for attempt in range(1, 2 + UNSETTLED_MARGIN + 1):
+            # Closing the Bus cancels the hung handler: the message goes back, its delivery count + 1.
+            async with Bus.from_url(rabbitmq_url, close_timeout=0.2) as consumer:
+                await consumer.subscribe(subjects.direct(agent), hangs, group=group, options=options)
+                await eventually(lambda a=attempt: len(attempts) >= a, 20, f"delivery {attempt}")
+        async with Bus.from_url(rabbitmq_url, close_timeout=0.2) as consumer:
+            await consumer.subscribe(subjects.direct(agent), hangs, group=group, options=options)
+            await eventually(lambda: len(dlq.messages) == 1, 20, "the dead letter")
+        assert attempts == [1, 2, 3, 4], "the handler is not called once the margin is used up"
+        dead = dlq.messages[0]
+        assert dead.headers[DLQ_ORIGINAL_ID] == str(sent.id)
+        assert dead.headers[DLQ_ATTEMPTS] == "5"
+        assert "without being settled" in dead.headers[DLQ_REASON]

@@ -44,7 +44,14 @@ from squadbus.core.backend import (
     invoke_batch,
 )
 from squadbus.core.batching import fill_batch
-from squadbus.core.dispatch import DLQ_ATTEMPTS, DLQ_GROUP, DLQ_ORIGINAL_ID, DLQ_REASON, DLQ_SUBJECT
+from squadbus.core.dispatch import (
+    DLQ_ATTEMPTS,
+    DLQ_GROUP,
+    DLQ_ORIGINAL_ID,
+    DLQ_REASON,
+    DLQ_SUBJECT,
+    dead_letter_of,
+)
 from squadbus.core.envelope import Message, decode, new_id, utcnow
 from squadbus.core.errors import MalformedMessage, SquadbusError
 
@@ -57,6 +64,8 @@ IncomingMessage = aio_pika.abc.AbstractIncomingMessage
 
 _MALFORMED_CONTENT_LIMIT = 64 * 1024
 _FAIRNESS_STREAK = 64
+UNSETTLED_MARGIN = 2
+"""Deliveries beyond ``max_deliver`` a message may get without being settled before it is dead-lettered."""
 _SETTLE_ERRORS = (aio_pika.exceptions.MessageProcessError, aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
 
 
@@ -243,7 +252,28 @@ class RabbitSubscription:
         if self._filter and not subjects.matches(self._pattern, message.subject):
             await self.send(msg, ack=True)  # bound wider than the pattern (a literal '#' token)
             return None
-        return RabbitDelivery(message, msg, attempt, self)
+        delivery = RabbitDelivery(message, msg, attempt, self)
+        if self._group is not None and attempt > self._options.max_deliver + UNSETTLED_MARGIN:
+            await self._dead_letter_unsettled(delivery, msg)
+            return None
+        return delivery
+
+    async def _dead_letter_unsettled(self, delivery: RabbitDelivery, msg: IncomingMessage) -> None:
+        """Dead-letter a message handed out more than ``max_deliver`` + margin times without being
+        settled (its consumers crashed, closed or hung each time): a message that kills its consumer
+        must not be redelivered forever. The Bus dead-letters a handler that *raised* on the last attempt."""
+        options = self._options
+        reason = (f"delivered {delivery.attempt - 1} times without being settled (consumers crashed, closed or "
+                  f"hung); max_deliver {options.max_deliver} + {UNSETTLED_MARGIN}")
+        try:
+            await self._backend.publish(dead_letter_of(delivery, reason))
+        except SquadbusError:
+            logger.exception("could not dead-letter message %s of group %s; will retry",
+                             delivery.message.id, self._group)
+            self.nack_later(msg, options.backoff(delivery.attempt))
+            return
+        logger.warning("dead-lettered message %s of group %s: %s", delivery.message.id, self._group, reason)
+        await self.send(msg, ack=True)
 
     async def _handle(self, msg: IncomingMessage) -> None:
         delivery = await self._delivery_of(msg)
