@@ -200,7 +200,7 @@ async def test_jsonrpc_errors_and_auth(edge: UvicornProcess, squad: Bus) -> None
             ("SendMessage", {"message": {"messageId": "m1", "role": "ROLE_USER", "parts": [{"text": "x"}]}}, -32602),
             ("SendMessage", {"message": {"role": "ROLE_USER", "parts": [{"text": "x"}]},
                              "metadata": {"squadbus.agent_id": "echo"}}, -32602),
-            ("CreateTaskPushNotificationConfig", {"taskId": "t"}, -32003),
+            ("CreateTaskPushNotificationConfig", {"taskId": "t", "url": "http://127.0.0.1:9/"}, -32001),
             ("GetExtendedAgentCard", {}, -32004),
         ]:
             r = await call(method, params)  # type: ignore[misc]

@@ -8,7 +8,7 @@
 * agent card: ``/a2a/agents/<agent_id>/.well-known/agent-card.json``, whose
   JSON-RPC interface ``/a2a/agents/<agent_id>/jsonrpc`` sends to that agent.
 
-Both declare protocol 1.0, streaming, the :data:`RESUME_EXTENSION` (SSE event
+Both declare protocol 1.0, streaming, push notifications, the :data:`RESUME_EXTENSION` (SSE event
 ids and ``Last-Event-ID``) and, when the service has tokens, the HTTP bearer
 scheme of its tokens file.
 """
@@ -58,7 +58,7 @@ def _common(card: AgentCard, rpc_url: str, *, secured: bool, extensions: list[Ag
     resume = AgentExtension(uri=RESUME_EXTENSION, required=False,
                             description="SSE event ids are history sequence numbers; reconnect with "
                                         "Last-Event-ID to resume with no gap, also after a server restart")
-    card.capabilities.CopyFrom(AgentCapabilities(streaming=True, push_notifications=False,
+    card.capabilities.CopyFrom(AgentCapabilities(streaming=True, push_notifications=True,
                                                  extensions=[resume, *extensions]))
     card.default_input_modes.append("text/plain")
     card.default_output_modes.append("text/plain")

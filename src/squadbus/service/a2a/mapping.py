@@ -6,6 +6,7 @@ in seq order, by :class:`TaskView`. Who sent a message decides its role:
 * ``a2a.task`` / ``a2a.message`` (:data:`CLIENT_TYPES`): the A2A client's
   messages, role ``user``; state ``submitted`` (the agent has not answered);
 * ``a2a.cancel``: a CancelTask, sent to the agent; state ``canceled``;
+* ``a2a.push.set`` / ``a2a.push.delete``: push notification configs (:mod:`.push`), nothing else;
 * anything else in the execution is the agent's, role ``agent``; its
   ``message_type`` sets the state by :data:`STATE_BY_TYPE` (other types leave
   it, or make a ``submitted`` task ``working``); ``artifact`` adds an artifact.
@@ -50,6 +51,12 @@ CANCEL_TYPE = "a2a.cancel"
 ARTIFACT_TYPE = "artifact"
 """An agent message of this type is a Task artifact (``metadata.name`` names it)."""
 CLIENT_TYPES = frozenset({OPEN_TYPE, FOLLOW_UP_TYPE})
+PUSH_SET_TYPE = "a2a.push.set"
+"""``message_type`` of a push notification config set for the task (from the client to the edge)."""
+PUSH_DELETE_TYPE = "a2a.push.delete"
+"""``message_type`` of a push notification config deleted."""
+CONTROL_TYPES = frozenset({PUSH_SET_TYPE, PUSH_DELETE_TYPE})
+"""Messages of the execution that are neither history nor a state change."""
 
 STATE_BY_TYPE: Mapping[str, int] = {
     "working": TaskState.TASK_STATE_WORKING,
@@ -171,6 +178,8 @@ class TaskView:
             self.agent_id = entry.recipient_id or ""
             self.client_id = entry.sender_id
         tid, cid = str(self.task_id), self.context_id
+        if entry.message_type in CONTROL_TYPES:
+            return None
         if entry.message_type in CLIENT_TYPES:
             self.history.append(to_a2a_message(entry, tid, cid))
             if not self.terminal:

@@ -6,8 +6,8 @@
 * ``POST /a2a/agents/{agent_id}/jsonrpc``: the agent's (SendMessage goes to it; ListTasks lists its tasks).
 
 Methods: ``SendMessage``, ``SendStreamingMessage``, ``GetTask``, ``ListTasks``,
-``CancelTask``, ``SubscribeToTask``. The push-notification methods answer
-``PushNotificationNotSupportedError``, ``GetExtendedAgentCard``
+``CancelTask``, ``SubscribeToTask`` and the four push notification config
+methods (:mod:`.push` delivers them); ``GetExtendedAgentCard`` answers
 ``UnsupportedOperationError`` (the cards declare no extended card). Errors travel as the binding says:
 HTTP 200 with the JSON-RPC error object (code from the SDK's
 ``JSON_RPC_ERROR_CODE_MAP``); only authentication is HTTP (401, 403 for a
@@ -26,13 +26,18 @@ from typing import Annotated, Any
 from a2a.server.request_handlers.response_helpers import build_error_response
 from a2a.types import (
     CancelTaskRequest,
+    DeleteTaskPushNotificationConfigRequest,
+    GetTaskPushNotificationConfigRequest,
     GetTaskRequest,
+    ListTaskPushNotificationConfigsRequest,
+    ListTaskPushNotificationConfigsResponse,
     ListTasksRequest,
     ListTasksResponse,
     SendMessageRequest,
     SendMessageResponse,
     StreamResponse,
     SubscribeToTaskRequest,
+    TaskPushNotificationConfig,
 )
 from a2a.utils.constants import VERSION_HEADER
 from a2a.utils.errors import (
@@ -42,7 +47,7 @@ from a2a.utils.errors import (
     InvalidRequestError,
     JSONParseError,
     MethodNotFoundError,
-    PushNotificationNotSupportedError,
+    TaskNotFoundError,
     UnsupportedOperationError,
     VersionNotSupportedError,
 )
@@ -55,6 +60,7 @@ from google.protobuf.message import Message as Proto
 from squadbus.core.errors import SquadbusError
 from squadbus.service.a2a import cards
 from squadbus.service.a2a.mapping import TaskView, to_json
+from squadbus.service.a2a.push import PushSender
 from squadbus.service.a2a.registry import AgentRegistry
 from squadbus.service.a2a.tasks import EdgeOptions, TaskService, fold, load, parse_task_id, rows_of
 from squadbus.service.auth import Principal, reader
@@ -175,10 +181,34 @@ class Edge:
             cancel: CancelTaskRequest = _parse(params, CancelTaskRequest())
             return await self.tasks.cancel(parse_task_id(cancel.id), self.who, request)
         if method in PUSH_METHODS:
-            raise PushNotificationNotSupportedError("push notifications are not implemented by this edge yet")
+            return await self.push(method, params, request)
         if method == "GetExtendedAgentCard":  # the cards declare extendedAgentCard false
             raise UnsupportedOperationError("this edge has no extended agent card")
         raise MethodNotFoundError(f"method {method!r} not found")
+
+    async def push(self, method: str, params: Any, request: Request) -> Proto | dict[str, Any]:
+        """The push notification config methods (the webhooks are served by :mod:`.push`)."""
+        tasks = self.tasks
+        if method == "CreateTaskPushNotificationConfig":
+            config: TaskPushNotificationConfig = _parse(params, TaskPushNotificationConfig())
+            return await tasks.set_push(config, self.who, request)
+        if method == "ListTaskPushNotificationConfigs":
+            lst: ListTaskPushNotificationConfigsRequest = _parse(params, ListTaskPushNotificationConfigsRequest())
+            task_id = parse_task_id(lst.task_id)
+            found = await tasks.push_configs(task_id, self.who)
+            response = ListTaskPushNotificationConfigsResponse(configs=[c.to_proto(task_id) for c in found.values()])
+            return MessageToDict(response, preserving_proto_field_name=False,
+                                 always_print_fields_with_no_presence=True)
+        if method == "GetTaskPushNotificationConfig":
+            get: GetTaskPushNotificationConfigRequest = _parse(params, GetTaskPushNotificationConfigRequest())
+            task_id = parse_task_id(get.task_id)
+            config_found = (await tasks.push_configs(task_id, self.who)).get(get.id)
+            if config_found is None:
+                raise TaskNotFoundError(f"task {task_id} has no push notification config {get.id!r}")
+            return config_found.to_proto(task_id)
+        delete: DeleteTaskPushNotificationConfigRequest = _parse(params, DeleteTaskPushNotificationConfigRequest())
+        await tasks.delete_push(parse_task_id(delete.task_id), delete.id, self.who, request)
+        return {}
 
     def _target(self, req: SendMessageRequest) -> str | None:
         if self.agent_id is not None:
@@ -227,8 +257,25 @@ def _frame(request_id: RequestId, event: StreamResponse, seq: int | None) -> byt
 
 
 def router(options: EdgeOptions) -> APIRouter:
-    """The A2A routes (not in the OpenAPI document: A2A clients read the cards instead)."""
-    r = APIRouter(tags=["a2a"], include_in_schema=False)
+    """The A2A routes (not in the OpenAPI document: A2A clients read the cards instead).
+
+    Its lifespan (inside the app's, once the Service runs) starts the push sender, a member of the
+    ``a2a-push`` consumer group, and stops it first on shutdown.
+    """
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service: Service = app.state.service
+        sender = PushSender(service.bus, service.store, attempts=options.push_attempts,
+                            backoff_base=options.push_backoff_base, backoff_max=options.push_backoff_max,
+                            timeout=options.push_timeout)
+        await sender.start()
+        try:
+            yield
+        finally:
+            await sender.stop()
+
+    r = APIRouter(tags=["a2a"], include_in_schema=False, lifespan=lifespan)
 
     def secured(request: Request) -> bool:
         return not request.app.state.tokens.open

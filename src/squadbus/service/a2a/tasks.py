@@ -28,7 +28,15 @@ from dataclasses import dataclass
 from datetime import UTC
 from uuid import UUID, uuid4, uuid5
 
-from a2a.types import ListTasksRequest, ListTasksResponse, SendMessageRequest, StreamResponse, Task, TaskState
+from a2a.types import (
+    ListTasksRequest,
+    ListTasksResponse,
+    SendMessageRequest,
+    StreamResponse,
+    Task,
+    TaskPushNotificationConfig,
+    TaskState,
+)
 from a2a.utils.errors import (
     InternalError,
     InvalidParamsError,
@@ -43,8 +51,17 @@ from google.protobuf.json_format import MessageToDict
 from squadbus.core import envelope, subjects
 from squadbus.core.envelope import Message
 from squadbus.core.errors import BackendError, InvalidMessage, InvalidSubject
-from squadbus.service.a2a.mapping import CANCEL_TYPE, FOLLOW_UP_TYPE, OPEN_TYPE, Entry, TaskView
-from squadbus.service.a2a.registry import AgentRegistry
+from squadbus.service.a2a.mapping import (
+    CANCEL_TYPE,
+    FOLLOW_UP_TYPE,
+    OPEN_TYPE,
+    PUSH_DELETE_TYPE,
+    PUSH_SET_TYPE,
+    Entry,
+    TaskView,
+)
+from squadbus.service.a2a.push import PushConfig, configs_of, stored_rows
+from squadbus.service.a2a.registry import EDGE_ID, AgentRegistry
 from squadbus.service.auth import Principal, Role
 from squadbus.service.routes_messages import claim_in_store, send_all
 from squadbus.service.sse_hub import HEARTBEAT_FRAME, ViewerStream
@@ -86,10 +103,16 @@ class EdgeOptions:
     ``send_wait``: seconds a (non-streaming) SendMessage waits for the task to
     reach a terminal or interrupted state before returning it as it is
     (``returnImmediately`` skips the wait). ``squad_name``: the squad card's name.
+    ``push_*``: the ``a2a-push`` group's attempts before a dead letter, backoff
+    (``base``·2^(attempt-1) seconds, capped at ``max``) and the POST timeout.
     """
 
     send_wait: float = 30.0
     squad_name: str = "squadbus squad"
+    push_attempts: int = 5
+    push_backoff_base: float = 1.0
+    push_backoff_max: float = 60.0
+    push_timeout: float = 10.0
 
 
 def sender_of(who: Principal) -> str:
@@ -116,14 +139,7 @@ def parse_task_id(raw: str) -> UUID:
 
 async def rows_of(service: Service, task_id: UUID) -> list[StoredMessage]:
     """Every stored message of the execution, by seq."""
-    rows: list[StoredMessage] = []
-    after = 0
-    while True:
-        page = await service.store.after(task_id, after, PAGE)
-        if not page:
-            return rows
-        rows.extend(page)
-        after = page[-1].seq
+    return await stored_rows(service.store, task_id)
 
 
 def fold(task_id: UUID, rows: list[StoredMessage], upto: int | None = None) -> TaskView:
@@ -233,11 +249,48 @@ class TaskService:
             envelope.encode(message)
         except (InvalidMessage, InvalidSubject, TypeError, ValueError) as exc:
             raise InvalidParamsError(f"cannot send this message: {exc}") from None
+        if req.configuration.HasField("task_push_notification_config"):
+            # stored before the task's first message, so the agent's first answer is pushed already
+            await self._set_push(task_id, req.configuration.task_push_notification_config, sender, request)
         stored = await _publish(self.service, message, request)
         if stored is not None and stored.message.task_execution_id is not None:
             return stored.message.task_execution_id, stored.seq
         row = await self.service.store.get(squad_id)
         return task_id, row.seq if row is not None else 0
+
+    async def _set_push(self, task_id: UUID, config: TaskPushNotificationConfig, sender: str,
+                        request: Request) -> PushConfig:
+        if not config.url.startswith(("http://", "https://")):
+            raise InvalidParamsError("a push notification config needs an http(s) url")
+        if config.task_id and config.task_id != str(task_id):
+            raise InvalidParamsError(f"the config names task {config.task_id}, not {task_id}")
+        push = PushConfig.from_proto(config, config.id or str(uuid4()))
+        message = envelope.build(subject=subjects.direct(EDGE_ID), sender_id=sender, recipient_id=EDGE_ID,
+                                 content=push.to_json(), message_type=PUSH_SET_TYPE, task_execution_id=task_id)
+        await _publish(self.service, message, request)
+        return push
+
+    async def set_push(self, config: TaskPushNotificationConfig, who: Principal,
+                       request: Request) -> TaskPushNotificationConfig:
+        """CreateTaskPushNotificationConfig: add (or replace, same id) a webhook of the task."""
+        task_id = parse_task_id(config.task_id)
+        await load(self.service, task_id, who)
+        push = await self._set_push(task_id, config, sender_of(who), request)
+        return push.to_proto(task_id)
+
+    async def push_configs(self, task_id: UUID, who: Principal) -> dict[str, PushConfig]:
+        """The task's webhooks by config id (TaskNotFoundError out of scope)."""
+        _, rows = await load(self.service, task_id, who)
+        return configs_of(rows)
+
+    async def delete_push(self, task_id: UUID, config_id: str, who: Principal, request: Request) -> None:
+        """DeleteTaskPushNotificationConfig: idempotent (deleting an absent config changes nothing)."""
+        if config_id not in await self.push_configs(task_id, who):
+            return
+        message = envelope.build(subject=subjects.direct(EDGE_ID), sender_id=sender_of(who), recipient_id=EDGE_ID,
+                                 content=json.dumps({"id": config_id}), message_type=PUSH_DELETE_TYPE,
+                                 task_execution_id=task_id)
+        await _publish(self.service, message, request)
 
     async def cancel(self, task_id: UUID, who: Principal, request: Request) -> Task:
         """Cancel: a cancel message to the agent, the task ``canceled``. Repeating it returns the canceled task."""
