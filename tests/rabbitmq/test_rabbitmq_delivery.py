@@ -8,11 +8,13 @@ import uuid
 
 import pytest
 
+from squadbus.backends.rabbitmq import RabbitBackend
 from squadbus.backends.rabbitmq.subscriber import UNSETTLED_MARGIN
 from squadbus.core import subjects
 from squadbus.core.backend import ConsumerOptions, Delivery
 from squadbus.core.bus import Bus
 from squadbus.core.dispatch import DLQ_ATTEMPTS, DLQ_ORIGINAL_ID, DLQ_REASON
+from squadbus.core.errors import BackendTimeout
 from squadbus.testing.conformance import Collector, eventually
 
 pytestmark = pytest.mark.rabbitmq
@@ -88,3 +90,25 @@ async def test_a_message_never_settled_is_dead_lettered_after_max_deliver_and_th
         assert dead.headers[DLQ_ORIGINAL_ID] == str(sent.id)
         assert dead.headers[DLQ_ATTEMPTS] == "5"
         assert "without being settled" in dead.headers[DLQ_REASON]
+
+
+async def test_a_group_whose_backlog_copy_failed_gets_the_backlog_on_the_next_subscribe(
+    rabbitmq_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    agent, group = f"a-{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:8]}"
+    async with Bus.from_url(rabbitmq_url) as bus:
+        early = await bus.send("pm", agent, "sent before the group existed")
+        backend = bus.backend
+        assert isinstance(backend, RabbitBackend)
+        copy = backend._copy_backlog
+
+        async def fails(queue: str, pattern: str) -> int:
+            raise BackendTimeout("the log stopped answering")
+
+        monkeypatch.setattr(backend, "_copy_backlog", fails)
+        got = Collector()
+        with pytest.raises(BackendTimeout):
+            await bus.subscribe(subjects.direct(agent), got, group=group)
+        monkeypatch.setattr(backend, "_copy_backlog", copy)
+        await bus.subscribe(subjects.direct(agent), got, group=group)
+        await eventually(lambda: early.id in got.ids, 20, "the backlog after the retry")

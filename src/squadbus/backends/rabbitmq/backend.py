@@ -279,8 +279,28 @@ class RabbitBackend:
             except Exception as exc:
                 raise translate(exc, what) from exc
             if created and start is StartFrom.EARLIEST:
-                copied = await self._copy_backlog(name, pattern)
+                try:
+                    copied = await self._copy_backlog(name, pattern)
+                except BaseException as exc:
+                    # Without its backlog the queue must not stay: the next subscribe would find it and
+                    # copy nothing. What it received since the bind is in the log, so the next copy has it.
+                    await self._delete_queue(name)
+                    if isinstance(exc, Exception):
+                        raise translate(exc, f"copy the log's backlog into {name}") from exc
+                    raise
                 logger.info("created group queue %s for %s with %d messages from the log", name, pattern, copied)
+
+    async def _delete_queue(self, name: str) -> None:
+        try:
+            channel = await self.connection.channel()
+            try:
+                await channel.queue_delete(name)
+            finally:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+        except Exception as exc:
+            logger.error("could not delete the queue %s after its backlog copy failed (its group will start "
+                         "without the backlog; delete it by hand): %s", name, exc)
 
     async def _copy_backlog(self, queue: str, pattern: str) -> int:
         """Copy what the log holds for ``pattern`` (up to a marker appended after the queue was bound)
