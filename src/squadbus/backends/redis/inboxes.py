@@ -6,14 +6,16 @@ subscription used, so entries it left pending are delivered after an upgrade). I
 blocking ``XREADGROUP`` per inbox, one :class:`InboxHub` per backend serves every open agent:
 
 * **bells**: the publish script ``PUBLISH``es ``<prefix>:bell:<agent>`` (empty) with every direct
-  message; the hub holds one Pub/Sub connection subscribed to the bells of its open agents;
+  message; the hub holds one Pub/Sub connection subscribed to the bells of its open agents
+  (:mod:`.bells`);
 * **driver** (one task): for the agents whose bell rang, one pipelined round trip of non-blocking
   ``XREADGROUP ... COUNT 1 STREAMS <key> >`` (one command per agent: every agent has its own
   group); redeliveries (``XCLAIM``) and claim checks go in the same round trip. COUNT 1 because an
   agent has one delivery out at a time: an entry read ahead would sit in the pending list, to be
   touched and handed back on close, for a saving of one pipelined command per message;
-* **sweep** (one task): every ``claim_interval``, in chunks of 500 spread over the interval, a
-  check of each idle agent: ``XAUTOCLAIM`` of an entry idle longer than the agent's ``ack_wait``
+* **sweep** (one task, round trips of its own so reads never wait behind it): every
+  ``claim_interval``, in steps of 100 agents spread over the interval, the agents' leases renewed
+  (below) and a check of each idle agent: ``XAUTOCLAIM`` of an entry idle longer than the agent's ``ack_wait``
   (a dead holder's, or one handed back), and ``XPENDING`` of the oldest pending entry. An agent
   with an entry still held elsewhere reads nothing new until it can claim it (per-agent order);
   an agent with nothing pending reads, which covers bells lost in a reconnect or never rung (a
@@ -22,8 +24,9 @@ blocking ``XREADGROUP`` per inbox, one :class:`InboxHub` per backend serves ever
 * an ack is an ``XACK`` sent by the driver in front of that agent's next read (or claim check), in
   the same round trip: one round trip per message, and the check never sees an entry already acked
   as pending; ``attempt`` is Redis's delivery counter; a nack keeps the entry pending and re-claims
-  it after the delay (``XCLAIM`` counts a delivery), before anything newer; closing an agent hands
-  its pending entries back as :func:`.group.release_pending` does (to ``RELEASED_CONSUMER``).
+  it after the delay (``XCLAIM`` counts a delivery), before anything newer; closing agents hands
+  their pending entries back as :func:`.group.release_pending` does (to ``RELEASED_CONSUMER``,
+  claimable at once), pipelined over a whole batch of agents rather than a round trip per agent.
 
 **One holder per agent**: a backend instance serves an agent only while it holds the agent's lease
 ``<prefix>:lease:<agent>`` (``SET NX PX``, renewed by the sweep, deleted on close). A second process
@@ -34,7 +37,8 @@ until it can claim it, so per-agent order holds across a crash.
 
 Opens and closes are batched by one short-lived task (``SUBSCRIBE`` of many bells, ``XGROUP
 CREATE ... 0 MKSTREAM`` pipelined), so opening 10,000 agents costs no connection per agent.
-Connections: the Pub/Sub one, plus at most ~3 pooled ones in use at once (driver, sweep, acks).
+Connections: the Pub/Sub one, plus at most 3 pooled ones in use at once (driver, sweep, opens and
+closes); measured: 4 Redis clients per backend with 10,000 open inboxes, the publisher's included.
 """
 
 from __future__ import annotations
