@@ -8,6 +8,7 @@ from dataclasses import replace
 import click
 
 from squadbus import __version__
+from squadbus.cli.a2a import a2a
 from squadbus.cli.api import DEFAULT_LOCAL_API
 from squadbus.cli.bench import bench
 from squadbus.cli.bridge import bridge
@@ -79,3 +80,4 @@ main.add_command(worker)
 main.add_command(verify)
 main.add_command(simulate)
 main.add_command(plan)
+main.add_command(a2a)

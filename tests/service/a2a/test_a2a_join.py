@@ -112,3 +112,22 @@ async def test_remote_agent_answers_on_the_bus_after_being_down(remote: RemoteAg
         finally:
             await member.stop()
             await ghost.stop()
+
+
+@pytest.mark.redis
+async def test_cli_join_process(remote: RemoteAgent, redis_url: str, tmp_path: Path) -> None:
+    """``squadbus a2a join URL --as weather`` in its own process; a squad agent on the same Redis asks it."""
+    remote.start()
+    log = tmp_path / "join.log"
+    env = {**os.environ, "SQUADBUS_URL": redis_url}
+    env.pop("SQUADBUS_TOKENS_FILE", None)
+    argv = [str(Path(sys.executable).parent / "squadbus"), "a2a", "join", remote.url, "--as", "weather"]
+    proc = spawn(argv, log, env=env)
+    try:
+        await until(lambda: "answers as weather" in log.read_text(), f"the join process is up (log {log})")
+        async with Bus.from_url(redis_url) as bus:
+            answer = await bus.request("pm", "weather", "Lisbon", timeout=30)
+        assert (answer.sender_id, answer.message_type, answer.content) == ("weather", "reply", "sunny in Lisbon")
+    finally:
+        stop(proc)
+    assert "weather left; 1 messages sent" in log.read_text()
