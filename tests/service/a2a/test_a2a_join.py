@@ -9,14 +9,22 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+from a2a.client import ClientConfig, ClientFactory
+from a2a.types import GetTaskRequest, Part, Role, SendMessageRequest, TaskState
+from a2a.types import Message as A2AMessage
 
 from squadbus.core import subjects
 from squadbus.core.backend import Delivery
 from squadbus.core.bus import Bus
 from squadbus.core.envelope import Message
+from squadbus.core.settings import Settings
+from squadbus.service import ServiceOptions, create_app
+from squadbus.service.a2a import declare
 from squadbus.service.a2a.remote import join
 from squadbus.testing.servers.process import free_port, port_open, spawn, stop, wait_until
+from tests.service.conftest import served
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -131,3 +139,35 @@ async def test_cli_join_process(remote: RemoteAgent, redis_url: str, tmp_path: P
     finally:
         stop(proc)
     assert "weather left; 1 messages sent" in log.read_text()
+
+
+async def test_a2a_client_to_remote_agent_through_the_squad(remote: RemoteAgent, tmp_path: Path) -> None:
+    """An A2A client → the squad's edge → the bus → a joined remote A2A agent, and back: one task, kept."""
+    remote.start()
+    app = create_app(Settings(store_url=f"sqlite+aiosqlite:///{tmp_path / 'h.db'}"),
+                     options=ServiceOptions(audit_path=str(tmp_path / "audit.jsonl"), heartbeat=0.5))
+    async with served(app) as url:
+        bus = app.state.service.bus
+        member = await join(bus, remote.url, "weather")
+        try:
+            await declare(bus, "weather", description="The remote weather agent, via the squad")
+            async with httpx.AsyncClient(timeout=30) as h:
+                for _ in range(500):
+                    if (await h.get(url + "/a2a/agents/weather/.well-known/agent-card.json")).status_code == 200:
+                        break
+                    await asyncio.sleep(0.02)
+                client = await ClientFactory(ClientConfig(httpx_client=h, streaming=True)).create_from_url(
+                    url + "/a2a/agents/weather")
+                request = SendMessageRequest(message=A2AMessage(
+                    message_id=str(uuid.uuid4()), role=Role.ROLE_USER, parts=[Part(text="Rome")]))
+                events = [e async for e in client.send_message(request)]
+                task_id = events[0].task.id
+                final = events[-1].status_update.status
+                assert final.state == TaskState.TASK_STATE_COMPLETED
+                assert final.message.parts[0].text == "sunny in Rome"
+                task = await client.get_task(GetTaskRequest(id=task_id))
+                assert [p.text for m in task.history for p in m.parts] == [
+                    "Rome", "looking at the sky", "sunny in Rome", "sunny in Rome"]
+                assert [a.parts[0].text for a in task.artifacts] == ["sunny in Rome"]
+        finally:
+            await member.stop()
