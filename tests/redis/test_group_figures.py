@@ -1,8 +1,8 @@
 """Redis group figures (XINFO GROUPS) against a real redis-server, by calling the function directly.
 
-RedisBackend does not offer ``group_figures`` yet (wiring pending); these tests
-call :func:`squadbus.backends.redis.group_figures.group_figures` with the
-backend's client and key layout.
+Most tests call :func:`squadbus.backends.redis.group_figures.group_figures`
+with the backend's client and key layout; the last ones go through
+``RedisBackend.group_figures`` (DescribesGroups), which names this process's groups.
 """
 
 from __future__ import annotations
@@ -95,6 +95,18 @@ async def test_names_given_here_win_over_durable_names(redis_url: str) -> None:
         (given,) = await group_figures(client, backend.layout,
                                        named={durable_name("a:b", "agent.message.x"): "a:b"})
         assert given.group == "a:b"
+
+
+async def test_the_backend_describes_its_groups_by_their_own_names(redis_url: str) -> None:
+    from squadbus.core.backend import DescribesGroups
+
+    backend = RedisBackend(RedisSettings.from_url(redis_url))
+    assert isinstance(backend, DescribesGroups)
+    group = f"a:{uuid.uuid4().hex[:6]}"
+    async with Bus(backend) as bus:
+        await bus.subscribe("agent.message.y", _noop, group=group)
+        mine = [f for f in await backend.group_figures() if f.subject == "agent.message.y"]
+    assert [f.group for f in mine] == [group]
 
 
 async def test_redis_down_raises_a_backend_error() -> None:

@@ -25,6 +25,7 @@ from squadbus.backends.redis._driver import (
 from squadbus.backends.redis.consumer import BaseConsumer, ConsumerContext, RedisCounters
 from squadbus.backends.redis.ephemeral import EphemeralSubscription
 from squadbus.backends.redis.group import GroupSubscription
+from squadbus.backends.redis.group_figures import group_figures as describe_groups
 from squadbus.backends.redis.inboxes import InboxHolder, InboxHub
 from squadbus.backends.redis.layout import KeyLayout, entry_id_of, position_of
 from squadbus.backends.redis.publisher import RedisPublisher
@@ -32,7 +33,7 @@ from squadbus.backends.redis.read_all import read_all
 from squadbus.backends.redis.retention import Trimmer
 from squadbus.backends.redis.settings import Profile, RedisSettings
 from squadbus.core import subjects
-from squadbus.core.backend import BatchRawHandler, ConsumerOptions, RawHandler, batch_only
+from squadbus.core.backend import BatchRawHandler, ConsumerOptions, GroupFigures, RawHandler, batch_only
 from squadbus.core.envelope import Message, decode
 from squadbus.core.errors import Closed, ConfigError, ConnectionLost, MalformedMessage, RequestTimeout
 
@@ -311,6 +312,12 @@ class RedisBackend:
         return read_all(client, self.layout, pattern, since=since, on_unreadable=on_unreadable)
 
     # ---- introspection -----------------------------------------------------------------------
+
+    async def group_figures(self) -> list[GroupFigures]:
+        """Lag, pending and dead letters of every consumer group (DescribesGroups); see :mod:`.group_figures`."""
+        client, _ = self._require()
+        named = {sub.redis_group: sub.group_name for sub in self._subscriptions if isinstance(sub, GroupSubscription)}
+        return await describe_groups(client, self.layout, named=named)
 
     def stats(self) -> dict[str, Any]:
         """Counters of this instance: published, duplicates, delivered, claimed, malformed,
