@@ -181,8 +181,10 @@ class NatsBackend:
             info.config.allow_direct = True
             try:
                 await js.update_stream(info.config)
-            except Exception as exc:
-                raise translate(exc, f"allow direct gets on stream {s.stream}") from exc
+            except Exception as exc:  # publishing and groups work without it; inboxes do not
+                logger.warning("stream %s: could not turn allow_direct on (%s); inboxes receive nothing until "
+                               "it is on", s.stream, translate(exc, "update stream"))
+                return
             logger.info("stream %s: allow_direct turned on (for inboxes)", s.stream)
 
     def _connect_reason(self, exc: Exception, cause: Exception) -> str:

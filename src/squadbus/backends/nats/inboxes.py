@@ -260,6 +260,7 @@ class InboxHub:
         self._ttl = 30.0
         self._closed = False
         self.delivered = 0
+        self._refusals = 0
 
     @property
     def open_agents(self) -> int:
@@ -711,8 +712,11 @@ class InboxHub:
         status = headers.get("Status")
         if status:
             if status != "404":
-                logger.warning("inbox of %s: read refused (%s %s); the sweep reads it again", agent.agent_id,
-                               status, headers.get("Description", ""))
+                # 503: no direct get on the stream (allow_direct off) or no leader; once per hub, not per read.
+                logger.log(logging.DEBUG if self._refusals else logging.WARNING,
+                           "inbox of %s: read refused (%s %s); the sweep reads it again", agent.agent_id, status,
+                           headers.get("Description", ""))
+                self._refusals += 1
             elif agent.again:
                 self._read(agent)
             return
