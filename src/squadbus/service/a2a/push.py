@@ -23,8 +23,8 @@ is pushed once it is stored (the event needs its seq): the handler waits
 about 2 s for that, then the delivery is retried.
 
 Cost: the group reads every ``agent.message.>`` message once more; a message
-of an execution costs one store lookup by id and one two-row read, and a
-message of an A2A task with webhooks a read of the task's messages.
+of an execution costs a two-row store read, a message of an A2A task a read
+of the task's messages, and one with webhooks a POST per webhook.
 """
 
 from __future__ import annotations
@@ -178,34 +178,37 @@ class PushSender:
         task_id = m.task_execution_id
         if task_id is None or m.message_type in CLIENT_TYPES or m.message_type in CONTROL_TYPES:
             return
-        found = await self.store.get(m.id)
+        # an A2A task starts with its opening message (after a config sent with it): a two-row read tells
+        # any other execution apart, the only cost this group adds to a squad's other messages
+        head = await self.store.after(task_id, 0, 2)
         for delay in STORE_WAITS:  # published before stored: the db-writer (or the HTTP write) stores it soon
-            if found is not None:
+            if head:
                 break
             await asyncio.sleep(delay)
-            found = await self.store.get(m.id)
-        if found is None:
-            raise Nack(f"message {m.id} is not stored yet")
-        # an A2A task starts with its opening message (after a config sent with it): one short read
-        # tells any other execution apart before reading all of it
-        head = await self.store.after(task_id, 0, 2)
+            head = await self.store.after(task_id, 0, 2)
+        if not head:
+            raise Nack(f"execution {task_id} is not stored yet")
         if not any(row.message.message_type in (OPEN_TYPE, PUSH_SET_TYPE) for row in head):
             return
         rows = await stored_rows(self.store, task_id)
+        if not configs_of(rows):
+            return  # an A2A task without webhooks
+        for delay in STORE_WAITS:
+            if any(row.message.id == m.id for row in rows):
+                break
+            await asyncio.sleep(delay)
+            rows = await stored_rows(self.store, task_id)
         view = TaskView(task_id)
         event = None
-        stored = False
         for row in rows:
             made = view.apply(Entry.of_row(row))
             if row.message.id == m.id:
-                event, stored = made, True
+                event = made
                 break
-        if not stored:
+        else:
             raise Nack(f"message {m.id} is not stored yet")
-        if not view.opened:
-            return  # not an A2A task
-        configs = configs_of(rows) if event is not None else {}
-        if not configs:
+        configs = configs_of(rows)
+        if event is None or not view.opened or not configs:
             return
         body = json.dumps(to_json(event)).encode()
         failures: list[str] = []
