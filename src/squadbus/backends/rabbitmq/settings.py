@@ -19,9 +19,10 @@ import enum
 import ssl
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from squadbus.core.errors import ConfigError
+from squadbus.core.settings import url_options
 
 
 class Profile(enum.Enum):
@@ -33,9 +34,10 @@ class Profile(enum.Enum):
     replicas, so an acknowledged message survives a broker crash."""
 
 
-_FLOAT_OPTIONS = ("log_max_age", "publish_timeout", "connect_timeout", "reconnect_interval", "dedupe_window")
-_INT_OPTIONS = ("log_max_bytes", "dedupe_size")
-_STR_OPTIONS = ("namespace", "tls_ca")
+_URL_OPTIONS = (
+    "profile", "namespace", "log_max_age", "log_max_bytes", "publish_timeout", "connect_timeout",
+    "reconnect_interval", "dedupe_window", "dedupe_size", "tls_ca",
+)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -93,22 +95,7 @@ class RabbitSettings:
         path = parts.path[1:] if parts.path.startswith("/") else parts.path
         if path:
             values["vhost"] = unquote(path)
-        query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
-        unknown = set(query) - {"profile", *_FLOAT_OPTIONS, *_INT_OPTIONS, *_STR_OPTIONS}
-        if unknown:
-            raise ConfigError(f"unknown amqp:// option(s): {', '.join(sorted(unknown))}")
-        try:
-            for key, raw in query.items():
-                if key == "profile":
-                    values[key] = Profile(raw.lower())
-                elif key in _FLOAT_OPTIONS:
-                    values[key] = float(raw)
-                elif key in _INT_OPTIONS:
-                    values[key] = int(raw)
-                else:
-                    values[key] = raw
-        except ValueError as exc:
-            raise ConfigError(f"bad amqp:// option in {url!r}: {exc}") from exc
+        values.update(url_options(cls, parts.query, scheme=scheme, names=_URL_OPTIONS))
         return cls(**values)
 
     # ---- names -----------------------------------------------------------------------------
