@@ -14,7 +14,7 @@ from nats.js.client import JetStreamContext
 
 import nats
 from squadbus.backends.nats import NatsBackend
-from squadbus.backends.nats.inboxes import bucket_name
+from squadbus.backends.nats.inbox_bucket import bucket_name
 from squadbus.backends.nats.settings import NatsSettings
 from squadbus.core import envelope, subjects
 from squadbus.core.backend import ConsumerOptions, Delivery, durable_name

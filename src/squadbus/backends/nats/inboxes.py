@@ -16,11 +16,11 @@ serves every open agent:
   reply comes back through one subscription. One delivery of an agent is out at a time; an ack
   advances the cursor and reads the next one; a nack re-reads the same message after its delay
   (``attempt`` + 1) before anything newer; ``term`` (dead-lettered) acks;
-* **cursor records** ``c.<agent>`` = ``"<cursor> <seq out> <its attempt>"``: published (no PubAck
-  awaited) before a delivery is handed out, so a message handed out and never settled (its host
-  died) comes back to the next opener as attempt + 1; after an ack saved coalesced by one flusher
-  (every changed record pipelined, PubAcks checked): a crash re-delivers what was acked but not
-  saved yet (at-least-once);
+* **cursor records** ``c.<agent>`` = ``"<cursor> <seq out> <its attempt>"`` (the bucket's reads and
+  writes are :mod:`.inbox_bucket`): published (no PubAck awaited) before a delivery is handed out,
+  so a message handed out and never settled (its host died) comes back to the next opener as
+  attempt + 1; after an ack saved coalesced by one flusher (every changed record pipelined, PubAcks
+  checked): a crash re-delivers what was acked but not saved yet (at-least-once);
 * **leases**: ``l.<agent>`` = the holding hub's id, taken with a revision-checked put (create);
   each hub keeps ``h.<hub>`` fresh every ``ttl / 3`` (``ttl`` = the smallest ``ack_wait`` of its
   agents). A second open of an agent held by another process waits; it takes over (revision-
@@ -60,8 +60,8 @@ import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSub
-from nats.js import api
 
+from squadbus.backends.nats.inbox_bucket import InboxBucket, WrongLast
 from squadbus.backends.nats.translate import translate
 from squadbus.core import subjects
 from squadbus.core.backend import ConsumerOptions, Delivery, RawHandler, durable_name, invoke
@@ -84,7 +84,6 @@ _PARALLEL = 256
 """KV requests in flight at once while opening or closing many agents."""
 _OPS_PER_BATCH = 1000
 _MALFORMED_CONTENT_LIMIT = 64 * 1024
-_WRONG_LAST = 10071
 
 
 def bell_subject(stream: str, agent_id: str) -> str:
@@ -101,15 +100,6 @@ def bell_of(stream: str, subject: str) -> str | None:
     if "." in agent or agent in subjects.RESERVED_AGENT_IDS:
         return None
     return bell_subject(stream, agent)
-
-
-def bucket_name(stream: str) -> str:
-    """The KV bucket holding the inboxes' cursors and leases of ``stream``."""
-    return f"{stream}-inboxes"
-
-
-class _WrongLast(Exception):
-    """A revision-checked KV put found another revision."""
 
 
 class _Bell:
@@ -231,10 +221,8 @@ class InboxHub:
         self._nc = backend.nc
         self._js = backend.js
         self._stream = settings.stream
-        self._bucket = bucket_name(settings.stream)
+        self._kv = InboxBucket(backend.nc, backend.js, settings)
         self._get_subject = f"$JS.API.DIRECT.GET.{settings.stream}"
-        self._kv_get_subject = f"$JS.API.DIRECT.GET.KV_{self._bucket}"
-        self._kv_prefix = f"$KV.{self._bucket}."
         host = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())
         self.hub_id = f"{host}-{os.getpid()}-{secrets.token_hex(4)}"
         self._agents: dict[str, _Agent] = {}
@@ -251,10 +239,6 @@ class InboxHub:
         self._handling: set[asyncio.Task[None]] = set()
         self._replies: NatsSub | None = None
         self._reply_prefix = ""
-        self._put_replies: NatsSub | None = None
-        self._put_prefix = ""
-        self._put_waiting: dict[str, asyncio.Future[bytes]] = {}
-        self._put_count = 0
         self._starting = asyncio.Lock()
         self._ready = False
         self._ttl = 30.0
@@ -366,11 +350,11 @@ class InboxHub:
     async def _open_batch(self, agents: list[_Agent]) -> None:
         self._update_ttl()
         mine = self.hub_id.encode()
-        created = await self._put_many([(f"l.{a.agent_id}", mine, 0, None) for a in agents])
+        created = await self._kv.put_many([(f"l.{a.agent_id}", mine, 0, None) for a in agents])
         for agent, outcome in zip(agents, created, strict=True):
             if isinstance(outcome, SquadbusError):
                 raise outcome
-            if not isinstance(outcome, _WrongLast):
+            if not isinstance(outcome, WrongLast):
                 agent.lease = outcome
         # Held already (by another hub, a closed one, or ours before a reopen): the slow way.
         leased = await self._gather(self._acquire(a) if not a.lease else _true() for a in agents)
@@ -384,7 +368,7 @@ class InboxHub:
         """Load the cursors of agents whose lease was just taken, then start reading them."""
         if not agents:
             return
-        records = await self._gather(self._kv_last(f"c.{a.agent_id}") for a in agents)
+        records = await self._gather(self._kv.last(f"c.{a.agent_id}") for a in agents)
         fresh: list[_Agent] = []
         for agent, record in zip(agents, records, strict=True):
             if record is None or record[2]:
@@ -416,7 +400,7 @@ class InboxHub:
                 raise translate(exc, f"look up consumer {consumer}") from exc
             floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
             agent.cursor = floor or 0
-            await self._kv_put(f"c.{agent.agent_id}", agent.record())
+            await self._kv.put(f"c.{agent.agent_id}", agent.record())
             try:
                 await self._js.delete_consumer(self._stream, consumer)
             except Exception as exc:  # the cursor is saved: the consumer only costs budget
@@ -455,8 +439,8 @@ class InboxHub:
         puts += [(f"l.{a.agent_id}", b"", a.lease, {"KV-Operation": "DEL"}) for a in leased]
         for agent in leased:
             agent.lease = 0
-        outcomes = await self._put_many(puts)
-        failed = [o for o in outcomes if isinstance(o, SquadbusError)]  # _WrongLast: taken over meanwhile
+        outcomes = await self._kv.put_many(puts)
+        failed = [o for o in outcomes if isinstance(o, SquadbusError)]  # WrongLast: taken over meanwhile
         if failed:
             raise failed[0]
 
@@ -483,18 +467,18 @@ class InboxHub:
         key = f"l.{agent.agent_id}"
         mine = self.hub_id.encode()
         try:
-            agent.lease = await self._kv_put(key, mine, expect=0)
+            agent.lease = await self._kv.put(key, mine, expect=0)
             return True
-        except _WrongLast:
+        except WrongLast:
             pass
-        last = await self._kv_last(key)
+        last = await self._kv.last(key)
         if last is not None:
             _, holder, deleted = last
             if not (deleted or holder == mine or await self._lapsed(holder.decode())):
                 return False
         try:
-            agent.lease = await self._kv_put(key, mine, expect=last[0] if last is not None else 0)
-        except _WrongLast:
+            agent.lease = await self._kv.put(key, mine, expect=last[0] if last is not None else 0)
+        except WrongLast:
             return False  # another opener was quicker
         if last is not None and not last[2] and last[1] != mine:
             logger.info("inbox of %s: took over from %s, whose lease lapsed", agent.agent_id, last[1].decode())
@@ -502,7 +486,7 @@ class InboxHub:
 
     async def _lapsed(self, hub: str) -> bool:
         """True when hub ``hub`` is closed or stopped renewing ``h.<hub>`` for its ttl."""
-        last = await self._kv_entry(f"h.{hub}")
+        last = await self._kv.entry(f"h.{hub}")
         if last is None:
             return True
         seq, value, deleted, stamp = last
@@ -525,88 +509,9 @@ class InboxHub:
         self._ttl = min((a.options.ack_wait for a in self._agents.values()), default=30.0)
 
     async def _renew(self) -> None:
-        await self._kv_put(f"h.{self.hub_id}", f"{self._ttl:g}".encode())
+        await self._kv.put(f"h.{self.hub_id}", f"{self._ttl:g}".encode())
 
     # ---- KV and stream requests --------------------------------------------------------------------
-
-    async def _kv_entry(self, key: str) -> tuple[int, bytes, bool, dt.datetime | None] | None:
-        """``(seq, value, deleted, stored at)`` of ``key``'s last revision, or None."""
-        try:
-            reply = await self._nc.request(self._kv_get_subject,
-                                           json.dumps({"last_by_subj": self._kv_prefix + key}).encode(),
-                                           timeout=self._settings.connect_timeout)
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise translate(exc, f"read {key} in bucket {self._bucket}") from exc
-        headers = reply.headers or {}
-        status = headers.get("Status")
-        if status == "404":
-            return None
-        if status:
-            raise translate(nats.js.errors.APIError(code=int(status), description=headers.get("Description")),
-                            f"read {key} in bucket {self._bucket}")
-        op = headers.get("KV-Operation")
-        return int(headers["Nats-Sequence"]), reply.data, op in ("DEL", "PURGE"), _stamp(headers.get("Nats-Time-Stamp"))
-
-    async def _kv_last(self, key: str) -> tuple[int, bytes, bool] | None:
-        entry = await self._kv_entry(key)
-        return None if entry is None else entry[:3]
-
-    async def _kv_put(self, key: str, value: bytes, *, expect: int | None = None,
-                      headers: dict[str, str] | None = None) -> int:
-        """Put ``value`` at ``key`` (only over revision ``expect`` when given); its KV seq."""
-        outcome = (await self._put_many([(key, value, expect, headers)]))[0]
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return int(outcome)
-
-    async def _put_many(self, puts: Sequence[tuple[str, bytes, int | None, dict[str, str] | None]]) -> list[Any]:
-        """Pipelined KV puts ``(key, value, expect, headers)``, sent in order; per put its KV seq,
-        :class:`_WrongLast`, or the translated error.
-
-        Not ``publish_async``: nats-py 2.16 raises inside its PubAck handler when the reply is an
-        error (``APIError.from_error`` raises for 400/404/503), so that future never resolves. The
-        replies come back through one subscription of this hub instead.
-        """
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[bytes]] = []
-        tokens: list[str] = []
-        try:
-            for key, value, expect, extra in puts:
-                headers = extra if expect is None else {**(extra or {}),
-                                                        "Nats-Expected-Last-Subject-Sequence": str(expect)}
-                self._put_count += 1
-                token = str(self._put_count)
-                future: asyncio.Future[bytes] = loop.create_future()
-                self._put_waiting[token] = future
-                tokens.append(token)
-                futures.append(future)
-                await self._nc.publish(self._kv_prefix + key, value, reply=f"{self._put_prefix}.{token}",
-                                       headers=headers)
-            replies = await asyncio.wait_for(asyncio.gather(*futures), self._settings.publish_timeout)
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise translate(exc, f"write {len(puts)} keys in bucket {self._bucket}") from exc
-        finally:
-            for token in tokens:
-                self._put_waiting.pop(token, None)
-        results: list[Any] = []
-        for reply in replies:
-            body: dict[str, Any] = json.loads(reply) if reply else {"error": {"code": 503,
-                                                                              "description": "no responders"}}
-            error: dict[str, Any] | None = body.get("error")
-            if not error:
-                results.append(int(body["seq"]))
-            elif error.get("err_code") == _WRONG_LAST:
-                results.append(_WrongLast(error.get("description")))
-            else:
-                results.append(translate(nats.js.errors.APIError(code=error.get("code"),
-                                                                 description=error.get("description")),
-                                         f"write in bucket {self._bucket}"))
-        return results
-
-    async def _on_put_reply(self, msg: Msg) -> None:
-        future = self._put_waiting.pop(msg.subject[len(self._put_prefix) + 1:], None)
-        if future is not None and not future.done():
-            future.set_result(msg.data)
 
     # ---- the background tasks --------------------------------------------------------------------
 
@@ -616,11 +521,9 @@ class InboxHub:
         async with self._starting:
             if self._ready:
                 return
-            await self._ensure_bucket()
+            await self._kv.start()
             self._reply_prefix = self._nc.new_inbox()
             self._replies = await self._nc.subscribe(self._reply_prefix + ".*", cb=self._on_reply)
-            self._put_prefix = self._nc.new_inbox()
-            self._put_replies = await self._nc.subscribe(self._put_prefix + ".*", cb=self._on_put_reply)
             self._update_ttl()
             await self._renew()
             self._start_tasks()
@@ -634,27 +537,6 @@ class InboxHub:
 
             loop.create_task(self._supervise(self._sweep, "sweep"), name="squadbus-inbox-sweep"),
         ]
-
-    async def _ensure_bucket(self) -> None:
-        s = self._settings
-        try:
-            await self._js.stream_info(f"KV_{self._bucket}")
-            return
-        except nats.js.errors.NotFoundError:
-            pass
-        except Exception as exc:
-            raise translate(exc, f"look up bucket {self._bucket}") from exc
-        storage = api.StorageType.FILE if s.profile.value == "durable" else api.StorageType.MEMORY
-        try:
-            await self._js.create_key_value(api.KeyValueConfig(
-                bucket=self._bucket, history=1, storage=storage, replicas=s.replicas, direct=True,
-                description="squadbus inbox cursors (c.<agent>), leases (l.<agent>), hubs (h.<hub>)"))
-        except Exception as exc:
-            with contextlib.suppress(Exception):  # created by another process meanwhile
-                await self._js.stream_info(f"KV_{self._bucket}")
-                return
-            raise translate(exc, f"create bucket {self._bucket}") from exc
-        logger.info("created KV bucket %s for inbox cursors", self._bucket)
 
     async def _supervise(self, run: Any, name: str) -> None:
         while not self._closed:
@@ -729,7 +611,7 @@ class InboxHub:
         # runs before the handler's task): a delivery never settled because its host died comes
         # back to the next opener as attempt + 1. No PubAck wanted; the ack's record is acked.
         try:
-            await self._nc.publish(f"{self._kv_prefix}c.{agent.agent_id}", agent.record())
+            await self._nc.publish(f"{self._kv.prefix}c.{agent.agent_id}", agent.record())
         except nats.errors.Error as exc:
             logger.debug("inboxes: hand-out record of %s not sent (%s)", agent.agent_id, exc)
         self._give(agent, msg, seq, attempt)
@@ -836,7 +718,7 @@ class InboxHub:
             agents = list(dirty)
             outcomes: list[Any]
             try:
-                outcomes = await self._put_many([(f"c.{a.agent_id}", a.record(), None, None) for a in agents])
+                outcomes = await self._kv.put_many([(f"c.{a.agent_id}", a.record(), None, None) for a in agents])
             except SquadbusError as exc:
                 outcomes = [exc] * len(agents)
             failed = [a for a, outcome in zip(agents, outcomes, strict=True) if isinstance(outcome, BaseException)]
@@ -933,13 +815,13 @@ class InboxHub:
         try:
             async with asyncio.timeout(self._settings.publish_timeout):
                 await self._close_batch(agents)
-                await self._kv_put(f"h.{self.hub_id}", b"", headers={"KV-Operation": "DEL"})
+                await self._kv.put(f"h.{self.hub_id}", b"", headers={"KV-Operation": "DEL"})
         except (SquadbusError, TimeoutError) as exc:
             logger.warning("inboxes: could not save cursors and leases on close (%s); they lapse after ack_wait", exc)
-        for sub in (self._replies, self._put_replies):
-            if sub is not None:
-                with contextlib.suppress(nats.errors.Error):
-                    await sub.unsubscribe()
+        if self._replies is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._replies.unsubscribe()
+        await self._kv.close()
 
 
 async def _true() -> bool:
@@ -949,15 +831,3 @@ async def _true() -> bool:
 def delivery_backoff(agent: _Agent, attempt: int) -> float:
     """The agent's backoff after attempt ``attempt``."""
     return agent.options.backoff(attempt)
-
-
-def _stamp(text: str | None) -> dt.datetime | None:
-    """A NATS ``Nats-Time-Stamp`` (RFC 3339 with nanoseconds) as a datetime; None if absent or odd."""
-    if not text:
-        return None
-    head, _, rest = text.rstrip("Z").partition(".")
-    fraction = "".join(c for c in rest if c.isdigit())[:6]
-    try:
-        return dt.datetime.fromisoformat(f"{head}.{fraction or '0'}+00:00")
-    except ValueError:
-        return None
