@@ -23,6 +23,7 @@ from squadbus.core.dispatch import DLQ_GROUP, DLQ_REASON
 from squadbus.core.errors import ReceiveTimeout
 from squadbus.testing import inbox_host
 from squadbus.testing.conformance import Collector, eventually
+from squadbus.testing.servers.nats import NatsServer
 
 pytestmark = pytest.mark.nats
 
@@ -215,3 +216,46 @@ async def test_cursors_live_in_a_kv_bucket_and_survive_the_bus(nats_url: str, js
         second = await inbox.get(TIMEOUT)
         assert (second.message.id, second.attempt) == (sent[1].id, 1)
         await second.ack()
+
+
+async def test_a_delivery_never_settled_past_max_deliver_is_dead_lettered(nats_url: str, js: JetStreamContext) -> None:
+    agent = _agent()
+    async with Bus.from_url(nats_url) as bus:
+        dlq = Collector()
+        await bus.subscribe(subjects.dead_letter(f"inbox-{agent}"), dlq, group=f"dlq-{agent}")
+        async with bus.inbox(_agent(), broadcasts=False):
+            pass  # the bucket exists once an inbox has opened
+        stream = NatsSettings.from_url(nats_url).stream
+        stuck = await bus.send("pm", agent, "handed out 7 times, settled never (its hosts kept dying)")
+        seq = (await js.get_last_msg(stream, subjects.direct(agent))).seq
+        after = await bus.send("pm", agent, "next")
+        kv = await js.key_value(bucket_name(stream))
+        # As the hosts left it: cursor before it, the message out at its 7th attempt (max_deliver 5 + margin 2).
+        await kv.put(f"c.{agent}", f"0 {seq} 7".encode())
+        async with bus.inbox(agent, broadcasts=False) as inbox:
+            delivery = await inbox.get(TIMEOUT)
+            assert (delivery.message.id, delivery.attempt) == (after.id, 1)
+            await delivery.ack()
+        await eventually(lambda: len(dlq.messages) == 1, TIMEOUT, "the dead letter")
+        assert dlq.messages[0].headers["dlq-original-id"] == str(stuck.id)
+        assert "never settled" in dlq.messages[0].headers[DLQ_REASON]
+
+
+async def test_bells_are_heard_again_after_the_server_restarts(tmp_path: Path) -> None:
+    with NatsServer(tmp_path / "nats") as server:
+        agent = _agent()
+        # A sweep far away: only the resubscribed bells (and the read after reconnecting) can deliver in time.
+        async with Bus.from_url(server.url + "?claim_interval=600") as bus, \
+                bus.inbox(agent, broadcasts=False) as inbox:
+            first = await bus.send("pm", agent, "before")
+            got = await inbox.get(TIMEOUT)
+            assert got.message.id == first.id
+            await got.ack()
+            server.kill9()
+            await asyncio.sleep(0.3)
+            server.start()
+            later = [await bus.send("pm", agent, f"after {i}") for i in range(3)]
+            for sent in later:
+                delivery = await inbox.get(TIMEOUT)
+                assert (delivery.message.id, delivery.attempt) == (sent.id, 1)
+                await delivery.ack()
