@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
@@ -48,8 +49,21 @@ def test_lock_pins_every_requirement_to_a_version_in_its_range() -> None:
         name = canonicalize_name(requirement.name)
         assert name in pins, f"{requirement} is not pinned in {LOCK.name}"
         assert requirement.specifier.contains(pins[name], prereleases=True), (requirement, pins[name])
-        for extra in requirement.extras:  # redis[hiredis]: the extra's own packages are pinned too
-            assert extra in pins, f"{extra} (extra of {requirement.name}) is not pinned"
+        for extra in requirement.extras:  # redis[hiredis], a2a-sdk[http-server]: what the extra adds is pinned too
+            for needed in _extra_requirements(requirement.name, extra):
+                assert canonicalize_name(needed.name) in pins, f"{needed} ({requirement.name}[{extra}]) is not pinned"
+
+
+def _extra_requirements(distribution: str, extra: str) -> list[Requirement]:
+    """The requirements the installed ``distribution`` adds for ``extra`` (from its metadata)."""
+    found = []
+    for line in importlib.metadata.requires(distribution) or []:
+        needed = Requirement(line)
+        if needed.marker is not None and needed.marker.evaluate({"extra": extra}) \
+                and not needed.marker.evaluate({"extra": ""}):
+            found.append(needed)
+    assert found, f"{distribution} has no requirements for its extra {extra!r}"
+    return found
 
 
 def test_make_targets_use_the_project_venv_and_run_installs_only_the_server_extra() -> None:
