@@ -48,7 +48,7 @@ EXIT_DIFFER = 1
 EXIT_USAGE = 2
 
 _STORE_SCHEMES = ("sqlite", "sqlite+aiosqlite", "postgresql", "postgres", "postgresql+asyncpg")
-_BUS_SCHEMES = ("redis", "rediss", "nats", "tls", "kafka")
+_BUS_SCHEMES = ("redis", "rediss", "nats", "tls", "kafka", "amqp", "amqps")
 _PAGE = 1000
 
 
