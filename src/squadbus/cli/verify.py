@@ -1,6 +1,6 @@
 """``squadbus verify``: compare what two sides of a migration hold, message id by message id.
 
-Each side is a bus URL (``redis://``, ``rediss://``, ``nats://``, ``tls://``, ``kafka://``) or a
+Each side is a bus URL (``redis://``, ``rediss://``, ``nats://``, ``tls://``, ``kafka://``, ``amqp://``) or a
 history store URL (``sqlite+aiosqlite:///PATH``, ``postgresql://...``). ``memory://`` lives inside
 one process and ``dual://`` is two sides at once, so both are refused: name each side on its own.
 
