@@ -92,16 +92,21 @@ class StoreSuite:
         assert [s.seq for s in later] == [2, 3]
         assert [s.seq for s in await store.after(x, 0)] == [1, 2, 3]
 
-    async def test_concurrent_writers_to_one_execution(self, store_factory: StoreFactory) -> None:
+    # (batches, own messages per batch, shared per batch): small batches take PostgreSQL's one-statement
+    # upsert, large ones its COPY path; shared ids make writers meet the same message.
+    @pytest.mark.parametrize(("batches", "own", "shared_per"), [(10, 5, 2), (4, 80, 25)])
+    async def test_concurrent_writers_to_one_execution(
+        self, store_factory: StoreFactory, batches: int, own: int, shared_per: int
+    ) -> None:
         stores = [await store_factory() for _ in range(3)]
         execution = uuid.uuid4()
-        shared = [msg(execution=execution, content=f"shared {i}") for i in range(20)]
+        shared = [msg(execution=execution, content=f"shared {i}") for i in range(batches * shared_per)]
 
         async def writer(store: HistoryStore, n: int) -> list[StoredMessage]:
             out: list[StoredMessage] = []
-            for i in range(10):
-                batch = [msg(execution=execution, content=f"w{n} {i} {j}") for j in range(5)]
-                out += await store.write([*batch, *shared[i * 2:i * 2 + 2]])
+            for i in range(batches):
+                batch = [msg(execution=execution, content=f"w{n} {i} {j}") for j in range(own)]
+                out += await store.write([*batch, *shared[i * shared_per:(i + 1) * shared_per]])
             return out
 
         results = await asyncio.gather(*(writer(s, n) for n, s in enumerate(stores)))
@@ -109,9 +114,9 @@ class StoreSuite:
         for result in results:
             for item in result:
                 assert by_id.setdefault(item.message.id, item.seq) == item.seq
-        assert len(by_id) == 3 * 50 + 20
+        assert len(by_id) == 3 * batches * own + len(shared)
         assert sorted(by_id.values()) == list(range(1, len(by_id) + 1))
-        rows = await stores[0].after(execution, 0, limit=1000)
+        rows = await stores[0].after(execution, 0, limit=2000)
         assert [r.seq for r in rows] == list(range(1, len(by_id) + 1))
 
     async def test_large_batches_are_idempotent_with_dense_seqs(self, store: HistoryStore) -> None:
@@ -132,26 +137,6 @@ class StoreSuite:
             sent = [m.id for m in [*first, *batch[50:]] if m.task_execution_id == execution]
             assert [r.message.id for r in rows] == sent
         assert await store.write(first) == stored  # all stored: nothing changes
-
-    async def test_concurrent_large_batches_to_one_execution(self, store_factory: StoreFactory) -> None:
-        stores = [await store_factory() for _ in range(3)]
-        execution = uuid.uuid4()
-        shared = [msg(execution=execution, content=f"shared {i}") for i in range(100)]
-
-        async def writer(store: HistoryStore, n: int) -> list[StoredMessage]:
-            out: list[StoredMessage] = []
-            for i in range(4):
-                batch = [msg(execution=execution, content=f"w{n} {i} {j}") for j in range(80)]
-                out += await store.write([*batch, *shared[i * 25:i * 25 + 25]])
-            return out
-
-        results = await asyncio.gather(*(writer(s, n) for n, s in enumerate(stores)))
-        by_id: dict[uuid.UUID, int] = {}
-        for result in results:
-            for item in result:
-                assert by_id.setdefault(item.message.id, item.seq) == item.seq
-        assert len(by_id) == 3 * 320 + 100
-        assert sorted(by_id.values()) == list(range(1, len(by_id) + 1))
 
     async def test_query_filters(self, store: HistoryStore) -> None:
         x = uuid.uuid4()
