@@ -34,9 +34,9 @@ async def test_connect_tunes_group_timeouts_for_tansu(tansu: TansuServer) -> Non
         await given.close()
 
 
-async def test_subscribe_returns_once_the_group_has_joined(tansu: TansuServer) -> None:
+async def test_with_join_wait_subscribe_returns_once_the_group_has_joined(tansu: TansuServer) -> None:
     group, pattern = f"joined-{uuid.uuid4().hex[:8]}", "agent.message.>"
-    async with Bus.from_url(f"{tansu.url}?partitions=4&idempotence=off") as bus:
+    async with Bus.from_url(f"{tansu.url}?partitions=4&idempotence=off&join_wait=true") as bus:
         await bus.subscribe(pattern, _noop, group=group)
         admin = AIOKafkaAdminClient(bootstrap_servers=tansu.bootstrap)
         await admin.start()

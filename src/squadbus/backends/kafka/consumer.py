@@ -216,7 +216,8 @@ class KafkaSubscription:
         self._dispatch_task = loop.create_task(self._dispatch_loop(), name=f"squadbus-kafka-dispatch-{name}")
         if self._group is not None:
             self._commit_task = loop.create_task(self._commit_loop(), name=f"squadbus-kafka-commit-{name}")
-            await self._wait_joined()
+            if self._settings.join_wait:
+                await self._wait_joined()
 
     async def _wait_joined(self) -> None:
         """Return once the group has given this member its first assignment (possibly no partition), or

@@ -43,10 +43,13 @@ class KafkaSettings:
     ``session_timeout_ms`` / ``heartbeat_interval_ms`` tune consumer groups
     (10 s / 3 s; on tansu 3 s / 1 s unless the URL sets them, see
     :meth:`for_broker`: tansu completes a group's first join after about half
-    the session timeout). ``join_timeout`` (seconds) bounds how long a group
-    subscription waits for its first partition assignment before
-    ``subscribe()`` returns anyway. ``publish_timeout`` bounds one publish
-    (seconds), ``connect_timeout`` bounds ``connect()``.
+    the session timeout). ``join_wait=true`` makes a group ``subscribe()``
+    return only once the group assigned this member (at most ``join_timeout``
+    seconds, then it returns anyway); off by default, because subscribing N
+    new groups one after another would then cost N joins instead of letting
+    them overlap (a message published after ``subscribe()`` returned is never
+    missed either way). ``publish_timeout`` bounds one publish (seconds),
+    ``connect_timeout`` bounds ``connect()``.
     """
 
     bootstrap_servers: tuple[str, ...] = (f"127.0.0.1:{DEFAULT_PORT}",)
@@ -65,6 +68,7 @@ class KafkaSettings:
     max_batch_bytes: int = 256 * 1024
     publish_timeout: float = 30.0
     connect_timeout: float = 15.0
+    join_wait: bool = False
     join_timeout: float = 30.0
     client_id: str = "squadbus"
     given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
