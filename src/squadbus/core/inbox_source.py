@@ -10,7 +10,7 @@ for the direct subject when the backend has it (checked with ``isinstance``).
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from squadbus.core.backend import ConsumerOptions, RawHandler, Subscription
 
@@ -46,3 +46,50 @@ class MultiplexesInboxes(Protocol):
         cannot be reached.
         """
         ...
+
+
+class OpenAgent(Protocol):
+    """What a backend's inbox hub keeps per open agent, as an :class:`InboxHolder` sees it."""
+
+    @property
+    def subject(self) -> str:
+        """The agent's direct subject."""
+        ...
+
+
+AgentT = TypeVar("AgentT", bound=OpenAgent)
+
+
+class HoldsInboxes(Protocol):
+    """A backend's inbox hub, as an :class:`InboxHolder` sees it."""
+
+    async def close_holder(self, holder: InboxHolder[Any]) -> None:
+        """Close one open of an agent (idempotent)."""
+        ...
+
+
+class InboxHolder(Generic[AgentT]):
+    """One open of an agent's inbox in a backend's hub: the Subscription ``open_inbox`` returns.
+
+    The hub serves an agent's first holder; the others wait until those before them close.
+    """
+
+    __slots__ = ("_hub", "agent", "closed", "group", "handler", "options")
+
+    def __init__(self, hub: HoldsInboxes, agent: AgentT, handler: RawHandler, group: str,
+                 options: ConsumerOptions) -> None:
+        self._hub = hub
+        self.agent = agent
+        self.handler = handler
+        self.group = group
+        self.options = options
+        self.closed = False
+
+    @property
+    def pattern(self) -> str:
+        """The agent's direct subject."""
+        return self.agent.subject
+
+    async def close(self) -> None:
+        """Stop handing this agent's deliveries here (the hub hands back what it holds). Idempotent."""
+        await self._hub.close_holder(self)

@@ -28,7 +28,7 @@ from nats.js.client import JetStreamContext
 from squadbus.backends.nats.attempts import AttemptLedger
 from squadbus.backends.nats.consumers import consumer_config, consumer_exists, ensure_consumer
 from squadbus.backends.nats.group_figures import group_figures as describe_groups
-from squadbus.backends.nats.inboxes import InboxHolder, InboxHub
+from squadbus.backends.nats.inboxes import InboxHub
 from squadbus.backends.nats.publisher import NatsPublisher
 from squadbus.backends.nats.read_all import read_all as read_stream
 from squadbus.backends.nats.replay import replay as replay_stream
@@ -38,7 +38,7 @@ from squadbus.backends.nats.subscriber import NatsSubscription
 from squadbus.backends.nats.takeover import take_over
 from squadbus.backends.nats.translate import is_transient, translate
 from squadbus.core import subjects
-from squadbus.core.backend import BatchRawHandler, ConsumerOptions, GroupFigures, RawHandler, batch_only
+from squadbus.core.backend import BatchRawHandler, ConsumerOptions, GroupFigures, RawHandler, Subscription, batch_only
 from squadbus.core.envelope import Message
 from squadbus.core.errors import BackendError, Closed, ConfigError, ConnectionLost
 
@@ -270,7 +270,7 @@ class NatsBackend:
 
     async def open_inbox(
         self, agent_id: str, handler: RawHandler, *, group: str, options: ConsumerOptions
-    ) -> InboxHolder:
+    ) -> Subscription:
         """Serve ``agent_id``'s direct messages to ``handler`` with no JetStream consumer of its own
         (MultiplexesInboxes; see :mod:`.inboxes`)."""
         if self._closed:

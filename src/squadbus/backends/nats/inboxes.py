@@ -68,6 +68,7 @@ from squadbus.core.backend import ConsumerOptions, Delivery, RawHandler, durable
 from squadbus.core.dispatch import DLQ_ATTEMPTS, DLQ_GROUP, DLQ_ORIGINAL_ID, DLQ_REASON, DLQ_SUBJECT, dead_letter_of
 from squadbus.core.envelope import Message, decode, new_id, utcnow
 from squadbus.core.errors import Closed, MalformedMessage, SquadbusError
+from squadbus.core.inbox_source import InboxHolder
 
 if TYPE_CHECKING:
     from squadbus.backends.nats.backend import NatsBackend
@@ -127,29 +128,6 @@ class _Bell:
         pass
 
 
-class InboxHolder:
-    """One open of an agent's inbox (the :class:`~squadbus.core.backend.Subscription` returned)."""
-
-    __slots__ = ("_agent", "_hub", "closed", "group", "handler", "options")
-
-    def __init__(self, hub: InboxHub, agent: _Agent, handler: RawHandler, group: str, options: ConsumerOptions) -> None:
-        self._hub = hub
-        self._agent = agent
-        self.handler = handler
-        self.group = group
-        self.options = options
-        self.closed = False
-
-    @property
-    def pattern(self) -> str:
-        """The agent's direct subject."""
-        return self._agent.subject
-
-    async def close(self) -> None:
-        """Stop handing this agent's deliveries here. Idempotent."""
-        await self._hub.close_holder(self)
-
-
 class _Agent:
     """One open agent: its holders (the first is served), cursor, lease and the delivery it has out."""
 
@@ -160,7 +138,7 @@ class _Agent:
         self.hub = hub
         self.agent_id = agent_id
         self.subject = subjects.direct(agent_id)
-        self.holders: list[InboxHolder] = []
+        self.holders: list[InboxHolder[_Agent]] = []
         self.bell: NatsSub | None = None
         self.cursor = 0  # stream seq of the last acked message
         self.out_seq = 0  # the last message handed out and its attempt (saved with the cursor)
@@ -253,7 +231,9 @@ class InboxHub:
 
     # ---- opening and closing -------------------------------------------------------------------
 
-    async def open(self, agent_id: str, handler: RawHandler, *, group: str, options: ConsumerOptions) -> InboxHolder:
+    async def open(
+        self, agent_id: str, handler: RawHandler, *, group: str, options: ConsumerOptions
+    ) -> InboxHolder[_Agent]:
         """Serve ``agent_id``'s inbox to ``handler`` (see ``MultiplexesInboxes.open_inbox``)."""
         if self._closed:
             raise Closed("nats backend is closed")
@@ -286,12 +266,12 @@ class InboxHub:
             raise
         return holder
 
-    async def close_holder(self, holder: InboxHolder) -> None:
+    async def close_holder(self, holder: InboxHolder[_Agent]) -> None:
         """Close one open of an agent; the last one out saves its cursor and gives up its lease."""
         if holder.closed:
             return
         holder.closed = True
-        agent = holder._agent
+        agent = holder.agent
         if holder in agent.holders:
             agent.holders.remove(holder)
         if agent.holders:

@@ -26,14 +26,14 @@ from squadbus.backends.redis.consumer import BaseConsumer, ConsumerContext, Redi
 from squadbus.backends.redis.ephemeral import EphemeralSubscription
 from squadbus.backends.redis.group import GroupSubscription
 from squadbus.backends.redis.group_figures import group_figures as describe_groups
-from squadbus.backends.redis.inboxes import InboxHolder, InboxHub
+from squadbus.backends.redis.inboxes import InboxHub
 from squadbus.backends.redis.layout import KeyLayout, entry_id_of, position_of
 from squadbus.backends.redis.publisher import RedisPublisher
 from squadbus.backends.redis.read_all import read_all
 from squadbus.backends.redis.retention import Trimmer
 from squadbus.backends.redis.settings import Profile, RedisSettings
 from squadbus.core import subjects
-from squadbus.core.backend import BatchRawHandler, ConsumerOptions, GroupFigures, RawHandler, batch_only
+from squadbus.core.backend import BatchRawHandler, ConsumerOptions, GroupFigures, RawHandler, Subscription, batch_only
 from squadbus.core.envelope import Message, decode
 from squadbus.core.errors import Closed, ConfigError, ConnectionLost, MalformedMessage, RequestTimeout
 
@@ -211,7 +211,7 @@ class RedisBackend:
 
     async def open_inbox(
         self, agent_id: str, handler: RawHandler, *, group: str, options: ConsumerOptions
-    ) -> InboxHolder:
+    ) -> Subscription:
         """Serve ``agent_id``'s direct messages to ``handler`` through this backend's shared inbox
         connections (MultiplexesInboxes; see :mod:`.inboxes`)."""
         self._require()

@@ -64,6 +64,7 @@ from squadbus.core import subjects
 from squadbus.core.backend import ConsumerOptions, RawHandler, durable_name, invoke
 from squadbus.core.envelope import decode
 from squadbus.core.errors import Closed, MalformedMessage
+from squadbus.core.inbox_source import InboxHolder
 
 logger = logging.getLogger("squadbus.backends.redis.inboxes")
 
@@ -90,29 +91,6 @@ return 0
 _UNLEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
-class InboxHolder:
-    """One open of an agent's inbox (the :class:`~squadbus.core.backend.Subscription` returned)."""
-
-    __slots__ = ("_agent", "_hub", "closed", "group", "handler", "options")
-
-    def __init__(self, hub: InboxHub, agent: _Agent, handler: RawHandler, group: str, options: ConsumerOptions) -> None:
-        self._hub = hub
-        self._agent = agent
-        self.handler = handler
-        self.group = group
-        self.options = options
-        self.closed = False
-
-    @property
-    def pattern(self) -> str:
-        """The agent's direct subject."""
-        return self._agent.subject
-
-    async def close(self) -> None:
-        """Stop handing this agent's deliveries here; hand back what it holds. Idempotent."""
-        await self._hub.close_holder(self)
-
-
 class _Agent:
     """One open agent: its keys, its holders (the first is served) and the one entry it has out."""
 
@@ -129,7 +107,7 @@ class _Agent:
         self.channel = layout.bell(agent_id).encode()
         self.lease = layout.lease(agent_id)
         self.leased = False  # this backend instance holds the agent's lease: it may read
-        self.holders: list[InboxHolder] = []
+        self.holders: list[InboxHolder[_Agent]] = []
         self.entry: Entry | None = None
         self.unacked: list[bytes] = []  # acked entries whose XACK the driver has not sent yet
         self.busy = False  # a read or check of this agent is in flight
@@ -195,7 +173,9 @@ class InboxHub:
 
     # ---- opening and closing ---------------------------------------------------------------------
 
-    async def open(self, agent_id: str, handler: RawHandler, *, group: str, options: ConsumerOptions) -> InboxHolder:
+    async def open(
+        self, agent_id: str, handler: RawHandler, *, group: str, options: ConsumerOptions
+    ) -> InboxHolder[_Agent]:
         """Serve ``agent_id``'s inbox to ``handler`` (see ``MultiplexesInboxes.open_inbox``)."""
         if self._closed:
             raise Closed("redis backend is closed")
@@ -218,12 +198,12 @@ class InboxHub:
             raise
         return holder
 
-    async def close_holder(self, holder: InboxHolder) -> None:
+    async def close_holder(self, holder: InboxHolder[_Agent]) -> None:
         """Close one open of an agent; the last one out hands the agent's pending entries back."""
         if holder.closed:
             return
         holder.closed = True
-        agent = holder._agent
+        agent = holder.agent
         if holder in agent.holders:
             agent.holders.remove(holder)
         if agent.holders or agent.closing:
@@ -649,7 +629,7 @@ class InboxHub:
         self._spawn(self._deliver(holder, RedisDelivery(entry, agent, holder.group)))
 
     @staticmethod
-    async def _deliver(holder: InboxHolder, delivery: RedisDelivery) -> None:
+    async def _deliver(holder: InboxHolder[_Agent], delivery: RedisDelivery) -> None:
         await invoke(holder.handler, delivery, holder.options)
 
     def _spawn(self, coro: Any) -> None:
