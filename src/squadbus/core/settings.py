@@ -20,7 +20,9 @@
 * ``SQUADBUS_TRACING``: ``1``/``true``/``yes``/``on`` turns OpenTelemetry tracing
   on (default off; ``0``/``false``/``no``/``off``), see :mod:`squadbus.core.tracing`;
 * ``SQUADBUS_A2A``: ``0``/``false``/``no``/``off`` keeps the A2A edge off the
-  HTTP service (default on when ``squadbus[a2a]`` is installed), see docs/a2a.md.
+  HTTP service (default on when ``squadbus[a2a]`` is installed), see docs/a2a.md;
+* ``SQUADBUS_A2A_WEBHOOK_ALLOW``: CIDRs and host names (comma- or space-separated) that A2A
+  push webhooks may reach although they are loopback, private or link-local (docs/security.md).
 """
 
 from __future__ import annotations
@@ -135,6 +137,8 @@ class Settings:
     """``SQUADBUS_TRACING``: OpenTelemetry spans and trace context in the headers (needs ``squadbus[otel]``)."""
     a2a: bool = True
     """``SQUADBUS_A2A``: the HTTP service mounts the A2A edge when ``squadbus[a2a]`` is installed (docs/a2a.md)."""
+    a2a_webhook_allow: tuple[str, ...] = ()
+    """``SQUADBUS_A2A_WEBHOOK_ALLOW``: CIDRs and host names A2A push webhooks may reach although not public."""
 
     def __post_init__(self) -> None:
         if not self.data_dir:
@@ -186,4 +190,5 @@ class Settings:
             host_id=env.get("SQUADBUS_HOST_ID") or None,
             tracing=flag("SQUADBUS_TRACING", env.get("SQUADBUS_TRACING")),
             a2a=env.get("SQUADBUS_A2A") is None or flag("SQUADBUS_A2A", env.get("SQUADBUS_A2A")),
+            a2a_webhook_allow=tuple(env.get("SQUADBUS_A2A_WEBHOOK_ALLOW", "").replace(",", " ").split()),
         )
