@@ -39,6 +39,7 @@ from squadbus.core.dispatch import BatchHandler, DispatchStats, Handler, wrap, w
 from squadbus.core.envelope import DEFAULT_MAX_CONTENT_BYTES, Message
 from squadbus.core.errors import Closed, ConfigError, InvalidSubject, RequestTimeout
 from squadbus.core.inbox import Inbox
+from squadbus.core.placement import InboxPlacement, PlacesInboxes
 from squadbus.core.registry import open_backend
 from squadbus.core.settings import Settings
 from squadbus.core.tracing import BusTracer
@@ -416,6 +417,13 @@ class Bus:
         inbox = Inbox(self, str(agent_id), tuple(domains), broadcasts, options or self.consumer_options)
         self._inboxes.add(inbox)
         return inbox
+
+    async def inbox_placement(self) -> InboxPlacement | None:
+        """Which agents this Bus may serve, where the backend places inboxes by partition (Kafka);
+        None where any process can open any agent (see :mod:`squadbus.core.placement`)."""
+        self._check_open()
+        backend = self.backend
+        return await backend.inbox_placement() if isinstance(backend, PlacesInboxes) else None
 
     @property
     def broadcast_hub(self) -> BroadcastHub:
