@@ -1,4 +1,5 @@
-"""RabbitBackend: the Backend protocol over RabbitMQ (plus Replayable, ReadsAll, BatchPublisher, BatchSubscriber).
+"""RabbitBackend: the Backend protocol over RabbitMQ (plus Replayable, ReadsAll, BatchPublisher, BatchSubscriber,
+DescribesGroups).
 
 Mapping (docs/backends/rabbitmq.md says why):
 
@@ -8,7 +9,8 @@ Mapping (docs/backends/rabbitmq.md says why):
 * a consumer group ``(group, pattern)`` is a durable **quorum queue**
   ``<namespace>.group.<durable_name>`` bound with the pattern; its members are competing consumers;
   a group created with ``StartFrom.EARLIEST`` first gets a copy of what the log holds for its pattern;
-* ``group=None`` is an exclusive, auto-deleted queue bound with the pattern (new messages only).
+* ``group=None`` is an exclusive, auto-deleted queue bound with the pattern (new messages only);
+* one more stream queue ``<namespace>.groups`` records each group created (``group_figures``).
 
 One robust connection per backend (aio-pika reconnects and restores channels, queues,
 bindings and consumers), one confirm channel for publishing, one channel per subscription.
@@ -29,6 +31,8 @@ import aio_pika.abc
 import aiormq.exceptions
 
 from squadbus.backends.rabbitmq.connectlogs import ConnectLogs
+from squadbus.backends.rabbitmq.group_figures import group_figures as describe_groups
+from squadbus.backends.rabbitmq.group_figures import registry_record
 from squadbus.backends.rabbitmq.log import Offset, read_log
 from squadbus.backends.rabbitmq.publisher import RabbitPublisher
 from squadbus.backends.rabbitmq.settings import RabbitSettings
@@ -45,6 +49,7 @@ from squadbus.core import subjects
 from squadbus.core.backend import (
     BatchRawHandler,
     ConsumerOptions,
+    GroupFigures,
     RawHandler,
     StartFrom,
     batch_only,
@@ -134,7 +139,7 @@ class RabbitBackend:
 
     async def _declare_topology(self, channel: aio_pika.abc.AbstractChannel) -> None:
         s = self.settings
-        what = f"declare the exchange {s.exchange} and the log {s.log_queue}"
+        what = f"declare the exchange {s.exchange}, the log {s.log_queue} and the registry {s.registry_queue}"
         try:
             exchange = await channel.declare_exchange(s.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
         except Exception as exc:
@@ -147,6 +152,11 @@ class RabbitBackend:
             await log.bind(exchange, "#")
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
             logger.warning("log stream %s exists with other settings (kept as it is): %s", s.log_queue, exc)
+            setup = await self.connection.channel()  # the refusal closed the channel
+        except Exception as exc:
+            raise translate(exc, what) from exc
+        try:
+            await setup.declare_queue(s.registry_queue, durable=True, arguments=log_queue_arguments(0, 0))
         except Exception as exc:
             raise translate(exc, what) from exc
         finally:
@@ -214,7 +224,7 @@ class RabbitBackend:
         queue_name = None
         if group is not None:
             queue_name = short_name(self.settings.group_queue(durable_name(group, pattern)))
-            await self._ensure_group(queue_name, pattern, options.start)
+            await self._ensure_group(queue_name, group, pattern, options.start)
         sub = RabbitSubscription(
             self, pattern=pattern, group=group, queue_name=queue_name, handler=handler, options=options
         )
@@ -240,11 +250,33 @@ class RabbitBackend:
         """Declare a group's quorum queue on ``channel`` (idempotent; restored after a reconnect)."""
         return await channel.declare_queue(name, durable=True, arguments=group_queue_arguments())
 
+    def local_groups(self) -> list[tuple[str, str, str]]:
+        """``(queue, group, pattern)`` of every group this backend has a member of."""
+        return [(sub._queue_name, sub.group, sub.pattern) for sub in self._subs
+                if sub.group is not None and sub._queue_name is not None]
+
+    async def group_figures(self) -> list[GroupFigures]:
+        """Lag (ready messages) of every group queue (DescribesGroups); see :mod:`.group_figures`
+        for what AMQP cannot tell (pending, redeliveries, dead letters are None)."""
+        return await describe_groups(self)
+
+    async def ready_counts(self, names: Sequence[str]) -> dict[str, int | None]:
+        """Messages ready in each queue of ``names`` (passive declares on one channel); None for a
+        queue that does not exist."""
+        try:
+            return await self._queue_stats(names)
+        except Exception as exc:
+            raise translate(exc, f"look up {len(names)} queues") from exc
+
     async def _queue_exists(self, name: str) -> bool:
+        return (await self._queue_stats([name]))[name] is not None
+
+    async def _queue_stats(self, names: Sequence[str]) -> dict[str, int | None]:
         # A passive declare of a missing queue closes its channel. On the robust connection the
         # channel would try to reopen under the same number while a new one is opened (the broker
         # closes the connection: "second 'channel.open' seen"), so probes use a plain connection of
         # their own, one at a time.
+        found: dict[str, int | None] = {}
         async with self._probe_lock:
             if self._probe is None or self._probe.is_closed:
                 s = self.settings
@@ -252,18 +284,33 @@ class RabbitBackend:
                     s.driver_url(), timeout=s.connect_timeout, ssl_context=s.ssl_context(),
                     client_properties={"connection_name": f"squadbus {s.namespace} probe"},
                 )
-            channel = await self._probe.channel()
+            channel: aio_pika.abc.AbstractChannel | None = None
             try:
-                await channel.declare_queue(name, passive=True)
-                return True
-            except aiormq.exceptions.ChannelNotFoundEntity:
-                return False
+                for name in names:
+                    if channel is None or channel.is_closed:
+                        channel = await self._probe.channel()
+                    try:
+                        queue = await channel.declare_queue(name, passive=True)
+                    except aiormq.exceptions.ChannelNotFoundEntity:
+                        found[name] = None  # and the broker closed the channel
+                        continue
+                    result = queue.declaration_result
+                    found[name] = int(result.message_count or 0) if result is not None else 0
             finally:
-                if not channel.is_closed:
+                if channel is not None and not channel.is_closed:
                     with contextlib.suppress(Exception):
                         await channel.close()
+        return found
 
-    async def _ensure_group(self, name: str, pattern: str, start: StartFrom) -> None:
+    async def _register(self, name: str, group: str, pattern: str) -> None:
+        try:
+            await self.publisher.publish_to_queue(
+                self.settings.registry_queue, registry_record(name, group, pattern), f"record the group {name}")
+        except Exception as exc:  # the group works without it; only other processes' figures miss it
+            logger.warning("could not record the group queue %s in %s (group_figures of other processes will "
+                           "not list it): %s", name, self.settings.registry_queue, exc)
+
+    async def _ensure_group(self, name: str, group: str, pattern: str, start: StartFrom) -> None:
         lock = self._group_locks.setdefault(name, asyncio.Lock())
         async with lock:
             what = f"create the queue {name}"
@@ -278,6 +325,8 @@ class RabbitBackend:
                         await channel.close()
             except Exception as exc:
                 raise translate(exc, what) from exc
+            if created:
+                await self._register(name, group, pattern)
             if created and start is StartFrom.EARLIEST:
                 try:
                     copied = await self._copy_backlog(name, pattern)

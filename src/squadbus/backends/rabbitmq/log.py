@@ -36,21 +36,24 @@ Offset = str | int | datetime
 
 
 async def read_log(
-    backend: RabbitBackend, start: Offset = "first"
+    backend: RabbitBackend, start: Offset = "first", *, queue_name: str | None = None
 ) -> AsyncIterator[tuple[int, aio_pika.abc.AbstractIncomingMessage]]:
     """Yield ``(offset, message)`` from ``start`` up to a marker appended now; markers are not yielded.
+
+    Reads the log stream, or the stream ``queue_name`` (the group registry).
 
     Raises BackendTimeout when the stream stops delivering before the marker
     (for ``connect_timeout`` + ``publish_timeout`` seconds) and another
     BackendError when the broker refuses.
     """
+    stream = queue_name or backend.settings.log_queue
     settings = backend.settings
-    marker = await backend.publisher.marker()
-    what = f"read the log {settings.log_queue}"
+    marker = await backend.publisher.marker(stream)
+    what = f"read the stream {stream}"
     try:
         channel = await backend.connection.channel()
         await channel.set_qos(prefetch_count=_PREFETCH)
-        queue = await channel.get_queue(settings.log_queue, ensure=False)
+        queue = await channel.get_queue(stream, ensure=False)
     except Exception as exc:
         raise translate(exc, what) from exc
     inbox: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()

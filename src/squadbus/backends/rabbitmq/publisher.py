@@ -92,13 +92,13 @@ class RabbitPublisher:
         """Publish a prepared AMQP message straight to ``queue`` (default exchange) and wait for its confirm."""
         await self._send("", queue, amqp_message, what)
 
-    async def marker(self) -> str:
-        """Append a marker to the log (default exchange, straight to the stream) and return its id."""
+    async def marker(self, queue: str | None = None) -> str:
+        """Append a marker to the log (or to the stream ``queue``; default exchange) and return its id."""
         marker_id = f"marker-{new_id()}"
         amqp_message = aio_pika.Message(
             b"", message_id=marker_id, headers={MARKER_HEADER: 1}, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
-        await self.publish_to_queue(self._settings.log_queue, amqp_message, "append a marker to the log")
+        await self.publish_to_queue(queue or self._settings.log_queue, amqp_message, "append a marker to a stream")
         return marker_id
 
     async def _send(self, exchange_name: str, key: str, amqp_message: aio_pika.Message, what: str) -> None:

@@ -110,6 +110,11 @@ class RabbitSettings:
         """The stream queue that keeps every message (replay, read_all, new groups' backlog)."""
         return f"{self.namespace}.log"
 
+    @property
+    def registry_queue(self) -> str:
+        """The stream queue where each group's creation is recorded (its queue, name and pattern)."""
+        return f"{self.namespace}.groups"
+
     def group_queue(self, durable: str) -> str:
         """The quorum queue of a consumer group (``durable`` from ``core.backend.durable_name``)."""
         return f"{self.namespace}.group.{durable}"
