@@ -10,6 +10,9 @@ for the direct subject when the backend has it (checked with ``isinstance``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from squadbus.core.backend import ConsumerOptions, RawHandler, Subscription
@@ -93,3 +96,37 @@ class InboxHolder(Generic[AgentT]):
     async def close(self) -> None:
         """Stop handing this agent's deliveries here (the hub hands back what it holds). Idempotent."""
         await self._hub.close_holder(self)
+
+
+INBOX_GROUP_PREFIX = "inbox-"
+"""An agent's inbox reads its direct subject in the consumer group ``inbox-<agent>`` (``Inbox.group``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class InboxPresence:
+    """An agent whose inbox is open somewhere, as the broker tells it.
+
+    ``holder``: who serves it (a backend instance's name, e.g. ``host-pid-suffix``), None when the
+    backend cannot tell; ``since``: when that holder took it, None when the backend cannot tell.
+    """
+
+    agent_id: str
+    holder: str | None = None
+    since: datetime | None = None
+
+
+@runtime_checkable
+class ListsInboxes(Protocol):
+    """A backend that can list the agents whose inbox is open now, in any process (the dashboard's Agents)."""
+
+    async def open_inboxes(self) -> Sequence[InboxPresence]:
+        """One :class:`InboxPresence` per agent with an open inbox, whichever process holds it.
+
+        Contract: an inbox opened (``Bus.inbox(...).open()`` returned) is listed
+        until it is closed; after its ``close()`` returned it is no longer listed
+        (an inbox whose process died may stay listed until the broker's lease or
+        liveness record lapses). Reads only, creates nothing; order unspecified.
+        Raises a :class:`~squadbus.core.errors.BackendError` when the broker does
+        not answer; callers bound it with a timeout of their own.
+        """
+        ...

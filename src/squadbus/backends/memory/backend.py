@@ -13,12 +13,14 @@ from uuid import UUID
 
 from squadbus.backends.memory.group import GroupBuffer
 from squadbus.backends.memory.group_figures import group_figures as describe_groups
+from squadbus.backends.memory.presence import open_inboxes as list_open_inboxes
 from squadbus.backends.memory.settings import MemorySettings
 from squadbus.backends.memory.subscription import MemoryBatchSubscription, MemorySubscription
 from squadbus.core import subjects
 from squadbus.core.backend import BatchRawHandler, ConsumerOptions, GroupFigures, RawHandler, StartFrom
 from squadbus.core.envelope import Message
 from squadbus.core.errors import BackendTimeout, Closed
+from squadbus.core.inbox_source import InboxPresence
 
 logger = logging.getLogger("squadbus.backends.memory")
 
@@ -241,6 +243,10 @@ class MemoryBackend:
     async def group_figures(self) -> list[GroupFigures]:
         """Lag, pending and dead letters of every named group (DescribesGroups); see :mod:`.group_figures`."""
         return describe_groups(self)
+
+    async def open_inboxes(self) -> list[InboxPresence]:
+        """Agents with an open inbox on this backend instance (ListsInboxes); see :mod:`.presence`."""
+        return list_open_inboxes(self)
 
     def stats(self) -> dict[str, Any]:
         """Replay window bounds, duplicates dropped, and per-group buffer state."""

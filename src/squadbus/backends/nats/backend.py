@@ -29,6 +29,7 @@ from squadbus.backends.nats.attempts import AttemptLedger
 from squadbus.backends.nats.consumers import consumer_config, consumer_exists, ensure_consumer
 from squadbus.backends.nats.group_figures import group_figures as describe_groups
 from squadbus.backends.nats.inboxes import InboxHub
+from squadbus.backends.nats.presence import open_inboxes as list_open_inboxes
 from squadbus.backends.nats.publisher import NatsPublisher
 from squadbus.backends.nats.read_all import read_all as read_stream
 from squadbus.backends.nats.replay import replay as replay_stream
@@ -41,6 +42,7 @@ from squadbus.core import subjects
 from squadbus.core.backend import BatchRawHandler, ConsumerOptions, GroupFigures, RawHandler, Subscription, batch_only
 from squadbus.core.envelope import Message
 from squadbus.core.errors import BackendError, Closed, ConfigError, ConnectionLost
+from squadbus.core.inbox_source import InboxPresence
 
 logger = logging.getLogger("squadbus.backends.nats")
 
@@ -382,3 +384,7 @@ class NatsBackend:
         """Lag, pending, redeliveries and dead letters of every durable consumer (DescribesGroups);
         see :mod:`.group_figures`."""
         return await describe_groups(self)
+
+    async def open_inboxes(self) -> list[InboxPresence]:
+        """Agents whose inbox lease is held by a live hub, in any process (ListsInboxes); see :mod:`.presence`."""
+        return await list_open_inboxes(self)

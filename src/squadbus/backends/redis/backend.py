@@ -28,6 +28,7 @@ from squadbus.backends.redis.group import GroupSubscription
 from squadbus.backends.redis.group_figures import group_figures as describe_groups
 from squadbus.backends.redis.inboxes import InboxHub
 from squadbus.backends.redis.layout import KeyLayout, entry_id_of, position_of
+from squadbus.backends.redis.presence import open_inboxes as list_open_inboxes
 from squadbus.backends.redis.publisher import RedisPublisher
 from squadbus.backends.redis.read_all import read_all
 from squadbus.backends.redis.retention import Trimmer
@@ -36,6 +37,7 @@ from squadbus.core import subjects
 from squadbus.core.backend import BatchRawHandler, ConsumerOptions, GroupFigures, RawHandler, Subscription, batch_only
 from squadbus.core.envelope import Message, decode
 from squadbus.core.errors import Closed, ConfigError, ConnectionLost, MalformedMessage, RequestTimeout
+from squadbus.core.inbox_source import InboxPresence
 
 logger = logging.getLogger("squadbus.backends.redis")
 
@@ -318,6 +320,11 @@ class RedisBackend:
         client, _ = self._require()
         named = {sub.redis_group: sub.group_name for sub in self._subscriptions if isinstance(sub, GroupSubscription)}
         return await describe_groups(client, self.layout, named=named)
+
+    async def open_inboxes(self) -> list[InboxPresence]:
+        """Agents whose inbox lease is held, by any process (ListsInboxes); see :mod:`.presence`."""
+        client, _ = self._require()
+        return await list_open_inboxes(client, self.layout)
 
     def stats(self) -> dict[str, Any]:
         """Counters of this instance: published, duplicates, delivered, claimed, malformed,
