@@ -65,7 +65,8 @@ class Hooks:
 async def stack(tmp_path: Path) -> AsyncIterator[tuple[str, str, Hooks]]:
     """(edge URL, webhook URL, hooks): the service with the edge on a fast backoff, agents on its bus."""
     hooks = Hooks()
-    settings = Settings(store_url=f"sqlite+aiosqlite:///{tmp_path / 'h.db'}", a2a=False)
+    settings = Settings(store_url=f"sqlite+aiosqlite:///{tmp_path / 'h.db'}", a2a=False,
+                        a2a_webhook_allow=("127.0.0.1",))  # the webhooks are on loopback
     app = create_app(settings, options=ServiceOptions(audit_path=str(tmp_path / "audit.jsonl"), heartbeat=0.5,
                                                       poll_interval=0.5))
     install(app, EdgeOptions(push_attempts=3, push_backoff_base=0.05, push_backoff_max=0.2))

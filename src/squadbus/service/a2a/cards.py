@@ -1,12 +1,13 @@
 """Agent cards: the squad's at ``/.well-known/agent-card.json`` and one per reachable agent.
 
-* squad card: one JSON-RPC interface (``/a2a/jsonrpc``) at which GetTask,
-  ListTasks, CancelTask and SubscribeToTask work for any task of the squad
+* squad card: a JSON-RPC interface (``/a2a/jsonrpc``) and an HTTP+JSON one
+  (``/a2a/rest``) at which GetTask, ListTasks, CancelTask and SubscribeToTask
+  work for any task of the squad
   (SendMessage there names its agent in ``metadata["squadbus.agent_id"]``);
   its skills are every agent's, ids prefixed ``<agent_id>/``; the extension
   :data:`AGENTS_EXTENSION` lists each agent's card URL;
 * agent card: ``/a2a/agents/<agent_id>/.well-known/agent-card.json``, whose
-  JSON-RPC interface ``/a2a/agents/<agent_id>/jsonrpc`` sends to that agent.
+  interfaces ``/a2a/agents/<agent_id>/jsonrpc`` and ``…/rest`` send to that agent.
 
 Both declare protocol 1.0, streaming, push notifications, the :data:`RESUME_EXTENSION` (SSE event
 ids and ``Last-Event-ID``) and, when the service has tokens, the HTTP bearer
@@ -43,6 +44,9 @@ AGENTS_EXTENSION = "https://squadbus.dev/a2a/ext/squad-agents/v1"
 """The squad card's list of agents: ``params.agents`` maps each agent id to its card URL."""
 BEARER = "bearer"
 SQUAD_RPC = "/a2a/jsonrpc"
+SQUAD_REST = "/a2a/rest"
+"""The base of the squad's HTTP+JSON interface (``/a2a/rest/tasks/{id}``, …)."""
+AGENT_REST = "/a2a/agents/{agent_id}/rest"
 
 
 def agent_base(base_url: str, agent_id: str) -> str:
@@ -50,11 +54,13 @@ def agent_base(base_url: str, agent_id: str) -> str:
     return f"{base_url}/a2a/agents/{agent_id}"
 
 
-def _common(card: AgentCard, rpc_url: str, *, secured: bool, extensions: list[AgentExtension]) -> AgentCard:
+def _common(card: AgentCard, base: str, *, secured: bool, extensions: list[AgentExtension]) -> AgentCard:
+    """Interfaces ``<base>/jsonrpc`` (JSON-RPC, the SDK client's default) and ``<base>/rest`` (HTTP+JSON)."""
     card.version = __version__
     card.provider.CopyFrom(AgentProvider(organization="squadbus", url="https://squadbus.dev"))
-    card.supported_interfaces.append(AgentInterface(url=rpc_url, protocol_binding=TransportProtocol.JSONRPC,
-                                                    protocol_version=PROTOCOL_VERSION_1_0))
+    for path, binding in (("/jsonrpc", TransportProtocol.JSONRPC), ("/rest", TransportProtocol.HTTP_JSON)):
+        card.supported_interfaces.append(AgentInterface(url=base + path, protocol_binding=binding,
+                                                        protocol_version=PROTOCOL_VERSION_1_0))
     resume = AgentExtension(uri=RESUME_EXTENSION, required=False,
                             description="SSE event ids are history sequence numbers; reconnect with "
                                         "Last-Event-ID to resume with no gap, also after a server restart")
@@ -82,7 +88,7 @@ def agent_card(agent: AgentEntry, base_url: str, *, secured: bool) -> dict[str, 
         card.skills.append(_skill(agent, s.id, s.name, s.description, s.tags, s.examples))
     if not agent.skills:
         card.skills.append(_skill(agent, "chat", agent.name, card.description, (), ()))
-    _common(card, agent_base(base_url, agent.agent_id) + "/jsonrpc", secured=secured, extensions=[])
+    _common(card, agent_base(base_url, agent.agent_id), secured=secured, extensions=[])
     return agent_card_to_dict(card)
 
 
@@ -104,5 +110,5 @@ def squad_card(agents: list[AgentEntry], base_url: str, *, name: str, secured: b
     if not agents:
         card.skills.append(AgentSkill(id="squad", name="squad", description="No agent is A2A-reachable yet",
                                       tags=["squad"]))
-    _common(card, base_url + SQUAD_RPC, secured=secured, extensions=[listing])
+    _common(card, base_url + "/a2a", secured=secured, extensions=[listing])
     return agent_card_to_dict(card)

@@ -51,6 +51,7 @@ from squadbus.service.a2a.mapping import (
     TaskView,
     to_json,
 )
+from squadbus.service.a2a.webhooks import WebhookPolicy, WebhookRefused
 from squadbus.store.base import HistoryStore, StoredMessage
 
 logger = logging.getLogger("squadbus.service.a2a.push")
@@ -146,9 +147,10 @@ class PushSender:
     name = GROUP
 
     def __init__(self, bus: Bus, store: HistoryStore, *, attempts: int = 5, backoff_base: float = 1.0,
-                 backoff_max: float = 60.0, timeout: float = 10.0) -> None:
+                 backoff_max: float = 60.0, timeout: float = 10.0, webhooks: WebhookPolicy | None = None) -> None:
         self.bus = bus
         self.store = store
+        self.webhooks = webhooks if webhooks is not None else WebhookPolicy()
         self.options = ConsumerOptions(max_deliver=attempts, backoff_base=backoff_base, backoff_max=backoff_max)
         self.timeout = timeout
         self.posted = 0
@@ -160,7 +162,7 @@ class PushSender:
         """Join group ``a2a-push`` (idempotent)."""
         if self._sub is not None:
             return
-        self._http = httpx.AsyncClient(timeout=self.timeout)
+        self._http = httpx.AsyncClient(timeout=self.timeout, follow_redirects=False)
         self._sub = await self.bus.subscribe(PATTERN, self._handle, group=GROUP, options=self.options)
         logger.info("A2A push notifications: joined consumer group %s", GROUP)
 
@@ -212,19 +214,38 @@ class PushSender:
             return
         body = json.dumps(to_json(event)).encode()
         failures: list[str] = []
-        assert self._http is not None
         for config in configs.values():
-            try:
-                response = await self._http.post(config.url, content=body, headers=config.headers())
-            except httpx.HTTPError as exc:
-                failures.append(f"{config.url}: {type(exc).__name__} {exc}")
-                continue
-            if response.is_success:
+            failure = await self._post(config, body)
+            if failure is None:
                 self.posted += 1
             else:
-                failures.append(f"{config.url}: HTTP {response.status_code}")
+                failures.append(f"{config.url}: {failure}")
         if failures:
             self.failed += 1
             logger.info("push of task %s seq %d failed (attempt %d): %s", task_id, view.last_seq,
                         delivery.attempt, "; ".join(failures))
             raise Nack("webhook failed: " + "; ".join(failures))
+
+    async def _post(self, config: PushConfig, body: bytes) -> str | None:
+        """POST ``body`` to the webhook's checked address (see :mod:`.webhooks`); why it failed, or None."""
+        assert self._http is not None
+        try:
+            target = await self.webhooks.resolve(config.url)
+        except WebhookRefused as exc:
+            return f"refused: {exc}"
+        headers = {**config.headers(), "Host": target.host_header}
+        extensions = {}
+        if target.pinned_url.startswith("https:"):
+            # TLS checks the certificate against the name; a pooled connection is per address, not per name
+            extensions["sni_hostname"] = target.host
+            headers["Connection"] = "close"
+        try:
+            response = await self._http.post(target.pinned_url, content=body, headers=headers,
+                                             extensions=extensions)
+        except httpx.HTTPError as exc:
+            return f"{type(exc).__name__} {exc}"
+        if response.is_success:
+            return None
+        if response.is_redirect:
+            return f"HTTP {response.status_code} (redirects are not followed)"
+        return f"HTTP {response.status_code}"

@@ -1,4 +1,4 @@
-"""The A2A HTTP routes: cards and the JSON-RPC 2.0 binding (A2A 1.0) with SSE streaming.
+"""The A2A HTTP routes: cards, the JSON-RPC 2.0 binding (A2A 1.0) with SSE streaming, and :mod:`.rest`'s routes.
 
 * ``GET /.well-known/agent-card.json``: the squad card (no token needed);
 * ``GET /a2a/agents/{agent_id}/.well-known/agent-card.json``: one agent's card (404 if not reachable);
@@ -13,6 +13,7 @@ HTTP 200 with the JSON-RPC error object (code from the SDK's
 ``JSON_RPC_ERROR_CODE_MAP``); only authentication is HTTP (401, 403 for a
 viewer token that sends). Streams are ``text/event-stream`` whose events are
 JSON-RPC responses with ``id: <seq>``; ``Last-Event-ID`` resumes after it.
+Both bindings call the same operations (:mod:`.operations`).
 """
 
 from __future__ import annotations
@@ -20,26 +21,22 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
 from a2a.server.request_handlers.response_helpers import build_error_response
 from a2a.types import (
     CancelTaskRequest,
     DeleteTaskPushNotificationConfigRequest,
+    GetExtendedAgentCardRequest,
     GetTaskPushNotificationConfigRequest,
     GetTaskRequest,
     ListTaskPushNotificationConfigsRequest,
-    ListTaskPushNotificationConfigsResponse,
     ListTasksRequest,
-    ListTasksResponse,
     SendMessageRequest,
-    SendMessageResponse,
-    StreamResponse,
     SubscribeToTaskRequest,
     TaskPushNotificationConfig,
 )
-from a2a.utils.constants import VERSION_HEADER
 from a2a.utils.errors import (
     A2AError,
     InternalError,
@@ -47,35 +44,46 @@ from a2a.utils.errors import (
     InvalidRequestError,
     JSONParseError,
     MethodNotFoundError,
-    TaskNotFoundError,
-    UnsupportedOperationError,
-    VersionNotSupportedError,
 )
-from a2a.utils.task import validate_history_length, validate_page_size
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
-from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
+from google.protobuf.json_format import ParseDict, ParseError
 from google.protobuf.message import Message as Proto
 
 from squadbus.core.errors import SquadbusError
-from squadbus.service.a2a import cards
+from squadbus.service.a2a import cards, rest
 from squadbus.service.a2a.mapping import TaskView, to_json
+from squadbus.service.a2a.operations import Operations, Result, Stream, check_version, json_of
 from squadbus.service.a2a.push import PushSender
 from squadbus.service.a2a.registry import AgentRegistry
-from squadbus.service.a2a.tasks import EdgeOptions, TaskService, fold, load, parse_task_id, rows_of
+from squadbus.service.a2a.tasks import EdgeOptions, rows_of
+from squadbus.service.a2a.webhooks import WebhookPolicy
 from squadbus.service.auth import Principal, reader
-from squadbus.service.routes_sse import resume_cursor
 from squadbus.service.sse_response import SseResponse
 from squadbus.service.state import Service, ServiceDep
 
 logger = logging.getLogger("squadbus.service.a2a")
 
-STREAMING = frozenset({"SendStreamingMessage", "SubscribeToTask"})
-PUSH_METHODS = frozenset({"CreateTaskPushNotificationConfig", "GetTaskPushNotificationConfig",
-                          "ListTaskPushNotificationConfigs", "DeleteTaskPushNotificationConfig"})
-AGENT_META = "squadbus.agent_id"
-
 RequestId = str | int | None
+Unary = Callable[[Operations, Any], Awaitable[Result]]
+Streaming = Callable[[Operations, Any], Awaitable[Stream]]
+
+UNARY: dict[str, tuple[type[Proto], Unary]] = {
+    "SendMessage": (SendMessageRequest, Operations.send_message),
+    "GetTask": (GetTaskRequest, Operations.get_task),
+    "ListTasks": (ListTasksRequest, Operations.list_tasks),
+    "CancelTask": (CancelTaskRequest, Operations.cancel_task),
+    "CreateTaskPushNotificationConfig": (TaskPushNotificationConfig, Operations.create_push),
+    "GetTaskPushNotificationConfig": (GetTaskPushNotificationConfigRequest, Operations.get_push),
+    "ListTaskPushNotificationConfigs": (ListTaskPushNotificationConfigsRequest, Operations.list_push),
+    "DeleteTaskPushNotificationConfig": (DeleteTaskPushNotificationConfigRequest, Operations.delete_push),
+    "GetExtendedAgentCard": (GetExtendedAgentCardRequest, Operations.extended_card),
+}
+"""Each JSON-RPC method: its params message and the operation (:mod:`.operations`) that answers it."""
+STREAMING: dict[str, tuple[type[Proto], Streaming]] = {
+    "SendStreamingMessage": (SendMessageRequest, Operations.send_streaming),
+    "SubscribeToTask": (SubscribeToTaskRequest, Operations.subscribe),
+}
 
 
 def _parse(params: Any, into: Proto) -> Any:
@@ -89,23 +97,6 @@ def _parse(params: Any, into: Proto) -> Any:
         raise InvalidParamsError(f"invalid params: {exc}") from None
 
 
-def _result(request_id: RequestId, result: Proto | dict[str, Any]) -> JSONResponse:
-    body = result if isinstance(result, dict) else to_json(result)
-    return JSONResponse({"jsonrpc": "2.0", "id": request_id, "result": body})
-
-
-def _list_json(response: ListTasksResponse, *, include_artifacts: bool) -> dict[str, Any]:
-    """ListTasks' result: ``nextPageToken`` always present; no ``artifacts`` unless asked, no empty ``history``."""
-    body: dict[str, Any] = MessageToDict(response, preserving_proto_field_name=False,
-                                         always_print_fields_with_no_presence=True)
-    for task in body["tasks"]:
-        if not include_artifacts:
-            task.pop("artifacts", None)
-        if not task.get("history"):
-            task.pop("history", None)
-    return body
-
-
 def _error(request_id: RequestId, error: A2AError) -> JSONResponse:
     if isinstance(error, JSONParseError):  # the SDK's helper has no model for -32700
         body = {"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": error.message}}
@@ -114,11 +105,11 @@ def _error(request_id: RequestId, error: A2AError) -> JSONResponse:
 
 
 class Edge:
-    """The JSON-RPC endpoint of the squad (``agent_id`` None) or of one agent."""
+    """The JSON-RPC binding of the squad (``agent_id`` None) or of one agent: parse, call the operation, answer."""
 
     def __init__(self, service: Service, options: EdgeOptions, who: Principal, agent_id: str | None) -> None:
         self.service = service
-        self.tasks = TaskService(service, options)
+        self.options = options
         self.who = who
         self.agent_id = agent_id
 
@@ -140,120 +131,40 @@ class Edge:
             method = body.get("method")
             if body.get("jsonrpc") != "2.0" or not isinstance(method, str):
                 raise InvalidRequestError("expected jsonrpc '2.0' and a method name")
-            version = request.headers.get(VERSION_HEADER)
-            if version and not version.startswith("1."):
-                raise VersionNotSupportedError(f"A2A version {version} is not supported (this edge speaks 1.0)")
+            check_version(request)
+            ops = Operations(self.service, self.options, self.who, self.agent_id, request)
             params = body.get("params")
             if method in STREAMING:
-                return await self.stream(request_id, method, params, request)
-            return _result(request_id, await self.call(method, params, request))
+                message_type, streaming = STREAMING[method]
+                stream = await streaming(ops, _parse(params, message_type()))
+                return SseResponse(_frames(request_id, stream), send_timeout=self.service.options.sse_send_timeout)
+            if method not in UNARY:
+                raise MethodNotFoundError(f"method {method!r} not found")
+            message_type, unary = UNARY[method]
+            result = await unary(ops, _parse(params, message_type()))
+            return JSONResponse({"jsonrpc": "2.0", "id": request_id, "result": json_of(result)})
         except A2AError as exc:
             return _error(request_id, exc)
         except (SquadbusError, OSError) as exc:
             logger.warning("A2A request failed: %s", exc)
             return _error(request_id, InternalError(f"the squad could not answer: {exc}"))
 
-    async def call(self, method: str, params: Any, request: Request) -> Proto | dict[str, Any]:
-        """A non-streaming method's result."""
-        if method == "SendMessage":
-            req: SendMessageRequest = _parse(params, SendMessageRequest())
-            validate_history_length(req.configuration)
-            task_id, _ = await self.tasks.send(req, self.who, request, self._target(req))
-            view, _ = await load(self.service, task_id, self.who)
-            if not req.configuration.return_immediately and not view.final_for_stream:
-                await self.tasks.wait_final(task_id, view.last_seq, view)
-                view, _ = await load(self.service, task_id, self.who)
-            length = req.configuration.history_length if req.configuration.HasField("history_length") else None
-            return SendMessageResponse(task=view.task(length))
-        if method == "GetTask":
-            get: GetTaskRequest = _parse(params, GetTaskRequest())
-            validate_history_length(get)
-            view, _ = await load(self.service, parse_task_id(get.id), self.who)
-            return view.task(get.history_length if get.HasField("history_length") else None)
-        if method == "ListTasks":
-            lst: ListTasksRequest = _parse(params, ListTasksRequest())
-            validate_history_length(lst)
-            if lst.HasField("page_size"):
-                validate_page_size(lst.page_size)
-            listed = await self.tasks.list_tasks(lst, self.who, self.agent_id)
-            return _list_json(listed, include_artifacts=lst.include_artifacts)
-        if method == "CancelTask":
-            cancel: CancelTaskRequest = _parse(params, CancelTaskRequest())
-            return await self.tasks.cancel(parse_task_id(cancel.id), self.who, request)
-        if method in PUSH_METHODS:
-            return await self.push(method, params, request)
-        if method == "GetExtendedAgentCard":  # the cards declare extendedAgentCard false
-            raise UnsupportedOperationError("this edge has no extended agent card")
-        raise MethodNotFoundError(f"method {method!r} not found")
 
-    async def push(self, method: str, params: Any, request: Request) -> Proto | dict[str, Any]:
-        """The push notification config methods (the webhooks are served by :mod:`.push`)."""
-        tasks = self.tasks
-        if method == "CreateTaskPushNotificationConfig":
-            config: TaskPushNotificationConfig = _parse(params, TaskPushNotificationConfig())
-            return await tasks.set_push(config, self.who, request)
-        if method == "ListTaskPushNotificationConfigs":
-            lst: ListTaskPushNotificationConfigsRequest = _parse(params, ListTaskPushNotificationConfigsRequest())
-            task_id = parse_task_id(lst.task_id)
-            found = await tasks.push_configs(task_id, self.who)
-            response = ListTaskPushNotificationConfigsResponse(configs=[c.to_proto(task_id) for c in found.values()])
-            return MessageToDict(response, preserving_proto_field_name=False,
-                                 always_print_fields_with_no_presence=True)
-        if method == "GetTaskPushNotificationConfig":
-            get: GetTaskPushNotificationConfigRequest = _parse(params, GetTaskPushNotificationConfigRequest())
-            task_id = parse_task_id(get.task_id)
-            config_found = (await tasks.push_configs(task_id, self.who)).get(get.id)
-            if config_found is None:
-                raise TaskNotFoundError(f"task {task_id} has no push notification config {get.id!r}")
-            return config_found.to_proto(task_id)
-        delete: DeleteTaskPushNotificationConfigRequest = _parse(params, DeleteTaskPushNotificationConfigRequest())
-        await tasks.delete_push(parse_task_id(delete.task_id), delete.id, self.who, request)
-        return {}
-
-    def _target(self, req: SendMessageRequest) -> str | None:
-        if self.agent_id is not None:
-            return self.agent_id
-        for source in (req.message.metadata, req.metadata):
-            if AGENT_META in source:
-                return str(source[AGENT_META])
-        return None
-
-    async def stream(self, request_id: RequestId, method: str, params: Any, request: Request) -> Response:
-        """SendStreamingMessage / SubscribeToTask: the Task, then its events as SSE (resumable)."""
-        last_event_id = request.headers.get("Last-Event-ID")
-        resume = resume_cursor(last_event_id, None) if last_event_id else None
-        if method == "SendStreamingMessage":
-            req: SendMessageRequest = _parse(params, SendMessageRequest())
-            task_id, seq = await self.tasks.send(req, self.who, request, self._target(req))
-            view, rows = await load(self.service, task_id, self.who)
-            after = seq if resume is None else resume
-        else:
-            sub: SubscribeToTaskRequest = _parse(params, SubscribeToTaskRequest())
-            task_id = parse_task_id(sub.id)
-            view, rows = await load(self.service, task_id, self.who)
-            if resume is None and view.terminal:
-                raise UnsupportedOperationError(f"task {task_id} is already final: read it with GetTask")
-            after = view.last_seq if resume is None else resume
-        start = fold(task_id, rows, upto=after)
-        snapshot = view.task()
-
-        async def frames() -> AsyncIterator[bytes]:
-            yield _frame(request_id, StreamResponse(task=snapshot), None)
-            # closed with the response (client gone, send timeout): the hub viewer leaves at once
-            async with contextlib.aclosing(self.tasks.events(task_id, after, start)) as events:
-                async for item in events:
-                    if item is None:
-                        yield b": keepalive\n\n"
-                    else:
-                        yield _frame(request_id, item[1], item[0])
-
-        return SseResponse(frames(), send_timeout=self.service.options.sse_send_timeout)
-
-
-def _frame(request_id: RequestId, event: StreamResponse, seq: int | None) -> bytes:
-    data = json.dumps({"jsonrpc": "2.0", "id": request_id, "result": to_json(event)}, separators=(",", ":"))
-    head = b"" if seq is None else b"id: %d\n" % seq
-    return head + b"data: " + data.encode() + b"\n\n"
+async def _frames(request_id: RequestId, stream: Stream) -> AsyncIterator[bytes]:
+    """SSE frames whose data are JSON-RPC responses, ``id: <seq>`` on events; a failure ends with an error."""
+    try:
+        async for item in stream.items():
+            if item is None:
+                yield b": keepalive\n\n"
+                continue
+            seq, event = item
+            data = json.dumps({"jsonrpc": "2.0", "id": request_id, "result": to_json(event)}, separators=(",", ":"))
+            head = b"" if seq is None else b"id: %d\n" % seq
+            yield head + b"data: " + data.encode() + b"\n\n"
+    except (SquadbusError, OSError) as exc:
+        logger.warning("A2A stream failed: %s", exc)
+        error = build_error_response(request_id, InternalError(f"the stream failed: {exc}; resume with Last-Event-ID"))
+        yield b"data: " + json.dumps(error, separators=(",", ":")).encode() + b"\n\n"
 
 
 def router(options: EdgeOptions) -> APIRouter:
@@ -268,7 +179,8 @@ def router(options: EdgeOptions) -> APIRouter:
         service: Service = app.state.service
         sender = PushSender(service.bus, service.store, attempts=options.push_attempts,
                             backoff_base=options.push_backoff_base, backoff_max=options.push_backoff_max,
-                            timeout=options.push_timeout)
+                            timeout=options.push_timeout,
+                            webhooks=WebhookPolicy.of(service.settings.a2a_webhook_allow))
         await sender.start()
         try:
             yield
@@ -306,6 +218,7 @@ def router(options: EdgeOptions) -> APIRouter:
                         who: Annotated[Principal, Depends(reader)]) -> Response:
         return await Edge(service, options, who, agent_id).handle(request)
 
+    r.include_router(rest.router(options))
     return r
 
 

@@ -18,19 +18,14 @@ is reported as not found.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import json
 import logging
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from datetime import UTC
 from uuid import UUID, uuid4, uuid5
 
 from a2a.types import (
-    ListTasksRequest,
-    ListTasksResponse,
     SendMessageRequest,
     StreamResponse,
     Task,
@@ -62,11 +57,12 @@ from squadbus.service.a2a.mapping import (
 )
 from squadbus.service.a2a.push import PushConfig, configs_of, stored_rows
 from squadbus.service.a2a.registry import EDGE_ID, AgentRegistry
+from squadbus.service.a2a.webhooks import WebhookPolicy, WebhookRefused
 from squadbus.service.auth import Principal, Role
 from squadbus.service.routes_messages import claim_in_store, send_all
 from squadbus.service.sse_hub import HEARTBEAT_FRAME, ViewerStream
 from squadbus.service.state import Service
-from squadbus.store.base import HistoryQuery, StoredMessage
+from squadbus.store.base import StoredMessage
 
 logger = logging.getLogger("squadbus.service.a2a")
 
@@ -74,26 +70,6 @@ NAMESPACE = UUID("6f1c2f8e-4a2b-5d7e-9c3a-a2a0a2a0a2a0")
 """The uuid5 namespace of the squadbus ids derived from A2A message ids."""
 CLIENT_ID = "a2a-client"
 """The sender id of A2A clients with an admin token or in open mode (an agent token sends as its agent)."""
-PAGE = 1000
-DEFAULT_PAGE_SIZE = 50
-
-
-def _key(view: TaskView) -> tuple[str, str]:
-    assert view.updated_at is not None
-    return view.updated_at.astimezone(UTC).isoformat(), str(view.task_id)
-
-
-def _encode_token(key: tuple[str, str]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(list(key)).encode()).decode().rstrip("=")
-
-
-def _decode_token(token: str) -> tuple[str, str]:
-    try:
-        raw = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        when, task = raw
-        return str(when), str(task)
-    except (ValueError, TypeError, binascii.Error):
-        raise InvalidParamsError("pageToken is not a nextPageToken of ListTasks") from None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -198,9 +174,10 @@ async def _publish(service: Service, message: Message, request: Request) -> Stor
 class TaskService:
     """The A2A operations of one service (built per request: it holds no state of its own)."""
 
-    def __init__(self, service: Service, options: EdgeOptions) -> None:
+    def __init__(self, service: Service, options: EdgeOptions, webhooks: WebhookPolicy) -> None:
         self.service = service
         self.options = options
+        self.webhooks = webhooks
         self.registry = AgentRegistry(service.store)
 
     async def send(self, req: SendMessageRequest, who: Principal, request: Request,
@@ -260,8 +237,10 @@ class TaskService:
 
     async def _set_push(self, task_id: UUID, config: TaskPushNotificationConfig, sender: str,
                         request: Request) -> PushConfig:
-        if not config.url.startswith(("http://", "https://")):
-            raise InvalidParamsError("a push notification config needs an http(s) url")
+        try:
+            await self.webhooks.resolve(config.url)
+        except WebhookRefused as exc:
+            raise InvalidParamsError(f"push notification url refused: {exc}") from None
         if config.task_id and config.task_id != str(task_id):
             raise InvalidParamsError(f"the config names task {config.task_id}, not {task_id}")
         push = PushConfig.from_proto(config, config.id or str(uuid4()))
@@ -312,56 +291,6 @@ class TaskService:
             # published but not yet stored (the db-writer does it): report what was asked
             view.state = TaskState.TASK_STATE_CANCELED
         return view.task()
-
-    async def list_tasks(self, req: ListTasksRequest, who: Principal, agent_id: str | None) -> ListTasksResponse:
-        """One page of the caller's tasks (``agent_id``'s when given), most recently updated first.
-
-        Every task in scope is folded to know its last update (see the cost in
-        docs/a2a.md); ``pageToken`` is the (update time, task id) key of the
-        previous page's last task, so a page continues after it.
-        """
-        page_size = req.page_size if req.HasField("page_size") else DEFAULT_PAGE_SIZE
-        history = req.history_length if req.HasField("history_length") else 0
-        after_key = _decode_token(req.page_token) if req.page_token else None
-        after_ts = req.status_timestamp_after.ToDatetime(UTC) if req.HasField("status_timestamp_after") else None
-        views: list[TaskView] = []
-        scope_agent = who.agent_id if who.role is Role.AGENT else agent_id
-        cursor: str | None = None
-        while True:
-            page = await self.service.store.query(HistoryQuery(message_type=OPEN_TYPE, agent_id=scope_agent,
-                                                               cursor=cursor, limit=PAGE))
-            for row in page.items:
-                execution = row.message.task_execution_id
-                if execution is None or (agent_id is not None and row.message.recipient_id != agent_id):
-                    continue
-                view, _ = await self._view(execution)
-                if not view.opened or not in_scope(view, who) or view.updated_at is None:
-                    continue
-                if req.context_id and view.context_id != req.context_id:
-                    continue
-                if req.status and view.state != req.status:
-                    continue
-                if after_ts is not None and view.updated_at <= after_ts:
-                    continue
-                views.append(view)
-            if page.next_cursor is None:
-                break
-            cursor = page.next_cursor
-        views.sort(key=_key, reverse=True)
-        rest = [v for v in views if after_key is None or _key(v) < after_key]
-        shown = rest[:page_size]
-        token = _encode_token(_key(shown[-1])) if len(rest) > page_size else ""
-        tasks = []
-        for view in shown:
-            task = view.task(history)
-            if not req.include_artifacts:
-                task.ClearField("artifacts")
-            tasks.append(task)
-        return ListTasksResponse(tasks=tasks, next_page_token=token, page_size=page_size, total_size=len(views))
-
-    async def _view(self, task_id: UUID) -> tuple[TaskView, list[StoredMessage]]:
-        rows = await rows_of(self.service, task_id)
-        return fold(task_id, rows), rows
 
     async def events(self, task_id: UUID, after: int,
                      start: TaskView) -> AsyncGenerator[tuple[int, StreamResponse] | None, None]:
