@@ -282,7 +282,8 @@ def read_live(url: str, *, token: str | None, sample: float) -> Live:
         page = client._json("GET", "/v1/agents", query={"limit": 500, "cursor": cursor})
         for item in page["items"]:
             live.agents_total += 1
-            if datetime.fromisoformat(item["last_activity_at"]) >= hour_ago:
+            last = item.get("last_activity_at")  # null: an agent with an open inbox and no message yet
+            if item.get("inbox") == "open" or (last and datetime.fromisoformat(last) >= hour_ago):
                 live.agents_active += 1
         cursor = page.get("next_cursor")
         if not cursor:

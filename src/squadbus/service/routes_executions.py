@@ -5,15 +5,26 @@ role, agent tokens included, lists every execution and agent, as they read
 every execution's history (docs/security.md). One agent's messages are
 ``GET /v1/messages?agent_id=``. Both lists page with an opaque cursor; a
 cursor that is not a ``next_cursor`` of the same list is a 422.
+
+The agents are the store's, merged with those that have an inbox on the broker
+(:mod:`squadbus.service.presence`, read for at most 2 s beside the store query):
+an agent with an inbox and no retained message is added, in id order, to the
+page whose id range holds it (code-point order, the SQLite order; on a
+PostgreSQL collation other than ``C`` it may land on a neighbouring page), so a
+page may hold more than ``limit`` items.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterable
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
 
+from squadbus.core.inbox_source import InboxPresence
 from squadbus.service.auth import Principal, reader
+from squadbus.service.presence import InboxKind
 from squadbus.service.routes_messages import ERRORS, IsoDateTime
 from squadbus.service.schemas import (
     TOKEN_PATTERN,
@@ -24,7 +35,8 @@ from squadbus.service.schemas import (
     ExecutionSummaryOut,
 )
 from squadbus.service.state import Service, ServiceDep
-from squadbus.store.base import MAX_LIST_LIMIT, AgentQuery, ExecutionQuery, ListsExecutions
+from squadbus.store._listing import decode_agent_cursor
+from squadbus.store.base import MAX_LIST_LIMIT, AgentPage, AgentQuery, ExecutionQuery, ListsExecutions
 
 router = APIRouter(prefix="/v1", tags=["executions"])
 
@@ -70,7 +82,7 @@ async def list_executions(
     return ExecutionList(items=[ExecutionSummaryOut.of(i) for i in page.items], next_cursor=page.next_cursor)
 
 
-@router.get("/agents", responses=LIST_ERRORS, summary="List agents seen in the history")
+@router.get("/agents", responses=LIST_ERRORS, summary="List agents seen in the history or with an inbox")
 async def list_agents(
     service: ServiceDep,
     who: Annotated[Principal, Depends(reader)],
@@ -79,11 +91,42 @@ async def list_agents(
                                         max_length=1100, pattern=CURSOR)] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIST_LIMIT)] = 100,
 ) -> AgentList:
-    """Agents that sent a message or were a direct recipient, by id, with counts, domain and last activity.
+    """Agents that sent a message, were a direct recipient or have an inbox on the broker, by id, with
+    counts, domain, last activity and whether their inbox is open.
 
     Their messages: ``GET /v1/messages?agent_id=``.
     """
     query = AgentQuery(prefix=q, cursor=cursor, limit=limit)
     query.validate()
-    page = await _lister(service).list_agents(query)
-    return AgentList(items=[AgentOut.of(i) for i in page.items], next_cursor=page.next_cursor)
+    page, kind = await asyncio.gather(_lister(service).list_agents(query),
+                                      service.presence.refresh(service.bus.backend))
+    present = service.presence.agents if kind is not None and service.presence.up else {}
+    items = [_with_inbox(AgentOut.of(i), present.get(i.agent_id), kind) for i in page.items]
+    seen = {i.agent_id for i in page.items}
+    extra = [_with_inbox(_only_inbox(p), p, kind) for p in _in_range(present.values(), q, cursor, page)
+             if p.agent_id not in seen]
+    if extra:
+        items = sorted(items + extra, key=lambda a: a.agent_id)
+    inboxes = "unreported" if kind is None else kind if service.presence.up else "unavailable"
+    return AgentList(items=items, next_cursor=page.next_cursor, inboxes=inboxes)
+
+
+def _in_range(present: Iterable[InboxPresence], prefix: str | None, cursor: str | None,
+              page: AgentPage) -> list[InboxPresence]:
+    """Those of ``present`` whose ids fall in this page: after the cursor's agent, up to the next cursor's."""
+    after = None if cursor is None else decode_agent_cursor(cursor)
+    upto = None if page.next_cursor is None else decode_agent_cursor(page.next_cursor)
+    return [p for p in present
+            if (prefix is None or p.agent_id.startswith(prefix)) and (after is None or p.agent_id > after)
+            and (upto is None or p.agent_id <= upto)]
+
+
+def _only_inbox(p: InboxPresence) -> AgentOut:
+    return AgentOut(agent_id=p.agent_id, domain=None, last_activity_at=None, messages_sent=0, messages_received=0)
+
+
+def _with_inbox(agent: AgentOut, presence: InboxPresence | None, kind: InboxKind | None) -> AgentOut:
+    if presence is None or kind is None:
+        return agent
+    agent.inbox, agent.inbox_holder, agent.inbox_since = kind, presence.holder, presence.since
+    return agent

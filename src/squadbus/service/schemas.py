@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -160,18 +160,24 @@ class ExecutionList(BaseModel):
 
 
 class AgentOut(BaseModel):
-    """An agent seen in the history as sender or direct recipient.
+    """An agent seen in the history as sender or direct recipient, or with an inbox on the broker.
 
     ``domain``: the domain named by the newest of its last 5 sent messages that names one (null when none
     does). ``messages_received`` counts direct messages only. ``last_activity_at``: server ``stored_at`` of
-    its newest message, sent or received.
+    its newest message, sent or received (null for an agent with no retained message). ``inbox``: ``open``
+    (its inbox is open now, in some process), ``known`` (the broker keeps its inbox group; whether anyone
+    reads it now, this backend cannot tell), null (none, or the backend cannot tell: see ``AgentList.inboxes``);
+    ``inbox_holder`` and ``inbox_since``: who holds the open inbox and since when, where the broker knows.
     """
 
     agent_id: str
     domain: str | None
-    last_activity_at: datetime
+    last_activity_at: datetime | None
     messages_sent: int
     messages_received: int
+    inbox: Literal["open", "known"] | None = None
+    inbox_holder: str | None = None
+    inbox_since: datetime | None = None
 
     @classmethod
     def of(cls, item: AgentSummary) -> AgentOut:
@@ -181,10 +187,16 @@ class AgentOut(BaseModel):
 
 
 class AgentList(BaseModel):
-    """One page of agents by id; pass ``next_cursor`` as ``cursor`` (null: no more)."""
+    """One page of agents by id; pass ``next_cursor`` as ``cursor`` (null: no more).
+
+    ``inboxes``: what ``inbox`` of the items says on this backend: ``open`` (it lists open inboxes),
+    ``known`` (it lists inbox groups), ``unavailable`` (it did not answer in time: no ``inbox`` marks),
+    ``unreported`` (it cannot tell).
+    """
 
     items: list[AgentOut]
     next_cursor: str | None
+    inboxes: Literal["open", "known", "unavailable", "unreported"] = "unreported"
 
 
 class DeadLetterOut(BaseModel):

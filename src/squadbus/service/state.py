@@ -12,6 +12,7 @@ from squadbus.core.settings import Settings
 from squadbus.service.group_commit import GroupWriter
 from squadbus.service.id_claims import IdClaims
 from squadbus.service.metrics import ServiceMetrics
+from squadbus.service.presence import PresenceReader
 from squadbus.service.sse_hub import SseHub
 from squadbus.store.base import HistoryStore
 from squadbus.workers.base import Worker
@@ -87,6 +88,7 @@ class Service:
     writer: GroupWriter
     workers: list[Worker] = field(default_factory=list)
     claims: IdClaims = field(default_factory=IdClaims)
+    presence: PresenceReader = field(default_factory=PresenceReader)
 
 
 async def get_service(request: Request) -> Service:
