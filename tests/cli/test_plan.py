@@ -108,3 +108,21 @@ def test_live_figures_from_a_running_service(served: Served) -> None:
     assert document["crossed"] == ["agents > 1,000"] and document["backend"] != "memory"
     code, stdout, _ = _run("--from", served.url, "--sample", "0.1")
     assert code == 0 and "7 active in the last hour" in stdout and "messages in the last hour: 30" in stdout
+
+
+def test_rabbitmq_is_picked_from_an_amqp_bench_file_when_the_others_measured_too_little(tmp_path: Path) -> None:
+    files = [_bench_file(tmp_path / f"{b}.json", b, 100) for b in ("nats", "redis", "kafka")]
+    rabbit = _bench_file(tmp_path / "rabbit.json", "amqp", 5_000)
+    document = _plan("--agents", "5000", "--msgs-per-hour", "50", *(f for path in [*files, rabbit]
+                                                                     for f in ("--bench", path)))
+    assert document["backend"] == "rabbitmq"
+    assert document["capacities"]["rabbitmq"]["msgs_per_s"] == 5_000
+    assert "RabbitMQ did" in document["reason"]
+    assert "Comparison Matrix" in document["costs"]["rabbitmq"]["range"]
+
+
+def test_rabbitmq_has_a_built_in_capacity_and_cost_line() -> None:
+    document = _plan("--agents", "5000", "--msgs-per-hour", "50")
+    assert document["capacities"]["rabbitmq"] == {"msgs_per_s": MEASURED["rabbitmq"].msgs_per_s,
+                                                  "source": MEASURED["rabbitmq"].source}
+    assert document["backend"] != "rabbitmq"  # the guide ranks it last

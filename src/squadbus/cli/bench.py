@@ -33,6 +33,8 @@ BENCHMARKS = {
     "nats": "squadbus.benchmarks.nats",
     "tls": "squadbus.benchmarks.nats",
     "kafka": "squadbus.benchmarks.kafka",
+    "amqp": "squadbus.benchmarks.rabbitmq",
+    "amqps": "squadbus.benchmarks.rabbitmq",
 }
 _SIZE = re.compile(r"^\s*(\d+)\s*(b|kib|kb|k|mib|mb|m)?\s*$", re.IGNORECASE)
 _UNITS = {None: 1, "b": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": 1024 * 1024, "mib": 1024 * 1024,
@@ -99,13 +101,15 @@ def bench(ctx: click.Context, backend_url: str | None, size: str, rate: float | 
     try:
         module = importlib.import_module(BENCHMARKS[scheme_of(url)])
     except KeyError:
-        _fail(f"no benchmark for {url!r} (memory://, redis://, nats://, kafka://)")
+        _fail(f"no benchmark for {url!r} (memory://, redis://, nats://, kafka://, amqp://)")
     except SquadbusError as exc:
         _fail(str(exc))
     except ImportError as exc:
         _fail(str(exc))
     if rate is not None and max_mode:
         _fail("--rate and --max exclude each other")
+    if suite and not hasattr(module, "run"):
+        _fail(f"no --suite for {scheme_of(url)}:// (bench/bench_rabbitmq.py runs RabbitMQ's, on a node of its own)")
     if suite:
         _run_suite(module, url, count or 20_000, rate or 1_000.0, json_file)
         return

@@ -72,6 +72,9 @@ OPTIONS: dict[str, Option] = {
                     "$35 (t3.medium $30 + $5 backup)", "$50-100 managed, $20 one instance"),
     "kafka": Option("kafka", "Kafka", "kafka://HOST:9092", "$300 (Confluent Cloud)",
                     "$150 (3x t3.medium)", "$200-500 managed, $100+ 3 brokers"),
+    "rabbitmq": Option("rabbitmq", "RabbitMQ (quorum queues + a stream)", "amqp://USER:PASS@HOST:5672/",
+                       "- (not in the guide)", "- (not in the guide)",
+                       f"$100 ({GUIDE}, Comparison Matrix; no Cost Analysis line)"),
 }
 """Cost lines from the guide's "Cost Analysis" (5,000 agents, 250k messages/day) and "Cost Comparison"."""
 
@@ -90,11 +93,13 @@ MEASURED: dict[str, Capacity] = {
     "redis": Capacity(27_900, _BENCH.format("redis:// (no AOF, profile=fast)")),
     "nats": Capacity(1_600, _BENCH.format("nats:// (file stream, fsync every write)")),
     "kafka": Capacity(12_200, _BENCH.format("kafka:// (tansu 0.6, memory storage)")),
+    "rabbitmq": Capacity(700, _BENCH.format("amqp:// (RabbitMQ 3.10.8, quorum queue + stream, confirms)")),
 }
 """Built-in capacities (one 2-core machine shared with other test runs; a lower bound for a real server)."""
 
-ORDER = ("nats", "redis", "kafka")
-"""Once a trigger is crossed: the guide recommends NATS, Redis Streams as the alternative, Kafka only if needed."""
+ORDER = ("nats", "redis", "kafka", "rabbitmq")
+"""Once a trigger is crossed: the guide recommends NATS, Redis Streams as the alternative, Kafka only if needed;
+RabbitMQ it calls "not ideal for agent messaging", so it comes last (a squad that runs it already can)."""
 
 
 @dataclass(slots=True)
@@ -200,7 +205,9 @@ def decide(agents: int, msgs_per_hour: float, *, capacities: Mapping[str, Capaci
                      "already run Redis",
              "redis": "NATS did not measure enough here; the guide's alternative, Redis Streams, did",
              "kafka": "neither NATS nor Redis measured enough here; the guide keeps Kafka for that (and for its "
-                      "ecosystem)"}[pick]
+                      "ecosystem)",
+             "rabbitmq": "neither NATS, Redis nor Kafka measured enough here; RabbitMQ did (the guide ranks it "
+                         "last for agent messaging)"}[pick]
     cap = capacities[pick]
     reason = (f"{why}; {guide}; measured {cap.msgs_per_s:,.0f} msgs/s >= the {needed:,.1f} needed "
               f"(average x {headroom:g} headroom{' or the peak' if peak_msgs_per_s else ''})")
@@ -222,7 +229,8 @@ def capacities_from(files: Sequence[str]) -> dict[str, Capacity]:
     found: dict[str, Capacity] = {}
     for name in files:
         document = json.loads(Path(name).read_text())
-        backend = {"rediss": "redis", "tls": "nats"}.get(document["backend"], document["backend"])
+        backend = {"rediss": "redis", "tls": "nats", "amqp": "rabbitmq", "amqps": "rabbitmq"}.get(
+            document["backend"], document["backend"])
         best = 0.0
         for run in document["runs"]:
             line = run["squadbus"]
@@ -406,7 +414,7 @@ def render(result: Plan) -> str:
                f"msgs/s = average x {result.headroom:g}{' or the live peak' if result.live else ''}):")
     for key, cap in result.capacities.items():
         mark = "enough" if cap.msgs_per_s >= result.needed_msgs_per_s else "short "
-        out.append(f"  {key:7} {cap.msgs_per_s:>10,.0f} msgs/s  {mark}  ({cap.source})")
+        out.append(f"  {key:8} {cap.msgs_per_s:>10,.0f} msgs/s  {mark}  ({cap.source})")
     out.append("")
     out.append(f"cost per month ({GUIDE}, Cost Analysis for 5,000 agents / 250k msgs/day, and Cost Comparison; "
                "the guide's figures for that one scenario, not measured and not scaled to this squad):")
