@@ -30,6 +30,12 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+async def lookup(host: str, port: int) -> list[str]:
+    """The addresses ``host`` resolves to now (the event loop's resolver)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
 class WebhookRefused(ValueError):
     """A webhook URL the policy refuses; the message says why."""
 
@@ -123,11 +129,10 @@ class WebhookPolicy:
             addresses = [literal]
         else:
             try:
-                infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                found = await lookup(host, port)
             except (OSError, UnicodeError) as exc:
                 raise WebhookRefused(f"host {host!r} of {url} does not resolve ({exc})") from None
-            addresses = list(dict.fromkeys(ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
-                                           for info in infos))
+            addresses = list(dict.fromkeys(ipaddress.ip_address(a.split("%", 1)[0]) for a in found))
             if not addresses:
                 raise WebhookRefused(f"host {host!r} of {url} resolves to no address")
         if host not in self.hosts:
