@@ -214,6 +214,10 @@ async def test_jsonrpc_errors_and_auth(edge: UvicornProcess, squad: Bus) -> None
         r = await call("SendMessage", {"message": {"messageId": "m2", "role": "ROLE_USER", "parts": [{"text": "x"}]},
                                        "metadata": {"squadbus.agent_id": "echo"}})
         assert r.json()["result"]["task"]["status"]["state"] == "TASK_STATE_COMPLETED"
+        # webhooks on loopback are refused by default (this service has no SQUADBUS_A2A_WEBHOOK_ALLOW)
+        refused = await call("CreateTaskPushNotificationConfig",  # type: ignore[misc]
+                             {"taskId": r.json()["result"]["task"]["id"], "url": "http://127.0.0.1:9/hook"})
+        assert refused.json()["error"]["code"] == -32602 and "loopback" in refused.json()["error"]["message"]
         listed = (await call("ListTasks", {}))  # type: ignore[misc]
         result = listed.json()["result"]
         assert result["nextPageToken"] == "" and result["totalSize"] == 1

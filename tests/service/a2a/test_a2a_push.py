@@ -41,7 +41,8 @@ from tests.service.conftest import served
 
 @dataclasses.dataclass
 class Hooks:
-    """Webhook receivers: ``/flaky`` answers 503 to its first ``fail_first`` POSTs, ``/down`` always 500."""
+    """Webhook receivers: ``/flaky`` answers 503 to its first ``fail_first`` POSTs, ``/down`` always 500,
+    ``/redirect`` a 307 to ``/flaky``."""
 
     fail_first: int = 2
     calls: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -53,6 +54,8 @@ class Hooks:
         @app.post("/{name}")
         async def hook(name: str, request: Request) -> Response:
             self.calls[name] = self.calls.get(name, 0) + 1
+            if name == "redirect":
+                return Response(status_code=307, headers={"Location": "/flaky"})
             if name == "down" or (name == "flaky" and self.calls[name] <= self.fail_first):
                 return Response(status_code=503 if name == "flaky" else 500)
             self.received.append((name, await request.json(), dict(request.headers)))
