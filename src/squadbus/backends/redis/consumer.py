@@ -77,6 +77,8 @@ class Entry(msgspec.Struct, gc=False, eq=False):
     attempt: int
     handed: bool = False
     timer: asyncio.TimerHandle | None = None
+    dropped: bool = False
+    """Set when the entry's partition went to another member before it was handed out: skipped."""
 
 
 class EntryOwner(Protocol):
@@ -231,6 +233,8 @@ class BaseConsumer:
                     self._idle.discard(me)
             if len(queue) <= half:
                 self.room.set()
+            if entry.dropped:
+                continue
             entry.handed = True
             counters.delivered += 1
             await invoke(handler, RedisDelivery(entry, self, self.group), options)
@@ -265,8 +269,12 @@ class BaseConsumer:
             counters = self.ctx.counters
             deliveries: list[Delivery] = []
             for entry in entries:
+                if entry.dropped:
+                    continue
                 entry.handed = True
                 deliveries.append(RedisDelivery(entry, self, self.group))
+            if not deliveries:
+                continue
             counters.delivered += len(deliveries)
             await invoke_batch(handler, deliveries, self.options)
 

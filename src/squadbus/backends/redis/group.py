@@ -19,6 +19,10 @@
 * ``close()`` hands every entry it still holds back to the group at once
   (claimed by a placeholder consumer with a huge idle time, which the next
   XAUTOCLAIM of any member takes) and deletes its consumer name.
+* With ``ordered_groups`` (the default) each stream is a partition served by
+  one member at a time under a lease (``leases.py``): reads are fenced by the
+  lease, a partition taken over is first emptied of the previous owner's
+  pending entries, in order, and XAUTOCLAIM runs only on served streams.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from squadbus.backends.redis._driver import (
 from squadbus.backends.redis.acks import AckQueue
 from squadbus.backends.redis.consumer import BaseConsumer, ConsumerContext, Entry, RawFields
 from squadbus.backends.redis.layout import is_reply
+from squadbus.backends.redis.leases import PartitionLeases
 from squadbus.core import envelope, subjects
 from squadbus.core.backend import ConsumerOptions, RawHandler, StartFrom, durable_name
 from squadbus.core.dispatch import DLQ_ATTEMPTS, DLQ_GROUP, DLQ_ORIGINAL_ID, DLQ_REASON, DLQ_SUBJECT
@@ -85,6 +90,19 @@ class GroupSubscription(BaseConsumer):
         interval = ctx.settings.claim_interval
         self._claim_interval = interval if interval is not None else min(options.ack_wait / 2, 5.0)
         self._touch_interval = min(self._claim_interval, options.ack_wait / 3)
+        # Ordered groups (leases.py): partitions by index in self.streams.
+        self._leases: PartitionLeases | None = None
+        if ctx.settings.ordered_groups:
+            self._leases = PartitionLeases(ctx.client, ctx.layout.prefix, self.redis_group, self.consumer,
+                                           self.streams, options.ack_wait)
+        self._index = {stream: i for i, stream in enumerate(self.streams)}
+        self._owned: set[int] = set()  # leases held at the last renewal (those being given back too)
+        self._serving: set[int] = set()  # read from: owned, taken over, not being given back
+        self._to_take: set[int] = set()  # owned, previous owner's pending entries not claimed yet
+        self._releasing: set[int] = set()
+        self._read_lock = asyncio.Lock()
+        self._lease_changed = asyncio.Event()
+        self._lease_deadline = 0.0
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -93,7 +111,12 @@ class GroupSubscription(BaseConsumer):
         await self.ensure_groups()
         name = f"squadbus-redis-{self.group}"
         self.start_workers(name)
-        self.spawn(self._read_loop, f"{name}-reader")
+        if self._leases is not None:
+            await self._renew_leases()
+            self.spawn(self._lease_loop, f"{name}-leases")
+            self.spawn(self._ordered_read_loop, f"{name}-reader")
+        else:
+            self.spawn(self._read_loop, f"{name}-reader")
         self.spawn(self._claim_loop, f"{name}-claimer")
 
     async def ensure_groups(self) -> None:
@@ -126,6 +149,8 @@ class GroupSubscription(BaseConsumer):
             async with asyncio.timeout(self.ctx.settings.publish_timeout):
                 await self._acks.flush()
                 await self._release_all(unhanded)
+                if self._leases is not None:
+                    await self._leases.leave(sorted(self._owned))
         except FAILURES as exc:
             logger.warning(
                 "group %s: could not hand back held entries on close (%s); other members will claim them "
@@ -138,31 +163,39 @@ class GroupSubscription(BaseConsumer):
 
     async def _take_over(self) -> None:
         """Claim every entry of the group's pending lists, in order, before the first read (``take_over``)."""
+        for stream in self.streams:
+            await self._take_over_stream(stream)
+
+    async def _take_over_stream(self, stream: str) -> None:
+        """Claim every entry pending on ``stream`` (any member's), in id order, and queue it."""
         backoff = 0.05
         client = self.ctx.client
-        for stream in self.streams:
-            cursor: bytes | str = "0-0"
-            while True:
-                room = await self.wait_for_room()
-                try:
-                    next_cursor, entries, deleted = await call(client,
-                        "XAUTOCLAIM", stream, self.redis_group, self.consumer, 0, cursor, "COUNT", room
-                    )
-                    if deleted:
-                        self._report_trimmed(stream, len(deleted))
-                    counts = await self._delivery_counts(stream, [i for i, _ in entries]) if entries else {}
-                except FAILURES as exc:
-                    backoff = await self._read_failed(exc, backoff)
-                    continue
-                if entries:
-                    self.ctx.counters.claimed += len(entries)
-                    logger.info("group %s: took over %d unacknowledged entries of %s", self.group, len(entries),
-                                stream)
-                for entry_id, fields in entries:
-                    self._accept(stream, entry_id, fields, counts.get(entry_id, 2))
-                if next_cursor in (b"0-0", "0-0"):
-                    break
-                cursor = next_cursor
+        cursor: bytes | str = "0-0"
+        while True:
+            room = await self.wait_for_room()
+            try:
+                next_cursor, entries, deleted = await call(client,
+                    "XAUTOCLAIM", stream, self.redis_group, self.consumer, 0, cursor, "COUNT", room
+                )
+                if deleted:
+                    self._report_trimmed(stream, len(deleted))
+                counts = await self._delivery_counts(stream, [i for i, _ in entries]) if entries else {}
+            except FAILURES as exc:
+                if is_nogroup(exc):
+                    logger.warning("group %s: stream or group missing (Redis lost data?); recreating", self.group)
+                    with contextlib.suppress(*FAILURES):
+                        await self.ensure_groups()
+                backoff = await self._read_failed(exc, backoff)
+                continue
+            if entries:
+                self.ctx.counters.claimed += len(entries)
+                logger.info("group %s: took over %d unacknowledged entries of %s", self.group, len(entries),
+                            stream)
+            for entry_id, fields in entries:
+                self._accept(stream, entry_id, fields, counts.get(entry_id, 2))
+            if next_cursor in (b"0-0", "0-0"):
+                return
+            cursor = next_cursor
 
     async def _read_loop(self) -> None:
         if self.options.take_over:
@@ -218,7 +251,7 @@ class GroupSubscription(BaseConsumer):
         they waited in our pending list for ack_wait, behind later entries of their execution.
         """
         client = self.ctx.client
-        for stream in self.streams:
+        for stream in self._claim_streams():
             held = self._held[stream]
             after: bytes | str = "0"
             while True:
@@ -271,6 +304,172 @@ class GroupSubscription(BaseConsumer):
 
     def _held_entries(self) -> list[Entry]:
         return [entry for held in self._held.values() for entry in held.values()]
+
+    # ---- ordered groups: partition leases (leases.py) -----------------------------------------
+
+    def _claim_streams(self) -> list[str]:
+        """The streams this member may claim idle entries on: all, or the ones it serves (ordered)."""
+        if self._leases is None:
+            return self.streams
+        return [self.streams[i] for i in sorted(self._serving)]
+
+    async def _lease_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.options.ack_wait / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._renew_leases()
+            except FAILURES as exc:
+                logger.warning("group %s: could not renew partition leases: %r", self.group, exc)
+                if self._owned and loop.time() >= self._lease_deadline:
+                    for index in sorted(self._owned):
+                        self._lose(index)
+
+    async def _renew_leases(self) -> None:
+        """Renew, take up to this member's share, give back what is over it."""
+        assert self._leases is not None
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+        tick = await self._leases.tick(self._owned)
+        self._lease_deadline = sent + self.options.ack_wait
+        for index in sorted(self._owned - tick.held):
+            self._lose(index)
+        gained = tick.held - self._owned
+        self._owned = set(tick.held)
+        if gained:
+            logger.info("group %s: member %s took partitions %s (%d live members)", self.group, self.consumer,
+                        sorted(gained), tick.live)
+            self._to_take |= gained
+            self._lease_changed.set()
+        surplus = len(self._owned) - len(self._releasing) - tick.target
+        if surplus > 0:
+            for index in sorted(self._owned - self._releasing, reverse=True)[:surplus]:
+                self._releasing.add(index)
+                self._spawn_retry(self._give_back(index))
+
+    def _lose(self, index: int) -> None:
+        """Partition ``index``'s lease is another member's now: stop reading it and drop what was not
+        handed out yet (the new owner claimed those entries)."""
+        if index not in self._owned and index not in self._serving:
+            return
+        logger.warning("group %s: member %s lost the lease of %s; another member serves it", self.group,
+                       self.consumer, self.streams[index])
+        self._owned.discard(index)
+        self._serving.discard(index)
+        self._to_take.discard(index)
+        held = self._held[self.streams[index]]
+        for entry_id, entry in list(held.items()):
+            if entry.timer is not None:
+                entry.timer.cancel()
+                entry.timer = None
+            elif entry.handed:
+                continue  # in a handler: its ack is harmless, the new owner may deliver it again
+            entry.dropped = True
+            del held[entry_id]
+
+    async def _give_back(self, index: int) -> None:
+        """Stop reading partition ``index``, let its handlers finish, hand its pending entries back to
+        the group, then delete the lease (if still ours): the member taking it starts after all that."""
+        assert self._leases is not None
+        stream = self.streams[index]
+        async with self._read_lock:  # no read of this stream is in flight after this
+            self._serving.discard(index)
+            self._to_take.discard(index)
+        held = self._held[stream]
+        waiting: set[bytes] = set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.ack_wait
+        try:
+            while index in self._owned:
+                for entry_id, entry in list(held.items()):
+                    if entry.timer is not None:  # waiting to retry: the next owner retries it
+                        entry.timer.cancel()
+                        entry.timer = None
+                        entry.dropped = True
+                        waiting.add(entry_id)
+                        del held[entry_id]
+                if not held:
+                    break
+                await asyncio.sleep(0.02)
+            # Acks are sent by a background task: wait (briefly) until only what we give back is pending.
+            while index in self._owned and loop.time() < deadline:
+                rows = await call(self.ctx.client,
+                    "XPENDING", stream, self.redis_group, "-", "+", len(waiting) + 1, self.consumer,
+                    parse_detail=True,
+                )
+                if {row["message_id"] for row in rows} <= waiting:
+                    break
+                await asyncio.sleep(0.02)
+            if index in self._owned:
+                await release_pending(self.ctx.client, stream, self.redis_group, self.consumer, set())
+                await self._leases.drop([index])
+                logger.info("group %s: member %s gave %s back to the group", self.group, self.consumer, stream)
+        except FAILURES as exc:
+            # Not renewed from now on: the lease expires after ack_wait and another member takes it.
+            logger.warning("group %s: could not give %s back cleanly: %r", self.group, stream, exc)
+        finally:
+            self._owned.discard(index)
+            self._releasing.discard(index)
+
+    async def _ordered_read_loop(self) -> None:
+        assert self._leases is not None
+        backoff = 0.05
+        wait = min(self.ctx.settings.block, self.options.ack_wait / 3)
+        wait_ms = max(1, int(wait * 1000))
+        reconnects = self.ctx.reconnects
+        connected = reconnects.count
+        while True:
+            for index in sorted(self._to_take):
+                await self._take_over_stream(self.streams[index])
+                self._to_take.discard(index)
+                if index in self._owned and index not in self._releasing:
+                    self._serving.add(index)
+            count = await self.wait_for_room()
+            if not self._serving:
+                self._lease_changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._lease_changed.wait(), wait)
+                continue
+            try:
+                async with self._read_lock:
+                    indexes = sorted(self._serving)
+                    if not indexes:
+                        continue
+                    async with asyncio.timeout(self.ctx.settings.connect_timeout + 5):
+                        result = await self._leases.read(self.redis_group, indexes, count)
+                    for stream in result.fenced:
+                        self._lose(self._index[stream])
+                    if reconnects.count != connected:
+                        connected = reconnects.count
+                        with contextlib.suppress(*FAILURES):
+                            await self._reread_own_pending()
+                    for key, entries in result.entries:
+                        for entry_id, raw in entries:
+                            self._accept(key, entry_id, raw, 1)
+                if not result.entries and result.last_ids:
+                    async with asyncio.timeout(wait + self.ctx.settings.connect_timeout + 5):
+                        await read_streams(self.ctx.client,
+                            "XREAD", "COUNT", 1, "BLOCK", wait_ms,
+                            "STREAMS", *result.last_ids, *result.last_ids.values(),
+                        )
+            except TRANSIENT as exc:
+                backoff = await self._read_failed(exc, backoff)
+                continue
+            except redis_errors.ResponseError as exc:
+                if is_nogroup(exc):
+                    logger.warning("group %s: stream or group missing (Redis lost data?); recreating", self.group)
+                    try:
+                        await self.ensure_groups()
+                    except FAILURES as again:
+                        backoff = await self._read_failed(again, backoff)
+                    continue
+                backoff = await self._read_failed(exc, backoff)
+                continue
+            if self._read_failing:
+                self._read_failing = False
+                logger.info("group %s: reading again from Redis", self.group)
+            backoff = 0.05
 
     # ---- settlement --------------------------------------------------------------------------
 
@@ -378,7 +577,7 @@ class GroupSubscription(BaseConsumer):
         min_idle = int(self.options.ack_wait * 1000)
         client = self.ctx.client
         claimed = left = False
-        for stream in self.streams:
+        for stream in self._claim_streams():
             cursor: bytes | str = "0-0"
             for _ in range(16):
                 room = self.free_slots()

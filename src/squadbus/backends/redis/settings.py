@@ -61,6 +61,7 @@ _QUERY_OPTIONS: dict[str, Any] = {
     "publish_batch": int,
     "block": float,
     "claim_interval": _opt_float,
+    "ordered_groups": _bool,
     "tls_ca_certs": str,
     "tls_verify": _bool,
 }
@@ -87,7 +88,12 @@ class RedisSettings:
     a request's reply stream lives.
 
     Consuming: ``block`` seconds one XREADGROUP waits; ``claim_interval``
-    seconds between XAUTOCLAIM passes (None = ``min(ack_wait / 2, 5)``).
+    seconds between XAUTOCLAIM passes (None = ``min(ack_wait / 2, 5)``);
+    ``ordered_groups``: each stream a group reads (a partition) is served by
+    one member at a time, under a lease, so order per execution holds across
+    the members of a group and across a member's death (``leases.py``);
+    False lets every member read every stream (competing consumers per
+    entry, order kept only within one member).
     """
 
     host: str = "127.0.0.1"
@@ -112,6 +118,7 @@ class RedisSettings:
     publish_batch: int = 256
     block: float = 2.0
     claim_interval: float | None = None
+    ordered_groups: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.partitions <= 4096:
