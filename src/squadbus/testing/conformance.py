@@ -84,6 +84,10 @@ class Features:
     fixture. ``inboxes_multiplexed``: inboxes share the Bus's broker resources
     and tasks; until it is set, the cost case asserts today's cost *grows* with
     the agents, so it fails, and asks for the flag, the day it stops growing.
+    ``host_placement``: how the host-process cases place agents, ``(url, agents,
+    hosts) -> [(host url, its agents), ...]``; None places by ``crc32(agent) %
+    hosts``, every host on ``url`` (Kafka places by partition, with the host's
+    slot in its URL).
     """
 
     name: str
@@ -97,6 +101,7 @@ class Features:
     inbox_scale: int = 2000
     inbox_resource_bound: int | None = None
     inboxes_multiplexed: bool = False
+    host_placement: Callable[[str, Sequence[str], int], list[tuple[str, list[str]]]] | None = None
 
 
 def open_sockets() -> int:
@@ -984,10 +989,11 @@ class HostProcessCases:
         """Start host processes; each is killed (SIGKILL, by PID) at the end of the test if still running."""
         hosts: list[_Host] = []
 
-        async def start(agents: Sequence[str], mode: str = "ack") -> _Host:
+        async def start(agents: Sequence[str], mode: str = "ack", url: str | None = None) -> _Host:
             log = tmp_path / f"host-{len(hosts)}.log"
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", inbox_host.MODULE, bus_url, str(log), str(self.host_ack_wait), mode, *agents)
+                sys.executable, "-m", inbox_host.MODULE, url or bus_url, str(log), str(self.host_ack_wait), mode,
+                *agents)
             host = _Host(proc, log)
             hosts.append(host)
             await eventually(lambda: host.ready or proc.returncode is not None, self.features.timeout * 3,
@@ -1000,13 +1006,16 @@ class HostProcessCases:
             await host.kill()
 
     async def test_hosts_get_only_their_own_agents_messages(
-        self, bus: Bus, start_host: Callable[..., Awaitable[_Host]]
+        self, bus: Bus, bus_url: str, start_host: Callable[..., Awaitable[_Host]]
     ) -> None:
         agents = [_uid("agent") for _ in range(2 * self.host_agents)]
-        placed: list[list[str]] = [[], []]
-        for agent in agents:
-            placed[zlib.crc32(agent.encode()) % 2].append(agent)
-        hosts = [await start_host(placed[0]), await start_host(placed[1])]
+        if self.features.host_placement is not None:
+            urls, placed = zip(*self.features.host_placement(bus_url, agents, 2), strict=True)
+        else:
+            urls, placed = (bus_url, bus_url), ([], [])
+            for agent in agents:
+                placed[zlib.crc32(agent.encode()) % 2].append(agent)
+        hosts = [await start_host(placed[0], url=urls[0]), await start_host(placed[1], url=urls[1])]
         sent = {m.id: m.recipient_id for m in await asyncio.gather(*(bus.send("pm", a, "hi") for a in agents))}
         await eventually(lambda: sum(len(h.deliveries()) for h in hosts) >= len(sent), self.features.timeout * 3,
                          "every message delivered to a host")
