@@ -21,7 +21,7 @@ def test_url_parsing_and_defaults() -> None:
     )
     assert s.bootstrap_servers == ("k1:9092", "k2:9092")
     assert (s.partitions, s.retention_ms, s.idempotence) == (12, 3_600_000, Idempotence.ON)
-    assert s.topics == ("squad", "squad-replies", "squad-dlq")
+    assert s.topics == ("squad", "squad-replies", "squad-dlq", "squad.inbox")
     assert s.create_topics is False and s.publish_timeout == 2.5
     default = KafkaSettings.from_url("kafka://")
     assert default.bootstrap_servers == ("127.0.0.1:9092",)

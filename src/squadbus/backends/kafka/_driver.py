@@ -6,6 +6,7 @@ try:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
     from aiokafka.abc import ConsumerRebalanceListener
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, ConsumerProtocolMemberMetadata
     from aiokafka.errors import (
         CommitFailedError,
         IllegalStateError,
@@ -26,6 +27,8 @@ __all__ = [
     "AIOKafkaConsumer",
     "AIOKafkaProducer",
     "CommitFailedError",
+    "ConsumerProtocolMemberAssignment",
+    "ConsumerProtocolMemberMetadata",
     "ConsumerRebalanceListener",
     "ConsumerRecord",
     "DefaultPartitioner",

@@ -18,15 +18,24 @@ from squadbus.backends.kafka._driver import (
 from squadbus.backends.kafka.connectlogs import ConnectLogs
 from squadbus.backends.kafka.consumer import KafkaSubscription
 from squadbus.backends.kafka.group_figures import group_figures as describe_groups
+from squadbus.backends.kafka.inboxes import KafkaInboxHub
 from squadbus.backends.kafka.producer import KafkaPublisher, translate
 from squadbus.backends.kafka.read_all import read_all
 from squadbus.backends.kafka.replay import replay_execution
 from squadbus.backends.kafka.settings import KafkaSettings
 from squadbus.backends.kafka.topics import TopicLayout, ensure_topics
 from squadbus.core import subjects
-from squadbus.core.backend import BatchRawHandler, ConsumerOptions, GroupFigures, RawHandler, batch_only
+from squadbus.core.backend import (
+    BatchRawHandler,
+    ConsumerOptions,
+    GroupFigures,
+    RawHandler,
+    Subscription,
+    batch_only,
+)
 from squadbus.core.envelope import Message
 from squadbus.core.errors import BackendError, Closed, ConnectionLost
+from squadbus.core.placement import InboxPlacement
 
 logger = logging.getLogger("squadbus.backends.kafka")
 
@@ -37,7 +46,9 @@ class KafkaBackend:
     ``publish`` returns once the broker acknowledged the record
     (``acks="all"``); concurrent publishes share requests. Every
     subscription is its own consumer; see :mod:`.consumer` for commits,
-    retries and rebalances, :mod:`.topics` for the subject-to-topic layout
+    retries and rebalances. Inboxes (``bus.inbox``) are served by one member of
+    the inbox group per backend (:mod:`.inboxes`, ``MultiplexesInboxes``), agents
+    placed by partition (``PlacesInboxes``). See :mod:`.topics` for the subject-to-topic layout,
     :mod:`.replay` for replay and :mod:`.read_all` for ``read_all``. Broker-side dedupe by message id is not
     offered: the idempotent producer (when the broker grants it) only removes
     duplicates caused by the producer's own retries.
@@ -51,6 +62,7 @@ class KafkaBackend:
         self._publisher = KafkaPublisher(self.settings, self.layout)
         self._subscriptions: set[KafkaSubscription] = set()
         self._partitions: dict[str, list[int]] = {}
+        self._inboxes: KafkaInboxHub | None = None
         self._connected = False
         self._closed = False
 
@@ -112,6 +124,8 @@ class KafkaBackend:
         if self._closed:
             return
         self._closed = True
+        if self._inboxes is not None:
+            await self._inboxes.close()
         for sub in list(self._subscriptions):
             await sub.close()
         await self._publisher.stop()
@@ -158,6 +172,35 @@ class KafkaBackend:
         await sub.start()
         self._subscriptions.add(sub)
         return sub
+
+    def _inbox_hub(self) -> KafkaInboxHub:
+        self._check()
+        if self._inboxes is None:
+            self._inboxes = KafkaInboxHub(self.settings, self.publish)
+        return self._inboxes
+
+    async def open_inbox(
+        self, agent_id: str, handler: RawHandler, *, group: str, options: ConsumerOptions
+    ) -> Subscription:
+        """Serve ``agent_id``'s direct messages through this backend's inbox group member
+        (``MultiplexesInboxes``; see :mod:`.inboxes`); with ``inboxes=false``, a subscription of its own."""
+        if not self.settings.inboxes:
+            return await self.subscribe(subjects.direct(agent_id), handler, group=group, options=options)
+        return await self._inbox_hub().open_inbox(agent_id, handler, group=group, options=options)
+
+    async def inbox_placement(self) -> InboxPlacement:
+        """Agent -> inbox partition and the partitions this backend's member owns now (``PlacesInboxes``);
+        joins the inbox group first if no inbox was opened yet. With ``inboxes=false`` every agent is
+        placeable anywhere (one partition, owned)."""
+        if not self.settings.inboxes:
+            self._check()
+            return InboxPlacement(partitions=1, owned=frozenset({0}), partition_of=lambda _agent: 0)
+        return await self._inbox_hub().placement()
+
+    @property
+    def inbox_members(self) -> int:
+        """Members of the inbox group this backend holds (0 or 1)."""
+        return 0 if self._inboxes is None else self._inboxes.members
 
     async def replay(
         self, task_execution_id: UUID, *, from_seq: int = 0, since: datetime | None = None

@@ -156,9 +156,15 @@ class KafkaPublisher:
                     logger.exception("publish batch failed unexpectedly")
                     _fail_all(queued, PublishFailed(f"publish failed unexpectedly: {exc!r}"))
                     continue
+                # A direct message has two records (main and inbox topic), maybe in two batches:
+                # its publish returns once every batch holding one of its records is acknowledged.
+                owed = [0] * len(queued)
+                for _, positions in submitted:
+                    for i in positions:
+                        owed[i] += 1
                 for ack, positions in submitted:
                     waiters = [queued[i][1] for i in positions]
-                    ack.add_done_callback(functools.partial(_settle_all, waiters))
+                    ack.add_done_callback(functools.partial(_settle_all, waiters, positions, owed))
         finally:
             # Synchronously, not in a done-callback: a publish arriving right after the loop
             # ends must see no flusher and start one.
@@ -202,15 +208,27 @@ class KafkaPublisher:
         places: dict[tuple[str, int], list[tuple[int, bytes, bytes, list[tuple[str, bytes]]]]] = {}
         partitions: dict[str, list[int]] = {}
         submitted: list[tuple[asyncio.Future[Any], list[int]]] = []
+        layout = self._layout
         try:
             for position, message in enumerate(messages):
-                topic = self._layout.topic_for(message.subject)
+                topic = layout.topic_for(message.subject)
                 ids = partitions.get(topic)
                 if ids is None:
                     ids = partitions[topic] = sorted(await producer.partitions_for(topic))
                 key = record_key(message)
-                record = (position, key, encode(message), record_headers(message))
-                places.setdefault((topic, self._partitioner(key, ids, ids)), []).append(record)
+                value, headers = encode(message), record_headers(message)
+                places.setdefault((topic, self._partitioner(key, ids, ids)), []).append((position, key, value, headers))
+                recipient = layout.inbox_recipient(message.subject)
+                if recipient is not None:
+                    # The inbox copy (.inboxes): keyed by the recipient, so an agent's messages share
+                    # one partition, in publish order; acknowledged with the main record.
+                    assert layout.inbox is not None
+                    ids = partitions.get(layout.inbox)
+                    if ids is None:
+                        ids = partitions[layout.inbox] = sorted(await producer.partitions_for(layout.inbox))
+                    inbox_key = recipient.encode()
+                    places.setdefault((layout.inbox, self._partitioner(inbox_key, ids, ids)), []).append(
+                        (position, inbox_key, value, headers))
             for (topic, partition), records in places.items():
                 if len(records) == 1:
                     position, key, value, headers = records[0]
@@ -278,15 +296,19 @@ async def _send_batch(producer: AIOKafkaProducer, batch: Any, topic: str, partit
     return future
 
 
-def _settle_all(waiters: list[asyncio.Future[None]], ack: asyncio.Future[Any]) -> None:
+def _settle_all(
+    waiters: list[asyncio.Future[None]], positions: list[int], owed: list[int], ack: asyncio.Future[Any]
+) -> None:
+    """One batch acknowledged (or failed): a waiter is done once none of its records is owed."""
     error = ack.exception() if not ack.cancelled() else ConnectionLost("the publish was cancelled")
-    for waiter in waiters:
+    for waiter, position in zip(waiters, positions, strict=True):
+        owed[position] -= 1
         if waiter.done():
             continue
-        if error is None:
-            waiter.set_result(None)
-        else:
+        if error is not None:
             waiter.set_exception(error)
+        elif not owed[position]:
+            waiter.set_result(None)
 
 
 def _fail_all(queued: list[tuple[Message, asyncio.Future[None]]], error: BaseException) -> None:

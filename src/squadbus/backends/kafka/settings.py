@@ -50,6 +50,17 @@ class KafkaSettings:
     them overlap (a message published after ``subscribe()`` returned is never
     missed either way). ``publish_timeout`` bounds one publish (seconds),
     ``connect_timeout`` bounds ``connect()``.
+
+    Inboxes (issue 15, :mod:`.inboxes`): with ``inboxes`` on (the default) a
+    direct message is also written to ``inbox_topic`` (default
+    ``<topic>.inbox``) keyed by its recipient, and a Bus serves all its open
+    inboxes through one member of the group ``inbox_group``. ``inbox_hosts``
+    > 0 places agents by partition: the Bus with ``inbox_host=i`` is given the
+    inbox partitions ``p % inbox_hosts == i`` (a partition whose host is not
+    in the group goes to the others); 0 lets the group spread them.
+    ``inbox_unclaimed_ms``: how long a record for an agent whose inbox is not
+    open anywhere in its partition's owner keeps that partition's commit floor
+    before it is released undelivered (logged).
     """
 
     bootstrap_servers: tuple[str, ...] = (f"127.0.0.1:{DEFAULT_PORT}",)
@@ -71,6 +82,12 @@ class KafkaSettings:
     join_wait: bool = False
     join_timeout: float = 30.0
     client_id: str = "squadbus"
+    inboxes: bool = True
+    inbox_topic: str = ""
+    inbox_group: str = "inboxes"
+    inbox_hosts: int = 0
+    inbox_host: int = 0
+    inbox_unclaimed_ms: int = 3_600_000
     given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
     """The options the URL set (not an option itself)."""
 
@@ -81,11 +98,19 @@ class KafkaSettings:
             object.__setattr__(self, "reply_topic", f"{self.topic}-replies")
         if not self.dlq_topic:
             object.__setattr__(self, "dlq_topic", f"{self.topic}-dlq")
-        for name in (self.topic, self.reply_topic, self.dlq_topic):
+        if not self.inbox_topic:
+            object.__setattr__(self, "inbox_topic", f"{self.topic}.inbox")
+        for name in (self.topic, self.reply_topic, self.dlq_topic, self.inbox_topic):
             if not _TOPIC_NAME.match(name) or name in (".", ".."):
                 raise ConfigError(f"invalid Kafka topic name {name!r}")
-        if len({self.topic, self.reply_topic, self.dlq_topic}) != 3:
-            raise ConfigError("topic, reply_topic and dlq_topic must be three different topics")
+        if len({self.topic, self.reply_topic, self.dlq_topic, self.inbox_topic}) != 4:
+            raise ConfigError("topic, reply_topic, dlq_topic and inbox_topic must be four different topics")
+        if not self.inbox_group:
+            raise ConfigError("inbox_group must not be empty")
+        if self.inbox_hosts < 0 or not (self.inbox_hosts == 0 or 0 <= self.inbox_host < self.inbox_hosts):
+            raise ConfigError("need inbox_hosts >= 0 and 0 <= inbox_host < inbox_hosts")
+        if self.inbox_unclaimed_ms < 1:
+            raise ConfigError("inbox_unclaimed_ms must be positive")
         if self.partitions < 1 or self.replication_factor < 1:
             raise ConfigError("partitions and replication_factor must be at least 1")
         if self.retention_ms < -1 or self.retention_ms == 0:
@@ -111,9 +136,9 @@ class KafkaSettings:
         return tuned if tuned.heartbeat_interval_ms < tuned.session_timeout_ms else self
 
     @property
-    def topics(self) -> tuple[str, str, str]:
-        """The three topics squadbus uses: main, replies, dead letters."""
-        return (self.topic, self.reply_topic, self.dlq_topic)
+    def topics(self) -> tuple[str, ...]:
+        """The topics squadbus uses: main, replies, dead letters, and the inbox topic if ``inboxes``."""
+        return (self.topic, self.reply_topic, self.dlq_topic) + ((self.inbox_topic,) if self.inboxes else ())
 
     @classmethod
     def from_url(cls, url: str) -> KafkaSettings:

@@ -6,7 +6,10 @@ Three topics (names from :class:`KafkaSettings`):
 * ``reply_topic`` ``agent.reply.>`` replies to requests (read by short-lived
   ephemeral consumers, kept apart so they do not scan all traffic);
 * ``topic``       everything else: ``agent.message.<agent>``, domain and squad
-  broadcasts, and any other subject.
+  broadcasts, and any other subject;
+* ``inbox_topic`` (with ``inboxes`` on) a second copy of each direct message
+  ``agent.message.<agent>``, keyed by the recipient, read only by the inbox
+  group (:mod:`.inboxes`); no subscription pattern reads it.
 
 A subscription consumes every topic its pattern can match (``agent.>``
 reads all three, ``agent.message.>`` only the main topic) and filters
@@ -27,6 +30,7 @@ logger = logging.getLogger("squadbus.backends.kafka")
 _TOPIC_ALREADY_EXISTS = 36
 _DLQ_TOKENS = ("agent", "dlq")
 _REPLY_TOKENS = ("agent", "reply")
+_DIRECT_PREFIX = subjects.MESSAGE_PREFIX + "."
 
 
 def _prefix_could_match(pattern: str, prefix: tuple[str, str]) -> bool:
@@ -51,12 +55,13 @@ def _inside_prefix(pattern: str, prefix: tuple[str, str]) -> bool:
 class TopicLayout:
     """Maps subjects to topics and subscription patterns to the topics to read."""
 
-    __slots__ = ("dlq", "main", "replies")
+    __slots__ = ("dlq", "inbox", "main", "replies")
 
     def __init__(self, settings: KafkaSettings) -> None:
         self.main = settings.topic
         self.replies = settings.reply_topic
         self.dlq = settings.dlq_topic
+        self.inbox = settings.inbox_topic if settings.inboxes else None
 
     @property
     def all(self) -> tuple[str, str, str]:
@@ -70,6 +75,14 @@ class TopicLayout:
         if subject.startswith(subjects.REPLY_PREFIX + "."):
             return self.replies
         return self.main
+
+    def inbox_recipient(self, subject: str) -> str | None:
+        """The agent whose inbox copy a message on ``subject`` gets: the recipient of a direct
+        subject ``agent.message.<agent>`` when the layout has an inbox topic, else None."""
+        if self.inbox is None or not subject.startswith(_DIRECT_PREFIX):
+            return None
+        agent = subject[len(_DIRECT_PREFIX):]
+        return None if "." in agent or agent in subjects.RESERVED_AGENT_IDS else agent
 
     def topics_for(self, pattern: str) -> list[str]:
         """The topics a subscription to ``pattern`` must read (at least one)."""
