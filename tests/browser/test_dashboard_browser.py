@@ -40,7 +40,8 @@ def seqs(page: Page) -> list[int]:
     return [int(el.get_attribute("data-seq") or 0) for el in rows]
 
 
-def test_token_overview_executions_conversation_sequence_and_agents(page: Page, served: Served) -> None:
+def test_token_overview_executions_conversation_sequence_and_agents(
+        page: Page, served: Served, bus: Bus, loop: Loop) -> None:
     execution = uuid.uuid4()
     page.open("/")
     # the service has tokens: the page asks for one, in words
@@ -70,6 +71,17 @@ def test_token_overview_executions_conversation_sequence_and_agents(page: Page, 
     page.element('header nav a[data-view="executions"]').click()
     row = page.element(f'#executions tr[data-execution="{execution}"]')
     page.until(lambda d: row.find_elements(By.CSS_SELECTOR, "td")[2].text == "4", "executions list count")
+    page.until(lambda d: d.find_element(By.CSS_SELECTOR, "h1 .status").text == "live", "executions stream not live")
+    # a new execution (sent by other agents, straight on the bus) comes in at the top without a reload
+    newer = uuid.uuid4()
+    loop.run(bus.publish(envelope.build(subject="agent.message.qa-2", sender_id="qa-1", recipient_id="qa-2",
+                                        content="a new task", task_execution_id=newer)))
+    first_row = "#executions tbody tr"
+    page.until(lambda d: d.find_element(By.CSS_SELECTOR, first_row).get_attribute("data-execution") == str(newer),
+               "the new execution did not appear at the top of the open list")
+    older = page.element(f'#executions tr[data-execution="{execution}"]')
+    assert older.find_elements(By.CSS_SELECTOR, "td")[2].text == "4", "listed once, below it"
+    assert len(page.driver.find_elements(By.CSS_SELECTOR, f'#executions tr[data-execution="{execution}"]')) == 1
     page.screenshot("executions")
     # searchable by type and time; the search is in the URL
     page.open("/executions?type=task&period=1h")
@@ -97,10 +109,13 @@ def test_token_overview_executions_conversation_sequence_and_agents(page: Page, 
     assert not page.element("#sequence").get_attribute("hidden")
     page.screenshot("sequence")
 
+    loop.run(bus.inbox("qa-3").open())  # an agent with an open inbox that has not sent anything
     page.element('header nav a[data-view="agents"]').click()
     page.element('section.domain[data-domain="dev"] tr[data-agent="pm"]')
     dev = page.element('tr[data-agent="dev-1"]')
-    assert dev.find_elements(By.CSS_SELECTOR, "td")[3].text == "2"  # received: the two direct messages
+    assert dev.find_elements(By.CSS_SELECTOR, "td")[4].text == "2"  # received: the two direct messages
+    quiet = page.element('tr[data-agent="qa-3"][data-inbox="open"]')
+    assert [td.text for td in quiet.find_elements(By.CSS_SELECTOR, "td")[1:3]] == ["inbox open", "no message yet"]
     page.screenshot("agents")
     page.element('tr[data-agent="pm"] a').click()
     page.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#agent-messages .msg")) == 4, "agent's messages")

@@ -645,6 +645,9 @@ function executionRow(x) {
     h("td", {}, ...x.message_types.map(tag), more(x.message_type_count, x.message_types.length)));
 }
 
+const LIVE_ROWS_MS = 400; // executions touched by the stream are read again at most this often, together
+const LIVE_ROWS_MAX = 20; // and at most this many per read (the rest wait for the next one)
+
 function executionsView(params) {
   markNav("executions");
   const q = params.get("q") || "", agent = params.get("agent") || "", type = params.get("type") || "";
@@ -668,7 +671,9 @@ function executionsView(params) {
   const table = h("table", {id: "executions"}, h("thead", {}, h("tr", {}, h("th", {}, "Execution"),
     h("th", {}, "Last activity"), h("th", {class: "num"}, "Messages"), h("th", {}, "Agents"), h("th", {}, "Types"))), body);
   const out = h("div", {}, h("p", {class: "muted"}, "Loading…"));
-  view().replaceChildren(h("h1", {}, "Executions"), search, out);
+  const live = h("span", {class: "status muted"}, "");
+  view().replaceChildren(h("h1", {}, "Executions", live), search, out);
+  let loaded = false; // the first page is on screen (or the empty state)
 
   async function load(cursor) {
     let page;
@@ -679,22 +684,66 @@ function executionsView(params) {
       return;
     }
     if (!cursor) {
-      if (!page.items.length) {
+      loaded = true;
+      if (!page.items.length && !body.children.length) {
         out.replaceChildren(q || agent || type || period ? h("p", {class: "muted"}, "No execution matches this search.")
           : emptyState());
         return;
       }
       out.replaceChildren(table);
     }
-    for (const x of page.items) body.append(executionRow(x));
+    for (const x of page.items) {
+      if (!body.querySelector(`tr[data-execution="${x.task_execution_id}"]`)) body.append(executionRow(x));
+    }
     out.querySelector(".more")?.remove();
     if (page.next_cursor) {
       out.append(h("button", {class: "more", onclick: (ev) => { ev.target.disabled = true; load(page.next_cursor); }},
         "More"));
     }
   }
+
+  // Live: the squad's stream says which executions moved; each is read again (with this search's filters, so
+  // one that does not match stays out) and put at the top with its new counts and last activity.
+  const touched = new Set();
+  let reading = false;
+  function onMessage(m) {
+    const id = m.task_execution_id;
+    if (!id || (q && !id.startsWith(q.toLowerCase()))) return;
+    touched.add(id);
+  }
+  async function readTouched() {
+    if (reading || !loaded || !touched.size) return;
+    reading = true;
+    const ids = [...touched].slice(0, LIVE_ROWS_MAX);
+    for (const id of ids) touched.delete(id);
+    try {
+      const pages = await Promise.all(ids.map((id) => apiGet(executionsQuery({q: id, agent, type, limit: 1}), token())
+        .catch(() => null)));
+      for (const page of pages) {
+        const x = page && page.items[0];
+        if (!x) continue;
+        body.querySelector(`tr[data-execution="${x.task_execution_id}"]`)?.remove();
+        const row = executionRow(x);
+        row.classList.add("fresh");
+        setTimeout(() => row.classList.remove("fresh"), 2000);
+        body.prepend(row);
+        if (!out.contains(table)) out.replaceChildren(table);
+      }
+    } finally { reading = false; }
+  }
+  const stopStream = followStream(`${SQUAD_EVENTS}?start=new`, token(), {
+    onStatus(text) { live.textContent = text; live.classList.toggle("live", text === "live"); },
+    onError(e) {
+      live.classList.remove("live");
+      live.textContent = e.status === 401 || e.status === 403 ? "not live: updates need a viewer or admin token"
+        : `not live: ${e.message}`;
+    },
+    onEvent(kind, data) { if (kind === "message") onMessage(data); },
+  });
+  const reader = setInterval(readTouched, LIVE_ROWS_MS);
   load(null);
-  return ticking();
+  const tick = ticking();
+  return () => { stopStream(); clearInterval(reader); tick(); };
 }
 
 function contentBlock(text) {
@@ -837,22 +886,45 @@ function executionView(id, params) {
 
 // ---- agents ------------------------------------------------------------------------------------------
 
+const INBOX_NOTES = {
+  open: "Agents seen sending, as the recipient of a direct message, or with an inbox open now, grouped by the " +
+    "domain they last broadcast to.",
+  known: "Agents seen sending, as the recipient of a direct message, or with an inbox group on the broker (this " +
+    "backend cannot tell whether it is open now), grouped by the domain they last broadcast to.",
+  unavailable: "Agents seen sending or as the recipient of a direct message, grouped by the domain they last " +
+    "broadcast to. The broker did not say in time which inboxes are open: reload to ask again.",
+  unreported: "Agents seen sending or as the recipient of a direct message, grouped by the domain they last " +
+    "broadcast to (this backend cannot list open inboxes).",
+};
+
+function inboxCell(a) {
+  if (a.inbox === "open") {
+    const title = ["inbox open", a.inbox_holder ? `held by ${a.inbox_holder}` : "",
+      a.inbox_since ? `since ${a.inbox_since}` : ""].filter(Boolean).join(", ");
+    return h("td", {}, h("span", {class: "inbox-open", title}, "inbox open"));
+  }
+  if (a.inbox === "known") return h("td", {}, h("span", {class: "muted", title: "the broker keeps its inbox group"}, "inbox group"));
+  return h("td", {}, "");
+}
+
 function agentsView() {
   markNav("agents");
   const out = h("div", {}, h("p", {class: "muted"}, "Loading…"));
-  view().replaceChildren(h("h1", {}, "Agents"), h("p", {class: "muted"},
-    "Agents seen sending, or as the recipient of a direct message, grouped by the domain they last broadcast to."), out);
+  const note = h("p", {class: "muted"}, INBOX_NOTES.unreported);
+  view().replaceChildren(h("h1", {}, "Agents"), note, out);
   (async () => {
     const all = [];
-    let cursor = null;
+    let cursor = null, inboxes = "unreported";
     try {
       do {
         const page = await apiGet(`${AGENTS}?limit=500${cursor ? "&cursor=" + encodeURIComponent(cursor) : ""}`, token());
         all.push(...page.items);
+        inboxes = page.inboxes || inboxes;
         cursor = page.next_cursor;
       } while (cursor && all.length < 5000);
     } catch (e) { showError(out, e, route); return; }
-    if (!all.length) { out.replaceChildren(sendHint("No agent has sent anything yet.")); return; }
+    note.textContent = INBOX_NOTES[inboxes] || INBOX_NOTES.unreported;
+    if (!all.length) { out.replaceChildren(sendHint("No agent has sent anything or opened an inbox yet.")); return; }
     const byDomain = new Map();
     for (const a of all) {
       const d = a.domain || "";
@@ -860,13 +932,17 @@ function agentsView() {
       byDomain.get(d).push(a);
     }
     const sections = [...byDomain.entries()].sort((a, b) => (a[0] === "") - (b[0] === "") || a[0].localeCompare(b[0]));
+    const open = (agents) => agents.filter((a) => a.inbox === "open").length;
     out.replaceChildren(...sections.map(([domain, agents]) => h("section", {class: "domain", "data-domain": domain},
-      h("h2", {}, domain ? "#" + domain : "No domain", h("span", {class: "muted"}, ` · ${agents.length} agent${agents.length === 1 ? "" : "s"}`)),
-      h("table", {}, h("thead", {}, h("tr", {}, h("th", {}, "Agent"), h("th", {}, "Last activity"),
+      h("h2", {}, domain ? "#" + domain : "No domain", h("span", {class: "muted"},
+        ` · ${agents.length} agent${agents.length === 1 ? "" : "s"}` + (open(agents) ? `, ${open(agents)} with an open inbox` : ""))),
+      h("table", {}, h("thead", {}, h("tr", {}, h("th", {}, "Agent"), h("th", {}, "Inbox"), h("th", {}, "Last activity"),
         h("th", {class: "num"}, "Sent"), h("th", {class: "num"}, "Received"))),
-      h("tbody", {}, ...agents.map((a) => h("tr", {"data-agent": a.agent_id},
+      h("tbody", {}, ...agents.map((a) => h("tr", {"data-agent": a.agent_id, "data-inbox": a.inbox || ""},
         h("td", {class: "mono"}, h("a", {href: `#/agents/${encodeURIComponent(a.agent_id)}`}, a.agent_id)),
-        h("td", {}, rel(a.last_activity_at)), h("td", {class: "num"}, String(a.messages_sent)),
+        inboxCell(a),
+        h("td", {}, a.last_activity_at ? rel(a.last_activity_at) : h("span", {class: "muted"}, "no message yet")),
+        h("td", {class: "num"}, String(a.messages_sent)),
         h("td", {class: "num"}, String(a.messages_received)))))))));
   })();
   return ticking();
