@@ -13,11 +13,12 @@ from uuid import UUID
 
 from squadbus.backends.redis._driver import (
     FAILURES,
-    RETRYABLE,
     TRANSIENT,
+    RawEntry,
     Reconnects,
     aioredis,
     call,
+    entry_parts,
     no_retry,
     redis_errors,
     translate,
@@ -33,6 +34,7 @@ from squadbus.backends.redis.publisher import RedisPublisher
 from squadbus.backends.redis.read_all import read_all
 from squadbus.backends.redis.retention import Trimmer
 from squadbus.backends.redis.settings import Profile, RedisSettings
+from squadbus.backends.redis.watcher import StreamWatcher
 from squadbus.core import subjects
 from squadbus.core.backend import BatchRawHandler, ConsumerOptions, GroupFigures, RawHandler, Subscription, batch_only
 from squadbus.core.envelope import Message, decode
@@ -67,6 +69,7 @@ class RedisBackend:
         self._subscriptions: set[BaseConsumer] = set()
         self._inboxes: InboxHub | None = None
         self._reply_token = secrets.token_hex(8)
+        self._watcher: StreamWatcher | None = None
         self._closed = False
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -151,6 +154,8 @@ class RedisBackend:
         if self._inboxes is not None:
             closing.append(self._inboxes.close())
         await asyncio.gather(*closing)
+        if self._watcher is not None:
+            await self._watcher.close()
         if self._trimmer is not None:
             await self._trimmer.close()
         if self._publisher is not None:
@@ -196,7 +201,7 @@ class RedisBackend:
         ctx = self._context()
         sub: GroupSubscription | EphemeralSubscription
         if group is None:
-            sub = EphemeralSubscription(ctx, pattern, handler, options)
+            sub = EphemeralSubscription(ctx, pattern, handler, options, self._stream_watcher())
         else:
             sub = GroupSubscription(ctx, pattern, group, handler, options)
         if batches is not None:
@@ -232,36 +237,45 @@ class RedisBackend:
     # ---- Requester ---------------------------------------------------------------------------
 
     async def request(self, message: Message, *, timeout: float) -> Message:
-        """Publish ``message`` with a private ``reply_to`` subject and wait for the first reply there."""
+        """Publish ``message`` with a private ``reply_to`` subject and wait for the first reply there.
+
+        The reply stream is read by the backend's one blocking ``XREAD`` (:mod:`.watcher`), not by a
+        connection per waiting request."""
         client, _ = self._require()
         reply_subject = subjects.reply(self._reply_token, str(message.id))
         stream = self.layout.subject_stream(reply_subject)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        await self.publish(message.with_headers(reply_to=reply_subject))
-        try:
-            while (left := deadline - loop.time()) > 0:
+        reply: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+
+        def on_entries(_stream: str, entries: list[RawEntry]) -> None:
+            for entry in entries:
+                if reply.done():
+                    return
                 try:
-                    async with asyncio.timeout(left + 1):
-                        reply = await call(client,
-                            "XREAD", "COUNT", 1, "BLOCK", max(1, int(left * 1000)), "STREAMS", stream, "0-0"
-                        )
-                except TimeoutError:
-                    break
-                except RETRYABLE as exc:
-                    logger.warning("waiting for a reply to %s: %s; retrying", message.id, exc)
-                    await asyncio.sleep(min(0.1, max(0.0, deadline - loop.time())))
-                    continue
-                for _, entries in reply or ():
-                    for _, fields in entries:
-                        try:
-                            return decode(fields[b"m"])
-                        except (KeyError, MalformedMessage) as exc:
-                            logger.warning("malformed reply to %s ignored: %s", message.id, exc)
-            raise RequestTimeout(f"no reply to {message.id} from {message.recipient_id} within {timeout}s")
+                    payload = entry_parts(entry[1] or [])[1]
+                    if payload is None:
+                        raise MalformedMessage("the entry has no 'm' field")
+                    reply.set_result(decode(payload))
+                except MalformedMessage as exc:
+                    logger.warning("malformed reply to %s ignored: %s", message.id, exc)
+
+        watcher = self._stream_watcher()
+        watch = watcher.watch(stream, "0-0", on_entries)
+        try:
+            async with asyncio.timeout(timeout):
+                await self.publish(message.with_headers(reply_to=reply_subject))
+                return await reply
+        except TimeoutError:
+            raise RequestTimeout(f"no reply to {message.id} from {message.recipient_id} within {timeout}s") from None
         finally:
+            watcher.unwatch(watch)
             with contextlib.suppress(*FAILURES):  # the reply stream expires after reply_ttl anyway
                 await call(client, "DEL", stream)
+
+    def _stream_watcher(self) -> StreamWatcher:
+        client, _ = self._require()
+        if self._watcher is None:
+            self._watcher = StreamWatcher(client, self.layout.prefix, self.settings, self.counters)
+        return self._watcher
 
     # ---- Replayable --------------------------------------------------------------------------
 

@@ -1,5 +1,7 @@
 """A subscription without a group: XREAD from the streams' ends, nothing acknowledged in Redis.
 
+Read by the backend's one blocking ``XREAD`` (:mod:`.watcher`), with every
+other subscription without a group and every request waiting for its reply.
 The start positions are fixed (``XREVRANGE + - COUNT 1`` per stream) before
 ``subscribe`` returns, so the subscription gets every matching message
 published after it started. A nack redelivers from the local copy after the
@@ -11,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from squadbus.backends.redis._driver import FAILURES, entry_parts, queue, read_streams
+from squadbus.backends.redis._driver import RawEntry, entry_parts, queue
 from squadbus.backends.redis.consumer import BaseConsumer, ConsumerContext, Entry, RawFields
+from squadbus.backends.redis.watcher import StreamWatcher, Watch
 from squadbus.core.backend import ConsumerOptions, RawHandler
 from squadbus.core.errors import MalformedMessage
 
@@ -20,15 +23,19 @@ logger = logging.getLogger("squadbus.backends.redis.ephemeral")
 
 
 class EphemeralSubscription(BaseConsumer):
-    """Fan-out subscription reading new entries only."""
+    """Fan-out subscription reading new entries only, through the backend's one
+    :class:`~.watcher.StreamWatcher` (no connection of its own)."""
 
     group = None
 
-    def __init__(self, ctx: ConsumerContext, pattern: str, handler: RawHandler, options: ConsumerOptions) -> None:
+    def __init__(
+        self, ctx: ConsumerContext, pattern: str, handler: RawHandler, options: ConsumerOptions,
+        watcher: StreamWatcher,
+    ) -> None:
         super().__init__(ctx, pattern, handler, options)
-        self._positions: dict[str, bytes | str] = {}
+        self._watcher = watcher
+        self._watches: list[Watch] = []
         self._timers: set[asyncio.TimerHandle] = set()
-        self._failing = False
 
     async def start(self) -> None:
         """Fix the start position of every stream, then start reading."""
@@ -36,47 +43,30 @@ class EphemeralSubscription(BaseConsumer):
             for stream in self.streams:
                 queue(pipe, "XREVRANGE", stream, "+", "-", "COUNT", 1)
             lasts = await pipe.execute()
-        for stream, last in zip(self.streams, lasts, strict=True):
-            self._positions[stream] = last[0][0] if last else "0-0"
         self.start_workers("squadbus-redis-ephemeral")
-        self.spawn(self._read_loop, "squadbus-redis-ephemeral-reader")
+        for stream, last in zip(self.streams, lasts, strict=True):
+            self._watches.append(self._watcher.watch(
+                stream, last[0][0] if last else "0-0", self._accept_all,
+                room=self.free_slots, wait_room=self.wait_for_room))
 
     async def close(self) -> None:
         """Stop reading and let the handler in progress finish. Idempotent."""
         if self.closing:
             return
+        for w in self._watches:
+            self._watcher.unwatch(w)
+        self._watches.clear()
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
         await self.stop_tasks()
         self.drain_queue()
 
-    async def _read_loop(self) -> None:
-        backoff = 0.05
-        block_ms = int(self.ctx.settings.block * 1000)
-        while True:
-            count = await self.wait_for_room()
-            streams = list(self._positions)
-            try:
-                async with asyncio.timeout(self.ctx.settings.block + self.ctx.settings.connect_timeout + 5):
-                    reply = await read_streams(self.ctx.client,
-                        "XREAD", "COUNT", count, "BLOCK", block_ms,
-                        "STREAMS", *streams, *(self._positions[s] for s in streams),
-                    )
-            except FAILURES as exc:
-                self.ctx.counters.read_errors += 1
-                if not self._failing:
-                    self._failing = True
-                    logger.warning("ephemeral subscription %s: reading failed, retrying: %r", self.pattern, exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-                continue
-            self._failing = False
-            backoff = 0.05
-            for key, entries in reply:
-                for entry_id, raw in entries:
-                    self._positions[key] = entry_id
-                    self._accept(key, entry_id, raw)
+    def _accept_all(self, stream: str, entries: list[RawEntry]) -> None:
+        if self.closing:
+            return
+        for entry_id, raw in entries:
+            self._accept(stream, entry_id, raw)
 
     def _accept(self, stream: str, entry_id: bytes, raw: RawFields | None) -> None:
         fields = raw if raw is not None else []  # no fields: not filtered, reported malformed
