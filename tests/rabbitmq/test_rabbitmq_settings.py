@@ -22,6 +22,8 @@ def test_defaults_and_a_full_url() -> None:
     assert s.group_queue("db-writer-1234abcd") == "squad-a.group.db-writer-1234abcd"
     assert RabbitSettings.from_url("amqps://h/").port == 5671
     assert RabbitSettings.from_url("amqp://h/%2F").vhost == "/"
+    assert not plain.single_active_consumer
+    assert RabbitSettings.from_url("amqp://h/?single_active_consumer=true").single_active_consumer
 
 
 def test_redacted_hides_the_password_and_the_driver_url_round_trips() -> None:

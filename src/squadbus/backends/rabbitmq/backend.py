@@ -235,7 +235,7 @@ class RabbitBackend:
             await sub.start()
         except BaseException as exc:
             await sub.close()
-            if isinstance(exc, Exception):
+            if isinstance(exc, Exception) and not isinstance(exc, ConfigError):
                 raise translate(exc, f"subscribe to {pattern}") from exc
             raise
         return sub
@@ -247,8 +247,19 @@ class RabbitBackend:
     async def declare_group_queue(
         self, channel: aio_pika.abc.AbstractChannel, name: str
     ) -> aio_pika.abc.AbstractQueue:
-        """Declare a group's quorum queue on ``channel`` (idempotent; restored after a reconnect)."""
-        return await channel.declare_queue(name, durable=True, arguments=group_queue_arguments())
+        """Declare a group's quorum queue on ``channel`` (idempotent; restored after a reconnect).
+
+        Raises ConfigError when the queue exists with other arguments (``single_active_consumer``
+        differs between the URL of this process and the one that created the queue).
+        """
+        arguments = group_queue_arguments(self.settings.single_active_consumer)
+        try:
+            return await channel.declare_queue(name, durable=True, arguments=arguments)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            raise ConfigError(
+                f"the group queue {name} exists with other arguments than single_active_consumer="
+                f"{str(self.settings.single_active_consumer).lower()} asks for (every member must use the same "
+                f"setting; delete the queue to change it): {exc}") from exc
 
     def local_groups(self) -> list[tuple[str, str, str]]:
         """``(queue, group, pattern)`` of every group this backend has a member of."""
@@ -323,6 +334,8 @@ class RabbitBackend:
                 finally:
                     with contextlib.suppress(Exception):
                         await channel.close()
+            except ConfigError:
+                raise
             except Exception as exc:
                 raise translate(exc, what) from exc
             if created:

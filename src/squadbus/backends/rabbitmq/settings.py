@@ -10,6 +10,8 @@ vhost), ``log_max_age`` (s, retention of the log stream, 0 = unlimited),
 retries), ``connect_timeout`` (s), ``reconnect_interval`` (s between
 attempts to reconnect after the connection was lost), ``dedupe_window`` (s, 0 = off) and
 ``dedupe_size`` (ids remembered by the in-process publish window),
+``single_active_consumer`` (``true``: every group queue this URL declares hands its messages to one
+member at a time, the others standing by: per-execution order across members, no shared work),
 ``tls_ca`` (path; ``amqps://`` turns TLS on with the system CAs).
 """
 
@@ -36,7 +38,7 @@ class Profile(enum.Enum):
 
 _URL_OPTIONS = (
     "profile", "namespace", "log_max_age", "log_max_bytes", "publish_timeout", "connect_timeout",
-    "reconnect_interval", "dedupe_window", "dedupe_size", "tls_ca",
+    "reconnect_interval", "dedupe_window", "dedupe_size", "tls_ca", "single_active_consumer",
 )
 
 
@@ -60,6 +62,7 @@ class RabbitSettings:
     reconnect_interval: float = 1.0
     dedupe_window: float = 120.0
     dedupe_size: int = 100_000
+    single_active_consumer: bool = False
 
     def __post_init__(self) -> None:
         if not self.namespace or any(not (c.isalnum() or c in "-_") for c in self.namespace):

@@ -60,14 +60,18 @@ def short_name(name: str) -> str:
     return f"{cut}-{digest}"
 
 
-def group_queue_arguments() -> dict[str, Any]:
-    """A group's queue: quorum (replicated, fsynced before the confirm, counts deliveries).
+def group_queue_arguments(single_active_consumer: bool = False) -> dict[str, Any]:
+    """A group's queue: quorum (replicated, fsynced before the confirm, counts deliveries), with
+    ``x-single-active-consumer`` when the URL asks for it.
 
     Nothing that depends on a subscription's options goes here: every member
     declares the queue, and RabbitMQ refuses a second declaration whose
     arguments differ.
     """
-    return {"x-queue-type": "quorum"}
+    arguments: dict[str, Any] = {"x-queue-type": "quorum"}
+    if single_active_consumer:
+        arguments["x-single-active-consumer"] = True
+    return arguments
 
 
 def log_queue_arguments(max_age: float, max_bytes: int) -> dict[str, Any]:
