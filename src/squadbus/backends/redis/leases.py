@@ -12,12 +12,12 @@ order) is handled by one member in order, also across a kill -9:
   ``<prefix>:gmembers:<redis group>``), counts the live members and takes
   free partitions while the member owns fewer than
   ``ceil(partitions / live members)``.
-* **Fence**: entries are read only by :data:`READ_LUA`, which runs
-  ``XREADGROUP`` on the streams whose lease still holds this member's name,
-  in the same atomic call; a member that lost a lease (paused past it,
-  partitioned away) cannot read from it again, whatever its clock says.
-  When nothing is new, the script returns each stream's last id and the
-  member waits with a plain ``XREAD BLOCK`` (which takes nothing).
+* **Fence**: a read is either a plain ``XREADGROUP`` whose answer came back
+  before the lease's deadline (so Redis ran it while the lease was this
+  member's; an answer after it is not handed out, see
+  ``GroupSubscription._fenced_read``), or :data:`READ_LUA`, which runs
+  ``XREADGROUP`` only on the streams whose lease still holds this member's
+  name, in the same atomic call (used when renewals are late).
 * **Take-over**: a member that acquires a partition first claims every entry
   still pending on it (the previous owner's, in id order) and hands them out
   before it reads new ones. A member over its share gives partitions back:
@@ -28,7 +28,7 @@ order) is handled by one member in order, also across a kill -9:
 Take-over delay after a member dies: its leases expire ``ack_wait`` after its
 last renewal, and another member's next tick (every ``ack_wait / 3``) takes
 them: at most ``ack_wait * 4 / 3`` plus one read wait (``min(block,
-ack_wait / 3)``), then the claimed backlog's handling time.
+ack_wait / 4)``), then the claimed backlog's handling time.
 """
 
 from __future__ import annotations
@@ -80,19 +80,11 @@ for i = 1, n do
     fenced[#fenced + 1] = ARGV[4 + n + i]
   end
 end
-if #streams == 0 then return {false, {}, fenced} end
+if #streams == 0 then return {false, fenced} end
 local args = {'XREADGROUP', 'GROUP', group, me, 'COUNT', count, 'STREAMS'}
 for _, s in ipairs(streams) do args[#args + 1] = s end
 for _ = 1, #streams do args[#args + 1] = '>' end
-local reply = redis.call(unpack(args))
-if reply then return {reply, {}, fenced} end
-local last = {}
-for _, s in ipairs(streams) do
-  local top = redis.call('XREVRANGE', s, '+', '-', 'COUNT', 1)
-  last[#last + 1] = s
-  last[#last + 1] = top[1] and top[1][1] or '0-0'
-end
-return {false, last, fenced}
+return {redis.call(unpack(args)), fenced}
 """
 
 DROP_LUA = """
@@ -126,11 +118,10 @@ class Tick:
 
 @dataclass(frozen=True, slots=True)
 class ReadResult:
-    """One fenced read: the streams' entries (as ``read_streams`` gives them), else each read
-    stream's last entry id to wait after; and the streams whose lease is no longer this member's."""
+    """One fenced read: the streams' entries (as ``read_streams`` gives them) and the streams whose
+    lease is no longer this member's."""
 
     entries: list[tuple[str, list[Any]]]
-    last_ids: dict[str, bytes]
     fenced: list[str]
 
 
@@ -163,13 +154,12 @@ class PartitionLeases:
     async def read(self, redis_group: str, indexes: list[int], count: int) -> ReadResult:
         """``XREADGROUP ... >`` on the streams ``indexes`` whose lease is still this member's."""
         streams = [self._streams[i] for i in indexes]
-        reply, last, fenced = await run_script(
+        reply, fenced = await run_script(
             self._client, READ_LUA, redis_group, self._consumer, count, len(indexes),
             *(self.lease_key(i) for i in indexes), *streams,
         )
         entries = [(stream.decode(), page) for stream, page in reply] if reply else []
-        last_ids = {last[i].decode(): last[i + 1] for i in range(0, len(last), 2)}
-        return ReadResult(entries, last_ids, [s.decode() for s in fenced])
+        return ReadResult(entries, [s.decode() for s in fenced])
 
     async def drop(self, indexes: list[int]) -> None:
         """Delete the leases ``indexes`` that are still this member's."""
