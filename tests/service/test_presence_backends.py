@@ -102,7 +102,7 @@ async def test_nats_leaves_out_a_lease_whose_hub_is_gone(nats_server: NatsServer
 
 @pytest.mark.nats
 async def test_nats_pages_through_many_keys(nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(nats_presence, "_BATCH", 2)  # 5 leases and a hub key: 3 pages
+    monkeypatch.setattr(nats_presence, "_BATCH", 2)  # 5 leases read 2 at a time
     backend = NatsBackend(NatsSettings.from_url(nats_server.url))
     async with Bus(backend) as bus:
         for i in range(5):

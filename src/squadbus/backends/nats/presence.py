@@ -8,8 +8,9 @@ liveness key ``h.<hub>`` (value: the hub's ttl in seconds, renewed every ttl / 3
 younger than ``2 * ttl + 1`` seconds by the server's time stamps (the rule :mod:`.inboxes` uses
 across clocks).
 
-Cost: one batched direct get (``multi_last`` of ``l.>`` and ``h.>``) per 1,000 keys: the bucket's
-last revision of every lease and liveness key, no consumer created.
+Cost: STREAM.INFO of the bucket's stream with a subject filter (``l.>``, then ``h.>``; a request per
+100,000 keys), then one batched direct get (``multi_last``) per 1,000 keys: the last revision of every
+lease and liveness key, no consumer created.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from squadbus.backends.nats.backend import NatsBackend
 
 _BATCH = 1000
+"""Subjects per batched direct get (the server answers ``multi_last`` for at most 1,024)."""
+_STREAM_NOT_FOUND = 10059
 _DEFAULT_TTL = 30.0
 
 
@@ -68,18 +71,52 @@ async def open_inboxes(backend: NatsBackend) -> list[InboxPresence]:
 
 
 async def _last_of_each(backend: NatsBackend, bucket: str, filters: list[str]) -> list[Msg]:
-    """The last message of every subject matching ``filters`` in the bucket's stream, by batched direct gets
-    (``multi_last``, paged at the first reply's ``up_to_seq`` so the pages form one snapshot)."""
-    nc, timeout = backend.nc, backend.settings.connect_timeout
-    inbox = nc.new_inbox()
-    out: list[Msg] = []
+    """The last message of every subject matching ``filters`` in the bucket's stream.
+
+    A direct get of ``multi_last`` answers for at most 1,024 subjects (413 "Too Many Results" beyond, even
+    with a small batch), so the subjects are listed first (STREAM.INFO with a subject filter, 100,000 a
+    page) and read ``_BATCH`` at a time by name.
+    """
     what = f"list the open inboxes in bucket {bucket}"
     try:
-        sub = await nc.subscribe(inbox)
-    except (nats.errors.Error, TimeoutError) as exc:
+        names = [name for f in filters for name in await _subjects(backend, bucket, f)]
+        out: list[Msg] = []
+        for i in range(0, len(names), _BATCH):
+            out += await _multi_last(backend, bucket, names[i:i + _BATCH])
+        return out
+    except (nats.errors.Error, TimeoutError, KeyError, ValueError) as exc:
         raise translate(exc, what) from exc
+
+
+async def _subjects(backend: NatsBackend, bucket: str, subject_filter: str) -> list[str]:
+    """Every subject of the bucket's stream matching ``subject_filter`` (deleted keys' markers included)."""
+    nc, timeout = backend.nc, backend.settings.connect_timeout
+    names: list[str] = []
+    while True:
+        reply = await nc.request(f"$JS.API.STREAM.INFO.KV_{bucket}",
+                                 json.dumps({"subjects_filter": subject_filter, "offset": len(names)}).encode(),
+                                 timeout=timeout)
+        info = json.loads(reply.data)
+        error = info.get("error")
+        if error:
+            if error.get("err_code") == _STREAM_NOT_FOUND:
+                return []
+            raise nats.js.errors.APIError(code=error.get("code"), description=error.get("description"))
+        page = list((info.get("state") or {}).get("subjects") or {})
+        names += page
+        if not page or len(names) >= int(info.get("total", 0)):
+            return names
+
+
+async def _multi_last(backend: NatsBackend, bucket: str, names: list[str]) -> list[Msg]:
+    """The last message of each of ``names`` (at most 1,024) by one batched direct get, paged at the first
+    reply's ``up_to_seq`` should the server send fewer."""
+    nc, timeout = backend.nc, backend.settings.connect_timeout
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    out: list[Msg] = []
     try:
-        request: dict[str, object] = {"multi_last": filters, "batch": _BATCH}
+        request: dict[str, object] = {"multi_last": names, "batch": _BATCH}
         while True:
             await nc.publish(f"$JS.API.DIRECT.GET.KV_{bucket}", json.dumps(request).encode(), reply=inbox)
             while True:
@@ -89,10 +126,8 @@ async def _last_of_each(backend: NatsBackend, bucket: str, filters: list[str]) -
                 if not status:
                     out.append(msg)
                     continue
-                if status == "404":  # no key matches
+                if status == "404":  # none of them has a message (deleted since they were listed)
                     return out
-                if status == "503" and not await _bucket_exists(backend, bucket):
-                    return out  # no inbox was ever opened on this stream
                 if status != "204":
                     raise nats.js.errors.APIError(code=int(status), description=headers.get("Description"))
                 break
@@ -100,17 +135,7 @@ async def _last_of_each(backend: NatsBackend, bucket: str, filters: list[str]) -
                 return out
             request = {**request, "up_to_seq": int(headers["Nats-UpTo-Sequence"]),
                        "seq": int(headers["Nats-Last-Sequence"]) + 1}
-    except (nats.errors.Error, TimeoutError, KeyError, ValueError) as exc:
-        raise translate(exc, what) from exc
     finally:
         if not nc.is_closed:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
-
-
-async def _bucket_exists(backend: NatsBackend, bucket: str) -> bool:
-    try:
-        await backend.js.stream_info(f"KV_{bucket}")
-    except nats.js.errors.NotFoundError:
-        return False
-    return True
