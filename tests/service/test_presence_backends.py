@@ -3,6 +3,7 @@ as open, with its holder where the broker knows it; after it closes, it is not."
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import uuid
 from collections.abc import Iterator
@@ -108,3 +109,21 @@ async def test_nats_pages_through_many_keys(nats_server: NatsServer, monkeypatch
         for i in range(5):
             await bus.inbox(f"agent-{i}").open()
         assert set(by_agent(list(await backend.open_inboxes()))) == {f"agent-{i}" for i in range(5)}
+
+
+@pytest.mark.nats
+async def test_nats_lists_more_leases_than_one_direct_get_answers(nats_server: NatsServer) -> None:
+    """A multi_last direct get answers for at most 1,024 subjects (413 beyond): 1,100 leases are all listed."""
+    backend = NatsBackend(NatsSettings.from_url(nats_server.url))
+    async with Bus(backend) as bus:
+        await bus.inbox("real").open()
+        [real] = await backend.open_inboxes()
+        assert real.holder is not None
+        prefix = f"$KV.{backend.settings.stream}-inboxes.l."
+        for i in range(1100):  # leases of the same live hub, as its opens would write them
+            await backend.nc.publish(f"{prefix}many-{i}", real.holder.encode())
+        await backend.nc.flush()
+        async with asyncio.timeout(30):
+            while len(found := await backend.open_inboxes()) < 1101:
+                await asyncio.sleep(0.05)
+        assert len(found) == 1101 and {p.holder for p in found} == {real.holder}
