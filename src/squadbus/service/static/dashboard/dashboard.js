@@ -535,6 +535,7 @@ function overviewView() {
 
   function renderBusiest() {
     const top = [...agents.entries()].map(([id, a]) => ({id, ...a, total: a.sent + a.received}))
+      .filter((a) => a.total > 0) // an agent with an open inbox and no message yet is not busy
       .sort((a, b) => b.total - a.total || a.id.localeCompare(b.id)).slice(0, 8);
     const domains = new Map(); // domain -> messages sent and received by its agents
     for (const a of agents.values()) if (a.domain) domains.set(a.domain, (domains.get(a.domain) || 0) + a.sent + a.received);
@@ -570,7 +571,7 @@ function overviewView() {
       for (const a of page.items) {
         agents.set(a.agent_id, {sent: a.messages_sent, received: a.messages_received, domain: a.domain});
       }
-      if (!page.items.length) {
+      if (!page.items.some((a) => a.messages_sent + a.messages_received > 0)) {
         document.getElementById("overview-empty")?.replaceChildren(sendHint("Nothing has been sent yet."));
       }
       renderBusiest();
