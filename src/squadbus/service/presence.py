@@ -5,8 +5,9 @@ The backend's answer depends on what it can tell (``kind``):
 * ``open``: a :class:`~squadbus.core.inbox_source.ListsInboxes` backend (memory, Redis, NATS) lists the
   agents whose inbox is open now, in any process, with the holder and since when where it knows them;
 * ``known``: a backend that only reports consumer groups
-  (:class:`~squadbus.core.backend.DescribesGroups`: Kafka, RabbitMQ) has the inbox groups
-  ``inbox-<agent>`` it keeps, whether or not anyone reads them now;
+  (:class:`~squadbus.core.backend.DescribesGroups`: Kafka, RabbitMQ once it reports them) has the inbox
+  groups ``inbox-<agent>`` it keeps, whether or not anyone reads them now (Kafka has them only with
+  ``inboxes=false``: its multiplexed inboxes leave the broker no per-agent trace);
 * ``None``: neither (``dual://``), nothing is listed.
 
 Read at most once per ``max_age`` (1.5 s) however many requests ask, and for at most ``timeout`` (2 s),
