@@ -16,6 +16,7 @@ from squadbus.backends.kafka._driver import AIOKafkaAdminClient, ConsumerProtoco
 from squadbus.backends.kafka.ends import groupless_consumer
 from squadbus.backends.kafka.inbox_assignor import InboxAssignor
 from squadbus.backends.kafka.partitioner import partition_for
+from squadbus.core.backend import ConsumerOptions
 from squadbus.core.bus import Bus
 from squadbus.core.errors import ConfigError, ReceiveTimeout
 from squadbus.core.placement import InboxPlacement
@@ -246,3 +247,19 @@ def test_settings_of_inboxes() -> None:
     for bad in ("inbox_hosts=2&inbox_host=2", "inbox_hosts=-1", "inbox_unclaimed_ms=0", "inbox_topic=agent-messages"):
         with pytest.raises(ConfigError):
             KafkaSettings.from_url(f"kafka://h?{bad}")
+
+
+async def test_a_delivery_held_by_an_agent_does_not_hold_up_a_rebalance(url: str) -> None:
+    held_agent, joining_agent = _agents_in(1, 2)
+    options = ConsumerOptions(ack_wait=120)  # the agent may keep it that long; the group must not wait for it
+    async with Bus.from_url(f"{url}&inbox_hosts=2&inbox_host=0") as zero, \
+            zero.inbox(held_agent, broadcasts=False, options=options) as holding:
+        first = await zero.send("pm", held_agent, "kept unsettled")
+        kept = await holding.get(TIMEOUT)  # partition 1 is zero's while it is alone in the group
+        assert kept.message.id == first.id
+        async with Bus.from_url(f"{url}&inbox_hosts=2&inbox_host=1") as one, \
+                one.inbox(joining_agent, broadcasts=False) as inbox:
+            sent = await one.send("pm", joining_agent, "for the new owner of partition 1")
+            delivery = await inbox.get(10.0)  # the join, not ack_wait (was: stuck until ack_wait)
+            assert delivery.message.id == sent.id
+            await delivery.ack()

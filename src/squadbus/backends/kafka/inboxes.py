@@ -496,9 +496,11 @@ class KafkaInboxHub:
             kept = deque(item for item in agent.queue if not item[0].revoked)
             self._take_buffered(len(agent.queue) - len(kept))
             agent.queue = kept
+        # A short grace for acks in progress, not ack_wait: an agent may hold a delivery for minutes
+        # (or not iterate yet), and the whole group waits for this member. What is still unsettled
+        # after it is read again by the next owner (a duplicate, not a loss).
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + max((h.options.ack_wait for a in self._agents.values() for h in a.holders),
-                                     default=_DEFAULTS.ack_wait)
+        deadline = loop.time() + self._settings.heartbeat_interval_ms / 1000
         while any(p.inflight for p in parts) and loop.time() < deadline:
             self._progress.clear()
             with contextlib.suppress(TimeoutError):
