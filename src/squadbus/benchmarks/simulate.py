@@ -617,7 +617,8 @@ def _account(config: SimConfig, squad: Squad, workdir: Path, report: RunReport, 
         kind, target, sent_at, _ = entry
         counts[(message_id, agent)] += 1
         by_kind[kind] += 1
-        if not squad.reaches(kind, target, agent) or (kind != REPLY and host_of(agent, config.processes) != host):
+        placed = host_of(agent, config.processes, config.url)
+        if not squad.reaches(kind, target, agent) or (kind != REPLY and placed != host):
             report.misrouted += 1
         if sent_at + latency_us / 1e6 <= window_end:
             report.delivered_in_window += 1

@@ -174,7 +174,7 @@ class Host:
         self.bus = bus
         self.plan = plan
         self.squad = squad
-        self.local: list[Agent] = squad.hosted_by(plan.host, plan.processes)
+        self.local: list[Agent] = squad.hosted_by(plan.host, plan.processes, plan.url)
         self.figures = HostFigures(host=plan.host, agents=len(self.local))
         self._log = log
         self._rng = random.Random(plan.seed * 1_000 + plan.host)
@@ -363,7 +363,12 @@ def process_figures(pid: int | str = "self") -> dict[str, int]:
 async def _child(plan: HostPlan, emit: Callable[[dict[str, Any]], None]) -> int:
     squad = Squad(plan.agents)
     try:
-        bus = Bus.from_url(plan.url)
+        url = plan.url
+        if url.startswith("kafka://"):  # the host's slot: it is given the inbox partitions of its agents
+            from squadbus.backends.kafka.placement import host_url
+
+            url = host_url(url, plan.host, plan.processes)
+        bus = Bus.from_url(url)
         await asyncio.wait_for(bus.start(), plan.connect_timeout)
     except Exception as exc:  # reported to the parent as one line
         emit({"t": "error", "error": f"host {plan.host} cannot connect: {one_line(exc)}"})

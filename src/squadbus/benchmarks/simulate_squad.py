@@ -49,8 +49,13 @@ class Agent:
     is_pm: bool
 
 
-def host_of(agent_id: str, processes: int) -> int:
-    """The host process (0-based) of ``agent_id`` among ``processes``: ``crc32(agent_id) % processes``."""
+def host_of(agent_id: str, processes: int, url: str = "") -> int:
+    """The host process (0-based) of ``agent_id`` among ``processes``: ``crc32(agent_id) % processes``
+    (on ``kafka://``, the host of its inbox partition: squadbus.backends.kafka.placement)."""
+    if url.startswith("kafka://"):
+        from squadbus.backends.kafka.placement import host_of as kafka_host_of
+
+        return kafka_host_of(url, agent_id, processes)
     return zlib.crc32(agent_id.encode()) % processes
 
 
@@ -72,9 +77,9 @@ class Squad:
     def __len__(self) -> int:
         return len(self.agents)
 
-    def hosted_by(self, host: int, processes: int) -> list[Agent]:
+    def hosted_by(self, host: int, processes: int, url: str = "") -> list[Agent]:
         """The agents placed on ``host`` (see :func:`host_of`)."""
-        return [a for a in self.agents if host_of(a.id, processes) == host]
+        return [a for a in self.agents if host_of(a.id, processes, url) == host]
 
     def expected(self, kind: str, target: str) -> int:
         """How many inboxes a message of ``kind`` to ``target`` should reach."""
