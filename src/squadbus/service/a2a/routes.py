@@ -13,7 +13,8 @@ HTTP 200 with the JSON-RPC error object (code from the SDK's
 ``JSON_RPC_ERROR_CODE_MAP``); only authentication is HTTP (401, 403 for a
 viewer token that sends). Streams are ``text/event-stream`` whose events are
 JSON-RPC responses with ``id: <seq>``; ``Last-Event-ID`` resumes after it.
-Both bindings call the same operations (:mod:`.operations`).
+Both bindings call the same operations (:mod:`.operations`); the 0.3 JSON-RPC methods
+(``message/send``, ``tasks/get``, …) go to the SDK's 0.3 adapter over them (:mod:`.compat`).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from google.protobuf.json_format import ParseDict, ParseError
 from google.protobuf.message import Message as Proto
 
 from squadbus.core.errors import SquadbusError
-from squadbus.service.a2a import cards, rest
+from squadbus.service.a2a import cards, compat, rest
 from squadbus.service.a2a.mapping import TaskView, to_json
 from squadbus.service.a2a.operations import Operations, Result, Stream, check_version, json_of
 from squadbus.service.a2a.push import PushSender
@@ -131,8 +132,11 @@ class Edge:
             method = body.get("method")
             if body.get("jsonrpc") != "2.0" or not isinstance(method, str):
                 raise InvalidRequestError("expected jsonrpc '2.0' and a method name")
-            check_version(request)
             ops = Operations(self.service, self.options, self.who, self.agent_id, request)
+            if compat.is_v03(method):  # an A2A 0.3 client (message/send, tasks/get, ...)
+                response: Response = await compat.handle(ops, request, request_id, method, body)
+                return response
+            check_version(request)
             params = body.get("params")
             if method in STREAMING:
                 message_type, streaming = STREAMING[method]
