@@ -30,8 +30,11 @@ S = TaskState
 async def test_a_0_3_client_sends_gets_streams_and_cancels(inproc: InProcess) -> None:
     base = inproc.url + "/a2a/agents/echo"
     async with httpx.AsyncClient(headers=auth("pm"), timeout=30) as h:
+        raw = (await h.get(base + "/.well-known/agent-card.json")).json()  # what a 0.3 client reads
+        assert (raw["url"], raw["preferredTransport"], raw["protocolVersion"]) == (base + "/jsonrpc", "JSONRPC",
+                                                                                    "0.3")
         card = await A2ACardResolver(h, base).get_agent_card()
-        echo = CompatJsonRpcTransport(h, card, base + "/jsonrpc", is_shared_httpx=True)
+        echo = CompatJsonRpcTransport(h, card, raw["url"], is_shared_httpx=True)
         sent = await echo.send_message(SendMessageRequest(message=text_message("hi")))
         task = sent.task
         assert task.status.state == S.TASK_STATE_COMPLETED and texts(task)[-1] == (2, "echo: hi")

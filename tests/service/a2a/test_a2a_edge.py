@@ -82,13 +82,15 @@ async def test_card_send_get_list(edge: UvicornProcess, squad: Bus) -> None:
         echo_card = await A2ACardResolver(h, f"{url}/a2a/agents/echo").get_agent_card()
         assert (await h.get(f"{url}/a2a/agents/nobody/.well-known/agent-card.json")).status_code == 404
     assert [(i.url, i.protocol_binding, i.protocol_version) for i in card.supported_interfaces] == [
-        (f"{url}/a2a/jsonrpc", "JSONRPC", "1.0"), (f"{url}/a2a/rest", "HTTP+JSON", "1.0")]
+        (f"{url}/a2a/jsonrpc", "JSONRPC", "1.0"), (f"{url}/a2a/rest", "HTTP+JSON", "1.0"),
+        (f"{url}/a2a/jsonrpc", "JSONRPC", "0.3")]
     assert card.security_schemes["bearer"].http_auth_security_scheme.scheme == "Bearer"
     assert "bearer" in card.security_requirements[0].schemes
     assert {s.id for s in card.skills} == {"echo/echo", "asker/chat", "slow/chat"}
     assert card.capabilities.streaming
     assert [i.url for i in echo_card.supported_interfaces] == [f"{url}/a2a/agents/echo/jsonrpc",
-                                                               f"{url}/a2a/agents/echo/rest"]
+                                                               f"{url}/a2a/agents/echo/rest",
+                                                               f"{url}/a2a/agents/echo/jsonrpc"]
     assert [s.id for s in echo_card.skills] == ["echo"]
 
     async with client_for(url, "pm") as pm:

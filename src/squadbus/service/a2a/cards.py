@@ -31,7 +31,7 @@ from a2a.types import (
     SecurityScheme,
     StringList,
 )
-from a2a.utils.constants import PROTOCOL_VERSION_1_0, TransportProtocol
+from a2a.utils.constants import PROTOCOL_VERSION_0_3, PROTOCOL_VERSION_1_0, TransportProtocol
 from google.protobuf.struct_pb2 import Struct
 
 from squadbus import __version__
@@ -55,12 +55,16 @@ def agent_base(base_url: str, agent_id: str) -> str:
 
 
 def _common(card: AgentCard, base: str, *, secured: bool, extensions: list[AgentExtension]) -> AgentCard:
-    """Interfaces ``<base>/jsonrpc`` (JSON-RPC, the SDK client's default) and ``<base>/rest`` (HTTP+JSON)."""
+    """Interfaces ``<base>/jsonrpc`` (JSON-RPC, the SDK client's default), ``<base>/rest`` (HTTP+JSON), and the
+    JSON-RPC one again as protocol 0.3 (:mod:`.compat`), which the SDK turns into the card's 0.3 fields
+    (``url``, ``preferredTransport``, ``protocolVersion``) for 0.3 clients; 1.0 clients pick 1.0."""
     card.version = __version__
     card.provider.CopyFrom(AgentProvider(organization="squadbus", url="https://squadbus.dev"))
-    for path, binding in (("/jsonrpc", TransportProtocol.JSONRPC), ("/rest", TransportProtocol.HTTP_JSON)):
+    for path, binding, version in (("/jsonrpc", TransportProtocol.JSONRPC, PROTOCOL_VERSION_1_0),
+                                   ("/rest", TransportProtocol.HTTP_JSON, PROTOCOL_VERSION_1_0),
+                                   ("/jsonrpc", TransportProtocol.JSONRPC, PROTOCOL_VERSION_0_3)):
         card.supported_interfaces.append(AgentInterface(url=base + path, protocol_binding=binding,
-                                                        protocol_version=PROTOCOL_VERSION_1_0))
+                                                        protocol_version=version))
     resume = AgentExtension(uri=RESUME_EXTENSION, required=False,
                             description="SSE event ids are history sequence numbers; reconnect with "
                                         "Last-Event-ID to resume with no gap, also after a server restart")
