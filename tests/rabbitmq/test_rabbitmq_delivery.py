@@ -112,3 +112,17 @@ async def test_a_group_whose_backlog_copy_failed_gets_the_backlog_on_the_next_su
         monkeypatch.setattr(backend, "_copy_backlog", copy)
         await bus.subscribe(subjects.direct(agent), got, group=group)
         await eventually(lambda: early.id in got.ids, 20, "the backlog after the retry")
+
+
+async def test_groups_created_at_once_share_reads_of_the_log_and_each_gets_its_backlog(rabbitmq_url: str) -> None:
+    agents = [f"a{i}-{uuid.uuid4().hex[:6]}" for i in range(20)]
+    async with Bus.from_url(rabbitmq_url) as bus:
+        backend = bus.backend
+        assert isinstance(backend, RabbitBackend)
+        early = {agent: (await bus.send("pm", agent, "before")).id for agent in agents}
+        inboxes = {agent: Collector() for agent in agents}
+        await asyncio.gather(*(bus.subscribe(subjects.direct(a), inboxes[a], group=f"inbox-{a}") for a in agents))
+        await eventually(lambda: all(early[a] in inboxes[a].ids for a in agents), 20, "every backlog")
+        await asyncio.sleep(0.3)
+        assert all(inboxes[a].ids == [early[a]] for a in agents)
+        assert backend._backlog.passes < len(agents)

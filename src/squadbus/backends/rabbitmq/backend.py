@@ -30,6 +30,7 @@ import aio_pika
 import aio_pika.abc
 import aiormq.exceptions
 
+from squadbus.backends.rabbitmq.backlog import BacklogCopier
 from squadbus.backends.rabbitmq.connectlogs import ConnectLogs
 from squadbus.backends.rabbitmq.group_figures import group_figures as describe_groups
 from squadbus.backends.rabbitmq.group_figures import registry_record
@@ -38,7 +39,6 @@ from squadbus.backends.rabbitmq.publisher import RabbitPublisher
 from squadbus.backends.rabbitmq.settings import RabbitSettings
 from squadbus.backends.rabbitmq.subscriber import RabbitSubscription
 from squadbus.backends.rabbitmq.topology import (
-    ORIGINAL_KEY_HEADER,
     binding_key,
     group_queue_arguments,
     log_queue_arguments,
@@ -61,9 +61,6 @@ from squadbus.core.errors import Closed, ConfigError, ConnectionLost, MalformedM
 
 logger = logging.getLogger("squadbus.backends.rabbitmq")
 
-_COPY_CONCURRENCY = 256
-
-
 class RabbitBackend:
     """A RabbitMQ-backed transport; ``RabbitBackend(RabbitSettings.from_url("amqp://127.0.0.1:5672/"))``."""
 
@@ -77,6 +74,7 @@ class RabbitBackend:
         self._group_locks: dict[str, asyncio.Lock] = {}
         self._probe: aio_pika.abc.AbstractConnection | None = None
         self._probe_lock = asyncio.Lock()
+        self._backlog = BacklogCopier(self)
         self._closed = False
 
     # ---- connection --------------------------------------------------------------------------
@@ -170,6 +168,7 @@ class RabbitBackend:
         for sub in list(self._subs):
             await sub.close()
         self._closed = True
+        await self._backlog.close()
         if self._probe is not None:
             with contextlib.suppress(Exception):
                 await self._probe.close()
@@ -365,27 +364,11 @@ class RabbitBackend:
                          "without the backlog; delete it by hand): %s", name, exc)
 
     async def _copy_backlog(self, queue: str, pattern: str) -> int:
-        """Copy what the log holds for ``pattern`` (up to a marker appended after the queue was bound)
-        into ``queue``. Messages published between the bind and the marker are in both: they reach the
-        group twice (at-least-once); nothing stored before the bind is missed."""
-        publisher = self.publisher
-        pending: list[asyncio.Future[None]] = []
-        copied = 0
-        async for _, msg in read_log(self):
-            key = msg.routing_key or ""
-            if not subjects.matches(pattern, key):
-                continue
-            copy = aio_pika.Message(
-                msg.body, message_id=msg.message_id, content_type=msg.content_type,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT, headers={ORIGINAL_KEY_HEADER: key},
-            )
-            pending.append(asyncio.ensure_future(publisher.publish_to_queue(queue, copy, f"copy the log into {queue}")))
-            copied += 1
-            if len(pending) >= _COPY_CONCURRENCY:
-                await asyncio.gather(*pending)
-                pending.clear()
-        await asyncio.gather(*pending)
-        return copied
+        """Copy what the log holds for ``pattern`` into ``queue`` (see :mod:`.backlog`: groups created at
+        the same time share one read of the log). Messages published between the bind and the pass's
+        marker are in both: they reach the group twice (at-least-once); nothing stored before the bind
+        is missed."""
+        return await self._backlog.copy(queue, pattern)
 
     # ---- Replayable and ReadsAll -------------------------------------------------------------
 

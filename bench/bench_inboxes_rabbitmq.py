@@ -1,0 +1,105 @@
+"""RabbitMQ inboxes today (each inbox a group: a quorum queue + a channel + a consumer): what N cost.
+
+    .venv/bin/python bench/bench_inboxes_rabbitmq.py --agents 200 1000 2000 [--timeout 300]
+
+One process, one Bus, ``bus.inbox(agent, broadcasts=False)`` per agent (direct messages only). One
+message per agent is sent before the inboxes open (it must wait for them) and one after; every agent
+must get exactly its two. Reported per case: open time (and with the backlog delivered), deliver-1-each
+time, the node's queues, channels and consumers (``rabbitmqctl``), the Erlang VM's RSS growth and
+the client's RSS growth; a case that fails (or passes ``--timeout``) reports how many inboxes were
+open and the error. Starts its own private node in a temp dir and stops it by PID; each case uses a
+namespace of its own. Prints one JSON line per case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+import time
+import uuid
+
+from squadbus.core.bus import Bus
+from squadbus.core.inbox import Inbox
+from squadbus.testing.servers.rabbitmq import RabbitServer
+
+CHUNK = 100
+
+
+def rss_mib(pid: int | str = "self") -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def node_rss(server: RabbitServer) -> float:
+    return sum(rss_mib(pid) for pid in server._beam_pids())
+
+
+def counts(server: RabbitServer) -> dict[str, int]:
+    def rows(*args: str) -> list[str]:
+        return [line for line in server.ctl(*args, "--quiet", timeout=120).splitlines()[1:] if line.strip()]
+
+    channels = sum(int(line.split()[-1]) for line in rows("list_connections", "name", "channels"))
+    return {"queues": len(rows("list_queues", "name")), "channels": channels,
+            "consumers": len(rows("list_consumers", "queue_name"))}
+
+
+async def one_case(server: RabbitServer, agents: int, timeout: float) -> dict[str, object]:
+    url = f"{server.url}?namespace=i{uuid.uuid4().hex[:8]}"
+    rss0, node0 = rss_mib(), node_rss(server)
+    result: dict[str, object] = {"agents": agents}
+    inboxes: list[Inbox] = []
+    async with Bus.from_url(url) as bus:
+        names = [f"a{i}" for i in range(agents)]
+        for first in range(0, agents, CHUNK):
+            await asyncio.gather(*(bus.send("pm", a, "before") for a in names[first:first + CHUNK]))
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(timeout):
+                for first in range(0, agents, CHUNK):
+                    batch = [bus.inbox(a, broadcasts=False) for a in names[first:first + CHUNK]]
+                    await asyncio.gather(*(inbox.open() for inbox in batch))
+                    inboxes.extend(batch)
+                result["open_s"] = round(time.perf_counter() - started, 3)
+                backlog = await asyncio.gather(*(inbox.get(60) for inbox in inboxes))
+                result["open_with_backlog_s"] = round(time.perf_counter() - started, 3)
+                assert [d.message.recipient_id for d in backlog] == names
+                for delivery in backlog:
+                    await delivery.ack()
+                began = time.perf_counter()
+                for first in range(0, agents, CHUNK):
+                    await asyncio.gather(*(bus.send("pm", a, "after") for a in names[first:first + CHUNK]))
+                after = await asyncio.gather(*(inbox.get(60) for inbox in inboxes))
+                result["deliver_1_each_s"] = round(time.perf_counter() - began, 3)
+                assert [d.message.content for d in after] == ["after"] * agents
+                for delivery in after:
+                    await delivery.ack()
+        except Exception as exc:  # a limit reached: how far it got, and why
+            result["failed_after_s"] = round(time.perf_counter() - started, 3)
+            result["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        result["inboxes_open"] = len(inboxes)
+        result.update(counts(server))
+        result["node_rss_growth_mib"] = round(node_rss(server) - node0, 1)
+        result["client_rss_growth_mib"] = round(rss_mib() - rss0, 1)
+        for first in range(0, len(inboxes), CHUNK):
+            await asyncio.gather(*(inbox.close() for inbox in inboxes[first:first + CHUNK]),
+                                 return_exceptions=True)
+    return result
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--agents", type=int, nargs="+", default=[200, 1000, 2000])
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds a case may take")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as directory, RabbitServer(directory) as server:
+        for agents in args.agents:
+            print(json.dumps(await one_case(server, agents, args.timeout)), flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
