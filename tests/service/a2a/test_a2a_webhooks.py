@@ -9,16 +9,27 @@ one when the event is pushed (DNS rebinding).
 
 from __future__ import annotations
 
+import asyncio
+import ssl
 import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from fastapi import FastAPI, Request, Response
 
 from squadbus.core.errors import ConfigError
 from squadbus.core.settings import Settings
 from squadbus.service.a2a import webhooks
-from squadbus.service.a2a.webhooks import WebhookPolicy, WebhookRefused
+from squadbus.service.a2a.webhooks import WebhookPolicy, WebhookRefused, post_request
+from squadbus.testing.servers.process import free_port
 from tests.service.a2a.conftest import InProcess
 from tests.service.a2a.test_a2a_push import Hooks, until
 from tests.service.conftest import auth, served
@@ -116,3 +127,66 @@ async def test_delivery_checks_again_and_follows_no_redirect(inproc: InProcess, 
         assert "refused" in reasons[rebound] and "10.0.0.5, a private address" in reasons[rebound]
         assert "HTTP 307 (redirects are not followed)" in reasons[redirected]
         assert hooks.calls == {"redirect": 3}  # three attempts; the redirect's target never called
+
+
+def _tls_files(tmp_path: Path, name: str) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for DNS name ``name`` only (no IP address): (ca, cert, key) PEM files."""
+    def key() -> ec.EllipticCurvePrivateKey:
+        return ec.generate_private_key(ec.SECP256R1())
+
+    now = datetime.now(UTC)
+    ca_key, leaf_key = key(), key()
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "squadbus test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=5))
+          .not_valid_after(now + timedelta(hours=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    leaf = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca_name).public_key(leaf_key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    files = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
+    files[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    files[1].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    files[2].write_bytes(leaf_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption()))
+    return files
+
+
+async def test_an_https_post_goes_to_the_checked_address_and_verifies_the_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ca, cert, key = _tls_files(tmp_path, "hooks.test")
+    seen: list[str] = []
+    app = FastAPI()
+
+    @app.post("/hook")
+    async def hook(request: Request) -> Response:
+        seen.append(request.headers["host"])
+        return Response(status_code=204)
+
+    async def lookup(host: str, port: int) -> list[str]:
+        return ["127.0.0.1"]
+
+    monkeypatch.setattr(webhooks, "lookup", lookup)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           ssl_certfile=str(cert), ssl_keyfile=str(key)))
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            assert not task.done(), "the https webhook did not start"
+            await asyncio.sleep(0.01)
+        policy = WebhookPolicy.of(("hooks.test", "other.test"))
+        async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=str(ca))) as client:
+            target = await policy.resolve(f"https://hooks.test:{port}/hook")
+            assert target.pinned_url == f"https://127.0.0.1:{port}/hook"
+            response = await client.send(post_request(client, target, b"{}", {}))
+            assert response.status_code == 204 and seen == [f"hooks.test:{port}"]
+            wrong = await policy.resolve(f"https://other.test:{port}/hook")  # same address, a name the cert lacks
+            with pytest.raises(httpx.ConnectError, match="certificate"):
+                await client.send(post_request(client, wrong, b"{}", {}))
+    finally:
+        server.should_exit = True
+        await task

@@ -51,7 +51,7 @@ from squadbus.service.a2a.mapping import (
     TaskView,
     to_json,
 )
-from squadbus.service.a2a.webhooks import WebhookPolicy, WebhookRefused
+from squadbus.service.a2a.webhooks import WebhookPolicy, WebhookRefused, post_request
 from squadbus.store.base import HistoryStore, StoredMessage
 
 logger = logging.getLogger("squadbus.service.a2a.push")
@@ -233,15 +233,8 @@ class PushSender:
             target = await self.webhooks.resolve(config.url)
         except WebhookRefused as exc:
             return f"refused: {exc}"
-        headers = {**config.headers(), "Host": target.host_header}
-        extensions = {}
-        if target.pinned_url.startswith("https:"):
-            # TLS checks the certificate against the name; a pooled connection is per address, not per name
-            extensions["sni_hostname"] = target.host
-            headers["Connection"] = "close"
         try:
-            response = await self._http.post(target.pinned_url, content=body, headers=headers,
-                                             extensions=extensions)
+            response = await self._http.send(post_request(self._http, target, body, config.headers()))
         except httpx.HTTPError as exc:
             return f"{type(exc).__name__} {exc}"
         if response.is_success:

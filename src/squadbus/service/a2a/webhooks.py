@@ -21,8 +21,11 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
+
+import httpx
 
 from squadbus.core.errors import ConfigError
 
@@ -143,3 +146,14 @@ class WebhookPolicy:
                         f"{url} reaches {address}, a {kind} address; webhooks must be public unless "
                         "SQUADBUS_A2A_WEBHOOK_ALLOW names the network or the host")
         return Target(url=url, host=host, address=str(addresses[0]))
+
+
+def post_request(client: httpx.AsyncClient, target: Target, body: bytes, headers: Mapping[str, str]) -> httpx.Request:
+    """A POST of ``body`` to the checked address of ``target``, its name in ``Host`` and, for https, in SNI and
+    the certificate check; https asks for no keep-alive (the client pools connections per address, not name)."""
+    out = {**headers, "Host": target.host_header}
+    extensions: dict[str, str] = {}
+    if urlsplit(target.url).scheme == "https":
+        extensions["sni_hostname"] = target.host
+        out["Connection"] = "close"
+    return client.build_request("POST", target.pinned_url, content=body, headers=out, extensions=extensions)
