@@ -126,3 +126,26 @@ async def test_groups_created_at_once_share_reads_of_the_log_and_each_gets_its_b
         await asyncio.sleep(0.3)
         assert all(inboxes[a].ids == [early[a]] for a in agents)
         assert backend._backlog.passes < len(agents)
+
+
+async def test_a_subscription_past_the_channel_max_is_refused_and_the_others_keep_working(
+    rabbitmq_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 10,000 inboxes on one Bus reached RabbitMQ's channel_max (2047) and the broker closed the whole
+    # connection; here the connection is told a small channel_max so the limit comes after 3.
+    from squadbus.backends.rabbitmq.backend import CHANNEL_RESERVE
+    from squadbus.core.errors import BackendError
+
+    agent = f"a-{uuid.uuid4().hex[:8]}"
+    async with Bus.from_url(rabbitmq_url) as bus:
+        backend = bus.backend
+        assert isinstance(backend, RabbitBackend)
+        tune = backend.connection.transport.connection.connection_tune  # type: ignore[union-attr]
+        monkeypatch.setattr(tune, "channel_max", CHANNEL_RESERVE + 3)
+        got = [Collector() for _ in range(3)]
+        for i, collector in enumerate(got):
+            await bus.subscribe(subjects.direct(agent), collector, group=f"g{i}")
+        with pytest.raises(BackendError, match="channel_max is"):
+            await bus.subscribe(subjects.direct(agent), Collector(), group="g3")
+        sent = await bus.send("pm", agent, "still connected")
+        await eventually(lambda: all(sent.id in c.ids for c in got), 20, "the message in every group")

@@ -57,9 +57,14 @@ from squadbus.core.backend import (
     read_back,
 )
 from squadbus.core.envelope import Message, decode
-from squadbus.core.errors import Closed, ConfigError, ConnectionLost, MalformedMessage
+from squadbus.core.errors import BackendError, Closed, ConfigError, ConnectionLost, MalformedMessage
 
 logger = logging.getLogger("squadbus.backends.rabbitmq")
+
+CHANNEL_RESERVE = 64
+"""Channels of the connection kept free for publishing, group creation and log reads: a subscription
+(one channel each) past ``channel_max - CHANNEL_RESERVE`` is refused (the broker would close the whole
+connection, every subscription with it, on the channel past its ``channel_max``)."""
 
 class RabbitBackend:
     """A RabbitMQ-backed transport; ``RabbitBackend(RabbitSettings.from_url("amqp://127.0.0.1:5672/"))``."""
@@ -220,6 +225,7 @@ class RabbitBackend:
         if not subjects.matches(subjects.ALL, pattern.replace("*", "x").replace(">", "x")):
             raise ConfigError(f"pattern {pattern!r} is outside the squad's subjects {subjects.ALL}")
         binding_key(pattern)  # refuses a pattern too long for AMQP before anything is created
+        self._check_channel_room()
         queue_name = None
         if group is not None:
             queue_name = short_name(self.settings.group_queue(durable_name(group, pattern)))
@@ -238,6 +244,15 @@ class RabbitBackend:
                 raise translate(exc, f"subscribe to {pattern}") from exc
             raise
         return sub
+
+    def _check_channel_room(self) -> None:
+        tune = getattr(self.connection.transport.connection, "connection_tune", None)  # type: ignore[union-attr]
+        channel_max = int(getattr(tune, "channel_max", 0) or 0)
+        if channel_max and len(self._subs) >= channel_max - CHANNEL_RESERVE:
+            raise BackendError(
+                f"this Bus holds {len(self._subs)} subscriptions, one AMQP channel each, and the broker's "
+                f"channel_max is {channel_max}: open the rest in another Bus (process) or raise channel_max "
+                "on the broker (inboxes are subscriptions here)")
 
     def forget(self, sub: RabbitSubscription) -> None:
         """Called by a closing subscription."""
