@@ -17,7 +17,7 @@ import pytest
 from selenium.webdriver.common.by import By
 
 from squadbus.core import envelope
-from squadbus.core.backend import ConsumerOptions, Delivery
+from squadbus.core.backend import ConsumerOptions, Delivery, publish_all
 from squadbus.core.bus import Bus
 from squadbus.core.errors import Reject
 from tests.browser.conftest import TOKENS, Loop, Page, Served
@@ -83,6 +83,13 @@ def test_token_overview_executions_conversation_sequence_and_agents(
     assert older.find_elements(By.CSS_SELECTOR, "td")[2].text == "4", "listed once, below it"
     assert len(page.driver.find_elements(By.CSS_SELECTOR, f'#executions tr[data-execution="{execution}"]')) == 1
     page.screenshot("executions")
+    # a burst (more than the list reads one by one) comes in too
+    burst = {uuid.uuid4() for _ in range(25)}
+    loop.run(publish_all(bus.backend, [envelope.build(subject="agent.message.qa-2", sender_id="qa-1",
+                                                      recipient_id="qa-2", content="burst", task_execution_id=e)
+                                       for e in burst]))
+    top = lambda d: {r.get_attribute("data-execution") for r in d.find_elements(By.CSS_SELECTOR, first_row)[:25]}  # noqa: E731
+    page.until(lambda d: top(d) == {str(e) for e in burst}, "the burst is not at the top of the list")
     # searchable by type and time; the search is in the URL
     page.open("/executions?type=task&period=1h")
     page.element(f'#executions tr[data-execution="{execution}"]')

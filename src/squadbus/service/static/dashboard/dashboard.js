@@ -647,7 +647,7 @@ function executionRow(x) {
 }
 
 const LIVE_ROWS_MS = 400; // executions touched by the stream are read again at most this often, together
-const LIVE_ROWS_MAX = 20; // and at most this many per read (the rest wait for the next one)
+const LIVE_ROWS_MAX = 20; // one read per execution up to this many, else one read of the first page
 
 function executionsView(params) {
   markNav("executions");
@@ -715,21 +715,32 @@ function executionsView(params) {
   async function readTouched() {
     if (reading || !loaded || !touched.size) return;
     reading = true;
-    const ids = [...touched].slice(0, LIVE_ROWS_MAX);
-    for (const id of ids) touched.delete(id);
     try {
-      const pages = await Promise.all(ids.map((id) => apiGet(executionsQuery({q: id, agent, type, limit: 1}), token())
-        .catch(() => null)));
-      for (const page of pages) {
-        const x = page && page.items[0];
-        if (!x) continue;
-        body.querySelector(`tr[data-execution="${x.task_execution_id}"]`)?.remove();
-        const row = executionRow(x);
-        row.classList.add("fresh");
-        setTimeout(() => row.classList.remove("fresh"), 2000);
-        body.prepend(row);
-        if (!out.contains(table)) out.replaceChildren(table);
+      let items;
+      if (touched.size > LIVE_ROWS_MAX) { // a busy squad: one read of the first page instead
+        touched.clear();
+        const page = await apiGet(executionsQuery({q, agent, type, period}), token()).catch(() => null);
+        items = page ? page.items : [];
+      } else {
+        const ids = [...touched];
+        touched.clear();
+        const pages = await Promise.all(ids.map((id) =>
+          apiGet(executionsQuery({q: id, agent, type, limit: 1}), token()).catch(() => null)));
+        items = pages.map((page) => page && page.items[0]).filter(Boolean)
+          .sort((a, b) => b.last_activity_at.localeCompare(a.last_activity_at));
       }
+      for (const x of [...items].reverse()) { // the newest ends at the top
+        const old = body.querySelector(`tr[data-execution="${x.task_execution_id}"]`);
+        const changed = !old || old.children[2].textContent !== String(x.message_count);
+        old?.remove();
+        const row = executionRow(x);
+        if (changed) { // highlighted for a moment: new, or new messages
+          row.classList.add("fresh");
+          setTimeout(() => row.classList.remove("fresh"), 2000);
+        }
+        body.prepend(row);
+      }
+      if (items.length && !out.contains(table)) out.replaceChildren(table);
     } finally { reading = false; }
   }
   const stopStream = followStream(`${SQUAD_EVENTS}?start=new`, token(), {
