@@ -12,8 +12,8 @@ import redis.asyncio as aioredis
 
 from squadbus.backends.redis import RedisBackend
 from squadbus.backends.redis.settings import RedisSettings
-from squadbus.core.backend import ConsumerOptions, Delivery
 from squadbus.core import subjects
+from squadbus.core.backend import ConsumerOptions, Delivery
 from squadbus.core.bus import Bus
 from squadbus.core.envelope import Message
 from squadbus.testing.servers.redis import RedisServer
@@ -134,3 +134,32 @@ async def test_a_slow_subscription_gets_every_message_in_order_while_others_go_o
             while len(slow_got) < 40:
                 await asyncio.sleep(0.01)
         assert slow_got == [f"d{i}" for i in range(40)]
+
+
+async def test_bursts_of_concurrent_commands_do_not_grow_the_connections(redis_url: str, raw: aioredis.Redis) -> None:
+    """500 concurrent sends while 300 inboxes open and 50 requests wait: commands that do not block
+    share a few connections (before: the pool grew to the burst's concurrency and kept it)."""
+    before = await squadbus_clients(raw)
+    backend = RedisBackend(RedisSettings.from_url(redis_url))
+    async with Bus(backend) as bus:
+        agents = [f"dev-{uuid.uuid4().hex[:8]}" for _ in range(300)]
+        inboxes = [bus.inbox(a, domains=("dev",)) for a in agents]
+        gate = asyncio.Event()
+
+        async def respond(delivery: Delivery) -> None:
+            await gate.wait()
+            await bus.reply(delivery.message, "responder", "ok")
+
+        await bus.subscribe("agent.message.responder", respond, group="responders",
+                            options=ConsumerOptions(max_in_flight=50))
+        requests = [asyncio.create_task(bus.request("asker", "responder", "q", timeout=TIMEOUT)) for _ in range(50)]
+        await asyncio.gather(*(inbox.open() for inbox in inboxes),
+                             *(bus.send("pm", agents[i % 300], f"m{i}") for i in range(500)))
+        gate.set()
+        assert len(await asyncio.gather(*requests)) == 50
+        peak = await squadbus_clients(raw) - before  # a pool keeps what a burst made it open
+        for inbox in inboxes[:10]:
+            got = await inbox.get(TIMEOUT)
+            assert got.message.content.startswith("m")
+            await got.ack()
+        assert peak <= 8, f"a burst of sends, opens and requests left {peak} connections"

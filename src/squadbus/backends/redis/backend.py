@@ -43,6 +43,9 @@ from squadbus.core.inbox_source import InboxPresence
 
 logger = logging.getLogger("squadbus.backends.redis")
 
+COMMAND_CONNECTIONS = 4
+"""Connections a backend instance uses for commands that do not block (see ``connect``)."""
+
 _REPLAY_PAGE = 500
 _REPLAY_CLOCK_SLACK_MS = 60_000
 
@@ -63,6 +66,7 @@ class RedisBackend:
         self.layout = KeyLayout(self.settings.prefix, self.settings.partitions)
         self.counters = RedisCounters()
         self._client: aioredis.Redis | None = None
+        self._commands: aioredis.Redis | None = None
         self._reconnects: Reconnects | None = None
         self._publisher: RedisPublisher | None = None
         self._trimmer: Trimmer | None = None
@@ -90,6 +94,14 @@ class RedisBackend:
             socket_timeout=None, socket_connect_timeout=s.connect_timeout, socket_keepalive=True,
             client_name="squadbus", retry=no_retry(), **tls,
         )
+        # Commands that do not block (publishes, the inbox hub's reads and acks, wake-ups) share a few
+        # connections and wait for a free one, instead of a pool that grows with every burst of
+        # concurrent commands and keeps what it grew (issue 15: 13-22 connections per simulate host).
+        # Blocking reads (the stream watcher, Pub/Sub, group members) stay on `client`.
+        pool = client.connection_pool
+        commands = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool(
+            max_connections=COMMAND_CONNECTIONS, timeout=None,
+            connection_class=pool.connection_class, **pool.connection_kwargs))
         reconnects = Reconnects(client)
         try:
             async with asyncio.timeout(s.connect_timeout):
@@ -97,16 +109,20 @@ class RedisBackend:
                 wait_aof = await self._check_profile(client)
         except redis_errors.AuthenticationError as exc:
             await client.aclose()
+            await commands.aclose()
             raise ConfigError(f"Redis refused the credentials for {s.redacted()}: {exc}") from exc
         except TRANSIENT as exc:
             await client.aclose()
+            await commands.aclose()
             raise ConnectionLost(f"cannot connect to {s.redacted()}: {self._connect_cause(exc)}") from exc
         except BaseException:
             await client.aclose()
+            await commands.aclose()
             raise
         self._client = client
+        self._commands = commands
         self._reconnects = reconnects
-        self._publisher = RedisPublisher(client, self.layout, s)
+        self._publisher = RedisPublisher(commands, self.layout, s)
         self._publisher.wait_aof = wait_aof
         if s.retention:
             self._trimmer = Trimmer(client, self.layout, s, self.counters)
@@ -162,6 +178,8 @@ class RedisBackend:
             await self._publisher.close()
         if self._client is not None:
             await self._client.aclose()
+        if self._commands is not None:
+            await self._commands.aclose()
 
     def _require(self) -> tuple[aioredis.Redis, RedisPublisher]:
         if self._closed or self._client is None or self._publisher is None:
@@ -224,7 +242,7 @@ class RedisBackend:
         self._require()
         hub = self._inboxes
         if hub is None:
-            hub = self._inboxes = InboxHub(self._context())
+            hub = self._inboxes = InboxHub(self._context(), commands=self._commands)
         return await hub.open(agent_id, handler, group=group, options=options)
 
     def _context(self) -> ConsumerContext:
@@ -269,12 +287,13 @@ class RedisBackend:
         finally:
             watcher.unwatch(watch)
             with contextlib.suppress(*FAILURES):  # the reply stream expires after reply_ttl anyway
-                await call(client, "DEL", stream)
+                await call(self._commands or client, "DEL", stream)
 
     def _stream_watcher(self) -> StreamWatcher:
         client, _ = self._require()
         if self._watcher is None:
-            self._watcher = StreamWatcher(client, self.layout.prefix, self.settings, self.counters)
+            self._watcher = StreamWatcher(client, self.layout.prefix, self.settings, self.counters,
+                                          commands=self._commands)
         return self._watcher
 
     # ---- Replayable --------------------------------------------------------------------------

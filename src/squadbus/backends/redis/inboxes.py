@@ -52,6 +52,7 @@ from typing import Any
 from squadbus.backends.redis._driver import (
     FAILURES,
     PackedCommand,
+    aioredis,
     entry_parts,
     execute_each,
     is_nogroup,
@@ -144,9 +145,9 @@ class _Op:
 class InboxHub:
     """Every open inbox of one Redis backend instance; see the module docstring."""
 
-    def __init__(self, ctx: ConsumerContext) -> None:
+    def __init__(self, ctx: ConsumerContext, *, commands: aioredis.Redis | None = None) -> None:
         self.ctx = ctx
-        self._client = ctx.client
+        self._client = commands or ctx.client  # Bells' Pub/Sub connection blocks: from ctx.client
         self._consumer = consumer_name()
         self._agents: dict[str, _Agent] = {}
         self._acking: set[_Agent] = set()  # agents with XACKs to send

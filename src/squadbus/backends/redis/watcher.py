@@ -59,8 +59,12 @@ class Watch:
 class StreamWatcher:
     """The one ``XREAD BLOCK`` loop of a Redis backend (module docstring)."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str, settings: RedisSettings, counters: RedisCounters) -> None:
+    def __init__(
+        self, client: aioredis.Redis, prefix: str, settings: RedisSettings, counters: RedisCounters, *,
+        commands: aioredis.Redis | None = None,
+    ) -> None:
         self._client = client
+        self._commands = commands or client  # for wake-ups: the read holds a connection of `client`
         self._settings = settings
         self._counters = counters
         self.wake_key = f"{prefix}:wake:{secrets.token_hex(8)}"
@@ -118,7 +122,7 @@ class StreamWatcher:
         await asyncio.gather(*tasks, return_exceptions=True)
         with contextlib.suppress(*FAILURES):
             async with asyncio.timeout(self._settings.connect_timeout):
-                await call(self._client, "DEL", self.wake_key)
+                await call(self._commands, "DEL", self.wake_key)
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -137,7 +141,7 @@ class StreamWatcher:
     async def _wake(self) -> None:
         try:
             async with asyncio.timeout(self._settings.connect_timeout):
-                async with self._client.pipeline(transaction=False) as pipe:
+                async with self._commands.pipeline(transaction=False) as pipe:
                     pipe.execute_command("XADD", self.wake_key, "MAXLEN", "1", "*", "w", "1")
                     pipe.execute_command("PEXPIRE", self.wake_key, _WAKE_TTL_MS)
                     await pipe.execute()
