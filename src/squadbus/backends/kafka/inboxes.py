@@ -263,7 +263,20 @@ class KafkaInboxHub:
             self._tasks = [
                 loop.create_task(self._fetch_loop(consumer), name="squadbus-kafka-inbox-fetch"),
                 loop.create_task(self._commit_loop(), name="squadbus-kafka-inbox-commit"),
+                loop.create_task(self._watch_join(), name="squadbus-kafka-inbox-join"),
             ]
+
+    async def _watch_join(self) -> None:
+        """Say so once when the group has not assigned this member anything within ``join_timeout``."""
+        s = self._settings
+        try:
+            async with asyncio.timeout(s.join_timeout):
+                await self._assigned.wait()
+        except TimeoutError:
+            logger.warning(
+                "inbox group %s has not assigned this Bus its partitions within %.0f s: its inboxes get nothing "
+                "until it does (tansu 0.6 can leave a group waiting for a leader that is gone: restart the broker "
+                "or set another inbox_group)", s.inbox_group, s.join_timeout)
 
     async def close(self) -> None:
         """Stop fetching, give back what is queued, commit, leave the group. Idempotent."""

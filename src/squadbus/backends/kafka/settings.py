@@ -54,7 +54,8 @@ class KafkaSettings:
     Inboxes (issue 15, :mod:`.inboxes`): with ``inboxes`` on (the default) a
     direct message is also written to ``inbox_topic`` (default
     ``<topic>.inbox``) keyed by its recipient, and a Bus serves all its open
-    inboxes through one member of the group ``inbox_group``. ``inbox_hosts``
+    inboxes through one member of the group ``inbox_group`` (default
+    ``<topic>.inboxes``). ``inbox_hosts``
     > 0 places agents by partition: the Bus with ``inbox_host=i`` is given the
     inbox partitions ``p % inbox_hosts == i`` (a partition whose host is not
     in the group goes to the others); 0 lets the group spread them.
@@ -84,7 +85,7 @@ class KafkaSettings:
     client_id: str = "squadbus"
     inboxes: bool = True
     inbox_topic: str = ""
-    inbox_group: str = "inboxes"
+    inbox_group: str = ""
     inbox_hosts: int = 0
     inbox_host: int = 0
     inbox_unclaimed_ms: int = 3_600_000
@@ -106,7 +107,8 @@ class KafkaSettings:
         if len({self.topic, self.reply_topic, self.dlq_topic, self.inbox_topic}) != 4:
             raise ConfigError("topic, reply_topic, dlq_topic and inbox_topic must be four different topics")
         if not self.inbox_group:
-            raise ConfigError("inbox_group must not be empty")
+            # One group per squad (topic): squads sharing a broker must not rebalance each other.
+            object.__setattr__(self, "inbox_group", f"{self.topic}.inboxes")
         if self.inbox_hosts < 0 or not (self.inbox_hosts == 0 or 0 <= self.inbox_host < self.inbox_hosts):
             raise ConfigError("need inbox_hosts >= 0 and 0 <= inbox_host < inbox_hosts")
         if self.inbox_unclaimed_ms < 1:
