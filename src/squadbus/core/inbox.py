@@ -196,9 +196,13 @@ class Inbox:
 
     async def _next(self) -> Delivery:
         self._check_open()
-        await self._fail_unsettled()
+        current = self._current
+        if current is not None and current.settled is None:
+            await self._fail_unsettled()
         queue = self._queue
-        delivery = await queue.get()
+        # get_nowait when something is queued: no coroutine for the common case (a host wakes
+        # thousands of agents per squad broadcast).
+        delivery = queue.get_nowait() if queue.qsize() else await queue.get()
         if delivery is None:
             queue.put_nowait(None)  # for the next waiting loop
             raise Closed(f"the inbox of {self.agent_id} was closed")
