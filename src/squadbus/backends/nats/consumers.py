@@ -14,12 +14,27 @@ past ``ack_wait`` on every one of the last attempts). Then JetStream stops
 redelivering and publishes its ``MAX_DELIVERIES`` advisory; the message stays
 in the stream for replay. The margin keeps a crash on the last attempt from
 silently skipping the dead letter.
+
+With ``ordered_groups`` a group's consumer has the ``pinned_client`` priority
+policy (ADR-42, nats-server 2.11+; :class:`PinnedConsumerConfig`): the server
+hands messages to one member (the one whose pulls carry the pin id it gave
+out) and pins another only after ``priority_timeout`` without a pull from it.
+``priority_timeout`` is ``2 * ack_wait``: a dead member's unacknowledged
+messages have passed their ack wait by then, so they are redelivered (first)
+to the new member before any later message (measured on 2.15.1: a shorter
+timeout lets the new member get later messages while the dead one's are still
+waiting out their ack wait). A live member pulls at least every
+``ack_wait / 2`` (subscriber.py) to keep its pin. An existing consumer whose
+policy does not match the setting is a ConfigError (a consumer cannot change
+policy: delete it to change).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
+from dataclasses import dataclass
 
 import nats.js.errors
 from nats.js import api
@@ -28,9 +43,28 @@ from nats.js.client import JetStreamContext
 from squadbus.backends.nats.settings import NatsSettings
 from squadbus.backends.nats.translate import translate
 from squadbus.core.backend import ConsumerOptions, StartFrom, durable_name
-from squadbus.core.errors import BackendTimeout
+from squadbus.core.errors import BackendTimeout, ConfigError
 
 logger = logging.getLogger("squadbus.backends.nats")
+
+PRIORITY_GROUP = "squadbus"
+"""The one priority group of an ordered group's consumer (pull requests name it)."""
+PINNED = "pinned_client"
+
+
+@dataclass
+class PinnedConsumerConfig(api.ConsumerConfig):
+    """A ConsumerConfig with the ADR-42 priority fields nats-py does not know yet (sent as they are)."""
+
+    priority_groups: list[str] | None = None
+    priority_policy: str | None = None
+    priority_timeout: int | None = None
+    """Nanoseconds."""
+
+
+def pin_timeout(options: ConsumerOptions) -> float:
+    """Seconds without a pull from the pinned member before the server pins another."""
+    return 2 * options.ack_wait
 
 
 def consumer_config(
@@ -44,6 +78,12 @@ def consumer_config(
         max_deliver=options.max_deliver + settings.max_deliver_margin,
         max_ack_pending=max(options.max_pending, options.max_in_flight, options.batch_size),
     )
+    if group is not None and settings.ordered_groups:
+        config = PinnedConsumerConfig(
+            **{name: getattr(config, name) for name in config.__dataclass_fields__},
+            priority_groups=[PRIORITY_GROUP], priority_policy=PINNED,
+            priority_timeout=int(pin_timeout(options) * 1e9),
+        )
     if group is None:
         config.name = f"eph-{secrets.token_hex(8)}"
         config.deliver_policy = api.DeliverPolicy.NEW
@@ -84,11 +124,13 @@ async def _ensure_once(js: JetStreamContext, stream: str, config: api.ConsumerCo
     if config.durable_name:
         try:
             await js.consumer_info(stream, name)
-            return
         except nats.js.errors.NotFoundError:
             pass
         except Exception as exc:
             raise translate(exc, f"look up consumer {name}") from exc
+        else:
+            await _check_policy(js, stream, config)
+            return
     try:
         await js.add_consumer(stream, config)
     except nats.js.errors.APIError as exc:
@@ -97,8 +139,25 @@ async def _ensure_once(js: JetStreamContext, stream: str, config: api.ConsumerCo
             await js.consumer_info(stream, name)
         except Exception:
             raise translate(exc, f"create consumer {name}") from exc
+        await _check_policy(js, stream, config)
     except Exception as exc:
         raise translate(exc, f"create consumer {name}") from exc
+
+
+async def _check_policy(js: JetStreamContext, stream: str, config: api.ConsumerConfig) -> None:
+    """Raise ConfigError when an existing group consumer's priority policy is not the one asked for."""
+    wanted = isinstance(config, PinnedConsumerConfig)
+    prefix = getattr(js, "_prefix", "$JS.API")
+    try:
+        reply = await js._nc.request(f"{prefix}.CONSUMER.INFO.{stream}.{config.name}", b"", timeout=5)
+        policy = json.loads(reply.data).get("config", {}).get("priority_policy")
+    except Exception as exc:
+        raise translate(exc, f"look up consumer {config.name}") from exc
+    if (policy == PINNED) != wanted:
+        raise ConfigError(
+            f"consumer {config.name} exists {'with' if policy == PINNED else 'without'} the pinned_client policy "
+            f"but ordered_groups={'true' if wanted else 'false'}: use the group's setting, or delete the consumer"
+        )
 
 
 async def consumer_exists(js: JetStreamContext, stream: str, name: str) -> bool:

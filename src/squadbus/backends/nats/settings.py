@@ -9,7 +9,9 @@ including retries), ``ack_timeout`` (s, one PubAck wait), ``max_pending_acks``
 (publishes in flight per connection), ``connect_timeout`` (s),
 ``pull_expires`` (s, lifetime of one pull request), ``max_deliver_margin``,
 ``claim_interval`` (s, how often multiplexed inboxes re-read every open agent and retry waiting
-leases; default ``min(ack_wait / 2, 5)``),
+leases; default ``min(ack_wait / 2, 5)``), ``ordered_groups`` (a group's consumer is created with
+the ``pinned_client`` priority policy: one member receives at a time, another takes over when it
+stops pulling, so order per execution holds across members; needs nats-server 2.11+),
 ``name`` (client name), ``creds`` (a ``.creds`` file), ``tls_ca``,
 ``tls_cert``, ``tls_key`` (paths; ``tls://`` turns TLS on with the system CAs).
 """
@@ -43,7 +45,7 @@ class Profile(enum.Enum):
 _URL_OPTIONS = (
     "profile", "replicas", "max_bytes", "max_msgs", "max_pending_acks", "max_deliver_margin", "dedupe_window",
     "max_age", "publish_timeout", "ack_timeout", "connect_timeout", "pull_expires", "stream", "name", "creds",
-    "tls_ca", "tls_cert", "tls_key", "claim_interval",
+    "tls_ca", "tls_cert", "tls_key", "claim_interval", "ordered_groups",
 )
 
 
@@ -75,6 +77,7 @@ class NatsSettings:
     pull_expires: float = 5.0
     max_deliver_margin: int = 2
     claim_interval: float | None = None
+    ordered_groups: bool = False
 
     def __post_init__(self) -> None:
         if not self.servers:

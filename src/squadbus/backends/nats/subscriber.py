@@ -13,6 +13,14 @@ the missing idle heartbeats and sent again. ``close()`` stops pulling,
 unsubscribes the inbox (the server drops pull requests nobody listens to),
 naks what was buffered but not handed to the handler, and waits for the
 handlers in progress to settle their deliveries.
+
+A member of an ordered group (``ordered_groups``, consumers.py) names the
+priority group in its pulls and, once a message came with a ``Nats-Pin-Id``,
+that pin id: it sends a pull at least every ``ack_wait / 2`` to keep the pin.
+A ``423`` status says a pull's pin id is stale: the next pull carries the pin
+id again if one was seen since, and after a second 423 in a row the member
+forgets it and waits, unpinned, as a standby (its pulls wait until the server
+pins it).
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from squadbus.backends.nats.consumers import PRIORITY_GROUP, pin_timeout
+from squadbus.backends.nats.pinned import TakeoverBuffer
 from squadbus.core import subjects
 from squadbus.core.backend import (
     BatchRawHandler,
@@ -68,6 +78,13 @@ def _ack_info(reply: str) -> tuple[int, int]:
     if len(tokens) == 9:
         return int(tokens[4]), int(tokens[5])
     return int(tokens[6]), int(tokens[7])
+
+
+def _stream_seq(msg: Msg) -> int:
+    try:
+        return _ack_info(msg.reply)[1]
+    except (ValueError, IndexError):
+        return 0
 
 
 class NatsDelivery(Delivery):
@@ -135,6 +152,18 @@ class NatsSubscription:
         self._batch = options.batch_size
         self._expires = backend.settings.pull_expires
         self._request_subject = f"$JS.API.CONSUMER.MSG.NEXT.{backend.settings.stream}.{consumer}"
+        # Ordered groups (pinned_client): the pin id the server gave this member, if any.
+        self._pinned_group = group is not None and backend.settings.ordered_groups
+        self._pin: str | None = None
+        self._stale_pins = 0
+        self._keep_pin = pin_timeout(options) / 4
+        self._pull_wait = min(_HEARTBEAT, self._keep_pin) if self._pinned_group else _HEARTBEAT
+        self._last_pull = 0.0
+        self._takeover: TakeoverBuffer | None = None
+        if self._pinned_group:
+            self._takeover = TakeoverBuffer(
+                self._nc, f"$JS.API.CONSUMER.INFO.{backend.settings.stream}.{consumer}", options.ack_wait,
+                self._release_held, _stream_seq)
         self._batch_handler: BatchRawHandler | None = None
         self._max_wait = 0.0
         self.attempts = backend.attempt_ledger(consumer, open_limit=2 * max(options.max_pending, options.batch_size))
@@ -177,11 +206,23 @@ class NatsSubscription:
         headers = msg.headers
         status = headers.get("Status") if headers else None
         if not status:
+            if self._pinned_group and headers:
+                pin = headers.get("Nats-Pin-Id")
+                if pin:
+                    if pin != self._pin and self._takeover is not None:
+                        logger.info("consumer %s: this member is pinned (receives the group's messages)",
+                                    self.consumer)
+                        self._takeover.start()
+                    self._pin = pin
+                    self._stale_pins = 0
             self._failures = 0
             if self._outstanding > 0:
                 self._outstanding -= 1
             if self._closing:
                 await self.send_ack(msg, b"-NAK")
+                return
+            if self._takeover is not None and self._takeover.holding:
+                self._takeover.add(msg)
                 return
             self._queue.put_nowait(msg)
             return
@@ -190,6 +231,15 @@ class NatsSubscription:
         if status in ("408", "404"):
             self._failures = 0
         assert headers is not None
+        if status == "423":  # a pull with a stale or missing pin id (ordered groups)
+            self._stale_pins += 1
+            if self._stale_pins >= 2 and self._pin is not None:
+                logger.info("consumer %s: another member is pinned; waiting as a standby", self.consumer)
+                self._pin = None
+            pending = headers.get("Nats-Pending-Messages")
+            self._outstanding = max(0, self._outstanding - int(pending)) if pending is not None else 0
+            self._wake.set()
+            return
         pending = headers.get("Nats-Pending-Messages")
         if status in ("408", "404") and pending is not None:
             self._outstanding = max(0, self._outstanding - int(pending))
@@ -213,6 +263,11 @@ class NatsSubscription:
                 logger.info("pull request of %s ended: %s %s", self.consumer, status, description)
         self._wake.set()
 
+    def _release_held(self, msgs: list[Msg]) -> None:
+        for msg in msgs:
+            self._queue.put_nowait(msg)
+        self._wake.set()
+
     async def _pull_loop(self) -> None:
         loop = asyncio.get_running_loop()
         request_heartbeat = int(_HEARTBEAT * 1e9)
@@ -223,14 +278,25 @@ class NatsSubscription:
                 # The consumer or its leader is unavailable: do not hammer the server.
                 await asyncio.sleep(min(2.0, 0.05 * 2 ** min(self._failures, 6)))
             buffered = self._queue.qsize()
+            want = 0
+            request: dict[str, object] = {}
             if self._outstanding + buffered <= self._batch // 2:
                 want = self._batch - self._outstanding - buffered
-                body = json.dumps(
-                    {"batch": want, "expires": int(self._expires * 1e9), "idle_heartbeat": request_heartbeat}
-                ).encode()
+                request = {"batch": want, "expires": int(self._expires * 1e9), "idle_heartbeat": request_heartbeat}
+            elif self._pin is not None and loop.time() - self._last_pull >= self._keep_pin:
+                # Keep the pin: the server re-pins after pin_timeout without a pull from this member.
+                want = 1
+                request = {"batch": 1, "expires": int(self._keep_pin * 1e9)}
+            if want:
+                if self._pinned_group:
+                    request["group"] = PRIORITY_GROUP
+                    if self._pin is not None:
+                        request["id"] = self._pin
+                body = json.dumps(request).encode()
                 try:
                     await self._nc.publish(self._request_subject, body, reply=self._inbox)
                     self._outstanding += want
+                    self._last_pull = loop.time()
                     pause = 0.0
                 except nats.errors.Error as exc:
                     pause = min(1.0, pause * 2 or 0.05)
@@ -239,7 +305,7 @@ class NatsSubscription:
                     continue
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), _HEARTBEAT)
+                await asyncio.wait_for(self._wake.wait(), self._pull_wait)
             if self._outstanding and loop.time() - self._last_heard > quiet_limit:
                 logger.info("no heartbeat for %s for %.1fs: pulling again", self.consumer, quiet_limit)
                 self._outstanding = 0
@@ -406,4 +472,7 @@ class NatsSubscription:
                 await dispatch
         while not self._queue.empty():
             await self.send_ack(self._queue.get_nowait(), b"-NAK")
+        if self._takeover is not None:
+            for msg in self._takeover.drain():
+                await self.send_ack(msg, b"-NAK")
         await self._backend.forget(self)
