@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
+
 import pytest
 
 from squadbus.core.bus import Bus
 from squadbus.testing.conformance import BusFactory, ConformanceSuite, Features, HostProcessCases
+from squadbus.testing.servers.rabbitmq import RabbitServer
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -16,10 +20,19 @@ class TestRabbitConformance(ConformanceSuite, HostProcessCases):
         # Deduplication is per publishing process only (a window of confirmed ids): RabbitMQ has no
         # broker-side dedupe without a plugin Debian does not ship; the store dedupes the rest.
         dedupe=False,
-        # An inbox is a quorum queue and a channel of its own (issue 15's multiplexing is not done
-        # here yet), so the scale case runs what that holds today.
-        inbox_scale=50, inbox_resource_bound=None, inboxes_multiplexed=False,
+        # Inboxes share one channel per Bus (backends/rabbitmq/inboxes.py); each agent keeps a quorum
+        # queue and a consumer record on the broker. The bound is on channels.
+        inbox_scale=200, inbox_resource_bound=4, inboxes_multiplexed=True,
     )
+
+    @pytest.fixture
+    def broker_resources(self, rabbitmq_server: RabbitServer) -> Callable[[], Awaitable[int]]:
+        """AMQP channels open on the node (rabbitmqctl list_channels)."""
+        async def count() -> int:
+            listing = await asyncio.to_thread(rabbitmq_server.ctl, "list_channels", "pid", "--quiet")
+            return len([line for line in listing.splitlines()[1:] if line.strip()])
+
+        return count
 
     @pytest.fixture
     async def bus_factory(self, rabbitmq_url: str) -> BusFactory:

@@ -144,6 +144,7 @@ async def test_broker_crash_while_publishing_loses_nothing_acknowledged(rabbitmq
         async with Bus.from_url(url) as bus:
             await bus.subscribe(subjects.direct(agent), record, group=group)
             await bus.subscribe(subjects.direct(agent), live)  # fan-out: not durable, but it must come back
+            inbox = await bus.inbox(f"{agent}-inbox", broadcasts=False).open()  # on the Bus's inbox channel
             # RabbitMQ 3.10 does not bring back a quorum queue created within about a second before the
             # node crashed (its Raft member is not registered yet): docs/backends/rabbitmq.md.
             await asyncio.sleep(2.0)
@@ -168,6 +169,10 @@ async def test_broker_crash_while_publishing_loses_nothing_acknowledged(rabbitmq
             await eventually(lambda: done >= set(acked), 30, "every acknowledged message after the crash")
             after = await bus.send("pm", agent, "after the restart")
             await eventually(lambda: after.id in live.ids, 20, "the fan-out subscription to be back")
+            to_inbox = await bus.send("pm", f"{agent}-inbox", "to the inbox after the restart")
+            delivery = await inbox.get(30)
+            assert delivery.message.id == to_inbox.id, "the inbox consumer was restored on the shared channel"
+            await delivery.ack()
     finally:
         if not rabbitmq_server.running:
             rabbitmq_server.start()

@@ -34,6 +34,7 @@ from squadbus.backends.rabbitmq.backlog import BacklogCopier
 from squadbus.backends.rabbitmq.connectlogs import ConnectLogs
 from squadbus.backends.rabbitmq.group_figures import group_figures as describe_groups
 from squadbus.backends.rabbitmq.group_figures import registry_record
+from squadbus.backends.rabbitmq.inboxes import InboxChannel, InboxSubscription
 from squadbus.backends.rabbitmq.log import Offset, read_log
 from squadbus.backends.rabbitmq.publisher import RabbitPublisher
 from squadbus.backends.rabbitmq.settings import RabbitSettings
@@ -41,6 +42,7 @@ from squadbus.backends.rabbitmq.subscriber import RabbitSubscription
 from squadbus.backends.rabbitmq.topology import (
     binding_key,
     group_queue_arguments,
+    inbox_queue_arguments,
     log_queue_arguments,
     short_name,
 )
@@ -80,6 +82,7 @@ class RabbitBackend:
         self._probe: aio_pika.abc.AbstractConnection | None = None
         self._probe_lock = asyncio.Lock()
         self._backlog = BacklogCopier(self)
+        self._inbox_channel = InboxChannel(self)
         self._closed = False
 
     # ---- connection --------------------------------------------------------------------------
@@ -174,6 +177,7 @@ class RabbitBackend:
             await sub.close()
         self._closed = True
         await self._backlog.close()
+        await self._inbox_channel.close()
         if self._probe is not None:
             with contextlib.suppress(Exception):
                 await self._probe.close()
@@ -248,11 +252,12 @@ class RabbitBackend:
     def _check_channel_room(self) -> None:
         tune = getattr(self.connection.transport.connection, "connection_tune", None)  # type: ignore[union-attr]
         channel_max = int(getattr(tune, "channel_max", 0) or 0)
-        if channel_max and len(self._subs) >= channel_max - CHANNEL_RESERVE:
+        held = sum(1 for sub in self._subs if not isinstance(sub, InboxSubscription))
+        if channel_max and held >= channel_max - CHANNEL_RESERVE:
             raise BackendError(
-                f"this Bus holds {len(self._subs)} subscriptions, one AMQP channel each, and the broker's "
+                f"this Bus holds {held} subscriptions, one AMQP channel each, and the broker's "
                 f"channel_max is {channel_max}: open the rest in another Bus (process) or raise channel_max "
-                "on the broker (inboxes are subscriptions here)")
+                "on the broker (inboxes share one channel and are not counted)")
 
     def forget(self, sub: RabbitSubscription) -> None:
         """Called by a closing subscription."""
@@ -335,7 +340,29 @@ class RabbitBackend:
             logger.warning("could not record the group queue %s in %s (group_figures of other processes will "
                            "not list it): %s", name, self.settings.registry_queue, exc)
 
-    async def _ensure_group(self, name: str, group: str, pattern: str, start: StartFrom) -> None:
+    async def open_inbox(
+        self, agent_id: str, handler: RawHandler, *, group: str, options: ConsumerOptions
+    ) -> InboxSubscription:
+        """Consume ``agent_id``'s inbox queue on the Bus's inbox channel (MultiplexesInboxes; see
+        :mod:`.inboxes`): created at the first open with the log's backlog; a second open, here or in
+        another process, is a standby until the first closes."""
+        pattern = subjects.direct(agent_id)
+        binding_key(pattern)
+        name = short_name(self.settings.inbox_queue(agent_id))
+        await self._ensure_group(name, group, pattern, StartFrom.EARLIEST, inbox=True)
+        sub = InboxSubscription(self, self._inbox_channel, agent_id, name, handler, group, options)
+        self._subs.add(sub)
+        try:
+            await sub.start()
+        except BaseException as exc:
+            await sub.close()
+            if isinstance(exc, Exception):
+                raise translate(exc, f"open the inbox of {agent_id}") from exc
+            raise
+        return sub
+
+    async def _ensure_group(self, name: str, group: str, pattern: str, start: StartFrom, *,
+                            inbox: bool = False) -> None:
         lock = self._group_locks.setdefault(name, asyncio.Lock())
         async with lock:
             what = f"create the queue {name}"
@@ -343,7 +370,11 @@ class RabbitBackend:
                 created = not await self._queue_exists(name)
                 channel = await self.connection.channel()
                 try:
-                    queue = await self.declare_group_queue(channel, name)
+                    queue: aio_pika.abc.AbstractQueue
+                    if inbox:
+                        queue = await channel.declare_queue(name, durable=True, arguments=inbox_queue_arguments())
+                    else:
+                        queue = await self.declare_group_queue(channel, name)
                     await queue.bind(self.settings.exchange, binding_key(pattern))
                 finally:
                     with contextlib.suppress(Exception):

@@ -118,6 +118,10 @@ class RabbitSettings:
         """The stream queue where each group's creation is recorded (its queue, name and pattern)."""
         return f"{self.namespace}.groups"
 
+    def inbox_queue(self, agent_id: str) -> str:
+        """The quorum queue an agent's direct messages wait in (its inbox)."""
+        return f"{self.namespace}.inbox.{agent_id}"
+
     def group_queue(self, durable: str) -> str:
         """The quorum queue of a consumer group (``durable`` from ``core.backend.durable_name``)."""
         return f"{self.namespace}.group.{durable}"

@@ -74,6 +74,11 @@ def group_queue_arguments(single_active_consumer: bool = False) -> dict[str, Any
     return arguments
 
 
+def inbox_queue_arguments() -> dict[str, Any]:
+    """An agent's inbox queue: quorum, one active consumer at a time (a second open is a standby)."""
+    return {"x-queue-type": "quorum", "x-single-active-consumer": True}
+
+
 def log_queue_arguments(max_age: float, max_bytes: int) -> dict[str, Any]:
     """The log: a stream queue, read by offset without consuming it."""
     arguments: dict[str, Any] = {"x-queue-type": "stream"}

@@ -1,0 +1,54 @@
+"""RabbitMQ inboxes (backends/rabbitmq/inboxes.py): one shared channel per Bus, an agent's queue with a
+single active consumer, so a second open of an agent (another process) is a standby that takes over,
+with what the first held unsettled (last: a quorum queue requeues behind), when the first closes."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from squadbus.backends.rabbitmq import RabbitBackend
+from squadbus.core.bus import Bus
+from squadbus.core.errors import ReceiveTimeout
+
+pytestmark = pytest.mark.rabbitmq
+
+
+async def test_a_second_process_opening_an_agent_waits_then_takes_over(rabbitmq_url: str) -> None:
+    agent = f"a-{uuid.uuid4().hex[:8]}"
+    async with Bus.from_url(rabbitmq_url) as first_bus, Bus.from_url(rabbitmq_url) as second_bus:
+        first = await first_bus.inbox(agent, broadcasts=False).open()
+        second = await second_bus.inbox(agent, broadcasts=False).open()
+        sent = [await first_bus.send("pm", agent, f"m{i}") for i in range(3)]
+        held = await first.get(20)
+        assert held.message.id == sent[0].id
+        with pytest.raises(ReceiveTimeout):
+            await second.get(0.5)  # a standby while the first holds the agent
+        await first.close()  # gives m0 back unsettled
+        got = []
+        for _ in sent:
+            delivery = await second.get(20)
+            got.append((delivery.message.id, delivery.attempt))
+            await delivery.ack()
+        # A 3.10 quorum queue requeues a given-back message behind the ones already queued: m0 comes last,
+        # as its second attempt (docs/backends/rabbitmq.md, "nack(delay)").
+        assert got == [(sent[1].id, 1), (sent[2].id, 1), (sent[0].id, 2)]
+        await second.close()
+
+
+async def test_inboxes_share_one_channel_of_the_bus(rabbitmq_url: str) -> None:
+    async with Bus.from_url(rabbitmq_url) as bus:
+        backend = bus.backend
+        assert isinstance(backend, RabbitBackend)
+        connection = backend.connection.transport.connection  # type: ignore[union-attr]
+        before = len(connection.channels)
+        inboxes = [await bus.inbox(f"a{i}-{uuid.uuid4().hex[:6]}", broadcasts=False).open() for i in range(10)]
+        assert len(connection.channels) - before == 1
+        sent = await asyncio.gather(*(bus.send("pm", inbox.agent_id, "hi") for inbox in inboxes))
+        for inbox, message in zip(inboxes, sent, strict=True):
+            delivery = await inbox.get(20)
+            assert delivery.message.id == message.id
+            await delivery.ack()
+            await inbox.close()
