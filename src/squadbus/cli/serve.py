@@ -81,7 +81,7 @@ def serve(
     from squadbus.service import ServiceOptions, create_app
     from squadbus.service.auth import load_tokens
     from squadbus.service.open_mode import is_loopback
-    from squadbus.service.server import ServerLimits, protocol_class
+    from squadbus.service.server import ServerLimits, ServiceServer, protocol_class
 
     base = ctx.obj if isinstance(ctx.obj, Settings) else Settings.from_env()
     try:
@@ -125,7 +125,7 @@ def serve(
     gc.freeze()
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=10, http=protocol_class(limits))
-    server = uvicorn.Server(config)
+    server = ServiceServer(config)  # ends SSE streams as it stops (no 10 s wait for open dashboards)
     try:
         server.run()
     except KeyboardInterrupt:

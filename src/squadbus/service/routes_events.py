@@ -21,7 +21,9 @@ and replicas sharing the store. How exact "after N" is depends on the engine:
 Without a cursor, ``start=earliest`` (default) streams the whole retained
 history first, ``start=new`` only messages created from the moment the stream
 opened. A cursor older than everything retained gets one ``gap`` event first.
-The first event, ``start`` (no id), says where the stream begins.
+The first event, ``start`` (no id), says where the stream begins. When the
+server stops, the stream ends after the rows it has read (resume with
+``Last-Event-ID``).
 """
 
 from __future__ import annotations
@@ -139,10 +141,12 @@ async def squad_events(
                             out, size = [], 0
                 if out:
                     yield b"".join(out)
+                if hub.closing:
+                    return  # the server is stopping: the client resumes after what was sent
                 if page.next_cursor is not None:
                     del page  # not held through the next read
                     continue
-                if not await watcher.wait(heartbeat):
+                if not await watcher.wait(heartbeat) and not hub.closing:
                     yield HEARTBEAT_FRAME
         finally:
             hub.unwatch(watcher)

@@ -8,7 +8,9 @@ store, so nothing is lost or repeated across reconnects, service restarts and
 replicas sharing a store. Rows removed by retention since that seq become one
 ``gap`` event (``{"from_seq", "to_seq", "reason"}``, id = ``to_seq``). Comment
 lines (``: keepalive``) are sent every ``heartbeat`` seconds. Closing the
-stream cancels nothing but the stream.
+stream cancels nothing but the stream. When the server stops, the stream ends
+(cleanly, after the events it holds) and the client resumes with
+``Last-Event-ID``.
 """
 
 from __future__ import annotations

@@ -18,6 +18,12 @@ The body is the app's business (``ServiceOptions.body_timeout``, see
 :mod:`.limits`). ``squadbus serve`` installs these classes; with plain
 uvicorn, pass ``--http squadbus.service.server:GuardedHttpToolsProtocol``
 (or ``GuardedH11Protocol``) for the default :class:`ServerLimits`.
+
+:class:`ServiceServer` is the uvicorn ``Server`` of ``squadbus serve``: when
+it starts to stop (SIGTERM, Ctrl-C) it ends the app's SSE streams first.
+uvicorn's graceful shutdown waits for open responses, and an SSE stream never
+ends by itself, so one open dashboard held every stop for the whole graceful
+timeout (10 s); the app's lifespan shutdown comes only after that wait.
 """
 
 from __future__ import annotations
@@ -25,9 +31,11 @@ from __future__ import annotations
 import asyncio
 import json
 import resource
+import socket
 from dataclasses import dataclass
 from typing import Any
 
+import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -139,3 +147,24 @@ def protocol_class(limits: ServerLimits, *, http: str = "auto") -> type[asyncio.
     """A uvicorn ``http=`` protocol class enforcing ``limits`` (``http``: auto, h11 or httptools)."""
     base: type[_Guard] = GuardedH11Protocol if http == "h11" else GuardedHttpToolsProtocol
     return type(f"{base.__name__}Limited", (base,), {"limits": limits})
+
+
+def end_sse_streams(app: object) -> None:
+    """End the SSE streams of ``app``'s running service, if it is a squadbus app that is running."""
+    service = getattr(getattr(app, "state", None), "service", None)
+    hub = getattr(service, "hub", None)
+    if hub is not None:
+        hub.end_streams()
+
+
+class ServiceServer(uvicorn.Server):
+    """uvicorn's ``Server`` that ends the app's SSE streams as its shutdown begins (see the module docstring).
+
+    Each stream sends what it holds and ends its response, so its connection
+    closes at once; clients resume with ``Last-Event-ID``.
+    """
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """End the SSE streams, then uvicorn's graceful shutdown (which no longer waits for them)."""
+        end_sse_streams(self.config.app)
+        await super().shutdown(sockets)

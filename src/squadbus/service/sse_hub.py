@@ -24,6 +24,9 @@ what the store holds, never straight from the bus:
 * a :class:`Watcher` is a stream of every execution (``GET /v1/events``): it
   reads the store in its global order itself and is only woken by the hub on
   every offer, notify and poll.
+* :meth:`SseHub.end_streams` (the server is stopping) ends every stream after
+  it has sent what it holds: an open stream would otherwise hold the server's
+  graceful shutdown for its whole timeout. Clients resume with ``Last-Event-ID``.
 
 Everything runs on the event loop; there is no lock.
 """
@@ -338,6 +341,8 @@ class SseHub:
         self._feeds: dict[UUID, Feed] = {}
         self._watchers: set[Watcher] = set()
         self._poller: asyncio.Task[None] | None = None
+        self.closing = False
+        """Set by :meth:`end_streams`: every stream ends after sending what it holds."""
 
     @property
     def viewer_count(self) -> int:
@@ -354,8 +359,26 @@ class SseHub:
         if self._poller is None:
             self._poller = asyncio.get_running_loop().create_task(self._poll())
 
+    def end_streams(self) -> None:
+        """End every open stream (and any opened later) once it has sent what it holds. Idempotent.
+
+        Called when the server starts to stop, so that no stream holds its
+        graceful shutdown; each client resumes elsewhere or later with
+        ``Last-Event-ID``, so nothing is lost.
+        """
+        if self.closing:
+            return
+        self.closing = True
+        viewers = self.viewer_count
+        for feed in self._feeds.values():
+            for viewer in feed.viewers:
+                viewer.wake()
+        self._wake_watchers()
+        logger.info("ending %d SSE streams: the server is stopping", viewers + len(self._watchers))
+
     async def close(self) -> None:
-        """Stop polling and every feed; connected viewers stop getting live events. Idempotent."""
+        """End every stream, stop polling and every feed. Idempotent."""
+        self.end_streams()
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -460,8 +483,9 @@ class ViewerStream:
         Read page by page (``page_bytes`` of bodies at most) and sent as read,
         so a replay never holds more than a page, however long the history.
         """
-        store, execution, stats = self.hub.store, self.viewer.execution, self.hub.stats
-        while True:
+        hub, execution, stats = self.hub, self.viewer.execution, self.hub.stats
+        store = hub.store
+        while not hub.closing:  # stopping: what was sent stands, the client resumes after it
             stats.store_reads += 1
             rows = await store.after(execution, self.last, STORE_PAGE, max_bytes=self.hub.page_bytes)
             if not rows:
@@ -507,11 +531,15 @@ class ViewerStream:
         return frame
 
     async def frames(self) -> AsyncIterator[bytes]:
-        """Resume from the store, then live frames and heartbeats, until the client goes away."""
-        viewer = self.viewer
+        """Resume from the store, then live frames and heartbeats, until the client goes away or the hub ends it.
+
+        When the hub ends the streams, the frames already buffered that
+        continue the sequence are sent first.
+        """
+        viewer, hub = self.viewer, self.hub
         async for chunk in self.catch_up():
             yield chunk
-        while True:
+        while not hub.closing:
             if viewer.behind:
                 viewer.behind = False
                 # drop what is buffered: the store read below covers it, in order
@@ -523,19 +551,26 @@ class ViewerStream:
                     await asyncio.sleep(_BEHIND_RETRY)
                 continue
             if not await viewer.wait(self.heartbeat):
-                yield HEARTBEAT_FRAME
+                if not hub.closing:
+                    yield HEARTBEAT_FRAME
                 continue
             if viewer.behind:
                 continue
-            batch = viewer.take()
-            out: list[bytes] = []
-            for seq, frame in batch:
-                if seq <= self.last:
-                    continue
-                if seq != self.last + 1:
-                    viewer.behind = True
-                    break
-                out.append(frame)
-                self.last = seq
-            if out:
-                yield b"".join(out)
+            if live := self._take_live():
+                yield live
+        if not viewer.behind and (live := self._take_live()):
+            yield live
+
+    def _take_live(self) -> bytes:
+        """The buffered frames that continue ``last``, joined; marks the viewer behind at a hole."""
+        viewer = self.viewer
+        out: list[bytes] = []
+        for seq, frame in viewer.take():
+            if seq <= self.last:
+                continue
+            if seq != self.last + 1:
+                viewer.behind = True
+                break
+            out.append(frame)
+            self.last = seq
+        return b"".join(out)
