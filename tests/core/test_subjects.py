@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from squadbus.core import subjects
-from squadbus.core.errors import InvalidSubject
+from squadbus.core.errors import ConfigError, InvalidSubject
 
 token = st.sampled_from(["agent", "message", "dev-1", "x", "broadcast", "domain", "a_b", "ü"])
 subject_tokens = st.lists(token, min_size=1, max_size=6)
@@ -87,3 +87,19 @@ def test_scheme() -> None:
         subjects.direct("broadcast")
     with pytest.raises(InvalidSubject):
         subjects.direct("dev.1")
+
+
+@pytest.mark.parametrize("pattern", ["agent.>", "agent.message.*", "agent.*.dev-1"])
+def test_squad_pattern_accepts(pattern: str) -> None:
+    assert subjects.validate_squad_pattern(pattern) == pattern
+
+
+@pytest.mark.parametrize("pattern", ["_INBOX.>", ">", "*.>", "*.message.dev-1", "agent"])
+def test_squad_pattern_rejects_what_is_not_under_agent(pattern: str) -> None:
+    with pytest.raises(ConfigError, match=r"outside the squad's subjects agent\.>"):
+        subjects.validate_squad_pattern(pattern)
+
+
+def test_squad_pattern_rejects_malformed() -> None:
+    with pytest.raises(InvalidSubject):
+        subjects.validate_squad_pattern("agent..x")

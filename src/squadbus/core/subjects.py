@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from functools import lru_cache
 
-from squadbus.core.errors import InvalidSubject
+from squadbus.core.errors import ConfigError, InvalidSubject
 
 ROOT = "agent"
 MESSAGE_PREFIX = "agent.message"
@@ -102,6 +102,19 @@ def validate_pattern(pattern: str) -> str:
                 raise InvalidSubject(f"pattern {pattern!r}: '>' must be the last token")
         elif token != "*" and not _is_plain(token):
             raise InvalidSubject(f"pattern {pattern!r}: token {token!r} is not allowed")
+    return pattern
+
+
+def validate_squad_pattern(pattern: str) -> str:
+    """Return ``pattern`` if it is valid and names squad subjects only (its first token is ``agent``).
+
+    Raises InvalidSubject for a malformed pattern and ConfigError for one not
+    inside :data:`ALL` (``_INBOX.>``, ``>``, ``*.message.x``): what a backend
+    subscribing in its squad stream or exchange refuses.
+    """
+    validate_pattern(pattern)
+    if not matches(ALL, pattern.replace("*", "x").replace(">", "x")):
+        raise ConfigError(f"pattern {pattern!r} is outside the squad's subjects {ALL}")
     return pattern
 
 

@@ -41,7 +41,7 @@ from squadbus.backends.nats.translate import is_transient, translate
 from squadbus.core import subjects
 from squadbus.core.backend import BatchRawHandler, ConsumerOptions, GroupFigures, RawHandler, Subscription, batch_only
 from squadbus.core.envelope import Message
-from squadbus.core.errors import BackendError, Closed, ConfigError, ConnectionLost
+from squadbus.core.errors import BackendError, Closed, ConnectionLost
 from squadbus.core.inbox_source import InboxPresence
 
 logger = logging.getLogger("squadbus.backends.nats")
@@ -293,9 +293,7 @@ class NatsBackend:
         self, pattern: str, handler: RawHandler, group: str | None, options: ConsumerOptions,
         batches: tuple[BatchRawHandler, float] | None,
     ) -> NatsSubscription:
-        subjects.validate_pattern(pattern)
-        if not subjects.matches(subjects.ALL, pattern.replace("*", "x").replace(">", "x")):
-            raise ConfigError(f"pattern {pattern!r} is outside the stream's subjects {subjects.ALL}")
+        subjects.validate_squad_pattern(pattern)
         js = self.js
         config = consumer_config(pattern, group, options, self.settings)
         await ensure_consumer(js, self.settings.stream, config)

@@ -225,9 +225,7 @@ class RabbitBackend:
         self, pattern: str, handler: RawHandler, group: str | None, options: ConsumerOptions,
         batches: tuple[BatchRawHandler, float] | None,
     ) -> RabbitSubscription:
-        subjects.validate_pattern(pattern)
-        if not subjects.matches(subjects.ALL, pattern.replace("*", "x").replace(">", "x")):
-            raise ConfigError(f"pattern {pattern!r} is outside the squad's subjects {subjects.ALL}")
+        subjects.validate_squad_pattern(pattern)
         binding_key(pattern)  # refuses a pattern too long for AMQP before anything is created
         self._check_channel_room()
         queue_name = None
