@@ -263,3 +263,20 @@ async def test_a_delivery_held_by_an_agent_does_not_hold_up_a_rebalance(url: str
             delivery = await inbox.get(10.0)  # the join, not ack_wait (was: stuck until ack_wait)
             assert delivery.message.id == sent.id
             await delivery.ack()
+
+
+async def test_closing_the_backend_under_an_inbox_holding_a_delivery_ends_and_loses_nothing(url: str) -> None:
+    agent = _uid("agent")
+    bus = await Bus.from_url(url).start()
+    try:
+        inbox = await bus.inbox(agent, broadcasts=False).open()
+        sent = await bus.send("pm", agent, "held while the backend closes")
+        held = await inbox.get(TIMEOUT)
+        assert held.message.id == sent.id
+        await asyncio.wait_for(bus.backend.close(), 10)
+    finally:
+        await bus.close()
+    async with Bus.from_url(url) as again, again.inbox(agent, broadcasts=False) as reopened:
+        delivery = await reopened.get(TIMEOUT)
+        assert delivery.message.id == sent.id, "not committed past: read again"
+        await delivery.ack()

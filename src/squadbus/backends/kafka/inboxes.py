@@ -287,8 +287,8 @@ class KafkaInboxHub:
         for agent in list(self._agents.values()):
             for holder in list(agent.holders):
                 await self.close_holder(holder)
-        for task in self._tasks:
-            task.cancel()
+        for task in [*self._tasks, *self._handling]:
+            task.cancel()  # a handler cancelled while unsettled nacks its delivery (core.backend.invoke)
         for task in [*self._tasks, *self._handling]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -313,6 +313,10 @@ class KafkaInboxHub:
                 batch = await consumer.getmany(timeout_ms=_POLL_MS, max_records=_FETCH_MAX)
             except KafkaError as exc:
                 logger.warning("inbox fetch failed, retrying: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            except Exception:  # a bug must not stop every inbox of the Bus: log it, fetch again
+                logger.exception("inbox fetch of %s failed unexpectedly, retrying", self._topic)
                 await asyncio.sleep(0.5)
                 continue
             moved = False
