@@ -21,7 +21,6 @@ from squadbus.core.bus import Bus
 from squadbus.core.errors import ConfigError, ReceiveTimeout
 from squadbus.core.placement import InboxPlacement
 from squadbus.testing.servers.kafka import TansuServer
-from tests.kafka.conftest import GROUP_OPTIONS
 
 pytestmark = pytest.mark.kafka
 
@@ -37,7 +36,7 @@ def _uid(prefix: str) -> str:
 def url(tansu: TansuServer) -> str:
     """Topics and an inbox group of this test's own (4 partitions) on the session broker."""
     return (f"{tansu.url}?partitions={PARTITIONS}&idempotence=off&topic={_uid('t')}&inbox_group={_uid('ib')}"
-            f"&{GROUP_OPTIONS}")
+            "&session_timeout_ms=2000&heartbeat_interval_ms=500")  # joins ~1 s on tansu
 
 
 def _partition(agent: str) -> int:
