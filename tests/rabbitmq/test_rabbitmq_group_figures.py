@@ -12,6 +12,8 @@ from squadbus.core.backend import ConsumerOptions, DescribesGroups, StartFrom
 from squadbus.core.bus import Bus
 from squadbus.testing.conformance import Collector, eventually
 from tests.core.group_scenario import WAITING, figures_of, scenario, wait_for_figures
+from tests.service.conftest import MakeApp, asgi, make_app, options, store_url  # noqa: F401 (fixtures)
+from tests.service.test_metrics_groups import labels, scrape
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -55,3 +57,14 @@ async def test_a_deleted_group_queue_is_left_out(rabbitmq_url: str) -> None:
         await channel.queue_delete(queue)
         await channel.close()
         assert await backend.group_figures() == []
+
+
+async def test_metrics_shows_a_rabbitmq_groups_lag(make_app: MakeApp, rabbitmq_url: str) -> None:  # noqa: F811
+    async with Bus.from_url(rabbitmq_url) as bus, asgi(make_app(bus=bus, workers=())) as api, \
+            scenario(bus, "workers") as pattern:
+        assert isinstance(bus.backend, DescribesGroups)
+        await wait_for_figures(bus.backend, "workers", lambda f: f.lag == WAITING)
+        got = await scrape(api)
+    assert got[("squadbus_group_figures_up", ())] == 1
+    assert got[("squadbus_group_lag", labels(group="workers", subject=pattern))] == WAITING
+    assert not any(name == "squadbus_group_pending" for name, _ in got), "RabbitMQ cannot tell: no sample"
