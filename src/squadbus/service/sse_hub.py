@@ -369,12 +369,13 @@ class SseHub:
         if self.closing:
             return
         self.closing = True
-        viewers = self.viewer_count
+        streams = self.viewer_count + len(self._watchers)
         for feed in self._feeds.values():
             for viewer in feed.viewers:
                 viewer.wake()
         self._wake_watchers()
-        logger.info("ending %d SSE streams: the server is stopping", viewers + len(self._watchers))
+        if streams:
+            logger.info("ending %d SSE streams: the server is stopping (clients resume with Last-Event-ID)", streams)
 
     async def close(self) -> None:
         """End every stream, stop polling and every feed. Idempotent."""
