@@ -1,6 +1,6 @@
-"""RabbitMQ inboxes today (each inbox a group: a quorum queue + a channel + a consumer): what N cost.
+"""RabbitMQ inboxes (backends/rabbitmq/inboxes.py: a queue + a consumer each, one channel per Bus): N's cost.
 
-    .venv/bin/python bench/bench_inboxes_rabbitmq.py --agents 200 1000 2000 [--timeout 300]
+    .venv/bin/python bench/bench_inboxes_rabbitmq.py --agents 200 2000 10000 [--timeout 500]
 
 One process, one Bus, ``bus.inbox(agent, broadcasts=False)`` per agent (direct messages only). One
 message per agent is sent before the inboxes open (it must wait for them) and one after; every agent
@@ -93,8 +93,8 @@ async def one_case(server: RabbitServer, agents: int, timeout: float) -> dict[st
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--agents", type=int, nargs="+", default=[200, 1000, 2000])
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds a case may take")
+    parser.add_argument("--agents", type=int, nargs="+", default=[200, 2000, 10000])
+    parser.add_argument("--timeout", type=float, default=500.0, help="seconds a case may take")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory, RabbitServer(directory) as server:
         for agents in args.agents:
