@@ -1,13 +1,15 @@
 """RabbitMQ inboxes (backends/rabbitmq/inboxes.py: a queue + a consumer each, one channel per Bus): N's cost.
 
-    .venv/bin/python bench/bench_inboxes_rabbitmq.py --agents 200 2000 10000 [--timeout 500]
+    .venv/bin/python bench/bench_inboxes_rabbitmq.py --agents 200 2000 10000 [--timeout 500] [--steady 280]
 
 One process, one Bus, ``bus.inbox(agent, broadcasts=False)`` per agent (direct messages only). One
 message per agent is sent before the inboxes open (it must wait for them) and one after; every agent
 must get exactly its two. Reported per case: open time (and with the backlog delivered), deliver-1-each
 time, the node's queues, channels and consumers (``rabbitmqctl``), the Erlang VM's RSS growth and
 the client's RSS growth; a case that fails (or passes ``--timeout``) reports how many inboxes were
-open and the error. Starts its own private node in a temp dir and stops it by PID; each case uses a
+open and the error. With ``--steady`` msgs/s, the shared driver's steady state follows
+(``squadbus.benchmarks.inboxes.steady_state``: random agents for ``--seconds``, latency p50/p99, the
+node's CPU share). Starts its own private node in a temp dir and stops it by PID; each case uses a
 namespace of its own. Prints one JSON line per case.
 """
 
@@ -15,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import tempfile
 import time
 import uuid
 
+from squadbus.benchmarks.inboxes import steady_state
 from squadbus.core.bus import Bus
 from squadbus.core.inbox import Inbox
 from squadbus.testing.servers.rabbitmq import RabbitServer
@@ -48,7 +52,8 @@ def counts(server: RabbitServer) -> dict[str, int]:
             "consumers": len(rows("list_consumers", "queue_name"))}
 
 
-async def one_case(server: RabbitServer, agents: int, timeout: float) -> dict[str, object]:
+async def one_case(server: RabbitServer, agents: int, timeout: float, steady: float = 0.0,
+                   seconds: float = 10.0) -> dict[str, object]:
     url = f"{server.url}?namespace=i{uuid.uuid4().hex[:8]}"
     rss0, node0 = rss_mib(), node_rss(server)
     result: dict[str, object] = {"agents": agents}
@@ -85,6 +90,10 @@ async def one_case(server: RabbitServer, agents: int, timeout: float) -> dict[st
         result.update(counts(server))
         result["node_rss_growth_mib"] = round(node_rss(server) - node0, 1)
         result["client_rss_growth_mib"] = round(rss_mib() - rss0, 1)
+        if steady and len(inboxes) == agents and "error" not in result:
+            result.update(await steady_state(bus, inboxes, names, steady, seconds,
+                                             server_pid=server._beam_pids()[0], server_cpu_key="node_cpu"))
+            gc.unfreeze()
         for first in range(0, len(inboxes), CHUNK):
             await asyncio.gather(*(inbox.close() for inbox in inboxes[first:first + CHUNK]),
                                  return_exceptions=True)
@@ -95,10 +104,15 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--agents", type=int, nargs="+", default=[200, 2000, 10000])
     parser.add_argument("--timeout", type=float, default=500.0, help="seconds a case may take")
+    parser.add_argument("--steady", type=float, default=0.0, help="msgs/s to random agents after opening")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--runs", type=int, default=1)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory, RabbitServer(directory) as server:
-        for agents in args.agents:
-            print(json.dumps(await one_case(server, agents, args.timeout)), flush=True)
+        for _ in range(args.runs):
+            for agents in args.agents:
+                result = await one_case(server, agents, args.timeout, args.steady, args.seconds)
+                print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
