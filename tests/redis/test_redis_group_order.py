@@ -100,12 +100,13 @@ async def test_members_split_the_partitions_and_each_execution_stays_in_order(re
     settings = RedisSettings.from_url(redis_url)
     leases = f"{settings.prefix}:glease:{durable_name(group, pattern)}:*"
     owners = 0
+    stop = asyncio.Event()
 
     async def count_owners() -> None:
         nonlocal owners
         client = aioredis.Redis(host=settings.host, port=settings.port)
         try:
-            while True:
+            while not stop.is_set():
                 keys = [key async for key in client.scan_iter(leases)]
                 owners = len(set(await client.mget(keys))) if keys else 0
                 await asyncio.sleep(0.05)
@@ -127,7 +128,8 @@ async def test_members_split_the_partitions_and_each_execution_stays_in_order(re
         for i in range(200, 264):
             await bus_a.send("pm", agent, str(i), task_execution_id=executions[i % len(executions)])
         await eventually(lambda: len(handled) >= 264, WAIT, "the member left to take the closed one's partitions")
-    counting.cancel()
+    stop.set()
+    await asyncio.wait_for(counting, WAIT)
     assert sorted(n for _, _, n in handled) == list(range(264)), "each message once"
     by_execution: dict[uuid.UUID | None, list[int]] = {}
     for _, execution, n in handled:

@@ -35,6 +35,7 @@ import secrets
 import socket
 from collections import defaultdict
 from collections.abc import Callable, Container
+from functools import partial
 from typing import Any
 
 from squadbus.backends.redis._driver import (
@@ -168,12 +169,13 @@ class GroupSubscription(BaseConsumer):
         for stream in self.streams:
             await self._take_over_stream(stream)
 
-    async def _take_over_stream(self, stream: str) -> None:
-        """Claim every entry pending on ``stream`` (any member's), in id order, and queue it."""
+    async def _take_over_stream(self, stream: str, owned: Callable[[], bool] = lambda: True) -> None:
+        """Claim every entry pending on ``stream`` (any member's), in id order, and queue it; stop
+        early once ``owned()`` is False (an ordered group's partition went to another member)."""
         backoff = 0.05
         client = self.ctx.client
         cursor: bytes | str = "0-0"
-        while True:
+        while owned() and not self.closing:
             room = await self.wait_for_room()
             try:
                 next_cursor, entries, deleted = await call(client,
@@ -309,6 +311,9 @@ class GroupSubscription(BaseConsumer):
 
     # ---- ordered groups: partition leases (leases.py) -----------------------------------------
 
+    def _owns(self, index: int) -> bool:
+        return index in self._owned
+
     def _claim_streams(self) -> list[str]:
         """The streams this member may claim idle entries on: all, or the ones it serves (ordered)."""
         if self._leases is None:
@@ -318,7 +323,9 @@ class GroupSubscription(BaseConsumer):
     async def _lease_loop(self) -> None:
         loop = asyncio.get_running_loop()
         interval = self.options.ack_wait / 3
-        while True:
+        # Loops test `closing` too: asyncio.wait_for on 3.11 can swallow a cancellation, and close()
+        # waits for these tasks.
+        while not self.closing:
             await asyncio.sleep(interval)
             try:
                 await self._renew_leases()
@@ -387,7 +394,7 @@ class GroupSubscription(BaseConsumer):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.options.ack_wait
         try:
-            while index in self._owned:
+            while index in self._owned and not self.closing:
                 for entry_id, entry in list(held.items()):
                     if entry.timer is not None:  # waiting to retry: the next owner retries it
                         entry.timer.cancel()
@@ -399,7 +406,7 @@ class GroupSubscription(BaseConsumer):
                     break
                 await asyncio.sleep(0.02)
             # Acks are sent by a background task: wait (briefly) until only what we give back is pending.
-            while index in self._owned and loop.time() < deadline:
+            while index in self._owned and loop.time() < deadline and not self.closing:
                 rows = await call(self.ctx.client,
                     "XPENDING", stream, self.redis_group, "-", "+", len(waiting) + 1, self.consumer,
                     parse_detail=True,
@@ -424,9 +431,9 @@ class GroupSubscription(BaseConsumer):
         wait = min(self.ctx.settings.block, self.options.ack_wait / 4)
         reconnects = self.ctx.reconnects
         connected = reconnects.count
-        while True:
+        while not self.closing:
             for index in sorted(self._to_take):
-                await self._take_over_stream(self.streams[index])
+                await self._take_over_stream(self.streams[index], partial(self._owns, index))
                 self._to_take.discard(index)
                 if index in self._owned and index not in self._releasing:
                     self._serving.add(index)
