@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -18,7 +20,9 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+import redis as sync_redis
 from squadbus.backends.redis import RedisSettings
+from squadbus.backends.redis.group import GroupSubscription
 from squadbus.core import subjects
 from squadbus.core.backend import ConsumerOptions, Delivery, durable_name
 from squadbus.core.bus import Bus
@@ -135,6 +139,50 @@ async def test_members_split_the_partitions_and_each_execution_stays_in_order(re
     for _, execution, n in handled:
         by_execution.setdefault(execution, []).append(n)
     assert all(ns == sorted(ns) for ns in by_execution.values()), "each execution in send order"
+
+
+async def test_a_member_paused_past_its_lease_stops_serving_the_partition(redis_url: str) -> None:
+    """A member whose process stalled past ack_wait (its lease expired and another member took the
+    partition) hands out nothing more from it, and serves it again only once it holds the lease again."""
+    agent, group = f"agent-{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:8]}"
+    pattern = subjects.direct(agent)
+    settings = RedisSettings.from_url(redis_url)
+    lease = f"{settings.prefix}:glease:{durable_name(group, pattern)}:0"
+    got: list[str] = []
+
+    async def handle(delivery: Delivery) -> None:
+        got.append(delivery.message.content)
+
+    def take_the_lease_and_send() -> None:  # another member and a producer, while this process stands still
+        with sync_redis.Redis(host=settings.host, port=settings.port) as client:
+            client.set(lease, "another-member")
+
+        async def send() -> None:
+            async with Bus.from_url(redis_url) as producer:
+                await producer.send("pm", agent, "while another member holds the partition")
+
+        asyncio.run(send())
+
+    async with Bus.from_url(redis_url) as bus:
+        sub = await bus.subscribe(pattern, handle, group=group, options=ConsumerOptions(ack_wait=1.0))
+        assert isinstance(sub, GroupSubscription)
+        await bus.send("pm", agent, "before")
+        await eventually(lambda: got == ["before"], WAIT, "the first message")
+        taker = threading.Timer(1.2, take_the_lease_and_send)
+        taker.start()
+        time.sleep(1.5)  # noqa: ASYNC251 - the whole process stalls (a GC pause, SIGSTOP), on purpose
+        taker.join()
+        # Its read of before the stall answers late and its next one would find the new message: the
+        # lease deadline has passed, so it must not hand anything out.
+        await asyncio.sleep(1.0)  # three renewals: none may take it back, nothing may be read
+        assert got == ["before"]
+        client = aioredis.Redis(host=settings.host, port=settings.port)
+        try:
+            await client.delete(lease)  # the other member is gone: its lease ends
+        finally:
+            await client.aclose()
+        await eventually(lambda: len(got) == 2, WAIT, "the partition served again once its lease is free")
+        assert got == ["before", "while another member holds the partition"]
 
 
 def _done_in(log: Path) -> set[uuid.UUID]:
