@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -145,6 +146,8 @@ class BaseConsumer:
         self._batch_handler: BatchRawHandler | None = None
         self._max_wait = 0.0
         self.on_closed: Callable[[BaseConsumer], None] | None = None
+        self.lease_deadline = math.inf
+        """Loop time after which nothing is handed out until :meth:`lease_renewed` (ordered groups)."""
 
     def use_batches(self, handler: BatchRawHandler, max_wait: float) -> None:
         """Before start: hand the handler batches of up to ``batch_size`` entries (one batch at a time)
@@ -223,6 +226,7 @@ class BaseConsumer:
         queue = self.queue
         handler, options, counters = self._handler, self.options, self.ctx.counters
         half = options.batch_size // 2
+        now = asyncio.get_running_loop().time
         while not self.closing:
             entry = queue.take()
             if entry is None:
@@ -233,7 +237,7 @@ class BaseConsumer:
                     self._idle.discard(me)
             if len(queue) <= half:
                 self.room.set()
-            if entry.dropped:
+            if entry.dropped or (now() >= self.lease_deadline and not await self.lease_renewed(entry)):
                 continue
             entry.handed = True
             counters.delivered += 1
@@ -244,6 +248,7 @@ class BaseConsumer:
         assert me is not None
         limit = self.options.batch_size
         queue = self.queue
+        now = asyncio.get_running_loop().time
 
         async def more() -> Entry | None:
             # The reader waits for room while more than half a batch is queued; the queue is empty
@@ -269,7 +274,7 @@ class BaseConsumer:
             counters = self.ctx.counters
             deliveries: list[Delivery] = []
             for entry in entries:
-                if entry.dropped:
+                if entry.dropped or (now() >= self.lease_deadline and not await self.lease_renewed(entry)):
                     continue
                 entry.handed = True
                 deliveries.append(RedisDelivery(entry, self, self.group))
@@ -304,6 +309,10 @@ class BaseConsumer:
 
     def settle_nack(self, entry: Entry, delay: float) -> None:
         raise NotImplementedError
+
+    async def lease_renewed(self, entry: Entry) -> bool:
+        """Called past ``lease_deadline``: True once ``entry`` may be handed out (default: at once)."""
+        return True
 
     async def touch(self, entry: Entry) -> None:
         """Extend ``ack_wait`` for ``entry`` (default: nothing to extend)."""

@@ -105,7 +105,9 @@ class GroupSubscription(BaseConsumer):
         self._read_lock = asyncio.Lock()
         self._renewing = asyncio.Lock()
         self._lease_changed = asyncio.Event()
-        self._lease_deadline = 0.0
+        self._lease_news = asyncio.Event()  # set by every renewal and loss (lease_renewed waits on it)
+        if self._leases is not None:
+            self.lease_deadline = 0.0  # nothing is handed out before the first renewal
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -331,7 +333,7 @@ class GroupSubscription(BaseConsumer):
                 await self._renew_leases()
             except FAILURES as exc:
                 logger.warning("group %s: could not renew partition leases: %r", self.group, exc)
-                if self._owned and loop.time() >= self._lease_deadline:
+                if self._owned and loop.time() >= self.lease_deadline:
                     for index in sorted(self._owned):
                         self._lose(index)
 
@@ -345,7 +347,8 @@ class GroupSubscription(BaseConsumer):
         loop = asyncio.get_running_loop()
         sent = loop.time()
         tick = await self._leases.tick(self._owned)
-        self._lease_deadline = sent + self.options.ack_wait
+        self.lease_deadline = sent + self.options.ack_wait
+        self._lease_news.set()
         for index in sorted(self._owned - tick.held):
             self._lose(index)
         gained = tick.held - self._owned
@@ -380,6 +383,7 @@ class GroupSubscription(BaseConsumer):
                 continue  # in a handler: its ack is harmless, the new owner may deliver it again
             entry.dropped = True
             del held[entry_id]
+        self._lease_news.set()
 
     async def _give_back(self, index: int) -> None:
         """Stop reading partition ``index``, let its handlers finish, hand its pending entries back to
@@ -478,7 +482,7 @@ class GroupSubscription(BaseConsumer):
         """New entries of the partitions ``indexes``, read only while their leases are this member's.
 
         Fast path: a plain blocking ``XREADGROUP`` when the lease outlives the whole read with room to
-        spare (its expiry in Redis is no earlier than ``_lease_deadline``, counted from before the
+        spare (its expiry in Redis is no earlier than ``lease_deadline``, counted from before the
         renewal was sent). If its answer arrives after that deadline anyway (the process was paused,
         a renewal failed), the entries are not handed out: the partitions are taken over again (their
         pending entries claimed in order) if still ours, else dropped. Otherwise the read runs in
@@ -487,7 +491,7 @@ class GroupSubscription(BaseConsumer):
         """
         assert self._leases is not None
         loop = asyncio.get_running_loop()
-        deadline = self._lease_deadline
+        deadline = self.lease_deadline
         timeout = wait + self.ctx.settings.connect_timeout + 5
         if loop.time() + wait * 2 < deadline:
             streams = [self.streams[i] for i in indexes]
@@ -596,8 +600,23 @@ class GroupSubscription(BaseConsumer):
                 logger.debug("group %s: claim pass failed: %s", self.group, exc)
             await asyncio.sleep(self._touch_interval)
 
+    async def lease_renewed(self, entry: Entry) -> bool:
+        """Past the lease deadline: wait until a renewal extends it (True) or the entry's partition is
+        lost or the subscription closes (False: do not hand it out)."""
+        loop = asyncio.get_running_loop()
+        while not entry.dropped and not self.closing and loop.time() >= self.lease_deadline:
+            self._lease_news.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lease_news.wait(), 0.1)
+        return not entry.dropped and not self.closing
+
+    def _lease_lapsed(self) -> bool:
+        return asyncio.get_running_loop().time() >= self.lease_deadline
+
     async def _touch_waiting(self) -> None:
         """Refresh the idle time of entries held but not in a handler (queued or waiting to retry)."""
+        if self._lease_lapsed():
+            return  # XCLAIM would take entries back from a member that took the partition over
         waiting: dict[str, list[bytes]] = defaultdict(list)
         for entry in self._held_entries():
             if not entry.handed or entry.timer is not None:
@@ -621,6 +640,8 @@ class GroupSubscription(BaseConsumer):
         min_idle = int(self.options.ack_wait * 1000)
         client = self.ctx.client
         claimed = left = False
+        if self._lease_lapsed():
+            return False
         for stream in self._claim_streams():
             cursor: bytes | str = "0-0"
             for _ in range(16):
