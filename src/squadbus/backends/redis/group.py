@@ -94,9 +94,12 @@ class GroupSubscription(BaseConsumer):
         self._touch_interval = min(self._claim_interval, options.ack_wait / 3)
         # Ordered groups (leases.py): partitions by index in self.streams.
         self._leases: PartitionLeases | None = None
+        # A partition lease lasts group_lease, at most ack_wait: after a crash (even of a lone member,
+        # restarted) its partitions wait that long, not ack_wait, before they are read again.
+        self._lease_ttl = min(options.ack_wait, ctx.settings.group_lease)
         if ctx.settings.ordered_groups:
             self._leases = PartitionLeases(ctx.client, ctx.layout.prefix, self.redis_group, self.consumer,
-                                           self.streams, options.ack_wait)
+                                           self.streams, self._lease_ttl)
         self._index = {stream: i for i, stream in enumerate(self.streams)}
         self._owned: set[int] = set()  # leases held at the last renewal (those being given back too)
         self._serving: set[int] = set()  # read from: owned, taken over, not being given back
@@ -324,7 +327,7 @@ class GroupSubscription(BaseConsumer):
 
     async def _lease_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        interval = self.options.ack_wait / 3
+        interval = self._lease_ttl / 3
         # Loops test `closing` too: asyncio.wait_for on 3.11 can swallow a cancellation, and close()
         # waits for these tasks.
         while not self.closing:
@@ -347,7 +350,7 @@ class GroupSubscription(BaseConsumer):
         loop = asyncio.get_running_loop()
         sent = loop.time()
         tick = await self._leases.tick(self._owned)
-        self.lease_deadline = sent + self.options.ack_wait
+        self.lease_deadline = sent + self._lease_ttl
         self._lease_news.set()
         for index in sorted(self._owned - tick.held):
             self._lose(index)
@@ -423,7 +426,7 @@ class GroupSubscription(BaseConsumer):
                 await self._leases.drop([index])
                 logger.info("group %s: member %s gave %s back to the group", self.group, self.consumer, stream)
         except FAILURES as exc:
-            # Not renewed from now on: the lease expires after ack_wait and another member takes it.
+            # Not renewed from now on: the lease expires after group_lease and another member takes it.
             logger.warning("group %s: could not give %s back cleanly: %r", self.group, stream, exc)
         finally:
             self._owned.discard(index)
@@ -432,7 +435,7 @@ class GroupSubscription(BaseConsumer):
     async def _ordered_read_loop(self) -> None:
         assert self._leases is not None
         backoff = 0.05
-        wait = min(self.ctx.settings.block, self.options.ack_wait / 4)
+        wait = min(self.ctx.settings.block, self._lease_ttl / 4)
         reconnects = self.ctx.reconnects
         connected = reconnects.count
         while not self.closing:

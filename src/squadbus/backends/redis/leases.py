@@ -7,7 +7,8 @@ time, so an execution (whose messages are all in one stream, in publish
 order) is handled by one member in order, also across a kill -9:
 
 * **Lease** ``<prefix>:glease:<redis group>:<index>`` = the member's consumer
-  name, ``PX ack_wait``, renewed every ``ack_wait / 3`` by :data:`TICK_LUA`,
+  name, ``PX lease`` (``lease`` = ``min(group_lease, ack_wait)``, 10 s by
+  default), renewed every ``lease / 3`` by :data:`TICK_LUA`,
   which also refreshes the member's heartbeat (a score in the sorted set
   ``<prefix>:gmembers:<redis group>``), counts the live members and takes
   free partitions while the member owns fewer than
@@ -25,10 +26,11 @@ order) is handled by one member in order, also across a kill -9:
   the group and deletes the lease (only if still its own), and another
   member takes them.
 
-Take-over delay after a member dies: its leases expire ``ack_wait`` after its
-last renewal, and another member's next tick (every ``ack_wait / 3``) takes
-them: at most ``ack_wait * 4 / 3`` plus one read wait (``min(block,
-ack_wait / 4)``), then the claimed backlog's handling time.
+Take-over delay after a member dies: its leases expire ``lease`` after its
+last renewal, and another member's next tick (every ``lease / 3``) takes
+them: at most ``lease * 4 / 3`` plus one read wait (``min(block, lease / 4)``),
+then the claimed backlog's handling time. The same holds for a lone member's
+process restarted after a crash: its new member waits for the old leases.
 """
 
 from __future__ import annotations

@@ -62,6 +62,7 @@ _QUERY_OPTIONS: dict[str, Any] = {
     "block": float,
     "claim_interval": _opt_float,
     "ordered_groups": _bool,
+    "group_lease": float,
     "tls_ca_certs": str,
     "tls_verify": _bool,
 }
@@ -93,7 +94,12 @@ class RedisSettings:
     one member at a time, under a lease, so order per execution holds across
     the members of a group and across a member's death (``leases.py``);
     False lets every member read every stream (competing consumers per
-    entry, order kept only within one member).
+    entry, order kept only within one member); ``group_lease`` seconds a
+    partition lease lasts without renewal (capped by the group's
+    ``ack_wait``): how long the partitions of a member that died, or of a
+    process restarted after a crash, wait before another member (or the
+    restarted one) takes them over, and how long a stalled member may
+    stall before it loses them.
     """
 
     host: str = "127.0.0.1"
@@ -119,6 +125,7 @@ class RedisSettings:
     block: float = 2.0
     claim_interval: float | None = None
     ordered_groups: bool = True
+    group_lease: float = 10.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.partitions <= 4096:
@@ -133,7 +140,7 @@ class RedisSettings:
             raise ConfigError("max_age must be positive or None")
         if self.dedupe_window < 0:
             raise ConfigError("dedupe_window must be >= 0")
-        for name in ("trim_interval", "reply_ttl", "publish_timeout", "connect_timeout", "block"):
+        for name in ("trim_interval", "reply_ttl", "publish_timeout", "connect_timeout", "block", "group_lease"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         if self.claim_interval is not None and self.claim_interval <= 0:
