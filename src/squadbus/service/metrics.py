@@ -61,6 +61,7 @@ from squadbus.core import subjects
 from squadbus.core.backend import DescribesGroups, GroupFigures, ReportsFigures
 from squadbus.core.bus import Bus
 from squadbus.core.envelope import Message
+from squadbus.service.bounded_read import BoundedRead
 from squadbus.service.sse_hub import SseHub
 from squadbus.store.base import StoredMessage
 from squadbus.workers.analytics import Analytics
@@ -116,11 +117,8 @@ class GroupReader:
     Concurrent scrapes share one read. A read that fails or times out leaves
     no figures and ``up`` False until the next read; it is logged once when
     the figures go away and once when they come back. A read that times out
-    is cancelled and not waited for (a driver may take a while to unwind);
-    while ``MAX_UNWINDING`` such reads are still unwinding, no new one starts.
+    is cancelled and not waited for (:mod:`squadbus.service.bounded_read`).
     """
-
-    MAX_UNWINDING = 4
 
     def __init__(self, *, timeout: float = GROUP_TIMEOUT, max_age: float = GROUP_MAX_AGE,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -132,7 +130,7 @@ class GroupReader:
         self._clock = clock
         self._read_at: float | None = None
         self._lock = asyncio.Lock()
-        self._unwinding: set[asyncio.Task[Sequence[GroupFigures]]] = set()
+        self._reads: BoundedRead[Sequence[GroupFigures]] = BoundedRead()
 
     async def refresh(self, backend: DescribesGroups) -> None:
         """Read the figures unless a read younger than ``max_age`` exists; never raises, and waits at most
@@ -155,28 +153,7 @@ class GroupReader:
             self._read_at = self._clock()
 
     async def _read(self, backend: DescribesGroups) -> Sequence[GroupFigures]:
-        if len(self._unwinding) >= self.MAX_UNWINDING:
-            raise TimeoutError(f"{len(self._unwinding)} earlier reads are still unwinding")
-        task = asyncio.ensure_future(backend.group_figures())
-        try:
-            done, _ = await asyncio.wait({task}, timeout=self.timeout)
-        except asyncio.CancelledError:  # the scraper went away
-            self._abandon(task)
-            raise
-        if task in done:
-            return task.result()
-        self._abandon(task)
-        raise TimeoutError(f"no answer within {self.timeout:g} s")
-
-    def _abandon(self, task: asyncio.Task[Sequence[GroupFigures]]) -> None:
-        task.cancel()
-        self._unwinding.add(task)
-        task.add_done_callback(self._unwound)
-
-    def _unwound(self, task: asyncio.Task[Sequence[GroupFigures]]) -> None:
-        self._unwinding.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved: it was reported as a timeout already
+        return await self._reads.run(backend.group_figures, self.timeout)
 
 
 def _group_families(reader: GroupReader, max_groups: int) -> Iterator[Metric]:

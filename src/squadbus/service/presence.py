@@ -26,6 +26,7 @@ from typing import Literal
 from squadbus.core import subjects
 from squadbus.core.backend import Backend, DescribesGroups, GroupFigures
 from squadbus.core.inbox_source import INBOX_GROUP_PREFIX, InboxPresence, ListsInboxes
+from squadbus.service.bounded_read import BoundedRead
 
 logger = logging.getLogger("squadbus.service")
 
@@ -67,9 +68,7 @@ def inbox_groups(figures: Sequence[GroupFigures]) -> list[InboxPresence]:
 class PresenceReader:
     """The agents with an inbox on the broker, read at most once per ``max_age``, each read bounded by
     ``timeout``; concurrent requests share one read. A read that times out is cancelled and not waited
-    for; while ``MAX_UNWINDING`` such reads are still unwinding, no new one starts."""
-
-    MAX_UNWINDING = 4
+    for (:mod:`squadbus.service.bounded_read`)."""
 
     def __init__(self, *, timeout: float = PRESENCE_TIMEOUT, max_age: float = PRESENCE_MAX_AGE,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -81,7 +80,7 @@ class PresenceReader:
         self._clock = clock
         self._read_at: float | None = None
         self._lock = asyncio.Lock()
-        self._unwinding: set[asyncio.Task[list[InboxPresence]]] = set()
+        self._reads: BoundedRead[list[InboxPresence]] = BoundedRead()
 
     async def refresh(self, backend: Backend) -> InboxKind | None:
         """Read again unless a read younger than ``max_age`` exists; never raises; what the backend can tell."""
@@ -107,28 +106,7 @@ class PresenceReader:
         return kind
 
     async def _read(self, backend: Backend) -> list[InboxPresence]:
-        if len(self._unwinding) >= self.MAX_UNWINDING:
-            raise TimeoutError(f"{len(self._unwinding)} earlier reads are still unwinding")
-        task = asyncio.ensure_future(_ask(backend))
-        try:
-            done, _ = await asyncio.wait({task}, timeout=self.timeout)
-        except asyncio.CancelledError:  # the client went away
-            self._abandon(task)
-            raise
-        if task in done:
-            return task.result()
-        self._abandon(task)
-        raise TimeoutError(f"no answer within {self.timeout:g} s")
-
-    def _abandon(self, task: asyncio.Task[list[InboxPresence]]) -> None:
-        task.cancel()
-        self._unwinding.add(task)
-        task.add_done_callback(self._unwound)
-
-    def _unwound(self, task: asyncio.Task[list[InboxPresence]]) -> None:
-        self._unwinding.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved: it was reported as a timeout already
+        return await self._reads.run(lambda: _ask(backend), self.timeout)
 
 
 async def _ask(backend: Backend) -> list[InboxPresence]:
