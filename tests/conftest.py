@@ -1,4 +1,5 @@
-"""Fixtures shared by every test package: one private PostgreSQL cluster for the whole session."""
+"""Fixtures shared by every test package: one private PostgreSQL cluster and one redis-server (fast
+profile) for the whole session; tests keep apart by database name or key prefix."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import asyncpg
 import pytest
 
 from squadbus.testing.servers.postgres import PostgresServer, running_postgres
+from squadbus.testing.servers.redis import RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +30,10 @@ async def postgres_url(postgres_server: PostgresServer) -> str:
     finally:
         await conn.close()
     return postgres_server.url_for(name)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One fast-profile redis-server for the session (a missing binary fails, never skips)."""
+    with RedisServer("fast") as server:
+        yield server

@@ -25,12 +25,8 @@ KAFKA_GROUP_OPTIONS = "session_timeout_ms=3000&heartbeat_interval_ms=1000"
 @pytest.fixture(scope="module")
 def redis_server() -> Iterator[RedisServer]:
     """A durable-profile redis-server for the module (a missing binary fails, never skips)."""
-    server = RedisServer("durable")
-    try:
-        server.start()
+    with RedisServer("durable") as server:
         yield server
-    finally:
-        server.cleanup()
 
 
 @pytest.fixture(scope="module")

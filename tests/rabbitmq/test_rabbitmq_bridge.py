@@ -29,12 +29,8 @@ WAIT = 30.0  # upper bound of a wait for the bridge to copy (never asserted as a
 @pytest.fixture(scope="module")
 def redis_server() -> Iterator[RedisServer]:
     """A durable-profile redis-server for this module (a missing binary fails, never skips)."""
-    server = RedisServer("durable")
-    try:
-        server.start()
+    with RedisServer("durable") as server:
         yield server
-    finally:
-        server.cleanup()
 
 
 @pytest.fixture

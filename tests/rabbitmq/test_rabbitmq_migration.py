@@ -17,12 +17,8 @@ pytestmark = [pytest.mark.rabbitmq, pytest.mark.redis, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def redis_server() -> Iterator[RedisServer]:
     """A durable-profile redis-server for this module (a missing binary fails, never skips)."""
-    server = RedisServer("durable")
-    try:
-        server.start()
+    with RedisServer("durable") as server:
         yield server
-    finally:
-        server.cleanup()
 
 
 @pytest.fixture

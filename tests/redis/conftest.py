@@ -3,22 +3,10 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 
 import pytest
 
 from squadbus.testing.servers.redis import RedisServer
-
-
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    """One fast-profile redis-server for the whole session (a missing binary fails, never skips)."""
-    server = RedisServer("fast")
-    try:
-        server.start()
-        yield server
-    finally:
-        server.cleanup()
 
 
 @pytest.fixture

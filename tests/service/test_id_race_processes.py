@@ -30,16 +30,6 @@ pytestmark = pytest.mark.redis
 TRIALS = 20
 
 
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    """A private redis-server for this module (a missing binary fails, never skips)."""
-    server = RedisServer("fast")
-    try:
-        server.start()
-        yield server
-    finally:
-        server.cleanup()
-
 
 @pytest.fixture
 def replica_processes(tmp_path: Path, redis_server: RedisServer) -> Iterator[tuple[UvicornProcess, UvicornProcess]]:

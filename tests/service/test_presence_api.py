@@ -111,15 +111,6 @@ def test_inbox_groups_name_their_agents() -> None:
 # ---- real brokers: the inbox is opened by another backend instance (as by another process) ----------
 
 
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer("fast")
-    try:
-        server.start()
-        yield server
-    finally:
-        server.cleanup()
-
 
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:

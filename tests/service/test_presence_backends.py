@@ -22,16 +22,6 @@ from squadbus.testing.servers.nats import NatsServer
 from squadbus.testing.servers.redis import RedisServer
 
 
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer("fast")
-    try:
-        server.start()
-        yield server
-    finally:
-        server.cleanup()
-
-
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     """A server per test: every stream takes ``agent.>``, so two cannot live on one server."""
