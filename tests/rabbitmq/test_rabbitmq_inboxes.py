@@ -52,3 +52,19 @@ async def test_inboxes_share_one_channel_of_the_bus(rabbitmq_url: str) -> None:
             assert delivery.message.id == message.id
             await delivery.ack()
             await inbox.close()
+
+
+async def test_nack_comes_back_with_attempt_plus_one_before_later_messages(rabbitmq_url: str) -> None:
+    agent = f"a-{uuid.uuid4().hex[:8]}"
+    async with Bus.from_url(rabbitmq_url) as bus:
+        sent = [await bus.send("pm", agent, f"m{i}") for i in range(3)]
+        async with bus.inbox(agent, broadcasts=False) as inbox:
+            got: list[tuple[uuid.UUID, int]] = []
+            for _ in range(5):
+                delivery = await inbox.get(20)
+                got.append((delivery.message.id, delivery.attempt))
+                if delivery.message.id == sent[0].id and delivery.attempt < 3:
+                    await delivery.nack(0.1)
+                else:
+                    await delivery.ack()
+    assert got == [(sent[0].id, 1), (sent[0].id, 2), (sent[0].id, 3), (sent[1].id, 1), (sent[2].id, 1)]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 import aio_pika.abc
@@ -77,6 +78,8 @@ class InboxSubscription(RabbitSubscription):
                          handler=handler, options=options)
         self._shared = shared
         self.agent_id = agent_id
+        # The attempt of each delivery held here (unacknowledged on the broker), for its local redelivery.
+        self._held: dict[IncomingMessage, int] = {}
 
     async def start(self) -> None:
         """Consume the agent's queue on the shared channel (a standby while another consumer holds it)."""
@@ -94,3 +97,34 @@ class InboxSubscription(RabbitSubscription):
         delivery = await self._delivery_of(msg)
         if delivery is not None:
             await invoke(self._handler, delivery, self._options)
+
+    def _attempt(self, msg: IncomingMessage) -> int:
+        held = self._held.get(msg)
+        attempt = held + 1 if held is not None else super()._attempt(msg)
+        self._held[msg] = attempt
+        return attempt
+
+    def requeue(self, msg: IncomingMessage, delay: float) -> Awaitable[None] | None:
+        """Hand ``msg`` to the agent again after ``delay``, from this process: it stays unacknowledged
+        on the broker meanwhile, so (prefetch 1) nothing later of the agent's comes first. A 3.10
+        quorum queue would put a requeued message behind the ones already queued. Closing, or a
+        channel that is gone, gives it back to the broker instead (as before)."""
+        if self._closing or msg.channel.is_closed:
+            return self.send(msg, ack=False)
+        self._later[msg] = asyncio.get_running_loop().call_later(delay, self._redeliver, msg)
+        return None
+
+    def _redeliver(self, msg: IncomingMessage) -> None:
+        if self._later.pop(msg, None) is None:
+            return  # close() gave it back meanwhile
+        if self._closing:
+            self._spawn(self.send(msg, ack=False))
+        elif msg.channel.is_closed:
+            self._held.pop(msg, None)  # the broker requeued it with the channel
+        else:
+            self._spawn(self._handle_one(msg))
+
+    async def send(self, msg: IncomingMessage, *, ack: bool) -> None:
+        """Ack (or give back to the broker) ``msg`` now; it is no longer held here."""
+        self._held.pop(msg, None)
+        await super().send(msg, ack=ack)

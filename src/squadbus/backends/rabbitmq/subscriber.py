@@ -83,10 +83,7 @@ class RabbitDelivery(Delivery):
         return self._sub.send(self._msg, ack=True)
 
     def _nack(self, delay: float) -> Awaitable[None] | None:
-        if delay > 0:
-            self._sub.nack_later(self._msg, delay)
-            return None
-        return self._sub.send(self._msg, ack=False)
+        return self._sub.requeue(self._msg, delay)
 
 
 class RabbitSubscription:
@@ -333,6 +330,13 @@ class RabbitSubscription:
             # The channel closed (the broker requeued the message) or it was settled already.
             logger.info("could not %s message %s (it will be redelivered): %s",
                         "ack" if ack else "requeue", msg.message_id, exc)
+
+    def requeue(self, msg: IncomingMessage, delay: float) -> Awaitable[None] | None:
+        """Give ``msg`` back for redelivery after ``delay`` seconds (a nacked delivery)."""
+        if delay > 0:
+            self.nack_later(msg, delay)
+            return None
+        return self.send(msg, ack=False)
 
     def nack_later(self, msg: IncomingMessage, delay: float) -> None:
         """Requeue ``msg`` after ``delay`` seconds (at once when the subscription closes)."""
