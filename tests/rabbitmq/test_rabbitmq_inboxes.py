@@ -1,10 +1,13 @@
 """RabbitMQ inboxes (backends/rabbitmq/inboxes.py): one shared channel per Bus, an agent's queue with a
-single active consumer, so a second open of an agent (another process) is a standby that takes over,
-with what the first held unsettled (last: a quorum queue requeues behind), when the first closes."""
+single active consumer, so a second open of an agent (another process) is a standby that takes over
+when the first closes (what it held unsettled comes last: a quorum queue requeues a nack behind) or
+dies (first: the broker returns a dead consumer's messages to the head); a nack while open is
+redelivered by the hub before the agent's later messages."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import uuid
 
 import pytest
@@ -32,8 +35,10 @@ async def test_a_second_process_opening_an_agent_waits_then_takes_over(rabbitmq_
             delivery = await second.get(20)
             got.append((delivery.message.id, delivery.attempt))
             await delivery.ack()
-        # A 3.10 quorum queue requeues a given-back message behind the ones already queued: m0 comes last,
-        # as its second attempt (docs/backends/rabbitmq.md, "nack(delay)").
+        # The close cancels the consumer (the standby is active from then on) and gives m0 back with
+        # basic.nack, which a 3.10 quorum queue requeues behind the ones already queued: m0 comes last,
+        # as its second attempt. Known and documented (docs/backends/rabbitmq.md, "Inboxes: order and
+        # takeover"): closing the shared channel would return it to the head, but it carries every inbox.
         assert got == [(sent[1].id, 1), (sent[2].id, 1), (sent[0].id, 2)]
         await second.close()
 
@@ -68,3 +73,48 @@ async def test_nack_comes_back_with_attempt_plus_one_before_later_messages(rabbi
                 else:
                     await delivery.ack()
     assert got == [(sent[0].id, 1), (sent[0].id, 2), (sent[0].id, 3), (sent[1].id, 1), (sent[2].id, 1)]
+
+
+_HOLDER = """
+import asyncio, sys
+from squadbus.core.bus import Bus
+
+async def main() -> None:
+    bus = Bus.from_url(sys.argv[1])
+    await bus.start()
+    inbox = await bus.inbox(sys.argv[2], broadcasts=False).open()
+    delivery = await inbox.get(20)
+    print(delivery.message.id, flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_standby_takes_over_from_a_killed_holder_with_its_delivery_first(rabbitmq_url: str) -> None:
+    agent = f"a-{uuid.uuid4().hex[:8]}"
+    async with Bus.from_url(rabbitmq_url) as bus:
+        sent = [await bus.send("pm", agent, f"m{i}") for i in range(3)]
+        holder = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _HOLDER, rabbitmq_url, agent, stdout=asyncio.subprocess.PIPE)
+        try:
+            assert holder.stdout is not None
+            line = await asyncio.wait_for(holder.stdout.readline(), 30)
+            assert line.decode().strip() == str(sent[0].id)
+            standby = await bus.inbox(agent, broadcasts=False).open()
+            with pytest.raises(ReceiveTimeout):
+                await standby.get(0.3)
+            holder.kill()  # kill -9: the broker returns m0 with the connection
+        finally:
+            if holder.returncode is None:
+                holder.kill()
+            await holder.wait()
+        got = []
+        for _ in sent:
+            delivery = await standby.get(20)
+            got.append((delivery.message.id, delivery.attempt))
+            await delivery.ack()
+        # A quorum queue puts what a dead consumer held back at the head (a nack or a cancelled consumer's
+        # give-back goes behind): the order holds, m0 as its second attempt.
+        assert got == [(sent[0].id, 2), (sent[1].id, 1), (sent[2].id, 1)]
+        await standby.close()
