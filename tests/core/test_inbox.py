@@ -203,3 +203,34 @@ async def test_leaving_the_bus_never_replaces_the_agents_error(caplog: pytest.Lo
 async def _until(check: Callable[[], bool]) -> None:
     while not check():
         await asyncio.sleep(0.01)
+
+
+async def test_where_literal_subscriptions_are_not_cheap_the_hub_reads_all_broadcasts_once() -> None:
+    """A backend whose every subscription reads the whole log (Kafka) says so; the hub then holds one
+    subscription for the squad and every domain, copies each broadcast to the inboxes that hear it,
+    and lets direct messages pass (they reach their inbox once, through the inbox itself)."""
+    backend = MemoryBackend()
+    backend.literal_subscriptions_cheap = False  # type: ignore[attr-defined]
+    async with Bus(backend) as bus:
+        dev = await bus.inbox("dev-1", domains=("dev",)).open()
+        sales = await bus.inbox("sales-1", domains=("sales",)).open()
+        assert bus.broadcast_hub.subscriptions == 1
+        squad = await bus.broadcast("pm", "all hands")
+        to_dev = await bus.broadcast("pm-dev", "dev only", domain="dev")
+        direct = await bus.send("pm", "sales-1", "just you")
+        got_dev: list[Delivery] = []
+        got_sales: list[Delivery] = []
+        for inbox, got in ((dev, got_dev), (sales, got_sales)):
+            for _ in range(2):
+                got.append(delivery := await inbox.get(2))
+                await delivery.ack()
+        assert {d.message.id for d in got_dev} == {squad.id, to_dev.id}
+        assert {d.message.id for d in got_sales} == {squad.id, direct.id}
+        with pytest.raises(ReceiveTimeout):
+            await dev.get(0.2)
+        with pytest.raises(ReceiveTimeout):
+            await sales.get(0.2)
+        await dev.close()
+        assert bus.broadcast_hub.subscriptions == 1  # sales still listens
+        await sales.close()
+        assert bus.broadcast_hub.subscriptions == 0

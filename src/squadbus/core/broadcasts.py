@@ -15,6 +15,13 @@ subscriptions plus one per domain and agent (issue 15, docs/design/inboxes.md,
 * up to ``max_in_flight`` broadcasts are out at once; an agent that stops
   settling holds at most that many.
 
+On a backend whose every subscription reads the whole log and filters on the
+client (Kafka: one consumer per subscription, ``literal_subscriptions_cheap =
+False`` on the backend class), the hub holds one subscription on
+``agent.message.>`` for all its broadcast subjects instead of one per subject,
+so a host reads the log once, not once per subject (six times for the squad
+and five domains), and acks at once what no inbox of it listens to.
+
 The subscription is ephemeral by default: an inbox hears broadcasts while it
 is open. With ``Bus(host_id=...)`` it is the durable group
 ``inbox-host-<host_id>``: a host restarted with the same id gets the
@@ -27,6 +34,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from squadbus.core import subjects
 from squadbus.core.backend import (
     ConsumerOptions,
     Delivery,
@@ -46,6 +54,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("squadbus.inbox")
 
 HOST_GROUP_PREFIX = "inbox-host-"
+ONE_READ = f"{subjects.MESSAGE_PREFIX}.>"
+"""The one pattern a hub subscribes to where literal subscriptions are not cheap."""
 
 
 class _Copy(Delivery):
@@ -113,19 +123,26 @@ class BroadcastHub:
         """Broadcast subscriptions held now (one per subject some open inbox listens on)."""
         return len(self._subs)
 
+    def _key(self, subject: str) -> str:
+        """The subscription that carries ``subject``: its own, or the one read of ``ONE_READ``."""
+        if getattr(self._bus.backend, "literal_subscriptions_cheap", True):
+            return subject
+        return ONE_READ
+
     async def join(self, subject: str, inbox: Inbox, on_failure: FailurePolicy) -> None:
         """Copy the broadcasts on ``subject`` to ``inbox``; a failed copy is settled by ``on_failure``."""
         async with self._lock:
             self._listeners.setdefault(subject, {})[inbox] = on_failure
-            if subject in self._subs:
+            key = self._key(subject)
+            if key in self._subs:
                 return
             base = self._bus.consumer_options
             options = ConsumerOptions(start=StartFrom.NEW, max_in_flight=self._max_in_flight,
                                       max_pending=max(base.max_pending, self._max_in_flight),
                                       ack_wait=base.ack_wait)
             try:
-                self._subs[subject] = await self._bus.backend.subscribe(
-                    subject, self._fan_out(subject), group=self.group, options=options)
+                self._subs[key] = await self._bus.backend.subscribe(
+                    key, self._fan_out(), group=self.group, options=options)
             except BaseException:
                 self._listeners[subject].pop(inbox, None)
                 raise
@@ -138,7 +155,10 @@ class BroadcastHub:
             if listeners:
                 return
             self._listeners.pop(subject, None)
-            sub = self._subs.pop(subject, None)
+            key = self._key(subject)
+            if key != subject and self._listeners:
+                return  # the one read still carries other subjects
+            sub = self._subs.pop(key, None)
         if sub is not None:
             await sub.close()
 
@@ -150,9 +170,10 @@ class BroadcastHub:
             self._listeners.clear()
         await asyncio.gather(*(sub.close() for sub in subs))
 
-    def _fan_out(self, subject: str) -> RawHandler:
+    def _fan_out(self) -> RawHandler:
         async def fan_out(delivery: Delivery) -> None:
             try:
+                subject = delivery.message.subject
                 targets = list(self._listeners.get(subject, {}).items())
                 if targets:
                     fanout = _Fanout(subject, len(targets))

@@ -723,7 +723,8 @@ class ConformanceSuite:
         agents = [_uid("agent") for _ in range(12)]
         inboxes = [await bus.inbox(agent, domains=[domain]).open() for agent in agents]
         try:
-            assert bus.broadcast_hub.subscriptions == 2, "one squad and one domain subscription for 12 inboxes"
+            # One per broadcast subject (2), or one for all where literal subscriptions are not cheap.
+            assert 1 <= bus.broadcast_hub.subscriptions <= 2, "broadcasts read once per Bus, not per inbox"
             squad = await bus.broadcast("pm", "all hands")
             dom = await bus.broadcast("pm", "dev sync", domain=domain)
 

@@ -54,6 +54,10 @@ class KafkaBackend:
     duplicates caused by the producer's own retries.
     """
 
+    literal_subscriptions_cheap = False
+    """Every subscription is a consumer reading the whole topic: the Bus's broadcast hub reads all its
+    broadcast subjects with one subscription (``core/broadcasts.py``)."""
+
     name = "kafka"
 
     def __init__(self, settings: KafkaSettings | None = None) -> None:
