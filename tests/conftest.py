@@ -37,3 +37,9 @@ def redis_server() -> Iterator[RedisServer]:
     """One fast-profile redis-server for the session (a missing binary fails, never skips)."""
     with RedisServer("fast") as server:
         yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """A URL on the session's redis-server with a fresh key prefix, so tests never see each other's streams."""
+    return f"{redis_server.url}?prefix=t{uuid.uuid4().hex[:10]}&block=0.5"

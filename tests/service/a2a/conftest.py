@@ -28,11 +28,8 @@ from squadbus.service import ServiceOptions, create_app
 from squadbus.service.a2a.routes import install
 from squadbus.service.a2a.tasks import EdgeOptions
 from squadbus.testing.servers.process import free_port
-from tests.redis.conftest import redis_server, redis_url  # the session's redis-server
 from tests.service.a2a.agents import run_agents
 from tests.service.conftest import TOKENS, UvicornProcess, served
-
-__all__ = ["redis_server", "redis_url"]
 
 
 @pytest.fixture
