@@ -29,6 +29,8 @@ What happens on failure:
   one). When nothing can be blamed (the store went away during those writes,
   or it refuses every message: disk full, permissions) the batch is retried
   in place as in an outage: given back, it would be written after later ones;
+* an error outside the store's error tree (a driver broken mid-write): logged
+  with its traceback and retried in place, for the same reason;
 * ``on_written`` failing is logged: the rows are committed, so the batch is
   still acked.
 """
@@ -215,6 +217,15 @@ class DbWriter:
                 # later ones, out of execution order: retry it in place like an outage.
                 why = "store unavailable" if verdict == "interrupted" else "store refuses every message"
                 error = exc
+            except Exception as exc:
+                # Outside the store's error tree (a driver error on a connection killed mid-write, e.g.
+                # asyncpg's ProtocolError): given back, the batch would be written after later ones, out
+                # of execution order, and nothing would say so. Retry it in place, loudly.
+                self.stats.store_failures += 1
+                why, error = f"store failed unexpectedly ({type(exc).__name__})", exc
+                if why not in logged:
+                    logger.error("%s writing a batch of %d; retrying it in place", why, len(messages), exc_info=exc)
+                    logged.add(why)
             if self._stopping.is_set() or (deadline is not None and loop.time() + delay > deadline):
                 logger.warning("%s, returning a batch of %d for redelivery: %s", why, len(messages), error)
                 raise Nack(f"{why}: {error}") from error
