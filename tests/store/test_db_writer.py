@@ -288,30 +288,6 @@ class RefusesThenGoesAway:
         return getattr(self.inner, name)
 
 
-async def test_store_error_then_outage_keeps_execution_order(bus: Bus, store: HistoryStore) -> None:
-    """A batch the store refuses is written one message at a time to find the culprit; when the store goes
-    away during that, nothing is blamed and the batch must still be written before any later one (it was
-    given back instead, and its rows were stored after later messages of the execution)."""
-    flaky = RefusesThenGoesAway(store)
-    writer = DbWriter(bus, flaky, batch_size=10, max_wait=0.05)  # type: ignore[arg-type]
-    sender = f"pm-{uuid.uuid4().hex[:6]}"
-    execution = uuid.uuid4()
-    await writer.start()
-    sent = [await bus.send(sender, "dev-1", f"m{i}", task_execution_id=execution) for i in range(60)]
-
-    async def all_written() -> bool:
-        return len(await all_rows(store, sender)) == len(sent)
-
-    await eventually(all_written)
-    await writer.stop()
-    assert flaky.state == "down" and flaky.down_for == 0, "the fault was not injected"
-    rows = await all_rows(store, sender)
-    assert_exactly_once(rows, sent)
-    stored_order = [row.message.id for row in sorted(rows, key=lambda r: r.seq)]
-    assert stored_order == [m.id for m in sent]
-    assert bus.stats.dead_lettered == 0
-
-
 class FailsUnexpectedlyThenGoesAway:
     """Wraps a store: the first write of more than one message fails with an error outside the store's
     error tree (as asyncpg's ProtocolError or an AttributeError from a driver whose connection was killed
@@ -335,11 +311,20 @@ class FailsUnexpectedlyThenGoesAway:
         return getattr(self.inner, name)
 
 
-async def test_an_unexpected_store_error_keeps_execution_order(bus: Bus, store: HistoryStore) -> None:
-    """A write that fails with an error the db-writer does not know (seen after a PostgreSQL kill -9 in
-    tests/faults: rows of the batch in flight stored after later ones, nothing logged) is retried in place
-    like an outage, not given back to be written after later batches."""
-    flaky = FailsUnexpectedlyThenGoesAway(store)
+@pytest.mark.parametrize("fault", ["refused-then-away", "unexpected-then-away"])
+async def test_a_batch_failed_by_the_store_is_written_before_later_ones(
+    bus: Bus, store: HistoryStore, fault: str
+) -> None:
+    """A batch whose write failed must be written before any later batch, whatever the failure.
+
+    refused-then-away: the store refuses the batch, the db-writer writes it one message at a time to
+    find the culprit, and the store goes away during that; nothing is blamed (the batch was given back
+    instead, and its rows were stored after later messages of the execution).
+    unexpected-then-away: the write fails with an error outside the store's error tree, as after a
+    PostgreSQL kill -9 in tests/faults (rows of the batch in flight stored after later ones, nothing
+    logged); it is retried in place like an outage.
+    """
+    flaky = RefusesThenGoesAway(store) if fault == "refused-then-away" else FailsUnexpectedlyThenGoesAway(store)
     writer = DbWriter(bus, flaky, batch_size=10, max_wait=0.05)  # type: ignore[arg-type]
     sender = f"pm-{uuid.uuid4().hex[:6]}"
     execution = uuid.uuid4()
