@@ -62,6 +62,9 @@ from squadbus.core.errors import MalformedMessage, SquadbusError
 
 logger = logging.getLogger("squadbus.backends.redis.group")
 
+_READ_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT, redis_errors.ResponseError)
+"""What a read may fail with and be retried after (see ``_recover_read``)."""
+
 RELEASED_CONSUMER = "squadbus-released"
 """Placeholder owner of entries a closing member gave back; any member's XAUTOCLAIM takes them."""
 _RELEASE_IDLE_MS = 10**9
@@ -222,18 +225,8 @@ class GroupSubscription(BaseConsumer):
                         "XREADGROUP", "GROUP", self.redis_group, self.consumer,
                         "COUNT", count, "BLOCK", block_ms, *args_tail,
                     )
-            except TRANSIENT as exc:
-                backoff = await self._read_failed(exc, backoff)
-                continue
-            except redis_errors.ResponseError as exc:
-                if is_nogroup(exc):
-                    logger.warning("group %s: stream or group missing (Redis lost data?); recreating", self.group)
-                    try:
-                        await self.ensure_groups()
-                    except FAILURES as again:
-                        backoff = await self._read_failed(again, backoff)
-                    continue
-                backoff = await self._read_failed(exc, backoff)
+            except _READ_ERRORS as exc:
+                backoff = await self._recover_read(exc, backoff)
                 continue
             if self._read_failing:
                 self._read_failing = False
@@ -279,6 +272,17 @@ class GroupSubscription(BaseConsumer):
                             len(lost), stream)
                 for entry_id, raw in lost:
                     self._accept(stream, entry_id, raw, counts.get(entry_id, 2))
+
+    async def _recover_read(self, exc: BaseException, backoff: float) -> float:
+        """After a read failed: recreate the groups if Redis lost them, else back off; the next backoff."""
+        if not is_nogroup(exc):
+            return await self._read_failed(exc, backoff)
+        logger.warning("group %s: stream or group missing (Redis lost data?); recreating", self.group)
+        try:
+            await self.ensure_groups()
+        except FAILURES as again:
+            return await self._read_failed(again, backoff)
+        return backoff
 
     async def _read_failed(self, exc: BaseException, backoff: float) -> float:
         self.ctx.counters.read_errors += 1
@@ -463,18 +467,8 @@ class GroupSubscription(BaseConsumer):
                     for key, page in entries:
                         for entry_id, raw in page:
                             self._accept(key, entry_id, raw, 1)
-            except TRANSIENT as exc:
-                backoff = await self._read_failed(exc, backoff)
-                continue
-            except redis_errors.ResponseError as exc:
-                if is_nogroup(exc):
-                    logger.warning("group %s: stream or group missing (Redis lost data?); recreating", self.group)
-                    try:
-                        await self.ensure_groups()
-                    except FAILURES as again:
-                        backoff = await self._read_failed(again, backoff)
-                    continue
-                backoff = await self._read_failed(exc, backoff)
+            except _READ_ERRORS as exc:
+                backoff = await self._recover_read(exc, backoff)
                 continue
             if self._read_failing:
                 self._read_failing = False
