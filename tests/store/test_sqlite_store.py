@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import uuid
 from pathlib import Path
@@ -66,3 +67,26 @@ async def test_reopen_keeps_history_and_migrations_are_idempotent(sqlite_url: st
         assert conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall() == versions
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     conn.close()
+
+
+@pytest.mark.parametrize("database", ["new", "rollback-journal"])
+async def test_several_stores_opening_one_file_at_once_all_open(tmp_path: Path, database: str) -> None:
+    """Switching a file to WAL takes an exclusive lock that SQLite refuses at once (no busy wait)
+    when two connections would deadlock; several processes starting together must still all open."""
+    for round_ in range(10):
+        path = tmp_path / f"history-{round_}.db"
+        if database == "rollback-journal":  # a file made by another tool, not yet in WAL
+            with sqlite3.connect(path) as conn:
+                conn.execute("CREATE TABLE t (x)")
+            conn.close()
+        stores = [open_store(f"sqlite+aiosqlite:///{path}") for _ in range(6)]
+        try:
+            await asyncio.gather(*(s.open() for s in stores))
+            [first] = await stores[0].write([msg()])
+            assert first.seq == 1
+        finally:
+            for s in stores:
+                await s.close()
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        conn.close()

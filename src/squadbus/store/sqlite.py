@@ -134,7 +134,7 @@ class SqliteStore:
         try:
             await conn.execute(f"PRAGMA busy_timeout = {int(self.settings.busy_timeout * 1000)}")
             if not self.settings.in_memory:
-                await conn.execute("PRAGMA journal_mode = WAL")
+                await self._enable_wal(conn)
             await conn.execute(f"PRAGMA synchronous = {self.settings.synchronous}")
             if readonly:
                 await conn.execute("PRAGMA query_only = 1")
@@ -142,6 +142,26 @@ class SqliteStore:
             await conn.close()
             raise
         return conn
+
+    async def _enable_wal(self, conn: aiosqlite.Connection) -> None:
+        """``PRAGMA journal_mode = WAL``, retried while another connection holds the file.
+
+        Leaving the rollback journal needs an exclusive lock, and when two connections would
+        deadlock over it SQLite answers "database is locked" at once instead of waiting
+        ``busy_timeout``; several processes opening one file together hit that.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.busy_timeout
+        pause = 0.005
+        while True:
+            try:
+                await conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc).lower() or loop.time() + pause > deadline:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.1)
 
     async def open(self) -> None:
         """Open the database file (created if missing), enable WAL and migrate. Idempotent."""
