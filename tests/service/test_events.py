@@ -108,9 +108,9 @@ async def test_viewers_and_admins_may_follow_the_squad_agents_may_not(make_app: 
 
 async def test_healthz_names_the_service(make_app: MakeApp) -> None:
     async with served(make_app()) as url:
-        assert await asyncio.to_thread(probe, url)  # a blocking client: not on this loop, which serves
+        assert await asyncio.to_thread(probe, url, 30.0)  # a blocking client: not on this loop, which serves
         # something answering is not enough: it must carry the squadbus header
-        assert not await asyncio.to_thread(probe, f"{url}/v1/messages/")
+        assert not await asyncio.to_thread(probe, f"{url}/v1/messages/", 30.0)
     async with asgi(make_app()) as running:
         r = await running.client.get("/healthz")
     assert r.headers[SERVICE_HEADER] == __version__

@@ -27,7 +27,9 @@ SERVICE_HEADER = "X-Squadbus-Version"
 DEFAULT_LOCAL_API = "http://127.0.0.1:8000"
 """Where ``squadbus serve`` listens by default: the CLI looks there when the bus is ``memory://``."""
 
-PROBE_TIMEOUT = 0.5
+PROBE_TIMEOUT = 3.0
+"""How long the CLI waits for ``/healthz``: a port nobody listens on is refused at once, so this
+wait is only paid by a busy service, which 0.5 s misjudged as absent on a loaded machine."""
 STREAM_TIMEOUT = 60.0  # the service sends a heartbeat every 15 s by default
 RECONNECTS = 5
 
