@@ -13,6 +13,7 @@ from collections import defaultdict
 
 from squadbus.backends.redis._driver import FAILURES, PackedCommand, aioredis, execute_packed
 from squadbus.backends.redis.consumer import RedisCounters
+from squadbus.core.backoff import RECONNECT, Backoff
 
 logger = logging.getLogger("squadbus.backends.redis.acks")
 
@@ -35,19 +36,18 @@ class AckQueue:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="squadbus-redis-acks")
 
     async def _run(self) -> None:
-        backoff = 0.05
+        backoff = Backoff(RECONNECT)
         try:
             while self._acks and not self._closing:
                 batch, self._acks = self._acks, defaultdict(list)
                 try:
                     await self._send(batch)
-                    backoff = 0.05
+                    backoff.reset()
                 except FAILURES as exc:
                     for stream, ids in batch.items():
                         self._acks[stream][:0] = ids
                     logger.warning("group %s: XACK failed, retrying: %s", self._group, exc)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 2.0)
+                    await backoff.sleep()
         finally:
             # Cleared synchronously with the loop's last check: a later add() starts a new task.
             self._task = None

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from squadbus.backends.redis._driver import aioredis
+from squadbus.core.backoff import RECONNECT, Backoff
 
 logger = logging.getLogger("squadbus.backends.redis.bells")
 
@@ -88,13 +89,13 @@ class Bells:
         await self._drop()
 
     async def _listen(self) -> None:
-        backoff = 0.05
+        backoff = Backoff(RECONNECT)
         while not self._closed:
             pubsub = self._pubsub
             try:
                 if pubsub is None:
                     await self._resubscribe()
-                    backoff = 0.05
+                    backoff.reset()
                     continue
                 message = await pubsub.get_message(timeout=None)
             except asyncio.CancelledError:
@@ -105,8 +106,7 @@ class Bells:
                                    exc)
                 self._failing = True
                 await self._drop()
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                await backoff.sleep()
                 continue
             if message is None:
                 continue

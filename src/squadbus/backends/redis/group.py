@@ -56,6 +56,7 @@ from squadbus.backends.redis.layout import is_reply
 from squadbus.backends.redis.leases import PartitionLeases
 from squadbus.core import envelope, subjects
 from squadbus.core.backend import ConsumerOptions, RawHandler, StartFrom, durable_name
+from squadbus.core.backoff import RECONNECT, Backoff
 from squadbus.core.dispatch import DLQ_ATTEMPTS, DLQ_GROUP, DLQ_ORIGINAL_ID, DLQ_REASON, DLQ_SUBJECT
 from squadbus.core.envelope import Message
 from squadbus.core.errors import MalformedMessage, SquadbusError
@@ -180,7 +181,7 @@ class GroupSubscription(BaseConsumer):
     async def _take_over_stream(self, stream: str, owned: Callable[[], bool] = lambda: True) -> None:
         """Claim every entry pending on ``stream`` (any member's), in id order, and queue it; stop
         early once ``owned()`` is False (an ordered group's partition went to another member)."""
-        backoff = 0.05
+        backoff = Backoff(RECONNECT)
         client = self.ctx.client
         cursor: bytes | str = "0-0"
         while owned() and not self.closing:
@@ -197,7 +198,7 @@ class GroupSubscription(BaseConsumer):
                     logger.warning("group %s: stream or group missing (Redis lost data?); recreating", self.group)
                     with contextlib.suppress(*FAILURES):
                         await self.ensure_groups()
-                backoff = await self._read_failed(exc, backoff)
+                await self._read_failed(exc, backoff)
                 continue
             if entries:
                 self.ctx.counters.claimed += len(entries)
@@ -212,7 +213,7 @@ class GroupSubscription(BaseConsumer):
     async def _read_loop(self) -> None:
         if self.options.take_over:
             await self._take_over()
-        backoff = 0.05
+        backoff = Backoff(RECONNECT)
         block_ms = int(self.ctx.settings.block * 1000)
         args_tail = ["STREAMS", *self.streams, *([">"] * len(self.streams))]
         reconnects = self.ctx.reconnects
@@ -226,7 +227,7 @@ class GroupSubscription(BaseConsumer):
                         "COUNT", count, "BLOCK", block_ms, *args_tail,
                     )
             except _READ_ERRORS as exc:
-                backoff = await self._recover_read(exc, backoff)
+                await self._recover_read(exc, backoff)
                 continue
             if self._read_failing:
                 self._read_failing = False
@@ -240,7 +241,7 @@ class GroupSubscription(BaseConsumer):
                 except FAILURES as exc:
                     # Left in our pending list: XAUTOCLAIM brings them back after ack_wait.
                     logger.warning("group %s: could not re-read own pending entries: %r", self.group, exc)
-            backoff = 0.05
+            backoff.reset()
             for key, entries in reply:
                 for entry_id, raw in entries:
                     self._accept(key, entry_id, raw, 1)
@@ -273,24 +274,23 @@ class GroupSubscription(BaseConsumer):
                 for entry_id, raw in lost:
                     self._accept(stream, entry_id, raw, counts.get(entry_id, 2))
 
-    async def _recover_read(self, exc: BaseException, backoff: float) -> float:
-        """After a read failed: recreate the groups if Redis lost them, else back off; the next backoff."""
+    async def _recover_read(self, exc: BaseException, backoff: Backoff) -> None:
+        """After a read failed: recreate the groups if Redis lost them, else back off."""
         if not is_nogroup(exc):
-            return await self._read_failed(exc, backoff)
+            await self._read_failed(exc, backoff)
+            return
         logger.warning("group %s: stream or group missing (Redis lost data?); recreating", self.group)
         try:
             await self.ensure_groups()
         except FAILURES as again:
-            return await self._read_failed(again, backoff)
-        return backoff
+            await self._read_failed(again, backoff)
 
-    async def _read_failed(self, exc: BaseException, backoff: float) -> float:
+    async def _read_failed(self, exc: BaseException, backoff: Backoff) -> None:
         self.ctx.counters.read_errors += 1
         if not self._read_failing:
             self._read_failing = True
             logger.warning("group %s: reading failed, retrying with backoff: %r", self.group, exc)
-        await asyncio.sleep(backoff)
-        return min(backoff * 2, 2.0)
+        await backoff.sleep()
 
     def _accept(self, stream: str, entry_id: bytes, raw: RawFields | None, attempt: int) -> None:
         held = self._held[stream]
@@ -438,7 +438,7 @@ class GroupSubscription(BaseConsumer):
 
     async def _ordered_read_loop(self) -> None:
         assert self._leases is not None
-        backoff = 0.05
+        backoff = Backoff(RECONNECT)
         wait = min(self.ctx.settings.block, self._lease_ttl / 4)
         reconnects = self.ctx.reconnects
         connected = reconnects.count
@@ -468,12 +468,12 @@ class GroupSubscription(BaseConsumer):
                         for entry_id, raw in page:
                             self._accept(key, entry_id, raw, 1)
             except _READ_ERRORS as exc:
-                backoff = await self._recover_read(exc, backoff)
+                await self._recover_read(exc, backoff)
                 continue
             if self._read_failing:
                 self._read_failing = False
                 logger.info("group %s: reading again from Redis", self.group)
-            backoff = 0.05
+            backoff.reset()
 
     async def _fenced_read(self, indexes: list[int], count: int, wait: float) -> StreamEntries:
         """New entries of the partitions ``indexes``, read only while their leases are this member's.

@@ -63,6 +63,7 @@ from squadbus.backends.redis.consumer import ConsumerContext, Entry, RawFields, 
 from squadbus.backends.redis.group import RELEASED_CONSUMER, consumer_name, dead_letter_malformed
 from squadbus.core import subjects
 from squadbus.core.backend import ConsumerOptions, RawHandler, durable_name, invoke
+from squadbus.core.backoff import RECONNECT, Backoff
 from squadbus.core.envelope import decode
 from squadbus.core.errors import Closed, MalformedMessage
 from squadbus.core.inbox_source import InboxHolder
@@ -402,7 +403,7 @@ class InboxHub:
         return retries, checks, reads
 
     async def _drive(self) -> None:
-        backoff = 0.05
+        backoff = Backoff(RECONNECT)
         me = self._consumer
         while True:
             await self._wake.wait()
@@ -444,8 +445,7 @@ class InboxHub:
                 if not self._failing:
                     logger.warning("inboxes: reading failed, retrying with backoff: %r", exc)
                 self._failing = True
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                await backoff.sleep()
                 self._wake.set()
                 continue
             finally:
@@ -453,7 +453,7 @@ class InboxHub:
             if self._failing:
                 self._failing = False
                 logger.info("inboxes: reading from Redis again")
-            backoff = 0.05
+            backoff.reset()
             at = acks
             missing: list[_Agent] = []
             for agent in retries:

@@ -32,6 +32,7 @@ from squadbus.backends.redis._driver import (
 )
 from squadbus.backends.redis.layout import KeyLayout, direct_recipient, is_reply
 from squadbus.backends.redis.settings import RedisSettings
+from squadbus.core.backoff import WRITE_RETRY, Backoff
 from squadbus.core.envelope import Message, encode
 from squadbus.core.errors import BackendError, BackendTimeout, Closed, ConnectionLost, PublishFailed
 
@@ -233,7 +234,7 @@ class RedisPublisher:
 
     async def _send(self, batch: list[_Run]) -> None:
         loop = asyncio.get_running_loop()
-        backoff = 0.05
+        backoff = Backoff(WRITE_RETRY)
         last: BaseException | None = None
         log = WriteLog()  # once a call was written, a later failure leaves its messages "maybe stored"
         while True:
@@ -260,8 +261,7 @@ class RedisPublisher:
                 last = exc
                 self.retries += 1
                 logger.warning("publish of %d message(s) failed, retrying: %s", len(live), exc)
-                await asyncio.sleep(min(backoff, max(0.0, budget)))
-                backoff = min(backoff * 2, 1.0)
+                await asyncio.sleep(min(backoff.next(), max(0.0, budget)))
                 continue
             except BackendError as exc:
                 _fail(live, exc)

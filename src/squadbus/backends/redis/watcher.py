@@ -29,6 +29,7 @@ from squadbus.backends.redis._driver import FAILURES, RawEntry, aioredis, call, 
 from squadbus.backends.redis.consumer import RedisCounters
 from squadbus.backends.redis.layout import position_of
 from squadbus.backends.redis.settings import RedisSettings
+from squadbus.core.backoff import RECONNECT, Backoff
 
 logger = logging.getLogger("squadbus.backends.redis.watcher")
 
@@ -181,7 +182,7 @@ class StreamWatcher:
     async def _run(self) -> None:
         settings = self._settings
         block_ms = max(1, int(settings.block * 1000))
-        backoff = 0.05
+        backoff = Backoff(RECONNECT)
         while not self._closed:
             self._something.clear()
             plan, count = self._plan()
@@ -200,13 +201,12 @@ class StreamWatcher:
                 if not self._failing:
                     self._failing = True
                     logger.warning("reading %d streams without a group failed, retrying: %r", len(plan), exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                await backoff.sleep()
                 continue
             finally:
                 self._reading = False
             self._failing = False
-            backoff = 0.05
+            backoff.reset()
             for stream, entries in reply:
                 if stream == self.wake_key:
                     self._wake_after = entries[-1][0]
