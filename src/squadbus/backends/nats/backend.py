@@ -40,6 +40,7 @@ from squadbus.backends.nats.takeover import take_over
 from squadbus.backends.nats.translate import is_transient, translate
 from squadbus.core import subjects
 from squadbus.core.backend import BatchRawHandler, ConsumerOptions, GroupFigures, RawHandler, Subscription, batch_only
+from squadbus.core.backoff import CONSUMER_CHECK, STREAM_NOT_READY, Backoff
 from squadbus.core.envelope import Message
 from squadbus.core.errors import BackendError, Closed, ConnectionLost
 from squadbus.core.inbox_source import InboxPresence
@@ -146,18 +147,18 @@ class NatsBackend:
         # seconds: retry those within twice connect_timeout.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 2 * self.settings.connect_timeout
-        pause = 0.1
+        backoff = Backoff(STREAM_NOT_READY)
         while True:
             try:
                 await self._ensure_stream_once()
                 return
             except BackendError as exc:
                 cause = exc.__cause__
+                pause = backoff.next()
                 if cause is None or not is_transient(cause) or loop.time() + pause > deadline:
                     raise
                 logger.info("stream %s not ready (%s); retrying", self.settings.stream, exc)
                 await asyncio.sleep(pause)
-                pause = min(pause * 2, 1.0)
 
     async def _ensure_stream_once(self) -> None:
         js, s = self.js, self.settings
@@ -339,7 +340,7 @@ class NatsBackend:
 
     async def _check_consumer(self, sub: NatsSubscription) -> None:
         config = self._configs.get(sub)
-        pause = 0.2
+        backoff = Backoff(CONSUMER_CHECK)
         while config is not None and sub in self._subs and not self._closed:
             try:
                 if not await consumer_exists(self.js, self.settings.stream, sub.consumer):
@@ -349,8 +350,7 @@ class NatsBackend:
                 return
             except BackendError as exc:
                 logger.debug("consumer check of %s failed (%s); retrying", sub.consumer, exc)
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 2.0)
+                await backoff.sleep()
 
     # ---- Requester and Replayable ------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from squadbus.backends.nats.inboxes import bell_of
 from squadbus.backends.nats.settings import NatsSettings
 from squadbus.backends.nats.translate import is_transient, is_unanswered, translate
 from squadbus.core import subjects
+from squadbus.core.backoff import WRITE_RETRY, Backoff
 from squadbus.core.envelope import Message, encode
 from squadbus.core.errors import BackendTimeout
 
@@ -107,7 +108,7 @@ class NatsPublisher:
         loop = asyncio.get_running_loop()
         settings = self._settings
         deadline = loop.time() + settings.publish_timeout
-        pause = 0.05
+        backoff = Backoff(WRITE_RETRY)
         # True once an attempt went out and got no answer (PubAck timeout, connection lost while waiting):
         # the stream may hold the message, whatever later attempts say.
         maybe_stored = False
@@ -133,6 +134,7 @@ class NatsPublisher:
             except Exception as exc:
                 maybe_stored = maybe_stored or (sent and is_unanswered(exc))
                 remaining = deadline - loop.time()
+                pause = backoff.next()
                 if not is_transient(exc) or remaining <= pause:
                     error = translate(exc, f"publish to {subject}")
                     if maybe_stored and not isinstance(error, BackendTimeout):
@@ -144,7 +146,6 @@ class NatsPublisher:
                 self.retries += 1
                 logger.debug("publish of %s failed (%s: %s); retrying", msg_id, type(exc).__name__, exc)
                 await asyncio.sleep(pause)
-                pause = min(pause * 2, 1.0)
                 continue
             if ack.duplicate:
                 self.duplicates += 1

@@ -27,6 +27,7 @@ from nats.js.client import JetStreamContext
 
 from squadbus.backends.nats.translate import translate
 from squadbus.core import subjects
+from squadbus.core.backoff import NOT_READY, Backoff
 from squadbus.core.envelope import Message, decode
 from squadbus.core.errors import MalformedMessage
 
@@ -43,7 +44,7 @@ async def _fetch(sub: JetStreamContext.PullSubscription) -> list[Msg]:
     (a new consumer in a cluster answers 503 until its group has a leader)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + _NOT_READY_TIMEOUT
-    pause = 0.05
+    backoff = Backoff(NOT_READY)
     while True:
         try:
             msgs: list[Msg] = await sub.fetch(_BATCH, timeout=2.0)
@@ -53,8 +54,7 @@ async def _fetch(sub: JetStreamContext.PullSubscription) -> list[Msg]:
         except nats.js.errors.ServiceUnavailableError as exc:
             if loop.time() > deadline:
                 raise translate(exc, "replay: read the stream") from exc
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.5)
+            await backoff.sleep()
         except nats.errors.Error as exc:
             raise translate(exc, "replay: read the stream") from exc
 
