@@ -72,6 +72,7 @@ def test_the_uncapped_steps_grow_and_the_pure_delay_survives_huge_failure_counts
     assert all(a < b for a, b in itertools.pairwise(steps[:12]))
     assert steps[-1] == 30.0
     assert policy.delay(10**6, 0.0) == 30.0  # no float overflow after a long outage
+    assert BackoffPolicy(0.1, 1.0, factor=1.0, jitter=0.0).delay(10**9, 0.0) == 0.1
 
 
 @pytest.mark.parametrize(("args", "words"), [

@@ -33,6 +33,7 @@ dependency of the core package (whose only dependencies are msgspec and click).
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,14 +64,12 @@ class BackoffPolicy:
 
     def delay(self, failures: int, draw: float) -> float:
         """The delay after ``failures`` earlier failures (0 for the first) for a random ``draw`` in [0, 1)."""
-        # Past ~1000 doublings initial * factor**n overflows a float: stop growing once at the cap.
-        step = self.initial
-        for _ in range(failures):
-            step *= self.factor
-            if step >= self.maximum:
-                step = self.maximum
-                break
-        return min(step, self.maximum) * (1.0 - self.jitter * draw)
+        # Compared in logs: after a long outage initial * factor**failures overflows a float.
+        if failures * math.log(self.factor) >= math.log(self.maximum / self.initial):
+            step = self.maximum
+        else:
+            step = min(self.initial * self.factor**failures, self.maximum)
+        return step * (1.0 - self.jitter * draw)
 
 
 class Backoff:
