@@ -1,5 +1,5 @@
-"""RabbitBackend: the Backend protocol over RabbitMQ (plus Replayable, ReadsAll, BatchPublisher, BatchSubscriber,
-DescribesGroups).
+"""RabbitBackend: the Backend protocol over RabbitMQ (plus Requester, Replayable, ReadsAll, BatchPublisher,
+BatchSubscriber, DescribesGroups).
 
 Mapping (docs/backends/rabbitmq.md says why):
 
@@ -10,7 +10,8 @@ Mapping (docs/backends/rabbitmq.md says why):
   ``<namespace>.group.<durable_name>`` bound with the pattern; its members are competing consumers;
   a group created with ``StartFrom.EARLIEST`` first gets a copy of what the log holds for its pattern;
 * ``group=None`` is an exclusive, auto-deleted queue bound with the pattern (new messages only);
-* one more stream queue ``<namespace>.groups`` records each group created (``group_figures``).
+* one more stream queue ``<namespace>.groups`` records each group created (``group_figures``);
+* requests get their replies by direct reply-to (:mod:`.requests`): no queue per requester.
 
 One robust connection per backend (aio-pika reconnects and restores channels, queues,
 bindings and consumers), one confirm channel for publishing, one channel per subscription.
@@ -37,6 +38,7 @@ from squadbus.backends.rabbitmq.group_figures import registry_record
 from squadbus.backends.rabbitmq.inboxes import InboxChannel, InboxSubscription
 from squadbus.backends.rabbitmq.log import Offset, read_log
 from squadbus.backends.rabbitmq.publisher import RabbitPublisher
+from squadbus.backends.rabbitmq.requests import DirectReplies
 from squadbus.backends.rabbitmq.settings import RabbitSettings
 from squadbus.backends.rabbitmq.subscriber import RabbitSubscription
 from squadbus.backends.rabbitmq.topology import (
@@ -83,6 +85,7 @@ class RabbitBackend:
         self._probe_lock = asyncio.Lock()
         self._backlog = BacklogCopier(self)
         self._inbox_channel = InboxChannel(self)
+        self._replies: DirectReplies | None = None
         self._closed = False
 
     # ---- connection --------------------------------------------------------------------------
@@ -176,6 +179,8 @@ class RabbitBackend:
         for sub in list(self._subs):
             await sub.close()
         self._closed = True
+        if self._replies is not None:
+            await self._replies.close()
         await self._backlog.close()
         await self._inbox_channel.close()
         if self._probe is not None:
@@ -206,6 +211,15 @@ class RabbitBackend:
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
+
+    async def request(self, message: Message, *, timeout: float) -> Message:
+        """Publish ``message`` with this backend's direct reply-to address in ``reply_to`` and return the
+        first reply (Requester; see :mod:`.requests`). Raises RequestTimeout after ``timeout`` seconds,
+        ConnectionLost when the connection is lost meanwhile, Closed when the backend closes meanwhile."""
+        replies = self._replies
+        if replies is None:
+            replies = self._replies = DirectReplies(self.connection, self.settings.namespace)
+        return await replies.request(message, timeout, self.publish)
 
     async def subscribe(
         self, pattern: str, handler: RawHandler, *, group: str | None, options: ConsumerOptions

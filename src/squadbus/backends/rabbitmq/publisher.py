@@ -26,6 +26,7 @@ import aio_pika
 import aio_pika.abc
 from pamqp.commands import Basic
 
+from squadbus.backends.rabbitmq.requests import is_reply_address
 from squadbus.backends.rabbitmq.settings import RabbitSettings
 from squadbus.backends.rabbitmq.topology import MARKER_HEADER, routing_key
 from squadbus.backends.rabbitmq.translate import is_transient, translate
@@ -80,6 +81,9 @@ class RabbitPublisher:
             self.duplicates_dropped += 1
             logger.debug("message %s was published within the dedupe window; not sent again", message.id)
             return
+        if is_reply_address(message.subject):
+            await self._reply(message)
+            return
         key = routing_key(message.subject)
         amqp_message = aio_pika.Message(
             encode(message), message_id=str(message.id), content_type=_CONTENT_TYPE,
@@ -87,6 +91,13 @@ class RabbitPublisher:
         )
         await self._send(self._settings.exchange, key, amqp_message, f"publish {message.id}")
         self.dedupe.add(message.id)
+
+    async def _reply(self, message: Message) -> None:
+        """A reply to a request (subject = the requester's direct reply-to address, see :mod:`.requests`):
+        straight to the requesting channel through the default exchange, not stored anywhere. A requester
+        that is gone drops it without an error."""
+        amqp_message = aio_pika.Message(encode(message), message_id=str(message.id), content_type=_CONTENT_TYPE)
+        await self._send("", routing_key(message.subject), amqp_message, f"reply {message.id}")
 
     async def publish_to_queue(self, queue: str, amqp_message: aio_pika.Message, what: str) -> None:
         """Publish a prepared AMQP message straight to ``queue`` (default exchange) and wait for its confirm."""
