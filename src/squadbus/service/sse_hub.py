@@ -44,6 +44,7 @@ from uuid import UUID
 
 import msgspec
 
+from squadbus.core.backoff import STORE_POLL, Backoff
 from squadbus.store.base import HistoryStore, StoredMessage
 
 logger = logging.getLogger("squadbus.service.sse")
@@ -51,8 +52,6 @@ logger = logging.getLogger("squadbus.service.sse")
 STORE_PAGE = 1000
 CHUNK_BYTES = 64 * 1024
 """Frames are joined into writes of about this size (fewer sends than one per frame)."""
-_RETRY_FIRST = 0.01
-_RETRY_MAX = 1.0
 _EXPECT_TTL = 30.0
 _BEHIND_RETRY = 0.05
 
@@ -209,7 +208,7 @@ class Feed:
         self._dirty = False
         self._fetching: asyncio.Task[None] | None = None
         self._retry: asyncio.TimerHandle | None = None
-        self._retry_delay = _RETRY_FIRST
+        self._backoff = Backoff(STORE_POLL)
         self.last_read = 0.0
 
     async def prime(self) -> None:
@@ -253,14 +252,14 @@ class Feed:
         for message_id in ids:
             self.expected[message_id] = deadline
         if self._retry is None:
-            self._retry = asyncio.get_running_loop().call_later(self._retry_delay, self._on_retry)
+            self._retry = asyncio.get_running_loop().call_later(STORE_POLL.initial, self._on_retry)
 
     def _on_retry(self) -> None:
         self._retry = None
         if self.expected:
             self.wake()
         else:
-            self._retry_delay = _RETRY_FIRST
+            self._backoff.reset()
 
     def wake(self) -> None:
         """Read the store for rows after ``last_seq`` soon (coalesced: one read serves many wakes)."""
@@ -305,10 +304,9 @@ class Feed:
             self._retry.cancel()
             self._retry = None
         if not self.expected or not self.viewers:
-            self._retry_delay = _RETRY_FIRST
+            self._backoff.reset()
             return
-        self._retry = asyncio.get_running_loop().call_later(self._retry_delay, self._on_retry)
-        self._retry_delay = min(_RETRY_MAX, self._retry_delay * 2)
+        self._retry = asyncio.get_running_loop().call_later(self._backoff.next(), self._on_retry)
 
     def close(self) -> None:
         """Stop timers and the pending read (the last viewer left)."""

@@ -26,6 +26,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("the SQLite store needs aiosqlite: pip install squadbus[sqlite]") from exc
 
+from squadbus.core.backoff import FILE_LOCKED, Backoff
 from squadbus.core.envelope import Message, utcnow
 from squadbus.core.errors import BackendError, BackendTimeout, Closed, ConfigError, ConnectionLost
 from squadbus.store import _common as c
@@ -152,16 +153,16 @@ class SqliteStore:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.busy_timeout
-        pause = 0.005
+        backoff = Backoff(FILE_LOCKED)
         while True:
             try:
                 await conn.execute("PRAGMA journal_mode = WAL")
                 return
             except sqlite3.OperationalError as exc:
+                pause = backoff.next()
                 if "locked" not in str(exc).lower() or loop.time() + pause > deadline:
                     raise
             await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.1)
 
     async def open(self) -> None:
         """Open the database file (created if missing), enable WAL and migrate. Idempotent."""
