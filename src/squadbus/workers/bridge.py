@@ -33,6 +33,7 @@ import logging
 
 from squadbus.core import subjects
 from squadbus.core.backend import ConsumerOptions, Delivery, StartFrom, Subscription, leases_kept
+from squadbus.core.backoff import Backoff, BackoffPolicy
 from squadbus.core.bus import Bus
 from squadbus.core.envelope import Message
 from squadbus.core.errors import BackendError, ConfigError
@@ -105,10 +106,10 @@ class Bridge:
             "copying nothing after it meanwhile", destination, copy.id, copy.task_execution_id,
             type(error).__name__, error, self.retry_max,
         )
-        delay, retries = self.retry_base, 0
+        backoff, retries = Backoff(BackoffPolicy(self.retry_base, self.retry_max)), 0
         async with leases_kept([delivery], self.ack_wait / 3):
             while True:
-                if await self._stopped_within(delay):
+                if await self._stopped_within(backoff.next()):
                     break
                 self.retries += 1
                 retries += 1
@@ -131,7 +132,6 @@ class Bridge:
                 if not isinstance(failure, BackendError):
                     raise failure
                 logger.debug("bridge: retry of %s failed: %s", copy.id, failure)
-                delay = min(delay * 2, self.retry_max)
         logger.warning("bridge: stopped while %s was down; message %s goes back to the source uncopied",
                        destination, copy.id)
         await delivery.nack()

@@ -64,6 +64,7 @@ from squadbus.core.backend import (
     Subscription,
     publish_all,
 )
+from squadbus.core.backoff import Backoff, BackoffPolicy
 from squadbus.core.batching import gather_batches
 from squadbus.core.envelope import Message
 from squadbus.core.errors import BackendError, BackendTimeout, ConfigError, InvalidMessage, PublishFailed, SquadbusError
@@ -183,7 +184,8 @@ class DualBackend:
         """Send the spool to the secondary, oldest first, until it is empty; then publish directly again."""
         spool = self.spool
         assert spool is not None
-        delay, started, sent = 0.1, time.monotonic(), 0
+        backoff = Backoff(BackoffPolicy(min(0.1, self.retry_max), self.retry_max))  # 0.1 s first, unless capped lower
+        started, sent = time.monotonic(), 0
         while True:
             batch = await spool.head(500)
             if not batch:
@@ -199,19 +201,18 @@ class DualBackend:
             except InvalidMessage:
                 # Refused for good somewhere in the batch: send one at a time to find it.
                 if not await self._send_one_by_one(batch):
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, self.retry_max)
+                    await backoff.sleep()
                 continue
             except SquadbusError as exc:
                 self.secondary_failures += 1
+                delay = backoff.next()
                 logger.info("dual-write: secondary %s still failing (%s); %d spooled, next try in %.1f s",
                             self.secondary.name, exc, spool.depth, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, self.retry_max)
                 continue
             await spool.remove_through(batch[-1][0])
             sent += len(batch)
-            delay = 0.1
+            backoff.reset()
 
     async def _send_one_by_one(self, batch: Sequence[tuple[int, Message]]) -> bool:
         """True if the whole batch was settled (sent or refused); False on a passing error."""
