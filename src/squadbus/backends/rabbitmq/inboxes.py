@@ -78,6 +78,7 @@ class InboxSubscription(RabbitSubscription):
                          handler=handler, options=options)
         self._shared = shared
         self.agent_id = agent_id
+        self._watched = False  # no ack_wait give-back: closing the channel would close every inbox of the Bus
         # The attempt of each delivery held here (unacknowledged on the broker), for its local redelivery.
         self._held: dict[IncomingMessage, int] = {}
 

@@ -17,6 +17,20 @@ message unacknowledged here and requeues it when the delay has passed (a
 3.10 quorum queue then delivers it after the messages already queued). It
 holds a prefetch slot meanwhile and stays with this consumer: if the
 consumer dies, the broker requeues it at once, which costs only an early retry.
+
+``ack_wait`` (group members): a watchdog looks every ``ack_wait / 4`` seconds
+for deliveries handed to the handler and still unsettled ``ack_wait`` after
+that (or after the last ``Delivery.in_progress``). It then gives back
+everything this member holds by closing its channel: the broker returns the
+unacknowledged messages to the head of the queue, in order, delivery count + 1,
+and hands them to the other members. A ``basic.nack`` would put them behind
+what is queued, and with prefetch room left the queue may hand them straight
+back to this consumer, behind the hung handler. The given-back deliveries are
+marked settled, so the hung handler's late ack or failure sends nothing. The
+member consumes again (a new channel) once the handlers of the given-back
+deliveries have returned; until then it takes nothing. Fan-out subscriptions
+have no other member to give to, and their queue goes with their consumer,
+so ack_wait does not apply to them (nor to inboxes, which share one channel).
 """
 
 from __future__ import annotations
@@ -24,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -79,6 +94,17 @@ class RabbitDelivery(Delivery):
         self._msg = msg
         self._sub = sub
 
+    async def in_progress(self) -> None:
+        """The handler is still working: its ``ack_wait`` starts again."""
+        self._sub.extend(self)
+
+    def given_back(self) -> None:
+        """The subscription gave the message back to the broker (ack_wait passed): settled as a nack, so
+        the handler's late ack, nack or failure sends nothing (the broker has the message again)."""
+        if self._settled is None:
+            self._settled = "nack"
+            self._wake()
+
     def _ack(self) -> Awaitable[None]:
         return self._sub.send(self._msg, ack=True)
 
@@ -106,7 +132,8 @@ class RabbitSubscription:
         self._handler = handler
         self._options = options
         self._filter = needs_filter(pattern)
-        self._buffer: asyncio.Queue[IncomingMessage] = asyncio.Queue()
+        # None in the buffer wakes a dispatch waiting for a delivery after a give-back (see _next).
+        self._buffer: asyncio.Queue[IncomingMessage | None] = asyncio.Queue()
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._queue: aio_pika.abc.AbstractQueue | None = None
         self._tag: str | None = None
@@ -119,6 +146,16 @@ class RabbitSubscription:
         self._waiting_for_msg = False
         self._batch_handler: BatchRawHandler | None = None
         self._max_wait = 0.0
+        # ack_wait (group members only): deliveries in the handler -> monotonic deadline; given-back
+        # deliveries whose handler still runs; set while this member holds nothing and takes nothing.
+        self._watched = group is not None
+        self._handling: dict[RabbitDelivery, float] = {}
+        self._hung: set[RabbitDelivery] = set()
+        self._hung_done = asyncio.Event()
+        self._parked = False
+        self._watchdog: asyncio.Task[None] | None = None
+        self.given_back = 0
+        """Times this member gave back what it held because a handler passed ack_wait."""
 
     @property
     def pattern(self) -> str:
@@ -135,6 +172,14 @@ class RabbitSubscription:
 
     async def start(self) -> None:
         """Open the channel, declare (fan-out) or join (group) the queue, and start consuming."""
+        await self._consume()
+        name = f"squadbus-rabbitmq-{self._group or 'fanout'}"
+        loop = asyncio.get_running_loop()
+        self._dispatch = loop.create_task(self._dispatch_loop(), name=name)
+        if self._watched:
+            self._watchdog = loop.create_task(self._watch(), name=f"{name}-ack-wait")
+
+    async def _consume(self) -> None:
         backend = self._backend
         channel = self._channel = await backend.connection.channel()
         await channel.set_qos(prefetch_count=max(self._options.batch_size, self._options.max_in_flight))
@@ -147,9 +192,88 @@ class RabbitSubscription:
             queue = await channel.declare_queue(name, exclusive=True, auto_delete=True)
             await queue.bind(backend.settings.exchange, binding_key(self._pattern))
         self._queue = queue
+        self._parked = False
         self._tag = await queue.consume(self._on_message)
-        name = f"squadbus-rabbitmq-{self._group or 'fanout'}"
-        self._dispatch = asyncio.get_running_loop().create_task(self._dispatch_loop(), name=name)
+
+    # ---- ack_wait ----------------------------------------------------------------------------
+
+    def _handing(self, delivery: RabbitDelivery) -> None:
+        self._handling[delivery] = time.monotonic() + self._options.ack_wait
+
+    def _returned(self, delivery: RabbitDelivery) -> None:
+        """The handler of ``delivery`` returned."""
+        self._handling.pop(delivery, None)
+        if delivery in self._hung:
+            self._hung.discard(delivery)
+            if not self._hung:
+                self._hung_done.set()
+
+    def extend(self, delivery: RabbitDelivery) -> None:
+        """Start ``delivery``'s ack_wait again (``Delivery.in_progress``)."""
+        if delivery in self._handling:
+            self._handling[delivery] = time.monotonic() + self._options.ack_wait
+
+    async def _watch(self) -> None:
+        period = self._options.ack_wait / 4
+        while True:
+            await asyncio.sleep(period)
+            if self._parked or self._closing or not self._handling:
+                continue
+            now = time.monotonic()
+            late = [d for d, deadline in self._handling.items() if deadline <= now and d.settled is None]
+            if not late:
+                continue
+            try:
+                await self._give_back(late)
+            except Exception:  # the watch must go on; the broker's consumer_timeout is the backstop
+                logger.exception("group %s: giving back after ack_wait failed", self._group)
+
+    async def _give_back(self, late: list[RabbitDelivery]) -> None:
+        """Hand everything this member holds back to the group (see the module docstring)."""
+        self._parked = True
+        self._hung_done.clear()
+        for delivery in list(self._handling):
+            if delivery.settled is None:
+                delivery.given_back()
+                self._hung.add(delivery)
+        if not self._hung:
+            self._hung_done.set()
+        while not self._buffer.empty():
+            self._buffer.get_nowait()  # unacknowledged on the channel: returned with it
+        for timer in self._later.values():
+            timer.cancel()  # the same (held for a nack delay)
+        self._later.clear()
+        self.given_back += 1
+        ids = ", ".join(str(d.message.id) for d in late[:5])
+        logger.warning(
+            "group %s: the handler has not settled %s within ack_wait=%gs; this member gives back what it "
+            "holds (its channel is closed: the broker hands it to another member) and takes nothing until "
+            "that handler returns", self._group, ids, self._options.ack_wait)
+        channel = self._channel
+        if channel is not None:
+            with contextlib.suppress(*_SETTLE_ERRORS, TimeoutError):
+                async with asyncio.timeout(5):
+                    await channel.close()
+        self._buffer.put_nowait(None)  # wakes a dispatch waiting for a delivery
+
+    async def _resume(self) -> None:
+        """After a give-back: wait for the hung handlers to return, then consume on a new channel."""
+        await self._hung_done.wait()
+        while not self._closing:
+            try:
+                await self._consume()
+            except Exception as exc:
+                logger.warning("group %s: could not consume again after giving back (%s: %s); retrying in %gs",
+                               self._group, type(exc).__name__, exc, self._backend.settings.reconnect_interval)
+                channel = self._channel
+                if channel is not None:
+                    with contextlib.suppress(*_SETTLE_ERRORS, TimeoutError):
+                        async with asyncio.timeout(1):
+                            await channel.close()
+                await asyncio.sleep(self._backend.settings.reconnect_interval)
+                continue
+            logger.info("group %s: this member consumes again after giving back", self._group)
+            return
 
     # ---- receiving ---------------------------------------------------------------------------
 
@@ -157,19 +281,30 @@ class RabbitSubscription:
         if self._closing:
             await self.send(msg, ack=False)
             return
+        if self._parked:
+            return  # from the channel being closed by a give-back: the broker gets it back with it
         self._buffer.put_nowait(msg)
 
     async def _next(self) -> IncomingMessage | None:
-        if self._closing:
-            return None
-        try:
-            return self._buffer.get_nowait()
-        except asyncio.QueueEmpty:
-            self._waiting_for_msg = True
+        while not self._closing:
+            if self._parked:
+                self._waiting_for_msg = True
+                try:
+                    await self._resume()
+                finally:
+                    self._waiting_for_msg = False
+                continue
             try:
-                return await self._buffer.get()
-            finally:
-                self._waiting_for_msg = False
+                msg = self._buffer.get_nowait()
+            except asyncio.QueueEmpty:
+                self._waiting_for_msg = True
+                try:
+                    msg = await self._buffer.get()
+                finally:
+                    self._waiting_for_msg = False
+            if msg is not None:
+                return msg
+        return None
 
     def use_batches(self, handler: BatchRawHandler, max_wait: float) -> None:
         """Before start: hand the handler batches of up to ``batch_size`` messages (one batch at a
@@ -212,23 +347,35 @@ class RabbitSubscription:
     async def _dispatch_batches(self, handler: BatchRawHandler) -> None:
         limit = self._options.batch_size
         while (first := await self._next()) is not None:
-            msgs = [first]
+            msgs: list[IncomingMessage | None] = [first]
             self._waiting_for_msg = True  # fill_batch only suspends in queue.get(): safe to cancel
             try:
                 await fill_batch(self._buffer, msgs, limit, self._max_wait)
             except asyncio.CancelledError:
                 for msg in msgs:  # closing: back to the queue at once
-                    await self.send(msg, ack=False)
+                    if msg is not None:
+                        await self.send(msg, ack=False)
                 raise
             finally:
                 self._waiting_for_msg = False
-            deliveries: list[Delivery] = []
+            deliveries: list[RabbitDelivery] = []
             for msg in msgs:
-                delivery = await self._delivery_of(msg)
+                # None: a give-back's wake-up (the batch's messages were given back with the channel)
+                delivery = await self._delivery_of(msg) if msg is not None and not self._parked else None
                 if delivery is not None:
                     deliveries.append(delivery)
-            if deliveries:
+            if not deliveries:
+                continue
+            if not self._watched:
                 await invoke_batch(handler, deliveries, self._options)
+                continue
+            for delivery in deliveries:
+                self._handing(delivery)
+            try:
+                await invoke_batch(handler, deliveries, self._options)
+            finally:
+                for delivery in deliveries:
+                    self._returned(delivery)
 
     def _attempt(self, msg: IncomingMessage) -> int:
         if self._group is not None:
@@ -274,8 +421,16 @@ class RabbitSubscription:
 
     async def _handle(self, msg: IncomingMessage) -> None:
         delivery = await self._delivery_of(msg)
-        if delivery is not None:
+        if delivery is None:
+            return
+        if not self._watched:
             await invoke(self._handler, delivery, self._options)
+            return
+        self._handing(delivery)
+        try:
+            await invoke(self._handler, delivery, self._options)
+        finally:
+            self._returned(delivery)
 
     async def _malformed(self, msg: IncomingMessage, exc: MalformedMessage, attempt: int) -> None:
         """Dead-letter bytes that are not an envelope, so they never block the queue."""
@@ -370,6 +525,11 @@ class RabbitSubscription:
         if connected and queue is not None and tag is not None:
             with contextlib.suppress(*_SETTLE_ERRORS, TimeoutError):
                 await queue.cancel(tag, timeout=5)
+        watchdog = self._watchdog
+        if watchdog is not None:
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
         dispatch = self._dispatch
         if dispatch is not None:
             if self._waiting_for_msg:
@@ -377,7 +537,9 @@ class RabbitSubscription:
             with contextlib.suppress(asyncio.CancelledError):
                 await dispatch
         while not self._buffer.empty():
-            await self.send(self._buffer.get_nowait(), ack=False)
+            msg = self._buffer.get_nowait()
+            if msg is not None:
+                await self.send(msg, ack=False)
         for msg, timer in list(self._later.items()):
             timer.cancel()
             await self.send(msg, ack=False)

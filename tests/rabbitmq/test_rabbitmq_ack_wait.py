@@ -1,0 +1,93 @@
+"""ConsumerOptions.ack_wait per group member (backends/rabbitmq/subscriber.py): a delivery its handler has
+not settled within ack_wait goes to another member; the hung handler's late settle is harmless; a handler
+that reports progress (Delivery.in_progress) keeps its delivery."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import pytest
+
+from squadbus.core import subjects
+from squadbus.core.backend import ConsumerOptions, Delivery, leases_kept
+from squadbus.core.bus import Bus
+from squadbus.testing.conformance import Collector, eventually
+
+pytestmark = pytest.mark.rabbitmq
+
+ACK_WAIT = 1.0
+BOUND = 15.0
+"""How long past ack_wait the test waits: a functional bound (the broker's own consumer_timeout is
+30 minutes), not a timing claim."""
+
+
+def _uid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+async def test_a_delivery_hung_past_ack_wait_goes_to_the_other_member_and_the_late_ack_is_harmless(
+    rabbitmq_url: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    agent, group = _uid("agent"), _uid("g")
+    options = ConsumerOptions(ack_wait=ACK_WAIT, batch_size=10)
+    release = asyncio.Event()
+    hung_on: list[Delivery] = []
+    late_ack: list[bool] = []
+    a_handled: list[str] = []
+
+    async def member_a(delivery: Delivery) -> None:
+        if not hung_on:
+            hung_on.append(delivery)
+            await release.wait()  # hung
+            late_ack.append(await delivery.ack())
+            return
+        a_handled.append(delivery.message.content)
+
+    b_got = Collector()
+    async with Bus.from_url(rabbitmq_url) as sender, Bus.from_url(rabbitmq_url) as a_bus, \
+            Bus.from_url(rabbitmq_url) as b_bus:
+        await a_bus.subscribe(subjects.direct(agent), member_a, group=group, options=options)
+        m = await sender.send("pm", agent, "m")
+        await eventually(lambda: len(hung_on) == 1, 20, "member A holding m")
+        await b_bus.subscribe(subjects.direct(agent), b_got, group=group, options=options)
+        more = [(await sender.send("pm", agent, f"m{i}")).id for i in range(1, 7)]  # some land behind m on A
+        await eventually(lambda: m.id in b_got.ids, ACK_WAIT + BOUND, "m at member B after ack_wait")
+        await eventually(lambda: set(more) <= set(b_got.ids), 20, "what A held behind m, at B")
+        assert [d.attempt for d in b_got.deliveries if d.message.id == m.id] == [2], "once, its count + 1"
+        assert sorted(map(str, b_got.ids)) == sorted(map(str, [m.id, *more])), "nothing lost or doubled"
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="squadbus.backends.rabbitmq"):
+            release.set()
+            await eventually(lambda: late_ack == [False], 20, "A's handler returning")
+            for i in range(40):  # until A (consuming again) gets one; B competes for them
+                await sender.send("pm", agent, f"after-{i}")
+                if a_handled:
+                    break
+                await asyncio.sleep(0.05)
+            await eventually(lambda: bool(a_handled), 20, "A consuming again after its handler returned")
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING], "the late ack is harmless"
+
+
+async def test_a_handler_reporting_progress_keeps_its_delivery_past_ack_wait(rabbitmq_url: str) -> None:
+    agent, group = _uid("agent"), _uid("g")
+    options = ConsumerOptions(ack_wait=ACK_WAIT)
+    acked: list[bool] = []
+
+    async def slow_but_alive(delivery: Delivery) -> None:
+        async with leases_kept([delivery], ACK_WAIT / 4):
+            await asyncio.sleep(ACK_WAIT * 2.5)
+        acked.append(await delivery.ack())
+
+    b_got = Collector()
+    async with Bus.from_url(rabbitmq_url) as sender, Bus.from_url(rabbitmq_url) as a_bus, \
+            Bus.from_url(rabbitmq_url) as b_bus:
+        await a_bus.subscribe(subjects.direct(agent), slow_but_alive, group=group, options=options)
+        await sender.send("pm", agent, "slow")
+        await b_bus.subscribe(subjects.direct(agent), b_got, group=group, options=options)
+        await eventually(lambda: acked == [True], 20, "A's ack")
+        for i in range(4):  # round robin: B gets some of these
+            await sender.send("pm", agent, f"later-{i}")
+        await eventually(lambda: len(b_got.messages) >= 1, 20, "a later message at B")
+    assert "slow" not in [m.content for m in b_got.messages], "A kept its delivery past ack_wait"
