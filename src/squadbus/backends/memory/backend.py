@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+from squadbus.backends.memory.admission import SpaceWaiter, admit_next, settle, wait_for_room
 from squadbus.backends.memory.group import GroupBuffer
 from squadbus.backends.memory.group_figures import group_figures as describe_groups
 from squadbus.backends.memory.presence import open_inboxes as list_open_inboxes
@@ -40,6 +41,7 @@ class MemoryBackend:
         self._route_cache: dict[str, tuple[GroupBuffer, ...]] = {}
         self._log: deque[tuple[int, Message]] = deque(maxlen=self.settings.retain_messages or None)
         self._seq = itertools.count(1)
+        self._tickets = itertools.count()  # arrival order of blocked publishers
         self._last_seq = 0
         # A set plus a FIFO of ids as ints: O(1) expiry (a dict's oldest-key pop
         # degrades as it churns), and ints, unlike UUID objects, are not GC-tracked.
@@ -86,48 +88,46 @@ class MemoryBackend:
         if self._closed or not self._connected:
             raise Closed("memory backend is not connected")
         targets = self._route_cache.get(message.subject) or self._route(message.subject)
+        admitted: SpaceWaiter | None = None
         for group in targets:
-            if (len(group.buffer) + group.waking >= group.options.max_pending or group.space_waiters) \
-                    and group.blocks_publishers():
-                await self._wait_for_space(targets)
+            if (len(group.buffer) + group.reserved >= group.options.max_pending or group.space_waiters
+                    or group.reserved) and group.blocks_publishers():
+                admitted = await self._wait_for_space(targets)
                 targets = self._route(message.subject)
                 break
         seen = self._seen
         key = message.id.int
         if key in seen:
             self._duplicates += 1
-            return
-        if self._dedupe_window:
-            seen.add(key)
-            order = self._seen_order
-            order.append(key)
-            if len(order) > self._dedupe_window:
-                seen.discard(order.popleft())
-        seq = self._last_seq = next(self._seq)
-        if self._retain:
-            self._log.append((seq, message))
-        entry = (message, 0)
-        for group in targets:
-            group.push(entry)
+        else:
+            if self._dedupe_window:
+                seen.add(key)
+                order = self._seen_order
+                order.append(key)
+                if len(order) > self._dedupe_window:
+                    seen.discard(order.popleft())
+            seq = self._last_seq = next(self._seq)
+            if self._retain:
+                self._log.append((seq, message))
+            entry = (message, 0)
+            for group in targets:
+                group.push(entry)
+        if admitted is not None:
+            settle(admitted)  # after the pushes: the next publishers see the slots filled
 
-    async def _wait_for_space(self, targets: tuple[GroupBuffer, ...]) -> None:
-        # All-or-nothing: wait until every blocking target has room, then the
-        # caller pushes to all of them without yielding in between.
+    async def _wait_for_space(self, targets: tuple[GroupBuffer, ...]) -> SpaceWaiter:
+        # All or nothing: admitted to every blocking target at once, in arrival order (see .admission);
+        # the caller then pushes to all of them without yielding in between, and settles.
+        waiter = SpaceWaiter(next(self._tickets), tuple(g for g in targets if g.blocks_publishers()),
+                             asyncio.get_running_loop().create_future())
         try:
             async with asyncio.timeout(self.settings.publish_timeout):
-                woken_by: GroupBuffer | None = None
-                while True:
-                    full = next((g for g in targets if g.must_wait(queued=g is woken_by)), None)
-                    if full is None:
-                        return
-                    if woken_by is not None and full is not woken_by:
-                        woken_by._wake_space()  # not pushing there yet: its free slot goes to the next in line
-                    await full.wait_for_space(front=full is woken_by)
-                    woken_by = full
+                await wait_for_room(waiter)
         except TimeoutError as exc:
             raise BackendTimeout(
                 f"a consumer group stayed full for {self.settings.publish_timeout}s; nothing was published"
             ) from exc
+        return waiter
 
     # ---- subscribe ---------------------------------------------------------------------------
 
@@ -200,7 +200,7 @@ class MemoryBackend:
     def _remove_member(self, member: MemorySubscription) -> None:
         group = member._group
         group.members.discard(member)
-        group._wake_space()  # a memberless group no longer blocks publishers
+        admit_next(group)  # a memberless group no longer blocks publishers
         if group.name is None and not group.members:
             self._detach(group)
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from typing import TYPE_CHECKING
 
+from squadbus.backends.memory.admission import SpaceWaiter, admit_next
 from squadbus.core.backend import ConsumerOptions, Delivery, SlowConsumerPolicy
 from squadbus.core.envelope import Message
 
@@ -53,10 +53,10 @@ class GroupBuffer:
         self.options = options
         self.buffer: deque[_Entry] = deque()
         self.getters: deque[asyncio.Future[None]] = deque()
-        # Publishers blocked on a full buffer, first come first served; ``waking`` counts those
-        # woken for a free slot that have not run yet (their slots are taken).
-        self.space_waiters: deque[asyncio.Future[None]] = deque()
-        self.waking = 0
+        # Publishers blocked on this group, in ticket order, and the slots reserved for those admitted
+        # that have not pushed yet (squadbus.backends.memory.admission).
+        self.space_waiters: list[SpaceWaiter] = []
+        self.reserved = 0
         self.members: set[MemorySubscription] = set()
         self.inflight = 0
         self.pending_gap = 0
@@ -64,14 +64,7 @@ class GroupBuffer:
         self.timers: set[asyncio.TimerHandle] = set()
 
     def has_space(self) -> bool:
-        return len(self.buffer) + self.waking < self.options.max_pending
-
-    def must_wait(self, *, queued: bool) -> bool:
-        """True when a publisher must wait before pushing: no free slot, or (a newcomer, ``queued``
-        False) others are already waiting for one."""
-        if not self.blocks_publishers():
-            return False
-        return not self.has_space() or (not queued and bool(self.space_waiters))
+        return len(self.buffer) + self.reserved < self.options.max_pending
 
     def blocks_publishers(self) -> bool:
         return bool(self.members) and self.options.slow_consumer is SlowConsumerPolicy.BLOCK
@@ -96,14 +89,6 @@ class GroupBuffer:
                 getter.set_result(None)
                 return
 
-    def _wake_space(self) -> None:
-        """Wake as many waiting publishers as there are free slots (all when nothing blocks any more)."""
-        while self.space_waiters and (self.has_space() or not self.blocks_publishers()):
-            waiter = self.space_waiters.popleft()
-            if not waiter.done():
-                self.waking += 1
-                waiter.set_result(None)
-
     def take(self) -> tuple[Message, int, int] | None:
         """The next message, its attempt number and the gap before it; None when empty."""
         if not self.buffer:
@@ -112,7 +97,7 @@ class GroupBuffer:
         self.inflight += 1
         gap, self.pending_gap = self.pending_gap, 0
         if self.space_waiters:
-            self._wake_space()
+            admit_next(self)
         return message, delivered + 1, gap
 
     async def wait_for_entry(self) -> None:
@@ -124,26 +109,6 @@ class GroupBuffer:
             if fut.done() and not fut.cancelled():
                 self._wake_getter()  # pass the wake-up on to another member
             raise
-
-    async def wait_for_space(self, *, front: bool = False) -> None:
-        """Wait for a slot, behind the publishers already waiting (``front``: ahead of them, for one
-        that was woken and lost its slot to a group that filled again)."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if front:
-            self.space_waiters.appendleft(fut)
-        else:
-            self.space_waiters.append(fut)
-        try:
-            await fut
-        except BaseException:
-            if fut.done() and not fut.cancelled():
-                self.waking -= 1  # woken, then cancelled (timeout): pass the slot on
-                self._wake_space()
-            else:
-                with contextlib.suppress(ValueError):  # _wake_space may have dropped it already
-                    self.space_waiters.remove(fut)
-            raise
-        self.waking -= 1  # the slot is this publisher's now: it pushes before it yields
 
     def redeliver(self, entry: _Entry, delay: float) -> None:
         if delay <= 0:
