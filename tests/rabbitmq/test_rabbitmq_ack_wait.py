@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Sequence
 
 import pytest
 
@@ -91,3 +92,25 @@ async def test_a_handler_reporting_progress_keeps_its_delivery_past_ack_wait(rab
             await sender.send("pm", agent, f"later-{i}")
         await eventually(lambda: len(b_got.messages) >= 1, 20, "a later message at B")
     assert "slow" not in [m.content for m in b_got.messages], "A kept its delivery past ack_wait"
+
+
+async def test_a_batch_hung_past_ack_wait_goes_to_the_other_member(rabbitmq_url: str) -> None:
+    agent, group = _uid("agent"), _uid("g")
+    options = ConsumerOptions(ack_wait=ACK_WAIT, batch_size=10)
+    release = asyncio.Event()
+    hung: list[list[Delivery]] = []
+
+    async def hangs(deliveries: Sequence[Delivery]) -> None:
+        hung.append(list(deliveries))
+        await release.wait()
+
+    b_got = Collector()
+    async with Bus.from_url(rabbitmq_url) as sender, Bus.from_url(rabbitmq_url) as a_bus, \
+            Bus.from_url(rabbitmq_url) as b_bus:
+        await a_bus.subscribe_batch(subjects.direct(agent), hangs, group=group, max_wait=0.2, options=options)
+        sent = [(await sender.send("pm", agent, f"m{i}")).id for i in range(5)]
+        await eventually(lambda: bool(hung), 20, "member A holding a batch")
+        await b_bus.subscribe(subjects.direct(agent), b_got, group=group, options=options)
+        await eventually(lambda: set(sent) <= set(b_got.ids), ACK_WAIT + BOUND, "A's batch at member B")
+        release.set()
+    assert sorted(map(str, b_got.ids)) == sorted(map(str, sent))
