@@ -1,10 +1,10 @@
 """RabbitMQ request/reply latency: direct reply-to vs the Bus's pub/sub replies vs raw aio-pika, same run.
 
-    python bench/bench_rabbitmq_request.py [--count 2000] [--rounds 3] [--url amqp://...]
+    python bench/bench_rabbitmq_request.py [--count 2000] [--rounds 3] [--concurrency 1] [--url amqp://...]
 
-Each line makes ``count`` sequential requests per round (one in flight) and records request -> reply
-times; the lines run interleaved, ``rounds`` times, samples pooled per line (per-round p50s in the
-notes). Without ``--url`` a private node is started in a temp dir.
+Each line makes ``count`` requests per round from ``concurrency`` loops (1: sequential, one request in
+flight) and records request -> reply times; the lines run interleaved, ``rounds`` times, samples pooled
+per line (per-round p50s in the notes). Without ``--url`` a private node is started in a temp dir.
 
 * squadbus direct reply-to: ``Bus.request`` on ``amqp://`` today (the backend's Requester): the request
   is published with confirms to the exchange (log stream + the responder's quorum queue), the reply
@@ -28,6 +28,7 @@ import secrets
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aio_pika
@@ -51,33 +52,46 @@ class PubSubReplies(RabbitBackend):
     request = None  # type: ignore[assignment]  # hides the method from isinstance(backend, Requester)
 
 
-async def squadbus_requests(url: str, count: int, *, direct: bool) -> Result:
+async def _loops(count: int, concurrency: int, one: Callable[[], Awaitable[object]]) -> tuple[float, list[float]]:
+    """``count`` calls of ``one`` from ``concurrency`` loops: (seconds, latency of each in ms)."""
+    latencies: list[float] = []
+    remaining = count
+
+    async def loop() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            sent = time.perf_counter()
+            await one()
+            latencies.append((time.perf_counter() - sent) * 1000)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(loop() for _ in range(concurrency)))
+    return time.perf_counter() - start, latencies
+
+
+async def squadbus_requests(url: str, count: int, concurrency: int, *, direct: bool) -> Result:
     agent = f"bench-rr-{secrets.token_hex(4)}"
     name = "squadbus: direct reply-to" if direct else "squadbus: pub/sub replies (before)"
     backend = RabbitBackend(RabbitSettings.from_url(url)) if direct else PubSubReplies(RabbitSettings.from_url(url))
-    latencies: list[float] = []
     async with Bus.from_url(url) as responder_bus, Bus(backend) as bus:
         async def answer(delivery: Delivery) -> None:
             await responder_bus.reply(delivery.message, agent, "ok")
 
         await responder_bus.subscribe(subjects.direct(agent), answer, group="bench-responder",
-                                      options=ConsumerOptions(start=StartFrom.NEW))
+                                      options=ConsumerOptions(start=StartFrom.NEW, max_in_flight=concurrency))
         await bus.request("pm", agent, CONTENT, timeout=30)  # opens the reply consumer, outside the timing
-        start = time.perf_counter()
-        for _ in range(count):
-            sent = time.perf_counter()
-            await bus.request("pm", agent, CONTENT, timeout=30)
-            latencies.append((time.perf_counter() - sent) * 1000)
-        return Result(name, count, time.perf_counter() - start, latencies)
+        elapsed, latencies = await _loops(count, concurrency,
+                                          lambda: bus.request("pm", agent, CONTENT, timeout=30))
+        return Result(name, count, elapsed, latencies)
 
 
-async def raw_requests(url: str, count: int) -> Result:
+async def raw_requests(url: str, count: int, concurrency: int) -> Result:
     settings = RabbitSettings.from_url(url)
     tag = secrets.token_hex(4)
     exchange_name, queue_name, log_name = f"raw-rr-{tag}", f"raw-rr-{tag}.q", f"raw-rr-{tag}.log"
     key = f"agent.message.raw-{tag}"
     payload = envelope.encode(envelope.build(subject=key, sender_id="pm", content=CONTENT))
-    latencies: list[float] = []
     responder = await aio_pika.connect(settings.driver_url())
     requester = await aio_pika.connect(settings.driver_url())
     try:
@@ -89,7 +103,7 @@ async def raw_requests(url: str, count: int) -> Result:
         await log.bind(exchange, "#")
 
         answers = await responder.channel(publisher_confirms=True)
-        await answers.set_qos(prefetch_count=1)
+        await answers.set_qos(prefetch_count=concurrency)
 
         async def answer(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             await answers.default_exchange.publish(
@@ -123,12 +137,8 @@ async def raw_requests(url: str, count: int) -> Result:
             await asyncio.wait_for(fut, 30)
 
         await one()
-        start = time.perf_counter()
-        for _ in range(count):
-            sent = time.perf_counter()
-            await one()
-            latencies.append((time.perf_counter() - sent) * 1000)
-        elapsed = time.perf_counter() - start
+        elapsed, latencies = await _loops(count, concurrency, one)
+        await answers.close()
         cleanup = await responder.channel()
         await cleanup.queue_delete(queue_name)
         await cleanup.queue_delete(log_name)
@@ -139,14 +149,14 @@ async def raw_requests(url: str, count: int) -> Result:
         await responder.close()
 
 
-async def run(url: str, count: int, rounds: int) -> list[Result]:
+async def run(url: str, count: int, rounds: int, concurrency: int) -> list[Result]:
     async with Bus.from_url(url):
         pass  # declares the exchange and the log once, outside the measured runs
     lines = await interleaved_rounds(
         rounds,
-        lambda: raw_requests(url, count),
-        lambda: squadbus_requests(url, count, direct=True),
-        lambda: squadbus_requests(url, count, direct=False),
+        lambda: raw_requests(url, count, concurrency),
+        lambda: squadbus_requests(url, count, concurrency, direct=True),
+        lambda: squadbus_requests(url, count, concurrency, direct=False),
     )
     pooled = []
     for line in lines:
@@ -164,18 +174,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=2000, help="sequential requests per line and round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--concurrency", type=int, default=1, help="request loops at once (1: sequential)")
     parser.add_argument("--url", help="an existing node (default: a private node in a temp dir)")
     args = parser.parse_args()
     if args.url:
-        results = asyncio.run(run(args.url, args.count, args.rounds))
+        results = asyncio.run(run(args.url, args.count, args.rounds, args.concurrency))
     else:
         with tempfile.TemporaryDirectory(prefix="squadbus-bench-rabbitmq-") as tmp, RabbitServer(Path(tmp)) as server:
-            results = asyncio.run(run(f"{server.url}?namespace=bench", args.count, args.rounds))
+            results = asyncio.run(run(f"{server.url}?namespace=bench", args.count, args.rounds, args.concurrency))
     out = sys.stdout
     out.write(format_table(results) + "\n")
     for r in results:
         out.write(f"{r.name}: {r.notes}\n")
     document = {"results": [r.summary() for r in results], "count": args.count, "rounds": args.rounds,
+                "concurrency": args.concurrency,
                 "environment": Environment.current().as_dict()}
     out.write(json.dumps(document, separators=(",", ":")) + "\n")
 
