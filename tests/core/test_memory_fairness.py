@@ -3,6 +3,8 @@
 Each send takes a ticket as it enters ``Bus.send``; a group's buffer is first in, first out, so the
 order its handler sees is the order sends were admitted. A send *overtaken* by later tickets waited
 while they went through: under ``squadbus bench --max`` one send waited out a whole 5-s run that way.
+A newcomer may pass publishers admitted but not run yet, into the free slots only: at most a group's
+``max_pending`` later sends go before any one (backends/memory/admission.py).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ async def test_senders_to_one_full_group_are_admitted_in_arrival_order() -> None
         await _run_senders(bus, senders=20, sends=30, recipients=["dev-1"])
         await _until(lambda: len(got) == 600)
     assert sorted(got) == list(range(600))
-    assert overtaken(got) == 0
+    assert overtaken(got) <= 4
 
 
 @pytest.mark.parametrize(("agents", "senders", "sends"), [(1, 9, 5), (2, 12, 25)])
@@ -63,8 +65,9 @@ async def test_senders_to_several_full_groups_all_get_through_in_arrival_order(
 ) -> None:
     """Each message goes to its agent's group and to one group reading every subject (the db-writer's
     shape); both fill up. Every publisher gets through, and each agent's group gets its messages in
-    the order they were sent. (A publisher woken by one group used to give its slot away when the other
-    group had waiters: with both full, the publishers handed slots around and none ever pushed.)"""
+    the order they were sent, give or take its free slots. (A publisher woken by one group used to
+    give its slot away when the other group had waiters: with both full, the publishers handed
+    slots around and none ever pushed.)"""
     recipients = [f"dev-{n}" for n in range(agents)]
     per_agent: dict[str, list[int]] = {agent: [] for agent in recipients}
     everything: list[int] = []
@@ -85,4 +88,4 @@ async def test_senders_to_several_full_groups_all_get_through_in_arrival_order(
         total = senders * sends
         await _until(lambda: len(everything) == total and sum(map(len, per_agent.values())) == total)
     assert sorted(everything) == list(range(total))
-    assert [overtaken(got) for got in per_agent.values()] == [0] * agents
+    assert max(overtaken(got) for got in per_agent.values()) <= 2

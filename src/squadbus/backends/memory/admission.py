@@ -4,11 +4,14 @@ A publish goes to every group its subject routes to, all or nothing. A group
 that blocks publishers (``SlowConsumerPolicy.BLOCK`` with a member) and has no
 free slot, or has publishers waiting already, makes a newcomer wait: it takes
 a *ticket* (its arrival order) and queues on that group. A waiting publisher
-is *admitted* when every group it publishes to has a free slot, no older
-publisher waits on any of them and none holds a slot there that it has not
-filled yet; admission reserves a slot in each of its groups at once, and the
-publisher pushes as soon as it runs, then lets the next ones in. So the
-publishers waiting for a group push to it in the order they arrived.
+is *admitted* when every group it publishes to has a free slot and no older
+publisher waits on any of them; admission reserves a slot in each of its
+groups at once (as many publishers are admitted as there are slots), and the
+publisher pushes as soon as it runs. A newcomer that finds a group with free
+slots and nobody waiting pushes at once: it may pass publishers admitted
+but not run yet (at most as many as the group has slots), never one waiting.
+Admitting one publisher per push instead (strict order) made a convoy: once
+contended, every send waited its turn even with the buffer nearly empty.
 
 Every queue is kept in ticket order, and a publisher joins the queue of each
 group it finds blocked when it is checked (not only the first it met). So the
@@ -51,12 +54,12 @@ def _ticket(waiter: SpaceWaiter) -> int:
 
 
 def _blocked_at(waiter: SpaceWaiter) -> GroupBuffer | None:
-    """A group ``waiter`` cannot push to now: no free slot, a slot reserved for a publisher that has
-    not pushed yet, or an older publisher waiting there."""
+    """A group ``waiter`` cannot push to now: no free slot (reserved ones count as taken), or an older
+    publisher waiting there."""
     for group in waiter.groups:
         if not group.blocks_publishers():
             continue
-        if group.reserved or not group.has_space():
+        if not group.has_space():
             return group
         queue = group.space_waiters
         if queue and queue[0] is not waiter and queue[0].ticket < waiter.ticket:
@@ -75,10 +78,12 @@ def try_admit(waiter: SpaceWaiter) -> bool:
         return False
     for group in waiter.groups:
         group.reserved += 1
-    for group in waiter.queued:
+    left, waiter.queued = waiter.queued, []
+    for group in left:
         group.space_waiters.remove(waiter)
-    waiter.queued = []
     waiter.future.set_result(None)
+    for group in left:
+        admit_next(group)  # the next ones may fit too
     return True
 
 

@@ -90,8 +90,8 @@ class MemoryBackend:
         targets = self._route_cache.get(message.subject) or self._route(message.subject)
         admitted: SpaceWaiter | None = None
         for group in targets:
-            if (len(group.buffer) + group.reserved >= group.options.max_pending or group.space_waiters
-                    or group.reserved) and group.blocks_publishers():
+            if (len(group.buffer) + group.reserved >= group.options.max_pending or group.space_waiters) \
+                    and group.blocks_publishers():
                 admitted = await self._wait_for_space(targets)
                 targets = self._route(message.subject)
                 break
