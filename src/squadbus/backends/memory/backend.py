@@ -26,6 +26,9 @@ from squadbus.core.inbox_source import InboxPresence
 logger = logging.getLogger("squadbus.backends.memory")
 
 _ROUTE_CACHE_LIMIT = 50_000
+# A reply's subject is used once (agent.reply.<bus>.<request id>): caching its route kept a dict
+# entry and a GC-tracked tuple per request, up to the limit (issue 15, scenario 5's growing objects).
+_ONE_OFF = subjects.REPLY_PREFIX + "."
 
 
 class MemoryBackend:
@@ -78,6 +81,8 @@ class MemoryBackend:
         targets = list(self._exact.get(subject, ()))
         targets.extend(g for g in self._wild if subjects.matches(g.pattern, subject))
         result = tuple(targets)
+        if subject.startswith(_ONE_OFF):
+            return result
         if len(self._route_cache) >= _ROUTE_CACHE_LIMIT:
             self._route_cache.clear()
         self._route_cache[subject] = result
