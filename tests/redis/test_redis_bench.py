@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import pytest
@@ -30,4 +31,19 @@ async def test_bench_runs_every_line_and_reports_per_round_ratios(redis_server: 
     try:
         assert [key async for key in client.scan_iter(match="bench*")] == []
     finally:
+        await client.aclose()
+
+
+async def test_the_raw_client_waits_for_a_connection_when_many_sends_are_in_flight(redis_server: RedisServer) -> None:
+    """An open-loop run behind schedule has hundreds of raw sends in flight; redis-py 8's default pool
+    refused the 101st with MaxConnectionsError (CI: the latency line then waited for them until the
+    test's timeout)."""
+    client = redis_bench._raw_client(redis_server.url)
+    try:
+        replies = await asyncio.gather(*(client.execute_command("XADD", "bench-many", "*", "i", i)
+                                         for i in range(400)))
+        assert len(set(replies)) == 400
+        assert await client.xlen("bench-many") == 400
+    finally:
+        await client.delete("bench-many")
         await client.aclose()

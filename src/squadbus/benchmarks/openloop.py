@@ -21,20 +21,27 @@ async def drive(
     ``due`` is the ``time.perf_counter()`` value message i was scheduled for;
     the receiver computes latency as ``perf_counter() - due``. Sends run as
     concurrent tasks (up to ``max_in_flight``) so one slow send does not
-    delay the schedule of the next.
+    delay the schedule of the next. The first send that fails stops the
+    schedule and is raised once the sends in flight have ended: a benchmark
+    must not wait for a message that never went out.
     """
     interval = 1.0 / rate
     start = time.perf_counter()
     limiter = asyncio.Semaphore(max_in_flight)
     tasks: set[asyncio.Task[None]] = set()
+    failures: list[BaseException] = []
 
     async def one(i: int, due: float) -> None:
         try:
             await send(i, due)
+        except Exception as exc:
+            failures.append(exc)
         finally:
             limiter.release()
 
     for i in range(count):
+        if failures:
+            break
         due = start + i * interval
         delay = due - time.perf_counter()
         if delay > 0:
@@ -45,4 +52,6 @@ async def drive(
         task.add_done_callback(tasks.discard)
     if tasks:
         await asyncio.gather(*tasks)
+    if failures:
+        raise failures[0]
     return time.perf_counter() - start

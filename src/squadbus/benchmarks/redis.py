@@ -51,10 +51,20 @@ def _with_prefix(url: str, prefix: str) -> str:
     return f"{url}{'&' if '?' in url else '?'}prefix={prefix}"
 
 
+RAW_CONNECTIONS = 64
+"""The raw client's pool: sends beyond it wait for a connection, as a redis-py user would configure it
+(redis-py 8's default pool refuses the 101st concurrent command with MaxConnectionsError, which an
+open-loop run behind schedule reaches: thousands of sends in flight at once)."""
+
+
 def _raw_client(url: str) -> aioredis.Redis:
     s = RedisSettings.from_url(url)
-    return aioredis.Redis(host=s.host, port=s.port, db=s.db, username=s.username, password=s.password,
-                          ssl=s.tls, socket_timeout=None)
+    kind: type[aioredis.Connection] = aioredis.SSLConnection if s.tls else aioredis.Connection
+    pool = aioredis.BlockingConnectionPool(
+        connection_class=kind, max_connections=RAW_CONNECTIONS, timeout=None, host=s.host, port=s.port, db=s.db,
+        username=s.username, password=s.password, socket_timeout=None,
+    )
+    return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
 
 
 def _payload() -> bytes:
@@ -174,7 +184,11 @@ async def raw_latency(url: str, count: int, rate: float) -> Result:
             await call(client, "XADD", key, "*", "m", payload, "t", repr(due))
 
         consumer = asyncio.create_task(consume())
-        elapsed = await drive(rate, count, send)
+        try:
+            elapsed = await drive(rate, count, send)
+        except BaseException:
+            consumer.cancel()
+            raise
         await consumer
         return Result(f"redis-py raw: XADD/XREADGROUP @{rate:g}/s", count, elapsed, latencies)
     finally:
