@@ -2,7 +2,7 @@
 ``squadbus worker db-writer`` running as its own process (issue 19's first line).
 
     python bench/bench_persist.py [--backend redis|nats] [--store postgres|sqlite] [--count 50000]
-                                  [--runs 3] [--size 1024]
+                                  [--runs 3] [--size 1024] [--py-spy FILE]
 
 Each run starts private servers (PostgreSQL 15 with server defaults: fsync on;
 Redis with the `fast` test profile (no persistence); nats-server with file storage and
@@ -14,7 +14,9 @@ line), polling ``count(*)`` every 20 ms. Beside it, in the same run: the store
 alone (``HistoryStore.write`` of the same messages in batches of 500, no bus) on a
 fresh database. CPU seconds of the db-writer process are read from /proc.
 After each run every message is checked stored exactly once, in publish order
-per execution.
+per execution. ``--py-spy FILE`` samples the db-writer process with py-spy (installed
+apart, on PATH or in $PY_SPY) from start to the last row, collapsed stacks to
+``FILE.<run>`` (``--idle`` off: on-CPU time only).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -120,7 +123,7 @@ async def check_stored(store_url: str, messages: list[Message]) -> None:
         assert order == sorted(order), "rows out of publish order"
 
 
-async def one_run(backend: str, store_kind: str, count: int, size: int) -> dict[str, float]:
+async def one_run(backend: str, store_kind: str, count: int, size: int, spy: Path | None) -> dict[str, float]:
     messages = make_messages(count, size)
     with ExitStack() as stack:
         base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="squadbus-persist-")))
@@ -159,6 +162,12 @@ async def one_run(backend: str, store_kind: str, count: int, size: int) -> dict[
                 SQUADBUS, "worker", "db-writer", "--url", url, "--store", store_url,
                 stdout=out, stderr=out, stdin=asyncio.subprocess.DEVNULL,
                 env={**os.environ, "SQUADBUS_DATA_DIR": str(base)})
+        sampler = None
+        if spy is not None:
+            sampler = await asyncio.create_subprocess_exec(
+                os.environ.get("PY_SPY", "py-spy"), "record", "--pid", str(proc.pid), "--format", "raw",
+                "--rate", "200", "--output", str(spy), stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL)
         try:
             first_at = first_rows = None
             cpu_at_first = 0.0
@@ -174,6 +183,9 @@ async def one_run(backend: str, store_kind: str, count: int, size: int) -> dict[
                 await asyncio.sleep(0.02)
             cpu = cpu_seconds(proc.pid) - cpu_at_first
         finally:
+            if sampler is not None:
+                sampler.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+                await sampler.wait()
             if proc.returncode is None:
                 proc.terminate()
             await proc.wait()
@@ -197,8 +209,12 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=50_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--size", type=int, default=1024, help="content bytes per message")
+    parser.add_argument("--py-spy", type=Path, default=None, metavar="FILE",
+                        help="sample the db-writer with py-spy into FILE.<run> (collapsed stacks)")
     args = parser.parse_args()
-    runs = [asyncio.run(one_run(args.backend, args.store, args.count, args.size)) for _ in range(args.runs)]
+    runs = [asyncio.run(one_run(args.backend, args.store, args.count, args.size,
+                                None if args.py_spy is None else args.py_spy.with_name(f"{args.py_spy.name}.{i}")))
+            for i in range(args.runs)]
     out = sys.stdout
     out.write(f"{args.backend} -> db-writer process -> {args.store}, {args.count:,} msgs of {args.size} B, "
               f"{args.runs} runs (worst .. best, median)\n")
