@@ -58,6 +58,9 @@ async def test_a_delivery_hung_past_ack_wait_goes_to_the_other_member_and_the_la
         await eventually(lambda: set(more) <= set(b_got.ids), 20, "what A held behind m, at B")
         assert [d.attempt for d in b_got.deliveries if d.message.id == m.id] == [2], "once, its count + 1"
         assert sorted(map(str, b_got.ids)) == sorted(map(str, [m.id, *more])), "nothing lost or doubled"
+        direct = {d.message.id for d in b_got.deliveries if d.attempt == 1}
+        given_back = [d.message.id for d in b_got.deliveries if d.attempt == 2]
+        assert given_back == [m.id, *(i for i in more if i not in direct)], "A's messages come back in order"
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="squadbus.backends.rabbitmq"):
             release.set()
