@@ -33,6 +33,7 @@ import aiormq.abc
 import aiormq.exceptions
 from pamqp.commands import Basic
 
+from squadbus.backends.rabbitmq.topology import short_name
 from squadbus.backends.rabbitmq.translate import translate
 from squadbus.core.bus import CORRELATION_ID, REPLY_TO
 from squadbus.core.envelope import Message, decode, new_id
@@ -58,7 +59,7 @@ class DirectReplies:
 
     def __init__(self, connection: aio_pika.abc.AbstractRobustConnection, namespace: str) -> None:
         self._connection = connection
-        self._probe_key = f"{namespace}.reply-probe.{new_id().hex}"  # a queue nobody declares
+        self._probe_key = short_name(f"{namespace}.reply-probe.{new_id().hex}")  # a queue nobody declares
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._raw: aiormq.abc.AbstractChannel | None = None
         self._address = ""
