@@ -65,7 +65,7 @@ async def test_a_delivery_hung_past_ack_wait_goes_to_the_other_member_and_the_la
         with caplog.at_level(logging.INFO, logger="squadbus.backends.rabbitmq"):
             release.set()
             await eventually(lambda: late_ack == [False], 20, "A's handler returning")
-            for i in range(40):  # until A (consuming again) gets one; B competes for them
+            for i in range(400):  # until A (consuming again) gets one; B competes for them
                 await sender.send("pm", agent, f"after-{i}")
                 if a_handled:
                     break
@@ -76,13 +76,15 @@ async def test_a_delivery_hung_past_ack_wait_goes_to_the_other_member_and_the_la
 
 async def test_a_handler_reporting_progress_keeps_its_delivery_past_ack_wait(rabbitmq_url: str) -> None:
     agent, group = _uid("agent"), _uid("g")
-    options = ConsumerOptions(ack_wait=ACK_WAIT)
+    ack_wait = 1.5  # a loop stall of over 1 s (a loaded machine) would let the lease lapse
+    options = ConsumerOptions(ack_wait=ack_wait)
     acked: list[bool] = []
 
     async def slow_but_alive(delivery: Delivery) -> None:
-        async with leases_kept([delivery], ACK_WAIT / 4):
-            await asyncio.sleep(ACK_WAIT * 2.5)
-        acked.append(await delivery.ack())
+        if delivery.message.content == "slow":
+            async with leases_kept([delivery], 0.2):
+                await asyncio.sleep(ack_wait * 2)
+            acked.append(await delivery.ack())
 
     b_got = Collector()
     async with Bus.from_url(rabbitmq_url) as sender, Bus.from_url(rabbitmq_url) as a_bus, \
