@@ -10,9 +10,11 @@ Redis with the `fast` test profile (no persistence); nats-server with file stora
 100 executions with ``publish_many`` (chunks of 1,000), then starts the db-writer
 process. Throughput counts from the first stored row to the last (the process
 start, group join and store migration are a one-time cost, printed on their own
-line), polling ``count(*)`` every 20 ms. Beside it, in the same run: the store
-alone (``HistoryStore.write`` of the same messages in batches of 500, no bus) on a
-fresh database. CPU seconds of the db-writer process are read from /proc.
+line), polling the sum of the per-execution counters every 20 ms on one connection.
+Beside it, in the same run: the store alone (``HistoryStore.write`` of the same
+messages in batches of 500, no bus) on a fresh database. CPU seconds of the db-writer
+process, the broker and PostgreSQL (postmaster and backends) over the same span are read
+from /proc, with the 1-minute load average at the end.
 After each run every message is checked stored exactly once, in publish order
 per execution. ``--py-spy FILE`` samples the db-writer process with py-spy (installed
 apart, on PATH or in $PY_SPY) from start to the last row, collapsed stacks to
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import statistics
@@ -33,6 +36,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
@@ -61,14 +65,18 @@ def make_messages(count: int, size: int) -> list[Message]:
 
 
 @contextmanager
-def broker(kind: str, base: Path) -> Iterator[str]:
+def broker(kind: str, base: Path) -> Iterator[tuple[str, int]]:
+    """The broker's URL and PID."""
     (base / kind).mkdir()
+    server: RedisServer | NatsServer
     if kind == "redis":
         with RedisServer("fast", directory=base / "redis") as server:
-            yield server.url
+            assert server.proc is not None
+            yield server.url, server.proc.pid
     else:
         with NatsServer(base / "nats") as server:
-            yield server.url
+            assert server.proc is not None
+            yield server.url, server.proc.pid
 
 
 def cpu_seconds(pid: int) -> float:
@@ -76,28 +84,59 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def count_rows(store_url: str) -> int:
-    if store_url.startswith("sqlite"):
-        import aiosqlite
-
-        path = store_url.split("///", 1)[1]
-        if not await asyncio.to_thread(Path(path).exists):
-            return 0
-        async with aiosqlite.connect(path) as conn:
-            try:
-                async with conn.execute("SELECT count(*) FROM messages") as cur:
-                    row = await cur.fetchone()
-            except Exception:  # table not created yet
-                return 0
-        return int(row[0]) if row else 0
-    conn = await asyncpg.connect(store_url)
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of ``pid`` and its children (PostgreSQL: the postmaster and its backends)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    total = cpu_seconds(pid)
     try:
+        kids = [int(k) for k in children.read_text().split()]
+    except OSError:
+        return total
+    for kid in kids:
+        with contextlib.suppress(OSError, IndexError):  # exited meanwhile
+            total += cpu_seconds(kid)
+    return total
+
+
+class RowCounter:
+    """Rows stored so far, as the sum of the per-execution counters (exact, and cheap: ``count(*)``
+    over the growing table every 20 ms, on a new connection each time, loaded the database it measured)."""
+
+    def __init__(self, store_url: str) -> None:
+        self.store_url = store_url
+        self._pg: asyncpg.Connection | None = None
+        self._sqlite: Any = None
+
+    async def rows(self) -> int:
+        if self.store_url.startswith("sqlite"):
+            return await self._sqlite_rows()
+        if self._pg is None:
+            self._pg = await asyncpg.connect(self.store_url)
         try:
-            return int(await conn.fetchval("SELECT count(*) FROM messages"))
+            return int(await self._pg.fetchval("SELECT coalesce(sum(last_seq), 0) FROM exec_counters"))
         except asyncpg.UndefinedTableError:
             return 0
-    finally:
-        await conn.close()
+
+    async def _sqlite_rows(self) -> int:
+        import aiosqlite
+
+        if self._sqlite is None:
+            path = self.store_url.split("///", 1)[1]
+            if not await asyncio.to_thread(Path(path).exists):
+                return 0
+            self._sqlite = await aiosqlite.connect(path)
+        try:
+            async with self._sqlite.execute("SELECT coalesce(sum(last_seq), 0) FROM exec_counters") as cur:
+                row = await cur.fetchone()
+        except Exception:  # table not created yet
+            return 0
+        return int(row[0]) if row else 0
+
+    async def close(self) -> None:
+        if self._pg is not None:
+            await self._pg.close()
+        if self._sqlite is not None:
+            await self._sqlite.close()
 
 
 async def check_stored(store_url: str, messages: list[Message]) -> None:
@@ -127,7 +166,8 @@ async def one_run(backend: str, store_kind: str, count: int, size: int, spy: Pat
     messages = make_messages(count, size)
     with ExitStack() as stack:
         base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="squadbus-persist-")))
-        url = stack.enter_context(broker(backend, base))
+        url, broker_pid = stack.enter_context(broker(backend, base))
+        pg_pid: int | None = None
         if store_kind == "postgres":
             pg = stack.enter_context(running_postgres())
             for db in ("history", "alone"):
@@ -137,6 +177,7 @@ async def one_run(backend: str, store_kind: str, count: int, size: int, spy: Pat
                 finally:
                     await conn.close()
             store_url, alone_url = pg.url_for("history"), pg.url_for("alone")
+            pg_pid = pg.pid()
         else:
             store_url = f"sqlite+aiosqlite:///{base / 'history.db'}"
             alone_url = f"sqlite+aiosqlite:///{base / 'alone.db'}"
@@ -168,21 +209,27 @@ async def one_run(backend: str, store_kind: str, count: int, size: int, spy: Pat
                 os.environ.get("PY_SPY", "py-spy"), "record", "--pid", str(proc.pid), "--format", "raw",
                 "--rate", "200", "--output", str(spy), stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL)
+        counter = RowCounter(store_url)
         try:
             first_at = first_rows = None
-            cpu_at_first = 0.0
+            cpu_at_first = broker_at_first = pg_at_first = 0.0
             while True:
                 if proc.returncode is not None:
                     raise RuntimeError(f"db-writer exited {proc.returncode}: {log.read_text()[-2000:]}")
-                rows = await count_rows(store_url)
+                rows = await counter.rows()
                 now = time.perf_counter()
                 if first_at is None and rows > 0:
                     first_at, first_rows, cpu_at_first = now, rows, cpu_seconds(proc.pid)
+                    broker_at_first = cpu_seconds(broker_pid)
+                    pg_at_first = 0.0 if pg_pid is None else tree_cpu_seconds(pg_pid)
                 if rows >= count:
                     break
                 await asyncio.sleep(0.02)
             cpu = cpu_seconds(proc.pid) - cpu_at_first
+            broker_cpu = cpu_seconds(broker_pid) - broker_at_first
+            pg_cpu = 0.0 if pg_pid is None else tree_cpu_seconds(pg_pid) - pg_at_first
         finally:
+            await counter.close()
             if sampler is not None:
                 sampler.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
                 await sampler.wait()
@@ -199,6 +246,10 @@ async def one_run(backend: str, store_kind: str, count: int, size: int, spy: Pat
             "publish_many_msgs_per_s": publish,
             "start_to_first_row_s": first_at - started,
             "db_writer_cpu_us_per_row": cpu / steady * 1e6 if steady else float("nan"),
+            "broker_cpu_us_per_row": broker_cpu / steady * 1e6 if steady else float("nan"),
+            **({"postgres_cpu_us_per_row": pg_cpu / steady * 1e6 if steady else float("nan")}
+               if pg_pid is not None else {}),
+            "load_average_1min": os.getloadavg()[0],
         }
 
 
