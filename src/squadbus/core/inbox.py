@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections import deque
+from collections.abc import Awaitable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -18,6 +20,54 @@ if TYPE_CHECKING:
     from squadbus.core.bus import Bus
 
 logger = logging.getLogger("squadbus.inbox")
+
+
+class _Mailbox:
+    """An inbox's unbounded FIFO of deliveries (None: closed), waited on through a bare future.
+
+    Not an ``asyncio.Queue``: its ``get()`` is a coroutine kept alive for as long as an agent waits,
+    and a host waits in 10,000 inboxes at once, every object of that wait scanned by each full
+    collection (issue 15: scenario 5's tracked objects and GC pauses)."""
+
+    __slots__ = ("_getters", "_items")
+
+    def __init__(self) -> None:
+        self._items: deque[Delivery | None] = deque()
+        self._getters: deque[asyncio.Future[None]] = deque()
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def put_nowait(self, item: Delivery | None) -> None:
+        self._items.append(item)
+        self._wake()
+
+    def get_nowait(self) -> Delivery | None:
+        return self._items.popleft()
+
+    def waiter(self) -> asyncio.Future[None]:
+        """A future resolved when something is put (check again: another loop may take it first)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._getters.append(fut)
+        return fut
+
+    def gave_up(self, fut: asyncio.Future[None]) -> None:
+        """A loop stopped waiting on ``fut`` (cancelled): pass a wake-up it got on, or forget it."""
+        if fut.done() and not fut.cancelled():
+            if self._items:
+                self._wake()
+        elif fut in self._getters:
+            self._getters.remove(fut)
+
+    def _wake(self) -> None:
+        while self._getters:
+            getter = self._getters.popleft()
+            if not getter.done():
+                getter.set_result(None)
+                return
 
 
 class Inbox:
@@ -64,7 +114,7 @@ class Inbox:
         # delivery at a time and waits for it to be settled, and the Bus's broadcast hub
         # holds at most max_in_flight broadcasts per subject. None is the "closed"
         # wake-up for waiting loops.
-        self._queue: asyncio.Queue[Delivery | None] = asyncio.Queue()
+        self._queue = _Mailbox()
         self._subs: list[Subscription] = []
         # The direct subscription when the backend multiplexes inboxes (not one of the Bus's own).
         self._shared: Subscription | None = None
@@ -86,7 +136,7 @@ class Inbox:
         if self._open:
             return self
         self._open = True
-        self._queue = asyncio.Queue()
+        self._queue = _Mailbox()
         bus = self._bus
         try:
             opts = dataclasses.replace(self._options, start=StartFrom.EARLIEST)
@@ -173,13 +223,9 @@ class Inbox:
         self._check_open()
         return self
 
-    async def __anext__(self) -> Delivery:
-        if not self._open:
-            raise StopAsyncIteration
-        try:
-            return await self._next()
-        except Closed:
-            raise StopAsyncIteration from None
+    def __anext__(self) -> Awaitable[Delivery]:
+        # A plain method returning _next's coroutine: one coroutine fewer kept alive per waiting agent.
+        return self._next(iterating=True)
 
     async def get(self, timeout: float | None = None) -> Delivery:
         """The next delivery; raises :class:`~squadbus.core.errors.ReceiveTimeout` after ``timeout`` seconds.
@@ -194,17 +240,33 @@ class Inbox:
         except TimeoutError as exc:
             raise ReceiveTimeout(f"nothing arrived in the inbox of {self.agent_id} within {timeout}s") from exc
 
-    async def _next(self) -> Delivery:
-        self._check_open()
+    async def _next(self, *, iterating: bool = False) -> Delivery:
+        """The next delivery. ``iterating``: for ``async for`` (StopAsyncIteration once closed)."""
+        if not self._open:
+            if iterating:
+                raise StopAsyncIteration
+            self._check_open()
         current = self._current
         if current is not None and current.settled is None:
-            await self._fail_unsettled()
+            try:
+                await self._fail_unsettled()
+            except Closed:
+                if iterating:
+                    raise StopAsyncIteration from None
+                raise
         queue = self._queue
-        # get_nowait when something is queued: no coroutine for the common case (a host wakes
-        # thousands of agents per squad broadcast).
-        delivery = queue.get_nowait() if queue.qsize() else await queue.get()
+        while queue.empty():
+            fut = queue.waiter()
+            try:
+                await fut
+            except asyncio.CancelledError:
+                queue.gave_up(fut)
+                raise
+        delivery = queue.get_nowait()
         if delivery is None:
             queue.put_nowait(None)  # for the next waiting loop
+            if iterating:
+                raise StopAsyncIteration
             raise Closed(f"the inbox of {self.agent_id} was closed")
         self._current = delivery
         return delivery

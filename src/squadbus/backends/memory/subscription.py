@@ -48,12 +48,21 @@ class MemorySubscription:
             item = group.take()
             if item is not None:
                 return item
-            self._waiting = True
-            try:
-                await group.wait_for_entry()
-            finally:
-                self._waiting = False
+            await self._wait()
         return None
+
+    async def _wait(self) -> None:
+        """Wait until the group may have an entry (or :meth:`close` cancels the wait)."""
+        group = self._group
+        fut = group.entry_waiter()
+        self._waiting = True
+        try:
+            await fut
+        except asyncio.CancelledError:
+            group.gave_up(fut)
+            raise
+        finally:
+            self._waiting = False
 
     async def _handle(self, message: Message, attempt: int, gap: int) -> None:
         delivery = MemoryDelivery(message, attempt, self._group, gap)
@@ -68,9 +77,18 @@ class MemorySubscription:
         while not self._closing:
             item = group.take()
             if item is None:
-                item = await self._next()
-                if item is None:
-                    return
+                # Waiting inline, not in _next()/_wait(): an idle member then holds one future and no
+                # coroutine of its own (measured: 2 fewer tracked objects per idle inbox).
+                fut = group.entry_waiter()
+                self._waiting = True
+                try:
+                    await fut
+                except asyncio.CancelledError:
+                    group.gave_up(fut)
+                    raise
+                finally:
+                    self._waiting = False
+                continue
             streak += 1
             if streak >= _FAIRNESS_STREAK:
                 # Handlers that never suspend would otherwise starve the loop.
@@ -133,13 +151,5 @@ class MemoryBatchSubscription(MemorySubscription):
             await invoke_batch(handler, deliveries, options)
 
     async def _fill(self, items: list[tuple[Message, int, int]], limit: int) -> None:
-        group = self._group
-
-        async def more() -> None:
-            self._waiting = True
-            try:
-                await group.wait_for_entry()
-            finally:
-                self._waiting = False
-
-        await fill_until(items, limit, self._max_wait, take=group.take, more=more, stop=lambda: self._closing)
+        await fill_until(items, limit, self._max_wait, take=self._group.take, more=self._wait,
+                         stop=lambda: self._closing)
