@@ -14,7 +14,9 @@ per line (per-round p50s in the notes). Without ``--url`` a private node is star
 * aio-pika raw direct reply-to: the same broker work as the first line written by hand (a topic
   exchange -> a quorum queue + a stream; the requester consumes ``amq.rabbitmq.reply-to`` no-ack on the
   channel it publishes on, awaiting the request's confirm; the responder publishes the reply to the
-  default exchange, awaits its confirm, then acks).
+  default exchange, awaits its confirm, then acks);
+* squadbus send alone: ``Bus.send`` to a subject a group reads (the request's own write: log stream +
+  a quorum queue, confirmed), no reply: how much of a request is its publish.
 
 Prints a table and one JSON line.
 """
@@ -84,6 +86,20 @@ async def squadbus_requests(url: str, count: int, concurrency: int, *, direct: b
         elapsed, latencies = await _loops(count, concurrency,
                                           lambda: bus.request("pm", agent, CONTENT, timeout=30))
         return Result(name, count, elapsed, latencies)
+
+
+async def squadbus_sends(url: str, count: int, concurrency: int) -> Result:
+    agent = f"bench-send-{secrets.token_hex(4)}"
+
+    async def ignore(delivery: Delivery) -> None:
+        pass
+
+    async with Bus.from_url(url) as responder_bus, Bus.from_url(url) as bus:
+        await responder_bus.subscribe(subjects.direct(agent), ignore, group="bench-responder",
+                                      options=ConsumerOptions(start=StartFrom.NEW, max_in_flight=concurrency))
+        await bus.send("pm", agent, CONTENT)
+        elapsed, latencies = await _loops(count, concurrency, lambda: bus.send("pm", agent, CONTENT))
+        return Result("squadbus: the request's send alone", count, elapsed, latencies)
 
 
 async def raw_requests(url: str, count: int, concurrency: int) -> Result:
@@ -157,6 +173,7 @@ async def run(url: str, count: int, rounds: int, concurrency: int) -> list[Resul
         lambda: raw_requests(url, count, concurrency),
         lambda: squadbus_requests(url, count, concurrency, direct=True),
         lambda: squadbus_requests(url, count, concurrency, direct=False),
+        lambda: squadbus_sends(url, count, concurrency),
     )
     pooled = []
     for line in lines:
