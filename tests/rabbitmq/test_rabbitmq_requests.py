@@ -10,11 +10,11 @@ import uuid
 
 import pytest
 
-from squadbus.backends.rabbitmq.requests import REPLY_PREFIX
+from squadbus.backends.rabbitmq.requests import REPLY_PREFIX, DirectReplies
 from squadbus.core import subjects
 from squadbus.core.backend import ConsumerOptions, Delivery, Requester
 from squadbus.core.bus import REPLY_TO, Bus
-from squadbus.core.errors import Closed, ConnectionLost, RequestTimeout
+from squadbus.core.errors import BackendError, Closed, ConnectionLost, RequestTimeout
 from squadbus.testing.conformance import Collector, eventually
 from squadbus.testing.servers.rabbitmq import RabbitServer
 
@@ -150,4 +150,29 @@ async def test_a_lost_connection_fails_the_pending_request_and_the_next_one_work
             await pending
         await eventually(lambda: bus.backend.connected and responder_bus.backend.connected, 20, "the reconnects")
         reply = await bus.request("pm", agent, "after", timeout=20)
+    assert reply.content == "ok"
+
+
+async def test_a_request_after_a_failed_reply_consumer_start_opens_a_new_one(
+    rabbitmq_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    agent = _uid("agent")
+    probe = DirectReplies._probe
+    calls: list[int] = []
+
+    async def fails_once(self: DirectReplies, raw: object) -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise BackendError("the probe came back without an address")
+        return await probe(self, raw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(DirectReplies, "_probe", fails_once)
+    async with Bus.from_url(rabbitmq_url) as responder_bus, Bus.from_url(rabbitmq_url) as bus:
+        async def answer(delivery: Delivery) -> None:
+            await responder_bus.reply(delivery.message, agent, "ok")
+
+        await responder_bus.subscribe(subjects.direct(agent), answer, group=_uid("g"))
+        with pytest.raises(BackendError, match="without an address"):
+            await bus.request("pm", agent, "first", timeout=20)
+        reply = await bus.request("pm", agent, "second", timeout=20)
     assert reply.content == "ok"

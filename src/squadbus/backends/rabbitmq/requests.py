@@ -106,10 +106,13 @@ class DirectReplies:
                 raw = await self._channel.get_underlay_channel()
                 await raw.basic_consume(REPLY_QUEUE, self._on_reply, no_ack=True)
                 address = await self._probe(raw)
-            except BackendError:
+            except BaseException as exc:
+                # The next request starts on a new channel (a second reply consumer on this one would be
+                # refused by the broker, closing the channel).
+                await self._drop_channel()
+                if isinstance(exc, Exception) and not isinstance(exc, BackendError):
+                    raise translate(exc, "start the direct reply-to consumer") from exc
                 raise
-            except Exception as exc:
-                raise translate(exc, "start the direct reply-to consumer") from exc
             self._raw, self._address = raw, address
             raw.closing.add_done_callback(lambda _: self._lost(address))
             logger.debug("direct reply-to address of this backend: %s", address)
@@ -158,6 +161,9 @@ class DirectReplies:
             if not fut.done():
                 fut.set_exception(Closed(f"rabbitmq backend closed while request {key} waited for its reply"))
         self._waiting.clear()
+        await self._drop_channel()
+
+    async def _drop_channel(self) -> None:
         channel, self._channel = self._channel, None
         self._raw = None
         if channel is not None:
