@@ -18,9 +18,10 @@ message unacknowledged here and requeues it when the delay has passed (a
 holds a prefetch slot meanwhile and stays with this consumer: if the
 consumer dies, the broker requeues it at once, which costs only an early retry.
 
-``ack_wait`` (group members): a watchdog looks every ``ack_wait / 4`` seconds
-for deliveries handed to the handler and still unsettled ``ack_wait`` after
-that (or after the last ``Delivery.in_progress``). It then gives back
+``ack_wait`` (group members): a watchdog (:mod:`.leases`) looks every
+``ack_wait / 4`` seconds for deliveries handed to the handler and still
+unsettled ``ack_wait`` after that (or after the last
+``Delivery.in_progress``). It then gives back
 everything this member holds by closing its channel: the broker returns the
 unacknowledged messages to the head of the queue, in order, delivery count + 1,
 and hands them to the other members. A ``basic.nack`` would put them behind
@@ -38,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +47,7 @@ import aio_pika.abc
 import aio_pika.exceptions
 import aiormq.exceptions
 
+from squadbus.backends.rabbitmq.leases import HandlerLeases
 from squadbus.backends.rabbitmq.topology import ORIGINAL_KEY_HEADER, binding_key, needs_filter, short_name
 from squadbus.core import subjects
 from squadbus.core.backend import (
@@ -146,12 +147,9 @@ class RabbitSubscription:
         self._waiting_for_msg = False
         self._batch_handler: BatchRawHandler | None = None
         self._max_wait = 0.0
-        # ack_wait (group members only): deliveries in the handler -> monotonic deadline; given-back
-        # deliveries whose handler still runs; set while this member holds nothing and takes nothing.
+        # ack_wait (group members only); _parked: after a give-back, this member holds and takes nothing.
         self._watched = group is not None
-        self._handling: dict[RabbitDelivery, float] = {}
-        self._hung: set[RabbitDelivery] = set()
-        self._hung_done = asyncio.Event()
+        self._leases: HandlerLeases[RabbitDelivery] = HandlerLeases(options.ack_wait)
         self._parked = False
         self._watchdog: asyncio.Task[None] | None = None
         self.given_back = 0
@@ -177,7 +175,8 @@ class RabbitSubscription:
         loop = asyncio.get_running_loop()
         self._dispatch = loop.create_task(self._dispatch_loop(), name=name)
         if self._watched:
-            self._watchdog = loop.create_task(self._watch(), name=f"{name}-ack-wait")
+            watch = self._leases.watch(self._give_back, lambda: self._parked or self._closing)
+            self._watchdog = loop.create_task(watch, name=f"{name}-ack-wait")
 
     async def _consume(self) -> None:
         backend = self._backend
@@ -197,47 +196,14 @@ class RabbitSubscription:
 
     # ---- ack_wait ----------------------------------------------------------------------------
 
-    def _handing(self, delivery: RabbitDelivery) -> None:
-        self._handling[delivery] = time.monotonic() + self._options.ack_wait
-
-    def _returned(self, delivery: RabbitDelivery) -> None:
-        """The handler of ``delivery`` returned."""
-        self._handling.pop(delivery, None)
-        if delivery in self._hung:
-            self._hung.discard(delivery)
-            if not self._hung:
-                self._hung_done.set()
-
     def extend(self, delivery: RabbitDelivery) -> None:
         """Start ``delivery``'s ack_wait again (``Delivery.in_progress``)."""
-        if delivery in self._handling:
-            self._handling[delivery] = time.monotonic() + self._options.ack_wait
-
-    async def _watch(self) -> None:
-        period = self._options.ack_wait / 4
-        while True:
-            await asyncio.sleep(period)
-            if self._parked or self._closing or not self._handling:
-                continue
-            now = time.monotonic()
-            late = [d for d, deadline in self._handling.items() if deadline <= now and d.settled is None]
-            if not late:
-                continue
-            try:
-                await self._give_back(late)
-            except Exception:  # the watch must go on; the broker's consumer_timeout is the backstop
-                logger.exception("group %s: giving back after ack_wait failed", self._group)
+        self._leases.extend(delivery)
 
     async def _give_back(self, late: list[RabbitDelivery]) -> None:
         """Hand everything this member holds back to the group (see the module docstring)."""
         self._parked = True
-        self._hung_done.clear()
-        for delivery in list(self._handling):
-            if delivery.settled is None:
-                delivery.given_back()
-                self._hung.add(delivery)
-        if not self._hung:
-            self._hung_done.set()
+        self._leases.give_back_all()
         while not self._buffer.empty():
             self._buffer.get_nowait()  # unacknowledged on the channel: returned with it
         for timer in self._later.values():
@@ -258,7 +224,7 @@ class RabbitSubscription:
 
     async def _resume(self) -> None:
         """After a give-back: wait for the hung handlers to return, then consume on a new channel."""
-        await self._hung_done.wait()
+        await self._leases.hung_returned()
         while not self._closing:
             try:
                 await self._consume()
@@ -370,12 +336,12 @@ class RabbitSubscription:
                 await invoke_batch(handler, deliveries, self._options)
                 continue
             for delivery in deliveries:
-                self._handing(delivery)
+                self._leases.start(delivery)
             try:
                 await invoke_batch(handler, deliveries, self._options)
             finally:
                 for delivery in deliveries:
-                    self._returned(delivery)
+                    self._leases.end(delivery)
 
     def _attempt(self, msg: IncomingMessage) -> int:
         if self._group is not None:
@@ -426,11 +392,11 @@ class RabbitSubscription:
         if not self._watched:
             await invoke(self._handler, delivery, self._options)
             return
-        self._handing(delivery)
+        self._leases.start(delivery)
         try:
             await invoke(self._handler, delivery, self._options)
         finally:
-            self._returned(delivery)
+            self._leases.end(delivery)
 
     async def _malformed(self, msg: IncomingMessage, exc: MalformedMessage, attempt: int) -> None:
         """Dead-letter bytes that are not an envelope, so they never block the queue."""
