@@ -8,11 +8,13 @@ SELECT k, 0 FROM unnest($1::text[]) AS k ORDER BY k
 ON CONFLICT (exec_key) DO UPDATE SET last_seq = ec.last_seq
 RETURNING exec_key, last_seq
 """
-LOCK_COUNTERS_AT = """
+RESERVE_SEQS = """
 WITH now AS (SELECT clock_timestamp() AS ts)
-INSERT INTO exec_counters AS ec (exec_key, last_seq)
-SELECT k, 0 FROM unnest($1::text[]) AS k ORDER BY k
-ON CONFLICT (exec_key) DO UPDATE SET last_seq = ec.last_seq
+INSERT INTO exec_counters AS ec (exec_key, last_seq, task_execution_id, last_at)
+SELECT u.k, u.n, nullif(u.k, '')::uuid, (SELECT ts FROM now)
+FROM unnest($1::text[], $2::bigint[]) AS u(k, n) ORDER BY u.k
+ON CONFLICT (exec_key) DO UPDATE SET last_seq = ec.last_seq + EXCLUDED.last_seq,
+    task_execution_id = EXCLUDED.task_execution_id, last_at = greatest(ec.last_at, EXCLUDED.last_at)
 RETURNING exec_key, last_seq, (SELECT ts FROM now)
 """
 COPY_COLUMNS = ("id", "task_execution_id", "seq", "sender_id", "recipient_id", "message_type", "created_at",

@@ -3,10 +3,11 @@
 How a batch is written, in one transaction (READ COMMITTED):
 
 * copy path, for batches of ``_COPY_MIN`` messages or more: lock the
-  counters of the batch's executions (sorted key order), count seqs on from
-  them, ``COPY`` the rows into ``messages`` and store the new counters. COPY
-  has no ``ON CONFLICT``: a stored id makes it fail (unique violation), the
-  transaction is rolled back and the batch goes the careful way. Measured
+  counters of the batch's executions (sorted key order) and add the batch's
+  counts to them in one upsert, count seqs on from the old values, ``COPY``
+  the rows into ``messages``. COPY has no ``ON CONFLICT``: a stored id makes
+  it fail (unique violation), the transaction (counters too) is rolled back
+  and the batch goes the careful way. Measured
   with 1 KiB messages in batches of 500, fsync on, one connection, on the
   same server: 24.9k rows/s against 17.4k for the one-statement upsert
   below (``ON CONFLICT`` and the CTE cost more than sending the rows); in
@@ -293,9 +294,14 @@ class PostgresStore:
         conn: asyncpg.Connection, unique: list[Message], bodies: dict[UUID, bytes]
     ) -> dict[UUID, StoredMessage]:
         exec_keys = _exec_keys(unique)
-        keys = sorted(set(exec_keys))
-        counters = await conn.fetch(q.LOCK_COUNTERS_AT, keys)
-        last = {row[0]: int(row[1]) for row in counters}
+        counts: dict[str, int] = {}
+        for key in exec_keys:
+            counts[key] = counts.get(key, 0) + 1
+        keys = sorted(counts)
+        # Lock the counters and move them past the batch in one statement (no second UPDATE round trip);
+        # a COPY that fails rolls the counters back with it.
+        counters = await conn.fetch(q.RESERVE_SEQS, keys, [counts[k] for k in keys])
+        last = {row[0]: int(row[1]) - counts[row[0]] for row in counters}
         stored_at: datetime = counters[0][2]
         seqs = []
         for key in exec_keys:  # c.assign_seqs without a second exec_key per message
@@ -310,7 +316,6 @@ class PostgresStore:
                 for m, seq in zip(unique, seqs, strict=True)
             ],
         )
-        await conn.execute(q.SAVE_COUNTERS, keys, [last[k] for k in keys], stored_at)
         return {
             m.id: StoredMessage(seq=seq, stored_at=stored_at, message=m) for m, seq in zip(unique, seqs, strict=True)
         }
