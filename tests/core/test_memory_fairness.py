@@ -89,3 +89,37 @@ async def test_senders_to_several_full_groups_all_get_through_in_arrival_order(
         await _until(lambda: len(everything) == total and sum(map(len, per_agent.values())) == total)
     assert sorted(everything) == list(range(total))
     assert max(overtaken(got) for got in per_agent.values()) <= 2
+
+
+async def test_a_publisher_that_gives_up_in_a_queue_lets_the_others_through() -> None:
+    """A publisher queued on two full groups is cancelled (as ``publish_timeout`` does): the one
+    behind it goes through once there is room, and nothing stays reserved or queued."""
+    backend = MemoryBackend()
+    release = asyncio.Event()
+    got: list[str] = []
+
+    async def held(delivery: Delivery) -> None:
+        await release.wait()
+        got.append(delivery.message.content)
+
+    async with Bus(backend) as bus:
+        one = ConsumerOptions(max_pending=1)
+        await bus.subscribe("agent.message.dev-1", held, group="inbox", options=one)
+        await bus.subscribe("agent.>", held, group="all", options=one)
+        await bus.send("pm", "dev-1", "in the handlers")
+        await asyncio.sleep(0)
+        await bus.send("pm", "dev-1", "buffered")
+        gives_up = asyncio.create_task(bus.send("pm", "dev-1", "gives up"))
+        await asyncio.sleep(0)
+        waits = asyncio.create_task(bus.send("pm", "dev-1", "waits"))
+        await asyncio.sleep(0)
+        assert [len(g.space_waiters) for g in backend._groups.values()] == [2, 0]  # queued where it stopped
+        gives_up.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gives_up
+        release.set()
+        await asyncio.wait_for(waits, 5)
+        await _until(lambda: len(got) == 6)
+        groups = list(backend._groups.values())
+    assert sorted(got) == sorted(["in the handlers", "buffered", "waits"] * 2)
+    assert [(g.reserved, g.space_waiters) for g in groups] == [(0, []), (0, [])]
