@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import pytest
 
+from squadbus.backends.rabbitmq import RabbitBackend
+from squadbus.backends.rabbitmq.subscriber import RabbitSubscription
 from squadbus.core import subjects
 from squadbus.core.backend import ConsumerOptions, Delivery, leases_kept
 from squadbus.core.bus import Bus
@@ -119,3 +121,40 @@ async def test_a_batch_hung_past_ack_wait_goes_to_the_other_member(rabbitmq_url:
         await eventually(lambda: set(sent) <= set(b_got.ids), ACK_WAIT + BOUND, "A's batch at member B")
         release.set()
     assert sorted(map(str, b_got.ids)) == sorted(map(str, sent))
+
+
+async def test_alone_the_member_gets_its_given_back_message_again_after_its_handler_returns(
+    rabbitmq_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    agent, group = _uid("agent"), _uid("g")
+    release = asyncio.Event()
+    attempts: list[int] = []
+    given_back: list[bool] = []
+
+    async def hangs_first(delivery: Delivery) -> None:
+        attempts.append(delivery.attempt)
+        if delivery.attempt == 1:
+            await release.wait()
+            given_back.append(not await delivery.ack())
+
+    consume = RabbitSubscription._consume
+    failures: list[int] = []
+
+    async def fails_once(self: RabbitSubscription) -> None:
+        if self._parked and not failures:  # the first try to consume again after the give-back
+            failures.append(1)
+            raise ConnectionError("the broker is away")
+        await consume(self)
+
+    monkeypatch.setattr(RabbitSubscription, "_consume", fails_once)
+    async with Bus.from_url(rabbitmq_url) as sender, Bus.from_url(rabbitmq_url) as bus:
+        await bus.subscribe(subjects.direct(agent), hangs_first, group=group,
+                            options=ConsumerOptions(ack_wait=ACK_WAIT))
+        await sender.send("pm", agent, "m")
+        await eventually(lambda: attempts == [1], 20, "the first delivery")
+        backend = bus.backend
+        assert isinstance(backend, RabbitBackend)
+        await eventually(lambda: any(sub.given_back for sub in backend._subs), ACK_WAIT + BOUND, "the give-back")
+        release.set()
+        await eventually(lambda: attempts == [1, 2], ACK_WAIT + BOUND, "the same message again, attempt 2")
+    assert given_back == [True] and failures == [1]

@@ -59,6 +59,7 @@ from squadbus.core.backend import (
     invoke,
     invoke_batch,
 )
+from squadbus.core.backoff import RECONNECT, Backoff
 from squadbus.core.batching import fill_batch
 from squadbus.core.dispatch import (
     DLQ_ATTEMPTS,
@@ -225,18 +226,20 @@ class RabbitSubscription:
     async def _resume(self) -> None:
         """After a give-back: wait for the hung handlers to return, then consume on a new channel."""
         await self._leases.hung_returned()
+        backoff = Backoff(RECONNECT)
         while not self._closing:
             try:
                 await self._consume()
             except Exception as exc:
-                logger.warning("group %s: could not consume again after giving back (%s: %s); retrying in %gs",
-                               self._group, type(exc).__name__, exc, self._backend.settings.reconnect_interval)
+                delay = backoff.next()
+                logger.warning("group %s: could not consume again after giving back (%s: %s); retrying in %.2fs",
+                               self._group, type(exc).__name__, exc, delay)
                 channel = self._channel
                 if channel is not None:
                     with contextlib.suppress(*_SETTLE_ERRORS, TimeoutError):
                         async with asyncio.timeout(1):
                             await channel.close()
-                await asyncio.sleep(self._backend.settings.reconnect_interval)
+                await asyncio.sleep(delay)
                 continue
             logger.info("group %s: this member consumes again after giving back", self._group)
             return
