@@ -30,6 +30,7 @@ from squadbus.backends.rabbitmq.requests import is_reply_address
 from squadbus.backends.rabbitmq.settings import RabbitSettings
 from squadbus.backends.rabbitmq.topology import MARKER_HEADER, routing_key
 from squadbus.backends.rabbitmq.translate import is_transient, translate
+from squadbus.core.backoff import WRITE_RETRY, Backoff
 from squadbus.core.envelope import Message, encode, new_id
 from squadbus.core.errors import BackendTimeout, PublishFailed
 
@@ -115,7 +116,7 @@ class RabbitPublisher:
     async def _send(self, exchange_name: str, key: str, amqp_message: aio_pika.Message, what: str) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._settings.publish_timeout
-        pause = 0.05
+        backoff = Backoff(WRITE_RETRY)
         while True:
             remaining = deadline - loop.time()
             try:
@@ -129,11 +130,11 @@ class RabbitPublisher:
                     f"{what}: no confirm from RabbitMQ within {self._settings.publish_timeout:g} s"
                 ) from exc
             except Exception as exc:
+                pause = backoff.next()
                 if not is_transient(exc) or loop.time() + pause > deadline:
                     raise translate(exc, what) from exc
                 logger.debug("%s failed (%s: %s); retrying in %.2fs", what, type(exc).__name__, exc, pause)
                 await asyncio.sleep(pause)
-                pause = min(pause * 2, 1.0)
                 continue
             if isinstance(confirm, Basic.Nack | Basic.Reject):
                 raise PublishFailed(f"{what}: RabbitMQ answered basic.nack (the message was not stored)")
