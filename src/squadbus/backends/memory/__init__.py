@@ -15,7 +15,9 @@ contract holds. How it works:
   then :class:`~squadbus.core.errors.BackendTimeout` with nothing
   published); ``DROP_OLDEST`` drops the oldest buffered message and the next
   delivery carries ``gap_before``. A named group with no member left never
-  blocks publishers: it drops oldest and logs it.
+  blocks publishers: it drops oldest and logs it. Under ``BLOCK`` a delivery
+  given back (nack, redelivery) always returns to the buffer, which may then
+  hold more than ``max_pending`` until it drains; publishers wait meanwhile.
 * A bounded *replay window* (``retain_messages``) keeps the latest messages
   for :meth:`MemoryBackend.replay` and for groups created with
   ``StartFrom.EARLIEST``; :meth:`MemoryBackend.stats` reports its bounds and

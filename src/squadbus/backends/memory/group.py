@@ -70,7 +70,11 @@ class GroupBuffer:
         return bool(self.members) and self.options.slow_consumer is SlowConsumerPolicy.BLOCK
 
     def push(self, entry: _Entry) -> None:
-        if len(self.buffer) >= self.options.max_pending:
+        # Drop the oldest only where the policy allows it. A publisher to a group that blocks pushes
+        # into a free or reserved slot; finding the buffer full means deliveries were given back since
+        # (a nack, a redelivery timer, a closing batch member) or the group joined while it waited:
+        # the buffer then holds more than max_pending until it drains, and publishers wait meanwhile.
+        if len(self.buffer) >= self.options.max_pending and not self.blocks_publishers():
             self.buffer.popleft()
             self.pending_gap += 1
             self.dropped += 1
