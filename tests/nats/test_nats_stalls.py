@@ -14,6 +14,7 @@ from squadbus.core.backend import Delivery
 from squadbus.core.bus import Bus
 from squadbus.core.errors import BackendTimeout
 from squadbus.testing.servers.nats import NatsServer
+from squadbus.testing.servers.process import freeze
 
 pytestmark = pytest.mark.nats
 
@@ -25,7 +26,7 @@ async def test_a_stopped_secondary_is_reported_as_not_confirmed_and_the_copy_lan
     execution = uuid.uuid4()
     async with Bus.from_url(url) as bus:
         first = await bus.send("pm", "dev-1", "before", task_execution_id=execution)
-        os.kill(pid, signal.SIGSTOP)
+        freeze(pid)
         try:
             with pytest.raises(BackendTimeout, match="not confirmed by") as caught:
                 await bus.send("pm", "dev-1", "while stopped", task_execution_id=execution)
@@ -52,7 +53,7 @@ async def test_joining_a_group_survives_a_server_that_stalls_past_one_api_timeou
             got.append(delivery.message.content)
 
         loop = asyncio.get_running_loop()
-        os.kill(pid, signal.SIGSTOP)
+        freeze(pid)
         resume = loop.call_later(1.5, os.kill, pid, signal.SIGCONT)
         try:
             await bus.subscribe(f"agent.message.{agent}", keep, group=f"g-{uuid.uuid4().hex[:8]}")

@@ -5,14 +5,13 @@ Seen in the fault ledger: 4 sends told ConnectionLost after a broker kill -9 wer
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 from pathlib import Path
 
 import pytest
 
 from squadbus.core.bus import Bus
 from squadbus.core.errors import BackendTimeout, ConnectionLost
+from squadbus.testing.servers.process import freeze
 from squadbus.testing.servers.redis import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -25,7 +24,7 @@ async def test_a_publish_written_before_the_server_died_is_unconfirmed_not_lost(
         async with Bus.from_url(f"{server.url}?publish_timeout=1.5") as bus:
             await bus.send("pm", "dev-1", "warm-up: the connection is open")
             assert server.proc is not None
-            os.kill(server.proc.pid, signal.SIGSTOP)  # the next publish is written, never answered
+            freeze(server.proc.pid)  # the next publish is written, never answered
             sending = asyncio.create_task(bus.send("pm", "dev-1", "written, then the server dies"))
             await asyncio.sleep(0.3)
             server.kill9()  # reset: the retries find nothing listening until the timeout

@@ -16,6 +16,7 @@ from squadbus.core import envelope, subjects
 from squadbus.core.backend import GroupFigures
 from squadbus.core.bus import Bus
 from squadbus.testing.servers.nats import NatsServer
+from squadbus.testing.servers.process import freeze
 from tests.core.group_scenario import DEAD, HELD, WAITING, scenario, wait_for_figures
 from tests.service.conftest import Api, MakeApp, asgi, message
 from tests.service.test_metrics import samples
@@ -148,9 +149,8 @@ async def test_scrape_goes_on_when_the_broker_hangs(nats_app: tuple[NatsServer, 
     reader.timeout, reader.max_age = 0.5, 0.0  # the broker would make nats-py wait connect_timeout (5 s)
     assert (await scrape(api))[("squadbus_group_figures_up", ())] == 1
     assert server.proc is not None
-    os.kill(server.proc.pid, signal.SIGSTOP)
+    freeze(server.proc.pid)  # returns once every thread is stopped: os.kill returns before
     try:
-        await _all_threads_stopped(server.proc.pid)
         got = await scrape(api)
     finally:
         os.kill(server.proc.pid, signal.SIGCONT)
@@ -158,26 +158,6 @@ async def test_scrape_goes_on_when_the_broker_hangs(nats_app: tuple[NatsServer, 
     async with asyncio.timeout(30):  # and it comes back
         while (await scrape(api))[("squadbus_group_figures_up", ())] != 1:
             await asyncio.sleep(0.1)
-
-
-async def _all_threads_stopped(pid: int) -> None:
-    """Until every thread of ``pid`` is in state T: a stop signal reaches the threads of a
-    multi-threaded process (nats-server) one by one, and a loaded machine showed a read answered
-    right after ``os.kill`` returned (CI: figures_up was 1 with the server "stopped")."""
-    async with asyncio.timeout(10):
-        while not _stopped(pid):
-            await asyncio.sleep(0.01)
-
-
-def _stopped(pid: int) -> bool:
-    return all(_state(stat) == "T" for stat in Path(f"/proc/{pid}/task").glob("*/stat"))
-
-
-def _state(stat: Path) -> str:
-    try:
-        return stat.read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):  # a thread that ended meanwhile
-        return "T"
 
 
 def _version() -> str:
