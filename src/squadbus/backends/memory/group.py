@@ -136,6 +136,15 @@ class GroupBuffer:
         self.buffer.appendleft(entry)
         self._wake_getter()
 
+    def give_back(self, items: list[tuple[Message, int, int]]) -> None:
+        """Return what :meth:`take` gave and no handler saw (a batch member closed while it filled a
+        batch) to the front of the buffer, in order, as never delivered; a waiting member gets it."""
+        for message, attempt, gap in reversed(items):
+            self.inflight -= 1
+            self.pending_gap += gap
+            self.buffer.appendleft((message, attempt - 1))
+        self._wake_getter()
+
     def cancel_timers(self) -> None:
         for handle in self.timers:
             handle.cancel()

@@ -141,11 +141,7 @@ class MemoryBatchSubscription(MemorySubscription):
             try:
                 await self._fill(items, options.batch_size)
             except asyncio.CancelledError:
-                # Closed while waiting for more: give back what was taken, in order.
-                for message, attempt, gap in reversed(items):
-                    group.inflight -= 1
-                    group.pending_gap += gap
-                    group.buffer.appendleft((message, attempt - 1))
+                group.give_back(items)  # closed while waiting for more
                 raise
             deliveries = [MemoryDelivery(message, attempt, group, gap) for message, attempt, gap in items]
             await invoke_batch(handler, deliveries, options)
