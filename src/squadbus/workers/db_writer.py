@@ -48,6 +48,7 @@ from uuid import UUID
 
 from squadbus.core import subjects
 from squadbus.core.backend import ConsumerOptions, Delivery, Subscription, leases_kept
+from squadbus.core.backoff import WRITE_RETRY, Backoff
 from squadbus.core.bus import Bus
 from squadbus.core.envelope import Message
 from squadbus.core.errors import BackendTimeout, Closed, ConnectionLost, InvalidMessage, Nack, Reject, SquadbusError
@@ -195,7 +196,7 @@ class DbWriter:
     async def _write(self, messages: Sequence[Message]) -> list[StoredMessage]:
         loop = asyncio.get_running_loop()
         deadline = None if self.retry_for is None else loop.time() + self.retry_for
-        delay = 0.05
+        backoff = Backoff(WRITE_RETRY)
         logged: set[str] = set()
         error: Exception
         while True:
@@ -226,6 +227,7 @@ class DbWriter:
                 if why not in logged:
                     logger.error("%s writing a batch of %d; retrying it in place", why, len(messages), exc_info=exc)
                     logged.add(why)
+            delay = backoff.next()
             if self._stopping.is_set() or (deadline is not None and loop.time() + delay > deadline):
                 logger.warning("%s, returning a batch of %d for redelivery: %s", why, len(messages), error)
                 raise Nack(f"{why}: {error}") from error
@@ -236,7 +238,6 @@ class DbWriter:
             logger.info("%s, retrying a batch of %d in %.2fs: %s", why, len(messages), delay, error)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
-            delay = min(delay * 2, 1.0)
 
     async def _isolate(self, messages: Sequence[Message], batch_error: BaseException) -> _Verdict:
         """Write one by one to find the messages the store refuses; remember them for Reject.

@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
@@ -55,6 +56,7 @@ from squadbus.core.backend import (
     invoke,
     invoke_batch,
 )
+from squadbus.core.backoff import RECONNECT, WRITE_RETRY, Backoff
 from squadbus.core.batching import fill_batch
 from squadbus.core.dispatch import DLQ_ATTEMPTS, DLQ_GROUP, DLQ_ORIGINAL_ID, DLQ_REASON, DLQ_SUBJECT
 from squadbus.core.envelope import Message, decode, new_id, utcnow
@@ -288,11 +290,11 @@ class NatsSubscription:
         loop = asyncio.get_running_loop()
         request_heartbeat = int(_HEARTBEAT * 1e9)
         quiet_limit = 3 * _HEARTBEAT
-        pause = 0.0
+        backoff = Backoff(WRITE_RETRY)
         while not self._closing:
             if self._failures:
                 # The consumer or its leader is unavailable: do not hammer the server.
-                await asyncio.sleep(min(2.0, 0.05 * 2 ** min(self._failures, 6)))
+                await asyncio.sleep(RECONNECT.delay(self._failures, random.random()))
             buffered = self._queue.qsize()
             want = 0
             request: dict[str, object] = {}
@@ -313,9 +315,9 @@ class NatsSubscription:
                     await self._nc.publish(self._request_subject, body, reply=self._inbox)
                     self._outstanding += want
                     self._last_pull = loop.time()
-                    pause = 0.0
+                    backoff.reset()
                 except nats.errors.Error as exc:
-                    pause = min(1.0, pause * 2 or 0.05)
+                    pause = backoff.next()
                     logger.debug("pull request of %s failed (%s); retrying in %.2fs", self.consumer, exc, pause)
                     await asyncio.sleep(pause)
                     continue
