@@ -4,9 +4,8 @@ handler, acks sent after each commit by a task): every message once, in order, e
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import nats
@@ -17,6 +16,7 @@ from squadbus.core.bus import Bus
 from squadbus.core.envelope import Message
 from squadbus.store import HistoryQuery, HistoryStore, StoredMessage, open_store
 from squadbus.workers.db_writer import GROUP, PATTERNS, DbWriter
+from tests.store.test_db_writer import eventually
 
 EXECUTIONS = 5
 
@@ -25,19 +25,6 @@ def backlog(count: int) -> list[Message]:
     executions = [uuid.uuid4() for _ in range(EXECUTIONS)]
     return [envelope.build(subject=f"agent.message.dev-{i % 3}", sender_id="pm", recipient_id=f"dev-{i % 3}",
                            content=f"m{i}", task_execution_id=executions[i % EXECUTIONS]) for i in range(count)]
-
-
-async def eventually(check: Callable[[], object], within: float = 20.0) -> None:
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 async def stored(store: HistoryStore) -> list[StoredMessage]:
