@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -44,3 +45,15 @@ class TestRabbitConformance(ConformanceSuite, HostProcessCases):
     @pytest.fixture
     def bus_url(self, rabbitmq_url: str) -> str:
         return rabbitmq_url
+
+
+class TestRabbitFastConformance(TestRabbitConformance):
+    """The same suite under ``profile=fast``: classic group and inbox queues, transient messages, the same
+    log stream (replay and backlog unchanged); attempts are counted by each consumer with the broker's
+    ``redelivered`` flag, which still gives a closed consumer's message attempt 2 at the next one."""
+
+    features = dataclasses.replace(TestRabbitConformance.features, name="rabbitmq-fast", persistent=False)
+
+    @pytest.fixture
+    def rabbitmq_url(self, rabbitmq_url: str) -> str:
+        return f"{rabbitmq_url}&profile=fast"

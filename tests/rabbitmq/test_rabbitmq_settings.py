@@ -24,6 +24,8 @@ def test_defaults_and_a_full_url() -> None:
     assert RabbitSettings.from_url("amqp://h/%2F").vhost == "/"
     assert not plain.single_active_consumer
     assert RabbitSettings.from_url("amqp://h/?single_active_consumer=true").single_active_consumer
+    fast = RabbitSettings.from_url("amqp://h/?profile=fast")
+    assert fast.profile is Profile.FAST and fast.classic_queues and not plain.classic_queues
 
 
 def test_redacted_hides_the_password_and_the_driver_url_round_trips() -> None:
@@ -34,7 +36,7 @@ def test_redacted_hides_the_password_and_the_driver_url_round_trips() -> None:
 
 
 @pytest.mark.parametrize("url", [
-    "amqp://h/?nope=1", "amqp://h/?namespace=a.b", "amqp://h/?publish_timeout=0", "amqp://h/?profile=fast",
+    "amqp://h/?nope=1", "amqp://h/?namespace=a.b", "amqp://h/?publish_timeout=0", "amqp://h/?profile=quick",
     "amqp://h:99999/", "redis://h/", "amqp://h/?log_max_bytes=-1",
 ])
 def test_bad_urls_are_config_errors(url: str) -> None:

@@ -276,21 +276,29 @@ class RabbitBackend:
         self._subs.discard(sub)
 
     async def declare_group_queue(
-        self, channel: aio_pika.abc.AbstractChannel, name: str
+        self, channel: aio_pika.abc.AbstractChannel, name: str, *, inbox: bool = False
     ) -> aio_pika.abc.AbstractQueue:
-        """Declare a group's quorum queue on ``channel`` (idempotent; restored after a reconnect).
+        """Declare a group's (or an agent's inbox) queue on ``channel`` (idempotent; restored after a
+        reconnect).
 
-        Raises ConfigError when the queue exists with other arguments (``single_active_consumer``
-        differs between the URL of this process and the one that created the queue).
+        Raises ConfigError when the queue exists with other arguments: declared under the other
+        ``profile`` (quorum vs classic) or, for a group, another ``single_active_consumer``.
         """
-        arguments = group_queue_arguments(self.settings.single_active_consumer)
+        s = self.settings
+        classic = s.classic_queues
+        if inbox:
+            arguments = inbox_queue_arguments(classic=classic)
+        else:
+            arguments = group_queue_arguments(s.single_active_consumer, classic=classic)
         try:
             return await channel.declare_queue(name, durable=True, arguments=arguments)
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            asks = f"profile={s.profile.value} ({arguments['x-queue-type']} queue)"
+            if not inbox:
+                asks += f" and single_active_consumer={str(s.single_active_consumer).lower()}"
             raise ConfigError(
-                f"the group queue {name} exists with other arguments than single_active_consumer="
-                f"{str(self.settings.single_active_consumer).lower()} asks for (every member must use the same "
-                f"setting; delete the queue to change it): {exc}") from exc
+                f"the queue {name} exists with other arguments than {asks} ask for (every process of the squad "
+                f"must use the same settings; delete the queue to change them): {exc}") from exc
 
     def local_groups(self) -> list[tuple[str, str, str]]:
         """``(queue, group, pattern)`` of every group this backend has a member of."""
@@ -382,11 +390,7 @@ class RabbitBackend:
                 created = not await self._queue_exists(name)
                 channel = await self.connection.channel()
                 try:
-                    queue: aio_pika.abc.AbstractQueue
-                    if inbox:
-                        queue = await channel.declare_queue(name, durable=True, arguments=inbox_queue_arguments())
-                    else:
-                        queue = await self.declare_group_queue(channel, name)
+                    queue = await self.declare_group_queue(channel, name, inbox=inbox)
                     await queue.bind(self.settings.exchange, binding_key(pattern))
                 finally:
                     with contextlib.suppress(Exception):

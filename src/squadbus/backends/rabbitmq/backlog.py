@@ -97,7 +97,7 @@ class BacklogCopier:
                 for queue in queues:
                     copy = aio_pika.Message(
                         msg.body, message_id=msg.message_id, content_type=msg.content_type,
-                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT, headers={ORIGINAL_KEY_HEADER: key},
+                        delivery_mode=publisher.delivery_mode, headers={ORIGINAL_KEY_HEADER: key},
                     )
                     pending.append(asyncio.ensure_future(
                         publisher.publish_to_queue(queue, copy, f"copy the log into {queue}")))

@@ -55,7 +55,9 @@ class InboxChannel:
                 self._channel, self._queues = channel, {}
             queue = self._queues.get(name)
             if queue is None:
-                queue = await self._channel.declare_queue(name, durable=True, arguments=inbox_queue_arguments())
+                classic = self._backend.settings.classic_queues
+                queue = await self._channel.declare_queue(
+                    name, durable=True, arguments=inbox_queue_arguments(classic=classic))
                 self._queues[name] = queue
             return queue
 

@@ -72,6 +72,9 @@ class RabbitPublisher:
         self._exchange: aio_pika.abc.AbstractExchange | None = None
         self.dedupe = DedupeWindow(settings.dedupe_window, settings.dedupe_size)
         self.duplicates_dropped = 0
+        # fast: transient (held in memory by classic queues; the log stream writes every message anyway)
+        self.delivery_mode = (aio_pika.DeliveryMode.NOT_PERSISTENT if settings.classic_queues
+                              else aio_pika.DeliveryMode.PERSISTENT)
 
     async def setup(self) -> None:
         self._exchange = await self._channel.get_exchange(self._settings.exchange, ensure=False)
@@ -88,7 +91,7 @@ class RabbitPublisher:
         key = routing_key(message.subject)
         amqp_message = aio_pika.Message(
             encode(message), message_id=str(message.id), content_type=_CONTENT_TYPE,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            delivery_mode=self.delivery_mode,
         )
         await self._send(self._settings.exchange, key, amqp_message, f"publish {message.id}")
         self.dedupe.add(message.id)

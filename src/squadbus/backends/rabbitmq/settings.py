@@ -3,7 +3,7 @@
 ``amqp://[user:pass@]host[:port][/vhost][?option=value&...]`` (the vhost is
 the URL-encoded path, ``/`` when absent; ``%2F`` names the vhost ``/`` too).
 
-Options (all optional): ``profile`` (``durable``), ``namespace`` (prefix of
+Options (all optional): ``profile`` (``durable`` | ``fast``), ``namespace`` (prefix of
 the exchange, the log stream and every queue: several squads can share a
 vhost), ``log_max_age`` (s, retention of the log stream, 0 = unlimited),
 ``log_max_bytes`` (0 = unlimited), ``publish_timeout`` (s, total including
@@ -34,6 +34,11 @@ class Profile(enum.Enum):
     """Persistent messages, quorum queues and a stream: a confirm comes once the log stream and every
     group queue the message was routed to have written it to disk (fsync) on a quorum of their
     replicas, so an acknowledged message survives a broker crash."""
+    FAST = "fast"
+    """Transient messages and classic group and inbox queues (no Raft log, no fsync before the
+    confirm), the same stream log: a confirm means the broker routed the message and holds it in
+    memory. A broker crash or restart loses what the group and inbox queues held (the log stream
+    keeps its copy); attempts are counted by each consumer, not by the broker."""
 
 
 _URL_OPTIONS = (
@@ -63,6 +68,11 @@ class RabbitSettings:
     dedupe_window: float = 120.0
     dedupe_size: int = 100_000
     single_active_consumer: bool = False
+
+    @property
+    def classic_queues(self) -> bool:
+        """True when group and inbox queues are classic queues (``profile=fast``), not quorum queues."""
+        return self.profile is Profile.FAST
 
     def __post_init__(self) -> None:
         if not self.namespace or any(not (c.isalnum() or c in "-_") for c in self.namespace):
@@ -119,11 +129,11 @@ class RabbitSettings:
         return f"{self.namespace}.groups"
 
     def inbox_queue(self, agent_id: str) -> str:
-        """The quorum queue an agent's direct messages wait in (its inbox)."""
+        """The queue an agent's direct messages wait in (its inbox; quorum, or classic under ``fast``)."""
         return f"{self.namespace}.inbox.{agent_id}"
 
     def group_queue(self, durable: str) -> str:
-        """The quorum queue of a consumer group (``durable`` from ``core.backend.durable_name``)."""
+        """The queue of a consumer group (``durable`` from ``core.backend.durable_name``; classic under ``fast``)."""
         return f"{self.namespace}.group.{durable}"
 
     # ---- connecting ------------------------------------------------------------------------

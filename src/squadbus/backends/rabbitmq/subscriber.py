@@ -10,7 +10,11 @@ back (``basic.nack`` with requeue, or the consumer's channel closing) in the
 ``x-delivery-count`` header; ``attempt`` is that count + 1, shared by every
 member of the group and kept across restarts. A fan-out subscription's
 exclusive queue has no such header; only this consumer ever gets its
-messages back, so it counts them itself.
+messages back, so it counts them itself. Under ``profile=fast`` group and
+inbox queues are classic queues, which have no delivery count either: each
+consumer counts the deliveries it got of a message id, and a message it has
+not seen with the broker's ``redelivered`` flag set is attempt 2 (another
+consumer had it; how often is not known: see docs/backends/rabbitmq.md).
 
 ``nack(delay)``: a delay of 0 requeues at once. A longer delay keeps the
 message unacknowledged here and requeues it when the delay has passed (a
@@ -83,6 +87,9 @@ _MALFORMED_CONTENT_LIMIT = 64 * 1024
 _FAIRNESS_STREAK = 64
 UNSETTLED_MARGIN = 2
 """Deliveries beyond ``max_deliver`` a message may get without being settled before it is dead-lettered."""
+_LOCAL_COUNTS_LIMIT = 100_000
+"""Message ids a consumer that counts attempts itself remembers (oldest forgotten first): an id nacked
+here and then acked by another member is never settled here."""
 _SETTLE_ERRORS = (aio_pika.exceptions.MessageProcessError, aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
 
 
@@ -142,6 +149,8 @@ class RabbitSubscription:
         self._dispatch: asyncio.Task[None] | None = None
         self._later: dict[IncomingMessage, asyncio.TimerHandle] = {}
         self._attempts: dict[str, int] = {}
+        # Attempts counted here, not by the broker: fan-out queues, and classic queues (profile=fast).
+        self._counts_locally = group is None or backend.settings.classic_queues
         self._settling: set[asyncio.Task[None]] = set()
         self._closing = False
         self._closed = False
@@ -347,11 +356,15 @@ class RabbitSubscription:
                     self._leases.end(delivery)
 
     def _attempt(self, msg: IncomingMessage) -> int:
-        if self._group is not None:
+        if not self._counts_locally:
             count = (msg.headers or {}).get("x-delivery-count", 0)
             return (count if isinstance(count, int) else 0) + 1
         key = msg.message_id or str(msg.delivery_tag)
-        attempt = self._attempts[key] = self._attempts.get(key, 0) + 1
+        seen = self._attempts.pop(key, 0)
+        # Not seen here but redelivered: another consumer (or a closed channel of this one) had it.
+        attempt = self._attempts[key] = max(seen + 1, 2 if msg.redelivered else 1)
+        if len(self._attempts) > _LOCAL_COUNTS_LIMIT:
+            del self._attempts[next(iter(self._attempts))]
         return attempt
 
     async def _delivery_of(self, msg: IncomingMessage) -> RabbitDelivery | None:
@@ -439,7 +452,7 @@ class RabbitSubscription:
 
     async def send(self, msg: IncomingMessage, *, ack: bool) -> None:
         """Ack (or requeue) ``msg`` now; a failure only means the broker redelivers it."""
-        if ack and self._group is None and msg.message_id:
+        if ack and self._counts_locally and msg.message_id:
             self._attempts.pop(msg.message_id, None)
         try:
             # Straight to the delivery's channel without waiting for the frame to be written

@@ -60,23 +60,25 @@ def short_name(name: str) -> str:
     return f"{cut}-{digest}"
 
 
-def group_queue_arguments(single_active_consumer: bool = False) -> dict[str, Any]:
-    """A group's queue: quorum (replicated, fsynced before the confirm, counts deliveries), with
-    ``x-single-active-consumer`` when the URL asks for it.
+def group_queue_arguments(single_active_consumer: bool = False, *, classic: bool = False) -> dict[str, Any]:
+    """A group's queue: quorum (replicated, fsynced before the confirm, counts deliveries), or classic
+    (``profile=fast``: in memory, no delivery count), with ``x-single-active-consumer`` when the URL
+    asks for it. The type is always named, so a queue declared under the other profile is refused.
 
     Nothing that depends on a subscription's options goes here: every member
     declares the queue, and RabbitMQ refuses a second declaration whose
     arguments differ.
     """
-    arguments: dict[str, Any] = {"x-queue-type": "quorum"}
+    arguments: dict[str, Any] = {"x-queue-type": "classic" if classic else "quorum"}
     if single_active_consumer:
         arguments["x-single-active-consumer"] = True
     return arguments
 
 
-def inbox_queue_arguments() -> dict[str, Any]:
-    """An agent's inbox queue: quorum, one active consumer at a time (a second open is a standby)."""
-    return {"x-queue-type": "quorum", "x-single-active-consumer": True}
+def inbox_queue_arguments(*, classic: bool = False) -> dict[str, Any]:
+    """An agent's inbox queue: quorum (classic under ``profile=fast``), one active consumer at a time
+    (a second open is a standby)."""
+    return {"x-queue-type": "classic" if classic else "quorum", "x-single-active-consumer": True}
 
 
 def log_queue_arguments(max_age: float, max_bytes: int) -> dict[str, Any]:
