@@ -1,6 +1,7 @@
 """RabbitMQ inboxes (backends/rabbitmq/inboxes.py: a queue + a consumer each, one channel per Bus): N's cost.
 
     .venv/bin/python bench/bench_inboxes_rabbitmq.py --agents 200 2000 10000 [--timeout 500] [--steady 280]
+        [--profile durable fast]
 
 One process, one Bus, ``bus.inbox(agent, broadcasts=False)`` per agent (direct messages only). One
 message per agent is sent before the inboxes open (it must wait for them) and one after; every agent
@@ -10,7 +11,8 @@ the client's RSS growth; a case that fails (or passes ``--timeout``) reports how
 open and the error. With ``--steady`` msgs/s, the shared driver's steady state follows
 (``squadbus.benchmarks.inboxes.steady_state``: random agents for ``--seconds``, latency p50/p99, the
 node's CPU share). Starts its own private node in a temp dir and stops it by PID; each case uses a
-namespace of its own. Prints one JSON line per case.
+namespace of its own. ``--profile durable fast`` runs each case under both profiles in turn (quorum
+vs classic inbox queues). Prints one JSON line per case.
 """
 
 from __future__ import annotations
@@ -53,10 +55,10 @@ def counts(server: RabbitServer) -> dict[str, int]:
 
 
 async def one_case(server: RabbitServer, agents: int, timeout: float, steady: float = 0.0,
-                   seconds: float = 10.0) -> dict[str, object]:
-    url = f"{server.url}?namespace=i{uuid.uuid4().hex[:8]}"
+                   seconds: float = 10.0, profile: str = "durable") -> dict[str, object]:
+    url = f"{server.url}?namespace=i{uuid.uuid4().hex[:8]}&profile={profile}"
     rss0, node0 = rss_mib(), node_rss(server)
-    result: dict[str, object] = {"agents": agents}
+    result: dict[str, object] = {"agents": agents, "profile": profile}
     inboxes: list[Inbox] = []
     async with Bus.from_url(url) as bus:
         names = [f"a{i}" for i in range(agents)]
@@ -107,12 +109,15 @@ async def main() -> None:
     parser.add_argument("--steady", type=float, default=0.0, help="msgs/s to random agents after opening")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--profile", nargs="+", choices=("durable", "fast"), default=["durable"],
+                        help="profiles to run each case under, in turn")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory, RabbitServer(directory) as server:
         for _ in range(args.runs):
             for agents in args.agents:
-                result = await one_case(server, agents, args.timeout, args.steady, args.seconds)
-                print(json.dumps(result), flush=True)
+                for profile in args.profile:
+                    result = await one_case(server, agents, args.timeout, args.steady, args.seconds, profile)
+                    print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

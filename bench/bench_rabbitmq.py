@@ -1,6 +1,6 @@
 """RabbitMQ benchmark: squadbus vs raw aio-pika on a private RabbitMQ node, same run, 1 KiB messages.
 
-    python bench/bench_rabbitmq.py [--count 5000] [--rounds 3] [--rate 300]
+    python bench/bench_rabbitmq.py [--count 5000] [--rounds 3] [--rate 300] [--profile durable|fast]
 
 Throughput: ``count`` messages published with publisher confirms and consumed
 + acked by one consumer, from the first publish to the last ack. Two raw
@@ -15,6 +15,11 @@ ratios are medians of per-round ratios (a shared machine drifts).
 Latency: an open loop at ``rate`` msgs/s for ~5 s (``openloop.drive``), from
 the intended send time to the handler, p50/p99/p99.9, raw (quorum queue +
 stream) beside squadbus. Prints a table and one JSON line.
+
+``--profile fast``: the raw lines use a classic queue and transient messages (what
+squadbus's ``profile=fast`` does; the stream stays), squadbus runs with
+``profile=fast``, and a fourth line, squadbus under ``durable``, runs interleaved
+with them for the fast/durable ratio.
 """
 
 from __future__ import annotations
@@ -56,6 +61,9 @@ class RawTopology:
 
     def __init__(self, url: str, *, with_log: bool) -> None:
         self.settings = RabbitSettings.from_url(url)
+        fast = self.settings.classic_queues
+        self.queue_type = "classic" if fast else "quorum"
+        self.delivery_mode = aio_pika.DeliveryMode.NOT_PERSISTENT if fast else aio_pika.DeliveryMode.PERSISTENT
         self.with_log = with_log
         tag = secrets.token_hex(4)
         self.exchange_name, self.queue_name, self.log_name = f"raw-{tag}", f"raw-{tag}.q", f"raw-{tag}.log"
@@ -67,7 +75,7 @@ class RawTopology:
         self.connection = await aio_pika.connect(self.settings.driver_url())
         channel = await self.connection.channel()
         exchange = await channel.declare_exchange(self.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True)
-        queue = await channel.declare_queue(self.queue_name, durable=True, arguments={"x-queue-type": "quorum"})
+        queue = await channel.declare_queue(self.queue_name, durable=True, arguments={"x-queue-type": self.queue_type})
         await queue.bind(exchange, "agent.message.*")
         if self.with_log:
             log = await channel.declare_queue(self.log_name, durable=True, arguments={"x-queue-type": "stream"})
@@ -105,8 +113,8 @@ class RawTopology:
 
 
 async def raw_throughput(url: str, count: int, *, with_log: bool) -> Result:
-    name = "aio-pika raw: confirms -> quorum" + (" + stream" if with_log else "")
     async with RawTopology(url, with_log=with_log) as raw:
+        name = f"aio-pika raw: confirms -> {raw.queue_type}" + (" + stream" if with_log else "")
         done = asyncio.Event()
         seen = 0
 
@@ -124,7 +132,7 @@ async def raw_throughput(url: str, count: int, *, with_log: bool) -> Result:
         async def publish() -> None:
             async with window:
                 await exchange.publish(aio_pika.Message(payload, message_id=secrets.token_hex(16),
-                                                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                                                        delivery_mode=raw.delivery_mode),
                                        routing_key=raw.key, mandatory=False)
 
         start = time.perf_counter()
@@ -158,7 +166,8 @@ async def squadbus_throughput(url: str, count: int) -> Result:
         start = time.perf_counter()
         await asyncio.gather(*(sender() for _ in range(min(SENDERS, count))))
         await done.wait()
-        return Result("squadbus rabbitmq: Bus.send -> group handler", count, time.perf_counter() - start)
+        profile = RabbitSettings.from_url(url).profile.value
+        return Result(f"squadbus rabbitmq {profile}: Bus.send -> group handler", count, time.perf_counter() - start)
 
 
 async def raw_latency(url: str, count: int, rate: float) -> Result:
@@ -177,12 +186,12 @@ async def raw_latency(url: str, count: int, rate: float) -> Result:
 
         async def send(i: int, due: float) -> None:
             await exchange.publish(aio_pika.Message(payload, headers={"due": repr(due)},
-                                                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                                                    delivery_mode=raw.delivery_mode),
                                    routing_key=raw.key, mandatory=False)
 
         elapsed = await drive(rate, count, send)
         await done.wait()
-        return Result(f"aio-pika raw: quorum + stream @{rate:g}/s", count, elapsed, latencies)
+        return Result(f"aio-pika raw: {raw.queue_type} + stream @{rate:g}/s", count, elapsed, latencies)
 
 
 async def squadbus_latency(url: str, count: int, rate: float) -> Result:
@@ -204,30 +213,43 @@ async def squadbus_latency(url: str, count: int, rate: float) -> Result:
 
         elapsed = await drive(rate, count, send)
         await done.wait()
-        return Result(f"squadbus rabbitmq: send -> handler @{rate:g}/s", count, elapsed, latencies)
+        profile = RabbitSettings.from_url(url).profile.value
+        return Result(f"squadbus rabbitmq {profile}: send -> handler @{rate:g}/s", count, elapsed, latencies)
 
 
 async def run(url: str, count: int, rounds: int, rate: float) -> tuple[list[Result], dict[str, object]]:
+    fast = RabbitSettings.from_url(url).classic_queues
+    durable_url = url.replace("&profile=fast", "")
     async with Bus.from_url(url):
         pass  # declares the exchange and the log once, outside the measured runs
-    raw, raw_log, ours = await interleaved_rounds(
-        rounds,
+    makers = [
         lambda: raw_throughput(url, count, with_log=False),
         lambda: raw_throughput(url, count, with_log=True),
         lambda: squadbus_throughput(url, count),
-    )
+    ]
+    if fast:
+        makers.append(lambda: squadbus_throughput(durable_url, count))
+    measured = await interleaved_rounds(rounds, *makers)
+    raw, raw_log, ours = measured[:3]
+    kind = "classic" if fast else "quorum"
     vs_raw, rounds_raw = paired_ratio(ours, raw)
     vs_same, rounds_same = paired_ratio(ours, raw_log)
-    lines = [median_of(raw), median_of(raw_log), median_of(ours)]
-    lines[2].notes = f"ratio vs raw quorum = {vs_raw:.2f}, vs raw quorum + stream = {vs_same:.2f}; " + lines[2].notes
+    lines = [median_of(rounds_of) for rounds_of in measured]
+    lines[2].notes = f"ratio vs raw {kind} = {vs_raw:.2f}, vs raw {kind} + stream = {vs_same:.2f}; " + lines[2].notes
     latency_count = max(100, int(rate * LATENCY_SECONDS))
     lines.append(await raw_latency(url, latency_count, rate))
     lines.append(await squadbus_latency(url, latency_count, rate))
     facts: dict[str, object] = {
-        "ratio_vs_raw_quorum": round(vs_raw, 3), "ratio_rounds_vs_raw_quorum": [round(r, 3) for r in rounds_raw],
-        "ratio_vs_raw_quorum_stream": round(vs_same, 3),
-        "ratio_rounds_vs_raw_quorum_stream": [round(r, 3) for r in rounds_same], "target_ratio": 0.8,
+        "queue_type": kind, "ratio_vs_raw_queue": round(vs_raw, 3),
+        "ratio_rounds_vs_raw_queue": [round(r, 3) for r in rounds_raw],
+        "ratio_vs_raw_queue_stream": round(vs_same, 3),
+        "ratio_rounds_vs_raw_queue_stream": [round(r, 3) for r in rounds_same], "target_ratio": 0.8,
     }
+    if fast:
+        vs_durable, rounds_durable = paired_ratio(ours, measured[3])
+        facts["fast_vs_durable"] = round(vs_durable, 3)
+        facts["fast_vs_durable_rounds"] = [round(r, 3) for r in rounds_durable]
+        lines.append(await squadbus_latency(durable_url, latency_count, rate))
     return lines, facts
 
 
@@ -236,15 +258,21 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=5000, help="messages per throughput round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per throughput line")
     parser.add_argument("--rate", type=float, default=300.0, help="open-loop rate for the latency test")
+    parser.add_argument("--profile", choices=("durable", "fast"), default="durable",
+                        help="squadbus profile and the raw lines' queue type (fast: classic + transient)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="squadbus-bench-rabbitmq-") as tmp, RabbitServer(Path(tmp)) as server:
-        url = f"{server.url}?namespace=bench"
+        url = f"{server.url}?namespace=bench" + ("&profile=fast" if args.profile == "fast" else "")
         results, facts = asyncio.run(run(url, args.count, args.rounds, args.rate))
     out = sys.stdout
     out.write(format_table(results) + "\n")
-    out.write(f"throughput ratio squadbus/raw: {facts['ratio_vs_raw_quorum']} vs quorum only, "
-              f"{facts['ratio_vs_raw_quorum_stream']} vs quorum + stream (target >= 0.8)\n")
+    kind = facts["queue_type"]
+    out.write(f"throughput ratio squadbus/raw: {facts['ratio_vs_raw_queue']} vs {kind} only, "
+              f"{facts['ratio_vs_raw_queue_stream']} vs {kind} + stream (target >= 0.8)\n")
+    if "fast_vs_durable" in facts:
+        out.write(f"squadbus fast / durable: {facts['fast_vs_durable']} (rounds {facts['fast_vs_durable_rounds']})\n")
     document = {"results": [r.summary() for r in results], **facts, "count": args.count, "rounds": args.rounds,
+                "profile": args.profile,
                 "environment": Environment.current().as_dict()}
     out.write(json.dumps(document, separators=(",", ":")) + "\n")
 

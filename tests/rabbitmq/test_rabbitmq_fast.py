@@ -64,6 +64,6 @@ async def test_a_queue_of_the_other_profile_is_a_config_error(rabbitmq_url: str,
         with pytest.raises(ConfigError, match=f"profile={then}") as inbox_error:
             await other.inbox(agent, broadcasts=False).open()
         for error in (group_error, inbox_error):
-            assert "\n" not in str(error.value) and "delete the queue" in str(error.value)
+            assert "\n" not in str(error.value) and "delete the queue to change them" in str(error.value)
         # The refusal closed a channel, not the connection: the other Bus still works.
         await other.send("pm", agent, "still connected")

@@ -60,7 +60,11 @@ class RawSide:
     """The raw side of ``squadbus bench`` on RabbitMQ (see the module docstring)."""
 
     def __init__(self, url: str, size: int, tag: str) -> None:
-        self.name = f"aio-pika {aio_pika.__version__}: publish + confirm awaited -> quorum (+ stream) -> consume + ack"
+        fast = RabbitSettings.from_url(url).classic_queues  # profile=fast: a classic queue, transient messages
+        self.queue_type = "classic" if fast else "quorum"
+        self.mode = aio_pika.DeliveryMode.NOT_PERSISTENT if fast else aio_pika.DeliveryMode.PERSISTENT
+        self.name = (f"aio-pika {aio_pika.__version__}: publish + confirm awaited -> {self.queue_type} (+ stream) "
+                     "-> consume + ack")
         self.url = url
         self.agent = f"bench-raw-{tag}"
         self.exchange_name, self.queue_name, self.log_name = f"raw-{tag}", f"raw-{tag}.q", f"raw-{tag}.log"
@@ -75,7 +79,7 @@ class RawSide:
         connected = time.perf_counter()
         setup = await connection.channel()
         exchange = await setup.declare_exchange(self.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True)
-        queue = await setup.declare_queue(self.queue_name, durable=True, arguments={"x-queue-type": "quorum"})
+        queue = await setup.declare_queue(self.queue_name, durable=True, arguments={"x-queue-type": self.queue_type})
         await queue.bind(exchange, subjects.direct(self.agent))
         log = await setup.declare_queue(self.log_name, durable=True, arguments={"x-queue-type": "stream"})
         await log.bind(exchange, "#")
@@ -95,7 +99,7 @@ class RawSide:
     async def publish(self, index: int) -> None:
         assert self._exchange is not None
         body = loadgen.stamp(index).encode() + self._payload
-        await self._exchange.publish(aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+        await self._exchange.publish(aio_pika.Message(body, delivery_mode=self.mode),
                                      routing_key=subjects.direct(self.agent))
 
     async def stop(self) -> None:
@@ -118,6 +122,9 @@ async def _broker(url: str) -> loadgen.Broker:
         await connection.close()
     durability = (f"profile={settings.profile.value} (URL): persistent messages, confirm after the quorum "
                   "queue (fsynced WAL) and the log stream stored them")
+    if settings.classic_queues:
+        durability = (f"profile={settings.profile.value} (URL): transient messages, confirm once a classic queue "
+                      "(memory) and the log stream took them")
     return loadgen.Broker("RabbitMQ", version, durability)
 
 

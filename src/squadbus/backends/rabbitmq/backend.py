@@ -297,8 +297,8 @@ class RabbitBackend:
             if not inbox:
                 asks += f" and single_active_consumer={str(s.single_active_consumer).lower()}"
             raise ConfigError(
-                f"the queue {name} exists with other arguments than {asks} ask for (every process of the squad "
-                f"must use the same settings; delete the queue to change them): {exc}") from exc
+                f"the queue {name} exists with other arguments than this URL asks for ({asks}; every process of "
+                f"the squad must use the same settings, delete the queue to change them): {exc}") from exc
 
     def local_groups(self) -> list[tuple[str, str, str]]:
         """``(queue, group, pattern)`` of every group this backend has a member of."""
