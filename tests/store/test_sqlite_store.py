@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from squadbus.core.errors import ConfigError
+from squadbus.core.errors import BackendError, ConfigError
 from squadbus.store import open_store
 from squadbus.store.migrations import SQLITE_MIGRATIONS
 from squadbus.store.sqlite import SqliteSettings
@@ -90,3 +90,26 @@ async def test_several_stores_opening_one_file_at_once_all_open(tmp_path: Path, 
         with sqlite3.connect(path) as conn:
             assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         conn.close()
+
+
+@pytest.mark.parametrize("stored_first", [False, True], ids=["fresh-batch", "batch-with-a-stored-id"])
+async def test_a_refused_row_rolls_back_its_whole_batch(sqlite_url: str, stored_first: bool) -> None:
+    """A batch is one transaction on the connection's thread, on the first attempt and on the one after an
+    ignored (already stored) id: a row the database refuses leaves nothing of the batch and no seq used."""
+    path = sqlite_url.split(":///", 1)[1]
+    execution = uuid.uuid4()
+    async with open_store(sqlite_url) as store:
+        old = msg(execution=execution, content="old")
+        if stored_first:
+            await store.write([old])
+        with sqlite3.connect(path) as conn:
+            conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON messages WHEN NEW.sender_id = 'bad'"
+                         " BEGIN SELECT RAISE(ABORT, 'refused'); END")
+        conn.close()
+        good = [msg(execution=execution, content=str(i)) for i in range(3)]
+        with pytest.raises(BackendError, match="refused"):
+            await store.write([old, good[0], msg("bad", execution=execution), good[1]])
+        assert (await store.snapshot(execution)).message_count == (1 if stored_first else 0)
+        stored = await store.write([old, *good])
+        assert [s.seq for s in stored] == [1, 2, 3, 4]
+        assert [r.message.id for r in await store.after(execution, 0)] == [old.id, *(m.id for m in good)]
