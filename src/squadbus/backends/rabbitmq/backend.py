@@ -11,6 +11,8 @@ Mapping (docs/backends/rabbitmq.md says why):
   a group created with ``StartFrom.EARLIEST`` first gets a copy of what the log holds for its pattern;
 * ``group=None`` is an exclusive, auto-deleted queue bound with the pattern (new messages only);
 * one more stream queue ``<namespace>.groups`` records each group created (``group_figures``);
+* ``profile=fast``: group and inbox queues are classic queues and messages transient (the log stays
+  a stream); attempts are then counted by each consumer (:mod:`.subscriber`);
 * requests get their replies by direct reply-to (:mod:`.requests`): no queue per requester.
 
 One robust connection per backend (aio-pika reconnects and restores channels, queues,
