@@ -140,8 +140,9 @@ async def _on_thread(conn: aiosqlite.Connection, fn: Callable[..., _T], *args: A
     """Run ``fn(sqlite3_connection, *args)`` on ``conn``'s thread, as aiosqlite runs its own calls.
 
     aiosqlite has no public way to run a callable there; ``_execute`` and ``_conn`` are what its
-    public methods use (0.17 - 0.22). One call per write transaction instead of one per statement
-    spares a thread hand-off per statement (each waits for the GIL when the loop is busy).
+    public methods use (the same in 0.19, our lowest, and 0.22). One call per write transaction
+    instead of one per statement spares a thread hand-off per statement (each waits for the GIL
+    when the loop is busy).
     """
     result: _T = await conn._execute(fn, conn._conn, *args)  # type: ignore[no-untyped-call]
     return result
@@ -345,7 +346,9 @@ class SqliteStore:
     async def write(self, messages: Sequence[Message]) -> list[StoredMessage]:
         """Store ``messages`` in one transaction, idempotently (see HistoryStore.write).
 
-        The whole transaction runs as one call on the connection's thread (see ``_write_batch``).
+        The whole transaction runs as one call on the connection's thread (see ``_write_batch``):
+        cancelled while it runs, the transaction still commits or rolls back whole on that thread,
+        and writing the batch again is safe (idempotent).
         """
         if not messages:
             return []
