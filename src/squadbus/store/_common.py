@@ -31,6 +31,20 @@ def exec_key(message: Message) -> str:
     return NO_EXECUTION if execution is None else str(execution)
 
 
+def exec_keys(messages: Sequence[Message]) -> list[str]:
+    """:func:`exec_key` of each message, one ``str(UUID)`` per execution: a batch holds few executions,
+    and a str(UUID) per message was 3 % of the db-writer's CPU (py-spy, NATS -> PostgreSQL)."""
+    memo: dict[UUID | None, str] = {}
+    keys: list[str] = []
+    for message in messages:
+        execution = message.task_execution_id
+        key = memo.get(execution)
+        if key is None:
+            key = memo[execution] = exec_key(message)
+        keys.append(key)
+    return keys
+
+
 def encode_cursor(position: int) -> str:
     """An opaque cursor for "after stored position ``position``"."""
     return base64.urlsafe_b64encode(f"{_CURSOR_PREFIX}{position}".encode()).decode().rstrip("=")

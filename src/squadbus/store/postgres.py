@@ -98,20 +98,6 @@ _COLUMNS = "seq, stored_at, body, pk"
 _OUR_OPTIONS = {"min_size": int, "max_size": int, "command_timeout": float, "connect_timeout": float}
 
 
-def _exec_keys(messages: Sequence[Message]) -> list[str]:
-    """``c.exec_key`` of each message, one ``str(UUID)`` per execution: a batch holds few executions,
-    and a str(UUID) per message was 3 % of the db-writer's CPU (py-spy, NATS -> PostgreSQL)."""
-    memo: dict[UUID | None, str] = {}
-    keys: list[str] = []
-    for message in messages:
-        execution = message.task_execution_id
-        key = memo.get(execution)
-        if key is None:
-            key = memo[execution] = c.exec_key(message)
-        keys.append(key)
-    return keys
-
-
 class _RetryWrite(Exception):
     """A concurrent writer got in between; the transaction must run again."""
 
@@ -293,7 +279,7 @@ class PostgresStore:
     async def _copy_tx(
         conn: asyncpg.Connection, unique: list[Message], bodies: dict[UUID, bytes]
     ) -> dict[UUID, StoredMessage]:
-        exec_keys = _exec_keys(unique)
+        exec_keys = c.exec_keys(unique)
         counts: dict[str, int] = {}
         for key in exec_keys:
             counts[key] = counts.get(key, 0) + 1

@@ -353,13 +353,9 @@ class SqliteStore:
         if not messages:
             return []
         unique = c.unique_by_id(messages)
-        keys: dict[UUID | None, str] = {}
         rows: list[_NewRow] = []
-        for m in unique:
+        for m, key in zip(unique, c.exec_keys(unique), strict=True):
             execution = m.task_execution_id
-            key = keys.get(execution)
-            if key is None:
-                key = keys[execution] = c.exec_key(m)
             rows.append((
                 m.id.bytes, None if execution is None else execution.bytes, key, m.sender_id, m.recipient_id,
                 c.index_text(m.message_type), c.to_micros(m.created_at), c.encode_body(m),
