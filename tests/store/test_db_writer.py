@@ -262,15 +262,23 @@ async def test_closed_store_does_not_lose_messages(bus: Bus, sqlite_url: str) ->
     assert len(sent) == 20
 
 
-class RefusesThenGoesAway:
-    """Wraps a store: the first write of more than one message fails with a database error that is not
-    a connection error, and the one-by-one writes the db-writer then tries reach the store once before it
-    goes away (ConnectionLost) for ``down_for`` more writes; then the store is back."""
+class _FaultyStore:
+    """A store wrapper that injects faults into ``write`` (``state`` starts "armed", then the store is
+    away for ``down_for`` writes) and passes everything else to ``inner``."""
 
     def __init__(self, inner: HistoryStore, down_for: int = 3) -> None:
         self.inner = inner
         self.down_for = down_for
         self.state = "armed"
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+class RefusesThenGoesAway(_FaultyStore):
+    """Wraps a store: the first write of more than one message fails with a database error that is not
+    a connection error, and the one-by-one writes the db-writer then tries reach the store once before it
+    goes away (ConnectionLost) for ``down_for`` more writes; then the store is back."""
 
     async def write(self, messages: Sequence[Message]) -> list[StoredMessage]:
         if self.state == "armed" and len(messages) > 2:
@@ -284,19 +292,11 @@ class RefusesThenGoesAway:
             raise ConnectionLost("injected: the store went away during the one-by-one writes")
         return await self.inner.write(messages)
 
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
 
-
-class FailsUnexpectedlyThenGoesAway:
+class FailsUnexpectedlyThenGoesAway(_FaultyStore):
     """Wraps a store: the first write of more than one message fails with an error outside the store's
     error tree (as asyncpg's ProtocolError or an AttributeError from a driver whose connection was killed
     mid-operation), then the store is away (ConnectionLost) for ``down_for`` writes, then back."""
-
-    def __init__(self, inner: HistoryStore, down_for: int = 3) -> None:
-        self.inner = inner
-        self.down_for = down_for
-        self.state = "armed"
 
     async def write(self, messages: Sequence[Message]) -> list[StoredMessage]:
         if self.state == "armed" and len(messages) > 2:
@@ -306,9 +306,6 @@ class FailsUnexpectedlyThenGoesAway:
             self.down_for -= 1
             raise ConnectionLost("injected: the store is away")
         return await self.inner.write(messages)
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
 
 
 @pytest.mark.parametrize("fault", ["refused-then-away", "unexpected-then-away"])
