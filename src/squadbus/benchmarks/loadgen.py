@@ -21,6 +21,9 @@ to end, sender lag), a throughput figure (messages first seen per second from
 the first send to the last receipt) and a timeline of windows for the plot.
 Connecting and joining the group (until a warm-up message arrives) happen
 before the load and are reported as one-time costs, never in the throughput.
+From the first send until the last message is seen (or the drain gives up),
+the CPU and RSS of this process and of the broker are measured
+(:mod:`squadbus.benchmarks.resources`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TextIO
 
 from squadbus import __version__
+from squadbus.benchmarks.resources import Meter, Process, Resources
 from squadbus.core import subjects
 from squadbus.core.backend import Delivery, Subscription
 from squadbus.core.bus import Bus
@@ -244,6 +248,8 @@ class Line:
     end_to_end: Latency
     sender_lag: Latency
     windows: list[dict[str, float | None]]
+    resources: Resources | None = None
+    """CPU and RSS of client and broker from the first send to the last receipt (None: not measured)."""
 
     @property
     def throughput(self) -> float:
@@ -269,6 +275,7 @@ class Line:
             "publish_ack_ms": self.publish_ack.as_dict(),
             "end_to_end_ms": self.end_to_end.as_dict(),
             "sender_lag_ms": self.sender_lag.as_dict(),
+            "resources": None if self.resources is None else self.resources.as_dict(),
             "timeline": self.windows,
         }
 
@@ -294,8 +301,10 @@ class Progress:
             self.stream.flush()
 
 
-async def measure(side: Side, load: Load, broker: Broker, *, label: str, progress: Progress) -> Line:
-    """Run ``load`` through ``side`` and measure it (see the module docstring). The side is stopped."""
+async def measure(side: Side, load: Load, broker: Broker, *, label: str, progress: Progress,
+                  meter: Meter | None = None) -> Line:
+    """Run ``load`` through ``side`` and measure it (see the module docstring), with ``meter`` (when
+    given) measuring CPU and memory over the load and the drain. The side is stopped."""
     timeline = Timeline()
     planned = load.planned
     timeline.grow(planned if planned is not None else 1024)
@@ -304,6 +313,7 @@ async def measure(side: Side, load: Load, broker: Broker, *, label: str, progres
     warm = asyncio.Event()
     all_seen = asyncio.Event()
     target = [math.inf]  # messages acked once sending ended: the count the handler must reach
+    resources = None
 
     def deliver(index: int) -> None:
         nonlocal seen, duplicates
@@ -327,6 +337,8 @@ async def measure(side: Side, load: Load, broker: Broker, *, label: str, progres
         except TimeoutError:
             raise BenchError(f"{side.name}: the warm-up message did not arrive within {JOIN_TIMEOUT:.0f} s") from None
         costs["join_s"] = time.perf_counter() - t0
+        if meter is not None:
+            meter.start()
         sent, acked, first, ended = await _drive(side, load, timeline, progress, label, lambda: seen)
         target[0] = acked
         if seen < acked:
@@ -337,8 +349,12 @@ async def measure(side: Side, load: Load, broker: Broker, *, label: str, progres
                 pass  # what never arrived is reported as lost
             finally:
                 with_progress.cancel()
+        if meter is not None:
+            resources = await meter.stop(seen)
         progress.done()
     finally:
+        if meter is not None:
+            meter.cancel()
         await side.stop()
     seen_times = [t for t in timeline.seen[:sent] if not math.isnan(t)]
     last = max(seen_times) if seen_times else ended
@@ -357,6 +373,7 @@ async def measure(side: Side, load: Load, broker: Broker, *, label: str, progres
         end_to_end=Latency.of(_spans(timeline.due, timeline.seen, sent)),
         sender_lag=Latency.of(_spans(timeline.due, timeline.started, sent)),
         windows=_windows(timeline, sent, first, last),
+        resources=resources,
     )
 
 
@@ -490,8 +507,9 @@ class Comparison:
 
 
 async def compare(target: Target, url: str, load: Load, broker: Broker, *, round_: int,
-                  progress: Progress) -> Comparison:
-    """The raw side then squadbus (squadbus first in odd rounds, so drift hits both alike), same load."""
+                  progress: Progress, broker_process: Process | None = None) -> Comparison:
+    """The raw side then squadbus (squadbus first in odd rounds, so drift hits both alike), same load;
+    with ``broker_process``, CPU and memory of this process and the broker over each line."""
     raw_tag, our_tag = secrets.token_hex(4), secrets.token_hex(4)
     lines: dict[str, Line] = {}
     order = ("raw", "squadbus") if round_ % 2 == 0 else ("squadbus", "raw")
@@ -499,7 +517,8 @@ async def compare(target: Target, url: str, load: Load, broker: Broker, *, round
         side: Side = (target.raw(url, load.size, raw_tag) if which == "raw"
                       else SquadbusSide(target, url, load.size, our_tag, load.senders))
         label = f"{which} x{load.senders} round {round_ + 1}"
-        lines[which] = await measure(side, load, broker, label=label, progress=progress)
+        meter = None if broker_process is None else Meter(broker_process)
+        lines[which] = await measure(side, load, broker, label=label, progress=progress, meter=meter)
     return Comparison(load.senders, round_, lines["raw"], lines["squadbus"])
 
 
@@ -536,6 +555,9 @@ def format_report(comparisons: list[Comparison], broker: Broker, load: Load) -> 
         for line in (comparison.raw, comparison.squadbus):
             costs = ", ".join(f"{k.removesuffix('_s')} {v * 1000:.1f} ms" for k, v in line.one_time_s.items())
             out.append(f"  one-time, not in throughput: {line.side.split(':')[0]}: {costs}")
+        for line in (comparison.raw, comparison.squadbus):
+            if line.resources is not None:
+                out.append(f"  cpu and memory: {line.side.split(':')[0]}: {line.resources.line()}")
     out.append(f"\nall figures against {broker.line()}")
     return "\n".join(out)
 

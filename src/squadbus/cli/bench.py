@@ -21,6 +21,7 @@ import click
 
 from squadbus import __version__
 from squadbus.benchmarks import loadgen
+from squadbus.benchmarks.resources import Process, broker_process
 from squadbus.benchmarks.stats import Environment, format_table, to_json
 from squadbus.core.errors import SquadbusError
 from squadbus.core.registry import scheme_of
@@ -85,17 +86,21 @@ def _fail(message: str) -> None:
               help="Plot latency percentiles and throughput over time (needs matplotlib: squadbus[bench]).")
 @click.option("--progress/--no-progress", default=None,
               help="A progress bar on stderr [default: when stderr is a terminal].")
+@click.option("--broker-pid", type=click.IntRange(min=1), default=None, metavar="PID",
+              help="The broker's process, for its CPU and memory [default: the process listening on the URL's "
+                   "port, when it runs on this machine].")
 @click.option("--suite", is_flag=True, help="Run the backend's older fixed suite (--count, --rate) instead.")
 @click.pass_context
 def bench(ctx: click.Context, backend_url: str | None, size: str, rate: float | None, max_mode: bool,
           duration: float, count: int | None, senders: tuple[int, ...], rounds: int, json_file: str | None,
-          plot_file: str | None, progress: bool | None, suite: bool) -> None:
+          plot_file: str | None, progress: bool | None, broker_pid: int | None, suite: bool) -> None:
     """Benchmark the backend named by --url (a running server) beside its raw client, same load, same run.
 
     Open loop at --rate (default 1000 msgs/s) or --max; --senders concurrent agents each await
     their Bus.send into a group handler, and the raw client does the same. Prints p50, p99,
-    p99.9, p99.99 and max of publish->ack and end to end, sender lag, msgs/s, the ratio, and
-    the broker's version and durability profile.
+    p99.9, p99.99 and max of publish->ack and end to end, sender lag, msgs/s, the ratio,
+    the broker's version and durability profile, and the CPU and memory of this process and
+    of the broker (when it runs on this machine) over every line.
     """
     url = backend_url or ctx.obj.url
     try:
@@ -124,21 +129,25 @@ def bench(ctx: click.Context, backend_url: str | None, size: str, rate: float | 
             import matplotlib  # noqa: F401
         except ImportError:
             _fail("--plot needs matplotlib: pip install 'squadbus[bench]'")
+    if broker_pid is not None and broker_process(url, broker_pid).pid is None:
+        _fail(f"--broker-pid {broker_pid}: no such process")
     offered = None if max_mode else (rate or 1_000.0)
     loads = [loadgen.Load(rate=offered, duration=duration, count=count, size=content_size, senders=n)
              for n in dict.fromkeys(senders)]
     stream = loadgen.progress_stream(progress)
     try:
-        broker, comparisons = asyncio.run(_measure(module, url, loads, rounds, loadgen.Progress(stream)))
+        broker, process, comparisons = asyncio.run(
+            _measure(module, url, loads, rounds, loadgen.Progress(stream), broker_pid))
     except (SquadbusError, loadgen.BenchError) as exc:
         _fail(_describe(exc))
     except Exception as exc:  # a driver's own error (redis-py, nats-py, aiokafka): one line, never a traceback
         _fail(f"{redacted(url)}: {_describe(exc)}")
-    document = _document(url, broker, loads[0], comparisons)
+    document = _document(url, broker, process, loads[0], comparisons)
     if json_file == "-":
         sys.stdout.write(json.dumps(document, indent=2) + "\n")
     else:
         sys.stdout.write(loadgen.format_report(comparisons, broker, loads[0]) + "\n")
+        sys.stdout.write(f"broker process (CPU, memory): {process.line()}\n")
         if json_file is not None:
             Path(json_file).write_text(json.dumps(document, indent=2) + "\n")
     if plot_file is not None:
@@ -155,23 +164,27 @@ def _describe(exc: BaseException) -> str:
 
 
 async def _measure(module: ModuleType, url: str, loads: list[loadgen.Load], rounds: int,
-                   progress: loadgen.Progress) -> tuple[loadgen.Broker, list[loadgen.Comparison]]:
+                   progress: loadgen.Progress, broker_pid: int | None
+                   ) -> tuple[loadgen.Broker, Process, list[loadgen.Comparison]]:
     target: loadgen.Target = module.TARGET
     broker = await target.broker(url)
+    process = broker_process(url, broker_pid)
     comparisons = []
     for load in loads:
         for round_ in range(rounds):
-            comparisons.append(await loadgen.compare(target, url, load, broker, round_=round_, progress=progress))
-    return broker, comparisons
+            comparisons.append(await loadgen.compare(target, url, load, broker, round_=round_, progress=progress,
+                                                     broker_process=process))
+    return broker, process, comparisons
 
 
-def _document(url: str, broker: loadgen.Broker, load: loadgen.Load,
+def _document(url: str, broker: loadgen.Broker, process: Process, load: loadgen.Load,
               comparisons: list[loadgen.Comparison]) -> dict[str, Any]:
     return {
         "squadbus_version": __version__,
         "url": redacted(url),
         "backend": scheme_of(url),
         "broker": {"name": broker.name, "version": broker.version, "durability": broker.durability},
+        "broker_process": process.as_dict(),
         "mode": load.mode,
         "rate": load.rate,
         "duration_s": None if load.count is not None else load.duration,
