@@ -26,8 +26,10 @@ What is measured, from the hosts' event logs:
 * store lag: rows the db-writer committed for this run's messages at the end of
   sending and at the end, and how long after sending ended the last row landed;
 * per process, at the end of sending (after opening, when the run stops
-  there): RSS and peak RSS, open sockets; the longest GC pause while sending
-  (``gc.callbacks``; every host calls ``gc.freeze()`` once its inboxes are open);
+  there): RSS and peak RSS, open sockets; the longest GC pause while sending,
+  overall and per generation (``gc.callbacks``; every host calls ``gc.freeze()``
+  once its inboxes are open), and the objects the collector still tracks
+  outside that frozen set when sending ends;
 * broker resources at the end of sending: Redis client connections (``CLIENT
   LIST``, less this probe's own), NATS JetStream consumers on the stream
   (``consumer_count``), Kafka consumer groups (``list_consumer_groups``); on
@@ -738,8 +740,15 @@ def format_report(report: RunReport) -> str:
     procs = [("parent", report.parent), *((f"host {h.get('host', '?')}", h) for h in report.hosts)]
     for label, p in procs:
         name = "host 0 (in the parent)" if label == "host 0" and is_memory(c.url) else label
-        gc_note = (f", longest GC pause while sending {float(p['gc_max_pause_ms']):.1f} ms "
-                   f"({int(p['gc_collections']):,} collections)" if "gc_max_pause_ms" in p else "")
+        gc_note = ""
+        if "gc_max_pause_ms_by_gen" in p:
+            gc_note = (f", longest GC pause while sending {float(p['gc_max_pause_ms']):.1f} ms (gen 0 / 1 / 2: "
+                       + " / ".join(f"{float(t):.1f}" for t in p["gc_max_pause_ms_by_gen"]) + " ms in "
+                       + " / ".join(f"{int(n):,}" for n in p["gc_collections_by_gen"]) + " collections; "
+                       f"{int(p['gc_tracked']):,} objects tracked outside the frozen set)")
+        elif "gc_max_pause_ms" in p:
+            gc_note = (f", longest GC pause while sending {float(p['gc_max_pause_ms']):.1f} ms "
+                       f"({int(p['gc_collections']):,} collections)")
         lines.append(f"  {name:11} RSS {_mib(p.get('rss_kib'))} (peak {_mib(p.get('hwm_kib'))}), "
                      f"{int(p.get('sockets', 0))} sockets{gc_note}"
                      + (f"; {p['close_error']}" if p.get("close_error") else ""))

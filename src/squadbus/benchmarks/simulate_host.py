@@ -109,14 +109,14 @@ def socket_count(pid: int | str = "self") -> int:
 
 
 class GcPauses:
-    """The longest pause of Python's cyclic GC in this process, measured with ``gc.callbacks``.
+    """The longest pause of Python's cyclic GC in this process, per generation, measured with ``gc.callbacks``.
 
     Hosts :meth:`reset` it once their inboxes are open: the pauses reported are those while the squad runs.
     """
 
     def __init__(self) -> None:
-        self.longest = 0.0
-        self.collections = 0
+        self.longest = [0.0, 0.0, 0.0]
+        self.collections = [0, 0, 0]
         self._started = 0.0
 
     def __enter__(self) -> GcPauses:
@@ -128,20 +128,25 @@ class GcPauses:
             gc.callbacks.remove(self._callback)
 
     def figures(self) -> dict[str, Any]:
-        """The longest pause (ms) and the collection count so far, and that ``gc.freeze()`` was called."""
-        return {"gc_max_pause_ms": self.longest * 1e3, "gc_collections": self.collections, "gc_frozen": True}
+        """The longest pause (ms) and the collection count so far, overall and per generation (0, 1, 2), the
+        objects the collector tracks outside what ``gc.freeze()`` froze, and that ``gc.freeze()`` was called."""
+        return {"gc_max_pause_ms": round(max(self.longest) * 1e3, 3), "gc_collections": sum(self.collections),
+                "gc_max_pause_ms_by_gen": [round(t * 1e3, 3) for t in self.longest],
+                "gc_collections_by_gen": list(self.collections),
+                "gc_tracked": len(gc.get_objects()), "gc_frozen_objects": gc.get_freeze_count(), "gc_frozen": True}
 
     def reset(self) -> None:
         """Forget the pauses so far."""
-        self.longest = 0.0
-        self.collections = 0
+        self.longest = [0.0, 0.0, 0.0]
+        self.collections = [0, 0, 0]
 
     def _callback(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             self._started = time.perf_counter()
         elif self._started:
-            self.longest = max(self.longest, time.perf_counter() - self._started)
-            self.collections += 1
+            generation = info["generation"]
+            self.longest[generation] = max(self.longest[generation], time.perf_counter() - self._started)
+            self.collections[generation] += 1
 
 
 @dataclass(slots=True)
