@@ -1,12 +1,12 @@
-"""RabbitMQ inboxes (backends/rabbitmq/inboxes.py: a queue + a consumer each, one channel per Bus): N's cost.
+"""RabbitMQ inboxes (backends/rabbitmq/inboxes.py: partition queues, one channel per Bus): N's cost.
 
     .venv/bin/python bench/bench_inboxes_rabbitmq.py --agents 200 2000 10000 [--timeout 500] [--steady 280]
-        [--profile durable fast]
+        [--profile durable fast] [--partitions 16]
 
 One process, one Bus, ``bus.inbox(agent, broadcasts=False)`` per agent (direct messages only). One
 message per agent is sent before the inboxes open (it must wait for them) and one after; every agent
 must get exactly its two. Reported per case: open time (and with the backlog delivered), deliver-1-each
-time, the node's queues, channels and consumers (``rabbitmqctl``), the Erlang VM's RSS growth and
+time, the case's queues and consumers and the node's channels (``rabbitmqctl``), the Erlang VM's RSS growth and
 the client's RSS growth; a case that fails (or passes ``--timeout``) reports how many inboxes were
 open and the error. With ``--steady`` msgs/s, the shared driver's steady state follows
 (``squadbus.benchmarks.inboxes.steady_state``: random agents for ``--seconds``, latency p50/p99, the
@@ -45,20 +45,22 @@ def node_rss(server: RabbitServer) -> float:
     return sum(rss_mib(pid) for pid in server._beam_pids())
 
 
-def counts(server: RabbitServer) -> dict[str, int]:
+def counts(server: RabbitServer, namespace: str) -> dict[str, int]:
     def rows(*args: str) -> list[str]:
         return [line for line in server.ctl(*args, "--quiet", timeout=120).splitlines()[1:] if line.strip()]
 
     channels = sum(int(line.split()[-1]) for line in rows("list_connections", "name", "channels"))
-    return {"queues": len(rows("list_queues", "name")), "channels": channels,
-            "consumers": len(rows("list_consumers", "queue_name"))}
+    mine = f"{namespace}."
+    return {"queues": sum(r.strip().startswith(mine) for r in rows("list_queues", "name")), "channels": channels,
+            "consumers": sum(r.strip().startswith(mine) for r in rows("list_consumers", "queue_name"))}
 
 
 async def one_case(server: RabbitServer, agents: int, timeout: float, steady: float = 0.0,
-                   seconds: float = 10.0, profile: str = "durable") -> dict[str, object]:
-    url = f"{server.url}?namespace=i{uuid.uuid4().hex[:8]}&profile={profile}"
+                   seconds: float = 10.0, profile: str = "durable", partitions: int = 16) -> dict[str, object]:
+    namespace = f"i{uuid.uuid4().hex[:8]}"
+    url = f"{server.url}?namespace={namespace}&profile={profile}&inbox_partitions={partitions}"
     rss0, node0 = rss_mib(), node_rss(server)
-    result: dict[str, object] = {"agents": agents, "profile": profile}
+    result: dict[str, object] = {"agents": agents, "profile": profile, "partitions": partitions}
     inboxes: list[Inbox] = []
     async with Bus.from_url(url) as bus:
         names = [f"a{i}" for i in range(agents)]
@@ -89,7 +91,7 @@ async def one_case(server: RabbitServer, agents: int, timeout: float, steady: fl
             result["failed_after_s"] = round(time.perf_counter() - started, 3)
             result["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
         result["inboxes_open"] = len(inboxes)
-        result.update(counts(server))
+        result.update(await asyncio.to_thread(counts, server, namespace))
         result["node_rss_growth_mib"] = round(node_rss(server) - node0, 1)
         result["client_rss_growth_mib"] = round(rss_mib() - rss0, 1)
         if steady and len(inboxes) == agents and "error" not in result:
@@ -109,6 +111,7 @@ async def main() -> None:
     parser.add_argument("--steady", type=float, default=0.0, help="msgs/s to random agents after opening")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--partitions", type=int, default=16, help="inbox_partitions of the URL")
     parser.add_argument("--profile", nargs="+", choices=("durable", "fast"), default=["durable"],
                         help="profiles to run each case under, in turn")
     args = parser.parse_args()
@@ -116,7 +119,8 @@ async def main() -> None:
         for _ in range(args.runs):
             for agents in args.agents:
                 for profile in args.profile:
-                    result = await one_case(server, agents, args.timeout, args.steady, args.seconds, profile)
+                    result = await one_case(server, agents, args.timeout, args.steady, args.seconds, profile,
+                                            args.partitions)
                     print(json.dumps(result), flush=True)
 
 

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 
+from squadbus.backends.rabbitmq.placement import host_of, host_url
 from squadbus.core.bus import Bus
 from squadbus.testing.conformance import BusFactory, ConformanceSuite, Features, HostProcessCases
 from squadbus.testing.servers.rabbitmq import RabbitServer
 
 pytestmark = pytest.mark.rabbitmq
+
+
+def place_by_partition(url: str, agents: Sequence[str], hosts: int) -> list[tuple[str, list[str]]]:
+    """Host ``i`` of ``hosts`` reads the inbox partitions ``p % hosts == i`` (its slot in its URL) and so
+    serves the agents of those partitions: how a deployment places agents on RabbitMQ (docs/backends/rabbitmq.md)."""
+    return [(host_url(url, i, hosts), [a for a in agents if host_of(url, a, hosts) == i]) for i in range(hosts)]
 
 
 class TestRabbitConformance(ConformanceSuite, HostProcessCases):
@@ -21,9 +28,9 @@ class TestRabbitConformance(ConformanceSuite, HostProcessCases):
         # Deduplication is per publishing process only (a window of confirmed ids): RabbitMQ has no
         # broker-side dedupe without a plugin Debian does not ship; the store dedupes the rest.
         dedupe=False,
-        # Inboxes share one channel per Bus (backends/rabbitmq/inboxes.py); each agent keeps a quorum
-        # queue and a consumer record on the broker. The bound is on channels.
-        inbox_scale=200, inbox_resource_bound=4, inboxes_multiplexed=True,
+        # Inboxes: a fixed set of partition queues per squad, one channel (and a consumer per partition)
+        # per Bus, nothing per agent (backends/rabbitmq/inboxes.py). The bound is on channels.
+        inbox_scale=2000, inbox_resource_bound=4, inboxes_multiplexed=True, host_placement=place_by_partition,
     )
 
     @pytest.fixture

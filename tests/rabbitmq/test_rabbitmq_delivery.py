@@ -100,16 +100,16 @@ async def test_a_group_whose_backlog_copy_failed_gets_the_backlog_on_the_next_su
         early = await bus.send("pm", agent, "sent before the group existed")
         backend = bus.backend
         assert isinstance(backend, RabbitBackend)
-        copy = backend._copy_backlog
+        copy = backend.copy_backlog
 
-        async def fails(queue: str, pattern: str) -> int:
+        async def fails(queue: str, pattern: str, accept: object = None) -> int:
             raise BackendTimeout("the log stopped answering")
 
-        monkeypatch.setattr(backend, "_copy_backlog", fails)
+        monkeypatch.setattr(backend, "copy_backlog", fails)
         got = Collector()
         with pytest.raises(BackendTimeout):
             await bus.subscribe(subjects.direct(agent), got, group=group)
-        monkeypatch.setattr(backend, "_copy_backlog", copy)
+        monkeypatch.setattr(backend, "copy_backlog", copy)
         await bus.subscribe(subjects.direct(agent), got, group=group)
         await eventually(lambda: early.id in got.ids, 20, "the backlog after the retry")
 

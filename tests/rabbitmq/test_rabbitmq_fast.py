@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 
+from squadbus.backends.rabbitmq.settings import RabbitSettings
 from squadbus.core.backend import Delivery
 from squadbus.core.bus import Bus
 from squadbus.core.errors import ConfigError
@@ -46,7 +47,8 @@ async def test_fast_declares_classic_group_and_inbox_queues_with_the_log_backlog
         await eventually(lambda: len(got) >= 2, 10, "the group's backlog and the new message")
         assert [d.message.id for d in got] == [before.id, after.id] and got[0].attempt == 1
     types = await asyncio.to_thread(_queue_types, rabbitmq_server, namespace)
-    assert types[f"{namespace}.inbox.{agent}"] == "classic"
+    partitions = RabbitSettings.from_url(rabbitmq_url).inbox_partitions
+    assert {types[f"{namespace}.inboxes.{p}"] for p in range(partitions)} == {"classic"}
     assert [t for name, t in types.items() if f".group.{group}" in name] == ["classic"]
     assert types[f"{namespace}.log"] == "stream"
 

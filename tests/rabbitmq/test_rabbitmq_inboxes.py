@@ -1,8 +1,8 @@
-"""RabbitMQ inboxes (backends/rabbitmq/inboxes.py): one shared channel per Bus, an agent's queue with a
-single active consumer, so a second open of an agent (another process) is a standby that takes over
-when the first closes (what it held unsettled comes last: a quorum queue requeues a nack behind) or
-dies (first: the broker returns a dead consumer's messages to the head); a nack while open is
-redelivered by the hub before the agent's later messages."""
+"""RabbitMQ inboxes (backends/rabbitmq/inboxes.py): a fixed set of partition queues per squad with a single
+active consumer, one shared channel per Bus; a Bus holds messages for agents not open on it until they
+open; another Bus reading the same partitions is a standby that takes over, in order, when the first
+closes or dies (the broker returns unacknowledged messages to the head); a nack while open is
+redelivered by the hub before the agent's later messages; placed hosts read only their partitions."""
 
 from __future__ import annotations
 
@@ -13,34 +13,106 @@ import uuid
 import pytest
 
 from squadbus.backends.rabbitmq import RabbitBackend
+from squadbus.backends.rabbitmq.placement import host_of, host_url
+from squadbus.backends.rabbitmq.settings import RabbitSettings
 from squadbus.core.bus import Bus
 from squadbus.core.errors import ReceiveTimeout
+from squadbus.testing.servers.rabbitmq import RabbitServer
 
 pytestmark = pytest.mark.rabbitmq
 
 
-async def test_a_second_process_opening_an_agent_waits_then_takes_over(rabbitmq_url: str) -> None:
+def _queues(server: RabbitServer, namespace: str) -> list[str]:
+    listing = server.ctl("list_queues", "name", "--quiet")
+    return sorted(line.strip() for line in listing.splitlines()[1:] if line.strip().startswith(f"{namespace}."))
+
+
+async def test_broker_queues_and_consumers_do_not_grow_with_agents(rabbitmq_server: RabbitServer,
+                                                                   rabbitmq_url: str) -> None:
+    namespace = RabbitSettings.from_url(rabbitmq_url).namespace
+    url = f"{rabbitmq_url}&inbox_partitions=4"
+    async with Bus.from_url(url) as bus:
+        backend = bus.backend
+        assert isinstance(backend, RabbitBackend)
+        seen = []
+        for count in (5, 60):
+            inboxes = [bus.inbox(f"a{i}-{uuid.uuid4().hex[:6]}", broadcasts=False) for i in range(count)]
+            await asyncio.gather(*(inbox.open() for inbox in inboxes))
+            sent = await asyncio.gather(*(bus.send("pm", inbox.agent_id, "hi") for inbox in inboxes))
+            got = await asyncio.gather(*(inbox.get(20) for inbox in inboxes))
+            assert [d.message.id for d in got] == [m.id for m in sent]
+            await asyncio.gather(*(d.ack() for d in got))
+            queues = await asyncio.to_thread(_queues, rabbitmq_server, namespace)
+            seen.append(([q for q in queues if ".inbox" in q], backend.inboxes.consumers))
+            await asyncio.gather(*(inbox.close() for inbox in inboxes))
+    partitions = [f"{namespace}.inboxes.{p}" for p in range(4)]
+    assert seen == [(partitions, 4), (partitions, 4)], "a queue per partition, a consumer each, none per agent"
+
+
+async def test_a_second_bus_opening_an_agent_waits_then_takes_over_in_order(rabbitmq_url: str) -> None:
     agent = f"a-{uuid.uuid4().hex[:8]}"
-    async with Bus.from_url(rabbitmq_url) as first_bus, Bus.from_url(rabbitmq_url) as second_bus:
-        first = await first_bus.inbox(agent, broadcasts=False).open()
-        second = await second_bus.inbox(agent, broadcasts=False).open()
-        sent = [await first_bus.send("pm", agent, f"m{i}") for i in range(3)]
-        held = await first.get(20)
-        assert held.message.id == sent[0].id
-        with pytest.raises(ReceiveTimeout):
-            await second.get(0.5)  # a standby while the first holds the agent
-        await first.close()  # gives m0 back unsettled
+    async with Bus.from_url(rabbitmq_url) as second_bus:
+        first_bus = await Bus.from_url(rabbitmq_url).start()
+        try:
+            first = await first_bus.inbox(agent, broadcasts=False).open()
+            second = await second_bus.inbox(agent, broadcasts=False).open()
+            sent = [await first_bus.send("pm", agent, f"m{i}") for i in range(3)]
+            held = await first.get(20)
+            assert held.message.id == sent[0].id
+            with pytest.raises(ReceiveTimeout):
+                await second.get(0.5)  # its partition is read by the first Bus: a standby
+        finally:
+            await first_bus.close()  # its channel closes: m0..m2 go back to the head of the partition
         got = []
         for _ in sent:
             delivery = await second.get(20)
             got.append((delivery.message.id, delivery.attempt))
             await delivery.ack()
-        # The close cancels the consumer (the standby is active from then on) and gives m0 back with
-        # basic.nack, which a 3.10 quorum queue requeues behind the ones already queued: m0 comes last,
-        # as its second attempt. Known and documented (docs/backends/rabbitmq.md, "Inboxes: order and
-        # takeover"): closing the shared channel would return it to the head, but it carries every inbox.
-        assert got == [(sent[1].id, 1), (sent[2].id, 1), (sent[0].id, 2)]
-        await second.close()
+        # m0 was handed out and given back, m1 and m2 were held for the agent: each comes back once more.
+        assert got == [(sent[0].id, 2), (sent[1].id, 2), (sent[2].id, 2)]
+
+
+async def test_messages_wait_for_an_agent_opened_later_in_order_then_are_released(rabbitmq_url: str) -> None:
+    url = f"{rabbitmq_url}&inbox_partitions=1&inbox_unclaimed=0.5"
+    opened, late, never = (f"{name}-{uuid.uuid4().hex[:6]}" for name in ("opened", "late", "never"))
+    async with Bus.from_url(url) as bus:
+        first = await bus.inbox(opened, broadcasts=False).open()  # this Bus reads the partition from now on
+        to_late = [await bus.send("pm", late, f"m{i}") for i in range(3)]
+        await bus.send("pm", never, "nobody opens me")
+        marker = await bus.send("pm", opened, "after them")
+        assert (await first.get(20)).message.id == marker.id  # the others are held, not blocking
+        async with bus.inbox(late, broadcasts=False) as inbox:
+            got = []
+            for _ in to_late:
+                delivery = await inbox.get(20)
+                got.append(delivery.message.id)
+                await delivery.ack()
+            assert got == [m.id for m in to_late]
+        await asyncio.sleep(1.5)  # past inbox_unclaimed: the one for "never" is acked undelivered
+        await first.close()
+    async with Bus.from_url(url) as bus, bus.inbox(never, broadcasts=False) as inbox:
+        with pytest.raises(ReceiveTimeout):
+            await inbox.get(0.5)
+
+
+async def test_placed_hosts_read_only_their_partitions(rabbitmq_url: str) -> None:
+    urls = [host_url(f"{rabbitmq_url}&inbox_partitions=4", i, 2) for i in range(2)]
+    agents = [f"a{i}-{uuid.uuid4().hex[:6]}" for i in range(12)]
+    async with Bus.from_url(urls[0]) as zero, Bus.from_url(urls[1]) as one:
+        placements = [await zero.inbox_placement(), await one.inbox_placement()]
+        assert [p.owned if p else None for p in placements] == [frozenset({0, 2}), frozenset({1, 3})]
+        mine = [[a for a in agents if host_of(urls[0], a, 2) == i] for i in range(2)]
+        assert all(mine) and [placements[i].owned_agents(agents) for i in range(2) if placements[i]] == mine
+        # Each host opens every agent (as if placement were ignored): only the owner gets the message.
+        inboxes = [[await bus.inbox(a, broadcasts=False).open() for a in agents] for bus in (zero, one)]
+        await asyncio.gather(*(zero.send("pm", a, "hi") for a in agents))
+        for host in (0, 1):
+            for agent, inbox in zip(agents, inboxes[host], strict=True):
+                if agent in mine[host]:
+                    await (await inbox.get(20)).ack()
+                else:
+                    with pytest.raises(ReceiveTimeout):
+                        await inbox.get(0.05)
 
 
 async def test_inboxes_share_one_channel_of_the_bus(rabbitmq_url: str) -> None:
@@ -114,7 +186,7 @@ async def test_a_standby_takes_over_from_a_killed_holder_with_its_delivery_first
             delivery = await standby.get(20)
             got.append((delivery.message.id, delivery.attempt))
             await delivery.ack()
-        # A quorum queue puts what a dead consumer held back at the head (a nack or a cancelled consumer's
-        # give-back goes behind): the order holds, m0 as its second attempt.
-        assert got == [(sent[0].id, 2), (sent[1].id, 1), (sent[2].id, 1)]
+        # A quorum queue puts what a dead consumer held back at the head, in order: m0 (handed out) and
+        # m1, m2 (prefetched by the dead Bus for the agent) come back, each as its second delivery.
+        assert got == [(sent[0].id, 2), (sent[1].id, 2), (sent[2].id, 2)]
         await standby.close()

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 
 from squadbus.backends.rabbitmq import RabbitBackend
+from squadbus.backends.rabbitmq.placement import host_of, host_url
 from squadbus.backends.rabbitmq.settings import Profile, RabbitSettings
-from squadbus.backends.rabbitmq.topology import binding_key, needs_filter, routing_key, short_name
+from squadbus.backends.rabbitmq.topology import (
+    binding_key,
+    direct_recipient,
+    inbox_partition,
+    inbox_route,
+    needs_filter,
+    routing_key,
+    short_name,
+)
 from squadbus.core.errors import ConfigError, InvalidSubject
 from squadbus.core.registry import open_backend
 
@@ -66,3 +77,23 @@ def test_amqp_short_string_limits() -> None:
     cut = short_name(long)
     assert len(cut.encode()) <= 255 and cut != short_name(long + "y")
     assert short_name("short") == "short"
+
+
+def test_inbox_partition_options_and_routing() -> None:
+    plain = RabbitSettings.from_url("amqp://h/?namespace=sq")
+    assert (plain.inbox_partitions, plain.inbox_hosts, plain.inbox_prefetch) == (16, 0, 1000)
+    assert plain.owned_inbox_partitions == frozenset(range(16))
+    assert plain.inbox_partition_queue(3) == "sq.inboxes.3"
+    placed = RabbitSettings.from_url("amqp://h/?inbox_partitions=6&inbox_hosts=4&inbox_host=1&inbox_unclaimed=5")
+    assert placed.owned_inbox_partitions == frozenset({1, 5}) and placed.inbox_unclaimed == 5.0
+    for bad in ("inbox_partitions=0", "inbox_hosts=2&inbox_host=2", "inbox_hosts=-1", "inbox_prefetch=0",
+                "inbox_unclaimed=0"):
+        with pytest.raises(ConfigError):
+            RabbitSettings.from_url(f"amqp://h/?{bad}")
+    assert [direct_recipient(s) for s in ("agent.message.bob", "agent.message.broadcast",
+                                          "agent.message.domain.dev", "agent.reply.x", "agent.message.")] == [
+        "bob", None, None, None, None]
+    assert inbox_partition("bob", 16) == zlib.crc32(b"bob") % 16 and inbox_route(7) == "_inbox.7"
+    agents = [f"a{i}" for i in range(200)]
+    assert {host_of("amqp://h/?inbox_partitions=4", a, 2) for a in agents} == {0, 1}
+    assert host_url("amqp://h/", 1, 3) == "amqp://h/?inbox_hosts=3&inbox_host=1"

@@ -13,7 +13,10 @@ Mapping (docs/backends/rabbitmq.md says why):
 * one more stream queue ``<namespace>.groups`` records each group created (``group_figures``);
 * ``profile=fast``: group and inbox queues are classic queues and messages transient (the log stays
   a stream); attempts are then counted by each consumer (:mod:`.subscriber`);
-* requests get their replies by direct reply-to (:mod:`.requests`): no queue per requester.
+* requests get their replies by direct reply-to (:mod:`.requests`): no queue per requester;
+* agents' inboxes: ``inbox_partitions`` queues ``<namespace>.inboxes.<p>`` (single active consumer), a
+  direct message routed also to its agent's partition, one channel per Bus for all its inboxes
+  (:mod:`.inboxes`; MultiplexesInboxes, PlacesInboxes).
 
 One robust connection per backend (aio-pika reconnects and restores channels, queues,
 bindings and consumers), one confirm channel for publishing, one channel per subscription.
@@ -27,17 +30,18 @@ import logging
 import sys
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from datetime import datetime, timedelta
+from typing import Any
 from uuid import UUID
 
 import aio_pika
 import aio_pika.abc
 import aiormq.exceptions
 
-from squadbus.backends.rabbitmq.backlog import BacklogCopier
+from squadbus.backends.rabbitmq.backlog import Accept, BacklogCopier
 from squadbus.backends.rabbitmq.connectlogs import ConnectLogs
 from squadbus.backends.rabbitmq.group_figures import group_figures as describe_groups
 from squadbus.backends.rabbitmq.group_figures import registry_record
-from squadbus.backends.rabbitmq.inboxes import InboxChannel, InboxSubscription
+from squadbus.backends.rabbitmq.inboxes import RabbitInboxHub
 from squadbus.backends.rabbitmq.log import Offset, read_log
 from squadbus.backends.rabbitmq.publisher import RabbitPublisher
 from squadbus.backends.rabbitmq.requests import DirectReplies
@@ -64,6 +68,8 @@ from squadbus.core.backend import (
 )
 from squadbus.core.envelope import Message, decode
 from squadbus.core.errors import BackendError, Closed, ConfigError, ConnectionLost, MalformedMessage
+from squadbus.core.inbox_source import InboxHolder
+from squadbus.core.placement import InboxPlacement
 
 logger = logging.getLogger("squadbus.backends.rabbitmq")
 
@@ -86,7 +92,8 @@ class RabbitBackend:
         self._probe: aio_pika.abc.AbstractConnection | None = None
         self._probe_lock = asyncio.Lock()
         self._backlog = BacklogCopier(self)
-        self._inbox_channel = InboxChannel(self)
+        self.inboxes = RabbitInboxHub(self)
+        """The inbox hub: every open inbox of this backend (see :mod:`.inboxes`)."""
         self._replies: DirectReplies | None = None
         self._closed = False
 
@@ -183,8 +190,8 @@ class RabbitBackend:
         self._closed = True
         if self._replies is not None:
             await self._replies.close()
+        await self.inboxes.close()
         await self._backlog.close()
-        await self._inbox_channel.close()
         if self._probe is not None:
             with contextlib.suppress(Exception):
                 await self._probe.close()
@@ -266,7 +273,7 @@ class RabbitBackend:
     def _check_channel_room(self) -> None:
         tune = getattr(self.connection.transport.connection, "connection_tune", None)  # type: ignore[union-attr]
         channel_max = int(getattr(tune, "channel_max", 0) or 0)
-        held = sum(1 for sub in self._subs if not isinstance(sub, InboxSubscription))
+        held = len(self._subs)
         if channel_max and held >= channel_max - CHANNEL_RESERVE:
             raise BackendError(
                 f"this Bus holds {held} subscriptions, one AMQP channel each, and the broker's "
@@ -364,27 +371,23 @@ class RabbitBackend:
 
     async def open_inbox(
         self, agent_id: str, handler: RawHandler, *, group: str, options: ConsumerOptions
-    ) -> InboxSubscription:
-        """Consume ``agent_id``'s inbox queue on the Bus's inbox channel (MultiplexesInboxes; see
-        :mod:`.inboxes`): created at the first open with the log's backlog; a second open, here or in
-        another process, is a standby until the first closes."""
-        pattern = subjects.direct(agent_id)
-        binding_key(pattern)
-        name = short_name(self.settings.inbox_queue(agent_id))
-        await self._ensure_group(name, group, pattern, StartFrom.EARLIEST, inbox=True)
-        sub = InboxSubscription(self, self._inbox_channel, agent_id, name, handler, group, options)
-        self._subs.add(sub)
+    ) -> InboxHolder[Any]:
+        """Serve ``agent_id``'s inbox from its partition queue (MultiplexesInboxes; see :mod:`.inboxes`):
+        the first open of this Bus creates the squad's partition queues if missing (with the log's
+        backlog) and consumes those this Bus reads. No broker resource per agent."""
         try:
-            await sub.start()
-        except BaseException as exc:
-            await sub.close()
-            if isinstance(exc, Exception):
-                raise translate(exc, f"open the inbox of {agent_id}") from exc
+            return await self.inboxes.open_inbox(agent_id, handler, group=group, options=options)
+        except (ConfigError, Closed):
             raise
-        return sub
+        except Exception as exc:
+            raise translate(exc, f"open the inbox of {agent_id}") from exc
 
-    async def _ensure_group(self, name: str, group: str, pattern: str, start: StartFrom, *,
-                            inbox: bool = False) -> None:
+    async def inbox_placement(self) -> InboxPlacement:
+        """The inbox partitions this Bus reads and each agent's partition (PlacesInboxes; see
+        :mod:`.placement`)."""
+        return self.inboxes.placement()
+
+    async def _ensure_group(self, name: str, group: str, pattern: str, start: StartFrom) -> None:
         lock = self._group_locks.setdefault(name, asyncio.Lock())
         async with lock:
             what = f"create the queue {name}"
@@ -392,7 +395,7 @@ class RabbitBackend:
                 created = not await self._queue_exists(name)
                 channel = await self.connection.channel()
                 try:
-                    queue = await self.declare_group_queue(channel, name, inbox=inbox)
+                    queue = await self.declare_group_queue(channel, name)
                     await queue.bind(self.settings.exchange, binding_key(pattern))
                 finally:
                     with contextlib.suppress(Exception):
@@ -405,17 +408,18 @@ class RabbitBackend:
                 await self._register(name, group, pattern)
             if created and start is StartFrom.EARLIEST:
                 try:
-                    copied = await self._copy_backlog(name, pattern)
+                    copied = await self.copy_backlog(name, pattern)
                 except BaseException as exc:
                     # Without its backlog the queue must not stay: the next subscribe would find it and
                     # copy nothing. What it received since the bind is in the log, so the next copy has it.
-                    await self._delete_queue(name)
+                    await self.delete_queue(name)
                     if isinstance(exc, Exception):
                         raise translate(exc, f"copy the log's backlog into {name}") from exc
                     raise
                 logger.info("created group queue %s for %s with %d messages from the log", name, pattern, copied)
 
-    async def _delete_queue(self, name: str) -> None:
+    async def delete_queue(self, name: str) -> None:
+        """Delete the queue ``name`` (logged when it fails: a queue left without its backlog)."""
         try:
             channel = await self.connection.channel()
             try:
@@ -427,12 +431,12 @@ class RabbitBackend:
             logger.error("could not delete the queue %s after its backlog copy failed (its group will start "
                          "without the backlog; delete it by hand): %s", name, exc)
 
-    async def _copy_backlog(self, queue: str, pattern: str) -> int:
+    async def copy_backlog(self, queue: str, pattern: str, accept: Accept | None = None) -> int:
         """Copy what the log holds for ``pattern`` into ``queue`` (see :mod:`.backlog`: groups created at
         the same time share one read of the log). Messages published between the bind and the pass's
         marker are in both: they reach the group twice (at-least-once); nothing stored before the bind
         is missed."""
-        return await self._backlog.copy(queue, pattern)
+        return await self._backlog.copy(queue, pattern, accept)
 
     # ---- Replayable and ReadsAll -------------------------------------------------------------
 

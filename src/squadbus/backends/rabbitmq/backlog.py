@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import aio_pika
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
 
 _COPY_CONCURRENCY = 256
 
+Accept = Callable[[str], bool]
+"""A further filter on the routing keys a pattern matches (an inbox partition takes its agents' only)."""
+
 
 def _is_literal(pattern: str) -> bool:
     return not any(token in ("*", ">") for token in pattern.split("."))
@@ -37,19 +41,20 @@ class BacklogCopier:
 
     def __init__(self, backend: RabbitBackend) -> None:
         self._backend = backend
-        self._waiting: dict[str, tuple[str, asyncio.Future[int]]] = {}
+        self._waiting: dict[str, tuple[str, Accept | None, asyncio.Future[int]]] = {}
         self._runner: asyncio.Task[None] | None = None
         self.passes = 0
         """Reads of the log so far (one per pass)."""
 
-    async def copy(self, queue: str, pattern: str) -> int:
-        """Copy what the log holds for ``pattern`` into ``queue`` (bound already); returns how many.
+    async def copy(self, queue: str, pattern: str, accept: Accept | None = None) -> int:
+        """Copy what the log holds for ``pattern`` (and ``accept``, when given) into ``queue`` (bound
+        already); returns how many.
 
         Raises what the pass raised (a BackendError) when the log cannot be read or a copy is not confirmed.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
-        self._waiting[queue] = (pattern, future)
+        self._waiting[queue] = (pattern, accept, future)
         if self._runner is None or self._runner.done():
             self._runner = loop.create_task(self._run(), name="squadbus-rabbitmq-backlog")
         return await future
@@ -66,34 +71,35 @@ class BacklogCopier:
         while self._waiting:
             batch, self._waiting = self._waiting, {}
             try:
-                counts = await self._pass({queue: pattern for queue, (pattern, _) in batch.items()})
+                counts = await self._pass({queue: (pattern, accept) for queue, (pattern, accept, _) in batch.items()})
             except BaseException as exc:
-                for _, future in batch.values():
+                for _, _, future in batch.values():
                     if not future.done():
                         future.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
                 if not isinstance(exc, Exception):
                     raise
                 continue
-            for queue, (_, future) in batch.items():
+            for queue, (_, _, future) in batch.items():
                 if not future.done():
                     future.set_result(counts[queue])
 
-    async def _pass(self, targets: dict[str, str]) -> dict[str, int]:
+    async def _pass(self, targets: dict[str, tuple[str, Accept | None]]) -> dict[str, int]:
         self.passes += 1
         literal: dict[str, list[str]] = {}
-        wildcard: list[tuple[str, str]] = []
-        for queue, pattern in targets.items():
-            if _is_literal(pattern):
+        wildcard: list[tuple[str, str, Accept | None]] = []
+        for queue, (pattern, accept) in targets.items():
+            if _is_literal(pattern) and accept is None:
                 literal.setdefault(pattern, []).append(queue)
             else:
-                wildcard.append((queue, pattern))
+                wildcard.append((queue, pattern, accept))
         counts = dict.fromkeys(targets, 0)
         publisher = self._backend.publisher
         pending: list[asyncio.Future[None]] = []
         try:
             async for _, msg in read_log(self._backend):
                 key = msg.routing_key or ""
-                queues = [*literal.get(key, ()), *(q for q, pattern in wildcard if subjects.matches(pattern, key))]
+                queues = [*literal.get(key, ()), *(q for q, pattern, accept in wildcard
+                                                   if subjects.matches(pattern, key) and (not accept or accept(key)))]
                 for queue in queues:
                     copy = aio_pika.Message(
                         msg.body, message_id=msg.message_id, content_type=msg.content_type,

@@ -28,7 +28,13 @@ from pamqp.commands import Basic
 
 from squadbus.backends.rabbitmq.requests import is_reply_address
 from squadbus.backends.rabbitmq.settings import RabbitSettings
-from squadbus.backends.rabbitmq.topology import MARKER_HEADER, routing_key
+from squadbus.backends.rabbitmq.topology import (
+    MARKER_HEADER,
+    direct_recipient,
+    inbox_partition,
+    inbox_route,
+    routing_key,
+)
 from squadbus.backends.rabbitmq.translate import is_transient, translate
 from squadbus.core.backoff import WRITE_RETRY, Backoff
 from squadbus.core.envelope import Message, encode, new_id
@@ -89,9 +95,14 @@ class RabbitPublisher:
             await self._reply(message)
             return
         key = routing_key(message.subject)
+        # A direct message is also routed (sender-selected distribution, ``CC``) to its agent's inbox
+        # partition queue; the broker stores it once per queue, and the confirm covers every queue.
+        agent = direct_recipient(key)
+        headers: dict[str, aio_pika.abc.FieldValue] | None = None if agent is None else {
+            "CC": [inbox_route(inbox_partition(agent, self._settings.inbox_partitions))]}
         amqp_message = aio_pika.Message(
             encode(message), message_id=str(message.id), content_type=_CONTENT_TYPE,
-            delivery_mode=self.delivery_mode,
+            delivery_mode=self.delivery_mode, headers=headers,
         )
         await self._send(self._settings.exchange, key, amqp_message, f"publish {message.id}")
         self.dedupe.add(message.id)

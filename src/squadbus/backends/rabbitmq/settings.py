@@ -13,6 +13,13 @@ attempts to reconnect after the connection was lost), ``dedupe_window`` (s, 0 = 
 ``single_active_consumer`` (``true``: every group queue this URL declares hands its messages to one
 member at a time, the others standing by: per-execution order across members, no shared work),
 ``tls_ca`` (path; ``amqps://`` turns TLS on with the system CAs).
+
+Inboxes (docs/design/inboxes.md, RabbitMQ): ``inbox_partitions`` (queues an agent's direct messages
+are spread over by ``crc32(agent) % inbox_partitions``; every process of the squad must use the same
+number), ``inbox_hosts`` / ``inbox_host`` (``inbox_hosts`` > 0: this Bus reads only the partitions
+``p % inbox_hosts == inbox_host``, so a deployment places agents by partition), ``inbox_prefetch``
+(unacknowledged messages the broker hands a Bus per partition), ``inbox_unclaimed`` (s: how long a
+Bus keeps a message for an agent that is not open on it before it acks it undelivered, logged).
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ class Profile(enum.Enum):
 _URL_OPTIONS = (
     "profile", "namespace", "log_max_age", "log_max_bytes", "publish_timeout", "connect_timeout",
     "reconnect_interval", "dedupe_window", "dedupe_size", "tls_ca", "single_active_consumer",
+    "inbox_partitions", "inbox_hosts", "inbox_host", "inbox_prefetch", "inbox_unclaimed",
 )
 
 
@@ -68,6 +76,11 @@ class RabbitSettings:
     dedupe_window: float = 120.0
     dedupe_size: int = 100_000
     single_active_consumer: bool = False
+    inbox_partitions: int = 16
+    inbox_hosts: int = 0
+    inbox_host: int = 0
+    inbox_prefetch: int = 1000
+    inbox_unclaimed: float = 3600.0
 
     @property
     def classic_queues(self) -> bool:
@@ -85,6 +98,14 @@ class RabbitSettings:
             raise ConfigError("publish_timeout, connect_timeout and reconnect_interval must be positive")
         if self.log_max_age < 0 or self.log_max_bytes < 0 or self.dedupe_window < 0 or self.dedupe_size < 0:
             raise ConfigError("log_max_age, log_max_bytes, dedupe_window and dedupe_size must be >= 0")
+        if not 1 <= self.inbox_partitions <= 1024:
+            raise ConfigError(f"inbox_partitions must be 1..1024, not {self.inbox_partitions}")
+        if self.inbox_hosts < 0 or not (self.inbox_hosts == 0 or 0 <= self.inbox_host < self.inbox_hosts):
+            raise ConfigError("need inbox_hosts >= 0 and 0 <= inbox_host < inbox_hosts")
+        if not 1 <= self.inbox_prefetch <= 65535:
+            raise ConfigError(f"inbox_prefetch must be 1..65535, not {self.inbox_prefetch}")
+        if self.inbox_unclaimed <= 0:
+            raise ConfigError("inbox_unclaimed must be positive")
 
     @classmethod
     def from_url(cls, url: str) -> RabbitSettings:
@@ -128,9 +149,17 @@ class RabbitSettings:
         """The stream queue where each group's creation is recorded (its queue, name and pattern)."""
         return f"{self.namespace}.groups"
 
-    def inbox_queue(self, agent_id: str) -> str:
-        """The queue an agent's direct messages wait in (its inbox; quorum, or classic under ``fast``)."""
-        return f"{self.namespace}.inbox.{agent_id}"
+    def inbox_partition_queue(self, partition: int) -> str:
+        """The queue where the direct messages of the agents of inbox partition ``partition`` wait (quorum,
+        or classic under ``fast``; one active consumer)."""
+        return f"{self.namespace}.inboxes.{partition}"
+
+    @property
+    def owned_inbox_partitions(self) -> frozenset[int]:
+        """The inbox partitions a Bus with these settings reads: ``p % inbox_hosts == inbox_host``, or all."""
+        if self.inbox_hosts == 0:
+            return frozenset(range(self.inbox_partitions))
+        return frozenset(p for p in range(self.inbox_partitions) if p % self.inbox_hosts == self.inbox_host)
 
     def group_queue(self, durable: str) -> str:
         """The queue of a consumer group (``durable`` from ``core.backend.durable_name``; classic under ``fast``)."""

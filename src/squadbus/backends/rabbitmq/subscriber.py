@@ -93,6 +93,28 @@ here and then acked by another member is never settled here."""
 _SETTLE_ERRORS = (aio_pika.exceptions.MessageProcessError, aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
 
 
+def malformed_dead_letter(msg: IncomingMessage, group: str, attempt: int, exc: MalformedMessage, key: str,
+                          queue: str | None) -> Message:
+    """The dead letter (on ``agent.dlq.<group>``) of bytes that are not an envelope, read from ``queue``."""
+    text = bytes(msg.body[:_MALFORMED_CONTENT_LIMIT]).decode("utf-8", "replace")
+    return Message(
+        id=new_id(),
+        subject=subjects.dead_letter(group),
+        sender_id="squadbus-rabbitmq",
+        content=text,
+        message_type="malformed",
+        metadata={"size": len(msg.body), "truncated": len(msg.body) > len(text), "queue": queue},
+        created_at=utcnow(),
+        headers={
+            DLQ_REASON: f"malformed payload: {exc}"[:1000],
+            DLQ_GROUP: group,
+            DLQ_ATTEMPTS: str(attempt),
+            DLQ_SUBJECT: key,
+            DLQ_ORIGINAL_ID: msg.message_id or f"delivery-{msg.delivery_tag}",
+        },
+    )
+
+
 class RabbitDelivery(Delivery):
     """A delivery backed by one AMQP delivery; settling sends ``basic.ack`` / ``basic.nack``."""
 
@@ -422,23 +444,7 @@ class RabbitSubscription:
             logger.error("dropping malformed message on %s (fan-out consumer): %s", key, exc)
             await self.send(msg, ack=True)
             return
-        text = bytes(msg.body[:_MALFORMED_CONTENT_LIMIT]).decode("utf-8", "replace")
-        dead = Message(
-            id=new_id(),
-            subject=subjects.dead_letter(self._group),
-            sender_id="squadbus-rabbitmq",
-            content=text,
-            message_type="malformed",
-            metadata={"size": len(msg.body), "truncated": len(msg.body) > len(text), "queue": self.queue_name},
-            created_at=utcnow(),
-            headers={
-                DLQ_REASON: f"malformed payload: {exc}"[:1000],
-                DLQ_GROUP: self._group,
-                DLQ_ATTEMPTS: str(attempt),
-                DLQ_SUBJECT: key,
-                DLQ_ORIGINAL_ID: msg.message_id or f"delivery-{msg.delivery_tag}",
-            },
-        )
+        dead = malformed_dead_letter(msg, self._group, attempt, exc, key, self.queue_name)
         try:
             await self._backend.publish(dead)
         except SquadbusError:

@@ -13,8 +13,10 @@ drop what their pattern does not match (:func:`squadbus.core.subjects.matches`).
 from __future__ import annotations
 
 import hashlib
+import zlib
 from typing import Any
 
+from squadbus.core import subjects
 from squadbus.core.errors import InvalidSubject
 
 MAX_SHORTSTR = 255
@@ -76,9 +78,35 @@ def group_queue_arguments(single_active_consumer: bool = False, *, classic: bool
 
 
 def inbox_queue_arguments(*, classic: bool = False) -> dict[str, Any]:
-    """An agent's inbox queue: quorum (classic under ``profile=fast``), one active consumer at a time
-    (a second open is a standby)."""
+    """An inbox partition queue: quorum (classic under ``profile=fast``), one active consumer at a time
+    (the Bus reading it; another Bus consuming it is a standby that takes over when the first goes)."""
     return {"x-queue-type": "classic" if classic else "quorum", "x-single-active-consumer": True}
+
+
+INBOX_ROUTE_PREFIX = "_inbox"
+"""Binding keys of the inbox partition queues: ``_inbox.<partition>`` (no squad subject starts so)."""
+
+_DIRECT_PREFIX = subjects.direct("x")[:-1]
+
+
+def inbox_partition(agent_id: str, partitions: int) -> int:
+    """The inbox partition of ``agent_id``: ``crc32(agent id) % partitions`` (the same in every process)."""
+    return zlib.crc32(agent_id.encode()) % partitions
+
+
+def inbox_route(partition: int) -> str:
+    """The routing key (a publish's ``CC``) and binding key of inbox partition ``partition``."""
+    return f"{INBOX_ROUTE_PREFIX}.{partition}"
+
+
+def direct_recipient(subject: str) -> str | None:
+    """The agent of a direct subject (``agent.message.<agent>``), else None (broadcasts, replies, ...)."""
+    if not subject.startswith(_DIRECT_PREFIX):
+        return None
+    agent = subject[len(_DIRECT_PREFIX):]
+    if not agent or "." in agent or agent in subjects.RESERVED_AGENT_IDS:
+        return None
+    return agent
 
 
 def log_queue_arguments(max_age: float, max_bytes: int) -> dict[str, Any]:
