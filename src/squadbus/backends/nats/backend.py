@@ -31,6 +31,7 @@ from squadbus.backends.nats.group_figures import group_figures as describe_group
 from squadbus.backends.nats.inboxes import InboxHub
 from squadbus.backends.nats.presence import open_inboxes as list_open_inboxes
 from squadbus.backends.nats.publisher import NatsPublisher
+from squadbus.backends.nats.raw import InboxClient
 from squadbus.backends.nats.read_all import read_all as read_stream
 from squadbus.backends.nats.replay import replay as replay_stream
 from squadbus.backends.nats.requests import ReplyRouter
@@ -93,7 +94,7 @@ class NatsBackend:
         if self._nc is not None:
             return
         s = self.settings
-        nc = Client()
+        nc = InboxClient()  # nats-py's Client with a raw path for pull inboxes (raw.py)
         self._connect_error = None
         try:
             await asyncio.wait_for(
