@@ -6,15 +6,17 @@ never for speed. The broker lookup is also run against a made-up /proc tree.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
-from squadbus.benchmarks.resources import Process, broker_process, cpu_seconds, rss_bytes
+from squadbus.benchmarks.resources import Meter, Process, Resources, broker_process, cpu_seconds, rss_bytes
 from squadbus.cli.bench import bench
 from squadbus.testing.servers.process import free_port
 from squadbus.testing.servers.redis import RedisServer
@@ -120,3 +122,27 @@ def test_an_ipv6_wildcard_listener_serves_the_loopback_url(tmp_path: Path) -> No
     proc = _fake_proc(tmp_path, tcp6=row)
     found = broker_process("nats://bob:pw@127.0.0.1:4242,127.0.0.1:4243?profile=fast", proc=proc)
     assert found.pid == 4321 and found.name == "tansu"
+
+
+def test_a_broker_that_exits_during_the_line_is_not_available_with_the_reason() -> None:
+    child = subprocess.Popen(["sleep", "30"])
+    meter = Meter(Process(child.pid, "sleep", "--broker-pid"), every=0.01)
+
+    async def line() -> Resources:
+        meter.start()
+        await asyncio.sleep(0.03)
+        child.kill()
+        child.wait()
+        await asyncio.sleep(0.03)
+        return await meter.stop(10)
+
+    try:
+        resources = asyncio.run(line())
+    finally:
+        child.kill()
+        child.wait()
+    broker = resources.as_dict()["broker"]
+    assert broker["pid"] == child.pid and broker["cpu_s"] is None and broker["rss_mib_peak"] is None
+    assert f"process {child.pid} could not be read" in broker["reason"]
+    assert resources.as_dict()["client"]["rss_mib_end"] > 0
+    assert "n/a: process" in resources.line()
