@@ -526,9 +526,21 @@ class Bus:
             # Outside any span (an inbox loop), the reply's parent is the request's creation context.
             with self.tracer.sending(message, parent_headers=request.headers) as traced:
                 await self.backend.publish(traced)
+                await self._log_native_reply(traced, request)
             return traced
         await self.backend.publish(message)
+        await self._log_native_reply(message, request)
         return message
+
+    async def _log_native_reply(self, reply: Message, request: Message) -> None:
+        """Write a reply that went to a backend's own reply address (NATS ``_INBOX``, RabbitMQ direct
+        reply-to: outside the log) to the log as well, under ``agent.reply.<backend>.<request id>``,
+        so the history, the SSE and analytics workers and ``agent.reply.>`` groups see it as on every
+        backend. The requester already has it: this costs the responder one more write, not the
+        requester any latency. Same id, so the store keeps one row."""
+        if reply.subject.startswith(subjects.ROOT + "."):
+            return
+        await self.backend.publish(reply.evolve(subject=subjects.reply(self.backend.name, str(request.id))))
 
     # ---- history ----------------------------------------------------------------------------
 

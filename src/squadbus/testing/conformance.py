@@ -40,7 +40,7 @@ import pytest
 from squadbus.core import envelope, subjects
 from squadbus.core.backend import ConsumerOptions, Delivery, ReadsAll, StartFrom
 from squadbus.core.batching import batched
-from squadbus.core.bus import Bus
+from squadbus.core.bus import CORRELATION_ID, Bus
 from squadbus.core.dispatch import DLQ_ATTEMPTS, DLQ_GROUP, DLQ_ORIGINAL_ID, DLQ_REASON
 from squadbus.core.envelope import Message
 from squadbus.core.errors import (
@@ -894,6 +894,28 @@ class ConformanceSuite:
         silent = _uid("silent")
         with pytest.raises(RequestTimeout):
             await bus.request("pm", silent, "anyone?", timeout=0.5)
+
+    async def test_a_reply_is_in_the_log_like_every_message(self, bus: Bus, open_bus: BusFactory) -> None:
+        """A reply reaches the groups reading ``agent.reply.>`` (the db-writer, the SSE and analytics
+        workers) once, even where the backend answers requests outside its log."""
+        responder_bus = await open_bus()
+        agent, execution = _uid("agent"), uuid.uuid4()
+        logged = Collector()
+        await bus.subscribe(f"{subjects.REPLY_PREFIX}.>", logged, group=_uid("history"))
+
+        async def answer(delivery: Delivery) -> None:
+            await responder_bus.reply(delivery.message, agent, "done")
+
+        await responder_bus.subscribe(subjects.direct(agent), answer, group=_uid("g"))
+        reply = await bus.request("pm", agent, "do it", timeout=self.features.timeout, task_execution_id=execution)
+        await eventually(lambda: reply.id in logged.ids, self.features.timeout, "the reply in the log")
+        [stored] = [m for m in logged.messages if m.id == reply.id]
+        assert stored.subject.startswith(f"{subjects.REPLY_PREFIX}.")
+        assert (stored.sender_id, stored.recipient_id, stored.content) == (agent, "pm", "done")
+        assert stored.headers[CORRELATION_ID] == reply.headers[CORRELATION_ID]
+        assert stored.task_execution_id == execution
+        await asyncio.sleep(0.2)
+        assert logged.ids.count(reply.id) == 1
 
     async def test_duplicate_id_is_delivered_once_or_marked(self, bus: Bus) -> None:
         agent = _uid("agent")
