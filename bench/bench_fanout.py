@@ -4,9 +4,10 @@ Each agent is a task in the loop agent code is written as (``async for delivery 
 delivery: ...``); a PM broadcasts to the squad ``--rounds`` times, one round after the previous one
 was acked by every agent. Reported per host size: CPU per copy (the process's CPU time over all
 rounds / copies), every copy's latency from the send to the agent's loop (p50 / p99 / p99.9 / max),
-the time to the last copy per round (median, worst) and the longest GC pause (``gc.callbacks``) after
-``gc.freeze()``. Beside it, the guide's MessageBus (benchmarks/guide_bus.py: callbacks inline, no
-inbox) delivering the same broadcast in the same run, as the floor one Python loop can do.
+the time to the last copy per round (median, worst), the longest GC pause per generation
+(``gc.callbacks``) after ``gc.freeze()`` and the objects the collector tracks outside the frozen set at
+the end. Beside it, the guide's MessageBus (benchmarks/guide_bus.py: callbacks inline, no inbox)
+delivering the same broadcast in the same run, as the floor one Python loop can do.
 
 Run: python bench/bench_fanout.py [--agents 2500 10000] [--rounds 15] [--url memory://]
 
@@ -31,17 +32,18 @@ from squadbus.core.inbox import Inbox
 
 
 class GcPauses:
-    """The longest collection while installed (``gc.callbacks``)."""
+    """The longest collection per generation while installed (``gc.callbacks``)."""
 
     def __init__(self) -> None:
-        self.longest = 0.0
+        self.longest = [0.0, 0.0, 0.0]
         self._start = 0.0
 
     def __call__(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             self._start = time.perf_counter()
         else:
-            self.longest = max(self.longest, time.perf_counter() - self._start)
+            generation = info["generation"]
+            self.longest[generation] = max(self.longest[generation], time.perf_counter() - self._start)
 
 
 def percentile(ordered: list[float], q: float) -> float:
@@ -83,6 +85,7 @@ async def squadbus_round_trip(url: str, agents: int, rounds: int) -> dict[str, f
                 lasts.append(time.perf_counter() - state["sent"])
         finally:
             cpu = time.process_time() - cpu
+            tracked = len(gc.get_objects())
             gc.callbacks.remove(pauses)
             gc.unfreeze()
             for task in tasks:
@@ -94,7 +97,8 @@ async def squadbus_round_trip(url: str, agents: int, rounds: int) -> dict[str, f
             "p50_ms": percentile(ordered, 0.5) * 1e3, "p99_ms": percentile(ordered, 0.99) * 1e3,
             "p999_ms": percentile(ordered, 0.999) * 1e3, "max_ms": ordered[-1] * 1e3,
             "last_median_ms": statistics.median(lasts) * 1e3, "last_worst_ms": max(lasts) * 1e3,
-            "gc_longest_ms": pauses.longest * 1e3,
+            "gc_longest_ms": max(pauses.longest) * 1e3, "gc_by_gen_ms": [t * 1e3 for t in pauses.longest],
+            "gc_tracked": tracked,
         }
 
 
@@ -143,7 +147,9 @@ def main() -> int:
             f"p50 {ours['p50_ms']:.1f} p99 {ours['p99_ms']:.1f} p99.9 {ours['p999_ms']:.1f} "
             f"max {ours['max_ms']:.1f} ms, "
             f"last copy median {ours['last_median_ms']:.1f} worst {ours['last_worst_ms']:.1f} ms, "
-            f"longest GC pause {ours['gc_longest_ms']:.1f} ms\n"
+            f"longest GC pause {ours['gc_longest_ms']:.1f} ms (gen 0/1/2 "
+            + "/".join(f"{t:.1f}" for t in ours["gc_by_gen_ms"])
+            + f"), {ours['gc_tracked']:,} objects tracked outside the frozen set\n"
             f"{'':>15}guide MessageBus: {guide['cpu_us_per_copy']:5.1f} us CPU/copy, last copy median "
             f"{guide['last_median_ms']:.1f} worst {guide['last_worst_ms']:.1f} ms\n")
     return 0

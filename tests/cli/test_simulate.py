@@ -48,6 +48,7 @@ def test_a_small_squad_on_memory_holds_and_every_kind_arrives(tmp_path: Path) ->
     assert host["rss_kib"] > 0 and host["gc_frozen"] is True and host["gc_frozen_objects"] > 0
     assert host["gc_max_pause_ms"] == max(host["gc_max_pause_ms_by_gen"]) and len(host["gc_max_pause_ms_by_gen"]) == 3
     assert host["gc_collections"] == sum(host["gc_collections_by_gen"]) and host["gc_tracked"] > 0
+    assert len(host["gc_max_cpu_ms_by_gen"]) == 3
     assert "longest GC pause while sending" in stdout and "gen 0 / 1 / 2" in stdout
 
 

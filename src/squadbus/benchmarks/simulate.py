@@ -744,7 +744,9 @@ def format_report(report: RunReport) -> str:
         if "gc_max_pause_ms_by_gen" in p:
             gc_note = (f", longest GC pause while sending {float(p['gc_max_pause_ms']):.1f} ms (gen 0 / 1 / 2: "
                        + " / ".join(f"{float(t):.1f}" for t in p["gc_max_pause_ms_by_gen"]) + " ms in "
-                       + " / ".join(f"{int(n):,}" for n in p["gc_collections_by_gen"]) + " collections; "
+                       + " / ".join(f"{int(n):,}" for n in p["gc_collections_by_gen"]) + " collections"
+                       + (", CPU " + " / ".join(f"{float(t):.1f}" for t in p["gc_max_cpu_ms_by_gen"]) + " ms"
+                          if "gc_max_cpu_ms_by_gen" in p else "") + "; "
                        f"{int(p['gc_tracked']):,} objects tracked outside the frozen set)")
         elif "gc_max_pause_ms" in p:
             gc_note = (f", longest GC pause while sending {float(p['gc_max_pause_ms']):.1f} ms "
