@@ -12,7 +12,7 @@ from squadbus.testing.conformance import BusFactory, ConformanceSuite, Features
 
 
 class TestMemoryConformance(ConformanceSuite):
-    features = Features(name="memory", persistent=False, timeout=5.0)
+    features = Features(name="memory", persistent=False, timeout=5.0, inboxes_multiplexed=True)
 
     @pytest.fixture
     async def bus_factory(self) -> AsyncIterator[BusFactory]:

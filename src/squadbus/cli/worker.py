@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import signal
 from dataclasses import replace
@@ -45,6 +46,10 @@ async def run_worker(
             else:
                 worker = build_worker(name, bus, store, settings)
             await worker.start()
+            # What exists once the worker runs lives as long as it does: out of every later collection
+            # (a full collection otherwise walks it all again; issue 15, docs/scaling.md).
+            gc.collect()
+            gc.freeze()
             click.echo(f"squadbus worker {name}: running on {bus.backend.name}"
                        + (f", store {type(store).__name__}" if needs_store else ""))
             try:
@@ -55,6 +60,7 @@ async def run_worker(
                     if report_every > 0 and not stop.is_set():
                         click.echo(json.dumps(summary(worker)))
             finally:
+                gc.unfreeze()  # the caller goes on (a test, an embedding process): collectable again
                 await worker.stop()
                 click.echo(f"squadbus worker {name}: stopped; {json.dumps(summary(worker))}")
     finally:

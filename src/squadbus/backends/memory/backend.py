@@ -11,15 +11,18 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+import msgspec
+
 from squadbus.backends.memory.admission import SpaceWaiter, admit_next, settle, wait_for_room
 from squadbus.backends.memory.group import GroupBuffer
 from squadbus.backends.memory.group_figures import group_figures as describe_groups
+from squadbus.backends.memory.inboxes import MemoryInbox
 from squadbus.backends.memory.presence import open_inboxes as list_open_inboxes
 from squadbus.backends.memory.settings import MemorySettings
 from squadbus.backends.memory.subscription import MemoryBatchSubscription, MemorySubscription
 from squadbus.core import subjects
 from squadbus.core.backend import BatchRawHandler, ConsumerOptions, GroupFigures, RawHandler, StartFrom
-from squadbus.core.envelope import Message
+from squadbus.core.envelope import Message, encode
 from squadbus.core.errors import BackendTimeout, Closed
 from squadbus.core.inbox_source import InboxPresence
 
@@ -29,6 +32,18 @@ _ROUTE_CACHE_LIMIT = 50_000
 # A reply's subject is used once (agent.reply.<bus>.<request id>): caching its route kept a dict
 # entry and a GC-tracked tuple per request, up to the limit (issue 15, scenario 5's growing objects).
 _ONE_OFF = subjects.REPLY_PREFIX + "."
+
+# A message in the replay window: (seq, subject, task_execution_id as an int or None, created_at, its JSON
+# bytes). A tuple of atoms, which the collector stops tracking: a Message itself is not tracked, but its two
+# UUIDs are, 20,000 objects at the default window that every full collection scanned (issue 15). Costs an
+# encode per publish (~1 us) and a decode per message read back (replay, read_all, a new EARLIEST group).
+_Retained = tuple[int, str, int | None, datetime, bytes]
+_decode = msgspec.json.Decoder(Message).decode
+
+
+def _retained(seq: int, message: Message) -> _Retained:
+    execution = message.task_execution_id
+    return seq, message.subject, None if execution is None else execution.int, message.created_at, encode(message)
 
 
 class MemoryBackend:
@@ -42,7 +57,7 @@ class MemoryBackend:
         self._wild: list[GroupBuffer] = []
         self._groups: dict[tuple[str, str], GroupBuffer] = {}
         self._route_cache: dict[str, tuple[GroupBuffer, ...]] = {}
-        self._log: deque[tuple[int, Message]] = deque(maxlen=self.settings.retain_messages or None)
+        self._log: deque[_Retained] = deque(maxlen=self.settings.retain_messages or None)
         self._seq = itertools.count(1)
         self._tickets = itertools.count()  # arrival order of blocked publishers
         self._last_seq = 0
@@ -80,7 +95,7 @@ class MemoryBackend:
             return cached
         targets = list(self._exact.get(subject, ()))
         targets.extend(g for g in self._wild if subjects.matches(g.pattern, subject))
-        result = tuple(targets)
+        result = targets[0].alone if len(targets) == 1 else tuple(targets)
         if subject.startswith(_ONE_OFF):
             return result
         if len(self._route_cache) >= _ROUTE_CACHE_LIMIT:
@@ -113,7 +128,7 @@ class MemoryBackend:
                     seen.discard(order.popleft())
             seq = self._last_seq = next(self._seq)
             if self._retain:
-                self._log.append((seq, message))
+                self._log.append(_retained(seq, message))
             entry = (message, 0)
             for group in targets:
                 group.push(entry)
@@ -172,6 +187,19 @@ class MemoryBackend:
         member.start()
         return member
 
+    async def open_inbox(
+        self, agent_id: str, handler: RawHandler, *, group: str, options: ConsumerOptions
+    ) -> MemoryInbox:
+        """Serve ``agent_id``'s direct messages to ``handler`` with no task while idle (MultiplexesInboxes;
+        see :mod:`.inboxes`): a member of the durable group ``group`` on the agent's direct subject."""
+        target = self._join(subjects.direct(agent_id), group, options)
+        member = MemoryInbox(self, target, handler, options)
+        target.members.add(member)
+        target.holders.append(member)
+        if target.holders[0] is member:
+            member.kick()
+        return member
+
     def _backfill(self, group: GroupBuffer) -> None:
         first = self._log[0][0] if self._log else self._last_seq + 1
         if first > 1:
@@ -179,9 +207,9 @@ class MemoryBackend:
                 "group %s starts at the replay window: %d earlier messages are only in the history store",
                 group.name, first - 1,
             )
-        for _, message in self._log:
-            if subjects.matches(group.pattern, message.subject):
-                group.buffer.append((message, 0))
+        for entry in self._log:
+            if subjects.matches(group.pattern, entry[1]):
+                group.buffer.append((_decode(entry[4]), 0))
 
     def _attach(self, group: GroupBuffer) -> None:
         if subjects.is_literal(group.pattern):
@@ -202,9 +230,14 @@ class MemoryBackend:
         self._route_cache.clear()
         group.cancel_timers()
 
-    def _remove_member(self, member: MemorySubscription) -> None:
+    def _remove_member(self, member: MemorySubscription | MemoryInbox) -> None:
         group = member._group
         group.members.discard(member)
+        if isinstance(member, MemoryInbox) and member in group.holders:
+            first = group.holders[0] is member
+            group.holders.remove(member)
+            if first and group.holders:
+                group.holders[0].kick()  # the next open of this agent takes over
         admit_next(group)  # a memberless group no longer blocks publishers
         if group.name is None and not group.members:
             self._detach(group)
@@ -225,12 +258,13 @@ class MemoryBackend:
         self, task_execution_id: UUID, *, from_seq: int = 0, since: datetime | None = None
     ) -> AsyncIterator[tuple[int, Message]]:
         """Yield ``(seq, message)`` of one execution still in the replay window."""
-        for seq, message in list(self._log):
-            if seq < from_seq or message.task_execution_id != task_execution_id:
+        execution = task_execution_id.int
+        for seq, _, entry_execution, created_at, data in list(self._log):
+            if seq < from_seq or entry_execution != execution:
                 continue
-            if since is not None and message.created_at < since:
+            if since is not None and created_at < since:
                 continue
-            yield seq, message
+            yield seq, _decode(data)
 
     def read_all(
         self, pattern: str, *, since: datetime | None = None, on_unreadable: Callable[[bytes], None] | None = None,
@@ -241,9 +275,9 @@ class MemoryBackend:
         return self._read_all(pattern, since)
 
     async def _read_all(self, pattern: str, since: datetime | None) -> AsyncGenerator[Message, None]:
-        for _, message in list(self._log):
-            if subjects.matches(pattern, message.subject) and (since is None or message.created_at >= since):
-                yield message
+        for _, subject, _, created_at, data in list(self._log):
+            if subjects.matches(pattern, subject) and (since is None or created_at >= since):
+                yield _decode(data)
 
     async def group_figures(self) -> list[GroupFigures]:
         """Lag, pending and dead letters of every named group (DescribesGroups); see :mod:`.group_figures`."""

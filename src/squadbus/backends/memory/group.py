@@ -12,6 +12,7 @@ from squadbus.core.backend import ConsumerOptions, Delivery, SlowConsumerPolicy
 from squadbus.core.envelope import Message
 
 if TYPE_CHECKING:
+    from squadbus.backends.memory.inboxes import MemoryInbox
     from squadbus.backends.memory.subscription import MemorySubscription
 
 logger = logging.getLogger("squadbus.backends.memory")
@@ -57,11 +58,18 @@ class GroupBuffer:
         # that have not pushed yet (squadbus.backends.memory.admission).
         self.space_waiters: list[SpaceWaiter] = []
         self.reserved = 0
-        self.members: set[MemorySubscription] = set()
+        self.members: set[MemorySubscription | MemoryInbox] = set()
+        # Inbox members (squadbus.backends.memory.inboxes) in the order they opened: the first is kicked
+        # when an entry arrives (they have no task waiting), the others wait for it to close.
+        self.holders: list[MemoryInbox] = []
         self.inflight = 0
         self.pending_gap = 0
         self.dropped = 0
         self.timers: set[asyncio.TimerHandle] = set()
+        # The route of a subject only this group hears, made with the group (before a host's gc.freeze()):
+        # a tuple per subject made at the first publish would be one more object per agent that every
+        # full collection scans (issue 15).
+        self.alone: tuple[GroupBuffer, ...] = (self,)
 
     def has_space(self) -> bool:
         return len(self.buffer) + self.reserved < self.options.max_pending
@@ -87,6 +95,8 @@ class GroupBuffer:
         self._wake_getter()
 
     def _wake_getter(self) -> None:
+        if self.holders:
+            self.holders[0].kick()
         while self.getters:
             getter = self.getters.popleft()
             if not getter.done():

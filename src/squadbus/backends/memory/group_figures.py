@@ -28,7 +28,7 @@ def group_figures(backend: MemoryBackend) -> list[GroupFigures]:
     """One :class:`GroupFigures` per named group of ``backend``."""
     groups: Iterable[GroupBuffer] = list(backend._groups.values())
     retained = backend.settings.retain_messages > 0
-    dead = Counter(m.subject[len(_DLQ):] for _, m in backend._log if m.subject.startswith(_DLQ)) if retained else None
+    dead = Counter(e[1][len(_DLQ):] for e in backend._log if e[1].startswith(_DLQ)) if retained else None
     out = []
     for group in groups:
         assert group.name is not None  # only named groups are in backend._groups
