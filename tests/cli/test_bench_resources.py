@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from squadbus.benchmarks.resources import Meter, Process, Resources, broker_process, cpu_seconds, rss_bytes
+from squadbus.benchmarks.resources import CpuReading, Meter, Process, Resources, broker_process, cpu_reading, rss_bytes
 from squadbus.cli.bench import bench
 from squadbus.testing.servers.process import free_port
 from squadbus.testing.servers.redis import RedisServer
@@ -80,7 +80,7 @@ def test_an_explicit_broker_pid_is_used_and_a_missing_one_is_one_line(redis_serv
     pid = redis_server.proc.pid
     found = broker_process("redis://192.0.2.1:1/0", pid)  # the URL no longer matters
     assert found.pid == pid and found.found_by == "--broker-pid"
-    assert cpu_seconds(pid) >= 0 and rss_bytes(pid) > 0
+    assert cpu_reading(pid).ticks >= 0 and rss_bytes(pid) > 0
 
     code, stdout, stderr = _run("--url", "memory://", "--broker-pid", str(2**22 + 7), "--count", "10")
     assert code == 1 and stdout == ""
@@ -146,3 +146,12 @@ def test_a_broker_that_exits_during_the_line_is_not_available_with_the_reason() 
     assert f"process {child.pid} could not be read" in broker["reason"]
     assert resources.as_dict()["client"]["rss_mib_end"] > 0
     assert "n/a: process" in resources.line()
+
+
+def test_cpu_between_readings_is_the_thread_sum_unless_threads_ended() -> None:
+    start = CpuReading(threads=10.0, ticks=10.0)
+    # the thread sum is exact (ns) and agrees with the ticks to a tick: it is taken
+    assert CpuReading(threads=10.123456, ticks=10.12).since(start) == 10.123456 - 10.0
+    # a thread with 2 s of CPU ended: the live-thread sum dropped, the ticks kept it
+    assert CpuReading(threads=8.5, ticks=10.5).since(start) == 10.5 - 10.0
+    assert CpuReading(threads=None, ticks=11.0).since(CpuReading(None, 10.0)) == 1.0

@@ -6,9 +6,10 @@
 * **Broker**: the process listening on the URL's port when the URL names this
   machine, found through ``/proc/net/tcp{,6}`` (the listening socket's inode)
   and ``/proc/*/fd`` (who holds it), or given by ``--broker-pid``. CPU is the
-  sum of its threads' ``/proc/PID/task/*/schedstat`` run time (nanoseconds;
-  ``/proc/PID/stat``'s utime + stime, in clock ticks, when schedstat is
-  missing); RSS from ``/proc/PID/statm``. A remote broker, or one no
+  sum of its threads' ``/proc/PID/task/*/schedstat`` run time (nanoseconds),
+  or ``/proc/PID/stat``'s utime + stime (clock ticks, but counting threads
+  that ended during the line) when schedstat is missing or threads ended;
+  RSS from ``/proc/PID/statm``. A remote broker, or one no
   process here can be found for, is reported as n/a with the reason.
 
 RSS is sampled every :data:`SAMPLE_EVERY` seconds during the line (and at its
@@ -181,18 +182,36 @@ def _name(proc: Path, pid: int) -> str | None:
         return None
 
 
-def cpu_seconds(pid: int, *, proc: Path = PROC) -> float:
-    """CPU seconds ``pid`` has used so far, every thread; raises OSError when it is gone."""
+@dataclass(frozen=True, slots=True)
+class CpuReading:
+    """Two views of a process's CPU seconds so far: its live threads' schedstat run time (nanoseconds;
+    None without schedstat) and ``/proc/PID/stat``'s utime + stime (clock ticks, but counting threads
+    that have ended too)."""
+
+    threads: float | None
+    ticks: float
+
+    def since(self, earlier: CpuReading) -> float:
+        """CPU seconds between ``earlier`` and this reading: the precise thread sum, unless threads
+        ended in between (the two views then disagree by more than a few ticks)."""
+        by_ticks = self.ticks - earlier.ticks
+        if self.threads is None or earlier.threads is None:
+            return by_ticks
+        by_threads = self.threads - earlier.threads
+        return by_threads if abs(by_threads - by_ticks) <= 3 / _TICKS else by_ticks
+
+
+def cpu_reading(pid: int, *, proc: Path = PROC) -> CpuReading:
+    """The CPU ``pid`` has used so far; raises OSError when it is gone."""
     total = 0
     found = False
     for task in (proc / str(pid) / "task").iterdir():
         with contextlib.suppress(OSError, ValueError, IndexError):  # a thread that just ended
             total += int((task / "schedstat").read_text().split()[0])
             found = True
-    if found:
-        return total / 1e9
     fields = (proc / str(pid) / "stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime (fields 14 and 15 of stat)
+    ticks = (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime (fields 14 and 15 of stat)
+    return CpuReading(total / 1e9 if found else None, ticks)
 
 
 def rss_bytes(pid: int | None = None, *, proc: Path = PROC) -> int:
@@ -271,7 +290,7 @@ class Meter:
         self.proc = proc
         self._t0 = 0.0
         self._cpu0 = 0.0
-        self._broker_cpu0: float | None = None
+        self._broker_cpu0: CpuReading | None = None
         self._peaks: dict[str, int | None] = {}
         self._starts: dict[str, int | None] = {}
         self._lost: str | None = None
@@ -315,15 +334,15 @@ class Meter:
             gone = self._lost or f"process {self.broker.pid} could not be read"
             broker = Usage(Process(self.broker.pid, self.broker.name, self.broker.found_by, gone))
         else:
-            broker = Usage(self.broker, broker_cpu - self._broker_cpu0, self._starts.get("broker"),
+            broker = Usage(self.broker, broker_cpu.since(self._broker_cpu0), self._starts.get("broker"),
                            self._peaks["broker"], self._rss(self.broker.pid))
         return Resources(wall, messages, client, broker)
 
-    def _broker_cpu(self) -> float | None:
+    def _broker_cpu(self) -> CpuReading | None:
         if self.broker.pid is None:
             return None
         try:
-            return cpu_seconds(self.broker.pid, proc=self.proc)
+            return cpu_reading(self.broker.pid, proc=self.proc)
         except OSError as exc:
             self._lost = f"process {self.broker.pid} could not be read during the line ({exc.strerror or exc})"
             return None
