@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import uuid
+import zlib
 
 import pytest
 
@@ -46,7 +47,8 @@ async def test_broker_queues_and_consumers_do_not_grow_with_agents(rabbitmq_serv
             seen.append(([q for q in queues if ".inbox" in q], backend.inboxes.consumers))
             await asyncio.gather(*(inbox.close() for inbox in inboxes))
     partitions = [f"{namespace}.inboxes.{p}" for p in range(4)]
-    assert seen == [(partitions, 4), (partitions, 4)], "a queue per partition, a consumer each, none per agent"
+    assert [queues for queues, _ in seen] == [partitions, partitions], "a queue per partition, none per agent"
+    assert seen[0][1] <= 4 and seen[1][1] == 4, "a consumer per partition read (those of the agents opened)"
 
 
 async def test_a_second_bus_opening_an_agent_waits_then_takes_over_in_order(rabbitmq_url: str) -> None:
@@ -93,6 +95,23 @@ async def test_messages_wait_for_an_agent_opened_later_in_order_then_are_release
     async with Bus.from_url(url) as bus, bus.inbox(never, broadcasts=False) as inbox:
         with pytest.raises(ReceiveTimeout):
             await inbox.get(0.5)
+
+
+async def test_unplaced_buses_read_the_partitions_of_the_agents_they_open(rabbitmq_url: str) -> None:
+    url = f"{rabbitmq_url}&inbox_partitions=4"
+    agents = [f"a{i}-{uuid.uuid4().hex[:6]}" for i in range(12)]
+    # crc32(agent) % 2 (how squadbus simulate places agents): 2 divides 4, so the two Buses read disjoint partitions.
+    placed = [[a for a in agents if zlib.crc32(a.encode()) % 2 == i] for i in range(2)]
+    async with Bus.from_url(url) as zero, Bus.from_url(url) as one:
+        inboxes = [[await bus.inbox(a, broadcasts=False).open() for a in mine]
+                   for bus, mine in ((zero, placed[0]), (one, placed[1]))]
+        sent = await asyncio.gather(*(zero.send("pm", a, "hi") for a in agents))
+        by_agent = {m.recipient_id: m.id for m in sent}
+        for host in (0, 1):
+            for agent, inbox in zip(placed[host], inboxes[host], strict=True):
+                delivery = await inbox.get(20)
+                assert delivery.message.id == by_agent[agent]
+                await delivery.ack()
 
 
 async def test_placed_hosts_read_only_their_partitions(rabbitmq_url: str) -> None:

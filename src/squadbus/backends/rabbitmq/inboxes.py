@@ -10,8 +10,10 @@ opens inboxes: one channel and one consumer per partition it reads. Per agent: n
   holds for their agents copied in (:mod:`.backlog`), so messages sent before any inbox opened wait.
 * **One active reader per partition.** ``x-single-active-consumer``: the first Bus consuming a partition
   reads it; another Bus consuming it is a standby and takes over when the first closes or dies. A Bus
-  reads the partitions ``p % inbox_hosts == inbox_host`` (all without ``inbox_hosts``), so a deployment
-  places agents by partition (:mod:`.placement`), as on Kafka.
+  with ``inbox_hosts`` reads the partitions ``p % inbox_hosts == inbox_host`` from its first open on (a
+  deployment places agents by partition, :mod:`.placement`, as on Kafka); without it, the partition of
+  each agent it opens, from that open on (so hosts placing agents by ``crc32(agent) % hosts``, with
+  ``hosts`` dividing ``inbox_partitions``, read disjoint partitions).
 * **Demultiplexing.** The broker hands a Bus up to ``inbox_prefetch`` unacknowledged messages per
   partition; each goes to its agent's queue and the agent gets one delivery at a time, in order. A
   nacked or failed delivery stays unacknowledged and is handed to the agent again by this Bus after its
@@ -136,7 +138,8 @@ class RabbitInboxHub:
 
     @property
     def consumers(self) -> int:
-        """Broker consumers this hub holds: one per partition it reads, once an inbox was opened."""
+        """Broker consumers this hub holds: one per partition it reads (its slot's with ``inbox_hosts``,
+        else those of the agents it opened)."""
         return len(self._parts) if self._channel is not None and not self._closed else 0
 
     def partition_of(self, agent_id: str) -> int:
@@ -158,12 +161,13 @@ class RabbitInboxHub:
         """Serve ``agent_id``'s inbox to ``handler`` (see ``MultiplexesInboxes.open_inbox``)."""
         if self._closed:
             raise Closed("rabbitmq backend is closed")
-        subject = subjects.direct(agent_id)
+        subjects.direct(agent_id)  # refuses a bad or reserved id before anything is created
         await self._start()
+        partition = self.partition_of(agent_id)
+        await self._read(partition)
         agent = self._agents.get(agent_id)
         if agent is None:
-            agent = self._agents[agent_id] = _Agent(agent_id, self.partition_of(agent_id))
-            assert agent.subject == subject
+            agent = self._agents[agent_id] = _Agent(agent_id, partition)
         holder = InboxHolder(self, agent, handler, group, options)
         agent.holders.append(holder)
         if len(agent.holders) == 1:
@@ -227,14 +231,12 @@ class RabbitInboxHub:
                 raise Closed("rabbitmq backend is closed")
             await self._ensure_queues()
             s = self._settings
-            backend = self._backend
-            channel = await backend.connection.channel()
+            channel = await self._backend.connection.channel()
             try:
                 await channel.set_qos(prefetch_count=s.inbox_prefetch)
-                for index in sorted(s.owned_inbox_partitions):
-                    part = self._parts[index] = _Partition(index)
-                    queue = await backend.declare_group_queue(channel, s.inbox_partition_queue(index), inbox=True)
-                    await queue.consume(functools.partial(self._on_message, part))
+                if s.inbox_hosts:  # a placed host reads its slot's partitions from its first open on
+                    for index in sorted(s.owned_inbox_partitions):
+                        await self._consume(channel, index)
             except BaseException:
                 self._parts.clear()
                 with contextlib.suppress(Exception):
@@ -244,6 +246,23 @@ class RabbitInboxHub:
             every = min(60.0, s.inbox_unclaimed / 10)
             self._sweeper = asyncio.get_running_loop().create_task(
                 self._sweep(every), name="squadbus-rabbitmq-inbox-sweep")
+
+    async def _consume(self, channel: aio_pika.abc.AbstractChannel, index: int) -> None:
+        part = _Partition(index)
+        queue = await self._backend.declare_group_queue(channel, self._settings.inbox_partition_queue(index),
+                                                        inbox=True)
+        await queue.consume(functools.partial(self._on_message, part))
+        self._parts[index] = part
+
+    async def _read(self, index: int) -> None:
+        """Without ``inbox_hosts``: consume partition ``index`` when the first agent of it opens here."""
+        if index in self._parts or self._settings.inbox_hosts:
+            return
+        async with self._starting:
+            channel = self._channel
+            if index in self._parts or channel is None or self._closed:
+                return
+            await self._consume(channel, index)
 
     async def _ensure_queues(self) -> None:
         """Create the partition queues that do not exist yet, bound to their route, with the log's backlog."""
