@@ -3,7 +3,8 @@
 One column per compared pattern (senders, round); the top row is end-to-end
 latency (p50, p99, max of the messages *due* in each window, from the
 intended send time), the bottom row messages seen per second; raw client
-dashed, squadbus solid. Needs matplotlib (``pip install 'squadbus[bench]'``);
+dashed, squadbus solid, each throughput line labelled with its client's and
+broker's CPU. Needs matplotlib (``pip install 'squadbus[bench]'``);
 drawn with the Agg backend, so no display is needed.
 """
 
@@ -54,4 +55,13 @@ def _draw(latency: object, rate: object, line: Line, style: str) -> None:
         latency.plot(times, [float("nan") if v is None else v for v in values], style,  # type: ignore[attr-defined]
                      color=colour, label=f"{who} {label}", linewidth=1)
     rate.plot(times, [w["msgs_per_s"] for w in line.windows], style,  # type: ignore[attr-defined]
-              color="tab:green" if style == "-" else "tab:gray", label=who, linewidth=1)
+              color="tab:green" if style == "-" else "tab:gray", label=who + _cpu(line), linewidth=1)
+
+
+def _cpu(line: Line) -> str:
+    """The line's CPU beside its throughput: client and broker, % of one core (empty when not measured)."""
+    if line.resources is None:
+        return ""
+    figures = line.resources.as_dict()
+    client, broker = figures["client"]["cpu_pct"], figures["broker"]["cpu_pct"]
+    return f" (CPU: client {client:.0f}%" + ("" if broker is None else f", broker {broker:.0f}%") + " of a core)"
