@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import logging
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -56,7 +56,8 @@ class MemoryBackend:
         self._exact: dict[str, list[GroupBuffer]] = {}
         self._wild: list[GroupBuffer] = []
         self._groups: dict[tuple[str, str], GroupBuffer] = {}
-        self._route_cache: dict[str, tuple[GroupBuffer, ...]] = {}
+        self._route_cache: dict[str, tuple[GroupBuffer, ...]] = {}  # subject -> its wildcard groups
+        self._wild_routes: dict[tuple[GroupBuffer, ...], tuple[GroupBuffer, ...]] = {}  # one tuple per match set
         self._log: deque[_Retained] = deque(maxlen=self.settings.retain_messages or None)
         self._seq = itertools.count(1)
         self._tickets = itertools.count()  # arrival order of blocked publishers
@@ -89,25 +90,34 @@ class MemoryBackend:
 
     # ---- publish -----------------------------------------------------------------------------
 
-    def _route(self, subject: str) -> tuple[GroupBuffer, ...]:
-        cached = self._route_cache.get(subject)
-        if cached is not None:
-            return cached
-        targets = list(self._exact.get(subject, ()))
-        targets.extend(g for g in self._wild if subjects.matches(g.pattern, subject))
-        result = targets[0].alone if len(targets) == 1 else tuple(targets)
+    def _route(self, subject: str) -> Sequence[GroupBuffer]:
+        """The groups ``subject`` goes to: its exact-subject groups (the list kept since they joined), then
+        the wildcard groups that match it. Those are cached per subject as a tuple shared by every subject
+        they match alike: a tuple per subject (an agent's direct subject heard by its inbox and the
+        db-writer's ``agent.>``) was one more object per agent that every full collection scanned (issue 15)."""
+        wild = self._route_cache.get(subject)
+        if wild is None:
+            wild = self._wild_route(subject)
+        exact = self._exact.get(subject)
+        if exact is None:
+            return wild
+        return (*exact, *wild) if wild else exact
+
+    def _wild_route(self, subject: str) -> tuple[GroupBuffer, ...]:
+        matched = tuple(g for g in self._wild if subjects.matches(g.pattern, subject))
+        matched = self._wild_routes.setdefault(matched, matched)
         if subject.startswith(_ONE_OFF):
-            return result
+            return matched
         if len(self._route_cache) >= _ROUTE_CACHE_LIMIT:
             self._route_cache.clear()
-        self._route_cache[subject] = result
-        return result
+        self._route_cache[subject] = matched
+        return matched
 
     async def publish(self, message: Message) -> None:
         """Hand ``message`` to every matching group; returns once all buffered it."""
         if self._closed or not self._connected:
             raise Closed("memory backend is not connected")
-        targets = self._route_cache.get(message.subject) or self._route(message.subject)
+        targets = self._route(message.subject)
         admitted: SpaceWaiter | None = None
         for group in targets:
             if (len(group.buffer) + group.reserved >= group.options.max_pending or group.space_waiters) \
@@ -135,7 +145,7 @@ class MemoryBackend:
         if admitted is not None:
             settle(admitted)  # after the pushes: the next publishers see the slots filled
 
-    async def _wait_for_space(self, targets: tuple[GroupBuffer, ...]) -> SpaceWaiter:
+    async def _wait_for_space(self, targets: Sequence[GroupBuffer]) -> SpaceWaiter:
         # All or nothing: admitted to every blocking target at once, in arrival order (see .admission);
         # the caller then pushes to all of them without yielding in between, and settles.
         waiter = SpaceWaiter(next(self._tickets), tuple(g for g in targets if g.blocks_publishers()),
@@ -217,6 +227,7 @@ class MemoryBackend:
         else:
             self._wild.append(group)
         self._route_cache.clear()
+        self._wild_routes.clear()
 
     def _detach(self, group: GroupBuffer) -> None:
         if subjects.is_literal(group.pattern):
@@ -228,6 +239,7 @@ class MemoryBackend:
         elif group in self._wild:
             self._wild.remove(group)
         self._route_cache.clear()
+        self._wild_routes.clear()
         group.cancel_timers()
 
     def _remove_member(self, member: MemorySubscription | MemoryInbox) -> None:

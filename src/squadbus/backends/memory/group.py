@@ -66,10 +66,6 @@ class GroupBuffer:
         self.pending_gap = 0
         self.dropped = 0
         self.timers: set[asyncio.TimerHandle] = set()
-        # The route of a subject only this group hears, made with the group (before a host's gc.freeze()):
-        # a tuple per subject made at the first publish would be one more object per agent that every
-        # full collection scans (issue 15).
-        self.alone: tuple[GroupBuffer, ...] = (self,)
 
     def has_space(self) -> bool:
         return len(self.buffer) + self.reserved < self.options.max_pending
