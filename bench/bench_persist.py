@@ -2,7 +2,7 @@
 ``squadbus worker db-writer`` running as its own process (issue 19's first line).
 
     python bench/bench_persist.py [--backend redis|nats] [--store postgres|sqlite] [--count 50000]
-                                  [--runs 3] [--size 1024] [--py-spy FILE]
+                                  [--runs 3] [--size 1024] [--py-spy FILE] [--no-bus-alone]
 
 Each run starts private servers (PostgreSQL 15 with server defaults: fsync on;
 Redis with the `fast` test profile (no persistence); nats-server with file storage and
@@ -12,7 +12,10 @@ process. Throughput counts from the first stored row to the last (the process
 start, group join and store migration are a one-time cost, printed on their own
 line), polling the sum of the per-execution counters every 20 ms on one connection.
 Beside it, in the same run: the store alone (``HistoryStore.write`` of the same
-messages in batches of 500, no bus) on a fresh database. CPU seconds of the db-writer
+messages in batches of 500, no bus) on a fresh database, and the bus alone: another process
+reading the same backlog in another consumer group with ``subscribe_batch`` (batches of 500,
+as the db-writer) and a handler that does nothing, its CPU per message from the first batch to
+the last (the db-writer's CPU is roughly the bus's plus the store's). CPU seconds of the db-writer
 process, the broker and PostgreSQL (postmaster and backends) over the same span are read
 from /proc, with the 1-minute load average at the end.
 After each run every message is checked stored exactly once, in publish order
@@ -50,6 +53,7 @@ from squadbus.testing.servers.postgres import running_postgres
 from squadbus.testing.servers.redis import RedisServer
 
 EXECUTIONS = 100
+BUS_ALONE_GROUP = "bench-bus-alone"
 SQUADBUS = str(Path(sys.executable).with_name("squadbus"))
 STORE_BATCH = 500
 
@@ -162,7 +166,43 @@ async def check_stored(store_url: str, messages: list[Message]) -> None:
         assert order == sorted(order), "rows out of publish order"
 
 
-async def one_run(backend: str, store_kind: str, count: int, size: int, spy: Path | None) -> dict[str, float]:
+async def bus_alone(url: str, count: int) -> tuple[float, float]:
+    """(CPU µs per message, messages/s) of this process reading ``count`` messages in batches of 500
+    with a handler that does nothing (run in a child process: ``--bus-alone-child URL COUNT``)."""
+    from squadbus.core.backend import ConsumerOptions
+
+    done = asyncio.Event()
+    seen = 0
+    cpu_at = wall_at = 0.0
+
+    async def handler(messages: Any) -> None:
+        nonlocal seen, cpu_at, wall_at
+        if not seen:
+            cpu_at, wall_at = time.process_time(), time.perf_counter()
+        seen += len(messages)
+        if seen >= count:
+            done.set()
+
+    async with Bus.from_url(url) as bus:
+        await bus.subscribe_batch("agent.>", handler, group=BUS_ALONE_GROUP, max_batch=STORE_BATCH, max_wait=0.05,
+                                  options=ConsumerOptions(max_deliver=1_000_000))
+        await asyncio.wait_for(done.wait(), 300)
+        cpu, wall = time.process_time() - cpu_at, time.perf_counter() - wall_at
+    return cpu / count * 1e6, count / wall
+
+
+async def run_bus_alone(url: str, count: int) -> tuple[float, float]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--bus-alone-child", url, str(count), stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"bus-alone child exited {proc.returncode}")
+    us, rate = out.split()
+    return float(us), float(rate)
+
+
+async def one_run(backend: str, store_kind: str, count: int, size: int, spy: Path | None,
+                  with_bus_alone: bool = True) -> dict[str, float]:
     messages = make_messages(count, size)
     with ExitStack() as stack:
         base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="squadbus-persist-")))
@@ -195,6 +235,7 @@ async def one_run(backend: str, store_kind: str, count: int, size: int, spy: Pat
             for i in range(0, count, 1000):
                 await bus.publish_many(messages[i:i + 1000])
             publish = count / (time.perf_counter() - start)
+        bus_us, bus_rate = await run_bus_alone(url, count) if with_bus_alone else (float("nan"), float("nan"))
 
         log = base / "db-writer.log"
         started = time.perf_counter()
@@ -243,6 +284,8 @@ async def one_run(backend: str, store_kind: str, count: int, size: int, spy: Pat
         return {
             "db_writer_rows_per_s": steady / seconds if seconds > 0 else float("nan"),
             "store_alone_rows_per_s": alone,
+            "bus_alone_msgs_per_s": bus_rate,
+            "bus_alone_cpu_us_per_msg": bus_us,
             "publish_many_msgs_per_s": publish,
             "start_to_first_row_s": first_at - started,
             "db_writer_cpu_us_per_row": cpu / steady * 1e6 if steady else float("nan"),
@@ -262,9 +305,16 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=1024, help="content bytes per message")
     parser.add_argument("--py-spy", type=Path, default=None, metavar="FILE",
                         help="sample the db-writer with py-spy into FILE.<run> (collapsed stacks)")
+    parser.add_argument("--no-bus-alone", action="store_true", help="skip the bus-alone measurement")
+    parser.add_argument("--bus-alone-child", nargs=2, metavar=("URL", "COUNT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.bus_alone_child:
+        us, rate = asyncio.run(bus_alone(args.bus_alone_child[0], int(args.bus_alone_child[1])))
+        sys.stdout.write(f"{us} {rate}\n")
+        return 0
     runs = [asyncio.run(one_run(args.backend, args.store, args.count, args.size,
-                                None if args.py_spy is None else args.py_spy.with_name(f"{args.py_spy.name}.{i}")))
+                                None if args.py_spy is None else args.py_spy.with_name(f"{args.py_spy.name}.{i}"),
+                                not args.no_bus_alone))
             for i in range(args.runs)]
     out = sys.stdout
     out.write(f"{args.backend} -> db-writer process -> {args.store}, {args.count:,} msgs of {args.size} B, "
