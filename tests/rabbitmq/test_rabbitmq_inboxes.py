@@ -97,6 +97,24 @@ async def test_messages_wait_for_an_agent_opened_later_in_order_then_are_release
             await inbox.get(0.5)
 
 
+async def test_what_no_bus_reads_expires_with_the_log_retention(rabbitmq_server: RabbitServer,
+                                                                rabbitmq_url: str) -> None:
+    url = f"{rabbitmq_url}&inbox_partitions=1&log_max_age=1"
+    agent = f"a-{uuid.uuid4().hex[:8]}"
+    async with Bus.from_url(url) as bus, bus.inbox(f"{agent}-first", broadcasts=False):
+        pass  # creates the partition queue; nobody reads it after this Bus closed
+    namespace = RabbitSettings.from_url(url).namespace
+    listing = await asyncio.to_thread(rabbitmq_server.ctl, "list_queues", "name", "arguments", "--quiet")
+    [row] = [line for line in listing.splitlines() if line.startswith(f"{namespace}.inboxes.0")]
+    assert "x-message-ttl" in row and "1000" in row
+    async with Bus.from_url(url) as bus:
+        await bus.send("pm", agent, "expires before anyone reads it")
+        await asyncio.sleep(1.5)
+        async with bus.inbox(agent, broadcasts=False) as inbox:
+            with pytest.raises(ReceiveTimeout):
+                await inbox.get(0.5)
+
+
 async def test_unplaced_buses_read_the_partitions_of_the_agents_they_open(rabbitmq_url: str) -> None:
     url = f"{rabbitmq_url}&inbox_partitions=4"
     agents = [f"a{i}-{uuid.uuid4().hex[:6]}" for i in range(12)]

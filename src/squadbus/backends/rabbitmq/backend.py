@@ -287,23 +287,26 @@ class RabbitBackend:
     async def declare_group_queue(
         self, channel: aio_pika.abc.AbstractChannel, name: str, *, inbox: bool = False
     ) -> aio_pika.abc.AbstractQueue:
-        """Declare a group's (or an agent's inbox) queue on ``channel`` (idempotent; restored after a
+        """Declare a group's (or an inbox partition's) queue on ``channel`` (idempotent; restored after a
         reconnect).
 
         Raises ConfigError when the queue exists with other arguments: declared under the other
-        ``profile`` (quorum vs classic) or, for a group, another ``single_active_consumer``.
+        ``profile`` (quorum vs classic), for a group another ``single_active_consumer``, for an inbox
+        partition another ``log_max_age`` (its message TTL).
         """
         s = self.settings
         classic = s.classic_queues
         if inbox:
-            arguments = inbox_queue_arguments(classic=classic)
+            arguments = inbox_queue_arguments(classic=classic, max_age=s.log_max_age)
         else:
             arguments = group_queue_arguments(s.single_active_consumer, classic=classic)
         try:
             return await channel.declare_queue(name, durable=True, arguments=arguments)
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
             asks = f"profile={s.profile.value} ({arguments['x-queue-type']} queue)"
-            if not inbox:
+            if inbox:
+                asks += f" and log_max_age={s.log_max_age:g} (message TTL of the inbox partitions)"
+            else:
                 asks += f" and single_active_consumer={str(s.single_active_consumer).lower()}"
             raise ConfigError(
                 f"the queue {name} exists with other arguments than this URL asks for ({asks}; every process of "

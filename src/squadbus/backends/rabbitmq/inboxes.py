@@ -7,7 +7,8 @@ opens inboxes: one channel and one consumer per partition it reads. Per agent: n
 * **Routing.** The publisher routes a direct message to ``agent.message.<agent>`` also to the partition
   ``crc32(agent) % inbox_partitions`` (``CC`` routing key ``_inbox.<p>``, :mod:`.publisher`); the confirm
   covers the partition queue. Queues are created by the first Bus that opens an inbox, with what the log
-  holds for their agents copied in (:mod:`.backlog`), so messages sent before any inbox opened wait.
+  holds for their agents copied in (:mod:`.backlog`), so messages sent before any inbox opened wait
+  (within the log's retention, the queues' message TTL).
 * **One active reader per partition.** ``x-single-active-consumer``: the first Bus consuming a partition
   reads it; another Bus consuming it is a standby and takes over when the first closes or dies. A Bus
   with ``inbox_hosts`` reads the partitions ``p % inbox_hosts == inbox_host`` from its first open on (a

@@ -77,10 +77,15 @@ def group_queue_arguments(single_active_consumer: bool = False, *, classic: bool
     return arguments
 
 
-def inbox_queue_arguments(*, classic: bool = False) -> dict[str, Any]:
+def inbox_queue_arguments(*, classic: bool = False, max_age: float = 0.0) -> dict[str, Any]:
     """An inbox partition queue: quorum (classic under ``profile=fast``), one active consumer at a time
-    (the Bus reading it; another Bus consuming it is a standby that takes over when the first goes)."""
-    return {"x-queue-type": "classic" if classic else "quorum", "x-single-active-consumer": True}
+    (the Bus reading it; another Bus consuming it is a standby that takes over when the first goes), and
+    the log's retention ``max_age`` (s, 0 = none) as message TTL: what no Bus reads (an agent whose
+    partition has no reader) does not pile up for ever."""
+    arguments: dict[str, Any] = {"x-queue-type": "classic" if classic else "quorum", "x-single-active-consumer": True}
+    if max_age > 0:
+        arguments["x-message-ttl"] = max(1000, int(max_age * 1000))
+    return arguments
 
 
 INBOX_ROUTE_PREFIX = "_inbox"
