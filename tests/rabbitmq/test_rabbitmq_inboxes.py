@@ -97,6 +97,31 @@ async def test_messages_wait_for_an_agent_opened_later_in_order_then_are_release
             await inbox.get(0.5)
 
 
+async def test_a_partition_full_of_messages_for_agents_not_open_waits_for_them(
+    rabbitmq_url: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # inbox_prefetch bounds what a Bus holds per partition: 3 messages for an agent not open fill it,
+    # so the broker hands that partition nothing more until the agent opens; then everything flows, in order.
+    url = f"{rabbitmq_url}&inbox_partitions=1&inbox_prefetch=3"
+    absent, present = f"absent-{uuid.uuid4().hex[:6]}", f"present-{uuid.uuid4().hex[:6]}"
+    async with Bus.from_url(url) as bus:
+        inbox = await bus.inbox(present, broadcasts=False).open()
+        held = [await bus.send("pm", absent, f"m{i}") for i in range(4)]
+        later = await bus.send("pm", present, "behind the full prefetch")
+        with pytest.raises(ReceiveTimeout):
+            await inbox.get(0.5)
+        assert any("wait for agents not open" in r.getMessage() for r in caplog.records), "the stall is logged"
+        async with bus.inbox(absent, broadcasts=False) as opened:
+            got = []
+            for _ in held:
+                delivery = await opened.get(20)
+                got.append(delivery.message.id)
+                await delivery.ack()
+        assert got == [m.id for m in held]
+        assert (await inbox.get(20)).message.id == later.id
+        await inbox.close()
+
+
 async def test_what_no_bus_reads_expires_with_the_log_retention(rabbitmq_server: RabbitServer,
                                                                 rabbitmq_url: str) -> None:
     url = f"{rabbitmq_url}&inbox_partitions=1&log_max_age=1"
