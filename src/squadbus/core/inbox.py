@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import logging
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -33,7 +34,7 @@ class _Mailbox:
 
     def __init__(self) -> None:
         self._items: deque[Delivery | None] = deque()
-        self._getters: deque[asyncio.Future[None]] = deque()
+        self._getters: deque[asyncio.Future[None] | _NextDelivery] = deque()
 
     def qsize(self) -> int:
         return len(self._items)
@@ -54,7 +55,7 @@ class _Mailbox:
         self._getters.append(fut)
         return fut
 
-    def gave_up(self, fut: asyncio.Future[None]) -> None:
+    def gave_up(self, fut: asyncio.Future[None] | _NextDelivery) -> None:
         """A loop stopped waiting on ``fut`` (cancelled): pass a wake-up it got on, or forget it."""
         if fut.done() and not fut.cancelled():
             if self._items:
@@ -70,35 +71,49 @@ class _Mailbox:
                 return
 
 
+_IDLE, _WAITING, _WOKEN, _CANCELLED = range(4)
+
+
 class _NextDelivery:
-    """What ``async for`` awaits on an open inbox with no unsettled delivery: the next delivery, waited for
-    through the mailbox's bare future, with no coroutine or future iterator of its own.
+    """What ``async for`` awaits on an open inbox with no unsettled delivery: the next delivery.
 
-    An awaitable that is its own iterator (as ``asyncio.Future`` is): each step either yields the mailbox's
-    future to the task (it resumes this when something is put) or ends with the delivery
-    (``StopIteration(delivery)``), or with ``StopAsyncIteration`` once the inbox is closed. One per inbox,
-    allocated at open and reused while no other loop is using it: a waiting agent then costs the collector
-    the mailbox's future and the task's wake-up callback, not a coroutine and an iterator more (issue 15:
-    10,000 waiting agents scanned by each full collection)."""
+    An awaitable that is its own iterator (as ``asyncio.Future`` is) and the future its task waits on:
+    each step either yields itself to the task, queued in the mailbox as a waiter, or ends with the
+    delivery (``StopIteration(delivery)``), or with ``StopAsyncIteration`` once the inbox is closed.
+    It keeps the task's wake-up callback until the mailbox wakes it (``set_result``) or the task is
+    cancelled (``cancel``), then schedules that callback as a future would. One per inbox, allocated at
+    open and reused while no other loop is using it: a waiting agent costs the collector only the
+    callback its task makes for each wait, not a coroutine, a future iterator and a future more
+    (issue 15: 10,000 waiting agents, every object of their waits scanned by each full collection).
 
-    __slots__ = ("_fut", "_inbox", "busy")
+    ``_asyncio_future_blocking`` is None except while the task waits on it, so ``asyncio.ensure_future``
+    (``wait_for``, ``create_task`` of ``anext(inbox)``) wraps it as an awaitable, not as a future."""
+
+    __slots__ = ("_asyncio_future_blocking", "_callback", "_context", "_inbox", "_loop", "_state", "busy")
 
     def __init__(self, inbox: Inbox) -> None:
         self._inbox = inbox
-        self._fut: asyncio.Future[None] | None = None
+        self._state = _IDLE
+        self._callback: Callable[[_NextDelivery], object] | None = None
+        self._context: contextvars.Context | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._asyncio_future_blocking: bool | None = None
         self.busy = False
 
     def __await__(self) -> _NextDelivery:
         return self
 
-    def __next__(self) -> asyncio.Future[None]:
-        self._fut = None  # woken: look again (another loop may have taken what was put)
+    def __next__(self) -> _NextDelivery:
+        self._state = _IDLE  # woken (or the first step): look again, another loop may have taken it
+        self._asyncio_future_blocking = None
         inbox = self._inbox
         queue = inbox._queue
         if queue.empty():
-            fut = self._fut = queue.waiter()
-            fut._asyncio_future_blocking = True  # what Future.__await__ sets: the task waits on it
-            return fut
+            self._state = _WAITING
+            self._loop = asyncio.get_running_loop()
+            self._asyncio_future_blocking = True  # what Future.__await__ sets: the task waits on it
+            queue._getters.append(self)
+            return self
         self.busy = False
         delivery = queue.get_nowait()
         if delivery is None:
@@ -107,12 +122,12 @@ class _NextDelivery:
         inbox._current = delivery
         raise StopIteration(delivery)
 
-    def send(self, value: None) -> asyncio.Future[None]:
+    def send(self, value: None) -> _NextDelivery:
         """The step a coroutine takes when a tracer is set (otherwise it calls ``__next__``)."""
         return self.__next__()
 
     def throw(self, typ: BaseException | type[BaseException], val: BaseException | None = None,
-              tb: object = None) -> asyncio.Future[None]:
+              tb: object = None) -> _NextDelivery:
         """Cancelled (or another exception) while waiting: a wake-up this loop got goes to another; re-raise."""
         self._give_up()
         if isinstance(typ, BaseException):
@@ -125,9 +140,69 @@ class _NextDelivery:
 
     def _give_up(self) -> None:
         self.busy = False
-        fut, self._fut = self._fut, None
-        if fut is not None:
-            self._inbox._queue.gave_up(fut)
+        if self._state != _IDLE:
+            self._inbox._queue.gave_up(self)
+        self._state = _IDLE
+        self._asyncio_future_blocking = None
+        self._callback = self._context = None
+
+    # ---- the future the task waits on (what asyncio.Task calls) -----------------------------------
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop of the task waiting."""
+        assert self._loop is not None
+        return self._loop
+
+    def add_done_callback(self, fn: Callable[[_NextDelivery], object], *,
+                          context: contextvars.Context | None = None) -> None:
+        """The waiting task's wake-up (one task waits on this at a time)."""
+        self._callback, self._context = fn, context
+        if self._state != _WAITING:
+            self._schedule()
+
+    def remove_done_callback(self, fn: Callable[[_NextDelivery], object]) -> int:
+        """Forget ``fn``; 1 if it was the callback, else 0."""
+        if self._callback is not fn:
+            return 0
+        self._callback = self._context = None
+        return 1
+
+    def done(self) -> bool:
+        """False while a task waits on this and nothing woke or cancelled it."""
+        return self._state != _WAITING
+
+    def cancelled(self) -> bool:
+        """True once the waiting task was cancelled."""
+        return self._state == _CANCELLED
+
+    def set_result(self, result: None) -> None:
+        """The mailbox's wake-up: something was put (the task looks again)."""
+        if self._state == _WAITING:
+            self._state = _WOKEN
+            self._schedule()
+
+    def cancel(self, msg: object = None) -> bool:
+        """The waiting task is cancelled: wake it, to have CancelledError thrown in."""
+        if self._state != _WAITING:
+            return False
+        self._state = _CANCELLED
+        self._schedule()
+        return True
+
+    def result(self) -> None:
+        """None once woken; raises CancelledError once cancelled."""
+        if self._state == _CANCELLED:
+            raise asyncio.CancelledError
+
+    def exception(self) -> BaseException | None:
+        """None (a wake-up carries no error)."""
+        return None
+
+    def _schedule(self) -> None:
+        callback, context = self._callback, self._context
+        self._callback = self._context = None
+        if callback is not None and self._loop is not None:
+            self._loop.call_soon(callback, self, context=context)
 
 
 class Inbox:
