@@ -23,6 +23,8 @@ contract holds. How it works:
   ``StartFrom.EARLIEST``; :meth:`MemoryBackend.stats` reports its bounds and
   how many messages left it. History belongs to the HistoryStore.
 * Messages are deduplicated by ``id`` within the last ``dedupe_window`` ids.
+* An agent's inbox (``open_inbox``) is a member of the group ``inbox-<agent>``
+  with no task while it has nothing to hand over (:mod:`.inboxes`).
 * ``ack_wait`` is not enforced: a handler that hangs is visible in-process;
   closing its subscription returns its delivery to the group.
 """

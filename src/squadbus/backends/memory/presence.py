@@ -1,9 +1,10 @@
 """Open inboxes of the memory backend (``ListsInboxes``): this process's, read from its groups.
 
 An open inbox is a member of the group ``inbox-<agent>`` on the agent's direct subject
-(``Inbox.open`` subscribes it; ``close`` removes the member), so an agent is listed while that
-group has a member. Every Bus on this backend instance is seen, nothing else exists; the holder
-and the time of opening are not kept (None). Cost: one pass over the named groups.
+(``Inbox.open`` joins it through ``open_inbox``, see :mod:`.inboxes`; ``close`` removes the member),
+so an agent is listed while that group has a member. Every Bus on this backend instance is seen,
+nothing else exists; the holder and the time of opening are not kept (None). Cost: one pass over
+the named groups.
 """
 
 from __future__ import annotations
