@@ -33,7 +33,10 @@ def main() -> None:
     out.write(f"throughput ratio squadbus/raw, same pattern (publish_many -> group handler vs pipelined XADD -> "
               f"XREADGROUP/XACK) = {facts['throughput_ratio']:.2f} (target >= 0.8); into a batch handler "
               f"{facts['batch_handler_ratio']:.2f}; concurrent Bus.send (a task per message) "
-              f"{facts['concurrent_send_ratio']:.2f}; each the median of the per-round ratios\n")
+              f"{facts['concurrent_send_ratio']:.2f}; each the median of the per-round ratios; concurrent Bus.send vs "
+              f"redis-py with a task per message auto-pipelined (the same pattern) "
+              f"{facts['concurrent_send_same_pattern_ratio']:.2f}, that raw pattern vs the raw pipeline "
+              f"{facts['raw_concurrent_vs_pipeline']:.2f} (median rounds)\n")
     document = json.loads(to_json(results, **facts, profile=args.profile, environment=Environment.current().as_dict()))
     out.write(json.dumps(document, separators=(",", ":")) + "\n")
 

@@ -15,16 +15,18 @@ pytestmark = pytest.mark.redis
 
 async def test_bench_runs_every_line_and_reports_per_round_ratios(redis_server: RedisServer) -> None:
     results = await redis_bench.run(url=redis_server.url, count=600, rate=400, rounds=2)
-    assert [r.count for r in results] == [600] * 5 + [600, 600]
-    raw, ours, many, batches, raw_env, raw_lat, our_lat = results
+    assert [r.count for r in results] == [600] * 6 + [600, 600]
+    raw, ours, many, batches, raw_env, raw_conc, raw_lat, our_lat = results
     for line in (ours, many, batches):
         assert line.ratio is not None and line.ratio > 0
         assert "median of rounds" in line.notes
-    assert raw.ratio is None and raw_env.ratio is None
+    assert raw.ratio is None and raw_env.ratio is None and raw_conc.ratio is None
+    assert "squadbus Bus.send / this" in raw_conc.notes
     assert len(raw_lat.latencies_ms) == len(our_lat.latencies_ms) == 600
     facts = redis_bench.summary(results)
     assert facts["throughput_ratio"] == round(many.ratio, 3)
     assert facts["concurrent_send_ratio"] == round(ours.ratio, 3)
+    assert facts["concurrent_send_same_pattern_ratio"] == round(ours.throughput / raw_conc.throughput, 3)
     assert not any(math.isnan(v) for v in facts.values())
     # every line cleaned up after itself
     client = redis_bench._raw_client(redis_server.url)

@@ -35,7 +35,7 @@ from squadbus.backends.redis import RedisSettings
 from squadbus.backends.redis._driver import call, queue
 from squadbus.benchmarks import loadgen
 from squadbus.benchmarks.openloop import drive
-from squadbus.benchmarks.stats import Result, interleaved_rounds, median_of, paired_ratio
+from squadbus.benchmarks.stats import Result, interleaved_rounds, median_of, paired_ratio, ratio
 from squadbus.core import envelope, subjects
 from squadbus.core.backend import ConsumerOptions, Delivery, StartFrom, Subscription
 from squadbus.core.bus import Bus
@@ -109,6 +109,64 @@ async def raw_throughput(url: str, count: int, *, envelopes: bool = False) -> Re
         name = "redis-py raw + envelope build/encode/decode" if envelopes else \
             "redis-py raw: pipelined XADD + XREADGROUP/XACK"
         return Result(name, count, time.perf_counter() - start)
+    finally:
+        await client.delete(key)
+        await client.aclose()
+
+
+async def raw_concurrent_throughput(url: str, count: int) -> Result:
+    """Concurrent senders on redis-py, auto-pipelined by hand: the raw client doing what concurrent
+    ``Bus.send`` does.
+
+    Each message is a task (``gather`` of a chunk, as the squadbus line) that queues its ``XADD`` and
+    awaits a future; one flusher sends what is queued as one pipeline and resolves the futures, then
+    the next (ioredis' auto-pipelining). The consumer is the raw line's ``XREADGROUP``/``XACK``.
+    """
+    client = _raw_client(url)
+    key, payload = f"bench-rawc-{secrets.token_hex(4)}", _payload()
+    loop = asyncio.get_running_loop()
+    queued: list[asyncio.Future[None]] = []
+    flusher: asyncio.Task[None] | None = None
+
+    async def flush() -> None:
+        while queued:
+            batch = queued[:]
+            del queued[:]
+            async with client.pipeline(transaction=False) as pipe:
+                for _ in batch:
+                    queue(pipe, "XADD", key, "*", "m", payload)
+                await pipe.execute()
+            for future in batch:
+                future.set_result(None)
+
+    async def send() -> None:
+        nonlocal flusher
+        future = loop.create_future()
+        queued.append(future)
+        if flusher is None or flusher.done():
+            flusher = asyncio.create_task(flush())
+        await future
+
+    try:
+        await call(client, "XGROUP", "CREATE", key, "g", "$", "MKSTREAM")
+        done = 0
+
+        async def consume() -> None:
+            nonlocal done
+            while done < count:
+                reply = await call(client, *_READ, key, ">")
+                for _, entries in reply or ():
+                    ids = [entry_id for entry_id, _ in entries]
+                    done += len(ids)
+                    await call(client, "XACK", key, "g", *ids)
+
+        start = time.perf_counter()
+        consumer = asyncio.create_task(consume())
+        for first in range(0, count, CHUNK):
+            await asyncio.gather(*(send() for _ in range(min(CHUNK, count - first))))
+        await consumer
+        return Result("redis-py raw: concurrent senders auto-pipelined -> XREADGROUP/XACK", count,
+                      time.perf_counter() - start)
     finally:
         await client.delete(key)
         await client.aclose()
@@ -235,26 +293,30 @@ async def run(*, url: str, count: int, rate: float, rounds: int = ROUNDS) -> lis
 
     Returns, in order: raw throughput, squadbus throughput with concurrent
     sends, with ``publish_many`` and with ``publish_many`` into a batch
-    handler, raw + envelope throughput (for reference), raw latency, squadbus
+    handler, raw + envelope throughput (for reference), raw concurrent senders
+    auto-pipelined (the concurrent sends' own pattern), raw latency, squadbus
     latency. The lines run interleaved, ``rounds`` times; each shows its
     median round, and each squadbus line's ``ratio`` is the median of its
     per-round ratios to the raw line of the same round (``stats.paired_ratio``).
     """
-    raw, ours, many, batches, raw_env = await interleaved_rounds(
+    raw, ours, many, batches, raw_env, raw_conc = await interleaved_rounds(
         rounds,
         lambda: raw_throughput(url, count),
         lambda: squadbus_throughput(url, count),
         lambda: squadbus_throughput(url, count, batch=True),
         lambda: squadbus_throughput(url, count, batch=True, batch_handler=True),
         lambda: raw_throughput(url, count, envelopes=True),
+        lambda: raw_concurrent_throughput(url, count),
     )
     lines = [_compared(line, raw, "ratio vs raw") for line in (ours, many, batches)]
     envelope_line = median_of(raw_env)
     envelope_line.notes = f"squadbus publish_many / this = {_listed(many, raw_env)[1]}; {envelope_line.notes}"
+    concurrent_line = median_of(raw_conc)
+    concurrent_line.notes = f"squadbus Bus.send / this = {_listed(ours, raw_conc)[1]}; {concurrent_line.notes}"
     latency_count = max(100, min(count, int(rate * LATENCY_SECONDS)))
     raw_lat = await raw_latency(url, latency_count, rate)
     our_lat = await squadbus_latency(url, latency_count, rate)
-    return [median_of(raw), *lines, envelope_line, raw_lat, our_lat]
+    return [median_of(raw), *lines, envelope_line, concurrent_line, raw_lat, our_lat]
 
 
 def _compared(line: list[Result], baseline: list[Result], what: str) -> Result:
@@ -277,13 +339,19 @@ def summary(results: list[Result]) -> dict[str, Any]:
     ``throughput_ratio`` compares the same pattern on both sides, as in the other
     benchmarks: batches handed over whole (``publish_many`` / a pipeline) into a
     consumer group. ``concurrent_send_ratio`` sets concurrent ``Bus.send`` calls
-    (a task and a future per message) against that same raw pipeline.
+    (a task and a future per message) against that same raw pipeline, and
+    ``concurrent_send_same_pattern_ratio`` against redis-py doing the same
+    (a task per message, auto-pipelined by hand: :func:`raw_concurrent_throughput`);
+    ``raw_concurrent_vs_pipeline`` is what a task per message costs the raw client.
     """
-    _, ours, many, batches = results[:4]
+    raw, ours, many, batches, _, concurrent = results[:6]
     return {
         "throughput_ratio": _rounded(many.ratio),
         "batch_handler_ratio": _rounded(batches.ratio),
         "concurrent_send_ratio": _rounded(ours.ratio),
+        # These two from the lines' median rounds (the per-round ratios are in the lines' notes).
+        "concurrent_send_same_pattern_ratio": _rounded(ratio(ours, concurrent)),
+        "raw_concurrent_vs_pipeline": _rounded(ratio(concurrent, raw)),
         "target_ratio": 0.8,
     }
 
