@@ -59,6 +59,9 @@ class OpenAgent(Protocol):
         """The agent's direct subject."""
         ...
 
+    holders: list[Any]
+    """Its opens in this hub, the served one first (:class:`InboxHolder` objects)."""
+
 
 AgentT = TypeVar("AgentT", bound=OpenAgent)
 
@@ -96,6 +99,17 @@ class InboxHolder(Generic[AgentT]):
     async def close(self) -> None:
         """Stop handing this agent's deliveries here (the hub hands back what it holds). Idempotent."""
         await self._hub.close_holder(self)
+
+    def leave(self) -> bool:
+        """Mark this open closed and take it off its agent's holders, for the hub's ``close_holder``;
+        False when it was closed already (then the hub has nothing to do)."""
+        if self.closed:
+            return False
+        self.closed = True
+        holders = self.agent.holders
+        if self in holders:
+            holders.remove(self)
+        return True
 
 
 INBOX_GROUP_PREFIX = "inbox-"

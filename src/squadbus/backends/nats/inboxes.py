@@ -268,12 +268,9 @@ class InboxHub:
 
     async def close_holder(self, holder: InboxHolder[_Agent]) -> None:
         """Close one open of an agent; the last one out saves its cursor and gives up its lease."""
-        if holder.closed:
+        if not holder.leave():
             return
-        holder.closed = True
         agent = holder.agent
-        if holder in agent.holders:
-            agent.holders.remove(holder)
         if agent.holders:
             if agent.held == 0 and agent.timer is None:
                 self._read(agent)  # the next holder is served from now on

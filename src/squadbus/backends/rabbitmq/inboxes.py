@@ -177,12 +177,9 @@ class RabbitInboxHub:
 
     async def close_holder(self, holder: InboxHolder[_Agent]) -> None:
         """Close one open of an agent; the last one out keeps its queued messages held here (unclaimed)."""
-        if holder.closed:
+        if not holder.leave():
             return
-        holder.closed = True
         agent = holder.agent
-        if holder in agent.holders:
-            agent.holders.remove(holder)
         if agent.holders:
             self._kick(agent)
             return

@@ -202,12 +202,9 @@ class InboxHub:
 
     async def close_holder(self, holder: InboxHolder[_Agent]) -> None:
         """Close one open of an agent; the last one out hands the agent's pending entries back."""
-        if holder.closed:
+        if not holder.leave():
             return
-        holder.closed = True
         agent = holder.agent
-        if holder in agent.holders:
-            agent.holders.remove(holder)
         if agent.holders or agent.closing:
             return  # the next holder is served from now on
         agent.closing = True
