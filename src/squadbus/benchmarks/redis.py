@@ -71,6 +71,21 @@ def _payload() -> bytes:
     return envelope.encode(envelope.build(subject=subjects.direct("bench"), sender_id="pm", content=CONTENT))
 
 
+async def _raw_consume(client: aioredis.Redis, key: str, count: int, *, decode: bool = False) -> None:
+    """The raw lines' consumer: ``XREADGROUP COUNT 500`` and one ``XACK`` per batch until ``count``
+    entries came (each decoded as an envelope with ``decode``)."""
+    done = 0
+    while done < count:
+        reply = await call(client, *_READ, key, ">")
+        for _, entries in reply or ():
+            if decode:
+                for _, fields in entries:
+                    envelope.decode(fields[b"m"])
+            ids = [entry_id for entry_id, _ in entries]
+            done += len(ids)
+            await call(client, "XACK", key, "g", *ids)
+
+
 async def raw_throughput(url: str, count: int, *, envelopes: bool = False) -> Result:
     """Pipelined XADD + XREADGROUP/XACK with redis-py, nothing else.
 
@@ -82,22 +97,8 @@ async def raw_throughput(url: str, count: int, *, envelopes: bool = False) -> Re
     subject = subjects.direct("bench")
     try:
         await call(client, "XGROUP", "CREATE", key, "g", "$", "MKSTREAM")
-        done = 0
-
-        async def consume() -> None:
-            nonlocal done
-            while done < count:
-                reply = await call(client, *_READ, key, ">")
-                for _, entries in reply or ():
-                    if envelopes:
-                        for _, fields in entries:
-                            envelope.decode(fields[b"m"])
-                    ids = [entry_id for entry_id, _ in entries]
-                    done += len(ids)
-                    await call(client, "XACK", key, "g", *ids)
-
         start = time.perf_counter()
-        consumer = asyncio.create_task(consume())
+        consumer = asyncio.create_task(_raw_consume(client, key, count, decode=envelopes))
         for first in range(0, count, CHUNK):
             async with client.pipeline(transaction=False) as pipe:
                 for _ in range(min(CHUNK, count - first)):
@@ -149,19 +150,8 @@ async def raw_concurrent_throughput(url: str, count: int) -> Result:
 
     try:
         await call(client, "XGROUP", "CREATE", key, "g", "$", "MKSTREAM")
-        done = 0
-
-        async def consume() -> None:
-            nonlocal done
-            while done < count:
-                reply = await call(client, *_READ, key, ">")
-                for _, entries in reply or ():
-                    ids = [entry_id for entry_id, _ in entries]
-                    done += len(ids)
-                    await call(client, "XACK", key, "g", *ids)
-
         start = time.perf_counter()
-        consumer = asyncio.create_task(consume())
+        consumer = asyncio.create_task(_raw_consume(client, key, count))
         for first in range(0, count, CHUNK):
             await asyncio.gather(*(send() for _ in range(min(CHUNK, count - first))))
         await consumer
