@@ -299,7 +299,12 @@ class Inbox:
         if not self.offer(delivery):
             await self._give_back(delivery)
             return
-        await delivery.settled_future()
+        waiter = delivery.settled_future()
+        await waiter
+        # Settled: drop the resolved future, which the agent would keep alive with the delivery it holds
+        # while it waits for the next (one more object per agent for every full collection, issue 15).
+        if delivery._waiter is waiter:
+            delivery._waiter = None
 
     def offer(self, delivery: Delivery) -> bool:
         """Queue ``delivery`` for the agent without waiting for it to be settled (broadcast copies);
