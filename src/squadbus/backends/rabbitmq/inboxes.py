@@ -49,10 +49,10 @@ from typing import TYPE_CHECKING
 import aio_pika.abc
 
 from squadbus.backends.rabbitmq.subscriber import (
-    _SETTLE_ERRORS,
     UNSETTLED_MARGIN,
     IncomingMessage,
     malformed_dead_letter,
+    settle,
 )
 from squadbus.backends.rabbitmq.topology import (
     ORIGINAL_KEY_HEADER,
@@ -387,14 +387,7 @@ class RabbitInboxHub:
     async def send(self, msg: IncomingMessage, *, ack: bool) -> None:
         """Ack (``ack``) or requeue ``msg`` now; a failure only means the broker redelivers it."""
         self._attempts.pop(msg, None)
-        try:
-            if ack:
-                await msg.channel.basic_ack(delivery_tag=msg.delivery_tag or 0, wait=False)
-            else:
-                await msg.channel.basic_nack(delivery_tag=msg.delivery_tag or 0, requeue=True, wait=False)
-        except _SETTLE_ERRORS as exc:
-            logger.info("could not %s inbox message %s (it will be redelivered): %s",
-                        "ack" if ack else "requeue", msg.message_id, exc)
+        await settle(msg, ack=ack, what="inbox message")
 
     def retry(self, agent_id: str, msg: IncomingMessage, delay: float, attempt: int) -> None:
         """Hand ``msg`` (attempt ``attempt`` was made) to its agent again after ``delay``, before its later

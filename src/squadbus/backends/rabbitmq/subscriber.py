@@ -93,6 +93,25 @@ here and then acked by another member is never settled here."""
 _SETTLE_ERRORS = (aio_pika.exceptions.MessageProcessError, aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
 
 
+async def settle(msg: IncomingMessage, *, ack: bool, what: str) -> None:
+    """Ack (``ack``) or requeue ``msg`` now; a failure only means the broker redelivers it.
+
+    Straight to the delivery's channel without waiting for the frame to be written
+    (``IncomingMessage.ack`` waits for the socket drain: a loop round trip per message, which
+    halved a one-at-a-time consumer's throughput). A settle lost with the connection only means a
+    redelivery; callers settle a delivery once.
+    """
+    try:
+        if ack:
+            await msg.channel.basic_ack(delivery_tag=msg.delivery_tag or 0, wait=False)
+        else:
+            await msg.channel.basic_nack(delivery_tag=msg.delivery_tag or 0, requeue=True, wait=False)
+    except _SETTLE_ERRORS as exc:
+        # The channel closed (the broker requeued the message) or it was settled already.
+        logger.info("could not %s %s %s (it will be redelivered): %s",
+                    "ack" if ack else "requeue", what, msg.message_id, exc)
+
+
 def malformed_dead_letter(msg: IncomingMessage, group: str, attempt: int, exc: MalformedMessage, key: str,
                           queue: str | None) -> Message:
     """The dead letter (on ``agent.dlq.<group>``) of bytes that are not an envelope, read from ``queue``."""
@@ -460,19 +479,7 @@ class RabbitSubscription:
         """Ack (or requeue) ``msg`` now; a failure only means the broker redelivers it."""
         if ack and self._counts_locally and msg.message_id:
             self._attempts.pop(msg.message_id, None)
-        try:
-            # Straight to the delivery's channel without waiting for the frame to be written
-            # (``IncomingMessage.ack`` waits for the socket drain: a loop round trip per message,
-            # which halved a one-at-a-time consumer's throughput). A settle lost with the
-            # connection only means a redelivery. Every path here settles a delivery once.
-            if ack:
-                await msg.channel.basic_ack(delivery_tag=msg.delivery_tag or 0, wait=False)
-            else:
-                await msg.channel.basic_nack(delivery_tag=msg.delivery_tag or 0, requeue=True, wait=False)
-        except _SETTLE_ERRORS as exc:
-            # The channel closed (the broker requeued the message) or it was settled already.
-            logger.info("could not %s message %s (it will be redelivered): %s",
-                        "ack" if ack else "requeue", msg.message_id, exc)
+        await settle(msg, ack=ack, what="message")
 
     def requeue(self, msg: IncomingMessage, delay: float) -> Awaitable[None] | None:
         """Give ``msg`` back for redelivery after ``delay`` seconds (a nacked delivery)."""
