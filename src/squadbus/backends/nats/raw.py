@@ -9,10 +9,12 @@ gives an inbox registered with :meth:`InboxClient.route` its data messages as a
 :class:`RawMsg`, synchronously, from the read loop; status messages (heartbeats, 404/408/409,
 423) and every other subscription still take nats-py's path.
 
-Why, measured (2-core machine, 1 KiB messages, 50,000 from a file stream, the batch read path
-alone with a no-op handler): nats-py's path from the parser to our callback cost ~4 µs of the
-~20 µs per message (header dict 1.6 µs, ``Msg`` 0.8 µs, the queue hand-off and one coroutine per
-message), measured with ``py-spy`` and timeit in the same session.
+Why, measured (2-core shared machine, 1 KiB messages, 50,000 from a file stream, the batch read
+path alone with a no-op handler, ``bench_persist.py``'s bus-alone line): nats-py's path from the
+parser to our callback cost ~4 µs of ~22 µs of CPU per message (timeit: header dict 1.6 µs,
+``Msg`` 0.8 µs; py-spy: the queue hand-off and a coroutine per message). With this and the joined
+acks of subscriber.py the bus alone went from 21.8–34.0 to 14.7–18.1 µs per message (interleaved
+runs, load 3.3–6).
 
 It overrides ``Client._process_msg`` (private, the same signature from nats-py 2.6 to 2.16:
 ``sid, subject, reply, data, headers``); tests/nats/test_nats_read_path.py checks that routed
