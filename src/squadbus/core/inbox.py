@@ -87,7 +87,7 @@ class _NextDelivery:
     (issue 15: 10,000 waiting agents, every object of their waits scanned by each full collection).
 
     ``_asyncio_future_blocking`` is None except while the task waits on it, so ``asyncio.ensure_future``
-    (``wait_for``, ``create_task`` of ``anext(inbox)``) wraps it as an awaitable, not as a future."""
+    (``wait_for(anext(inbox), t)``, ``ensure_future(anext(inbox))``) wraps it as an awaitable, not a future."""
 
     __slots__ = ("_asyncio_future_blocking", "_callback", "_context", "_inbox", "_loop", "_state", "busy")
 
