@@ -37,10 +37,21 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
-from squadbus.benchmarks.simulate_squad import DIRECT, DOMAIN, KINDS, REPLY, REQUEST, SQUAD, Agent, Squad
+from squadbus.benchmarks.simulate_squad import (
+    DIRECT,
+    DOMAIN,
+    KINDS,
+    REPLY,
+    REQUEST,
+    SQUAD,
+    Agent,
+    Squad,
+    places_by_partition,
+)
 from squadbus.core.bus import REPLY_TO, Bus
 from squadbus.core.errors import RequestTimeout
 from squadbus.core.inbox import Inbox
+from squadbus.core.placement import host_url
 
 MODULE = "squadbus.benchmarks.simulate_host"
 """What the parent passes to ``python -m`` to start a host."""
@@ -254,7 +265,8 @@ class Host:
                         reply = await self.bus.reply(
                             message, agent.id, "Done.", metadata={"sim": self.plan.run_id, "t": sent_at, "k": REPLY}
                         )
-                        self._sent(reply.id, REPLY, str(message.sender_id), sent_at, reply.subject.startswith("agent."))
+                        # Stored on every backend: Bus.reply also logs a reply sent to a native reply address.
+                        self._sent(reply.id, REPLY, str(message.sender_id), sent_at, True)
                 await delivery.ack()
             except Exception as exc:  # counted and reported; the delivery is settled by the inbox (redelivered)
                 self.figures.handler_errors += 1
@@ -381,9 +393,7 @@ async def _child(plan: HostPlan, emit: Callable[[dict[str, Any]], None]) -> int:
     squad = Squad(plan.agents)
     try:
         url = plan.url
-        if url.startswith("kafka://"):  # the host's slot: it is given the inbox partitions of its agents
-            from squadbus.backends.kafka.placement import host_url
-
+        if places_by_partition(url):  # the host's slot: it reads the inbox partitions of its agents
             url = host_url(url, plan.host, plan.processes)
         bus = Bus.from_url(url)
         await asyncio.wait_for(bus.start(), plan.connect_timeout)

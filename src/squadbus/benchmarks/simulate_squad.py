@@ -49,13 +49,23 @@ class Agent:
     is_pm: bool
 
 
+def places_by_partition(url: str) -> bool:
+    """True for the backends whose hosts serve the agents of the inbox partitions they read (Kafka, RabbitMQ:
+    ``squadbus.core.placement``); elsewhere any host can serve any agent."""
+    return url.startswith(("kafka://", "amqp://", "amqps://"))
+
+
 def host_of(agent_id: str, processes: int, url: str = "") -> int:
-    """The host process (0-based) of ``agent_id`` among ``processes``: ``crc32(agent_id) % processes``
-    (on ``kafka://``, the host of its inbox partition: squadbus.backends.kafka.placement)."""
+    """The host process (0-based) of ``agent_id`` among ``processes``: ``crc32(agent_id) % processes``,
+    or on ``kafka://`` and ``amqp://`` the host of its inbox partition (the backends' ``placement``)."""
     if url.startswith("kafka://"):
         from squadbus.backends.kafka.placement import host_of as kafka_host_of
 
         return kafka_host_of(url, agent_id, processes)
+    if url.startswith(("amqp://", "amqps://")):
+        from squadbus.backends.rabbitmq.placement import host_of as rabbitmq_host_of
+
+        return rabbitmq_host_of(url, agent_id, processes)
     return zlib.crc32(agent_id.encode()) % processes
 
 

@@ -2,9 +2,11 @@
 
 On memory, Redis and NATS any process can open any agent's inbox (an agent's
 messages are found by its own key or subject), so a deployment places agents
-as it likes. On Kafka an agent's direct messages live in one partition of the
-inbox topic and the partition is the unit: only the Bus the group assigned it
-to reads it, so a host opens the agents of the partitions it owns. A backend
+as it likes. On Kafka and RabbitMQ an agent's direct messages live in one inbox
+partition (of the inbox topic, or one of the inbox partition queues) and the
+partition is the unit: only the Bus that reads it serves its agents, so a host
+opens the agents of the partitions it owns. Host ``i`` of ``hosts`` connects
+with :func:`host_url`. A backend
 with that constraint implements :class:`PlacesInboxes`;
 :meth:`Bus.inbox_placement <squadbus.core.bus.Bus.inbox_placement>` returns
 its :class:`InboxPlacement`, or None where any placement works.
@@ -15,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
+from urllib.parse import urlsplit
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,3 +50,10 @@ class PlacesInboxes(Protocol):
         backend's join timeout: a Bus that was not assigned anything then owns no partition).
         Raises a :class:`~squadbus.core.errors.BackendError` when the broker cannot be reached."""
         ...
+
+
+def host_url(url: str, host: int, hosts: int) -> str:
+    """``url`` with host ``host``'s slot among ``hosts`` (``inbox_hosts``, ``inbox_host``), for the
+    backends that place inboxes by partition (Kafka, RabbitMQ): it reads the partitions ``p % hosts == host``."""
+    separator = "&" if urlsplit(url).query else "?"
+    return f"{url}{separator}inbox_hosts={hosts}&inbox_host={host}"

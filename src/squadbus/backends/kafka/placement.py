@@ -11,16 +11,12 @@ the group gives it the partitions ``p % hosts == i``, so it opens the agents
 from __future__ import annotations
 
 from functools import lru_cache
-from urllib.parse import urlsplit
 
 from squadbus.backends.kafka.partitioner import partition_for
 from squadbus.backends.kafka.settings import KafkaSettings
+from squadbus.core.placement import host_url
 
-
-def host_url(url: str, host: int, hosts: int) -> str:
-    """``url`` with host ``host``'s slot among ``hosts`` (``inbox_hosts``, ``inbox_host``)."""
-    separator = "&" if urlsplit(url).query else "?"
-    return f"{url}{separator}inbox_hosts={hosts}&inbox_host={host}"
+__all__ = ["host_of", "host_url"]  # host_url: the one in core, for callers that place by this backend
 
 
 def host_of(url: str, agent_id: str, hosts: int) -> int:

@@ -8,16 +8,11 @@ it opens the agents :func:`host_of` places on it. ``Bus.inbox_placement()`` says
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
 from squadbus.backends.rabbitmq.settings import RabbitSettings
 from squadbus.backends.rabbitmq.topology import inbox_partition
+from squadbus.core.placement import host_url
 
-
-def host_url(url: str, host: int, hosts: int) -> str:
-    """``url`` with host ``host``'s slot among ``hosts`` (``inbox_hosts``, ``inbox_host``)."""
-    separator = "&" if urlsplit(url).query else "?"
-    return f"{url}{separator}inbox_hosts={hosts}&inbox_host={host}"
+__all__ = ["host_of", "host_url"]  # host_url: the one in core, for callers that place by this backend
 
 
 def host_of(url: str, agent_id: str, hosts: int) -> int:
