@@ -46,6 +46,7 @@ from squadbus.service.a2a.webhooks import WebhookPolicy
 from squadbus.service.auth import Principal
 from squadbus.service.routes_sse import resume_cursor
 from squadbus.service.state import Service
+from squadbus.store.base import StoredMessage
 
 AGENT_META = "squadbus.agent_id"
 """The metadata key naming the agent of a SendMessage at the squad interface."""
@@ -181,9 +182,8 @@ class Operations:
         """SendStreamingMessage: the Task, then its events (resumed after ``Last-Event-ID`` when given)."""
         resume = self._resume()
         task_id, seq = await self.tasks.send(req, self.who, self.request, self._target(req))
-        view, rows = await load(self.service, task_id, self.who)
-        after = seq if resume is None else resume
-        return Stream(view.task(), self.tasks.events(task_id, after, fold(task_id, rows, upto=after)))
+        _, rows = await load(self.service, task_id, self.who)
+        return self._stream(task_id, rows, seq if resume is None else resume)
 
     async def subscribe(self, req: SubscribeToTaskRequest) -> Stream:
         """SubscribeToTask: a final task without ``Last-Event-ID`` is UnsupportedOperationError."""
@@ -192,5 +192,11 @@ class Operations:
         view, rows = await load(self.service, task_id, self.who)
         if resume is None and view.terminal:
             raise UnsupportedOperationError(f"task {task_id} is already final: read it with GetTask")
-        after = view.last_seq if resume is None else resume
-        return Stream(view.task(), self.tasks.events(task_id, after, fold(task_id, rows, upto=after)))
+        return self._stream(task_id, rows, view.last_seq if resume is None else resume)
+
+    def _stream(self, task_id: UUID, rows: list[StoredMessage], after: int) -> Stream:
+        """The Task as of seq ``after``, then the events after it. The rows may go further (a fast agent
+        answered before they were read): a snapshot of them all would show a state the events then bring
+        again, so the snapshot stops where the events start."""
+        start = fold(task_id, rows, upto=after)
+        return Stream(start.task(), self.tasks.events(task_id, after, start))
