@@ -16,6 +16,8 @@ import pytest
 from squadbus.backends.rabbitmq import RabbitBackend
 from squadbus.backends.rabbitmq.placement import host_of, host_url
 from squadbus.backends.rabbitmq.settings import RabbitSettings
+from squadbus.core import subjects
+from squadbus.core.backend import Delivery
 from squadbus.core.bus import Bus
 from squadbus.core.errors import ReceiveTimeout
 from squadbus.testing.servers.rabbitmq import RabbitServer
@@ -122,6 +124,35 @@ async def test_a_partition_full_of_messages_for_agents_not_open_waits_for_them(
         await inbox.close()
 
 
+@pytest.mark.parametrize("where", ["this bus", "another bus"])
+async def test_direct_messages_of_an_agent_read_by_a_group_do_not_fill_a_partition(
+    rabbitmq_url: str, where: str
+) -> None:
+    # An agent that takes its direct messages through a group subscription (not an inbox) gets them from its
+    # group queue; the partition's copies must not be held for an inbox that never opens (3 of them filled
+    # the partition and stalled the inboxes sharing it until inbox_unclaimed, an hour by default).
+    url = f"{rabbitmq_url}&inbox_partitions=1&inbox_prefetch=3"
+    worker, present = f"worker-{uuid.uuid4().hex[:6]}", f"present-{uuid.uuid4().hex[:6]}"
+    got: list[object] = []
+
+    async def handle(delivery: Delivery) -> None:
+        got.append(delivery.message.id)
+
+    async with Bus.from_url(url) as bus, Bus.from_url(url) as other:
+        subscriber = bus if where == "this bus" else other
+        await subscriber.subscribe(subjects.direct(worker), handle, group="workers")
+        inbox = await bus.inbox(present, broadcasts=False).open()
+        sent = [await bus.send("pm", worker, f"job {i}") for i in range(6)]
+        later = await bus.send("pm", present, "not behind the worker's jobs")
+        assert (await inbox.get(20)).message.id == later.id
+        for _ in range(200):
+            if len(got) == len(sent):
+                break
+            await asyncio.sleep(0.05)
+        assert got == [m.id for m in sent]
+        await inbox.close()
+
+
 async def test_what_no_bus_reads_expires_with_the_log_retention(rabbitmq_server: RabbitServer,
                                                                 rabbitmq_url: str) -> None:
     url = f"{rabbitmq_url}&inbox_partitions=1&log_max_age=1"
@@ -211,6 +242,8 @@ async def test_nack_comes_back_with_attempt_plus_one_before_later_messages(rabbi
 
 _HOLDER = """
 import asyncio, sys
+from squadbus.core import subjects
+from squadbus.core.backend import Delivery
 from squadbus.core.bus import Bus
 
 async def main() -> None:

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING
 
 import aio_pika.abc
 
+from squadbus.backends.rabbitmq.group_figures import registered_groups
 from squadbus.backends.rabbitmq.subscriber import (
     UNSETTLED_MARGIN,
     IncomingMessage,
@@ -65,7 +66,7 @@ from squadbus.core.backend import ConsumerOptions, Delivery, RawHandler, invoke
 from squadbus.core.dispatch import dead_letter_of
 from squadbus.core.envelope import Message, decode
 from squadbus.core.errors import Closed, MalformedMessage, SquadbusError
-from squadbus.core.inbox_source import InboxHolder
+from squadbus.core.inbox_source import INBOX_GROUP_PREFIX, InboxHolder
 from squadbus.core.placement import InboxPlacement
 
 if TYPE_CHECKING:
@@ -120,6 +121,14 @@ class RabbitInboxDelivery(Delivery):
         self._hub.retry(self._agent_id, self._msg, delay, self.attempt)
 
 
+def _group_reader_of(group: str, pattern: str) -> str | None:
+    """The agent whose direct subject exactly the group ``group`` reads with ``pattern``, else None (wildcard
+    patterns such as the db-writer's ``agent.>`` read everything; ``inbox-`` groups are earlier inboxes)."""
+    if group.startswith(INBOX_GROUP_PREFIX) or "*" in pattern or ">" in pattern:
+        return None
+    return direct_recipient(pattern)
+
+
 class RabbitInboxHub:
     """Every open inbox of one Bus, served from the partition queues it reads (see the module docstring)."""
 
@@ -133,6 +142,9 @@ class RabbitInboxHub:
         self._starting = asyncio.Lock()
         self._handling: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self._grouped: frozenset[str] = frozenset()
+        """Agents whose direct subject a group subscription reads, in any process (the group registry)."""
+        self._regrouping: asyncio.Task[None] | None = None
         self._closed = False
         self.created = 0
         """Partition queues this hub created (0 when they existed)."""
@@ -210,6 +222,9 @@ class RabbitInboxHub:
         else:
             held.append(entry)
         part.held += 1
+        if part.held >= self._settings.inbox_prefetch and self._regrouping is None:
+            # Full: maybe with messages of agents another process reads by a group (not held for them).
+            self._regrouping = asyncio.get_running_loop().create_task(self._release_grouped())
         if part.held >= self._settings.inbox_prefetch and not part.full_warned:
             part.full_warned = True
             logger.warning(
@@ -311,6 +326,9 @@ class RabbitInboxHub:
             return
         agent = self._agents.get(agent_id)
         if agent is None or not agent.holders:
+            if self._read_by_a_group(agent_id):
+                await self.send(msg, ack=True)  # its group's queue has its own copy
+                return
             self._unclaim(agent_id, msg)
             return
         agent.queue.append(msg)
@@ -409,9 +427,39 @@ class RabbitInboxHub:
         while True:
             await asyncio.sleep(every)
             try:
+                if any(part.held for part in self._parts.values()):
+                    await self._release_grouped()
                 await self._release_unclaimed()
             except Exception:  # the sweep must go on
                 logger.exception("releasing unclaimed inbox messages failed")
+
+    def _read_by_a_group(self, agent_id: str) -> bool:
+        """True when a group subscription (not an inbox) reads ``agent_id``'s direct subject: such an agent
+        takes its direct messages from that group's queue, so its partition copies are not kept for an inbox."""
+        return agent_id in self._grouped or any(
+            _group_reader_of(group, pattern) == agent_id for _, group, pattern in self._backend.local_groups())
+
+    async def _release_grouped(self) -> None:
+        """Learn, from the group registry, which agents groups read by their direct subject (in any process),
+        and ack what this hub holds for them."""
+        try:
+            groups = await registered_groups(self._backend)
+        except Exception as exc:  # the registry is a hint: holding goes on, unclaimed messages age out
+            logger.warning("could not read the group registry %s: %s", self._settings.registry_queue, exc)
+            return
+        finally:
+            self._regrouping = None
+        self._grouped = frozenset(
+            agent for group, pattern in groups.values() if (agent := _group_reader_of(group, pattern)) is not None)
+        for part in self._parts.values():
+            for agent_id in [a for a in part.unclaimed if self._read_by_a_group(a)]:
+                held = part.unclaimed.pop(agent_id)
+                part.held -= len(held)
+                for msg, _ in held:
+                    if not msg.channel.is_closed:
+                        await self.send(msg, ack=True)
+            if part.held < self._settings.inbox_prefetch:
+                part.full_warned = False
 
     async def _release_unclaimed(self) -> None:
         """Ack messages held longer than ``inbox_unclaimed`` for agents not open here (logged); forget
@@ -453,7 +501,7 @@ class RabbitInboxHub:
         if self._closed:
             return
         self._closed = True
-        tasks = [*self._handling, *([self._sweeper] if self._sweeper is not None else [])]
+        tasks = [*self._handling, *(t for t in (self._sweeper, self._regrouping) if t is not None)]
         for task in tasks:
             task.cancel()  # a handler cancelled while unsettled nacks its delivery: a no-op once closed
         for task in tasks:
