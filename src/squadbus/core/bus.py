@@ -511,8 +511,14 @@ class Bus:
         message_type: str = "reply",
         *,
         metadata: dict[str, Any] | None = None,
+        id: UUID | str | None = None,
     ) -> Message:
-        """Answer ``request`` (a message that came from :meth:`request`)."""
+        """Answer ``request`` (a message that came from :meth:`request`).
+
+        ``id`` as in :meth:`send`: a handler that may run again for the same request (a redelivery after
+        it failed past its reply) passes the same id each time, and the backends' dedupe and the store
+        keep one reply.
+        """
         self._check_open()
         reply_to = request.headers.get(REPLY_TO)
         if not reply_to:
@@ -520,7 +526,7 @@ class Bus:
         message = envelope.build(
             subject=reply_to, sender_id=sender_id, recipient_id=request.sender_id, content=content,
             message_type=message_type, task_execution_id=request.task_execution_id, metadata=metadata,
-            headers={CORRELATION_ID: str(request.id)}, max_content_bytes=self.max_content_bytes,
+            headers={CORRELATION_ID: str(request.id)}, max_content_bytes=self.max_content_bytes, id=id,
         )
         if self.tracer is not None:
             # Outside any span (an inbox loop), the reply's parent is the request's creation context.
