@@ -105,3 +105,20 @@ async def test_bus_send_refuses_deep_metadata_and_publishes_nothing() -> None:
                 break
             await asyncio.sleep(0.01)
         assert [m.content for m in seen] == ["after"]
+
+
+@pytest.mark.parametrize("field", ["content", "message_type", "header"])
+def test_text_with_no_utf8_form_is_refused_where_it_is_built(field: str) -> None:
+    # A lone surrogate passed envelope.build and failed later, in a publisher's batch (Redis, Kafka: the
+    # other senders' messages of that batch failed with it) or as a raw UnicodeEncodeError.
+    bad = "half \ud800 of a pair"
+    with pytest.raises(InvalidMessage, match="lone surrogate"):
+        fields: dict[str, Any] = {"content": "x", field: bad} if field != "header" else {"headers": {"trace": bad}}
+        envelope.build(subject="agent.message.dev", sender_id="pm", **{"content": "x", **fields})
+    unchecked = msgspec.structs.replace(build(), content=bad)  # made without build(): refused on encode
+    with pytest.raises(InvalidMessage):
+        envelope.validate(unchecked)
+    with pytest.raises(InvalidMessage):
+        envelope.encode(unchecked)
+    readable = "naïve 開発 🚀"
+    assert envelope.build(subject="agent.message.dev", sender_id="pm", content=readable).content == readable

@@ -167,6 +167,19 @@ def check_size(content: str, max_content_bytes: int) -> None:
             raise MessageTooLarge(f"content is {size} bytes; the limit is {max_content_bytes}")
 
 
+def check_text(value: str, what: str) -> None:
+    """Raise InvalidMessage when ``value`` has no UTF-8 form (a lone surrogate): no broker, store or
+    client could carry it, and encoding it later would fail in a publisher's batch, beside other
+    senders' messages. ASCII text (the common case) costs one ``isascii``."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidMessage(
+                f"{what} is not valid Unicode text: a lone surrogate {value[exc.start]!r} at index {exc.start}"
+            ) from None
+
+
 @lru_cache(maxsize=65_536)
 def _check_names(subject: str, sender_id: str, recipient_id: str | None, domain: str | None) -> None:
     # The subject and agent names of a message, checked once per combination: a squad reuses a few
@@ -208,6 +221,8 @@ def validate(message: Message, *, max_content_bytes: int = DEFAULT_MAX_CONTENT_B
     if message.headers or message.headers.__class__ is not dict:
         _check_headers(message.headers)
     check_size(message.content, max_content_bytes)
+    check_text(message.content, "content")
+    check_text(message.message_type, "message_type")
     return message
 
 
@@ -231,8 +246,10 @@ def build(
     if content.__class__ is not str and not isinstance(content, str):
         raise InvalidMessage(f"content must be a string, got {type(content).__name__}")
     check_size(content, max_content_bytes)
+    check_text(content, "content")
     if message_type.__class__ is not str or not message_type:
         raise InvalidMessage("message_type must be a non-empty string")
+    check_text(message_type, "message_type")
     if metadata:
         if not isinstance(metadata, dict):
             raise InvalidMessage(f"metadata must be a JSON object, got {type(metadata).__name__}")
@@ -271,11 +288,17 @@ def _check_headers(headers: object) -> None:
     for key, value in headers.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise InvalidMessage(f"headers must map str to str, got {key!r}: {value!r}")
+        check_text(key, "a header name")
+        check_text(value, f"header {key!r}")
 
 
 def encode(message: Message) -> bytes:
-    """The wire bytes of ``message`` (compact JSON)."""
-    return _encoder.encode(message)
+    """The wire bytes of ``message`` (compact JSON); InvalidMessage for text with no UTF-8 form (only a
+    Message made without :func:`build` or :func:`validate` can have it)."""
+    try:
+        return _encoder.encode(message)
+    except UnicodeEncodeError as exc:
+        raise InvalidMessage(f"message {message.id} cannot be encoded: {exc}") from None
 
 
 def decode(
@@ -295,4 +318,6 @@ def decode(
     except InvalidMessage as exc:
         raise MalformedMessage(f"not a valid squadbus envelope: {exc}") from exc
     check_size(message.content, max_content_bytes)
+    check_text(message.content, "content")
+    check_text(message.message_type, "message_type")
     return message
