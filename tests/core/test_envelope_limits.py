@@ -120,5 +120,8 @@ def test_text_with_no_utf8_form_is_refused_where_it_is_built(field: str) -> None
         envelope.validate(unchecked)
     with pytest.raises(InvalidMessage):
         envelope.encode(unchecked)
+    wire = envelope.encode(build(content="x")).replace(b'"content":"x"', b'"content":"\\ud800"')
+    with pytest.raises(MalformedMessage):  # a lone surrogate escaped in JSON bytes: malformed when read
+        envelope.decode(wire)
     readable = "naïve 開発 🚀"
     assert envelope.build(subject="agent.message.dev", sender_id="pm", content=readable).content == readable

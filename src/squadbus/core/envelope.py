@@ -318,6 +318,4 @@ def decode(
     except InvalidMessage as exc:
         raise MalformedMessage(f"not a valid squadbus envelope: {exc}") from exc
     check_size(message.content, max_content_bytes)
-    check_text(message.content, "content")
-    check_text(message.message_type, "message_type")
     return message
