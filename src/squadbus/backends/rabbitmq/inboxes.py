@@ -212,7 +212,7 @@ class RabbitInboxHub:
         self._kick(agent)
 
     def _unclaim(self, agent_id: str, msg: IncomingMessage, *, front: bool = False) -> None:
-        part = self._parts.get(inbox_partition(agent_id, self._settings.inbox_partitions))
+        part = self._parts.get(self.partition_of(agent_id))
         if part is None or msg.channel.is_closed:
             return  # the broker has it again (channel gone) or it is not this Bus's (cannot happen)
         held = part.unclaimed.setdefault(agent_id, deque())
@@ -222,7 +222,7 @@ class RabbitInboxHub:
         else:
             held.append(entry)
         part.held += 1
-        if part.held >= self._settings.inbox_prefetch and self._regrouping is None:
+        if part.held >= self._settings.inbox_prefetch and (self._regrouping is None or self._regrouping.done()):
             # Full: maybe with messages of agents another process reads by a group (not held for them).
             self._regrouping = asyncio.get_running_loop().create_task(self._release_grouped())
         if part.held >= self._settings.inbox_prefetch and not part.full_warned:
@@ -436,8 +436,13 @@ class RabbitInboxHub:
     def _read_by_a_group(self, agent_id: str) -> bool:
         """True when a group subscription (not an inbox) reads ``agent_id``'s direct subject: such an agent
         takes its direct messages from that group's queue, so its partition copies are not kept for an inbox."""
-        return agent_id in self._grouped or any(
-            _group_reader_of(group, pattern) == agent_id for _, group, pattern in self._backend.local_groups())
+        return agent_id in self._grouped or agent_id in self._local_readers()
+
+    def _local_readers(self) -> set[str]:
+        """The agents this Bus's own group subscriptions read by their direct subject (known at once,
+        before the registry is read)."""
+        return {agent for _, group, pattern in self._backend.local_groups()
+                if (agent := _group_reader_of(group, pattern)) is not None}
 
     async def _release_grouped(self) -> None:
         """Learn, from the group registry, which agents groups read by their direct subject (in any process),
@@ -447,12 +452,11 @@ class RabbitInboxHub:
         except Exception as exc:  # the registry is a hint: holding goes on, unclaimed messages age out
             logger.warning("could not read the group registry %s: %s", self._settings.registry_queue, exc)
             return
-        finally:
-            self._regrouping = None
         self._grouped = frozenset(
             agent for group, pattern in groups.values() if (agent := _group_reader_of(group, pattern)) is not None)
+        readers = self._grouped | self._local_readers()
         for part in self._parts.values():
-            for agent_id in [a for a in part.unclaimed if self._read_by_a_group(a)]:
+            for agent_id in [a for a in part.unclaimed if a in readers]:
                 held = part.unclaimed.pop(agent_id)
                 part.held -= len(held)
                 for msg, _ in held:
