@@ -22,18 +22,52 @@ import functools
 import hashlib
 import logging
 import sys
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Protocol, Self, TypeVar, runtime_checkable
+from typing import Protocol, Self, runtime_checkable
 from uuid import UUID
 
 from squadbus.core import subjects
+from squadbus.core.consumer import InFlight, batch_only, invoke, invoke_batch, settles_itself
 from squadbus.core.envelope import Message, decode
 from squadbus.core.errors import ConfigError, MalformedMessage
 
 logger = logging.getLogger("squadbus.backend")
+
+# InFlight, batch_only, invoke, invoke_batch and settles_itself moved to squadbus.core.consumer; they are
+# re-exported here for the backends whose subscriptions do not run on a DeliverySource yet
+# (docs/design/inboxes.md, implementation plan: step 7 removes them).
+__all__ = [
+    "Backend",
+    "BatchPublisher",
+    "BatchRawHandler",
+    "BatchSubscriber",
+    "ConsumerOptions",
+    "Delivery",
+    "DescribesGroups",
+    "FailurePolicy",
+    "GroupFigures",
+    "InFlight",
+    "RawHandler",
+    "ReadsAll",
+    "Replayable",
+    "ReportsFigures",
+    "Requester",
+    "SlowConsumerPolicy",
+    "StartFrom",
+    "Subscription",
+    "batch_only",
+    "durable_name",
+    "group_of",
+    "invoke",
+    "invoke_batch",
+    "leases_kept",
+    "publish_all",
+    "read_back",
+    "settles_itself",
+]
 
 
 class StartFrom(enum.Enum):
@@ -309,78 +343,6 @@ BatchRawHandler = Callable[[Sequence[Delivery]], Awaitable[None]]
 """What a :class:`BatchSubscriber` calls for each batch; the Bus's wrapper settles every delivery."""
 
 
-_SETTLES = "_squadbus_settles_every_delivery"
-
-HandlerT = TypeVar("HandlerT", bound=Callable[..., Awaitable[None]])
-
-
-def settles_itself(handler: HandlerT) -> HandlerT:
-    """Mark ``handler`` (a RawHandler or BatchRawHandler) as keeping :func:`invoke`'s promises itself:
-    it settles every delivery, nacks the unsettled ones when cancelled, and raises nothing else.
-    :func:`invoke` then calls it directly (one coroutine less per message). The Bus's wrappers are."""
-    setattr(handler, _SETTLES, True)
-    return handler
-
-
-def invoke(handler: RawHandler, delivery: Delivery, options: ConsumerOptions) -> Awaitable[None]:
-    """Run ``handler`` on ``delivery`` the way every backend must (await the result).
-
-    The Bus's wrapper always settles; a bare RawHandler might not, so an
-    unsettled delivery is nacked with ``options.backoff(delivery.attempt)``
-    (logged when the handler raised). Cancelled while unsettled: nacked at
-    once, then the cancellation goes on, so closing a consumer loses nothing.
-    """
-    if getattr(handler, _SETTLES, False):
-        return handler(delivery)
-    return _invoke(handler, delivery, options)
-
-
-async def _invoke(handler: RawHandler, delivery: Delivery, options: ConsumerOptions) -> None:
-    try:
-        await handler(delivery)
-    except asyncio.CancelledError:
-        if delivery.settled is None:
-            await delivery.nack()
-        raise
-    except Exception:
-        logger.exception("handler wrapper raised for message %s", delivery.message.id)
-    if delivery.settled is None:
-        await delivery.nack(options.backoff(delivery.attempt))
-
-
-class InFlight:
-    """The handler tasks of one consumer with ``max_in_flight > 1``: at most ``limit`` at once.
-
-    ``await slot()`` before taking work, then ``start(handling)`` (its task frees the slot when it
-    ends) or ``give_back()`` when there was no work; ``await finish()`` waits for every task.
-    """
-
-    __slots__ = ("_running", "_slots")
-
-    def __init__(self, limit: int) -> None:
-        self._slots = asyncio.Semaphore(limit)
-        self._running: set[asyncio.Task[None]] = set()
-
-    async def slot(self) -> None:
-        await self._slots.acquire()
-
-    def give_back(self) -> None:
-        self._slots.release()
-
-    def start(self, handling: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(handling)
-        self._running.add(task)
-        task.add_done_callback(self._ended)
-
-    def _ended(self, task: asyncio.Task[None]) -> None:
-        self._running.discard(task)
-        self._slots.release()
-
-    async def finish(self) -> None:
-        if self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
-
-
 class Subscription(Protocol):
     """A running consumer. ``close()`` stops fetching, lets the handler in
     progress finish and settle, and returns unsettled deliveries to the
@@ -594,33 +556,6 @@ class DescribesGroups(Protocol):
     """
 
     async def group_figures(self) -> Sequence[GroupFigures]: ...
-
-
-async def batch_only(delivery: Delivery) -> None:
-    """The per-delivery handler of a batch subscription, which a backend never calls."""
-    raise AssertionError("a batch subscription has no per-delivery handler")
-
-
-def invoke_batch(handler: BatchRawHandler, deliveries: Sequence[Delivery], options: ConsumerOptions) -> Awaitable[None]:
-    """:func:`invoke` for a batch: run ``handler``, then nack whatever it left unsettled."""
-    if getattr(handler, _SETTLES, False):
-        return handler(deliveries)
-    return _invoke_batch(handler, deliveries, options)
-
-
-async def _invoke_batch(handler: BatchRawHandler, deliveries: Sequence[Delivery], options: ConsumerOptions) -> None:
-    try:
-        await handler(deliveries)
-    except asyncio.CancelledError:
-        for delivery in deliveries:
-            if delivery.settled is None:
-                await delivery.nack()
-        raise
-    except Exception:
-        logger.exception("batch handler wrapper raised for %d messages", len(deliveries))
-    for delivery in deliveries:
-        if delivery.settled is None:
-            await delivery.nack(options.backoff(delivery.attempt))
 
 
 async def publish_all(backend: Backend, messages: Sequence[Message]) -> None:

@@ -19,7 +19,7 @@ from squadbus.backends.memory.group_figures import group_figures as describe_gro
 from squadbus.backends.memory.inboxes import MemoryInbox
 from squadbus.backends.memory.presence import open_inboxes as list_open_inboxes
 from squadbus.backends.memory.settings import MemorySettings
-from squadbus.backends.memory.subscription import MemoryBatchSubscription, MemorySubscription
+from squadbus.backends.memory.subscription import MemorySubscription
 from squadbus.core import subjects
 from squadbus.core.backend import BatchRawHandler, ConsumerOptions, GroupFigures, RawHandler, StartFrom
 from squadbus.core.envelope import Message, encode
@@ -166,9 +166,9 @@ class MemoryBackend:
     ) -> MemorySubscription:
         """Add a member to group ``(group, pattern)``, creating the group if needed."""
         target = self._join(pattern, group, options)
-        member = MemorySubscription(self, target, handler)
+        member = MemorySubscription(self, target, handler=handler)
         target.members.add(member)
-        member.start()
+        member.run()
         return member
 
     def _join(self, pattern: str, group: str | None, options: ConsumerOptions) -> GroupBuffer:
@@ -192,9 +192,9 @@ class MemoryBackend:
     ) -> MemorySubscription:
         """Like :meth:`subscribe`, handing ``handler`` batches (BatchSubscriber)."""
         target = self._join(pattern, group, options)
-        member = MemoryBatchSubscription(self, target, handler, max_wait)
+        member = MemorySubscription(self, target, batches=handler, max_wait=max_wait)
         target.members.add(member)
-        member.start()
+        member.run()
         return member
 
     async def open_inbox(

@@ -1,32 +1,30 @@
-"""Members of a group: one delivery at a time, several at once, or batches."""
+"""A member of a group as a source of deliveries, run by the core consumer runtime (squadbus.core.consumer)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from squadbus.backends.memory.group import GroupBuffer, MemoryDelivery
-from squadbus.core.backend import BatchRawHandler, InFlight, RawHandler, batch_only, invoke, invoke_batch
-from squadbus.core.batching import fill_until
-from squadbus.core.envelope import Message
+from squadbus.core.backend import BatchRawHandler, Delivery, RawHandler
+from squadbus.core.consumer import Consumer
+from squadbus.core.errors import Closed
 
 if TYPE_CHECKING:
     from squadbus.backends.memory.backend import MemoryBackend
 
-_FAIRNESS_STREAK = 64
 
+class GroupSource:
+    """The deliveries of one member of a memory group (a DeliverySource): taken from the group's buffer, in
+    order, each counted in flight until it is settled."""
 
-class MemorySubscription:
-    """One member of a group, running its handler one delivery at a time."""
+    __slots__ = ("_closed", "_group")
 
-    def __init__(self, backend: MemoryBackend, group: GroupBuffer, handler: RawHandler) -> None:
-        self._backend = backend
+    def __init__(self, group: GroupBuffer) -> None:
         self._group = group
-        self._handler = handler
-        self._closing = False
-        self._task: asyncio.Task[None] | None = None
-        self._waiting = False
+        self._closed = False
 
     @property
     def pattern(self) -> str:
@@ -36,116 +34,68 @@ class MemorySubscription:
     def group(self) -> str | None:
         return self._group.name
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(
-            self._run(), name=f"squadbus-memory-{self._group.name or 'ephemeral'}"
-        )
-
-    async def _next(self) -> tuple[Message, int, int] | None:
-        """The next entry, waiting for one; None when closing."""
+    def poll(self, max_count: int) -> Sequence[Delivery]:
+        if self._closed:
+            return ()
         group = self._group
-        while not self._closing:
-            item = group.take()
-            if item is not None:
-                return item
-            await self._wait()
-        return None
+        item = group.take()
+        if item is None:
+            return ()
+        got = [MemoryDelivery(item[0], item[1], group, item[2])]
+        while len(got) < max_count and (item := group.take()) is not None:
+            got.append(MemoryDelivery(item[0], item[1], group, item[2]))
+        return got
 
-    async def _wait(self) -> None:
-        """Wait until the group may have an entry (or :meth:`close` cancels the wait)."""
+    async def receive(self, max_count: int, wait: float) -> Sequence[Delivery]:
+        if self._closed:
+            raise Closed("this subscription is closed")
+        got = self.poll(max_count)
+        if got or wait <= 0:
+            return got
         group = self._group
+        # The group's future awaited directly (no coroutine around it): an idle member is a few objects.
         fut = group.entry_waiter()
-        self._waiting = True
         try:
-            await fut
+            if wait == math.inf:
+                await fut
+            else:
+                async with asyncio.timeout(wait):
+                    await fut
+        except TimeoutError:
+            group.gave_up(fut)  # a wake-up given as the time ran out goes to another member
+            return ()
         except asyncio.CancelledError:
             group.gave_up(fut)
             raise
-        finally:
-            self._waiting = False
+        return self.poll(max_count)
 
-    async def _handle(self, message: Message, attempt: int, gap: int) -> None:
-        delivery = MemoryDelivery(message, attempt, self._group, gap)
-        await invoke(self._handler, delivery, self._group.options)
-
-    async def _run(self) -> None:
-        if self._group.options.max_in_flight > 1:
-            await self._run_concurrently(self._group.options.max_in_flight)
-            return
-        group, handler, options = self._group, self._handler, self._group.options
-        streak = 0
-        while not self._closing:
-            item = group.take()
-            if item is None:
-                # Waiting inline, not in _next()/_wait(): an idle member then holds one future and no
-                # coroutine of its own (measured: 2 fewer tracked objects per idle inbox).
-                fut = group.entry_waiter()
-                self._waiting = True
-                try:
-                    await fut
-                except asyncio.CancelledError:
-                    group.gave_up(fut)
-                    raise
-                finally:
-                    self._waiting = False
-                continue
-            streak += 1
-            if streak >= _FAIRNESS_STREAK:
-                # Handlers that never suspend would otherwise starve the loop.
-                streak = 0
-                await asyncio.sleep(0)
-            await invoke(handler, MemoryDelivery(item[0], item[1], group, item[2]), options)
-
-    async def _run_concurrently(self, limit: int) -> None:
-        inflight = InFlight(limit)
-        try:
-            while True:
-                await inflight.slot()
-                item = await self._next()
-                if item is None:
-                    inflight.give_back()
-                    break
-                inflight.start(self._handle(*item))
-        finally:
-            await inflight.finish()
+    def give_back(self, deliveries: Sequence[Delivery]) -> None:
+        self._group.give_back([(d.message, d.attempt, d.gap_before) for d in deliveries])
 
     async def close(self) -> None:
-        if self._closing:
-            return
-        self._closing = True
-        task = self._task
-        if task is not None:
-            if self._waiting:
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._backend._remove_member(self)
+        self._closed = True
 
 
-class MemoryBatchSubscription(MemorySubscription):
-    """A member that hands its handler batches: what is buffered, up to ``batch_size``,
-    waiting at most ``max_wait`` after the first message for more."""
+class MemorySubscription(Consumer):
+    """One member of a group: the core runtime over its :class:`GroupSource` (``handler`` per delivery, or
+    ``batches``: what is buffered, up to ``batch_size``, waiting at most ``max_wait`` after the first
+    message for more); it leaves the group once closed."""
 
-    def __init__(self, backend: MemoryBackend, group: GroupBuffer, handler: BatchRawHandler, max_wait: float) -> None:
-        super().__init__(backend, group, batch_only)
-        self._batch_handler = handler
-        self._max_wait = max_wait
+    def __init__(
+        self, backend: MemoryBackend, group: GroupBuffer, *, handler: RawHandler | None = None,
+        batches: BatchRawHandler | None = None, max_wait: float = 0.0,
+    ) -> None:
+        super().__init__(GroupSource(group), group.options, handler=handler, batches=batches, max_wait=max_wait)
+        self._backend = backend
+        self._group = group
+        self._left = False
 
-    async def _run(self) -> None:
-        group, handler, options = self._group, self._batch_handler, self._group.options
-        while not self._closing:
-            first = group.take() or await self._next()
-            if first is None:
-                return
-            items = [first]
-            try:
-                await self._fill(items, options.batch_size)
-            except asyncio.CancelledError:
-                group.give_back(items)  # closed while waiting for more
-                raise
-            deliveries = [MemoryDelivery(message, attempt, group, gap) for message, attempt, gap in items]
-            await invoke_batch(handler, deliveries, options)
+    def run(self) -> None:
+        """Start consuming."""
+        self.start(f"squadbus-memory-{self._group.name or 'ephemeral'}")
 
-    async def _fill(self, items: list[tuple[Message, int, int]], limit: int) -> None:
-        await fill_until(items, limit, self._max_wait, take=self._group.take, more=self._wait,
-                         stop=lambda: self._closing)
+    async def close(self) -> None:
+        await super().close()
+        if not self._left:
+            self._left = True
+            self._backend._remove_member(self)

@@ -1,0 +1,302 @@
+"""The consumer runtime: runs a subscription's handler over a :class:`~squadbus.core.source.DeliverySource`.
+
+One :class:`Consumer` per subscription, one task while it runs. It owns what
+every backend's subscription does alike (docs/design/inboxes.md, "One
+consumer runtime in core"):
+
+* one delivery at a time (``max_in_flight=1``), started in the source's
+  order, each handler call awaited before the next delivery is pulled;
+* up to ``max_in_flight`` handler calls at once (:class:`InFlight`), started
+  in the source's order;
+* batches (:meth:`Consumer.batches`): what the source has ready, up to
+  ``batch_size``, waiting at most ``max_wait`` after the first delivery for
+  more; one batch at a time, in order;
+* fairness: after :data:`FAIRNESS_STREAK` deliveries in a row without waiting
+  for the source, it yields to the event loop once (handlers that never
+  suspend would otherwise starve it);
+* :meth:`Consumer.close`: stop pulling, let the handlers in progress finish
+  and settle, give back a batch being gathered, then close the source.
+
+Every handler runs through :func:`invoke` / :func:`invoke_batch`, which nack
+what a bare handler left unsettled. The backends whose subscriptions do not
+run on a source yet import these two and :class:`InFlight` from
+``squadbus.core.backend`` (re-exported there until they move).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from squadbus.core.errors import Closed
+
+if TYPE_CHECKING:
+    from squadbus.core.backend import BatchRawHandler, ConsumerOptions, Delivery, RawHandler
+    from squadbus.core.source import DeliverySource
+
+logger = logging.getLogger("squadbus.consumer")
+
+FAIRNESS_STREAK = 64
+"""Deliveries a consumer hands over in a row, without the source making it wait, before it yields to the loop."""
+
+_RETRY_SOURCE = 1.0  # seconds before pulling again after the source failed unexpectedly
+
+_SETTLES = "_squadbus_settles_every_delivery"
+
+HandlerT = TypeVar("HandlerT", bound=Callable[..., Awaitable[None]])
+
+
+def settles_itself(handler: HandlerT) -> HandlerT:
+    """Mark ``handler`` (a RawHandler or BatchRawHandler) as keeping :func:`invoke`'s promises itself:
+    it settles every delivery, nacks the unsettled ones when cancelled, and raises nothing else.
+    :func:`invoke` then calls it directly (one coroutine less per message). The Bus's wrappers are."""
+    setattr(handler, _SETTLES, True)
+    return handler
+
+
+def invoke(handler: RawHandler, delivery: Delivery, options: ConsumerOptions) -> Awaitable[None]:
+    """Run ``handler`` on ``delivery`` the way every consumer must (await the result).
+
+    The Bus's wrapper always settles; a bare RawHandler might not, so an
+    unsettled delivery is nacked with ``options.backoff(delivery.attempt)``
+    (logged when the handler raised). Cancelled while unsettled: nacked at
+    once, then the cancellation goes on, so closing a consumer loses nothing.
+    """
+    if getattr(handler, _SETTLES, False):
+        return handler(delivery)
+    return _invoke(handler, delivery, options)
+
+
+async def _invoke(handler: RawHandler, delivery: Delivery, options: ConsumerOptions) -> None:
+    try:
+        await handler(delivery)
+    except asyncio.CancelledError:
+        if delivery.settled is None:
+            await delivery.nack()
+        raise
+    except Exception:
+        logger.exception("handler wrapper raised for message %s", delivery.message.id)
+    if delivery.settled is None:
+        await delivery.nack(options.backoff(delivery.attempt))
+
+
+def invoke_batch(handler: BatchRawHandler, deliveries: Sequence[Delivery], options: ConsumerOptions) -> Awaitable[None]:
+    """:func:`invoke` for a batch: run ``handler``, then nack whatever it left unsettled."""
+    if getattr(handler, _SETTLES, False):
+        return handler(deliveries)
+    return _invoke_batch(handler, deliveries, options)
+
+
+async def _invoke_batch(handler: BatchRawHandler, deliveries: Sequence[Delivery], options: ConsumerOptions) -> None:
+    try:
+        await handler(deliveries)
+    except asyncio.CancelledError:
+        for delivery in deliveries:
+            if delivery.settled is None:
+                await delivery.nack()
+        raise
+    except Exception:
+        logger.exception("batch handler wrapper raised for %d messages", len(deliveries))
+    for delivery in deliveries:
+        if delivery.settled is None:
+            await delivery.nack(options.backoff(delivery.attempt))
+
+
+async def batch_only(delivery: Delivery) -> None:
+    """The per-delivery handler of a batch subscription, which a backend never calls."""
+    raise AssertionError("a batch subscription has no per-delivery handler")
+
+
+class InFlight:
+    """The handler tasks of one consumer with ``max_in_flight > 1``: at most ``limit`` at once.
+
+    ``await slot()`` before taking work, then ``start(handling)`` (its task frees the slot when it
+    ends) or ``give_back()`` when there was no work; ``await finish()`` waits for every task.
+    """
+
+    __slots__ = ("_running", "_slots")
+
+    def __init__(self, limit: int) -> None:
+        self._slots = asyncio.Semaphore(limit)
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def slot(self) -> None:
+        await self._slots.acquire()
+
+    def give_back(self) -> None:
+        self._slots.release()
+
+    def start(self, handling: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(handling)
+        self._running.add(task)
+        task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._slots.release()
+
+    async def finish(self) -> None:
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+
+
+class Consumer:
+    """One subscription's handler run over its source: the :class:`~squadbus.core.backend.Subscription` a
+    backend returns. Give it ``handler`` (one delivery per call, ``options.max_in_flight`` calls at a
+    time) or ``batches`` (1 to ``options.batch_size`` deliveries per call, one call at a time, waiting at
+    most ``max_wait`` after the first delivery for more: a BatchSubscriber's), then :meth:`start` it."""
+
+    def __init__(
+        self, source: DeliverySource, options: ConsumerOptions, *, handler: RawHandler | None = None,
+        batches: BatchRawHandler | None = None, max_wait: float = 0.0,
+    ) -> None:
+        if (handler is None) == (batches is None):
+            raise ValueError("a consumer needs a handler or a batch handler, not both")
+        if max_wait < 0:
+            raise ValueError("max_wait must be >= 0")
+        self._source = source
+        self._handler = handler or batch_only
+        self._batch_handler = batches
+        self._max_wait = max_wait
+        self._options = options
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        # True while the task waits for the source (receive): the only place close() cancels it.
+        self._waiting = False
+
+    @property
+    def pattern(self) -> str:
+        return self._source.pattern
+
+    @property
+    def group(self) -> str | None:
+        return self._source.group
+
+    def start(self, name: str) -> None:
+        """Start pulling from the source in a task named ``name``."""
+        if self._batch_handler is not None:
+            run = self._run_batches(self._batch_handler)
+        elif self._options.max_in_flight > 1:
+            run = self._run_concurrently(self._options.max_in_flight)
+        else:
+            run = self._run()
+        self._task = asyncio.get_running_loop().create_task(run, name=name)
+
+    async def _receive(self, max_count: int, wait: float) -> Sequence[Delivery] | None:
+        """What the source hands out within ``wait`` (may be empty); None when the consumer should stop
+        (closing, or the source closed). An unexpected failure of the source is logged, then retried."""
+        self._waiting = True
+        try:
+            return await self._source.receive(max_count, wait)
+        except Closed:
+            return None
+        except Exception:
+            logger.exception("the source of %s (%s) failed; pulling again in %ss",
+                             self.group or "<ephemeral>", self.pattern, _RETRY_SOURCE)
+            await asyncio.sleep(_RETRY_SOURCE)
+            return ()
+        finally:
+            self._waiting = False
+
+    async def _run(self) -> None:
+        source, handler, options = self._source, self._handler, self._options
+        poll = source.poll
+        streak = 0
+        while not self._closing:
+            got = poll(1)
+            if not got:
+                streak = 0
+                waited = await self._receive(1, math.inf)
+                if waited is None:
+                    return
+                if not waited:
+                    continue
+                got = waited
+            else:
+                streak += 1
+                if streak >= FAIRNESS_STREAK:
+                    streak = 0
+                    await asyncio.sleep(0)
+            for delivery in got:  # one, unless a source hands out more than asked
+                await invoke(handler, delivery, options)
+
+    async def _handle(self, delivery: Delivery) -> None:
+        await invoke(self._handler, delivery, self._options)
+
+    async def _run_concurrently(self, limit: int) -> None:
+        source = self._source
+        inflight = InFlight(limit)
+        try:
+            while not self._closing:
+                await inflight.slot()
+                got = source.poll(1)
+                while not got and not self._closing:
+                    waited = await self._receive(1, math.inf)
+                    if waited is None:
+                        inflight.give_back()
+                        return
+                    got = waited
+                if not got:
+                    inflight.give_back()
+                    return
+                for delivery in got[1:]:  # a source handing out more than asked: in order, beyond the limit
+                    await inflight.slot()
+                    inflight.start(self._handle(delivery))
+                inflight.start(self._handle(got[0]))
+        finally:
+            await inflight.finish()
+
+    async def _run_batches(self, handler: BatchRawHandler) -> None:
+        source, options = self._source, self._options
+        limit = options.batch_size
+        while not self._closing:
+            batch = list(source.poll(limit))
+            if not batch:
+                waited = await self._receive(limit, math.inf)
+                if waited is None:
+                    return
+                batch.extend(waited)
+                if not batch:
+                    continue
+            try:
+                await self._fill(batch, limit)
+            except asyncio.CancelledError:
+                source.give_back(batch)  # closed while waiting for more
+                raise
+            await invoke_batch(handler, batch, options)
+
+    async def _fill(self, batch: list[Delivery], limit: int) -> None:
+        """Add to ``batch`` what the source hands out, up to ``limit``, for at most ``max_wait`` from now."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._max_wait
+        poll = self._source.poll
+        while len(batch) < limit and not self._closing:
+            more = poll(limit - len(batch))
+            if more:
+                batch.extend(more)
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            waited = await self._receive(limit - len(batch), remaining)
+            if waited is None:
+                return
+            batch.extend(waited)
+
+    async def close(self) -> None:
+        """Stop pulling; the handler calls in progress (and a batch gathered) finish and settle first, then
+        the source closes. Idempotent."""
+        if self._closing:
+            return
+        self._closing = True
+        task = self._task
+        if task is not None:
+            if self._waiting:
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._source.close()

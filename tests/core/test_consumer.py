@@ -1,0 +1,294 @@
+"""The core consumer runtime (squadbus.core.consumer) over a source of deliveries held in a list: order,
+in-flight limit, batches, fairness to the loop, close, and the settling of what a bare handler leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import pytest
+
+from squadbus.core import envelope
+from squadbus.core.backend import ConsumerOptions, Delivery
+from squadbus.core.consumer import FAIRNESS_STREAK, Consumer
+from squadbus.core.errors import Closed
+
+
+class _Delivery(Delivery):
+    __slots__ = ("nacks",)
+
+    def __init__(self, number: int) -> None:
+        super().__init__(envelope.build(subject="agent.message.a", sender_id="pm", content=str(number)))
+        self.nacks: list[float] = []
+
+    def _ack(self) -> None:
+        return None
+
+    def _nack(self, delay: float) -> None:
+        self.nacks.append(delay)
+
+
+class _ListSource:
+    """A DeliverySource over a list: what ``add`` puts in comes out in order."""
+
+    def __init__(self) -> None:
+        self.ready: deque[Delivery] = deque()
+        self.waiter: asyncio.Future[None] | None = None
+        self.given_back: list[Delivery] = []
+        self.closed = False
+        self.fail_next: Exception | None = None
+
+    @property
+    def pattern(self) -> str:
+        return "agent.message.a"
+
+    @property
+    def group(self) -> str | None:
+        return "g"
+
+    def add(self, *deliveries: Delivery) -> None:
+        self.ready.extend(deliveries)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def poll(self, max_count: int) -> Sequence[Delivery]:
+        return [self.ready.popleft() for _ in range(min(max_count, len(self.ready)))]
+
+    async def receive(self, max_count: int, wait: float) -> Sequence[Delivery]:
+        if self.fail_next is not None:
+            error, self.fail_next = self.fail_next, None
+            raise error
+        if self.closed:
+            raise Closed("closed")
+        if not self.ready:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(None if wait == math.inf else wait):
+                    await self.waiter
+            except TimeoutError:
+                return ()
+        return self.poll(max_count)
+
+    def give_back(self, deliveries: Sequence[Delivery]) -> None:
+        self.given_back.extend(deliveries)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(5):
+        while not condition():
+            await asyncio.sleep(0)
+
+
+def _numbers(deliveries: Sequence[Delivery]) -> list[int]:
+    return [int(d.message.content) for d in deliveries]
+
+
+async def test_one_at_a_time_in_order_each_awaited_before_the_next() -> None:
+    source = _ListSource()
+    running = 0
+    seen: list[Delivery] = []
+
+    async def handler(delivery: Delivery) -> None:
+        nonlocal running
+        running += 1
+        assert running == 1, "a second delivery was handed over while the first was in progress"
+        await asyncio.sleep(0)
+        seen.append(delivery)
+        await delivery.ack()
+        running -= 1
+
+    consumer = Consumer(source, ConsumerOptions(), handler=handler)
+    consumer.start("test")
+    source.add(*(_Delivery(n) for n in range(5)))
+    await _until(lambda: len(seen) == 5)
+    source.add(*(_Delivery(n) for n in range(5, 8)))  # after it waited
+    await _until(lambda: len(seen) == 8)
+    assert _numbers(seen) == list(range(8))
+    await consumer.close()
+    assert source.closed
+
+
+async def test_max_in_flight_runs_that_many_at_once_started_in_order() -> None:
+    source = _ListSource()
+    started: list[Delivery] = []
+    release = asyncio.Event()
+
+    async def handler(delivery: Delivery) -> None:
+        started.append(delivery)
+        await release.wait()
+        await delivery.ack()
+
+    consumer = Consumer(source, ConsumerOptions(max_in_flight=3), handler=handler)
+    consumer.start("test")
+    deliveries = [_Delivery(n) for n in range(7)]
+    source.add(*deliveries)
+    await _until(lambda: len(started) == 3)
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert _numbers(started) == [0, 1, 2], "no fourth call while three are in progress"
+    release.set()
+    await _until(lambda: len(started) == 7)
+    assert _numbers(started) == list(range(7))
+    await consumer.close()
+    assert all(d.settled == "ack" for d in deliveries)
+
+
+async def test_batches_take_what_is_ready_up_to_batch_size_then_wait_for_more() -> None:
+    source = _ListSource()
+    batches: list[list[int]] = []
+
+    async def handler(deliveries: Sequence[Delivery]) -> None:
+        batches.append(_numbers(deliveries))
+        for delivery in deliveries:
+            await delivery.ack()
+
+    consumer = Consumer(source, ConsumerOptions(batch_size=4), batches=handler, max_wait=60)
+    consumer.start("test")
+    source.add(*(_Delivery(n) for n in range(6)))
+    await _until(lambda: len(batches) == 1)
+    assert batches == [[0, 1, 2, 3]], "a full batch goes at once"
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert len(batches) == 1, "the next batch waits up to max_wait to fill"
+    source.add(_Delivery(6), _Delivery(7))
+    await _until(lambda: len(batches) == 2)
+    assert batches[1] == [4, 5, 6, 7]
+    await consumer.close()
+
+
+async def test_a_batch_not_full_goes_when_max_wait_passed() -> None:
+    source = _ListSource()
+    batches: list[list[int]] = []
+
+    async def handler(deliveries: Sequence[Delivery]) -> None:
+        batches.append(_numbers(deliveries))
+
+    consumer = Consumer(source, ConsumerOptions(batch_size=100), batches=handler, max_wait=0.01)
+    consumer.start("test")
+    delivery = _Delivery(1)
+    source.add(delivery, _Delivery(2))
+    await _until(lambda: len(batches) == 1)
+    assert batches == [[1, 2]]
+    await consumer.close()
+    assert delivery.settled == "nack", "what the batch handler left unsettled is nacked"
+
+
+async def test_close_while_a_batch_fills_gives_it_back_in_order_unsettled() -> None:
+    source = _ListSource()
+
+    async def handler(deliveries: Sequence[Delivery]) -> None:
+        raise AssertionError("closed before its batch was complete")
+
+    consumer = Consumer(source, ConsumerOptions(batch_size=4), batches=handler, max_wait=60)
+    consumer.start("test")
+    deliveries = [_Delivery(1), _Delivery(2)]
+    source.add(*deliveries)
+    await _until(lambda: not source.ready and consumer._waiting)
+    await consumer.close()
+    assert source.given_back == deliveries
+    assert all(d.settled is None for d in deliveries)
+    assert source.closed
+
+
+async def test_close_lets_the_handler_in_progress_finish_and_settle_first() -> None:
+    source = _ListSource()
+    entered = asyncio.Event()
+    release = asyncio.Event()
+    handled: list[int] = []
+
+    async def handler(delivery: Delivery) -> None:
+        entered.set()
+        await release.wait()
+        handled.append(int(delivery.message.content))
+        await delivery.ack()
+
+    consumer = Consumer(source, ConsumerOptions(), handler=handler)
+    consumer.start("test")
+    first, second = _Delivery(1), _Delivery(2)
+    source.add(first, second)
+    await entered.wait()
+    closing = asyncio.ensure_future(consumer.close())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not closing.done() and not source.closed, "close waits for the handler in progress"
+    release.set()
+    await closing
+    assert handled == [1] and first.settled == "ack"
+    assert second.settled is None and list(source.ready) == [second], "nothing more is pulled once closing"
+
+
+async def test_a_handler_that_never_suspends_does_not_starve_the_loop() -> None:
+    source = _ListSource()
+    count = FAIRNESS_STREAK * 4
+    handled = 0
+    handled_when_other_ran: list[int] = []
+
+    async def handler(delivery: Delivery) -> None:
+        nonlocal handled
+        handled += 1
+        delivery.ack_soon()
+
+    async def other() -> None:
+        while handled < count:
+            handled_when_other_ran.append(handled)
+            await asyncio.sleep(0)
+
+    source.add(*(_Delivery(n) for n in range(count)))
+    consumer = Consumer(source, ConsumerOptions(), handler=handler)
+    consumer.start("test")
+    await asyncio.gather(other(), _until(lambda: handled == count))
+    assert any(0 < n < count for n in handled_when_other_ran), handled_when_other_ran
+    await consumer.close()
+
+
+@pytest.mark.parametrize("raises", [False, True])
+async def test_what_a_bare_handler_leaves_unsettled_is_nacked_with_the_backoff(raises: bool) -> None:
+    source = _ListSource()
+    options = ConsumerOptions(backoff_base=0.25)
+
+    async def handler(delivery: Delivery) -> None:
+        if raises:
+            raise RuntimeError("boom")
+
+    consumer = Consumer(source, options, handler=handler)
+    consumer.start("test")
+    delivery = _Delivery(1)
+    source.add(delivery)
+    await _until(lambda: delivery.settled is not None)
+    assert delivery.settled == "nack" and delivery.nacks == [options.backoff(1)]
+    await consumer.close()
+
+
+async def test_a_closed_source_ends_the_consumer() -> None:
+    source = _ListSource()
+    source.fail_next = Closed("the backend closed")
+
+    async def handler(delivery: Delivery) -> None:
+        raise AssertionError("nothing to hand over")
+
+    consumer = Consumer(source, ConsumerOptions(), handler=handler)
+    consumer.start("test")
+    task = consumer._task
+    assert task is not None
+    await asyncio.wait_for(task, 5)
+    await consumer.close()
+
+
+def test_a_consumer_needs_exactly_one_handler() -> None:
+    source = _ListSource()
+
+    async def handler(delivery: Delivery) -> None: ...
+
+    async def batch(deliveries: Sequence[Delivery]) -> None: ...
+
+    with pytest.raises(ValueError, match="not both"):
+        Consumer(source, ConsumerOptions())
+    with pytest.raises(ValueError, match="not both"):
+        Consumer(source, ConsumerOptions(), handler=handler, batches=batch)
+    with pytest.raises(ValueError, match="max_wait"):
+        Consumer(source, ConsumerOptions(), batches=batch, max_wait=-1)
