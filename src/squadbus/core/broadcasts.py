@@ -46,6 +46,7 @@ from squadbus.core.backend import (
     settles_itself,
 )
 from squadbus.core.envelope import Message
+from squadbus.core.inbox import Wakeups
 
 if TYPE_CHECKING:
     from squadbus.core.bus import Bus
@@ -68,7 +69,13 @@ class _Copy(Delivery):
 
     def __init__(self, message: Message, attempt: int, inbox: Inbox, hub: BroadcastHub, fanout: _Fanout,
                  on_failure: FailurePolicy) -> None:
-        super().__init__(message, attempt=attempt, group=inbox.group)
+        # Delivery.__init__ inlined: one of these per inbox per broadcast.
+        self.message = message
+        self.attempt = attempt
+        self.group = inbox._group
+        self.gap_before = 0
+        self._settled = None
+        self._waiter = None
         self._on_failure = on_failure
         self._hub = hub
         self._fanout = fanout
@@ -177,8 +184,16 @@ class BroadcastHub:
                 targets = list(self._listeners.get(subject, {}).items())
                 if targets:
                     fanout = _Fanout(subject, len(targets))
-                    for inbox, on_failure in targets:
-                        self._offer(fanout, delivery.message, delivery.attempt, inbox, on_failure)
+                    wakeups = Wakeups(asyncio.get_running_loop())
+                    message, attempt = delivery.message, delivery.attempt
+                    stats = self._bus.stats
+                    stats.delivered += len(targets)
+                    if attempt > 1:
+                        stats.redelivered += len(targets)
+                    for inbox, on_failure in targets:  # _offer inlined: once per inbox per broadcast
+                        if not inbox.offer(_Copy(message, attempt, inbox, self, fanout, on_failure), wakeups):
+                            fanout.finish_one()
+                    wakeups.flush()
                     async with leases_kept([delivery], max(0.05, self._bus.consumer_options.ack_wait / 3)):
                         await asyncio.wait({fanout.done})
                 await delivery.ack()
