@@ -9,7 +9,7 @@ the time to the last copy per round (median, worst), the longest GC pause per ge
 the end. Beside it, the guide's MessageBus (benchmarks/guide_bus.py: callbacks inline, no inbox)
 delivering the same broadcast in the same run, as the floor one Python loop can do.
 
-Run: python bench/bench_fanout.py [--agents 2500 10000] [--rounds 15] [--url memory://]
+Run: python bench/bench_fanout.py [--agents 2500 10000] [--rounds 15] [--url memory://] [--loop asyncio|uvloop]
 
 This is what bounds `squadbus simulate --scenario 5` on one machine: a host of N agents hands a
 squad broadcast to its last agent about N x (CPU per copy) after the first.
@@ -26,6 +26,7 @@ import time
 from uuid import uuid4
 
 from squadbus.benchmarks.guide_bus import GuideMessageBus
+from squadbus.benchmarks.loops import LOOPS, default_loop, run
 from squadbus.benchmarks.stats import Environment
 from squadbus.core.bus import Bus
 from squadbus.core.inbox import Inbox
@@ -136,12 +137,14 @@ def main() -> int:
     parser.add_argument("--agents", type=int, nargs="+", default=[2500, 10000])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--url", default="memory://")
+    parser.add_argument("--loop", choices=LOOPS, default=default_loop(),
+                        help="event loop (default uvloop when installed, as squadbus simulate)")
     args = parser.parse_args()
     env = Environment.current().as_dict()
-    sys.stdout.write(f"{args.url}, {args.rounds} squad broadcasts per size; {env}\n")
+    sys.stdout.write(f"{args.url}, {args.rounds} squad broadcasts per size, {args.loop} loop; {env}\n")
     for agents in args.agents:
-        ours = asyncio.run(squadbus_round_trip(args.url, agents, args.rounds))
-        guide = asyncio.run(guide_round_trip(agents, args.rounds))
+        ours = run(squadbus_round_trip(args.url, agents, args.rounds), args.loop)
+        guide = run(guide_round_trip(agents, args.rounds), args.loop)
         sys.stdout.write(
             f"{agents:>6} inboxes  squadbus: {ours['cpu_us_per_copy']:5.1f} us CPU/copy, copy latency "
             f"p50 {ours['p50_ms']:.1f} p99 {ours['p99_ms']:.1f} p99.9 {ours['p999_ms']:.1f} "

@@ -8,11 +8,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
+from squadbus.benchmarks.loops import default_loop, uvloop_installed
+from squadbus.benchmarks.simulate import SimConfig
 from squadbus.benchmarks.simulate_squad import KINDS
 from squadbus.cli.main import main
 from squadbus.cli.simulate import simulate
+from squadbus.core.errors import ConfigError
 from squadbus.testing.servers.process import free_port
 
 
@@ -43,6 +47,20 @@ def test_a_small_squad_on_memory_holds_and_every_kind_arrives(tmp_path: Path) ->
     for figure in ("p50", "p99", "p99.9", "max"):
         assert run["latency_ms"][figure] > 0
     assert run["latency_ms"]["count"] == run["delivered"]["total"]
+    # What sets the tail: the latency of each route beside the overall one, and each broadcast's last copy.
+    routes = run["latency_by_route_ms"]
+    assert set(routes) == {"point_to_point", "domain", "squad"}
+    assert sum(r["count"] for r in routes.values()) == run["latency_ms"]["count"]
+    assert routes["squad"]["count"] == run["delivered"]["by_kind"]["squad"]
+    assert routes["point_to_point"]["count"] == sum(run["delivered"]["by_kind"][k] for k in ("direct", "request",
+                                                                                             "reply"))
+    last = run["broadcast_last_copy_ms"]
+    for kind in ("squad", "domain"):
+        assert last[kind]["count"] == run["sent"]["by_kind"][kind]
+        assert last[kind]["max"] >= last[kind]["p50"] > 0
+    assert last["squad"]["max"] >= routes["squad"]["p50"]
+    assert "by route    direct+request+reply p50" in stdout and "last copy   squad broadcast median" in stdout
+    assert run["loop"] == default_loop()
     assert run["rates"]["offered_msgs_per_s"] > 0 and run["rates"]["delivered_per_s"] > 0
     [host] = run["processes_figures"]["hosts"]
     assert host["rss_kib"] > 0 and host["gc_frozen"] is True and host["gc_frozen_objects"] > 0
@@ -54,10 +72,21 @@ def test_a_small_squad_on_memory_holds_and_every_kind_arrives(tmp_path: Path) ->
 
 def test_json_on_stdout_instead_of_the_table() -> None:
     code, stdout, _ = _run("--url", "memory://", "--agents", "20", "--msgs-per-hour", "60", "--speedup", "600",
-                           "--duration", "1", "--p99-target", "60000", "--json", "-")
+                           "--duration", "1", "--p99-target", "60000", "--loop", "asyncio", "--json", "-")
     assert code == 0
     document = json.loads(stdout)
     assert document["runs"][0]["agents"] == 20 and "environment" in document
+    assert document["runs"][0]["loop"] == "asyncio"
+
+
+def test_the_default_loop_is_uvloop_where_it_is_installed() -> None:
+    assert default_loop() == ("uvloop" if uvloop_installed() else "asyncio")
+    assert SimConfig(url="memory://", agents=10, msgs_per_hour=60).loop == default_loop()
+    if not uvloop_installed():
+        with pytest.raises(ConfigError, match="uvloop is not installed"):
+            SimConfig(url="memory://", agents=10, msgs_per_hour=60, loop="uvloop")
+    with pytest.raises(ConfigError, match="unknown event loop"):
+        SimConfig(url="memory://", agents=10, msgs_per_hour=60, loop="trio")
 
 
 def _one_line_usage_error(code: int, stderr: str, *words: str) -> None:

@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from squadbus.benchmarks.loops import check_loop, default_loop
 from squadbus.benchmarks.simulate_host import (
     MODULE,
     GcPauses,
@@ -67,7 +68,7 @@ from squadbus.benchmarks.simulate_host import (
     process_figures,
     socket_count,
 )
-from squadbus.benchmarks.simulate_squad import KINDS, REPLY, Squad, host_of
+from squadbus.benchmarks.simulate_squad import DIRECT, DOMAIN, KINDS, REPLY, REQUEST, SQUAD, Squad, host_of
 from squadbus.core.bus import Bus
 from squadbus.core.errors import ConfigError
 from squadbus.core.registry import scheme_of
@@ -77,6 +78,12 @@ from squadbus.workers.db_writer import DbWriter
 
 SCENARIOS: dict[int, tuple[int, int]] = {1: (100, 10), 2: (500, 20), 3: (1_000, 50), 4: (5_000, 100), 5: (10_000, 100)}
 """The guide's five scenarios: agents, messages per agent per hour."""
+
+ROUTES: dict[str, tuple[str, ...]] = {
+    "point_to_point": (DIRECT, REQUEST, REPLY), "domain": (DOMAIN,), "squad": (SQUAD,)}
+"""Deliveries grouped by how they travel: to one agent (direct messages, requests, replies), or copied to a
+domain's or to every agent's inbox. The latency of each is reported beside the overall one."""
+ROUTE_NAMES = {"point_to_point": "direct+request+reply", "domain": "domain broadcast", "squad": "squad broadcast"}
 
 P99_TARGET_MS = {"kafka": 50.0}
 DEFAULT_P99_TARGET_MS = 10.0
@@ -109,8 +116,11 @@ class SimConfig:
     seed: int = 0
     p99_target_ms: float | None = None
     """The p99 a held scenario stays under; None: 10 ms, 50 ms on Kafka."""
+    loop: str = field(default_factory=default_loop)
+    """The event loop of the parent and every host: ``uvloop`` (the default when installed) or ``asyncio``."""
 
     def __post_init__(self) -> None:
+        check_loop(self.loop)
         if self.agents < 5:
             raise ConfigError("--agents must be at least 5 (a PM per domain)")
         if self.msgs_per_hour <= 0 or self.speedup <= 0 or self.duration <= 0:
@@ -406,6 +416,9 @@ class RunReport:
     stale: int = 0
     latency_ms: dict[str, float | int | None] = field(default_factory=dict)
     latency_by_kind_ms: dict[str, dict[str, float | int | None]] = field(default_factory=dict)
+    latency_by_route_ms: dict[str, dict[str, float | int | None]] = field(default_factory=dict)
+    last_copy_ms: dict[str, dict[str, float | int | None]] = field(default_factory=dict)
+    """Per broadcast kind: over the broadcasts sent, the time from the send to the last of its copies (ms)."""
     persisted_sent: int = 0
     stored_at_end_of_sending: int = 0
     stored: int = 0
@@ -432,7 +445,7 @@ class RunReport:
         return {
             "scenario": c.scenario, "agents": c.agents, "msgs_per_hour": c.msgs_per_hour, "url": c.url,
             "processes": c.processes, "speedup": c.speedup, "duration_s": c.duration, "drain_s": c.drain,
-            "warmup_s": c.warmup, "p99_target_ms": p99_target_ms(c),
+            "warmup_s": c.warmup, "p99_target_ms": p99_target_ms(c), "loop": c.loop,
             "held": self.held, "reasons": self.reasons, "verdict": self.verdict,
             "open": {"opened": self.opened, "of": c.agents, "seconds": round(self.open_seconds, 3),
                      "errors": self.open_errors},
@@ -446,6 +459,7 @@ class RunReport:
             "lost": self.lost, "lost_by_kind": self.lost_by_kind, "duplicated": self.duplicated,
             "misrouted": self.misrouted, "delivered_unknown": self.unknown, "stale": self.stale,
             "latency_ms": self.latency_ms, "latency_by_kind_ms": self.latency_by_kind_ms,
+            "latency_by_route_ms": self.latency_by_route_ms, "broadcast_last_copy_ms": self.last_copy_ms,
             "store": {"sent_persisted": self.persisted_sent, "rows_at_end_of_sending": self.stored_at_end_of_sending,
                       "rows": self.stored, "lag_at_end_of_sending": self.persisted_sent - self.stored_at_end_of_sending,
                       "lag_at_end": self.persisted_sent - self.stored, "catch_up_s": self.store_catch_up_s},
@@ -504,7 +518,7 @@ async def _run(config: SimConfig, bus: Bus, workdir: Path, report: RunReport, pr
                           rate_per_agent=config.msgs_per_hour * config.speedup / 3600,
                           log_path=str(workdir / f"host-{i}.log"), open_timeout=config.open_timeout,
                           request_timeout=config.request_timeout, connect_timeout=config.connect_timeout,
-                          seed=config.seed) for i in range(config.processes)]
+                          seed=config.seed, loop=config.loop) for i in range(config.processes)]
         if is_memory(config.url):
             hosts.append(LocalHost(bus, plans[0], squad, Path(plans[0].log_path)))
         else:
@@ -611,6 +625,7 @@ def _account(config: SimConfig, squad: Squad, workdir: Path, report: RunReport, 
     histogram = HdrHistogram(1, MAX_LATENCY_US, 3)
     per_kind = {kind: HdrHistogram(1, MAX_LATENCY_US, 3) for kind in KINDS}
     by_kind: Counter[str] = Counter()
+    last_copy: dict[str, int] = {}
     for message_id, agent, latency_us, host in deliveries:
         entry = sent.get(message_id)
         if entry is None:
@@ -627,6 +642,8 @@ def _account(config: SimConfig, squad: Squad, workdir: Path, report: RunReport, 
         if sent_at >= t0 + config.warmup:
             histogram.record_value(min(latency_us, MAX_LATENCY_US))
             per_kind[kind].record_value(min(latency_us, MAX_LATENCY_US))
+            if kind in (SQUAD, DOMAIN):
+                last_copy[message_id] = max(last_copy.get(message_id, 0), latency_us)
     report.delivered = sum(counts.values())
     report.duplicated = sum(n - 1 for n in counts.values() if n > 1)
     report.delivered_by_kind = {k: by_kind[k] for k in KINDS}
@@ -650,6 +667,16 @@ def _account(config: SimConfig, squad: Squad, workdir: Path, report: RunReport, 
     report.stale = sum(int(h.get("stale", 0)) for h in report.hosts)
     report.latency_ms = _percentiles(histogram)
     report.latency_by_kind_ms = {kind: _percentiles(h) for kind, h in per_kind.items()}
+    for route, kinds in ROUTES.items():
+        merged = HdrHistogram(1, MAX_LATENCY_US, 3)
+        for kind in kinds:
+            merged.add(per_kind[kind])
+        report.latency_by_route_ms[route] = _percentiles(merged)
+    for kind in (SQUAD, DOMAIN):
+        lasts = sorted(us for message_id, us in last_copy.items() if sent[message_id][0] == kind)
+        report.last_copy_ms[kind] = {
+            "count": len(lasts), "p50": lasts[len(lasts) // 2] / 1e3 if lasts else None,
+            "max": lasts[-1] / 1e3 if lasts else None}
     report.notes.append("latency = time.time() at delivery - time.time() before the send, one machine, one clock")
 
 
@@ -686,7 +713,9 @@ def _judge(config: SimConfig, report: RunReport) -> None:
     target = p99_target_ms(config)
     p99 = report.latency_ms.get("p99")
     if p99 is not None and p99 >= target:
-        reasons.append(f"p99 {p99:.1f} ms ≥ {target:g} ms")
+        routes = ", ".join(f"{ROUTE_NAMES[r]} {v['p99']:.1f}" for r, v in report.latency_by_route_ms.items()
+                           if v.get("p99") is not None)
+        reasons.append(f"p99 {p99:.1f} ms ≥ {target:g} ms" + (f" (p99 by route: {routes})" if routes else ""))
     if report.stored < report.persisted_sent:
         behind = report.persisted_sent - report.stored
         reasons.append(f"store {behind:,} rows behind after the {config.drain:g} s drain")
@@ -712,7 +741,7 @@ def format_report(report: RunReport) -> str:
     rates, store, lat = d["rates"], d["store"], report.latency_ms
     lines = [
         f"{c.label} on {c.url}: {c.processes} host process(es), speed-up {c.speedup:g}×, "
-        f"{c.duration:g} s sending + up to {c.drain:g} s drain",
+        f"{c.duration:g} s sending + up to {c.drain:g} s drain, {c.loop} loop",
         f"  open        {report.opened:,} of {c.agents:,} inboxes in {report.open_seconds:.2f} s"
         + (f"  ({'; '.join(report.open_errors)})" if report.open_errors else ""),
     ]
@@ -727,9 +756,16 @@ def format_report(report: RunReport) -> str:
             f"  latency     p50 {_ms(lat.get('p50'))} ms  p99 {_ms(lat.get('p99'))} ms  "
             f"p99.9 {_ms(lat.get('p99.9'))} ms  max {_ms(lat.get('max'))} ms  ({lat.get('count', 0):,} deliveries"
             + (f", first {c.warmup:g} s left out" if c.warmup else "") + ")",
+            "  by route    " + "; ".join(
+                f"{ROUTE_NAMES[r]} p50 {_ms(v['p50'])} p99 {_ms(v['p99'])} ({v['count']:,})"
+                for r, v in report.latency_by_route_ms.items() if v["count"]) + " (ms, deliveries)",
             "  by kind     " + "; ".join(
                 f"{k} p50 {_ms(v['p50'])} p99 {_ms(v['p99'])}" for k, v in report.latency_by_kind_ms.items()
                 if v["count"]) + " (ms)",
+            "  last copy   " + ("; ".join(
+                f"{ROUTE_NAMES[k]} median {_ms(v['p50'])} worst {_ms(v['max'])} ms ({v['count']:,} sent)"
+                for k, v in report.last_copy_ms.items() if v["count"]) or "no broadcast")
+            + " (send to its last copy)",
             f"  lost        {report.lost:,}   duplicated {report.duplicated:,}   misrouted {report.misrouted:,}   "
             f"send errors {report.send_errors:,}   request timeouts {report.request_timeouts:,}"
             + (f"   stale {report.stale:,}" if report.stale else ""),

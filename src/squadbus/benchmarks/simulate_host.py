@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
+from squadbus.benchmarks.loops import ASYNCIO, run
 from squadbus.benchmarks.simulate_squad import (
     DIRECT,
     DOMAIN,
@@ -80,6 +81,8 @@ class HostPlan:
     connect_timeout: float = 10.0
     close_timeout: float = 10.0
     seed: int = 0
+    loop: str = ASYNCIO
+    """The host process's event loop (``squadbus.benchmarks.loops``)."""
 
     def to_json(self) -> str:
         """The plan as the one argument of the host process."""
@@ -451,7 +454,7 @@ def main(argv: list[str]) -> int:
         sys.stdout.write(json.dumps(event) + "\n")
         sys.stdout.flush()
 
-    return asyncio.run(_child(plan, emit))
+    return run(_child(plan, emit), plan.loop)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ The engine is :mod:`squadbus.benchmarks.simulate`.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 import time
@@ -15,6 +14,7 @@ from typing import Any
 
 import click
 
+from squadbus.benchmarks.loops import LOOPS, default_loop, run
 from squadbus.benchmarks.simulate import SimConfig, SimulateError, configs, format_report
 from squadbus.benchmarks.simulate import simulate as run_simulation
 from squadbus.benchmarks.stats import Environment
@@ -87,20 +87,22 @@ class ProgressLine:
 @click.option("--p99-target", "p99_target", default=None, type=float, metavar="MS",
               help="The p99 a held scenario stays under (default 10 ms, 50 ms on Kafka).")
 @click.option("--seed", default=0, type=int, show_default=True, help="Seed of the message mix.")
+@click.option("--loop", "loop", type=click.Choice(LOOPS), default=None,
+              help="Event loop of the parent and every host (default: uvloop when installed, else asyncio).")
 @click.option("--json", "json_path", default=None, metavar="FILE",
               help="Also write the figures as JSON to FILE ('-': JSON on stdout instead of the table).")
 @click.pass_context
 def simulate(ctx: click.Context, scenarios: tuple[int, ...], agents: int | None, msgs_per_hour: float | None,
              backend_url: str | None, store_url: str | None, processes: int, speedup: float, duration: float,
              drain: float, warmup: float, open_timeout: float, p99_target: float | None, seed: int,
-             json_path: str | None) -> None:
+             loop: str | None, json_path: str | None) -> None:
     """Simulated agents on real inboxes: rates, latency, losses, store lag, resources; held or not held."""
     base_url = ctx.obj.url if isinstance(ctx.obj, Settings) else Settings.from_env().url
     url = backend_url or base_url
     try:
         runs = configs(url, scenarios, agents, msgs_per_hour, processes=processes, speedup=speedup,
                        duration=duration, drain=drain, warmup=warmup, open_timeout=open_timeout,
-                       store_url=store_url, seed=seed, p99_target_ms=p99_target)
+                       store_url=store_url, seed=seed, p99_target_ms=p99_target, loop=loop or default_loop())
     except ConfigError as exc:
         click.echo(f"squadbus: error: {exc}", err=True)
         ctx.exit(EXIT_USAGE)
@@ -108,7 +110,7 @@ def simulate(ctx: click.Context, scenarios: tuple[int, ...], agents: int | None,
     for config in runs:
         progress = ProgressLine(config)
         try:
-            reports.append(asyncio.run(run_simulation(config, progress)))
+            reports.append(run(run_simulation(config, progress), config.loop))
         except SimulateError as exc:
             progress.done()
             click.echo(f"squadbus: error: {exc}", err=True)
