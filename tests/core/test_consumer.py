@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
+from squadbus.core import consumer as consumer_module
 from squadbus.core import envelope
 from squadbus.core.backend import ConsumerOptions, Delivery
 from squadbus.core.consumer import FAIRNESS_STREAK, Consumer
@@ -292,3 +293,23 @@ def test_a_consumer_needs_exactly_one_handler() -> None:
         Consumer(source, ConsumerOptions(), handler=handler, batches=batch)
     with pytest.raises(ValueError, match="max_wait"):
         Consumer(source, ConsumerOptions(), batches=batch, max_wait=-1)
+
+
+async def test_a_source_failing_unexpectedly_is_logged_and_asked_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(consumer_module, "_RETRY_SOURCE", 0.001)
+    source = _ListSource()
+    source.fail_next = ConnectionError("broker gone for a moment")
+    handled: list[int] = []
+
+    async def handler(delivery: Delivery) -> None:
+        handled.append(int(delivery.message.content))
+
+    consumer = Consumer(source, ConsumerOptions(), handler=handler)
+    consumer.start("test")
+    await _until(lambda: source.fail_next is None)
+    source.add(_Delivery(1))
+    await _until(lambda: handled == [1])
+    assert "broker gone for a moment" in caplog.text
+    await consumer.close()

@@ -187,42 +187,57 @@ class Consumer:
         self._task = asyncio.get_running_loop().create_task(run, name=name)
 
     async def _receive(self, max_count: int, wait: float) -> Sequence[Delivery] | None:
-        """What the source hands out within ``wait`` (may be empty); None when the consumer should stop
-        (closing, or the source closed). An unexpected failure of the source is logged, then retried."""
+        """What the source hands out within ``wait`` (may be empty); None when the source is closed. An
+        unexpected failure of the source is logged, then it is asked again after a pause."""
         self._waiting = True
         try:
             return await self._source.receive(max_count, wait)
         except Closed:
             return None
         except Exception:
-            logger.exception("the source of %s (%s) failed; pulling again in %ss",
-                             self.group or "<ephemeral>", self.pattern, _RETRY_SOURCE)
-            await asyncio.sleep(_RETRY_SOURCE)
+            await self._source_failed()
             return ()
         finally:
             self._waiting = False
 
     async def _run(self) -> None:
+        # The hot path: no coroutine of its own per delivery while the source has some ready (poll), and
+        # one (receive) per wait.
         source, handler, options = self._source, self._handler, self._options
-        poll = source.poll
+        poll, receive = source.poll, source.receive
         streak = 0
         while not self._closing:
             got = poll(1)
-            if not got:
-                streak = 0
-                waited = await self._receive(1, math.inf)
-                if waited is None:
-                    return
-                if not waited:
-                    continue
-                got = waited
-            else:
+            if got:
                 streak += 1
                 if streak >= FAIRNESS_STREAK:
                     streak = 0
                     await asyncio.sleep(0)
-            for delivery in got:  # one, unless a source hands out more than asked
-                await invoke(handler, delivery, options)
+            else:
+                streak = 0
+                self._waiting = True
+                try:
+                    got = await receive(1, math.inf)
+                except Closed:
+                    return
+                except Exception:
+                    await self._source_failed()
+                    continue
+                finally:
+                    self._waiting = False
+                if not got:
+                    continue
+            await invoke(handler, got[0], options)
+
+    async def _source_failed(self) -> None:
+        """Log the source's failure being handled and pause (close() may cancel the pause)."""
+        logger.exception("the source of %s (%s) failed; pulling again in %ss",
+                         self.group or "<ephemeral>", self.pattern, _RETRY_SOURCE)
+        self._waiting = True
+        try:
+            await asyncio.sleep(_RETRY_SOURCE)
+        finally:
+            self._waiting = False
 
     async def _handle(self, delivery: Delivery) -> None:
         await invoke(self._handler, delivery, self._options)
@@ -243,9 +258,6 @@ class Consumer:
                 if not got:
                     inflight.give_back()
                     return
-                for delivery in got[1:]:  # a source handing out more than asked: in order, beyond the limit
-                    await inflight.slot()
-                    inflight.start(self._handle(delivery))
                 inflight.start(self._handle(got[0]))
         finally:
             await inflight.finish()

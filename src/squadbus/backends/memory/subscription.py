@@ -42,6 +42,8 @@ class GroupSource:
         if item is None:
             return ()
         got = [MemoryDelivery(item[0], item[1], group, item[2])]
+        if max_count == 1:
+            return got
         while len(got) < max_count and (item := group.take()) is not None:
             got.append(MemoryDelivery(item[0], item[1], group, item[2]))
         return got
