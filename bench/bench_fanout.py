@@ -26,7 +26,7 @@ import time
 from uuid import uuid4
 
 from squadbus.benchmarks.guide_bus import GuideMessageBus
-from squadbus.benchmarks.loops import LOOPS, default_loop, run
+from squadbus.benchmarks.loops import DEFAULT_LOOP, LOOPS, run
 from squadbus.benchmarks.stats import Environment
 from squadbus.core.bus import Bus
 from squadbus.core.inbox import Inbox
@@ -137,8 +137,8 @@ def main() -> int:
     parser.add_argument("--agents", type=int, nargs="+", default=[2500, 10000])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--url", default="memory://")
-    parser.add_argument("--loop", choices=LOOPS, default=default_loop(),
-                        help="event loop (default uvloop when installed, as squadbus simulate)")
+    parser.add_argument("--loop", choices=LOOPS, default=DEFAULT_LOOP,
+                        help="event loop (default asyncio, as squadbus simulate)")
     args = parser.parse_args()
     env = Environment.current().as_dict()
     sys.stdout.write(f"{args.url}, {args.rounds} squad broadcasts per size, {args.loop} loop; {env}\n")

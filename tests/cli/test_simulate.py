@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from squadbus.benchmarks.loops import default_loop, uvloop_installed
+from squadbus.benchmarks.loops import DEFAULT_LOOP, uvloop_installed
 from squadbus.benchmarks.simulate import SimConfig
 from squadbus.benchmarks.simulate_squad import KINDS
 from squadbus.cli.main import main
@@ -60,7 +60,7 @@ def test_a_small_squad_on_memory_holds_and_every_kind_arrives(tmp_path: Path) ->
         assert last[kind]["max"] >= last[kind]["p50"] > 0
     assert last["squad"]["max"] >= routes["squad"]["p50"]
     assert "by route    direct+request+reply p50" in stdout and "last copy   squad broadcast median" in stdout
-    assert run["loop"] == default_loop()
+    assert run["loop"] == DEFAULT_LOOP
     assert run["rates"]["offered_msgs_per_s"] > 0 and run["rates"]["delivered_per_s"] > 0
     [host] = run["processes_figures"]["hosts"]
     assert host["rss_kib"] > 0 and host["gc_frozen"] is True and host["gc_frozen_objects"] > 0
@@ -79,12 +79,17 @@ def test_json_on_stdout_instead_of_the_table() -> None:
     assert document["runs"][0]["loop"] == "asyncio"
 
 
-def test_the_default_loop_is_uvloop_where_it_is_installed() -> None:
-    assert default_loop() == ("uvloop" if uvloop_installed() else "asyncio")
-    assert SimConfig(url="memory://", agents=10, msgs_per_hour=60).loop == default_loop()
+def test_the_loop_is_asyncio_unless_uvloop_is_asked_for() -> None:
+    assert SimConfig(url="memory://", agents=10, msgs_per_hour=60).loop == DEFAULT_LOOP == "asyncio"
     if not uvloop_installed():
         with pytest.raises(ConfigError, match="uvloop is not installed"):
             SimConfig(url="memory://", agents=10, msgs_per_hour=60, loop="uvloop")
+    else:
+        code, stdout, _ = _run("--url", "memory://", "--agents", "20", "--msgs-per-hour", "60", "--speedup", "600",
+                               "--duration", "1", "--p99-target", "60000", "--loop", "uvloop", "--json", "-")
+        assert code == 0
+        [run] = json.loads(stdout)["runs"]
+        assert run["loop"] == "uvloop" and run["lost"] == 0 and run["delivered"]["total"] > 0
     with pytest.raises(ConfigError, match="unknown event loop"):
         SimConfig(url="memory://", agents=10, msgs_per_hour=60, loop="trio")
 

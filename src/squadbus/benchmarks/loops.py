@@ -1,8 +1,10 @@
-"""Which event loop a benchmark process runs: asyncio's own, or uvloop where it is installed.
+"""Which event loop a benchmark process runs: asyncio's own, or uvloop (``--loop uvloop``).
 
 uvloop comes with the ``server`` extra (uvicorn runs on it). ``squadbus simulate`` (the parent and
-every host process) and ``bench/bench_fanout.py`` use it by default when it can be imported, and
-``asyncio`` when asked (``--loop asyncio``) or when it cannot; docs/scaling.md has both figures.
+every host process) and ``bench/bench_fanout.py`` run asyncio's loop unless asked for uvloop: on
+memory:// uvloop measured no better (docs/scaling.md, "Broadcast copies"): a squad broadcast's cost
+is waking agents' tasks, which is asyncio's C task code on either loop, and the fan-out hands the
+loop one callback for all of them.
 """
 
 from __future__ import annotations
@@ -26,9 +28,7 @@ def uvloop_installed() -> bool:
     return importlib.util.find_spec("uvloop") is not None
 
 
-def default_loop() -> str:
-    """``uvloop`` when installed, else ``asyncio``."""
-    return UVLOOP if uvloop_installed() else ASYNCIO
+DEFAULT_LOOP = ASYNCIO
 
 
 def check_loop(name: str) -> str:

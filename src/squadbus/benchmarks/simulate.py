@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from squadbus.benchmarks.loops import check_loop, default_loop
+from squadbus.benchmarks.loops import DEFAULT_LOOP, check_loop
 from squadbus.benchmarks.simulate_host import (
     MODULE,
     GcPauses,
@@ -116,8 +116,8 @@ class SimConfig:
     seed: int = 0
     p99_target_ms: float | None = None
     """The p99 a held scenario stays under; None: 10 ms, 50 ms on Kafka."""
-    loop: str = field(default_factory=default_loop)
-    """The event loop of the parent and every host: ``uvloop`` (the default when installed) or ``asyncio``."""
+    loop: str = DEFAULT_LOOP
+    """The event loop of the parent and every host: ``asyncio`` or ``uvloop`` (squadbus.benchmarks.loops)."""
 
     def __post_init__(self) -> None:
         check_loop(self.loop)
