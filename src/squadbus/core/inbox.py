@@ -156,14 +156,15 @@ class _NextDelivery:
         self._asyncio_future_blocking = None
         inbox = self._inbox
         queue = inbox._queue
-        if queue.empty():
+        items = queue._items  # the mailbox's deque, read here without a call: once per delivery
+        if not items:
             self._state = _WAITING
             self._loop = asyncio.get_running_loop()
             self._asyncio_future_blocking = True  # what Future.__await__ sets: the task waits on it
             queue._getters.append(self)
             return self
         self.busy = False
-        delivery = queue.get_nowait()
+        delivery = items.popleft()
         if delivery is None:
             queue.put_nowait(None)  # for the next waiting loop
             raise StopAsyncIteration
