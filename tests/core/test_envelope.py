@@ -38,6 +38,37 @@ def test_round_trip(sender: str, recipient: str | None, content: str, metadata: 
     assert decoded.created_at == created
 
 
+@pytest.mark.parametrize("sender", ["a", uuid.UUID(int=7)])  # every name text (one memoised check), or not
+@pytest.mark.parametrize(
+    ("names", "error"),
+    [
+        ({"subject": "agent.*"}, "subject"),
+        ({"subject": 7}, "subject"),
+        ({"sender_id": "a b"}, "sender_id"),
+        ({"sender_id": 7}, "sender_id"),
+        ({"recipient_id": "b.c"}, "recipient_id"),
+        ({"domain": "d.e"}, "domain"),
+        ({"domain": 7}, "domain"),
+    ],
+)
+def test_build_refuses_a_bad_name_wherever_it_is(sender: object, names: dict[str, object], error: str) -> None:
+    fields: dict[str, object] = {"subject": "agent.x", "sender_id": sender, "recipient_id": "b", "domain": "d",
+                                 "content": "c", **names}
+    with pytest.raises(InvalidMessage, match=error):
+        envelope.build(**fields)  # type: ignore[arg-type]
+    # the first bad name is the one named, as the fields are read: subject, sender, recipient, domain
+    with pytest.raises(InvalidSubject, match="subject"):
+        envelope.build(**{**fields, "subject": "agent.>"})  # type: ignore[arg-type]
+
+
+def test_build_keeps_the_names_it_was_given() -> None:
+    m = envelope.build(subject="agent.message.b", sender_id="a", recipient_id="b", domain="d", content="c")
+    assert (m.subject, m.sender_id, m.recipient_id, m.domain) == ("agent.message.b", "a", "b", "d")
+    m = envelope.build(subject="agent.message.b", sender_id=uuid.UUID(int=1), recipient_id=uuid.UUID(int=2),
+                       content="c")
+    assert (m.sender_id, m.recipient_id) == (str(uuid.UUID(int=1)), str(uuid.UUID(int=2)))
+
+
 def test_defaults_and_ids() -> None:
     m = envelope.build(subject="agent.message.dev-1", sender_id=uuid.UUID(int=7), content="hi")
     assert m.id.version == 4

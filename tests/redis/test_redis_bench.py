@@ -49,3 +49,10 @@ async def test_the_raw_client_waits_for_a_connection_when_many_sends_are_in_flig
     finally:
         await client.delete("bench-many")
         await client.aclose()
+
+
+async def test_the_concurrent_pair_runs_alone_and_reports_its_ratio(redis_server: RedisServer) -> None:
+    ours, raw_conc = await redis_bench.run_concurrent(url=redis_server.url, count=300, rounds=2)
+    assert (ours.count, raw_conc.count) == (300, 300)
+    assert ours.ratio is not None and ours.ratio > 0 and "median of rounds" in ours.notes
+    assert raw_conc.ratio is None

@@ -309,6 +309,15 @@ async def run(*, url: str, count: int, rate: float, rounds: int = ROUNDS) -> lis
     return [median_of(raw), *lines, envelope_line, concurrent_line, raw_lat, our_lat]
 
 
+async def run_concurrent(*, url: str, count: int, rounds: int = ROUNDS) -> list[Result]:
+    """Only the concurrent-send pair, interleaved ``rounds`` times: concurrent ``Bus.send`` -> group
+    handler, then redis-py doing the same pattern (:func:`raw_concurrent_throughput`); the squadbus
+    line's ``ratio`` is the median of its per-round ratios to the raw line."""
+    ours, raw_conc = await interleaved_rounds(
+        rounds, lambda: squadbus_throughput(url, count), lambda: raw_concurrent_throughput(url, count))
+    return [_compared(ours, raw_conc, "ratio vs raw concurrent auto-pipelined (same pattern)"), median_of(raw_conc)]
+
+
 def _compared(line: list[Result], baseline: list[Result], what: str) -> Result:
     """``line``'s median round, with ``ratio`` the median of its per-round ratios to ``baseline``."""
     chosen = median_of(line)

@@ -5,8 +5,8 @@ its inbox's consumer group (``durable_name("inbox-<agent>", subject)``, the grou
 subscription used, so entries it left pending are delivered after an upgrade). Instead of one
 blocking ``XREADGROUP`` per inbox, one :class:`InboxHub` per backend serves every open agent:
 
-* **bells**: the publish script ``PUBLISH``es ``<prefix>:bell:<agent>`` (empty) with every direct
-  message; the hub holds one Pub/Sub connection subscribed to the bells of its open agents
+* **bells**: the publish script ``PUBLISH``es ``<prefix>:bell:<agent>`` (empty) once per call that stores direct
+  messages to it; the hub holds one Pub/Sub connection subscribed to the bells of its open agents
   (:mod:`.bells`);
 * **driver** (one task): for the agents whose bell rang, one pipelined round trip of non-blocking
   ``XREADGROUP ... COUNT 1 STREAMS <key> >`` (one command per agent: every agent has its own
