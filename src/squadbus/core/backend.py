@@ -11,6 +11,12 @@ Extra abilities are separate protocols checked with ``isinstance``:
 :class:`Requester` (a native request/reply faster than publish + reply subject),
 :class:`BatchPublisher` (many messages in few round trips) and
 :class:`BatchSubscriber` (deliveries handed over in batches).
+
+A subscription's handlers are run by the consumer runtime
+(:mod:`squadbus.core.consumer`) over a
+:class:`~squadbus.core.source.DeliverySource` the backend opens: the memory
+backend does; the others still run their own loops and move one at a time
+(docs/design/inboxes.md).
 """
 
 from __future__ import annotations

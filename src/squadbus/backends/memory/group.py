@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from squadbus.backends.memory.admission import SpaceWaiter, admit_next
@@ -109,6 +110,30 @@ class GroupBuffer:
         if self.space_waiters:
             admit_next(self)
         return message, delivered + 1, gap
+
+    def deliveries(self, max_count: int) -> Sequence[MemoryDelivery]:
+        """Up to ``max_count`` next messages as deliveries (what :meth:`take` does, per message), empty when
+        there is none: a member's poll (squadbus.backends.memory.subscription), its hot path, so take()
+        is inlined here."""
+        buffer = self.buffer
+        if not buffer:
+            return ()
+        if max_count == 1:  # a member handing one delivery at a time: no list
+            message, delivered = buffer.popleft()
+            self.inflight += 1
+            gap, self.pending_gap = self.pending_gap, 0
+            if self.space_waiters:
+                admit_next(self)
+            return (MemoryDelivery(message, delivered + 1, self, gap),)
+        got: list[MemoryDelivery] = []
+        while buffer and len(got) < max_count:
+            message, delivered = buffer.popleft()
+            self.inflight += 1
+            gap, self.pending_gap = self.pending_gap, 0
+            got.append(MemoryDelivery(message, delivered + 1, self, gap))
+        if self.space_waiters:
+            admit_next(self)
+        return got
 
     def entry_waiter(self) -> asyncio.Future[None]:
         """A future that a push or requeue resolves; await it directly (no coroutine around it: a waiting

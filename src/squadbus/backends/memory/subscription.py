@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from squadbus.backends.memory.group import GroupBuffer, MemoryDelivery
+from squadbus.backends.memory.group import GroupBuffer
 from squadbus.core.backend import BatchRawHandler, Delivery, RawHandler
 from squadbus.core.consumer import Consumer
 from squadbus.core.errors import Closed
@@ -16,15 +16,24 @@ if TYPE_CHECKING:
     from squadbus.backends.memory.backend import MemoryBackend
 
 
+def _nothing(max_count: int) -> Sequence[Delivery]:
+    return ()
+
+
 class GroupSource:
     """The deliveries of one member of a memory group (a DeliverySource): taken from the group's buffer, in
     order, each counted in flight until it is settled."""
 
-    __slots__ = ("_closed", "_group")
+    __slots__ = ("_group", "poll")
 
     def __init__(self, group: GroupBuffer) -> None:
         self._group = group
-        self._closed = False
+        # poll is the group's own method (and _nothing once closed), not a method of this class calling
+        # take(): one call less per delivery. 100 broadcasts to 1,000 subscriptions, CPU per delivery, min of
+        # 5, interleaved with the loop this runtime replaced (load 1.4-2.9): a poll method around take() and
+        # a list per delivery cost 1.53-1.56 us vs 1.38-1.40; this and GroupBuffer.deliveries' one-delivery
+        # path 1.13-1.14 vs 1.10-1.13 (the same measure without the set-up and close of the subscriptions).
+        self.poll: Callable[[int], Sequence[Delivery]] = group.deliveries
 
     @property
     def pattern(self) -> str:
@@ -34,22 +43,8 @@ class GroupSource:
     def group(self) -> str | None:
         return self._group.name
 
-    def poll(self, max_count: int) -> Sequence[Delivery]:
-        if self._closed:
-            return ()
-        group = self._group
-        item = group.take()
-        if item is None:
-            return ()
-        got = [MemoryDelivery(item[0], item[1], group, item[2])]
-        if max_count == 1:
-            return got
-        while len(got) < max_count and (item := group.take()) is not None:
-            got.append(MemoryDelivery(item[0], item[1], group, item[2]))
-        return got
-
     async def receive(self, max_count: int, wait: float) -> Sequence[Delivery]:
-        if self._closed:
+        if self.poll is _nothing:
             raise Closed("this subscription is closed")
         got = self.poll(max_count)
         if got or wait <= 0:
@@ -75,7 +70,7 @@ class GroupSource:
         self._group.give_back([(d.message, d.attempt, d.gap_before) for d in deliveries])
 
     async def close(self) -> None:
-        self._closed = True
+        self.poll = _nothing
 
 
 class MemorySubscription(Consumer):
