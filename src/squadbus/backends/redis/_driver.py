@@ -117,7 +117,7 @@ class PackedCommand:
         parts = self._parts
         for arg in args:
             data = arg if arg.__class__ is bytes else str(arg).encode()
-            parts += (b"$%d\r\n" % len(data), data, b"\r\n")
+            parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
             self._count += 1
 
     def add_packed(self, count: int, parts: list[bytes]) -> None:
