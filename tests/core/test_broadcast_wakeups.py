@@ -8,6 +8,8 @@ cancelled between its wake-up and its turn loses nothing.
 from __future__ import annotations
 
 import asyncio
+import gc
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -149,3 +151,26 @@ async def test_a_wake_up_that_raises_goes_to_the_loop_exception_handler_and_the_
         loop.set_exception_handler(previous)
     assert ran == [1, 3]
     assert [str(e["exception"]) for e in errors] == ["boom"]
+
+
+async def test_a_broadcast_waiting_for_its_copies_holds_no_object_per_inbox_but_the_copy() -> None:
+    async with Bus.from_url("memory://") as bus:
+        inboxes = [await bus.inbox(f"dev-{n}").open() for n in range(AGENTS)]
+        taken: list[Delivery] = []
+
+        async def hold(inbox: Inbox) -> None:  # takes its copy and does not settle it yet
+            taken.append(await inbox.get())
+
+        gc.collect()
+        before = Counter(type(o).__qualname__ for o in gc.get_objects())
+        await bus.broadcast("pm", "all hands")
+        async with asyncio.timeout(WAIT):
+            await asyncio.gather(*(hold(inbox) for inbox in inboxes))
+        gc.collect()
+        during = Counter(type(o).__qualname__ for o in gc.get_objects())
+        for delivery in taken:
+            await delivery.ack()
+        grown = {kind: (during[kind] - before[kind]) / AGENTS for kind in during}
+        assert grown.get("_Copy", 0) == 1, grown
+        # The fan-out's snapshot of its listeners was a list of (inbox, policy) tuples: one more per inbox.
+        assert grown.get("tuple", 0) < 0.1, grown
