@@ -192,10 +192,12 @@ class BroadcastHub:
                     stats.delivered += len(targets)
                     if attempt > 1:
                         stats.redelivered += len(targets)
-                    for inbox, on_failure in targets.items():  # _offer inlined: once per inbox per broadcast
-                        if not inbox.offer(_Copy(message, attempt, inbox, self, fanout, on_failure), wakeups):
-                            fanout.finish_one()
-                    wakeups.flush()
+                    try:
+                        for inbox, on_failure in targets.items():  # _offer inlined: once per inbox per broadcast
+                            if not inbox.offer(_Copy(message, attempt, inbox, self, fanout, on_failure), wakeups):
+                                fanout.finish_one()
+                    finally:
+                        wakeups.flush()  # the agents given a copy are woken whatever happens to the rest
                     async with leases_kept([delivery], max(0.05, self._bus.consumer_options.ack_wait / 3)):
                         await asyncio.wait({fanout.done})
                 await delivery.ack()
