@@ -3,6 +3,7 @@
 
     python bench/bench_persist.py [--backend redis|nats] [--store postgres|sqlite] [--count 50000]
                                   [--runs 3] [--size 1024] [--py-spy FILE] [--no-bus-alone]
+                                  [--parallel-writes N]
 
 Each run starts private servers (PostgreSQL 15 with server defaults: fsync on;
 Redis with the `fast` test profile (no persistence); nats-server with file storage and
@@ -21,7 +22,9 @@ from /proc, with the 1-minute load average at the end.
 After each run every message is checked stored exactly once, in publish order
 per execution. ``--py-spy FILE`` samples the db-writer process with py-spy (installed
 apart, on PATH or in $PY_SPY) from start to the last row, collapsed stacks to
-``FILE.<run>`` (``--idle`` off: on-CPU time only).
+``FILE.<run>`` (``--idle`` off: on-CPU time only). ``--parallel-writes N`` (PostgreSQL) gives the
+db-writer's store URL ``?parallel_writes=N`` (default: the store's default, 1); each run's figures are
+printed as it ends, then worst .. best over the runs.
 """
 
 from __future__ import annotations
@@ -202,7 +205,7 @@ async def run_bus_alone(url: str, count: int) -> tuple[float, float]:
 
 
 async def one_run(backend: str, store_kind: str, count: int, size: int, spy: Path | None,
-                  with_bus_alone: bool = True) -> dict[str, float]:
+                  with_bus_alone: bool = True, parallel_writes: int | None = None) -> dict[str, float]:
     messages = make_messages(count, size)
     with ExitStack() as stack:
         base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="squadbus-persist-")))
@@ -238,10 +241,11 @@ async def one_run(backend: str, store_kind: str, count: int, size: int, spy: Pat
         bus_us, bus_rate = await run_bus_alone(url, count) if with_bus_alone else (float("nan"), float("nan"))
 
         log = base / "db-writer.log"
+        writer_url = store_url if parallel_writes is None else f"{store_url}?parallel_writes={parallel_writes}"
         started = time.perf_counter()
         with log.open("wb") as out:
             proc = await asyncio.create_subprocess_exec(
-                SQUADBUS, "worker", "db-writer", "--url", url, "--store", store_url,
+                SQUADBUS, "worker", "db-writer", "--url", url, "--store", writer_url,
                 stdout=out, stderr=out, stdin=asyncio.subprocess.DEVNULL,
                 env={**os.environ, "SQUADBUS_DATA_DIR": str(base)})
         sampler = None
@@ -306,18 +310,29 @@ def main() -> int:
     parser.add_argument("--py-spy", type=Path, default=None, metavar="FILE",
                         help="sample the db-writer with py-spy into FILE.<run> (collapsed stacks)")
     parser.add_argument("--no-bus-alone", action="store_true", help="skip the bus-alone measurement")
+    parser.add_argument("--parallel-writes", type=int, default=None, metavar="N",
+                        help="PostgreSQL: the db-writer's parallel_writes (default: the store's, 1)")
     parser.add_argument("--bus-alone-child", nargs=2, metavar=("URL", "COUNT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bus_alone_child:
         us, rate = asyncio.run(bus_alone(args.bus_alone_child[0], int(args.bus_alone_child[1])))
         sys.stdout.write(f"{us} {rate}\n")
         return 0
-    runs = [asyncio.run(one_run(args.backend, args.store, args.count, args.size,
-                                None if args.py_spy is None else args.py_spy.with_name(f"{args.py_spy.name}.{i}"),
-                                not args.no_bus_alone))
-            for i in range(args.runs)]
+    if args.parallel_writes is not None and args.store != "postgres":
+        parser.error("--parallel-writes is a PostgreSQL store setting")
     out = sys.stdout
-    out.write(f"{args.backend} -> db-writer process -> {args.store}, {args.count:,} msgs of {args.size} B, "
+    runs = []
+    for i in range(args.runs):
+        spy = None if args.py_spy is None else args.py_spy.with_name(f"{args.py_spy.name}.{i}")
+        run = asyncio.run(one_run(args.backend, args.store, args.count, args.size, spy, not args.no_bus_alone,
+                                  args.parallel_writes))
+        out.write(f"run {i + 1}: {run['db_writer_rows_per_s']:,.0f} rows/s, store alone "
+                  f"{run['store_alone_rows_per_s']:,.0f}, db-writer {run['db_writer_cpu_us_per_row']:.1f} us/row, "
+                  f"load {run['load_average_1min']:.2f}\n")
+        out.flush()
+        runs.append(run)
+    writes = "" if args.parallel_writes is None else f", parallel_writes={args.parallel_writes}"
+    out.write(f"{args.backend} -> db-writer process -> {args.store}{writes}, {args.count:,} msgs of {args.size} B, "
               f"{args.runs} runs (worst .. best, median)\n")
     for key in runs[0]:
         values = sorted(r[key] for r in runs)

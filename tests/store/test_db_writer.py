@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 import pytest
 
+from squadbus.core import envelope
 from squadbus.core.backend import ConsumerOptions, Delivery
 from squadbus.core.bus import Bus
 from squadbus.core.dispatch import DLQ_ORIGINAL_ID
@@ -19,7 +20,7 @@ from squadbus.core.settings import Settings
 from squadbus.store import HistoryQuery, HistoryStore, StoredMessage, open_store
 from squadbus.testing.servers.postgres import PostgresServer
 from squadbus.workers.base import Worker
-from squadbus.workers.db_writer import DbWriter
+from squadbus.workers.db_writer import DbWriter, split_by_execution
 from squadbus.workers.registry import build_worker, worker_names
 from tests.store.suite import StoreFactory
 
@@ -354,4 +355,114 @@ async def test_a_batch_failed_by_the_store_is_written_before_later_ones(
     assert_exactly_once(rows, sent)
     stored_order = [row.message.id for row in sorted(rows, key=lambda r: r.seq)]
     assert stored_order == [m.id for m in sent]
+    assert bus.stats.dead_lettered == 0
+
+
+def test_a_batch_splits_by_execution_each_part_in_order() -> None:
+    executions = [uuid.uuid4() for _ in range(5)]
+    # 12 messages of executions[0], 3 of each other, 4 with no execution, interleaved.
+    order = [0] * 12 + [1, 2, 3, 4] * 3 + [None] * 4
+    messages = [envelope.build(subject="agent.message.dev", sender_id="pm", recipient_id="dev", content=str(i),
+                               task_execution_id=None if which is None else executions[which])
+                for i, which in enumerate(order)]
+    shuffled = [messages[i] for i in (0, 12, 1, 24, 13, 2, 14, 25, 3, 15, 4, 16, 5, 26, 17, 6, 18, 7, 19, 27, 8, 20,
+                                      9, 21, 10, 22, 11, 23)]
+    parts = split_by_execution(shuffled, 2)
+    assert sorted(i for part in parts for i in part) == list(range(len(shuffled)))
+    for part in parts:
+        assert part == sorted(part)
+    owner = {shuffled[i].task_execution_id: n for n, part in enumerate(parts) for i in part}
+    for n, part in enumerate(parts):
+        assert all(owner[shuffled[i].task_execution_id] == n for i in part)
+    assert sorted(len(part) for part in parts) == [13, 15]  # 12, then 4 and 3 + 3 + 3 to the lighter, then 3
+    assert split_by_execution(shuffled, 1) == [list(range(len(shuffled)))]
+    assert len(split_by_execution(shuffled, 10)) == 6  # one part per execution at most
+    one_execution = [m for m in shuffled if m.task_execution_id == executions[0]]
+    assert split_by_execution(one_execution, 2) == [list(range(12))]
+
+
+class ConcurrentStore:
+    """Wraps a store: counts the writes in flight at once, and fails (ConnectionLost) every write that
+    holds a message of execution ``down`` while it is set."""
+
+    def __init__(self, inner: HistoryStore) -> None:
+        self.inner = inner
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.down: uuid.UUID | None = None
+        self.failed = 0
+
+    async def write(self, messages: Sequence[Message]) -> list[StoredMessage]:
+        if self.down is not None and any(m.task_execution_id == self.down for m in messages):
+            self.failed += 1
+            raise ConnectionLost("injected: this part's connection is down")
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(0.001)  # both parts are in the store at once
+            return await self.inner.write(messages)
+        finally:
+            self.in_flight -= 1
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+async def test_parallel_writes_keep_each_execution_in_publish_order(bus: Bus, store: HistoryStore) -> None:
+    concurrent = ConcurrentStore(store)
+    batches: list[list[StoredMessage]] = []
+
+    async def on_written(rows: list[StoredMessage]) -> None:
+        batches.append(rows)
+
+    writer = DbWriter(bus, concurrent, batch_size=60, max_wait=0.01, parallel_writes=2,  # type: ignore[arg-type]
+                      on_written=on_written)
+    await writer.start()
+    sender = f"pm-{uuid.uuid4().hex[:6]}"
+    executions = [uuid.uuid4() for _ in range(5)]
+    sent = await publish_mix(bus, sender, executions, 600)
+    sent += [await bus.send(sender, "dev-1", f"none {i}") for i in range(20)]  # no execution: one sequence
+    await eventually(lambda: writer.stats.messages >= len(sent))
+    await writer.stop()
+    assert concurrent.most_in_flight == 2
+    rows = await all_rows(store, sender)
+    assert_exactly_once(rows, sent)
+    position = {m.id: i for i, m in enumerate(sent)}
+    for execution in [*executions, None]:
+        mine = sorted((r for r in rows if r.message.task_execution_id == execution), key=lambda r: r.seq)
+        assert [position[r.message.id] for r in mine] == sorted(position[r.message.id] for r in mine)
+    # on_written: once per batch, one row per message, each execution's rows in order.
+    assert sum(len(b) for b in batches) == len(sent) == bus.stats.acked
+    for batch in batches:
+        seqs: dict[uuid.UUID | None, list[int]] = {}
+        for row in batch:
+            seqs.setdefault(row.message.task_execution_id, []).append(row.seq)
+        assert all(s == sorted(s) for s in seqs.values())
+
+
+async def test_a_failed_part_acks_only_what_was_stored(bus: Bus, store: HistoryStore) -> None:
+    concurrent = ConcurrentStore(store)
+    good, bad = uuid.uuid4(), uuid.uuid4()
+    concurrent.down = bad
+    writer = DbWriter(bus, concurrent, batch_size=50, max_wait=0.05, retry_for=0.1,  # type: ignore[arg-type]
+                      parallel_writes=2)
+    sender = f"pm-{uuid.uuid4().hex[:6]}"
+    sent = []
+    for i in range(20):
+        for execution, name in ((good, "good"), (bad, "bad")):
+            sent.append(envelope.build(subject="agent.message.dev-1", sender_id=sender, recipient_id="dev-1",
+                                       content=f"{name} {i}", task_execution_id=execution))
+    await bus.publish_many(sent)
+    await writer.start()
+    await eventually(lambda: bus.stats.nacked >= 20 and concurrent.failed >= 2)
+    rows = await all_rows(store, sender)
+    # The part that committed was acked; the failed one was given back, none of it acked or stored.
+    assert {r.message.task_execution_id for r in rows} == {good}
+    assert len(rows) == bus.stats.acked == writer.stats.messages == 20
+    concurrent.down = None
+    await eventually(lambda: writer.stats.messages >= len(sent))
+    await writer.stop()
+    rows = await all_rows(store, sender)
+    assert_exactly_once(rows, sent)  # (given back after retry_for, a part's order is not kept: see DbWriter)
+    assert bus.stats.acked == len(sent)
     assert bus.stats.dead_lettered == 0

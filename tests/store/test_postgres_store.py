@@ -41,7 +41,11 @@ def test_url_parsing() -> None:
     assert s.dsn == "postgresql://u:p@h:5433/db?sslmode=disable"
     assert (s.min_size, s.max_size) == (1, 4)
     assert PostgresSettings.from_url("postgres://h/db").dsn == "postgresql://h/db"
-    for bad in ("postgresql://h/db?max_size=x", "postgresql://h/db?min_size=5&max_size=2", "redis://h"):
+    assert PostgresSettings.from_url("postgres://h/db").parallel_writes == 1
+    with_parts = PostgresSettings.from_url("postgresql://h/db?parallel_writes=2&sslmode=disable")
+    assert (with_parts.parallel_writes, with_parts.dsn) == (2, "postgresql://h/db?sslmode=disable")
+    for bad in ("postgresql://h/db?max_size=x", "postgresql://h/db?min_size=5&max_size=2", "redis://h",
+                "postgresql://h/db?parallel_writes=0"):
         with pytest.raises(ConfigError):
             PostgresSettings.from_url(bad)
 

@@ -8,6 +8,8 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
+
 import nats
 from squadbus.backends.nats.settings import DEFAULT_STREAM
 from squadbus.core import envelope
@@ -71,6 +73,24 @@ async def test_a_backlog_is_written_once_in_order_and_every_batch_acked(nats_url
         assert writer.stats.batches >= len(sent) // 25
         assert_once_in_order(await stored(store), sent)
     # ack_wait is 30 s: an ack lost or never sent would keep a message pending at the server.
+    await eventually(lambda: _all_acked(nats_url), within=5.0)
+
+
+@pytest.mark.postgres
+async def test_a_backlog_into_postgresql_in_parallel_parts_is_written_once_in_order(
+    nats_url: str, postgres_url: str
+) -> None:
+    sent = backlog(400)
+    async with Bus.from_url(nats_url) as bus, open_store(f"{postgres_url}?parallel_writes=2") as store:
+        await bus.publish_many(sent)
+        writer = DbWriter(bus, store, batch_size=50, max_wait=0.01)
+        assert writer.parallel_writes == 2  # from the store URL: two parts of each batch written at once
+        await writer.start()
+        try:
+            await eventually(lambda: writer.stats.messages >= len(sent))
+        finally:
+            await writer.stop()
+        assert_once_in_order(await stored(store), sent)
     await eventually(lambda: _all_acked(nats_url), within=5.0)
 
 

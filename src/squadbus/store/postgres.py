@@ -95,7 +95,8 @@ _MIGRATION_LOCK = 0x5155_4144  # pg_advisory_xact_lock key: one migrator at a ti
 _WRITE_ATTEMPTS = 5
 _COPY_MIN = 64
 _COLUMNS = "seq, stored_at, body, pk"
-_OUR_OPTIONS = {"min_size": int, "max_size": int, "command_timeout": float, "connect_timeout": float}
+_OUR_OPTIONS = {"min_size": int, "max_size": int, "command_timeout": float, "connect_timeout": float,
+                "parallel_writes": int}
 
 
 class _RetryWrite(Exception):
@@ -112,6 +113,9 @@ class PostgresSettings:
 
     ``min_size``/``max_size`` bound the pool; ``command_timeout`` and
     ``connect_timeout`` (seconds) bound each statement and each connect.
+    ``parallel_writes`` (default 1) is how many transactions a db-writer on
+    this store keeps writing at once, each on its own connection (parts of a
+    batch split by execution, see :mod:`squadbus.workers.db_writer`).
     Other query parameters go to the server (libpq style) unchanged.
     """
 
@@ -120,10 +124,13 @@ class PostgresSettings:
     max_size: int = 10
     command_timeout: float = 30.0
     connect_timeout: float = 10.0
+    parallel_writes: int = 1
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_size <= self.max_size or self.max_size < 1:
             raise ConfigError("need 0 <= min_size <= max_size and max_size >= 1")
+        if self.parallel_writes < 1:
+            raise ConfigError("parallel_writes must be >= 1")
         if self.command_timeout <= 0 or self.connect_timeout <= 0:
             raise ConfigError("timeouts must be positive")
 
@@ -170,11 +177,12 @@ def _translate(what: str) -> Iterator[None]:
 
 class PostgresStore:
     """A ``HistoryStore``, ``ClaimsIdGroups``, ``ListsExecutions`` and ``KeepsDeadLetters`` on PostgreSQL
-    (see the module docstring)."""
+    (see the module docstring). ``parallel_writes`` comes from the settings (the db-writer reads it)."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.settings = PostgresSettings.from_url(url)
+        self.parallel_writes = self.settings.parallel_writes
         self._pool: asyncpg.Pool | None = None
         self._open_lock = asyncio.Lock()
         self._closed = False

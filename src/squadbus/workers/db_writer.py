@@ -5,12 +5,29 @@ a backend that filters wildcards on the client reads each message once) with
 :meth:`~squadbus.core.bus.Bus.subscribe_batch`, and stores messages and
 replies; dead letters (``agent.dlq.>``) are acked without storing, they
 are copies. Up to ``batch_size`` deliveries (what is ready, or what arrived
-within ``max_wait``) are written in one transaction and acked only after
-COMMIT. Batches commit one at a time, in order. Every squadbus backend hands
-batches over itself; on a backend that cannot, deliveries are gathered
-in-process with up to ``pipeline`` batches fetched ahead, so the next fills
-while one commits.
-What happens on failure:
+within ``max_wait``) are written and acked only after COMMIT. Batches commit
+one at a time, in order. Every squadbus backend hands batches over itself; on
+a backend that cannot, deliveries are gathered in-process with up to
+``pipeline`` batches fetched ahead, so the next fills while one commits.
+
+Parallel writes: with ``parallel_writes`` above 1 (by default the store's
+``parallel_writes``: PostgreSQL's pool writes on several connections at once,
+``postgresql://…?parallel_writes=2``; 1 unless set, and always 1 on SQLite,
+which has one writer) a batch is split by execution into up to that many
+parts, each written in its own transaction at the same time. An execution's messages of a batch are all in one part, in
+order, and the next batch starts only when every part has committed or
+failed, so each execution's rows are stored in publish order. Each part is
+handled on its own below: a part that fails is retried, given back or
+dead-lettered as a whole batch would be, and only the deliveries of the
+parts that committed are acked (the store's idempotent write keeps one row
+of any message written twice). While one part waits on the database
+(BEGIN, the counters, COMMIT and its fsync: 8-14 ms of a 34 ms batch of 500
+at load 3) the other is encoded and sent. Not the default: NATS ->
+PostgreSQL in ``bench/bench_persist.py`` at load 2.2-4.3 (others' tests on
+the 2 cores), 11 interleaved runs each, gave 8.7k-25.2k rows/s (median
+17.6k) with 2 parts against 10.1k-21.4k (median 17.5k) with one, and 1-3 µs
+more db-writer CPU per row (two transactions per batch); docs/benchmarks.md.
+What happens on failure (of a batch, or of a part of one):
 
 * store unreachable (ConnectionLost, BackendTimeout): the batch is retried in
   place (backoff up to 1 s) until the store answers, its deliveries' leases
@@ -88,6 +105,9 @@ class DbWriter:
     ``max_in_flight`` come from ``batch_size`` and ``pipeline``);
     ``retry_for`` (default None: until the store answers) is how long a batch
     is retried in place while the store is unreachable before it is nacked.
+    ``parallel_writes`` (default: the store's ``parallel_writes`` attribute,
+    else 1) is how many parts of a batch, split by execution, are written at
+    once.
     """
 
     name = GROUP
@@ -104,9 +124,13 @@ class DbWriter:
         retry_for: float | None = None,
         pipeline: int = 2,
         options: ConsumerOptions | None = None,
+        parallel_writes: int | None = None,
     ) -> None:
-        if batch_size < 1 or pipeline < 1 or max_wait < 0 or (retry_for is not None and retry_for < 0):
-            raise ValueError("batch_size and pipeline must be >= 1, max_wait and retry_for >= 0")
+        if parallel_writes is None:
+            parallel_writes = getattr(store, "parallel_writes", 1)
+        if (batch_size < 1 or pipeline < 1 or max_wait < 0 or (retry_for is not None and retry_for < 0)
+                or not isinstance(parallel_writes, int) or parallel_writes < 1):
+            raise ValueError("batch_size, pipeline and parallel_writes must be >= 1, max_wait and retry_for >= 0")
         self.bus = bus
         self.store = store
         self.batch_size = batch_size
@@ -115,6 +139,7 @@ class DbWriter:
         self.on_dead_letters = on_dead_letters
         self.retry_for = retry_for
         self.pipeline = pipeline
+        self.parallel_writes = parallel_writes
         self.options = options or ConsumerOptions(max_deliver=1_000_000, backoff_base=0.1, backoff_max=5.0)
         self.stats = DbWriterStats()
         self._subs: list[Subscription] = []
@@ -137,8 +162,8 @@ class DbWriter:
         except BaseException:
             await self.stop()
             raise
-        logger.info("db-writer started (batch_size=%d, max_wait=%.3fs, store=%s)",
-                    self.batch_size, self.max_wait, type(self.store).__name__)
+        logger.info("db-writer started (batch_size=%d, max_wait=%.3fs, parallel_writes=%d, store=%s)",
+                    self.batch_size, self.max_wait, self.parallel_writes, type(self.store).__name__)
 
     async def stop(self) -> None:
         """Stop consuming; batches in flight are committed and acked first (idempotent).
@@ -177,16 +202,39 @@ class DbWriter:
         if fresh:
             # A long store outage must not hand the batch to another member meanwhile.
             async with leases_kept(fresh, max(0.5, self.options.ack_wait / 3)):
-                try:
-                    await self._process([d.message for d in fresh])
-                except Exception as exc:
-                    failures.update(dict.fromkeys(fresh, exc))
+                failures.update(await self._process(fresh))
         return failures
 
-    async def _process(self, messages: Sequence[Message]) -> None:
-        rows = await self._write(messages)
+    async def _process(self, deliveries: list[Delivery]) -> dict[Delivery, BaseException]:
+        """Write the batch (in parts at once, see the module docstring); the deliveries of failed parts."""
+        messages = [d.message for d in deliveries]
+        parts = split_by_execution(messages, self.parallel_writes)
+        if len(parts) == 1:
+            try:
+                rows = await self._write(messages)
+            except Exception as exc:
+                return dict.fromkeys(deliveries, exc)
+            await self._written(rows)
+            return {}
+        results = await asyncio.gather(*(self._write([messages[i] for i in part]) for part in parts),
+                                       return_exceptions=True)
+        failures: dict[Delivery, BaseException] = {}
+        written: list[tuple[int, StoredMessage]] = []
+        for part, result in zip(parts, results, strict=True):
+            if isinstance(result, Exception):
+                failures.update((deliveries[i], result) for i in part)
+            elif isinstance(result, BaseException):
+                raise result  # cancelled: the backend gives the batch back
+            else:
+                written += zip(part, result, strict=True)
+        if written:
+            written.sort(key=lambda item: item[0])
+            await self._written([row for _, row in written])
+        return failures
+
+    async def _written(self, rows: list[StoredMessage]) -> None:
         self.stats.batches += 1
-        self.stats.messages += len(messages)
+        self.stats.messages += len(rows)
         if self.on_written is not None:
             try:
                 await self.on_written(rows)
@@ -270,3 +318,26 @@ class DbWriter:
         while len(self._poison) > _POISON_MEMORY:
             self._poison.popitem(last=False)
         return "found" if refused else "none"
+
+
+def split_by_execution(messages: Sequence[Message], parts: int) -> list[list[int]]:
+    """The indexes of ``messages`` in up to ``parts`` non-empty groups, each in input order, every
+    message of an execution (and every message of none) in one group; executions go to the group
+    with the fewest messages so far, largest first."""
+    if parts == 1 or len(messages) < 2:
+        return [list(range(len(messages)))]
+    by_execution: dict[UUID | None, list[int]] = {}
+    for i, message in enumerate(messages):
+        group = by_execution.get(message.task_execution_id)
+        if group is None:
+            by_execution[message.task_execution_id] = [i]
+        else:
+            group.append(i)
+    if len(by_execution) == 1:
+        return [list(range(len(messages)))]
+    groups: list[list[int]] = [[] for _ in range(min(parts, len(by_execution)))]
+    for indexes in sorted(by_execution.values(), key=len, reverse=True):
+        min(groups, key=len).extend(indexes)
+    for group in groups:
+        group.sort()
+    return groups
