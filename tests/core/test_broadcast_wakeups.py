@@ -18,7 +18,7 @@ import pytest
 from squadbus.core.backend import Delivery
 from squadbus.core.bus import Bus
 from squadbus.core.envelope import Message, new_id, utcnow
-from squadbus.core.inbox import Inbox, Wakeups
+from squadbus.core.inbox import Inbox, Wakeups, _NextDelivery
 
 WAIT = 5.0
 AGENTS = 200
@@ -133,23 +133,35 @@ async def test_a_wake_up_that_raises_goes_to_the_loop_exception_handler_and_the_
     errors: list[dict[str, Any]] = []
     previous = loop.get_exception_handler()
     loop.set_exception_handler(lambda _loop, context: errors.append(context))
-    ran: list[int] = []
+    ran: list[str] = []
     done = asyncio.Event()
 
     def boom(_waiter: object) -> None:
         raise RuntimeError("boom")
 
-    try:
-        wakeups = Wakeups(loop)
-        wakeups.add(lambda _waiter: ran.append(1), None, None)  # type: ignore[arg-type]
-        wakeups.add(boom, None, None)  # type: ignore[arg-type]
-        wakeups.add(lambda _waiter: (ran.append(3), done.set()), None, None)  # type: ignore[arg-type]
-        wakeups.flush()
-        wakeups.flush()  # nothing left: schedules nothing
-        await asyncio.wait_for(done.wait(), WAIT)
-    finally:
-        loop.set_exception_handler(previous)
-    assert ran == [1, 3]
+    def last(_waiter: object) -> None:
+        ran.append("three")
+        done.set()
+
+    async with Bus.from_url("memory://") as bus:
+        inbox = bus.inbox("dev-1")
+        callbacks: dict[str, Callable[[Any], object] | None] = {
+            "one": lambda w: ran.append("one"), "two": boom, "removed": None,  # removed before the batch ran
+            "three": last}
+        waiters = {}
+        for name, callback in callbacks.items():  # as a woken waiter holds its task's wake-up until the batch
+            waiters[name] = _NextDelivery(inbox)
+            waiters[name]._callback = callback
+        try:
+            wakeups = Wakeups(loop)
+            for name in ("one", "two", "removed", "three"):
+                wakeups.add(waiters[name])
+            wakeups.flush()
+            wakeups.flush()  # nothing left: schedules nothing
+            await asyncio.wait_for(done.wait(), WAIT)
+        finally:
+            loop.set_exception_handler(previous)
+    assert ran == ["one", "three"]
     assert [str(e["exception"]) for e in errors] == ["boom"]
 
 

@@ -49,9 +49,13 @@ class _Mailbox:
         getters = self._getters
         if getters:
             getter = getters[0]
-            if wakeups is not None and type(getter) is _NextDelivery and getter._state == _WAITING:
+            if (wakeups is not None and type(getter) is _NextDelivery and getter._state == _WAITING
+                    and getter._callback is not None):
+                # A fan-out's copy to an agent waiting in `async for`: woken, its task's wake-up left to the
+                # batch (set_result without the call_soon), inline: once per inbox per broadcast.
                 getters.popleft()
-                getter.wake_with(wakeups)  # a fan-out's copy to an agent waiting in `async for`
+                getter._state = _WOKEN
+                wakeups._waiters.append(getter)
                 return
             self._wake()
 
@@ -91,27 +95,31 @@ class Wakeups:
     wake-up raises none in practice) goes to the loop's exception handler, as a ``Handle``'s would.
     """
 
-    __slots__ = ("_items", "_loop")
+    __slots__ = ("_loop", "_waiters")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._items: list[tuple[Callable[[_NextDelivery], object], _NextDelivery, contextvars.Context]] = []
+        # Woken waiters that keep their task's wake-up callback until the batch runs it.
+        self._waiters: list[_NextDelivery] = []
 
-    def add(self, callback: Callable[[_NextDelivery], object], waiter: _NextDelivery,
-            context: contextvars.Context | None) -> None:
-        """Run ``callback(waiter)`` in ``context`` (None: a copy of the current one) when the batch runs."""
-        self._items.append((callback, waiter, context if context is not None else contextvars.copy_context()))
+    def add(self, waiter: _NextDelivery) -> None:
+        """Run the wake-up ``waiter`` holds (its task's, from ``add_done_callback``) when the batch runs."""
+        self._waiters.append(waiter)
 
     def flush(self) -> None:
         """Schedule what was collected as one callback (nothing if nothing was)."""
-        if self._items:
-            items, self._items = self._items, []
-            self._loop.call_soon(self._run, items)
+        if self._waiters:
+            waiters, self._waiters = self._waiters, []
+            self._loop.call_soon(self._run, waiters)
 
-    def _run(self, items: list[tuple[Callable[[_NextDelivery], object], _NextDelivery, contextvars.Context]]) -> None:
-        for callback, waiter, context in items:
+    def _run(self, waiters: list[_NextDelivery]) -> None:
+        for waiter in waiters:
+            callback, context = waiter._callback, waiter._context
+            if callback is None:  # removed meanwhile (remove_done_callback, or the waiting coroutine closed)
+                continue
+            waiter._callback = waiter._context = None
             try:
-                context.run(callback, waiter)
+                (context if context is not None else contextvars.copy_context()).run(callback, waiter)
             except (SystemExit, KeyboardInterrupt):
                 raise
             except BaseException as exc:  # what asyncio.Handle._run does with a callback's error
@@ -229,16 +237,6 @@ class _NextDelivery:
         if self._state == _WAITING:
             self._state = _WOKEN
             self._schedule()
-
-    def wake_with(self, wakeups: Wakeups) -> None:
-        """:meth:`set_result` with the task's wake-up left to ``wakeups`` (one fan-out's batch)."""
-        if self._state == _WAITING:
-            self._state = _WOKEN
-            callback = self._callback
-            if callback is None:  # not handed over yet: add_done_callback schedules it when it comes
-                return
-            wakeups.add(callback, self, self._context)
-            self._callback = self._context = None
 
     def cancel(self, msg: object = None) -> bool:
         """The waiting task is cancelled: wake it, to have CancelledError thrown in."""
