@@ -155,7 +155,7 @@ class Consumer:
         batches: BatchRawHandler | None = None, max_wait: float = 0.0,
     ) -> None:
         if (handler is None) == (batches is None):
-            raise ValueError("a consumer needs a handler or a batch handler, not both")
+            raise ValueError("a consumer needs one of handler and batches, not both")
         if max_wait < 0:
             raise ValueError("max_wait must be >= 0")
         self._source = source
@@ -300,8 +300,8 @@ class Consumer:
             batch.extend(waited)
 
     async def close(self) -> None:
-        """Stop pulling; the handler calls in progress (and a batch gathered) finish and settle first, then
-        the source closes. Idempotent."""
+        """Stop pulling: the handler calls in progress finish and settle, a batch still being gathered goes
+        back to the source (:meth:`DeliverySource.give_back`), then the source closes. Idempotent."""
         if self._closing:
             return
         self._closing = True
