@@ -23,9 +23,9 @@ parts that committed are acked (the store's idempotent write keeps one row
 of any message written twice). While one part waits on the database
 (BEGIN, the counters, COMMIT and its fsync: 8-14 ms of a 34 ms batch of 500
 at load 3) the other is encoded and sent. Not the default: NATS ->
-PostgreSQL in ``bench/bench_persist.py`` at load 2.2-4.3 (others' tests on
-the 2 cores), 11 interleaved runs each, gave 8.7k-25.2k rows/s (median
-17.6k) with 2 parts against 10.1k-21.4k (median 17.5k) with one, and 1-3 µs
+PostgreSQL in ``bench/bench_persist.py`` at load 2.2-4.8 (others' tests on
+the 2 cores), 13-14 alternated runs each, gave 8.7k-25.2k rows/s (median
+17.8k) with 2 parts against 10.1k-20.7k (median 17.5k) with one, and 1-5 µs
 more db-writer CPU per row (two transactions per batch); docs/benchmarks.md.
 What happens on failure (of a batch, or of a part of one):
 
