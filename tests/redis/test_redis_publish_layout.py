@@ -14,7 +14,8 @@ from squadbus.backends.redis import RedisBackend, RedisSettings
 from squadbus.backends.redis._driver import PackedCommand, execute_packed
 from squadbus.core import envelope, subjects
 from squadbus.core.backend import ConsumerOptions, Delivery, StartFrom
-from squadbus.core.bus import Bus
+from squadbus.core.bus import Bus, QueuedPublish
+from squadbus.core.errors import Closed
 
 pytestmark = pytest.mark.redis
 
@@ -84,3 +85,24 @@ async def test_a_group_reads_entries_written_with_and_without_an_execution(redis
                              bus.send("pm", "b", "3"), bus.send("pm", "b", "4", task_execution_id=execution))
         await asyncio.wait_for(done.wait(), 10)
     assert sorted(got) == ["1", "2", "3", "4"]
+
+
+async def test_bus_send_and_publish_await_the_publishers_future_and_fail_the_same_way(redis_url: str) -> None:
+    backend = RedisBackend(RedisSettings.from_url(redis_url))
+    assert isinstance(backend, QueuedPublish)  # Bus.send awaits enqueue's future, not a coroutine of publish
+    await backend.connect()
+    try:
+        async with Bus(backend, owns_backend=False) as bus:
+            sent = await bus.send("pm", "a", "one")
+            published = await bus.publish(_message("a", "two"))
+            again = await bus.publish(sent)  # a duplicate id: stored once, still a success
+            assert again is sent and published.content == "two"
+            client = backend._client
+            assert client is not None
+            entries = await client.xrange(backend.layout.subject_stream(subjects.direct("a")))
+            assert [envelope.decode(fields[b"m"]).content for _, fields in entries] == ["one", "two"]
+            await backend.close()
+            with pytest.raises(Closed):
+                await bus.send("pm", "a", "after close")
+    finally:
+        await backend.close()

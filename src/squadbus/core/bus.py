@@ -18,7 +18,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 from uuid import UUID
 
 from squadbus.core import envelope, subjects
@@ -49,6 +49,18 @@ logger = logging.getLogger("squadbus.bus")
 REPLY_TO = "reply_to"
 CORRELATION_ID = "correlation_id"
 DEADLINE = "deadline"
+
+
+@runtime_checkable
+class QueuedPublish(Protocol):
+    """A backend whose publish queues the message and hands back what to await (a future), rather than
+    being a coroutine of its own: :meth:`Bus.send` and :meth:`Bus.publish` then cost one coroutine
+    frame less per message, which a waiting send keeps alive (Redis: ~1.5 µs of CPU per concurrent
+    send, docs/backends/redis.md). ``enqueue`` has ``publish``'s contract: the awaitable completes
+    once the message is stored, or raises what ``publish`` raises; errors before queueing (e.g.
+    :class:`~squadbus.core.errors.Closed`) are raised by the call itself."""
+
+    def enqueue(self, message: Message) -> Awaitable[object]: ...
 
 
 class Bus:
@@ -106,6 +118,7 @@ class Bus:
         self._reply_lock = asyncio.Lock()
         self._pending_replies: dict[str, asyncio.Future[Message]] = {}
         self._broadcast_hub: BroadcastHub | None = None
+        self._enqueue = backend.enqueue if isinstance(backend, QueuedPublish) else None
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> Bus:
@@ -216,7 +229,10 @@ class Bus:
         subjects.validate_scheme(message.subject)
         if self.tracer is not None:
             return await self.tracer.publish(self.backend.publish, message)
-        await self.backend.publish(message)
+        if self._enqueue is not None:
+            await self._enqueue(message)
+        else:
+            await self.backend.publish(message)
         return message
 
     async def publish_many(self, messages: Sequence[Message]) -> Sequence[Message]:
@@ -273,7 +289,10 @@ class Bus:
         )
         if self.tracer is not None:
             return await self.tracer.publish(self.backend.publish, message)
-        await self.backend.publish(message)
+        if self._enqueue is not None:
+            await self._enqueue(message)
+        else:
+            await self.backend.publish(message)
         return message
 
     async def broadcast(

@@ -193,6 +193,12 @@ class RedisBackend:
         _, publisher = self._require()
         await publisher.submit([message])
 
+    def enqueue(self, message: Message) -> asyncio.Future[int]:
+        """:meth:`publish` without a coroutine of its own: the future to await (``Bus.send`` uses it,
+        see ``core.bus.QueuedPublish``)."""
+        _, publisher = self._require()
+        return publisher.submit([message])
+
     async def publish_many(self, messages: Sequence[Message]) -> None:
         """Store ``messages`` in as few Lua calls as ``publish_batch`` allows (BatchPublisher)."""
         _, publisher = self._require()
