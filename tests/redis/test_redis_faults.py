@@ -11,6 +11,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from squadbus.backends.redis import RedisBackend, RedisSettings
+from squadbus.backends.redis.consumer import RedisSubscription
+from squadbus.backends.redis.group import GroupSource
 from squadbus.core import subjects
 from squadbus.core.backend import ConsumerOptions, Delivery, durable_name
 from squadbus.core.bus import Bus
@@ -284,7 +286,8 @@ async def test_after_a_server_crash_a_member_first_re_reads_its_own_pending_entr
                 await asyncio.sleep(0.05)
             assert seen == ["first"] and await pending() == 3
             await bus.send("pm", agent, "lost", task_execution_id=execution)
-            reply = await raw.xreadgroup(redis_group, sub.consumer, {stream: ">"}, count=10)  # type: ignore[attr-defined]
+            assert isinstance(sub, RedisSubscription) and isinstance(sub.source, GroupSource)
+            reply = await raw.xreadgroup(redis_group, sub.source.consumer, {stream: ">"}, count=10)
             assert len(reply[0][1]) == 1, "the raw read under the member's name took 'lost'"
             await raw.aclose()
             await bus.send("pm", agent, "later", task_execution_id=execution)

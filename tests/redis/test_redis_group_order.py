@@ -22,7 +22,8 @@ import redis.asyncio as aioredis
 
 import redis as sync_redis
 from squadbus.backends.redis import RedisSettings
-from squadbus.backends.redis.group import GroupSubscription
+from squadbus.backends.redis.consumer import RedisSubscription
+from squadbus.backends.redis.group import GroupSource
 from squadbus.core import subjects
 from squadbus.core.backend import ConsumerOptions, Delivery, durable_name
 from squadbus.core.bus import Bus
@@ -165,7 +166,7 @@ async def test_a_member_paused_past_its_lease_stops_serving_the_partition(redis_
 
     async with Bus.from_url(redis_url) as bus:
         sub = await bus.subscribe(pattern, handle, group=group, options=ConsumerOptions(ack_wait=1.0))
-        assert isinstance(sub, GroupSubscription)
+        assert isinstance(sub, RedisSubscription) and isinstance(sub.source, GroupSource)
         await bus.send("pm", agent, "before")
         await eventually(lambda: got == ["before"], WAIT, "the first message")
         taker = threading.Timer(1.2, take_the_lease_and_send)

@@ -23,9 +23,9 @@ from squadbus.backends.redis._driver import (
     redis_errors,
     translate,
 )
-from squadbus.backends.redis.consumer import BaseConsumer, ConsumerContext, RedisCounters
-from squadbus.backends.redis.ephemeral import EphemeralSubscription
-from squadbus.backends.redis.group import GroupSubscription
+from squadbus.backends.redis.consumer import ConsumerContext, RedisCounters, RedisSubscription
+from squadbus.backends.redis.ephemeral import EphemeralSource
+from squadbus.backends.redis.group import GroupSource
 from squadbus.backends.redis.group_figures import group_figures as describe_groups
 from squadbus.backends.redis.inboxes import InboxHub
 from squadbus.backends.redis.layout import KeyLayout, entry_id_of, position_of
@@ -36,7 +36,7 @@ from squadbus.backends.redis.retention import Trimmer
 from squadbus.backends.redis.settings import Profile, RedisSettings
 from squadbus.backends.redis.watcher import StreamWatcher
 from squadbus.core import subjects
-from squadbus.core.backend import BatchRawHandler, ConsumerOptions, GroupFigures, RawHandler, Subscription, batch_only
+from squadbus.core.backend import BatchRawHandler, ConsumerOptions, GroupFigures, RawHandler, Subscription
 from squadbus.core.envelope import Message, decode
 from squadbus.core.errors import Closed, ConfigError, ConnectionLost, MalformedMessage, RequestTimeout
 from squadbus.core.inbox_source import InboxPresence
@@ -70,7 +70,7 @@ class RedisBackend:
         self._reconnects: Reconnects | None = None
         self._publisher: RedisPublisher | None = None
         self._trimmer: Trimmer | None = None
-        self._subscriptions: set[BaseConsumer] = set()
+        self._subscriptions: set[RedisSubscription] = set()
         self._inboxes: InboxHub | None = None
         self._reply_token = secrets.token_hex(8)
         self._watcher: StreamWatcher | None = None
@@ -206,36 +206,37 @@ class RedisBackend:
 
     async def subscribe(
         self, pattern: str, handler: RawHandler, *, group: str | None, options: ConsumerOptions
-    ) -> GroupSubscription | EphemeralSubscription:
+    ) -> RedisSubscription:
         """Join group ``(group, pattern)`` (created where ``options.start`` says), or read new entries."""
-        return await self._start_consumer(pattern, handler, group, options, None)
+        return await self._start_consumer(pattern, group, options, handler=handler)
 
     async def subscribe_batch(
         self, pattern: str, handler: BatchRawHandler, *, group: str | None, options: ConsumerOptions,
         max_wait: float,
-    ) -> GroupSubscription | EphemeralSubscription:
+    ) -> RedisSubscription:
         """Like :meth:`subscribe`, handing ``handler`` batches of up to ``batch_size`` (BatchSubscriber)."""
-        return await self._start_consumer(pattern, batch_only, group, options, (handler, max_wait))
+        return await self._start_consumer(pattern, group, options, batches=handler, max_wait=max_wait)
 
     async def _start_consumer(
-        self, pattern: str, handler: RawHandler, group: str | None, options: ConsumerOptions,
-        batches: tuple[BatchRawHandler, float] | None,
-    ) -> GroupSubscription | EphemeralSubscription:
+        self, pattern: str, group: str | None, options: ConsumerOptions, *, handler: RawHandler | None = None,
+        batches: BatchRawHandler | None = None, max_wait: float = 0.0,
+    ) -> RedisSubscription:
+        """Start a group member's or an ephemeral source, then core's consumer runtime over it."""
         subjects.validate_pattern(pattern)
         ctx = self._context()
-        sub: GroupSubscription | EphemeralSubscription
+        source: GroupSource | EphemeralSource
         if group is None:
-            sub = EphemeralSubscription(ctx, pattern, handler, options, self._stream_watcher())
+            source = EphemeralSource(ctx, pattern, options, self._stream_watcher())
         else:
-            sub = GroupSubscription(ctx, pattern, group, handler, options)
-        if batches is not None:
-            sub.use_batches(*batches)
+            source = GroupSource(ctx, pattern, group, options)
+        sub = RedisSubscription(source, handler=handler, batches=batches, max_wait=max_wait)
         try:
             async with asyncio.timeout(self.settings.publish_timeout):
-                await sub.start()
+                await source.start()
         except FAILURES as exc:
-            await sub.close()
+            await source.close()
             raise translate(exc, f"subscribe to {pattern!r}") from exc
+        sub.start(f"squadbus-redis-{group or 'ephemeral'}")
         self._subscriptions.add(sub)
         sub.on_closed = self._subscriptions.discard
         return sub
@@ -357,7 +358,8 @@ class RedisBackend:
     async def group_figures(self) -> list[GroupFigures]:
         """Lag, pending and dead letters of every consumer group (DescribesGroups); see :mod:`.group_figures`."""
         client, _ = self._require()
-        named = {sub.redis_group: sub.group_name for sub in self._subscriptions if isinstance(sub, GroupSubscription)}
+        named = {sub.source.redis_group: sub.source.group_name for sub in self._subscriptions
+                 if isinstance(sub.source, GroupSource)}
         return await describe_groups(client, self.layout, named=named)
 
     async def open_inboxes(self) -> list[InboxPresence]:

@@ -1,9 +1,12 @@
-"""What group and ephemeral subscriptions share: a local queue, handler workers, subject filter, decode.
+"""What group and ephemeral subscriptions share: a source of deliveries over a local queue, subject filter, decode.
 
-A subscription reads entries into a local queue (at most ``batch_size``)
-and runs ``max_in_flight`` worker tasks that hand deliveries to the handler
-in queue order; with one worker, one delivery at a time. ``close()`` stops
-reading, lets handlers in progress finish, then gives back what it holds.
+A subscription is core's consumer runtime (:class:`~squadbus.core.consumer.Consumer`:
+handler calls, ``max_in_flight``, batches, fairness, close) over an
+:class:`EntrySource`, a :class:`~squadbus.core.source.DeliverySource`. The
+source's reader tasks read entries into a local queue (at most ``batch_size``,
+reading again once it is down to half) and the runtime pulls them in queue
+order. ``close()`` stops pulling, lets handlers in progress finish, then the
+source stops reading and gives back what it holds.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable, Coroutine
+from collections import deque
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import msgspec
 
@@ -21,11 +25,10 @@ from squadbus.backends.redis._driver import Reconnects, aioredis
 from squadbus.backends.redis.layout import KeyLayout
 from squadbus.backends.redis.settings import RedisSettings
 from squadbus.core import subjects
-from squadbus.core.backend import BatchRawHandler, ConsumerOptions, Delivery, RawHandler, invoke, invoke_batch
-from squadbus.core.batching import fill_until
+from squadbus.core.backend import BatchRawHandler, ConsumerOptions, Delivery, RawHandler
+from squadbus.core.consumer import Consumer
 from squadbus.core.envelope import Message, decode
-from squadbus.core.errors import MalformedMessage
-from squadbus.core.handoff import Handoff
+from squadbus.core.errors import Closed, MalformedMessage
 
 logger = logging.getLogger("squadbus.backends.redis.consumer")
 
@@ -119,41 +122,35 @@ class RedisDelivery(Delivery):
         await self._owner.touch(self._entry)
 
 
-def _never() -> bool:
-    return False
+class EntrySource:
+    """What group and ephemeral sources share (a :class:`~squadbus.core.source.DeliverySource`); subclasses
+    read entries (:meth:`enqueue`) and settle them.
 
-
-class BaseConsumer:
-    """The shared machinery; subclasses read entries and settle them."""
+    Deliveries are handed out in queue order. With a ``lease_deadline`` (ordered groups) nothing is handed
+    out once it has passed: :meth:`receive` waits for the renewal first (:meth:`wait_for_lease`), and
+    entries whose partition went to another member meanwhile (``dropped``) are skipped.
+    """
 
     group: str | None
 
-    def __init__(self, ctx: ConsumerContext, pattern: str, handler: RawHandler, options: ConsumerOptions) -> None:
+    def __init__(self, ctx: ConsumerContext, pattern: str, options: ConsumerOptions) -> None:
         self.ctx = ctx
         self._pattern = pattern
-        self._handler = handler
         self.options = options
         self.streams = ctx.layout.streams_for(pattern)
         self.literal = subjects.is_literal(pattern)
-        self.queue: Handoff[Entry] = Handoff()
+        self._entries: deque[Entry] = deque()
+        self._half = options.batch_size // 2
+        # The one consumer's wait in receive() (one puller per source): set when an entry is queued.
+        self._waiter: asyncio.Future[None] | None = None
+        self._now = asyncio.get_running_loop().time
         self.room = asyncio.Event()
         self.room.set()
         self.closing = False
         self._match_cache: dict[bytes, bool] = {}
-        self._workers: list[asyncio.Task[None]] = []
-        self._idle: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
-        self._batch_handler: BatchRawHandler | None = None
-        self._max_wait = 0.0
-        self.on_closed: Callable[[BaseConsumer], None] | None = None
         self.lease_deadline = math.inf
-        """Loop time after which nothing is handed out until :meth:`lease_renewed` (ordered groups)."""
-
-    def use_batches(self, handler: BatchRawHandler, max_wait: float) -> None:
-        """Before start: hand the handler batches of up to ``batch_size`` entries (one batch at a time)
-        instead of one delivery per call, waiting at most ``max_wait`` after the first for more."""
-        self._batch_handler = handler
-        self._max_wait = max_wait
+        """Loop time after which nothing is handed out until a renewal moves it (ordered groups)."""
 
     @property
     def pattern(self) -> str:
@@ -182,11 +179,10 @@ class BaseConsumer:
 
     def free_slots(self) -> int:
         """How many more entries to read now (0 = wait for ``room``)."""
-        queued = len(self.queue)
-        free = self.options.batch_size - queued
-        if queued > self.options.batch_size // 2:
+        queued = len(self._entries)
+        if queued > self._half:
             return 0
-        return max(1, free)
+        return max(1, self.options.batch_size - queued)
 
     async def wait_for_room(self) -> int:
         while (free := self.free_slots()) == 0:
@@ -195,17 +191,11 @@ class BaseConsumer:
         return free
 
     def enqueue(self, entry: Entry) -> None:
-        self.queue.put(entry)
-
-    # ---- handling ----------------------------------------------------------------------------
-
-    def start_workers(self, name: str) -> None:
-        loop = asyncio.get_running_loop()
-        if self._batch_handler is not None:
-            self._workers.append(loop.create_task(self._work_batches(self._batch_handler), name=f"{name}-batches"))
-            return
-        for i in range(self.options.max_in_flight):
-            self._workers.append(loop.create_task(self._work(), name=f"{name}-worker-{i}"))
+        """Queue ``entry`` to be handed out after those queued before it."""
+        self._entries.append(entry)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def spawn(self, loop_factory: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
         """Run a background loop (reader, claimer); a bug in it is logged and the loop restarted."""
@@ -220,87 +210,94 @@ class BaseConsumer:
                 logger.exception("%s failed unexpectedly; restarting it in 1s", name)
                 await asyncio.sleep(1.0)
 
-    async def _work(self) -> None:
-        me = asyncio.current_task()
-        assert me is not None
-        queue = self.queue
-        handler, options, counters = self._handler, self.options, self.ctx.counters
-        half = options.batch_size // 2
-        now = asyncio.get_running_loop().time
-        while not self.closing:
-            entry = queue.take()
-            if entry is None:
-                self._idle.add(me)
-                try:
-                    entry = await queue.get()
-                finally:
-                    self._idle.discard(me)
-            if len(queue) <= half:
-                self.room.set()
-            if entry.dropped or (now() >= self.lease_deadline and not await self.lease_renewed(entry)):
+    # ---- handing out (DeliverySource) --------------------------------------------------------
+
+    def poll(self, max_count: int) -> Sequence[Delivery]:
+        """Up to ``max_count`` queued entries as deliveries, in order, none once the lease deadline passed."""
+        entries = self._entries
+        if not entries or self.closing:
+            return ()
+        deadline = self.lease_deadline
+        if deadline != math.inf and self._now() >= deadline:
+            return ()
+        group, counters = self.group, self.ctx.counters
+        got: list[Delivery] = []
+        while entries and len(got) < max_count:
+            entry = entries.popleft()
+            if entry.dropped:
                 continue
             entry.handed = True
-            counters.delivered += 1
-            await invoke(handler, RedisDelivery(entry, self, self.group), options)
-
-    async def _work_batches(self, handler: BatchRawHandler) -> None:
-        me = asyncio.current_task()
-        assert me is not None
-        limit = self.options.batch_size
-        queue = self.queue
-        now = asyncio.get_running_loop().time
-
-        async def more() -> Entry | None:
-            # The reader waits for room while more than half a batch is queued; the queue is empty
-            # while this waits, so let it read, or the batch would wait out max_wait for entries that
-            # are in Redis already.
+            got.append(RedisDelivery(entry, self, group))
+        if len(entries) <= self._half:
             self.room.set()
-            return await queue.get()
+        counters.delivered += len(got)
+        return got
 
+    async def receive(self, max_count: int, wait: float) -> Sequence[Delivery]:
+        if self.closing:
+            raise Closed(f"the subscription to {self._pattern!r} is closed")
+        got = self.poll(max_count)
+        if got or wait <= 0:
+            return got
+        try:
+            if wait == math.inf:
+                await self._ready()
+            else:
+                async with asyncio.timeout(wait):
+                    await self._ready()
+        except TimeoutError:
+            return ()
+        return self.poll(max_count)
+
+    async def _ready(self) -> None:
+        """Wait until an entry may be handed out (or the source closes)."""
+        entries = self._entries
         while not self.closing:
-            entries: list[Entry] = []
-            self._idle.add(me)
-            try:
-                entries.append(await queue.get())
-                await fill_until(entries, limit, self._max_wait, take=queue.take, more=more, stop=_never)
-            except asyncio.CancelledError:
-                for entry in entries:  # closing: give them back for close() to release
-                    queue.put(entry)
-                raise
-            finally:
-                self._idle.discard(me)
-            if len(queue) <= self.options.batch_size // 2:
+            while entries and entries[0].dropped:
+                entries.popleft()
+            if not entries:
+                # The reader waits for room while more than half a batch is queued; nothing is queued now,
+                # so let it read (a batch being gathered would otherwise wait out max_wait).
                 self.room.set()
-            counters = self.ctx.counters
-            deliveries: list[Delivery] = []
-            for entry in entries:
-                if entry.dropped or (now() >= self.lease_deadline and not await self.lease_renewed(entry)):
-                    continue
-                entry.handed = True
-                deliveries.append(RedisDelivery(entry, self, self.group))
-            if not deliveries:
-                continue
-            counters.delivered += len(deliveries)
-            await invoke_batch(handler, deliveries, self.options)
+                waiter = self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await waiter
+                finally:
+                    self._waiter = None
+            elif self._now() >= self.lease_deadline:
+                await self.wait_for_lease()
+            else:
+                return
+
+    def give_back(self, deliveries: Sequence[Delivery]) -> None:
+        """Back at the front of the queue, not handed out: ``close()`` releases them as never delivered."""
+        entries = self._entries
+        for delivery in reversed(deliveries):
+            entry = cast(RedisDelivery, delivery)._entry
+            entry.handed = False
+            entries.appendleft(entry)
+        self.ctx.counters.delivered -= len(deliveries)
 
     async def close(self) -> None:
-        """Stop consuming; see the subclasses."""
+        """Stop reading and give back what is held (the consumer's handlers have finished); see the
+        subclasses."""
         raise NotImplementedError
 
     async def stop_tasks(self) -> None:
-        """Stop reading, let running handlers finish, stop idle workers."""
+        """Stop handing out and reading: the background loops end."""
         self.closing = True
-        if self.on_closed is not None:
-            self.on_closed(self)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         for task in self._background:
             task.cancel()
-        for task in list(self._idle):
-            task.cancel()
-        await asyncio.gather(*self._background, *self._workers, return_exceptions=True)
+        await asyncio.gather(*self._background, return_exceptions=True)
 
     def drain_queue(self) -> list[Entry]:
-        """Entries read but never handed to the handler."""
-        return self.queue.drain()
+        """Entries read but never handed out (dropped ones left out)."""
+        entries = [entry for entry in self._entries if not entry.dropped]
+        self._entries.clear()
+        return entries
 
     # ---- settlement, implemented by subclasses ----------------------------------------------
 
@@ -310,9 +307,28 @@ class BaseConsumer:
     def settle_nack(self, entry: Entry, delay: float) -> None:
         raise NotImplementedError
 
-    async def lease_renewed(self, entry: Entry) -> bool:
-        """Called past ``lease_deadline``: True once ``entry`` may be handed out (default: at once)."""
-        return True
+    async def wait_for_lease(self) -> None:
+        """Called past ``lease_deadline`` with entries queued: wait (briefly) for news of the lease."""
+        await asyncio.sleep(0.1)
 
     async def touch(self, entry: Entry) -> None:
         """Extend ``ack_wait`` for ``entry`` (default: nothing to extend)."""
+
+
+class RedisSubscription(Consumer):
+    """A group member's or an ephemeral subscription: core's consumer runtime over its :class:`EntrySource`
+    (``handler`` per delivery, or ``batches``); the source's reader starts before, and closes after, it."""
+
+    def __init__(
+        self, source: EntrySource, *, handler: RawHandler | None = None, batches: BatchRawHandler | None = None,
+        max_wait: float = 0.0,
+    ) -> None:
+        super().__init__(source, source.options, handler=handler, batches=batches, max_wait=max_wait)
+        self.source = source
+        self.on_closed: Callable[[RedisSubscription], None] | None = None
+
+    async def close(self) -> None:
+        on_closed, self.on_closed = self.on_closed, None
+        if on_closed is not None:
+            on_closed(self)
+        await super().close()

@@ -14,25 +14,24 @@ import asyncio
 import logging
 
 from squadbus.backends.redis._driver import RawEntry, entry_parts, queue
-from squadbus.backends.redis.consumer import BaseConsumer, ConsumerContext, Entry, RawFields
+from squadbus.backends.redis.consumer import ConsumerContext, Entry, EntrySource, RawFields
 from squadbus.backends.redis.watcher import StreamWatcher, Watch
-from squadbus.core.backend import ConsumerOptions, RawHandler
+from squadbus.core.backend import ConsumerOptions
 from squadbus.core.errors import MalformedMessage
 
 logger = logging.getLogger("squadbus.backends.redis.ephemeral")
 
 
-class EphemeralSubscription(BaseConsumer):
-    """Fan-out subscription reading new entries only, through the backend's one
-    :class:`~.watcher.StreamWatcher` (no connection of its own)."""
+class EphemeralSource(EntrySource):
+    """Fan-out subscription's source reading new entries only, through the backend's one
+    :class:`~.watcher.StreamWatcher` (no connection of its own); run by :class:`~.consumer.RedisSubscription`."""
 
     group = None
 
     def __init__(
-        self, ctx: ConsumerContext, pattern: str, handler: RawHandler, options: ConsumerOptions,
-        watcher: StreamWatcher,
+        self, ctx: ConsumerContext, pattern: str, options: ConsumerOptions, watcher: StreamWatcher
     ) -> None:
-        super().__init__(ctx, pattern, handler, options)
+        super().__init__(ctx, pattern, options)
         self._watcher = watcher
         self._watches: list[Watch] = []
         self._timers: set[asyncio.TimerHandle] = set()
@@ -43,14 +42,13 @@ class EphemeralSubscription(BaseConsumer):
             for stream in self.streams:
                 queue(pipe, "XREVRANGE", stream, "+", "-", "COUNT", 1)
             lasts = await pipe.execute()
-        self.start_workers("squadbus-redis-ephemeral")
         for stream, last in zip(self.streams, lasts, strict=True):
             self._watches.append(self._watcher.watch(
                 stream, last[0][0] if last else "0-0", self._accept_all,
                 room=self.free_slots, wait_room=self.wait_for_room))
 
     async def close(self) -> None:
-        """Stop reading and let the handler in progress finish. Idempotent."""
+        """Stop reading and drop what is queued (the handlers have finished). Idempotent."""
         if self.closing:
             return
         for w in self._watches:

@@ -51,11 +51,11 @@ from squadbus.backends.redis._driver import (
     redis_errors,
 )
 from squadbus.backends.redis.acks import AckQueue
-from squadbus.backends.redis.consumer import BaseConsumer, ConsumerContext, Entry, RawFields
+from squadbus.backends.redis.consumer import ConsumerContext, Entry, EntrySource, RawFields
 from squadbus.backends.redis.layout import is_reply
 from squadbus.backends.redis.leases import PartitionLeases
 from squadbus.core import envelope, subjects
-from squadbus.core.backend import ConsumerOptions, RawHandler, StartFrom, durable_name
+from squadbus.core.backend import ConsumerOptions, StartFrom, durable_name
 from squadbus.core.backoff import RECONNECT, Backoff
 from squadbus.core.dispatch import DLQ_ATTEMPTS, DLQ_GROUP, DLQ_ORIGINAL_ID, DLQ_REASON, DLQ_SUBJECT
 from squadbus.core.envelope import Message
@@ -77,13 +77,12 @@ def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-class GroupSubscription(BaseConsumer):
-    """One member of the Redis consumer group ``durable_name(group, pattern)`` on each stream."""
+class GroupSource(EntrySource):
+    """One member of the Redis consumer group ``durable_name(group, pattern)`` on each stream, as a source
+    of deliveries (run by :class:`~.consumer.RedisSubscription`)."""
 
-    def __init__(
-        self, ctx: ConsumerContext, pattern: str, group: str, handler: RawHandler, options: ConsumerOptions
-    ) -> None:
-        super().__init__(ctx, pattern, handler, options)
+    def __init__(self, ctx: ConsumerContext, pattern: str, group: str, options: ConsumerOptions) -> None:
+        super().__init__(ctx, pattern, options)
         self.group = group
         self.group_name = group
         self.redis_group = durable_name(group, pattern)
@@ -112,7 +111,7 @@ class GroupSubscription(BaseConsumer):
         self._read_lock = asyncio.Lock()
         self._renewing = asyncio.Lock()
         self._lease_changed = asyncio.Event()
-        self._lease_news = asyncio.Event()  # set by every renewal and loss (lease_renewed waits on it)
+        self._lease_news = asyncio.Event()  # set by every renewal and loss (wait_for_lease waits on it)
         if self._leases is not None:
             self.lease_deadline = 0.0  # nothing is handed out before the first renewal
 
@@ -122,7 +121,6 @@ class GroupSubscription(BaseConsumer):
         """Create the group on every stream (``options.start`` decides where) and start reading."""
         await self.ensure_groups()
         name = f"squadbus-redis-{self.group}"
-        self.start_workers(name)
         if self._leases is not None:
             await self._renew_leases()
             self.spawn(self._lease_loop, f"{name}-leases")
@@ -146,7 +144,7 @@ class GroupSubscription(BaseConsumer):
                 raise result
 
     async def close(self) -> None:
-        """Stop reading, finish handlers in progress, flush acks, give back what is held. Idempotent."""
+        """Stop reading, flush acks, give back what is held (the handlers have finished). Idempotent."""
         if self.closing:
             return
         await self.stop_tasks()
@@ -597,15 +595,12 @@ class GroupSubscription(BaseConsumer):
                 logger.debug("group %s: claim pass failed: %s", self.group, exc)
             await asyncio.sleep(self._touch_interval)
 
-    async def lease_renewed(self, entry: Entry) -> bool:
-        """Past the lease deadline: wait until a renewal extends it (True) or the entry's partition is
-        lost or the subscription closes (False: do not hand it out)."""
-        loop = asyncio.get_running_loop()
-        while not entry.dropped and not self.closing and loop.time() >= self.lease_deadline:
-            self._lease_news.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lease_news.wait(), 0.1)
-        return not entry.dropped and not self.closing
+    async def wait_for_lease(self) -> None:
+        """Past the lease deadline: wait for the next renewal or loss of a partition, at most 0.1 s."""
+        self._lease_news.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.1):
+                await self._lease_news.wait()
 
     def _lease_lapsed(self) -> bool:
         return asyncio.get_running_loop().time() >= self.lease_deadline
