@@ -56,6 +56,7 @@ __all__ = [
     "FailurePolicy",
     "GroupFigures",
     "InFlight",
+    "QueuedPublish",
     "RawHandler",
     "ReadsAll",
     "Replayable",
@@ -483,6 +484,18 @@ class Requester(Protocol):
     """
 
     async def request(self, message: Message, *, timeout: float) -> Message: ...
+
+
+@runtime_checkable
+class QueuedPublish(Protocol):
+    """A backend whose publish queues the message and hands back what to await (a future), rather than
+    being a coroutine of its own: :meth:`Bus.send` and :meth:`Bus.publish` then cost one coroutine
+    frame less per message, which a waiting send keeps alive (Redis: ~1.5 µs of CPU per concurrent
+    send, docs/backends/redis.md). ``enqueue`` has ``publish``'s contract: the awaitable completes
+    once the message is stored, or raises what ``publish`` raises; errors before queueing (e.g.
+    :class:`~squadbus.core.errors.Closed`) are raised by the call itself."""
+
+    def enqueue(self, message: Message) -> Awaitable[object]: ...
 
 
 @runtime_checkable

@@ -195,7 +195,7 @@ class RedisBackend:
 
     def enqueue(self, message: Message) -> asyncio.Future[int]:
         """:meth:`publish` without a coroutine of its own: the future to await (``Bus.send`` uses it,
-        see ``core.bus.QueuedPublish``)."""
+        see ``core.backend.QueuedPublish``)."""
         _, publisher = self._require()
         return publisher.submit([message])
 
