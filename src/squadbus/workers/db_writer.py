@@ -26,7 +26,9 @@ at load 3) the other is encoded and sent. Not the default: NATS ->
 PostgreSQL in ``bench/bench_persist.py`` at load 2.2-4.8 (others' tests on
 the 2 cores), 13-14 alternated runs each, gave 8.7k-25.2k rows/s (median
 17.8k) with 2 parts against 10.1k-20.7k (median 17.5k) with one, and 1-5 µs
-more db-writer CPU per row (two transactions per batch); docs/benchmarks.md.
+more db-writer CPU per row (two transactions per batch); at load 1.4-2.2, 8
+runs each, 19.3k-28.7k (median 24.9k) against 20.0k-25.7k (median 24.5k):
+within the noise; docs/benchmarks.md.
 What happens on failure (of a batch, or of a part of one):
 
 * store unreachable (ConnectionLost, BackendTimeout): the batch is retried in
