@@ -7,6 +7,7 @@ import asyncio
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytest
 
@@ -137,6 +138,69 @@ async def test_max_in_flight_runs_that_many_at_once_started_in_order() -> None:
     assert _numbers(started) == list(range(7))
     await consumer.close()
     assert all(d.settled == "ack" for d in deliveries)
+
+
+def _workers(name: str) -> int:
+    return sum(1 for task in asyncio.all_tasks() if task.get_name().startswith(f"{name}-worker"))
+
+
+async def test_max_in_flight_starts_workers_as_needed_not_a_task_per_delivery() -> None:
+    loop = asyncio.get_running_loop()
+    created = 0
+    factory = loop.get_task_factory()
+
+    def counting(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        nonlocal created
+        created += 1
+        return factory(loop, coro, **kwargs) if factory is not None else asyncio.Task(coro, loop=loop, **kwargs)
+
+    source = _ListSource()
+    handled: list[int] = []
+
+    async def handler(delivery: Delivery) -> None:
+        await asyncio.sleep(0)
+        handled.append(int(delivery.message.content))
+        await delivery.ack()
+
+    loop.set_task_factory(counting)
+    try:
+        consumer = Consumer(source, ConsumerOptions(max_in_flight=3), handler=handler)
+        consumer.start("test")
+        source.add(*(_Delivery(n) for n in range(50)))
+        await _until(lambda: len(handled) == 50)
+        assert created <= 1 + 3 + 2, f"{created} tasks: the consumer's and its workers, not one per delivery"
+        await _until(lambda: _workers("test") == 1)  # idle: one worker waits on the source, the others ended
+    finally:
+        loop.set_task_factory(factory)
+    await consumer.close()
+    assert sorted(handled) == list(range(50))
+    assert _workers("test") == 0
+
+
+async def test_close_with_max_in_flight_stops_idle_workers_and_lets_busy_ones_finish() -> None:
+    source = _ListSource()
+    release = asyncio.Event()
+    started: list[int] = []
+
+    async def handler(delivery: Delivery) -> None:
+        started.append(int(delivery.message.content))
+        await release.wait()
+        await delivery.ack()
+
+    consumer = Consumer(source, ConsumerOptions(max_in_flight=3), handler=handler)
+    consumer.start("test")
+    first, second = _Delivery(1), _Delivery(2)
+    source.add(first, second)
+    await _until(lambda: len(started) == 2)  # the third worker waits on the source
+    closing = asyncio.ensure_future(consumer.close())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not closing.done() and not source.closed, "close waits for the two handlers in progress"
+    source.add(_Delivery(3))
+    release.set()
+    await asyncio.wait_for(closing, 5)
+    assert first.settled == "ack" and second.settled == "ack" and started == [1, 2]
+    assert source.closed and _numbers(source.ready) == [3], "nothing more is pulled once closing"
 
 
 async def test_batches_take_what_is_ready_up_to_batch_size_then_wait_for_more() -> None:

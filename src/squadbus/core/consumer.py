@@ -6,8 +6,10 @@ consumer runtime in core"):
 
 * one delivery at a time (``max_in_flight=1``), started in the source's
   order, each handler call awaited before the next delivery is pulled;
-* up to ``max_in_flight`` handler calls at once (:class:`InFlight`), started
-  in the source's order;
+* up to ``max_in_flight`` handler calls at once: worker tasks started as
+  needed (one while idle), each taking the next delivery and running its
+  handler (one of them waits on the source when none is ready), so
+  deliveries start in the source's order;
 * batches (:meth:`Consumer.batches`): what the source has ready, up to
   ``batch_size``, waiting at most ``max_wait`` after the first delivery for
   more; one batch at a time, in order;
@@ -167,6 +169,14 @@ class Consumer:
         self._task: asyncio.Task[None] | None = None
         # True while the task waits for the source (receive): the only place close() cancels it.
         self._waiting = False
+        # max_in_flight > 1 (_run_concurrently): the workers, those waiting on the source (which close()
+        # cancels), how many do (at most one), and whether a check for a missing one is scheduled.
+        self._workers: set[asyncio.Task[None]] = set()
+        self._idle: set[asyncio.Task[None]] = set()
+        self._receivers = 0
+        self._worker_check = False
+        self._limit = 1
+        self._name = ""
 
     @property
     def pattern(self) -> str:
@@ -181,7 +191,7 @@ class Consumer:
         if self._batch_handler is not None:
             run = self._run_batches(self._batch_handler)
         elif self._options.max_in_flight > 1:
-            run = self._run_concurrently(self._options.max_in_flight)
+            run = self._run_concurrently(self._options.max_in_flight, name)
         else:
             run = self._run()
         self._task = asyncio.get_running_loop().create_task(run, name=name)
@@ -239,28 +249,72 @@ class Consumer:
         finally:
             self._waiting = False
 
-    async def _handle(self, delivery: Delivery) -> None:
-        await invoke(self._handler, delivery, self._options)
+    async def _run_concurrently(self, limit: int, name: str) -> None:
+        # Workers started as needed, up to ``limit``: each takes the next delivery and runs its handler; one
+        # waits on the source when none is ready, and one with nothing to do while another waits ends. Not
+        # a task per delivery (InFlight): 20,000 stored messages into a Redis group with max_in_flight=8,
+        # consumer CPU per message (min of 3, load ~2): 15.1 us with a task per delivery, 5.5-5.9 with
+        # workers. Idle, a consumer holds one worker, whatever its max_in_flight.
+        self._limit, self._name = limit, name
+        self._start_worker()
+        while self._workers:
+            await asyncio.wait(list(self._workers))
 
-    async def _run_concurrently(self, limit: int) -> None:
-        source = self._source
-        inflight = InFlight(limit)
-        try:
-            while not self._closing:
-                await inflight.slot()
-                got = source.poll(1)
-                while not got and not self._closing:
-                    waited = await self._receive(1, math.inf)
-                    if waited is None:
-                        inflight.give_back()
-                        return
-                    got = waited
-                if not got:
-                    inflight.give_back()
+    def _start_worker(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._work(), name=f"{self._name}-worker")
+        self._workers.add(task)
+        task.add_done_callback(self._worker_ended)
+
+    def _worker_ended(self, task: asyncio.Task[None]) -> None:
+        self._workers.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            logger.error("a worker of %s (%s) failed", self.group or "<ephemeral>", self.pattern, exc_info=error)
+
+    def _need_worker(self) -> None:
+        """Called soon after a worker took a delivery while no other waited on the source: if still none
+        does (the handler suspended), start one that will, so up to ``limit`` handlers run at once."""
+        self._worker_check = False
+        if not self._closing and not self._receivers and len(self._workers) < self._limit:
+            self._start_worker()
+
+    async def _work(self) -> None:
+        """A worker: the next delivery, then its handler, until closing (or not needed)."""
+        me = asyncio.current_task()
+        assert me is not None
+        source, handler, options, idle = self._source, self._handler, self._options, self._idle
+        poll, call_soon = source.poll, asyncio.get_running_loop().call_soon
+        streak = 0
+        while not self._closing:
+            got = poll(1)
+            if got:
+                streak += 1
+                if streak >= FAIRNESS_STREAK:
+                    streak = 0
+                    await asyncio.sleep(0)
+            else:
+                streak = 0
+                if self._receivers:
+                    return  # another worker waits on the source (never two receives at once)
+                self._receivers += 1
+                idle.add(me)
+                try:
+                    got = await source.receive(1, math.inf)
+                except Closed:
                     return
-                inflight.start(self._handle(got[0]))
-        finally:
-            await inflight.finish()
+                except Exception:
+                    logger.exception("the source of %s (%s) failed; pulling again in %ss",
+                                     self.group or "<ephemeral>", self.pattern, _RETRY_SOURCE)
+                    await asyncio.sleep(_RETRY_SOURCE)
+                    continue
+                finally:
+                    self._receivers -= 1
+                    idle.discard(me)
+                if not got:
+                    continue
+            if not self._receivers and not self._worker_check and len(self._workers) < self._limit:
+                self._worker_check = True
+                call_soon(self._need_worker)
+            await invoke(handler, got[0], options)
 
     async def _run_batches(self, handler: BatchRawHandler) -> None:
         source, options = self._source, self._options
@@ -309,6 +363,8 @@ class Consumer:
         if task is not None:
             if self._waiting:
                 task.cancel()
+            for worker in list(self._idle):
+                worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self._source.close()

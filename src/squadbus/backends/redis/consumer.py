@@ -220,6 +220,17 @@ class EntrySource:
         deadline = self.lease_deadline
         if deadline != math.inf and self._now() >= deadline:
             return ()
+        if max_count == 1:  # one delivery at a time, the hot path: no list, no loop
+            entry = entries.popleft()
+            while entry.dropped:
+                if not entries:
+                    return ()
+                entry = entries.popleft()
+            entry.handed = True
+            if len(entries) <= self._half:
+                self.room.set()
+            self.ctx.counters.delivered += 1
+            return (RedisDelivery(entry, self, self.group),)
         group, counters = self.group, self.ctx.counters
         got: list[Delivery] = []
         while entries and len(got) < max_count:
