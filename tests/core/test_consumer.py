@@ -311,6 +311,32 @@ async def test_a_handler_that_never_suspends_does_not_starve_the_loop() -> None:
     await consumer.close()
 
 
+async def test_a_source_names_how_many_deliveries_go_in_a_row_before_the_consumer_yields() -> None:
+    source = _ListSource()
+    source.fairness_streak = 8  # type: ignore[attr-defined]
+    count = 32
+    handled = 0
+    handled_when_other_ran: list[int] = []
+
+    async def handler(delivery: Delivery) -> None:
+        nonlocal handled
+        handled += 1
+        delivery.ack_soon()
+
+    async def other() -> None:
+        while handled < count:
+            handled_when_other_ran.append(handled)
+            await asyncio.sleep(0)
+
+    source.add(*(_Delivery(n) for n in range(count)))
+    consumer = Consumer(source, ConsumerOptions(), handler=handler)
+    consumer.start("test")
+    await asyncio.gather(other(), _until(lambda: handled == count))
+    # It yields every 8th delivery, once taken and before its handler: others run after 7, 15, ... handled.
+    assert {n for n in handled_when_other_ran if 0 < n < count} == {7, 15, 23, 31}, handled_when_other_ran
+    await consumer.close()
+
+
 @pytest.mark.parametrize("raises", [False, True])
 async def test_what_a_bare_handler_leaves_unsettled_is_nacked_with_the_backoff(raises: bool) -> None:
     source = _ListSource()

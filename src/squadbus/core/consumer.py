@@ -15,7 +15,9 @@ consumer runtime in core"):
   more; one batch at a time, in order;
 * fairness: after :data:`FAIRNESS_STREAK` deliveries in a row without waiting
   for the source, it yields to the event loop once (handlers that never
-  suspend would otherwise starve it);
+  suspend would otherwise starve it); a source may say how many with a
+  ``fairness_streak`` attribute (Redis: its buffer's size, since it makes
+  the consumer wait once that is handed out);
 * :meth:`Consumer.close`: stop pulling, let the handlers in progress finish
   and settle, give back a batch being gathered, then close the source.
 
@@ -177,6 +179,7 @@ class Consumer:
         self._worker_check = False
         self._limit = 1
         self._name = ""
+        self._fairness_streak: int = getattr(source, "fairness_streak", FAIRNESS_STREAK)
 
     @property
     def pattern(self) -> str:
@@ -215,12 +218,13 @@ class Consumer:
         # one (receive) per wait.
         source, handler, options = self._source, self._handler, self._options
         poll, receive = source.poll, source.receive
+        fairness_streak = self._fairness_streak
         streak = 0
         while not self._closing:
             got = poll(1)
             if got:
                 streak += 1
-                if streak >= FAIRNESS_STREAK:
+                if streak >= fairness_streak:
                     streak = 0
                     await asyncio.sleep(0)
             else:
@@ -283,12 +287,13 @@ class Consumer:
         assert me is not None
         source, handler, options, idle = self._source, self._handler, self._options, self._idle
         poll, call_soon = source.poll, asyncio.get_running_loop().call_soon
+        fairness_streak = self._fairness_streak
         streak = 0
         while not self._closing:
             got = poll(1)
             if got:
                 streak += 1
-                if streak >= FAIRNESS_STREAK:
+                if streak >= fairness_streak:
                     streak = 0
                     await asyncio.sleep(0)
             else:

@@ -32,6 +32,12 @@ class DeliverySource(Protocol):
       nothing, and a wake-up it was given goes to another member.
     * After :meth:`close` nothing more is handed out; deliveries handed out
       before may still be settled.
+
+    Optional: a ``fairness_streak`` attribute (int), how many deliveries the
+    consumer hands over in a row before it yields to the event loop
+    (default :data:`~squadbus.core.consumer.FAIRNESS_STREAK`). A source that
+    makes the consumer wait whenever its bounded buffer runs dry can name the
+    buffer's size.
     """
 
     @property
