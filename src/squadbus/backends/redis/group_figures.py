@@ -1,7 +1,7 @@
 """Consumer-group figures of the Redis backend (``DescribesGroups``) from ``XINFO GROUPS``.
 
 Every group a member ever created is in the ``<prefix>:groups`` hash (Redis
-group name -> pattern, written by ``GroupSubscription.ensure_groups``), so
+group name -> pattern, written by ``GroupSource.ensure_groups``), so
 groups of every process are found. A group lives on the streams its pattern
 reads (:meth:`KeyLayout.streams_for`); its figures are summed over them:
 

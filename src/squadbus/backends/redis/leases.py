@@ -16,7 +16,7 @@ order) is handled by one member in order, also across a kill -9:
 * **Fence**: a read is either a plain ``XREADGROUP`` whose answer came back
   before the lease's deadline (so Redis ran it while the lease was this
   member's; an answer after it is not handed out, see
-  ``GroupSubscription._fenced_read``), or :data:`READ_LUA`, which runs
+  ``GroupSource._fenced_read``), or :data:`READ_LUA`, which runs
   ``XREADGROUP`` only on the streams whose lease still holds this member's
   name, in the same atomic call (used when renewals are late).
 * **Take-over**: a member that acquires a partition first claims every entry
