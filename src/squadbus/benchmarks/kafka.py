@@ -9,9 +9,11 @@ Two measurements, each on fresh topics, 1 KiB messages:
   ``flush()``), consumed by one consumer
   group (squadbus: a subscription with the default options, each delivery
   acked and its offset committed; raw: ``getmany`` + ``commit()`` per batch).
-  Time runs from the first publish to the last message consumed. Each side
-  runs ``ROUNDS`` times, alternating, on fresh topics; the round with the
-  median throughput is reported (the machine is shared and noisy).
+  Time runs from the first publish to the last message consumed (each
+  line's notes say when the last publish was acknowledged: the producing
+  side's share). Each side runs ``ROUNDS`` times, interleaved (every other
+  round in reverse order), on fresh topics; the round with the median
+  throughput is reported (the machine is shared and noisy).
 * **end-to-end latency, open loop** at ``rate`` msgs/s for
   ``min(count, 5 * rate)`` messages: each message carries the time it was
   due (:mod:`squadbus.benchmarks.openloop`), the consumer records
@@ -31,7 +33,7 @@ import contextlib
 import struct
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -39,7 +41,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from squadbus.backends.kafka import KafkaBackend, KafkaSettings
 from squadbus.benchmarks import loadgen
 from squadbus.benchmarks.openloop import drive
-from squadbus.benchmarks.stats import Result, abba, interleaved_medians
+from squadbus.benchmarks.stats import Result, abba, median_of
 from squadbus.core import envelope, subjects
 from squadbus.core.backend import ConsumerOptions, Delivery, Subscription
 from squadbus.core.bus import Bus
@@ -73,10 +75,11 @@ async def _squadbus_bus(url: str, tag: str) -> Bus:
     return await Bus(KafkaBackend(settings)).start()
 
 
-async def squadbus_throughput(url: str, count: int, *, batch: bool = False) -> Result:
+async def squadbus_throughput(url: str, count: int, *, batch: bool = False, note: str = "") -> Result:
     """squadbus: ``count`` concurrent sends consumed by one group.
 
     With ``batch``: ``Bus.publish_many`` in chunks of ``RAW_WINDOW``, the raw side's pattern.
+    ``note`` goes into the line's name (what differs in ``url``).
     """
     tag = uuid.uuid4().hex[:8]
     agent = f"bench-{tag}"
@@ -110,10 +113,12 @@ async def squadbus_throughput(url: str, count: int, *, batch: bool = False) -> R
                 ])
         else:
             await asyncio.gather(*(publisher() for _ in range(min(PUBLISHERS, count))))
+        published = time.perf_counter() - start
         await _until(lambda: received >= count, 120, "squadbus to consume everything")
         elapsed = time.perf_counter() - start
     name = "squadbus kafka publish_many->consume" if batch else "squadbus kafka publish->consume"
-    return Result(name, count, elapsed, notes="acks=all, commit after ack")
+    name = f"{name} ({note})" if note else name
+    return Result(name, count, elapsed, notes=f"acks=all, commit after ack; {_published(published, elapsed)}")
 
 
 async def squadbus_latency(url: str, count: int, rate: float) -> Result:
@@ -141,6 +146,11 @@ async def squadbus_latency(url: str, count: int, rate: float) -> Result:
         elapsed = await drive(rate, count, send)
         await _until(lambda: len(latencies) >= count, 60, "squadbus latency messages")
     return Result(f"squadbus kafka e2e @{rate:g}/s open loop", count, elapsed, latencies, notes="")
+
+
+def _published(published: float, elapsed: float) -> str:
+    """When the last publish returned, beside the end: which side (producing or consuming) the time went to."""
+    return f"all acked at {published:.2f} s of {elapsed:.2f} s"
 
 
 # ---- raw aiokafka --------------------------------------------------------------------------------
@@ -233,6 +243,7 @@ async def raw_throughput(url: str, count: int, *, awaited: bool = False) -> Resu
                     pending.clear()
             await producer.flush()
             await asyncio.gather(*pending)
+        published = time.perf_counter() - start
         await _until(lambda: received >= count + 1, 120, "raw aiokafka to consume everything")
         elapsed = time.perf_counter() - start
         await consuming
@@ -241,8 +252,10 @@ async def raw_throughput(url: str, count: int, *, awaited: bool = False) -> Resu
         await consumer.stop()
         await producer.stop()
     if awaited:
-        return Result("raw aiokafka awaited sends, getmany+commit", count, elapsed, notes="context only")
-    return Result("raw aiokafka send()+flush, getmany+commit", count, elapsed, notes="same producer settings")
+        return Result("raw aiokafka awaited sends, getmany+commit", count, elapsed,
+                      notes=f"context only; {_published(published, elapsed)}")
+    return Result("raw aiokafka send()+flush, getmany+commit", count, elapsed,
+                  notes=f"same producer settings; {_published(published, elapsed)}")
 
 
 async def raw_latency(url: str, count: int, rate: float) -> Result:
@@ -290,22 +303,33 @@ async def run(*, url: str, count: int, rate: float) -> list[Result]:
 
     Returns, in order: raw throughput, squadbus throughput, raw latency,
     squadbus latency (see the module docstring), for context raw aiokafka
-    throughput with per-record awaited sends (Bus.send's pattern), and
-    squadbus throughput with ``Bus.publish_many`` (the raw side's pattern).
+    throughput with per-record awaited sends (Bus.send's pattern),
+    squadbus throughput with ``Bus.publish_many`` (the raw side's pattern),
+    and the same with ``inboxes=off``: with inboxes on (the default) a direct
+    message is written twice (its topic and the inbox topic), so that line is
+    the one writing as many records as the raw side.
     """
     latency_count = max(1, min(count, int(rate * OPEN_LOOP_SECONDS)))
-    raw, ours, awaited, many = await interleaved_medians(
-        ROUNDS,
+    single = f"{url}{'&' if '?' in url else '?'}inboxes=off"
+    lines: list[Callable[[], Awaitable[Result]]] = [
         lambda: raw_throughput(url, count),
         lambda: squadbus_throughput(url, count),
         lambda: raw_throughput(url, count, awaited=True),
         lambda: squadbus_throughput(url, count, batch=True),
-    )
-    # The latency runs as raw, squadbus, squadbus, raw (half the count each): tansu keeps everything in
-    # memory and its fetch latency grows as it fills, which would favour whichever ran first.
+        lambda: squadbus_throughput(single, count, batch=True, note="inboxes=off: one record per message"),
+    ]
+    # Every other round runs the lines in reverse: tansu keeps everything in memory and slows as it
+    # fills, which would favour whichever line always ran first.
+    rounds: list[list[Result]] = [[] for _ in lines]
+    for number in range(ROUNDS):
+        order = list(enumerate(lines))
+        for index, line in order if number % 2 == 0 else reversed(order):
+            rounds[index].append(await line())
+    raw, ours, awaited, many, many_single = (median_of(out) for out in rounds)
+    # The latency runs as raw, squadbus, squadbus, raw (half the count each), for the same reason.
     half = max(1, latency_count // 2)
     raw_lat, our_lat = await abba(lambda: raw_latency(url, half, rate), lambda: squadbus_latency(url, half, rate))
-    return [raw, ours, raw_lat, our_lat, awaited, many]
+    return [raw, ours, raw_lat, our_lat, awaited, many, many_single]
 
 
 # ---- squadbus bench: the raw side on kafka:// ------------------------------------------------------
