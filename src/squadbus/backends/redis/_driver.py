@@ -62,7 +62,7 @@ class Reconnects:
     redis-py reconnects a broken pooled connection silently when it hands it out, so a command
     after a server crash succeeds and nothing tells the caller that replies may have been lost
     (an XREADGROUP whose entries are in our pending list, never received). Group members compare
-    :attr:`count` around their reads and take such entries back (see ``GroupSubscription``).
+    :attr:`count` around their reads and take such entries back (see ``GroupSource`` in group.py).
     First connections of new pooled connections are not counted.
     """
 
