@@ -260,6 +260,78 @@ async def test_close_while_a_batch_fills_gives_it_back_in_order_unsettled() -> N
     assert source.closed
 
 
+class _AheadSource(_ListSource):
+    """A source that asks the consumer to gather the next batch while the handler runs (NATS)."""
+
+    gathers_ahead = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.polls: list[int] = []
+
+    def poll(self, max_count: int) -> Sequence[Delivery]:
+        got = super().poll(max_count)
+        if got:
+            self.polls.append(len(got))
+        return got
+
+
+async def test_a_source_that_gathers_ahead_gets_the_next_batch_taken_in_slices_while_the_handler_runs() -> None:
+    source = _AheadSource()
+    release = asyncio.Event()
+    batches: list[list[int]] = []
+
+    async def handler(deliveries: Sequence[Delivery]) -> None:
+        batches.append(_numbers(deliveries))
+        if len(batches) == 1:
+            await release.wait()
+        for delivery in deliveries:
+            await delivery.ack()
+
+    consumer = Consumer(source, ConsumerOptions(batch_size=40), batches=handler, max_wait=0)
+    consumer.start("test")
+    source.add(*(_Delivery(n) for n in range(40)))
+    await _until(lambda: len(batches) == 1)
+    source.add(*(_Delivery(n) for n in range(40, 80)))
+    await _until(lambda: not source.ready)
+    assert len(batches) == 1, "the next batch waits for the handler of the current one"
+    assert source.polls[1:] == [16, 16, 8], "taken in slices while the handler runs (the first by receive)"
+    release.set()
+    await _until(lambda: len(batches) == 2)
+    assert batches == [list(range(40)), list(range(40, 80))]
+    await consumer.close()
+
+
+async def test_close_gives_back_a_batch_gathered_ahead_and_lets_the_running_one_finish() -> None:
+    source = _AheadSource()
+    release = asyncio.Event()
+    batches: list[list[int]] = []
+
+    async def handler(deliveries: Sequence[Delivery]) -> None:
+        batches.append(_numbers(deliveries))
+        await release.wait()
+        for delivery in deliveries:
+            await delivery.ack()
+
+    consumer = Consumer(source, ConsumerOptions(batch_size=2), batches=handler, max_wait=0)
+    consumer.start("test")
+    first = [_Delivery(1), _Delivery(2)]
+    source.add(*first)
+    await _until(lambda: len(batches) == 1)
+    ahead = [_Delivery(3), _Delivery(4)]
+    source.add(*ahead)
+    await _until(lambda: not source.ready)
+    closing = asyncio.ensure_future(consumer.close())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not closing.done(), "close waits for the batch in progress"
+    release.set()
+    await closing
+    assert batches == [[1, 2]] and all(d.settled == "ack" for d in first)
+    assert source.given_back == ahead and all(d.settled is None for d in ahead)
+    assert source.closed
+
+
 async def test_close_lets_the_handler_in_progress_finish_and_settle_first() -> None:
     source = _ListSource()
     entered = asyncio.Event()

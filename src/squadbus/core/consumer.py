@@ -12,7 +12,9 @@ consumer runtime in core"):
   deliveries start in the source's order;
 * batches (:meth:`Consumer.batches`): what the source has ready, up to
   ``batch_size``, waiting at most ``max_wait`` after the first delivery for
-  more; one batch at a time, in order;
+  more; one batch at a time, in order; a source with ``gathers_ahead = True``
+  (NATS) has the next batch gathered (in slices of :data:`AHEAD_SLICE`, the
+  loop yielding between them) while the handler runs the current one;
 * fairness: after :data:`FAIRNESS_STREAK` deliveries in a row without waiting
   for the source, it yields to the event loop once (handlers that never
   suspend would otherwise starve it); a source may say how many with a
@@ -46,6 +48,11 @@ logger = logging.getLogger("squadbus.consumer")
 
 FAIRNESS_STREAK = 64
 """Deliveries a consumer hands over in a row, without the source making it wait, before it yields to the loop."""
+
+AHEAD_SLICE = 16
+"""Deliveries pulled (and decoded by the source) between two yields while gathering a batch ahead of the
+running handler: its round trips go on meanwhile (NATS before the runtime: 64 held each of the db-writer's
+database round trips up to ~1 ms, 16 ~0.2 ms)."""
 
 _RETRY_SOURCE = 1.0  # seconds before pulling again after the source failed unexpectedly
 
@@ -108,6 +115,10 @@ async def _invoke_batch(handler: BatchRawHandler, deliveries: Sequence[Delivery]
     for delivery in deliveries:
         if delivery.settled is None:
             await delivery.nack(options.backoff(delivery.attempt))
+
+
+async def _run_batch(handler: BatchRawHandler, deliveries: Sequence[Delivery], options: ConsumerOptions) -> None:
+    await invoke_batch(handler, deliveries, options)
 
 
 async def batch_only(delivery: Delivery) -> None:
@@ -180,6 +191,7 @@ class Consumer:
         self._limit = 1
         self._name = ""
         self._fairness_streak: int = getattr(source, "fairness_streak", FAIRNESS_STREAK)
+        self._gathers_ahead: bool = getattr(source, "gathers_ahead", False)
 
     @property
     def pattern(self) -> str:
@@ -191,7 +203,9 @@ class Consumer:
 
     def start(self, name: str) -> None:
         """Start pulling from the source in a task named ``name``."""
-        if self._batch_handler is not None:
+        if self._batch_handler is not None and self._gathers_ahead:
+            run = self._run_batches_ahead(self._batch_handler, name)
+        elif self._batch_handler is not None:
             run = self._run_batches(self._batch_handler)
         elif self._options.max_in_flight > 1:
             run = self._run_concurrently(self._options.max_in_flight, name)
@@ -340,20 +354,74 @@ class Consumer:
                 raise
             await invoke_batch(handler, batch, options)
 
-    async def _fill(self, batch: list[Delivery], limit: int) -> None:
-        """Add to ``batch`` what the source hands out, up to ``limit``, for at most ``max_wait`` from now."""
+    async def _run_batches_ahead(self, handler: BatchRawHandler, name: str) -> None:
+        # Batches one at a time, in order, but the next is gathered while the handler runs the current one
+        # (a task): the db-writer's handler mostly waits on its database, and gathering after it returned
+        # put the source's decoding (~5 ms of CPU per 500 NATS messages) between two writes.
+        source, options = self._source, self._options
+        limit = options.batch_size
+        loop = asyncio.get_running_loop()
+        running: asyncio.Task[None] | None = None
+        batch: list[Delivery] = []
+        try:
+            while not self._closing:
+                batch = []
+                await self._take(batch, limit, running)
+                if not batch:
+                    waited = await self._receive(self._slice(limit, running), math.inf)
+                    if waited is None:
+                        return
+                    batch.extend(waited)
+                    if not batch:
+                        continue
+                await self._fill(batch, limit, running)
+                if running is not None:
+                    await running
+                    running = None
+                if self._closing:
+                    break
+                running = loop.create_task(_run_batch(handler, batch, options), name=f"{name}-batch")
+                batch = []
+                await asyncio.sleep(0)  # the handler starts (its first write) before the next batch is gathered
+        finally:
+            if batch:
+                source.give_back(batch)  # gathered, never handed to the handler
+            if running is not None:
+                await running
+
+    @staticmethod
+    def _slice(count: int, running: asyncio.Task[None] | None) -> int:
+        """How many to ask the source for at once: ``count``, at most :data:`AHEAD_SLICE` while ``running``."""
+        return count if running is None or running.done() else min(count, AHEAD_SLICE)
+
+    async def _take(self, batch: list[Delivery], limit: int, running: asyncio.Task[None] | None) -> None:
+        """Add to ``batch`` what the source has ready, up to ``limit``: at once, or in slices of
+        :data:`AHEAD_SLICE` with a yield after each while ``running`` (the handler) has not finished."""
+        poll = self._source.poll
+        if running is None or running.done():
+            batch.extend(poll(limit - len(batch)))
+            return
+        while len(batch) < limit and not self._closing:
+            more = poll(min(AHEAD_SLICE, limit - len(batch)))
+            if not more:
+                return
+            batch.extend(more)
+            await asyncio.sleep(0)
+
+    async def _fill(self, batch: list[Delivery], limit: int, running: asyncio.Task[None] | None = None) -> None:
+        """Add to ``batch`` what the source hands out, up to ``limit``, for at most ``max_wait`` from now
+        (while ``running``, pulled in slices: :meth:`_take`)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._max_wait
-        poll = self._source.poll
         while len(batch) < limit and not self._closing:
-            more = poll(limit - len(batch))
-            if more:
-                batch.extend(more)
+            before = len(batch)
+            await self._take(batch, limit, running)
+            if len(batch) > before:
                 continue
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return
-            waited = await self._receive(limit - len(batch), remaining)
+            waited = await self._receive(self._slice(limit - len(batch), running), remaining)
             if waited is None:
                 return
             batch.extend(waited)

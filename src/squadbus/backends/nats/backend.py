@@ -36,11 +36,11 @@ from squadbus.backends.nats.read_all import read_all as read_stream
 from squadbus.backends.nats.replay import replay as replay_stream
 from squadbus.backends.nats.requests import ReplyRouter
 from squadbus.backends.nats.settings import STREAM_SUBJECTS, NatsSettings, Profile
-from squadbus.backends.nats.subscriber import NatsSubscription
+from squadbus.backends.nats.subscriber import NatsConsumer, NatsSubscription
 from squadbus.backends.nats.takeover import take_over
 from squadbus.backends.nats.translate import is_transient, translate
 from squadbus.core import subjects
-from squadbus.core.backend import BatchRawHandler, ConsumerOptions, GroupFigures, RawHandler, Subscription, batch_only
+from squadbus.core.backend import BatchRawHandler, ConsumerOptions, GroupFigures, RawHandler, Subscription
 from squadbus.core.backoff import CONSUMER_CHECK, STREAM_NOT_READY, Backoff
 from squadbus.core.envelope import Message
 from squadbus.core.errors import BackendError, Closed, ConnectionLost
@@ -223,7 +223,7 @@ class NatsBackend:
         if self._inboxes is not None:
             await self._inboxes.close()
         for sub in list(self._subs):
-            await sub.close()
+            await (sub.runtime.close() if sub.runtime is not None else sub.close())
         for task in list(self._checks):
             task.cancel()
         if self._replies is not None:
@@ -266,7 +266,7 @@ class NatsBackend:
 
     async def subscribe(
         self, pattern: str, handler: RawHandler, *, group: str | None, options: ConsumerOptions
-    ) -> NatsSubscription:
+    ) -> NatsConsumer:
         """Join the durable consumer of ``(group, pattern)`` (creating it), or create an
         ephemeral one for ``group=None``, and start pulling. With ``options.take_over`` the
         group's unacknowledged messages are queued for redelivery first (see :mod:`.takeover`)."""
@@ -287,14 +287,14 @@ class NatsBackend:
     async def subscribe_batch(
         self, pattern: str, handler: BatchRawHandler, *, group: str | None, options: ConsumerOptions,
         max_wait: float,
-    ) -> NatsSubscription:
+    ) -> NatsConsumer:
         """Like :meth:`subscribe`, handing ``handler`` batches of up to ``batch_size`` (BatchSubscriber)."""
-        return await self._start_subscription(pattern, batch_only, group, options, (handler, max_wait))
+        return await self._start_subscription(pattern, None, group, options, (handler, max_wait))
 
     async def _start_subscription(
-        self, pattern: str, handler: RawHandler, group: str | None, options: ConsumerOptions,
+        self, pattern: str, handler: RawHandler | None, group: str | None, options: ConsumerOptions,
         batches: tuple[BatchRawHandler, float] | None,
-    ) -> NatsSubscription:
+    ) -> NatsConsumer:
         subjects.validate_squad_pattern(pattern)
         js = self.js
         config = consumer_config(pattern, group, options, self.settings)
@@ -302,15 +302,17 @@ class NatsBackend:
         assert config.name is not None
         if options.take_over and group is not None:
             await take_over(self.nc, js, self.settings.stream, config.name, timeout=self.settings.connect_timeout)
-        sub = NatsSubscription(
-            self, pattern=pattern, group=group, consumer=config.name, handler=handler, options=options
-        )
+        sub = NatsSubscription(self, pattern=pattern, group=group, consumer=config.name, options=options)
         if batches is not None:
-            sub.use_batches(*batches)
+            sub.use_batches()
+            runtime = NatsConsumer(sub, options, batches=batches[0], max_wait=batches[1])
+        else:
+            runtime = NatsConsumer(sub, options, handler=handler)
         self._subs.add(sub)
         self._configs[sub] = config
         await sub.start()
-        return sub
+        runtime.start(f"squadbus-nats-{group or 'ephemeral'}-consumer")
+        return runtime
 
     def attempt_ledger(self, consumer: str, *, open_limit: int) -> AttemptLedger:
         """The attempts this process handed out for ``consumer``, shared by its members here."""

@@ -1,5 +1,11 @@
 """Pull consumers: one JetStream consumer per group, a continuous pull per subscription.
 
+A subscription is core's consumer runtime (:class:`NatsConsumer`, a
+:class:`~squadbus.core.consumer.Consumer`: handler calls, ``max_in_flight``,
+batches, fairness, close) over a :class:`NatsSubscription`, the
+:class:`~squadbus.core.source.DeliverySource` that pulls, queues, decodes and
+settles.
+
 Each subscription owns a private inbox and keeps ``batch_size`` messages of
 pull credit outstanding: it sends a pull request (``batch``, ``expires``,
 ``idle_heartbeat``) and sends the next one when what is outstanding plus
@@ -11,15 +17,16 @@ pull timeout into every latency percentile at low rates).
 A pull request the server lost (node restart, leader change) is noticed by
 the missing idle heartbeats and sent again. ``close()`` stops pulling,
 drains the inbox (the server drops pull requests nobody listens to; what it
-sent before is received, not dropped), waits for the handlers in progress to
-settle their deliveries, then naks what was received but not handed to the
+sent before is received, not dropped) once the runtime's handlers in progress
+settled their deliveries, then naks what was received but not handed to the
 handler, in stream order.
 
-Batch mode (``use_batches``, the db-writer): the next batch is gathered and
-decoded while the handler works on the current one, and acks are queued for a
-task that sends them while the handler writes the next batch (one write of
-PUB frames per batch, _ack_all). Batches still run one at a time, in order,
-each acked after its handler returned.
+Batch mode (``use_batches``, the db-writer): the source asks the runtime to
+gather (and so decode) the next batch while the handler works on the current
+one (``gathers_ahead``), and acks are queued for a task that sends them while
+the handler writes the next batch (one write of PUB frames per batch,
+_ack_all). Batches still run one at a time, in order, each acked after its
+handler returned.
 
 The inbox's data messages come raw from the read loop (raw.py: no ``Msg``, no
 header dict) to ``_on_data``; status messages, and every message of an
@@ -41,8 +48,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import random
-from collections.abc import Awaitable
+from collections import deque
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING
 
 import nats.errors
@@ -54,20 +63,12 @@ from squadbus.backends.nats.consumers import PRIORITY_GROUP, pin_timeout
 from squadbus.backends.nats.pinned import TakeoverBuffer
 from squadbus.backends.nats.raw import InboxClient, RawMsg
 from squadbus.core import subjects
-from squadbus.core.backend import (
-    BatchRawHandler,
-    ConsumerOptions,
-    Delivery,
-    InFlight,
-    RawHandler,
-    invoke,
-    invoke_batch,
-)
+from squadbus.core.backend import BatchRawHandler, ConsumerOptions, Delivery, RawHandler
 from squadbus.core.backoff import RECONNECT, WRITE_RETRY, Backoff
-from squadbus.core.batching import fill_batch
+from squadbus.core.consumer import Consumer
 from squadbus.core.dispatch import DLQ_ATTEMPTS, DLQ_GROUP, DLQ_ORIGINAL_ID, DLQ_REASON, DLQ_SUBJECT
 from squadbus.core.envelope import Message, decode, new_id, utcnow
-from squadbus.core.errors import MalformedMessage, SquadbusError
+from squadbus.core.errors import Closed, MalformedMessage, SquadbusError
 
 if TYPE_CHECKING:
     from squadbus.backends.nats.backend import NatsBackend
@@ -79,14 +80,9 @@ _TERM = b"+TERM"
 _PROGRESS = b"+WPI"
 _HEARTBEAT = 1.0
 _MALFORMED_CONTENT_LIMIT = 64 * 1024
-_FAIRNESS_STREAK = 64
 # Batch mode keeps this many batches of pull credit out: with one (500), the next pull went out only
 # once the whole batch had arrived, and the db-writer waited on NATS before 1 write in 5.
 _BATCH_CREDIT = 2
-# Batch mode: decoding yields every this many messages, so the handler's write (its database round
-# trips) goes on meanwhile: a reply from the database waits behind at most one slice (~0.2 ms of
-# decoding at 16; 64 held each of a write's round trips up to ~1 ms).
-_YIELD_EVERY = 16
 
 Incoming = Msg | RawMsg
 """A message of a subscription's inbox: nats-py's, or a data message taken raw (raw.py)."""
@@ -145,7 +141,13 @@ class NatsDelivery(Delivery):
 
 
 class NatsSubscription:
-    """One member of a consumer group (or an ephemeral fan-out consumer)."""
+    """One member of a consumer group (or an ephemeral fan-out consumer): a
+    :class:`~squadbus.core.source.DeliverySource` over the messages its pulls brought, run by core's
+    :class:`~squadbus.core.consumer.Consumer` (:attr:`runtime`).
+
+    ``poll`` takes from the queue in arrival (stream) order and decodes there; undecodable bytes are
+    dead-lettered by a task of the source, never handed out. Taking wakes the pull loop once the queue
+    is down to half the pull credit."""
 
     def __init__(
         self,
@@ -154,17 +156,17 @@ class NatsSubscription:
         pattern: str,
         group: str | None,
         consumer: str,
-        handler: RawHandler,
         options: ConsumerOptions,
     ) -> None:
         self._backend = backend
         self._pattern = pattern
         self._group = group
         self.consumer = consumer
-        self._handler = handler
         self._options = options
         self._nc = backend.nc
-        self._queue: asyncio.Queue[Incoming] = asyncio.Queue()
+        self._queue: deque[Incoming] = deque()
+        # The one consumer's wait in receive(): set when a message is queued (or the source closes).
+        self._waiter: asyncio.Future[None] | None = None
         self._wake = asyncio.Event()
         self._outstanding = 0
         self._failures = 0
@@ -174,8 +176,13 @@ class NatsSubscription:
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._closed = False
-        self._waiting_for_msg = False
         self._batch = options.batch_size
+        self._half = self._batch // 2
+        self.runtime: Consumer | None = None
+        """The consumer runtime over this source (set by the backend); the backend closes it."""
+        self.gathers_ahead = False
+        """Read by core's consumer (batch mode): gather the next batch while the handler runs."""
+        self._dead_letters: set[asyncio.Task[None]] = set()
         self._expires = backend.settings.pull_expires
         self._request_subject = f"$JS.API.CONSUMER.MSG.NEXT.{backend.settings.stream}.{consumer}"
         # Ordered groups (pinned_client): the pin id the server gave this member, if any.
@@ -190,19 +197,19 @@ class NatsSubscription:
             self._takeover = TakeoverBuffer(
                 self._nc, f"$JS.API.CONSUMER.INFO.{backend.settings.stream}.{consumer}", options.ack_wait,
                 self._release_held, _stream_seq)
-        self._batch_handler: BatchRawHandler | None = None
-        self._max_wait = 0.0
+        self._batch_acks = False
         self._acks: list[Incoming] = []  # batch mode: acks queued for _send_acks
         self._clock = asyncio.get_running_loop().time
         self._acking: asyncio.Task[None] | None = None
         self.attempts = backend.attempt_ledger(consumer, open_limit=2 * max(options.max_pending, options.batch_size))
 
-    def use_batches(self, handler: BatchRawHandler, max_wait: float) -> None:
-        """Before start: hand the handler batches of up to ``batch_size`` messages (one batch at a
-        time) instead of one delivery per call, waiting at most ``max_wait`` after the first for more."""
-        self._batch_handler = handler
-        self._max_wait = max_wait
+    def use_batches(self) -> None:
+        """Before start: the runtime hands out batches (gathered ahead), so keep ``_BATCH_CREDIT`` batches
+        of pull credit out and queue acks for one write per batch."""
+        self._batch_acks = True
+        self.gathers_ahead = True
         self._batch = _BATCH_CREDIT * self._options.batch_size
+        self._half = self._batch // 2
 
     @property
     def pattern(self) -> str:
@@ -213,7 +220,7 @@ class NatsSubscription:
         return self._group
 
     async def start(self) -> None:
-        """Subscribe the private inbox and start pulling and dispatching."""
+        """Subscribe the private inbox and start pulling (the runtime starts after)."""
         self._inbox = self._nc.new_inbox()
         self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
         if isinstance(self._nc, InboxClient) and not self._pinned_group:
@@ -223,10 +230,7 @@ class NatsSubscription:
         loop = asyncio.get_running_loop()
         self._last_heard = loop.time()
         name = f"squadbus-nats-{self._group or 'ephemeral'}"
-        self._tasks = [
-            loop.create_task(self._pull_loop(), name=f"{name}-pull"),
-            loop.create_task(self._dispatch_loop(), name=f"{name}-dispatch"),
-        ]
+        self._tasks = [loop.create_task(self._pull_loop(), name=f"{name}-pull")]
 
     def reset_credit(self) -> None:
         """Forget outstanding pull requests (after a reconnect the server no longer has them)."""
@@ -242,7 +246,16 @@ class NatsSubscription:
         self._failures = 0
         if self._outstanding > 0:
             self._outstanding -= 1
-        self._queue.put_nowait(msg)
+        self._queue.append(msg)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _queued(self, msg: Incoming) -> None:
+        self._queue.append(msg)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def _on_msg(self, msg: Msg) -> None:
         self._last_heard = self._clock()
@@ -262,12 +275,12 @@ class NatsSubscription:
             if self._outstanding > 0:
                 self._outstanding -= 1
             if self._closing:  # naked by close() with the rest of the queue, in stream order
-                self._queue.put_nowait(msg)
+                self._queue.append(msg)
                 return
             if self._takeover is not None and self._takeover.holding:
                 self._takeover.add(msg)
                 return
-            self._queue.put_nowait(msg)
+            self._queued(msg)
             return
         if status == "100":
             return  # idle heartbeat
@@ -308,7 +321,7 @@ class NatsSubscription:
 
     def _release_held(self, msgs: list[Msg]) -> None:
         for msg in msgs:
-            self._queue.put_nowait(msg)
+            self._queued(msg)
         self._wake.set()
 
     async def _pull_loop(self) -> None:
@@ -320,7 +333,7 @@ class NatsSubscription:
             if self._failures:
                 # The consumer or its leader is unavailable: do not hammer the server.
                 await asyncio.sleep(RECONNECT.delay(self._failures, random.random()))
-            buffered = self._queue.qsize()
+            buffered = len(self._queue)
             want = 0
             request: dict[str, object] = {}
             if self._outstanding + buffered <= self._batch // 2:
@@ -354,105 +367,76 @@ class NatsSubscription:
                 self._outstanding = 0
                 self._last_heard = loop.time()
 
-    # ---- dispatching -------------------------------------------------------------------------
+    # ---- handing out (DeliverySource) --------------------------------------------------------
 
-    async def _next(self) -> Incoming | None:
-        if self._closing:
-            return None
-        try:
-            msg = self._queue.get_nowait()
-        except asyncio.QueueEmpty:
-            self._waiting_for_msg = True
-            try:
-                msg = await self._queue.get()
-            finally:
-                self._waiting_for_msg = False
-        if self._queue.qsize() <= self._batch // 2:
+    def poll(self, max_count: int) -> Sequence[Delivery]:
+        """Up to ``max_count`` queued messages as deliveries, decoded here, in stream order; undecodable
+        ones go to a dead-letter task instead (not counted in ``max_count``)."""
+        queue = self._queue
+        if not queue or self._closing:
+            return ()
+        if max_count == 1:  # one delivery at a time, the hot path: no list
+            while queue:
+                msg = queue.popleft()
+                delivery = self._decode(msg)
+                if isinstance(delivery, NatsDelivery):
+                    if len(queue) <= self._half:
+                        self._wake.set()
+                    return (delivery,)
+                if delivery is not None:
+                    self._dead_letter(msg, *delivery)
             self._wake.set()
-        return msg
-
-    async def _dispatch_loop(self) -> None:
-        if self._batch_handler is not None:
-            await self._dispatch_batches(self._batch_handler)
-            return
-        if self._options.max_in_flight > 1:
-            await self._dispatch_concurrently(self._options.max_in_flight)
-            return
-        streak = 0
-        while (msg := await self._next()) is not None:
-            streak += 1
-            if streak >= _FAIRNESS_STREAK:
-                streak = 0
-                await asyncio.sleep(0)
-            await self._handle(msg)
-
-    async def _dispatch_concurrently(self, limit: int) -> None:
-        inflight = InFlight(limit)
-        try:
-            while True:
-                await inflight.slot()
-                try:
-                    msg = await self._next()
-                except asyncio.CancelledError:
-                    inflight.give_back()
-                    raise
-                if msg is None:
-                    inflight.give_back()
-                    break
-                inflight.start(self._handle(msg))
-        finally:
-            await inflight.finish()
-
-    async def _dispatch_batches(self, handler: BatchRawHandler) -> None:
-        """Batches one at a time, in order; the next is gathered and decoded while the handler runs
-        (the db-writer's handler mostly waits on its database: decoding 500 messages after each
-        COMMIT put ~5 ms of CPU per batch between two writes)."""
-        running: asyncio.Task[None] | None = None
-        try:
-            while (deliveries := await self._next_batch()) is not None:
-                if not deliveries:
-                    continue
-                if running is not None:
-                    await running
-                    running = None
-                    if self._closing:  # decoded but not started: back to the server now
-                        for delivery in deliveries:
-                            await delivery.nack()
-                        break
-                running = asyncio.get_running_loop().create_task(
-                    _run_batch(handler, deliveries, self._options), name=f"squadbus-nats-{self._group}-batch")
-                await asyncio.sleep(0)  # the handler starts its write before the next batch is decoded
-        finally:
-            if running is not None:
-                await running
-
-    async def _next_batch(self) -> list[Delivery] | None:
-        """The next batch of deliveries (empty if none decoded), None when closing."""
-        first = await self._next()
-        if first is None:
-            return None
-        msgs = [first]
-        self._waiting_for_msg = True  # fill_batch only suspends in queue.get(): safe to cancel
-        try:
-            await fill_batch(self._queue, msgs, self._options.batch_size, self._max_wait)
-        except asyncio.CancelledError:
-            for msg in msgs:  # closing: back to the server at once rather than after ack_wait
-                await self.send_ack(msg, b"-NAK")
-            raise
-        finally:
-            self._waiting_for_msg = False
-        if self._queue.qsize() <= self._batch // 2:
-            self._wake.set()
-        deliveries: list[Delivery] = []
-        for i, msg in enumerate(msgs, 1):
+            return ()
+        got: list[Delivery] = []
+        while queue and len(got) < max_count:
+            msg = queue.popleft()
             delivery = self._decode(msg)
             if isinstance(delivery, NatsDelivery):
-                deliveries.append(delivery)
+                got.append(delivery)
             elif delivery is not None:
-                await self._malformed(msg, *delivery)
-            if i % _YIELD_EVERY == 0:
-                await asyncio.sleep(0)  # the handler's round trips go on meanwhile
-        return deliveries
+                self._dead_letter(msg, *delivery)
+        if len(queue) <= self._half:
+            self._wake.set()
+        return got
+
+    async def receive(self, max_count: int, wait: float) -> Sequence[Delivery]:
+        if self._closing:
+            raise Closed(f"the subscription to {self._pattern!r} is closed")
+        got = self.poll(max_count)
+        if got or wait <= 0:
+            return got
+        self._wake.set()
+        try:
+            if wait == math.inf:
+                await self._ready()
+            else:
+                async with asyncio.timeout(wait):
+                    await self._ready()
+        except TimeoutError:
+            return ()
+        return self.poll(max_count)
+
+    async def _ready(self) -> None:
+        """Wait until a message is queued (or the source closes)."""
+        while not self._queue and not self._closing:
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+
+    def give_back(self, deliveries: Sequence[Delivery]) -> None:
+        """Back at the front of the queue, in their order: ``close()`` naks the queue in stream order."""
+        queue = self._queue
+        for delivery in reversed(deliveries):
+            assert isinstance(delivery, NatsDelivery)
+            queue.appendleft(delivery._msg)
+
+    def _dead_letter(self, msg: Incoming, exc: MalformedMessage, attempt: int) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._malformed(msg, exc, attempt), name=f"squadbus-nats-{self._group or 'ephemeral'}-malformed")
+        self._dead_letters.add(task)
+        task.add_done_callback(self._dead_letters.discard)
 
     def _decode(self, msg: Incoming) -> NatsDelivery | tuple[MalformedMessage, int] | None:
         """The delivery of ``msg``; ``(error, attempt)`` when it is not an envelope (for _malformed);
@@ -468,13 +452,6 @@ class NatsSubscription:
         except MalformedMessage as exc:
             return exc, attempt
         return NatsDelivery(message, msg, attempt, seq, self)
-
-    async def _handle(self, msg: Incoming) -> None:
-        delivery = self._decode(msg)
-        if isinstance(delivery, NatsDelivery):
-            await invoke(self._handler, delivery, self._options)
-        elif delivery is not None:
-            await self._malformed(msg, *delivery)
 
     async def _malformed(self, msg: Incoming, exc: MalformedMessage, attempt: int) -> None:
         """Dead-letter bytes that are not an envelope, so they never block the consumer."""
@@ -516,7 +493,7 @@ class NatsSubscription:
     def ack(self, msg: Incoming) -> Awaitable[None] | None:
         """Ack ``msg``: at once, or in batch mode queued for a task that sends a batch's acks while
         the handler works on the next batch (in order; awaited by close())."""
-        if self._batch_handler is None:
+        if not self._batch_acks:
             return self.send_ack(msg, _ACK)
         self._acks.append(msg)
         if self._acking is None or self._acking.done():
@@ -525,7 +502,7 @@ class NatsSubscription:
         return None
 
     async def _send_acks(self) -> None:
-        # After the dispatcher has started the next batch (it runs first).
+        # After the consumer has started the next batch (it runs first).
         await asyncio.sleep(0)
         while self._acks:
             msgs, self._acks = self._acks, []
@@ -563,16 +540,19 @@ class NatsSubscription:
     # ---- closing -----------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Stop pulling, return buffered messages, let the handler in progress finish. Idempotent."""
+        """Called by the runtime once its handlers finished: stop pulling, nak what was received but
+        not handed out (in stream order), forget the subscription. Idempotent."""
         if self._closed:
             return
         self._closed = True
         self._closing = True
-        pull, dispatch = self._tasks or (None, None)
-        if pull is not None:
-            pull.cancel()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await pull
+                await task
         if self._sub is not None:
             # Drain, not unsubscribe: what the server sent before it saw the UNSUB reaches _on_msg,
             # which naks it; unsubscribed, the client dropped it and it stayed pending until ack_wait,
@@ -585,20 +565,31 @@ class NatsSubscription:
                     await self._sub.unsubscribe()
             if isinstance(self._nc, InboxClient):
                 self._nc.unroute(self._sub)
-        if dispatch is not None:
-            if self._waiting_for_msg:
-                dispatch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await dispatch
         if self._acking is not None:
             await self._acking
-        while not self._queue.empty():
-            await self.send_ack(self._queue.get_nowait(), b"-NAK")
+        if self._dead_letters:
+            await asyncio.gather(*self._dead_letters, return_exceptions=True)
+        while self._queue:
+            await self.send_ack(self._queue.popleft(), b"-NAK")
         if self._takeover is not None:
             for msg in self._takeover.drain():
                 await self.send_ack(msg, b"-NAK")
         await self._backend.forget(self)
 
 
-async def _run_batch(handler: BatchRawHandler, deliveries: list[Delivery], options: ConsumerOptions) -> None:
-    await invoke_batch(handler, deliveries, options)
+class NatsConsumer(Consumer):
+    """A subscription: core's consumer runtime over its :class:`NatsSubscription` (``handler`` per delivery,
+    or ``batches``); the source starts pulling before, and closes after, it."""
+
+    def __init__(
+        self, source: NatsSubscription, options: ConsumerOptions, *, handler: RawHandler | None = None,
+        batches: BatchRawHandler | None = None, max_wait: float = 0.0,
+    ) -> None:
+        super().__init__(source, options, handler=handler, batches=batches, max_wait=max_wait)
+        self.source = source
+        source.runtime = self
+
+    @property
+    def consumer(self) -> str:
+        """The JetStream consumer's name."""
+        return self.source.consumer
