@@ -11,7 +11,9 @@ time.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import math
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -71,3 +73,17 @@ class DeliverySource(Protocol):
         """Stop handing out deliveries and free what the source holds; called once the consumer's handlers
         have finished. Idempotent."""
         ...
+
+
+async def within(ready: Awaitable[object], wait: float) -> bool:
+    """Await ``ready`` for at most ``wait`` seconds (``math.inf``: no limit): True once it completed, False
+    when the time ran out. A source's :meth:`DeliverySource.receive` between an empty poll and the next."""
+    if wait == math.inf:
+        await ready
+        return True
+    try:
+        async with asyncio.timeout(wait):
+            await ready
+    except TimeoutError:
+        return False
+    return True

@@ -48,7 +48,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import random
 from collections import deque
 from collections.abc import Awaitable, Sequence
@@ -69,6 +68,7 @@ from squadbus.core.consumer import Consumer
 from squadbus.core.dispatch import DLQ_ATTEMPTS, DLQ_GROUP, DLQ_ORIGINAL_ID, DLQ_REASON, DLQ_SUBJECT
 from squadbus.core.envelope import Message, decode, new_id, utcnow
 from squadbus.core.errors import Closed, MalformedMessage, SquadbusError
+from squadbus.core.source import within
 
 if TYPE_CHECKING:
     from squadbus.backends.nats.backend import NatsBackend
@@ -406,13 +406,7 @@ class NatsSubscription:
         if got or wait <= 0:
             return got
         self._wake.set()
-        try:
-            if wait == math.inf:
-                await self._ready()
-            else:
-                async with asyncio.timeout(wait):
-                    await self._ready()
-        except TimeoutError:
+        if not await within(self._ready(), wait):
             return ()
         return self.poll(max_count)
 

@@ -29,6 +29,7 @@ from squadbus.core.backend import BatchRawHandler, ConsumerOptions, Delivery, Ra
 from squadbus.core.consumer import Consumer
 from squadbus.core.envelope import Message, decode
 from squadbus.core.errors import Closed, MalformedMessage
+from squadbus.core.source import within
 
 logger = logging.getLogger("squadbus.backends.redis.consumer")
 
@@ -255,13 +256,7 @@ class EntrySource:
         got = self.poll(max_count)
         if got or wait <= 0:
             return got
-        try:
-            if wait == math.inf:
-                await self._ready()
-            else:
-                async with asyncio.timeout(wait):
-                    await self._ready()
-        except TimeoutError:
+        if not await within(self._ready(), wait):
             return ()
         return self.poll(max_count)
 
