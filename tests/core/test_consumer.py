@@ -359,9 +359,9 @@ async def test_close_lets_the_handler_in_progress_finish_and_settle_first() -> N
     assert second.settled is None and list(source.ready) == [second], "nothing more is pulled once closing"
 
 
-async def test_a_handler_that_never_suspends_does_not_starve_the_loop() -> None:
-    source = _ListSource()
-    count = FAIRNESS_STREAK * 4
+async def _handled_when_others_ran(source: _ListSource, count: int) -> list[int]:
+    """Hand ``count`` deliveries to a handler that never suspends; how many it had handled each time another
+    task ran meanwhile."""
     handled = 0
     handled_when_other_ran: list[int] = []
 
@@ -379,34 +379,22 @@ async def test_a_handler_that_never_suspends_does_not_starve_the_loop() -> None:
     consumer = Consumer(source, ConsumerOptions(), handler=handler)
     consumer.start("test")
     await asyncio.gather(other(), _until(lambda: handled == count))
-    assert any(0 < n < count for n in handled_when_other_ran), handled_when_other_ran
     await consumer.close()
+    return handled_when_other_ran
+
+
+async def test_a_handler_that_never_suspends_does_not_starve_the_loop() -> None:
+    count = FAIRNESS_STREAK * 4
+    handled_when_other_ran = await _handled_when_others_ran(_ListSource(), count)
+    assert any(0 < n < count for n in handled_when_other_ran), handled_when_other_ran
 
 
 async def test_a_source_names_how_many_deliveries_go_in_a_row_before_the_consumer_yields() -> None:
     source = _ListSource()
     source.fairness_streak = 8  # type: ignore[attr-defined]
-    count = 32
-    handled = 0
-    handled_when_other_ran: list[int] = []
-
-    async def handler(delivery: Delivery) -> None:
-        nonlocal handled
-        handled += 1
-        delivery.ack_soon()
-
-    async def other() -> None:
-        while handled < count:
-            handled_when_other_ran.append(handled)
-            await asyncio.sleep(0)
-
-    source.add(*(_Delivery(n) for n in range(count)))
-    consumer = Consumer(source, ConsumerOptions(), handler=handler)
-    consumer.start("test")
-    await asyncio.gather(other(), _until(lambda: handled == count))
+    handled_when_other_ran = await _handled_when_others_ran(source, 32)
     # It yields every 8th delivery, once taken and before its handler: others run after 7, 15, ... handled.
-    assert {n for n in handled_when_other_ran if 0 < n < count} == {7, 15, 23, 31}, handled_when_other_ran
-    await consumer.close()
+    assert {n for n in handled_when_other_ran if 0 < n < 32} == {7, 15, 23, 31}, handled_when_other_ran
 
 
 @pytest.mark.parametrize("raises", [False, True])
