@@ -22,6 +22,15 @@ Two measurements, each on fresh topics, 1 KiB messages:
 Both sides use the same producer settings (``acks="all"``, no linger, same
 batch size) and the same consumer fetch settings.
 
+Two raw publishing lines, one per squadbus configuration doing the same work:
+with ``inboxes`` on (the default) squadbus writes two records per direct
+message, the main-topic record keyed by the execution id and the inbox-topic
+copy keyed by the recipient, so :func:`raw_throughput` with ``inbox_copy``
+writes those two records too (the group still consumes only the main topic);
+with ``inboxes=off`` squadbus writes one record, as the plain raw line does.
+Every throughput line notes the process CPU per message (the client: its
+producer and its consumer) and, given ``broker_pid``, the broker's.
+
 ``run`` is that fixed suite (``squadbus bench --suite``, ``bench/bench_kafka.py``);
 ``TARGET`` is what ``squadbus bench`` loads on kafka:// (:mod:`.loadgen`, raw side :class:`RawSide`).
 """
@@ -30,10 +39,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import struct
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -52,6 +63,47 @@ ROUNDS = 3
 PAYLOAD = "x" * 1024
 BATCH = ConsumerOptions().batch_size
 OPEN_LOOP_SECONDS = 5
+
+
+@dataclass(slots=True)
+class CpuResult(Result):
+    """A throughput line with the CPU time spent per message over its run, in µs (None: not measured)."""
+
+    client_us: float | None = None
+    """This process (producer and consumer) per message."""
+    broker_us: float | None = None
+    """The broker's process per message (utime + stime, 10 ms ticks: coarse for short rounds)."""
+
+
+class _Cpu:
+    """CPU time of this process and of the broker (``broker_pid``, read from ``/proc``) from now on."""
+
+    def __init__(self, broker_pid: int | None) -> None:
+        self._pid = broker_pid
+        self._client, self._broker = time.process_time(), self._broker_seconds()
+
+    def _broker_seconds(self) -> float | None:
+        if self._pid is None:
+            return None
+        try:
+            with open(f"/proc/{self._pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def per_message(self, count: int) -> tuple[float, float | None]:
+        """(client µs, broker µs or None) per message since construction."""
+        client = (time.process_time() - self._client) * 1e6 / count
+        now = self._broker_seconds()
+        broker = None if now is None or self._broker is None else (now - self._broker) * 1e6 / count
+        return client, broker
+
+
+def _line(name: str, count: int, elapsed: float, notes: str, cpu: tuple[float, float | None]) -> CpuResult:
+    client, broker = cpu
+    used = f"CPU/msg client {client:.1f} µs" + (f", broker {broker:.1f} µs" if broker is not None else "")
+    return CpuResult(name, count, elapsed, notes=f"{notes}; {used}", client_us=client, broker_us=broker)
 
 
 def _settings(url: str, topic: str) -> KafkaSettings:
@@ -75,7 +127,9 @@ async def _squadbus_bus(url: str, tag: str) -> Bus:
     return await Bus(KafkaBackend(settings)).start()
 
 
-async def squadbus_throughput(url: str, count: int, *, batch: bool = False, note: str = "") -> Result:
+async def squadbus_throughput(
+    url: str, count: int, *, batch: bool = False, note: str = "", broker_pid: int | None = None
+) -> CpuResult:
     """squadbus: ``count`` concurrent sends consumed by one group.
 
     With ``batch``: ``Bus.publish_many`` in chunks of ``RAW_WINDOW``, the raw side's pattern.
@@ -102,6 +156,7 @@ async def squadbus_throughput(url: str, count: int, *, batch: bool = False, note
                 left -= 1
                 await bus.send("bench", agent, PAYLOAD, task_execution_id=uuid.uuid4())
 
+        cpu = _Cpu(broker_pid)
         start = time.perf_counter()
         if batch:
             subject = subjects.direct(agent)
@@ -116,9 +171,10 @@ async def squadbus_throughput(url: str, count: int, *, batch: bool = False, note
         published = time.perf_counter() - start
         await _until(lambda: received >= count, 120, "squadbus to consume everything")
         elapsed = time.perf_counter() - start
+        used = cpu.per_message(count)
     name = "squadbus kafka publish_many->consume" if batch else "squadbus kafka publish->consume"
     name = f"{name} ({note})" if note else name
-    return Result(name, count, elapsed, notes=f"acks=all, commit after ack; {_published(published, elapsed)}")
+    return _line(name, count, elapsed, f"acks=all, commit after ack; {_published(published, elapsed)}", used)
 
 
 async def squadbus_latency(url: str, count: int, rate: float) -> Result:
@@ -156,12 +212,14 @@ def _published(published: float, elapsed: float) -> str:
 # ---- raw aiokafka --------------------------------------------------------------------------------
 
 
-async def _raw_topic(settings: KafkaSettings, tag: str) -> str:
+async def _raw_topic(settings: KafkaSettings, tag: str, *more: str) -> str:
+    """Create ``bench-raw-<tag>`` (and ``bench-raw-<tag><suffix>`` for each of ``more``); returns the first."""
     topic = f"bench-raw-{tag}"
     admin = AIOKafkaAdminClient(bootstrap_servers=list(settings.bootstrap_servers))
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(topic, settings.partitions, settings.replication_factor)])
+        await admin.create_topics([NewTopic(name, settings.partitions, settings.replication_factor)
+                                   for name in (topic, *(f"{topic}{suffix}" for suffix in more))])
     finally:
         await admin.close()
     return topic
@@ -198,15 +256,22 @@ async def _consume(consumer: AIOKafkaConsumer, on_record: Callable[[bytes], None
             await consumer.commit()
 
 
-async def raw_throughput(url: str, count: int, *, awaited: bool = False) -> Result:
+async def raw_throughput(
+    url: str, count: int, *, awaited: bool = False, inbox_copy: bool = False, broker_pid: int | None = None
+) -> CpuResult:
     """Raw aiokafka: ``send()`` everything, ``flush()``, one group with getmany + commit.
 
     With ``awaited``, ``PUBLISHERS`` tasks each await every record's ack
-    instead, the publishing pattern of ``Bus.send`` (for context).
+    instead, the publishing pattern of ``Bus.send`` (for context). With
+    ``inbox_copy``, the work squadbus does with inboxes on: each message is
+    two records, one in the consumed topic keyed by its execution id and one
+    in a second topic keyed by the recipient (the same key for every message,
+    as every message goes to one agent); the window counts messages.
     """
     settings = KafkaSettings.from_url(url)
     tag = uuid.uuid4().hex[:8]
-    topic = await _raw_topic(settings, tag)
+    topic = await _raw_topic(settings, tag, *((".inbox",) if inbox_copy else ()))
+    inbox, recipient = f"{topic}.inbox", f"bench-{tag}".encode()
     producer = _raw_producer(settings)
     consumer = _raw_consumer(settings, topic, f"bench-raw-{tag}")
     await producer.start()
@@ -223,6 +288,7 @@ async def raw_throughput(url: str, count: int, *, awaited: bool = False) -> Resu
         await _until(lambda: received >= 1, 60, "the raw group to join")
         received = 1
         value = _value()
+        cpu = _Cpu(broker_pid)
         start = time.perf_counter()
         if awaited:
             left = count
@@ -236,9 +302,12 @@ async def raw_throughput(url: str, count: int, *, awaited: bool = False) -> Resu
             await asyncio.gather(*(publisher() for _ in range(min(PUBLISHERS, count))))
         else:
             pending = []
+            window = RAW_WINDOW * 2 if inbox_copy else RAW_WINDOW
             for _ in range(count):
                 pending.append(await producer.send(topic, value, key=str(uuid.uuid4()).encode()))
-                if len(pending) >= RAW_WINDOW:
+                if inbox_copy:
+                    pending.append(await producer.send(inbox, value, key=recipient))
+                if len(pending) >= window:
                     await asyncio.gather(*pending)
                     pending.clear()
             await producer.flush()
@@ -246,16 +315,20 @@ async def raw_throughput(url: str, count: int, *, awaited: bool = False) -> Resu
         published = time.perf_counter() - start
         await _until(lambda: received >= count + 1, 120, "raw aiokafka to consume everything")
         elapsed = time.perf_counter() - start
+        used = cpu.per_message(count)
         await consuming
     finally:
         consuming.cancel()
         await consumer.stop()
         await producer.stop()
     if awaited:
-        return Result("raw aiokafka awaited sends, getmany+commit", count, elapsed,
-                      notes=f"context only; {_published(published, elapsed)}")
-    return Result("raw aiokafka send()+flush, getmany+commit", count, elapsed,
-                  notes=f"same producer settings; {_published(published, elapsed)}")
+        return _line("raw aiokafka awaited sends, getmany+commit", count, elapsed,
+                     f"context only; {_published(published, elapsed)}", used)
+    if inbox_copy:
+        return _line("raw aiokafka 2 records/msg (main + inbox copy), getmany+commit", count, elapsed,
+                     f"the records squadbus writes with inboxes on; {_published(published, elapsed)}", used)
+    return _line("raw aiokafka send()+flush, getmany+commit", count, elapsed,
+                 f"same producer settings; {_published(published, elapsed)}", used)
 
 
 async def raw_latency(url: str, count: int, rate: float) -> Result:
@@ -298,25 +371,31 @@ async def raw_latency(url: str, count: int, rate: float) -> Result:
     return Result(f"raw aiokafka e2e @{rate:g}/s open loop", count, elapsed, latencies)
 
 
-async def run(*, url: str, count: int, rate: float) -> list[Result]:
+async def run(*, url: str, count: int, rate: float, broker_pid: int | None = None) -> list[Result]:
     """squadbus vs raw aiokafka against the broker at ``url`` (a ``kafka://`` URL).
 
-    Returns, in order: raw throughput, squadbus throughput, raw latency,
-    squadbus latency (see the module docstring), for context raw aiokafka
-    throughput with per-record awaited sends (Bus.send's pattern),
-    squadbus throughput with ``Bus.publish_many`` (the raw side's pattern),
-    and the same with ``inboxes=off``: with inboxes on (the default) a direct
-    message is written twice (its topic and the inbox topic), so that line is
-    the one writing as many records as the raw side.
+    Returns, in order: raw throughput (one record per message), squadbus
+    throughput, raw latency, squadbus latency (see the module docstring), for
+    context raw aiokafka throughput with per-record awaited sends (Bus.send's
+    pattern), squadbus throughput with ``Bus.publish_many`` (the raw side's
+    pattern), the same with ``inboxes=off`` (one record per message, as the
+    first raw line), and raw aiokafka writing the two records squadbus writes
+    with inboxes on (the default). So like with like: ``publish_many`` over
+    the last raw line, and ``publish_many`` with ``inboxes=off`` over the
+    first. ``broker_pid`` (the broker runs on this machine): its CPU per
+    message is noted too.
     """
     latency_count = max(1, min(count, int(rate * OPEN_LOOP_SECONDS)))
     single = f"{url}{'&' if '?' in url else '?'}inboxes=off"
+    pid = broker_pid
     lines: list[Callable[[], Awaitable[Result]]] = [
-        lambda: raw_throughput(url, count),
-        lambda: squadbus_throughput(url, count),
-        lambda: raw_throughput(url, count, awaited=True),
-        lambda: squadbus_throughput(url, count, batch=True),
-        lambda: squadbus_throughput(single, count, batch=True, note="inboxes=off: one record per message"),
+        lambda: raw_throughput(url, count, broker_pid=pid),
+        lambda: squadbus_throughput(url, count, broker_pid=pid),
+        lambda: raw_throughput(url, count, awaited=True, broker_pid=pid),
+        lambda: squadbus_throughput(url, count, batch=True, broker_pid=pid),
+        lambda: squadbus_throughput(single, count, batch=True, note="inboxes=off: one record per message",
+                                    broker_pid=pid),
+        lambda: raw_throughput(url, count, inbox_copy=True, broker_pid=pid),
     ]
     # Every other round runs the lines in reverse: tansu keeps everything in memory and slows as it
     # fills, which would favour whichever line always ran first.
@@ -325,11 +404,11 @@ async def run(*, url: str, count: int, rate: float) -> list[Result]:
         order = list(enumerate(lines))
         for index, line in order if number % 2 == 0 else reversed(order):
             rounds[index].append(await line())
-    raw, ours, awaited, many, many_single = (median_of(out) for out in rounds)
+    raw, ours, awaited, many, many_single, raw_two = (median_of(out) for out in rounds)
     # The latency runs as raw, squadbus, squadbus, raw (half the count each), for the same reason.
     half = max(1, latency_count // 2)
     raw_lat, our_lat = await abba(lambda: raw_latency(url, half, rate), lambda: squadbus_latency(url, half, rate))
-    return [raw, ours, raw_lat, our_lat, awaited, many, many_single]
+    return [raw, ours, raw_lat, our_lat, awaited, many, many_single, raw_two]
 
 
 # ---- squadbus bench: the raw side on kafka:// ------------------------------------------------------
