@@ -122,4 +122,40 @@ def test_limits_are_validated() -> None:
         ServerLimits(max_connections=0)
     with pytest.raises(ValueError, match="header_timeout"):
         ServerLimits(header_timeout=0)
+    with pytest.raises(ValueError, match="linger"):
+        ServerLimits(linger=-1)
     assert ServerLimits().max_connections >= 16
+
+
+POST_HEAD = (b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+             b"Content-Length: 2\r\n\r\n")
+
+
+async def write_later(writer: asyncio.StreamWriter, data: bytes, delay: float) -> None:
+    """What a client does after its first bytes: a body, the rest of its headers (never fails the test)."""
+    await asyncio.sleep(delay)
+    with contextlib.suppress(OSError):
+        writer.write(data)
+        await writer.drain()
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+async def test_a_refused_client_still_sending_reads_its_503(make_app: MakeApp, http: str) -> None:
+    # A client past the cap sends a body the server never reads: closing at once made the kernel reset the
+    # connection, so the client saw a read error instead of the 503 (httpx.ReadError).
+    app = make_app(workers=())
+    async with guarded(app, ServerLimits(max_connections=1, header_timeout=5.0), http) as port, sockets(port, 1), \
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=LIVENESS_TIMEOUT) as c:
+        for _ in range(3):
+            answer = await c.post("/v1/messages", content=b"x" * 1_000_000)
+            assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+async def test_a_slow_client_still_sending_reads_its_408(make_app: MakeApp, http: str) -> None:
+    app = make_app(workers=())
+    async with guarded(app, ServerLimits(max_connections=8, header_timeout=0.5), http) as port, \
+            sockets(port, 3, PARTIAL_HEADERS) as slow:
+        await asyncio.gather(*(write_later(writer, b"more\r\n", 1.0) for _, writer in slow))
+        answers = await asyncio.gather(*(answer_of(reader) for reader, _ in slow))
+    assert all(a.startswith(b"HTTP/1.1 408 ") for a in answers), answers

@@ -14,6 +14,15 @@ descriptors. The protocol classes here close that gap:
   otherwise it gets ``408`` and is closed. A request being handled (an SSE
   stream, a slow handler) is never cut: the deadline covers headers only.
 
+Both answers are closed gracefully ("lingering close", as Apache and nginx
+do): the answer is followed by a FIN, and what the client still sends (the
+body of a refused POST, more header bytes) is read and dropped until the
+client closes or ``linger`` seconds pass. Closing at once with unread
+input makes the kernel reset the connection, and the client then reported
+a read error instead of the 503 or 408. At most ``_MAX_LINGERING``
+connections of a server linger at a time (each holds a descriptor); past
+that, an answer is closed at once as before.
+
 The body is the app's business (``ServiceOptions.body_timeout``, see
 :mod:`.limits`). ``squadbus serve`` installs these classes; with plain
 uvicorn, pass ``--http squadbus.service.server:GuardedHttpToolsProtocol``
@@ -40,6 +49,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 _FD_RESERVE = 64  # descriptors kept for the store, the broker, logs and the listening socket
+_MAX_LINGERING = _FD_RESERVE // 2  # refused or timed-out connections closing gracefully at once, per server
 
 
 def default_max_connections() -> int:
@@ -56,10 +66,11 @@ class ServerLimits:
 
     max_connections: int = default_max_connections()
     header_timeout: float = 10.0
+    linger: float = 2.0  # seconds a 503 or 408 connection keeps dropping input before it is closed
 
     def __post_init__(self) -> None:
-        if self.max_connections < 1 or self.header_timeout <= 0:
-            raise ValueError("max_connections must be >= 1 and header_timeout > 0")
+        if self.max_connections < 1 or self.header_timeout <= 0 or self.linger < 0:
+            raise ValueError("max_connections must be >= 1, header_timeout > 0 and linger >= 0")
 
 
 def _response(status: str, detail: str, *extra: str) -> bytes:
@@ -78,7 +89,9 @@ class _Guard:
 
     limits: ServerLimits = ServerLimits()
     _refused = False
+    _answered = False  # a 503 or 408 was written: whatever arrives now is dropped
     _header_timer: asyncio.TimerHandle | None = None
+    _linger_timer: asyncio.TimerHandle | None = None
 
     # provided by the uvicorn protocol class this is mixed into
     server_state: Any
@@ -90,20 +103,28 @@ class _Guard:
         """Refuse past the cap, else serve with a deadline for the first request's headers."""
         if len(self.server_state.connections) >= self.limits.max_connections:
             self._refused = True
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(REFUSED)
-            transport.close()
+            assert isinstance(transport, asyncio.Transport)
+            self._answer_and_close(transport, REFUSED)
             return
         super().connection_made(transport)  # type: ignore[misc]
         self._arm()
 
     def data_received(self, data: bytes) -> None:
-        """Ignore anything a refused connection still sends."""
-        if not self._refused:
+        """Drop anything a connection sends once it was answered 503 or 408."""
+        if not self._answered:
             super().data_received(data)  # type: ignore[misc]
 
+    def eof_received(self) -> None:
+        """The client is done (returning None: asyncio closes the transport, ending an answered one's linger)."""
+        if not self._answered:
+            super().eof_received()  # type: ignore[misc]
+
     def connection_lost(self, exc: Exception | None) -> None:
-        """Stop the header deadline."""
+        """Stop the header deadline and the linger."""
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
+            _lingering(self.server_state).discard(self)
         if self._refused:
             return
         self._disarm()
@@ -131,8 +152,27 @@ class _Guard:
         owner: object = self.transport.get_protocol()
         if owner is not self:
             return
-        self.transport.write(TIMED_OUT)
-        self.transport.close()
+        self._answer_and_close(self.transport, TIMED_OUT)
+
+    def _answer_and_close(self, transport: asyncio.Transport, answer: bytes) -> None:
+        """Write ``answer``, then close gracefully (the module docstring says why), or at once past the cap."""
+        self._answered = True
+        transport.write(answer)
+        lingering = _lingering(self.server_state)
+        if not self.limits.linger or len(lingering) >= _MAX_LINGERING or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        lingering.add(self)
+        self._linger_timer = self.loop.call_later(self.limits.linger, transport.close)
+
+
+def _lingering(server_state: Any) -> set[_Guard]:
+    """The connections of one uvicorn server that are closing gracefully (kept on its shared state)."""
+    found: set[_Guard] | None = getattr(server_state, "squadbus_lingering", None)
+    if found is None:
+        found = server_state.squadbus_lingering = set()
+    return found
 
 
 class GuardedH11Protocol(_Guard, H11Protocol):
