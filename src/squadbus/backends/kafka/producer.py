@@ -18,6 +18,9 @@ import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
+from uuid import UUID
+
+import msgspec
 
 from squadbus.backends.kafka._driver import (
     AIOKafkaProducer,
@@ -40,17 +43,26 @@ logger = logging.getLogger("squadbus.backends.kafka")
 SUBJECT_HEADER = "squadbus-subject"
 ID_HEADER = "squadbus-id"
 
+_json = msgspec.json.Encoder()
+
+
+def uuid_bytes(value: UUID) -> bytes:
+    """``str(value).encode()``: msgspec writes the canonical form in C (0.15 µs, ``str`` 0.53 µs;
+    a publish needs two, the id and the execution id)."""
+    return _json.encode(value)[1:-1]
+
 
 def record_key(message: Message) -> bytes:
     """The partitioning key: the execution id (order per execution), else the subject."""
     execution = message.task_execution_id
-    return (str(execution) if execution is not None else message.subject).encode()
+    return uuid_bytes(execution) if execution is not None else message.subject.encode()
 
 
 def record_headers(message: Message) -> list[tuple[str, bytes]]:
     """Kafka headers: the subject and id (for cheap filtering), then the envelope's headers."""
-    headers = [(SUBJECT_HEADER, message.subject.encode()), (ID_HEADER, str(message.id).encode())]
-    headers.extend((name, value.encode()) for name, value in message.headers.items())
+    headers = [(SUBJECT_HEADER, message.subject.encode()), (ID_HEADER, uuid_bytes(message.id))]
+    if message.headers:
+        headers += [(name, value.encode()) for name, value in message.headers.items()]
     return headers
 
 
@@ -209,26 +221,25 @@ class KafkaPublisher:
         partitions: dict[str, list[int]] = {}
         submitted: list[tuple[asyncio.Future[Any], list[int]]] = []
         layout = self._layout
+        partitioner = self._partitioner
         try:
             for position, message in enumerate(messages):
-                topic = layout.topic_for(message.subject)
+                topic, inbox_key = layout.route(message.subject)
                 ids = partitions.get(topic)
                 if ids is None:
                     ids = partitions[topic] = sorted(await producer.partitions_for(topic))
                 key = record_key(message)
-                value, headers = encode(message), record_headers(message)
-                places.setdefault((topic, self._partitioner(key, ids, ids)), []).append((position, key, value, headers))
-                recipient = layout.inbox_recipient(message.subject)
-                if recipient is not None:
+                record = (position, key, encode(message), record_headers(message))
+                places.setdefault((topic, partitioner(key, ids, ids)), []).append(record)
+                if inbox_key is not None:
                     # The inbox copy (.inboxes): keyed by the recipient, so an agent's messages share
                     # one partition, in publish order; acknowledged with the main record.
                     assert layout.inbox is not None
                     ids = partitions.get(layout.inbox)
                     if ids is None:
                         ids = partitions[layout.inbox] = sorted(await producer.partitions_for(layout.inbox))
-                    inbox_key = recipient.encode()
-                    places.setdefault((layout.inbox, self._partitioner(inbox_key, ids, ids)), []).append(
-                        (position, inbox_key, value, headers))
+                    places.setdefault((layout.inbox, partitioner(inbox_key, ids, ids)), []).append(
+                        (position, inbox_key, record[2], record[3]))
             for (topic, partition), records in places.items():
                 if len(records) == 1:
                     position, key, value, headers = records[0]

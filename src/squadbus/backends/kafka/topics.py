@@ -27,6 +27,7 @@ from squadbus.core import subjects
 
 logger = logging.getLogger("squadbus.backends.kafka")
 
+ROUTES_REMEMBERED = 65_536
 _TOPIC_ALREADY_EXISTS = 36
 _DLQ_TOKENS = ("agent", "dlq")
 _REPLY_TOKENS = ("agent", "reply")
@@ -55,13 +56,14 @@ def _inside_prefix(pattern: str, prefix: tuple[str, str]) -> bool:
 class TopicLayout:
     """Maps subjects to topics and subscription patterns to the topics to read."""
 
-    __slots__ = ("dlq", "inbox", "main", "replies")
+    __slots__ = ("_routes", "dlq", "inbox", "main", "replies")
 
     def __init__(self, settings: KafkaSettings) -> None:
         self.main = settings.topic
         self.replies = settings.reply_topic
         self.dlq = settings.dlq_topic
         self.inbox = settings.inbox_topic if settings.inboxes else None
+        self._routes: dict[str, tuple[str, bytes | None]] = {}
 
     @property
     def all(self) -> tuple[str, str, str]:
@@ -83,6 +85,19 @@ class TopicLayout:
             return None
         agent = subject[len(_DIRECT_PREFIX):]
         return None if "." in agent or agent in subjects.RESERVED_AGENT_IDS else agent
+
+    def route(self, subject: str) -> tuple[str, bytes | None]:
+        """Where a message on ``subject`` is written: its topic, and the inbox copy's key (the
+        recipient, encoded; see :meth:`inbox_recipient`) or None. Remembered per subject (the
+        publish path asks once per message; a squad has few subjects per agent), at most
+        ``ROUTES_REMEMBERED`` of them."""
+        found = self._routes.get(subject)
+        if found is None:
+            if len(self._routes) >= ROUTES_REMEMBERED:
+                self._routes.clear()  # bounded memory; a forgotten subject costs one more lookup
+            recipient = self.inbox_recipient(subject)
+            found = self._routes[subject] = (self.topic_for(subject), None if recipient is None else recipient.encode())
+        return found
 
     def topics_for(self, pattern: str) -> list[str]:
         """The topics a subscription to ``pattern`` must read (at least one)."""
