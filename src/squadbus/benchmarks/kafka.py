@@ -52,7 +52,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from squadbus.backends.kafka import KafkaBackend, KafkaSettings
 from squadbus.benchmarks import loadgen
 from squadbus.benchmarks.openloop import drive
-from squadbus.benchmarks.stats import Result, abba, median_of
+from squadbus.benchmarks.stats import Result, abba, median_of, paired_ratio
 from squadbus.core import envelope, subjects
 from squadbus.core.backend import ConsumerOptions, Delivery, Subscription
 from squadbus.core.bus import Bus
@@ -371,7 +371,9 @@ async def raw_latency(url: str, count: int, rate: float) -> Result:
     return Result(f"raw aiokafka e2e @{rate:g}/s open loop", count, elapsed, latencies)
 
 
-async def run(*, url: str, count: int, rate: float, broker_pid: int | None = None) -> list[Result]:
+async def run(
+    *, url: str, count: int, rate: float, broker_pid: int | None = None, rounds_run: int = ROUNDS
+) -> list[Result]:
     """squadbus vs raw aiokafka against the broker at ``url`` (a ``kafka://`` URL).
 
     Returns, in order: raw throughput (one record per message), squadbus
@@ -382,8 +384,10 @@ async def run(*, url: str, count: int, rate: float, broker_pid: int | None = Non
     first raw line), and raw aiokafka writing the two records squadbus writes
     with inboxes on (the default). So like with like: ``publish_many`` over
     the last raw line, and ``publish_many`` with ``inboxes=off`` over the
-    first. ``broker_pid`` (the broker runs on this machine): its CPU per
-    message is noted too.
+    first; those two squadbus lines carry the median of their per-round
+    ratios (``Result.ratio``). ``broker_pid`` (the broker runs on this
+    machine): its CPU per message is noted too. ``rounds_run`` rounds of the
+    throughput lines.
     """
     latency_count = max(1, min(count, int(rate * OPEN_LOOP_SECONDS)))
     single = f"{url}{'&' if '?' in url else '?'}inboxes=off"
@@ -397,14 +401,19 @@ async def run(*, url: str, count: int, rate: float, broker_pid: int | None = Non
                                     broker_pid=pid),
         lambda: raw_throughput(url, count, inbox_copy=True, broker_pid=pid),
     ]
-    # Every other round runs the lines in reverse: tansu keeps everything in memory and slows as it
+    # Run so that each compared pair is adjacent (raw 1 record beside inboxes=off, raw 2 records beside
+    # inboxes on), and every other round in reverse: tansu keeps everything in memory and slows as it
     # fills, which would favour whichever line always ran first.
+    order = [0, 4, 1, 2, 3, 5]
     rounds: list[list[Result]] = [[] for _ in lines]
-    for number in range(ROUNDS):
-        order = list(enumerate(lines))
-        for index, line in order if number % 2 == 0 else reversed(order):
-            rounds[index].append(await line())
+    for number in range(rounds_run):
+        for index in order if number % 2 == 0 else reversed(order):
+            rounds[index].append(await lines[index]())
     raw, ours, awaited, many, many_single, raw_two = (median_of(out) for out in rounds)
+    # Each round's ratio cancels the machine's drift between rounds, which a ratio of medians does not.
+    for line, ours_rounds, raw_rounds in ((many, rounds[3], rounds[5]), (many_single, rounds[4], rounds[0])):
+        line.ratio, each = paired_ratio(ours_rounds, raw_rounds)
+        line.notes += f"; per-round ratios to its raw line {', '.join(f'{r:.2f}' for r in each)}"
     # The latency runs as raw, squadbus, squadbus, raw (half the count each), for the same reason.
     half = max(1, latency_count // 2)
     raw_lat, our_lat = await abba(lambda: raw_latency(url, half, rate), lambda: squadbus_latency(url, half, rate))
