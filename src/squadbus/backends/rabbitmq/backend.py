@@ -46,7 +46,7 @@ from squadbus.backends.rabbitmq.log import Offset, read_log
 from squadbus.backends.rabbitmq.publisher import RabbitPublisher
 from squadbus.backends.rabbitmq.requests import DirectReplies
 from squadbus.backends.rabbitmq.settings import RabbitSettings
-from squadbus.backends.rabbitmq.subscriber import RabbitSubscription
+from squadbus.backends.rabbitmq.subscriber import RabbitConsumer, RabbitSubscription
 from squadbus.backends.rabbitmq.topology import (
     binding_key,
     group_queue_arguments,
@@ -62,7 +62,6 @@ from squadbus.core.backend import (
     GroupFigures,
     RawHandler,
     StartFrom,
-    batch_only,
     durable_name,
     read_back,
 )
@@ -186,7 +185,7 @@ class RabbitBackend:
         if self._closed:
             return
         for sub in list(self._subs):
-            await sub.close()
+            await (sub.runtime.close() if sub.runtime is not None else sub.close())
         self._closed = True
         if self._replies is not None:
             await self._replies.close()
@@ -232,7 +231,7 @@ class RabbitBackend:
 
     async def subscribe(
         self, pattern: str, handler: RawHandler, *, group: str | None, options: ConsumerOptions
-    ) -> RabbitSubscription:
+    ) -> RabbitConsumer:
         """Join the quorum queue of ``(group, pattern)`` (creating it, with the log's backlog when it
         starts at EARLIEST), or bind an exclusive queue for ``group=None``, and start consuming."""
         return await self._start_subscription(pattern, handler, group, options, None)
@@ -240,14 +239,14 @@ class RabbitBackend:
     async def subscribe_batch(
         self, pattern: str, handler: BatchRawHandler, *, group: str | None, options: ConsumerOptions,
         max_wait: float,
-    ) -> RabbitSubscription:
+    ) -> RabbitConsumer:
         """Like :meth:`subscribe`, handing ``handler`` batches of up to ``batch_size`` (BatchSubscriber)."""
-        return await self._start_subscription(pattern, batch_only, group, options, (handler, max_wait))
+        return await self._start_subscription(pattern, None, group, options, (handler, max_wait))
 
     async def _start_subscription(
-        self, pattern: str, handler: RawHandler, group: str | None, options: ConsumerOptions,
+        self, pattern: str, handler: RawHandler | None, group: str | None, options: ConsumerOptions,
         batches: tuple[BatchRawHandler, float] | None,
-    ) -> RabbitSubscription:
+    ) -> RabbitConsumer:
         subjects.validate_squad_pattern(pattern)
         binding_key(pattern)  # refuses a pattern too long for AMQP before anything is created
         self._check_channel_room()
@@ -255,11 +254,7 @@ class RabbitBackend:
         if group is not None:
             queue_name = short_name(self.settings.group_queue(durable_name(group, pattern)))
             await self._ensure_group(queue_name, group, pattern, options.start)
-        sub = RabbitSubscription(
-            self, pattern=pattern, group=group, queue_name=queue_name, handler=handler, options=options
-        )
-        if batches is not None:
-            sub.use_batches(*batches)
+        sub = RabbitSubscription(self, pattern=pattern, group=group, queue_name=queue_name, options=options)
         self._subs.add(sub)
         try:
             await sub.start()
@@ -268,7 +263,12 @@ class RabbitBackend:
             if isinstance(exc, Exception) and not isinstance(exc, ConfigError):
                 raise translate(exc, f"subscribe to {pattern}") from exc
             raise
-        return sub
+        if batches is not None:
+            runtime = RabbitConsumer(sub, options, batches=batches[0], max_wait=batches[1])
+        else:
+            runtime = RabbitConsumer(sub, options, handler=handler)
+        runtime.start(f"squadbus-rabbitmq-{group or 'fanout'}")
+        return runtime
 
     def _check_channel_room(self) -> None:
         tune = getattr(self.connection.transport.connection, "connection_tune", None)  # type: ignore[union-attr]

@@ -1,9 +1,15 @@
-"""Consumers: one channel and one ``basic.consume`` per subscription, a dispatch task feeding the handler.
+"""Consumers: one channel and one ``basic.consume`` per subscription, run by core's consumer runtime.
 
-The broker pushes up to ``prefetch`` unacknowledged messages (``basic.qos``:
-the larger of ``batch_size`` and ``max_in_flight``); the dispatch task hands
-them to the handler one at a time (or up to ``max_in_flight`` at once) in the
-order the queue holds them.
+A subscription is core's consumer runtime (:class:`RabbitConsumer`, a
+:class:`~squadbus.core.consumer.Consumer`: handler calls, ``max_in_flight``,
+batches, fairness, close) over a :class:`RabbitSubscription`, the
+:class:`~squadbus.core.source.DeliverySource` that consumes, buffers, decodes
+and settles. The broker pushes up to ``prefetch`` unacknowledged messages
+(``basic.qos``: the larger of ``batch_size`` and ``max_in_flight``) to the
+consume callback, which buffers them; the runtime takes them in the order
+the queue holds them. ``close()`` (after the runtime's handlers finished)
+cancels the consumer and requeues what was buffered and not handed out, in
+order.
 
 Attempts: a quorum queue counts how often it handed a message out and got it
 back (``basic.nack`` with requeue, or the consumer's channel closing) in the
@@ -43,8 +49,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Coroutine
-from typing import TYPE_CHECKING, Any
+from collections import deque
+from collections.abc import Awaitable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import aio_pika
 import aio_pika.abc
@@ -54,17 +61,9 @@ import aiormq.exceptions
 from squadbus.backends.rabbitmq.leases import HandlerLeases
 from squadbus.backends.rabbitmq.topology import ORIGINAL_KEY_HEADER, binding_key, needs_filter, short_name
 from squadbus.core import subjects
-from squadbus.core.backend import (
-    BatchRawHandler,
-    ConsumerOptions,
-    Delivery,
-    InFlight,
-    RawHandler,
-    invoke,
-    invoke_batch,
-)
+from squadbus.core.backend import BatchRawHandler, ConsumerOptions, Delivery, RawHandler
 from squadbus.core.backoff import RECONNECT, Backoff
-from squadbus.core.batching import fill_batch
+from squadbus.core.consumer import Consumer, invoke, settles_itself
 from squadbus.core.dispatch import (
     DLQ_ATTEMPTS,
     DLQ_GROUP,
@@ -74,7 +73,8 @@ from squadbus.core.dispatch import (
     dead_letter_of,
 )
 from squadbus.core.envelope import Message, decode, new_id, utcnow
-from squadbus.core.errors import MalformedMessage, SquadbusError
+from squadbus.core.errors import Closed, MalformedMessage, SquadbusError
+from squadbus.core.source import within
 
 if TYPE_CHECKING:
     from squadbus.backends.rabbitmq.backend import RabbitBackend
@@ -84,7 +84,6 @@ logger = logging.getLogger("squadbus.backends.rabbitmq")
 IncomingMessage = aio_pika.abc.AbstractIncomingMessage
 
 _MALFORMED_CONTENT_LIMIT = 64 * 1024
-_FAIRNESS_STREAK = 64
 UNSETTLED_MARGIN = 2
 """Deliveries beyond ``max_deliver`` a message may get without being settled before it is dead-lettered."""
 _LOCAL_COUNTS_LIMIT = 100_000
@@ -137,12 +136,13 @@ def malformed_dead_letter(msg: IncomingMessage, group: str, attempt: int, exc: M
 class RabbitDelivery(Delivery):
     """A delivery backed by one AMQP delivery; settling sends ``basic.ack`` / ``basic.nack``."""
 
-    __slots__ = ("_msg", "_sub")
+    __slots__ = ("_gen", "_msg", "_sub")
 
     def __init__(self, message: Message, msg: IncomingMessage, attempt: int, sub: RabbitSubscription) -> None:
         super().__init__(message, attempt=attempt, group=sub.group)
         self._msg = msg
         self._sub = sub
+        self._gen = sub.generation
 
     async def in_progress(self) -> None:
         """The handler is still working: its ``ack_wait`` starts again."""
@@ -163,7 +163,13 @@ class RabbitDelivery(Delivery):
 
 
 class RabbitSubscription:
-    """One member of a consumer group (a quorum queue) or a fan-out consumer (an exclusive queue)."""
+    """One member of a consumer group (a quorum queue) or a fan-out consumer (an exclusive queue): a
+    :class:`~squadbus.core.source.DeliverySource` over what the broker pushed to its ``basic.consume``,
+    run by core's :class:`~squadbus.core.consumer.Consumer` (:attr:`runtime`).
+
+    The consume callback only buffers; ``poll`` takes from the buffer in arrival (queue) order and decodes
+    there. Undecodable bytes, messages outside the pattern and messages past ``max_deliver`` + margin go
+    to a settling task of the source (dead-lettered or acked), never handed out."""
 
     def __init__(
         self,
@@ -172,37 +178,42 @@ class RabbitSubscription:
         pattern: str,
         group: str | None,
         queue_name: str | None,
-        handler: RawHandler,
         options: ConsumerOptions,
     ) -> None:
         self._backend = backend
         self._pattern = pattern
         self._group = group
         self._queue_name = queue_name
-        self._handler = handler
         self._options = options
         self._filter = needs_filter(pattern)
-        # None in the buffer wakes a dispatch waiting for a delivery after a give-back (see _next).
-        self._buffer: asyncio.Queue[IncomingMessage | None] = asyncio.Queue()
+        self._buffer: deque[IncomingMessage] = deque()
+        # Deliveries the runtime gave back (closed while gathering a batch): handed out again first, as
+        # they are (their attempt was counted once).
+        self._returned: deque[RabbitDelivery] = deque()
+        # The one consumer's wait in receive(): set when a message is buffered (or the source closes).
+        self._waiter: asyncio.Future[None] | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._queue: aio_pika.abc.AbstractQueue | None = None
         self._tag: str | None = None
-        self._dispatch: asyncio.Task[None] | None = None
         self._later: dict[IncomingMessage, asyncio.TimerHandle] = {}
         self._attempts: dict[str, int] = {}
         # Attempts counted here, not by the broker: fan-out queues, and classic queues (profile=fast).
         self._counts_locally = group is None or backend.settings.classic_queues
         self._settling: set[asyncio.Task[None]] = set()
+        # _closing: stop() began (nothing more handed out, arrivals requeued); _closed: close() began.
         self._closing = False
         self._closed = False
-        self._waiting_for_msg = False
-        self._batch_handler: BatchRawHandler | None = None
-        self._max_wait = 0.0
+        self.runtime: Consumer | None = None
+        """The consumer runtime over this source (set by :class:`RabbitConsumer`); the backend closes it."""
         # ack_wait (group members only); _parked: after a give-back, this member holds and takes nothing.
         self._watched = group is not None
         self._leases: HandlerLeases[RabbitDelivery] = HandlerLeases(options.ack_wait)
         self._parked = False
         self._watchdog: asyncio.Task[None] | None = None
+        self._resuming: asyncio.Task[None] | None = None
+        self.generation = 0
+        """Give-backs so far: a delivery made before the last one is stale (its message went back with the
+        channel) and is never handed to the handler."""
         self.given_back = 0
         """Times this member gave back what it held because a handler passed ack_wait."""
 
@@ -220,14 +231,13 @@ class RabbitSubscription:
         return self._queue.name if self._queue is not None else self._queue_name
 
     async def start(self) -> None:
-        """Open the channel, declare (fan-out) or join (group) the queue, and start consuming."""
+        """Open the channel, declare (fan-out) or join (group) the queue, and start consuming (the
+        runtime starts after)."""
         await self._consume()
-        name = f"squadbus-rabbitmq-{self._group or 'fanout'}"
-        loop = asyncio.get_running_loop()
-        self._dispatch = loop.create_task(self._dispatch_loop(), name=name)
         if self._watched:
             watch = self._leases.watch(self._give_back, lambda: self._parked or self._closing)
-            self._watchdog = loop.create_task(watch, name=f"{name}-ack-wait")
+            self._watchdog = asyncio.get_running_loop().create_task(
+                watch, name=f"squadbus-rabbitmq-{self._group}-ack-wait")
 
     async def _consume(self) -> None:
         backend = self._backend
@@ -251,12 +261,61 @@ class RabbitSubscription:
         """Start ``delivery``'s ack_wait again (``Delivery.in_progress``)."""
         self._leases.extend(delivery)
 
+    def leased(self, handler: RawHandler) -> RawHandler:
+        """``handler`` under ack_wait (group members): each delivery's lease runs while its handler does; a
+        delivery made stale by a give-back is marked given back and not handled. Keeps :func:`invoke`'s
+        promises (one coroutine per delivery, as ``handler`` alone when it settles itself)."""
+        if not self._watched:
+            return handler
+        leases, options = self._leases, self._options
+
+        @settles_itself
+        async def under_lease(delivery: Delivery) -> None:
+            leased = cast(RabbitDelivery, delivery)
+            if leased._gen != self.generation:
+                leased.given_back()
+                return
+            leases.start(leased)
+            try:
+                await invoke(handler, leased, options)
+            finally:
+                leases.end(leased)
+
+        return under_lease
+
+    def leased_batches(self, handler: BatchRawHandler) -> BatchRawHandler:
+        """:meth:`leased` for a batch handler (core's runtime nacks what it leaves unsettled)."""
+        if not self._watched:
+            return handler
+        leases = self._leases
+
+        async def under_lease(deliveries: Sequence[Delivery]) -> None:
+            batch = cast(Sequence[RabbitDelivery], deliveries)
+            generation = self.generation
+            if any(d._gen != generation for d in batch):
+                for delivery in batch:
+                    if delivery._gen != generation:
+                        delivery.given_back()
+                batch = [d for d in batch if d._gen == generation]
+                if not batch:
+                    return
+            for delivery in batch:
+                leases.start(delivery)
+            try:
+                await handler(batch)
+            finally:
+                for delivery in batch:
+                    leases.end(delivery)
+
+        return under_lease
+
     async def _give_back(self, late: list[RabbitDelivery]) -> None:
         """Hand everything this member holds back to the group (see the module docstring)."""
         self._parked = True
+        self.generation += 1
         self._leases.give_back_all()
-        while not self._buffer.empty():
-            self._buffer.get_nowait()  # unacknowledged on the channel: returned with it
+        self._buffer.clear()  # unacknowledged on the channel: returned with it
+        self._returned.clear()  # the same
         for timer in self._later.values():
             timer.cancel()  # the same (held for a nack delay)
         self._later.clear()
@@ -271,7 +330,9 @@ class RabbitSubscription:
             with contextlib.suppress(*_SETTLE_ERRORS, TimeoutError):
                 async with asyncio.timeout(5):
                     await channel.close()
-        self._buffer.put_nowait(None)  # wakes a dispatch waiting for a delivery
+        if not self._closing:
+            self._resuming = asyncio.get_running_loop().create_task(
+                self._resume(), name=f"squadbus-rabbitmq-{self._group}-resume")
 
     async def _resume(self) -> None:
         """After a give-back: wait for the hung handlers to return, then consume on a new channel."""
@@ -302,99 +363,70 @@ class RabbitSubscription:
             return
         if self._parked:
             return  # from the channel being closed by a give-back: the broker gets it back with it
-        self._buffer.put_nowait(msg)
+        self._buffer.append(msg)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
-    async def _next(self) -> IncomingMessage | None:
-        while not self._closing:
-            if self._parked:
-                self._waiting_for_msg = True
-                try:
-                    await self._resume()
-                finally:
-                    self._waiting_for_msg = False
-                continue
-            try:
-                msg = self._buffer.get_nowait()
-            except asyncio.QueueEmpty:
-                self._waiting_for_msg = True
-                try:
-                    msg = await self._buffer.get()
-                finally:
-                    self._waiting_for_msg = False
-            if msg is not None:
-                return msg
-        return None
+    # ---- handing out (DeliverySource) --------------------------------------------------------
 
-    def use_batches(self, handler: BatchRawHandler, max_wait: float) -> None:
-        """Before start: hand the handler batches of up to ``batch_size`` messages (one batch at a
-        time) instead of one delivery per call, waiting at most ``max_wait`` after the first for more."""
-        self._batch_handler = handler
-        self._max_wait = max_wait
-
-    async def _dispatch_loop(self) -> None:
-        if self._batch_handler is not None:
-            await self._dispatch_batches(self._batch_handler)
-            return
-        if self._options.max_in_flight > 1:
-            await self._dispatch_concurrently(self._options.max_in_flight)
-            return
-        streak = 0
-        while (msg := await self._next()) is not None:
-            streak += 1
-            if streak >= _FAIRNESS_STREAK:
-                streak = 0
-                await asyncio.sleep(0)
-            await self._handle(msg)
-
-    async def _dispatch_concurrently(self, limit: int) -> None:
-        inflight = InFlight(limit)
-        try:
-            while True:
-                await inflight.slot()
-                try:
-                    msg = await self._next()
-                except asyncio.CancelledError:
-                    inflight.give_back()
-                    raise
-                if msg is None:
-                    inflight.give_back()
-                    break
-                inflight.start(self._handle(msg))
-        finally:
-            await inflight.finish()
-
-    async def _dispatch_batches(self, handler: BatchRawHandler) -> None:
-        limit = self._options.batch_size
-        while (first := await self._next()) is not None:
-            msgs: list[IncomingMessage | None] = [first]
-            self._waiting_for_msg = True  # fill_batch only suspends in queue.get(): safe to cancel
-            try:
-                await fill_batch(self._buffer, msgs, limit, self._max_wait)
-            except asyncio.CancelledError:
-                for msg in msgs:  # closing: back to the queue at once
-                    if msg is not None:
-                        await self.send(msg, ack=False)
-                raise
-            finally:
-                self._waiting_for_msg = False
-            deliveries: list[RabbitDelivery] = []
-            for msg in msgs:
-                # None: a give-back's wake-up (the batch's messages were given back with the channel)
-                delivery = await self._delivery_of(msg) if msg is not None and not self._parked else None
+    def poll(self, max_count: int) -> Sequence[Delivery]:
+        """Up to ``max_count`` buffered messages as deliveries, decoded here, in queue order (what the
+        runtime gave back first); those with nothing to handle go to a settling task instead."""
+        if self._closing or self._parked:
+            return ()
+        if self._returned:
+            return self._take_returned(max_count)
+        buffer = self._buffer
+        delivery_of = self._delivery_of
+        if max_count == 1:  # one delivery at a time, the hot path: no list
+            while buffer:
+                delivery = delivery_of(buffer.popleft())
                 if delivery is not None:
-                    deliveries.append(delivery)
-            if not deliveries:
-                continue
-            if not self._watched:
-                await invoke_batch(handler, deliveries, self._options)
-                continue
-            for delivery in deliveries:
-                self._leases.start(delivery)
+                    return (delivery,)
+            return ()
+        got: list[Delivery] = []
+        while buffer and len(got) < max_count:
+            delivery = delivery_of(buffer.popleft())
+            if delivery is not None:
+                got.append(delivery)
+        return got
+
+    def _take_returned(self, max_count: int) -> list[Delivery]:
+        returned = self._returned
+        got: list[Delivery] = []
+        while returned and len(got) < max_count:
+            got.append(returned.popleft())
+        if len(got) < max_count:
+            got.extend(self.poll(max_count - len(got)))
+        return got
+
+    async def receive(self, max_count: int, wait: float) -> Sequence[Delivery]:
+        if self._closed:
+            raise Closed(f"the subscription to {self._pattern!r} is closed")
+        got = self.poll(max_count)
+        if got or wait <= 0:
+            return got
+        if not await within(self._ready(), wait):
+            return ()
+        return self.poll(max_count)
+
+    async def _ready(self) -> None:
+        """Wait until a message is buffered (or the source closes); stopped, until it closes. While parked
+        after a give-back the buffer stays empty until the member consumes again (``_resume``)."""
+        while not self._closed and (self._closing or not (self._buffer or self._returned)):
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
             try:
-                await invoke_batch(handler, deliveries, self._options)
+                await waiter
             finally:
-                for delivery in deliveries:
-                    self._leases.end(delivery)
+                self._waiter = None
+
+    def give_back(self, deliveries: Sequence[Delivery]) -> None:
+        """Back in front of the buffer, in their order, their attempt not counted again: ``close()``
+        requeues them first."""
+        returned = self._returned
+        for delivery in reversed(deliveries):
+            returned.appendleft(cast(RabbitDelivery, delivery))
 
     def _attempt(self, msg: IncomingMessage) -> int:
         if not self._counts_locally:
@@ -408,20 +440,21 @@ class RabbitSubscription:
             del self._attempts[next(iter(self._attempts))]
         return attempt
 
-    async def _delivery_of(self, msg: IncomingMessage) -> RabbitDelivery | None:
-        """The delivery of ``msg``; None (after dead-lettering or dropping it) when there is nothing to handle."""
+    def _delivery_of(self, msg: IncomingMessage) -> RabbitDelivery | None:
+        """The delivery of ``msg``; None when there is nothing to handle (a settling task dead-letters or
+        acks it: no await here)."""
         attempt = self._attempt(msg)
         try:
             message = decode(msg.body)
         except MalformedMessage as exc:
-            await self._malformed(msg, exc, attempt)
+            self._spawn(self._malformed(msg, exc, attempt))
             return None
         if self._filter and not subjects.matches(self._pattern, message.subject):
-            await self.send(msg, ack=True)  # bound wider than the pattern (a literal '#' token)
+            self._spawn(self.send(msg, ack=True))  # bound wider than the pattern (a literal '#' token)
             return None
         delivery = RabbitDelivery(message, msg, attempt, self)
         if self._group is not None and attempt > self._options.max_deliver + UNSETTLED_MARGIN:
-            await self._dead_letter_unsettled(delivery, msg)
+            self._spawn(self._dead_letter_unsettled(delivery, msg))
             return None
         return delivery
 
@@ -441,19 +474,6 @@ class RabbitSubscription:
             return
         logger.warning("dead-lettered message %s of group %s: %s", delivery.message.id, self._group, reason)
         await self.send(msg, ack=True)
-
-    async def _handle(self, msg: IncomingMessage) -> None:
-        delivery = await self._delivery_of(msg)
-        if delivery is None:
-            return
-        if not self._watched:
-            await invoke(self._handler, delivery, self._options)
-            return
-        self._leases.start(delivery)
-        try:
-            await invoke(self._handler, delivery, self._options)
-        finally:
-            self._leases.end(delivery)
 
     async def _malformed(self, msg: IncomingMessage, exc: MalformedMessage, attempt: int) -> None:
         """Dead-letter bytes that are not an envelope, so they never block the queue."""
@@ -507,34 +527,38 @@ class RabbitSubscription:
 
     # ---- closing -----------------------------------------------------------------------------
 
-    async def close(self) -> None:
-        """Stop consuming, requeue what was buffered or held, let the handler in progress finish. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
+    async def stop(self) -> None:
+        """Hand nothing more out (a ``receive`` waits until the runtime cancels it or the source closes)
+        and cancel the ``basic.consume``, before the runtime's handlers finish: a message they nack is not
+        pushed back to this consumer, and what still arrives is requeued at once. Idempotent."""
         self._closing = True
         # While the connection is down the broker has dropped the consumer and requeued what it held:
         # nothing to cancel or close (waiting for the reconnect would only stall the close).
-        connected = self._backend.connected
-        queue, tag = self._queue, self._tag
-        if connected and queue is not None and tag is not None:
+        queue, tag, self._tag = self._queue, self._tag, None
+        if self._backend.connected and queue is not None and tag is not None:
             with contextlib.suppress(*_SETTLE_ERRORS, TimeoutError):
                 await queue.cancel(tag, timeout=5)
-        watchdog = self._watchdog
-        if watchdog is not None:
-            watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watchdog
-        dispatch = self._dispatch
-        if dispatch is not None:
-            if self._waiting_for_msg:
-                dispatch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await dispatch
-        while not self._buffer.empty():
-            msg = self._buffer.get_nowait()
-            if msg is not None:
-                await self.send(msg, ack=False)
+
+    async def close(self) -> None:
+        """Called by the runtime once its handlers finished: stop (if not yet), requeue what was buffered,
+        given back or held for a nack's delay (in queue order), close the channel. Idempotent."""
+        if self._closed:
+            return
+        await self.stop()
+        self._closed = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        connected = self._backend.connected
+        for task in (self._watchdog, self._resuming):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        while self._returned:
+            await self.send(self._returned.popleft()._msg, ack=False)
+        while self._buffer:
+            await self.send(self._buffer.popleft(), ack=False)
         for msg, timer in list(self._later.items()):
             timer.cancel()
             await self.send(msg, ack=False)
@@ -548,3 +572,29 @@ class RabbitSubscription:
                 async with asyncio.timeout(5 if connected else 0.5):
                     await self._channel.close()
         self._backend.forget(self)
+
+
+class RabbitConsumer(Consumer):
+    """A subscription: core's consumer runtime over its :class:`RabbitSubscription` (``handler`` per
+    delivery, or ``batches``, each under the member's ack_wait); the source consumes before, and closes
+    after, it."""
+
+    def __init__(
+        self, source: RabbitSubscription, options: ConsumerOptions, *, handler: RawHandler | None = None,
+        batches: BatchRawHandler | None = None, max_wait: float = 0.0,
+    ) -> None:
+        super().__init__(
+            source, options, handler=None if handler is None else source.leased(handler),
+            batches=None if batches is None else source.leased_batches(batches), max_wait=max_wait)
+        self.source = source
+        source.runtime = self
+
+    async def close(self) -> None:
+        """Stop the source's consumer, let the handlers in progress finish, then close the source."""
+        await self.source.stop()
+        await super().close()
+
+    @property
+    def queue_name(self) -> str | None:
+        """The group's queue, or the exclusive queue of a fan-out subscription."""
+        return self.source.queue_name
