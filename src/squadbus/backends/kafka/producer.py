@@ -229,8 +229,8 @@ class KafkaPublisher:
                 if ids is None:
                     ids = partitions[topic] = sorted(await producer.partitions_for(topic))
                 key = record_key(message)
-                record = (position, key, encode(message), record_headers(message))
-                places.setdefault((topic, partitioner(key, ids, ids)), []).append(record)
+                value, headers = encode(message), record_headers(message)
+                places.setdefault((topic, partitioner(key, ids, ids)), []).append((position, key, value, headers))
                 if inbox_key is not None:
                     # The inbox copy (.inboxes): keyed by the recipient, so an agent's messages share
                     # one partition, in publish order; acknowledged with the main record.
@@ -239,7 +239,7 @@ class KafkaPublisher:
                     if ids is None:
                         ids = partitions[layout.inbox] = sorted(await producer.partitions_for(layout.inbox))
                     places.setdefault((layout.inbox, partitioner(inbox_key, ids, ids)), []).append(
-                        (position, inbox_key, record[2], record[3]))
+                        (position, inbox_key, value, headers))
             for (topic, partition), records in places.items():
                 if len(records) == 1:
                     position, key, value, headers = records[0]
