@@ -233,6 +233,7 @@ class Consumer:
         source, handler, options = self._source, self._handler, self._options
         poll, receive = source.poll, source.receive
         fairness_streak = self._fairness_streak
+        direct = getattr(handler, _SETTLES, False)  # invoke()'s test, once
         streak = 0
         while not self._closing:
             got = poll(1)
@@ -255,7 +256,7 @@ class Consumer:
                     self._waiting = False
                 if not got:
                     continue
-            await invoke(handler, got[0], options)
+            await (handler(got[0]) if direct else _invoke(handler, got[0], options))
 
     async def _source_failed(self) -> None:
         """Log the source's failure being handled and pause (close() may cancel the pause)."""
@@ -302,6 +303,7 @@ class Consumer:
         source, handler, options, idle = self._source, self._handler, self._options, self._idle
         poll, call_soon = source.poll, asyncio.get_running_loop().call_soon
         fairness_streak = self._fairness_streak
+        direct = getattr(handler, _SETTLES, False)
         streak = 0
         while not self._closing:
             got = poll(1)
@@ -333,7 +335,7 @@ class Consumer:
             if not self._receivers and not self._worker_check and len(self._workers) < self._limit:
                 self._worker_check = True
                 call_soon(self._need_worker)
-            await invoke(handler, got[0], options)
+            await (handler(got[0]) if direct else _invoke(handler, got[0], options))
 
     async def _run_batches(self, handler: BatchRawHandler) -> None:
         source, options = self._source, self._options

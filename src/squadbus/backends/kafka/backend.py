@@ -16,7 +16,7 @@ from squadbus.backends.kafka._driver import (
     NodeNotReadyError,
 )
 from squadbus.backends.kafka.connectlogs import ConnectLogs
-from squadbus.backends.kafka.consumer import KafkaSubscription
+from squadbus.backends.kafka.consumer import KafkaConsumer, KafkaSubscription
 from squadbus.backends.kafka.group_figures import group_figures as describe_groups
 from squadbus.backends.kafka.inboxes import KafkaInboxHub
 from squadbus.backends.kafka.producer import KafkaPublisher, translate
@@ -31,7 +31,6 @@ from squadbus.core.backend import (
     GroupFigures,
     RawHandler,
     Subscription,
-    batch_only,
 )
 from squadbus.core.envelope import Message
 from squadbus.core.errors import BackendError, Closed, ConnectionLost
@@ -131,7 +130,7 @@ class KafkaBackend:
         if self._inboxes is not None:
             await self._inboxes.close()
         for sub in list(self._subscriptions):
-            await sub.close()
+            await (sub.runtime.close() if sub.runtime is not None else sub.close())
         await self._publisher.stop()
 
     def _check(self) -> None:
@@ -150,32 +149,35 @@ class KafkaBackend:
 
     async def subscribe(
         self, pattern: str, handler: RawHandler, *, group: str | None, options: ConsumerOptions
-    ) -> KafkaSubscription:
+    ) -> KafkaConsumer:
         """Start a consumer for ``pattern`` in Kafka group ``durable_name(group, pattern)``."""
         return await self._start_subscription(pattern, handler, group, options, None)
 
     async def subscribe_batch(
         self, pattern: str, handler: BatchRawHandler, *, group: str | None, options: ConsumerOptions,
         max_wait: float,
-    ) -> KafkaSubscription:
+    ) -> KafkaConsumer:
         """Like :meth:`subscribe`, handing ``handler`` batches of up to ``batch_size`` (BatchSubscriber)."""
-        return await self._start_subscription(pattern, batch_only, group, options, (handler, max_wait))
+        return await self._start_subscription(pattern, None, group, options, (handler, max_wait))
 
     async def _start_subscription(
-        self, pattern: str, handler: RawHandler, group: str | None, options: ConsumerOptions,
+        self, pattern: str, handler: RawHandler | None, group: str | None, options: ConsumerOptions,
         batches: tuple[BatchRawHandler, float] | None,
-    ) -> KafkaSubscription:
+    ) -> KafkaConsumer:
         self._check()
         subjects.validate_pattern(pattern)
         sub = KafkaSubscription(
             settings=self.settings, layout=self.layout, pattern=pattern, group=group, options=options,
-            handler=handler, dead_letter=self.publish, on_close=self._subscriptions.discard,
+            dead_letter=self.publish, on_close=self._subscriptions.discard, concurrent=batches is not None,
         )
         if batches is not None:
-            sub.use_batches(*batches)
+            runtime = KafkaConsumer(sub, options, batches=batches[0], max_wait=batches[1])
+        else:
+            runtime = KafkaConsumer(sub, options, handler=handler)
         await sub.start()
         self._subscriptions.add(sub)
-        return sub
+        runtime.start(f"squadbus-kafka-{sub.kafka_group_id or 'ephemeral'}-consumer")
+        return runtime
 
     def _inbox_hub(self) -> KafkaInboxHub:
         self._check()

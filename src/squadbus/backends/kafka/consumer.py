@@ -1,5 +1,11 @@
 """The consuming side: one AIOKafkaConsumer per subscription.
 
+A subscription is core's consumer runtime (:class:`KafkaConsumer`, a
+:class:`~squadbus.core.consumer.Consumer`: handler calls, ``max_in_flight``,
+batches, fairness, close) over a :class:`KafkaSubscription`, the
+:class:`~squadbus.core.source.DeliverySource` that fetches, keeps each
+partition's records and commit floor (:mod:`.partition`), decodes and settles.
+
 * A named squadbus group ``(group, pattern)`` is the Kafka consumer group
   ``durable_name(group, pattern)``; ``group=None`` is a consumer without a
   group, assigned every partition of its topics and positioned at their end
@@ -14,13 +20,13 @@
   ``attempt + 1``. Attempts are counted in memory per (partition, offset):
   after a consumer crash another member starts counting from 1 again.
 * Records not matching the pattern are settled at once (committed past);
-  records that are not squadbus envelopes are dead-lettered by the consumer
-  (:mod:`.deadletter`).
+  records that are not squadbus envelopes are dead-lettered by a task of the
+  source (:mod:`.deadletter`), never handed to the handler.
 * On a rebalance, partitions being revoked stop handing out records, wait
   (up to ``ack_wait``) for deliveries in flight to settle, and commit.
-* ``close()`` stops fetching, lets the handlers in progress finish, commits,
-  and leaves the group; records fetched but not handled are re-read by the
-  next owner of their partition.
+* ``close()`` lets the handlers in progress finish (the runtime), then stops
+  fetching, commits and leaves the group; records fetched but not handled are
+  re-read by the next owner of their partition.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from squadbus.backends.kafka._driver import (
     AIOKafkaConsumer,
@@ -45,24 +51,14 @@ from squadbus.backends.kafka.partition import PartitionState, header_subject
 from squadbus.backends.kafka.producer import ID_HEADER, translate
 from squadbus.backends.kafka.settings import KafkaSettings
 from squadbus.backends.kafka.topics import TopicLayout
-from squadbus.core.backend import (
-    BatchRawHandler,
-    ConsumerOptions,
-    Delivery,
-    InFlight,
-    RawHandler,
-    StartFrom,
-    durable_name,
-    invoke,
-    invoke_batch,
-)
-from squadbus.core.batching import fill_until
+from squadbus.core.backend import BatchRawHandler, ConsumerOptions, Delivery, RawHandler, StartFrom, durable_name
+from squadbus.core.consumer import FAIRNESS_STREAK, Consumer
 from squadbus.core.envelope import Message, decode
-from squadbus.core.errors import MalformedMessage, SquadbusError
+from squadbus.core.errors import Closed, MalformedMessage, SquadbusError
+from squadbus.core.source import within
 
 logger = logging.getLogger("squadbus.backends.kafka")
 
-_FAIRNESS_STREAK = 64
 _POLL_MS = 1000
 
 
@@ -132,12 +128,19 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 class KafkaSubscription:
-    """One running subscription; see the module docstring for its contract."""
+    """One member of a consumer group (or a consumer without a group): a
+    :class:`~squadbus.core.source.DeliverySource` over the records it fetched, run by core's
+    :class:`~squadbus.core.consumer.Consumer` (:attr:`runtime`); see the module docstring for its contract.
+
+    ``poll`` hands out the next records of the partitions that are ready (not held by a nack's delay, not
+    being revoked; one at a time per partition unless ``concurrent``), staying on one partition for up to
+    :data:`~squadbus.core.consumer.FAIRNESS_STREAK` records in a row (cheaper than a scan), and decodes
+    there; undecodable records go to a dead-letter task of the source, never handed out."""
 
     def __init__(
         self, *, settings: KafkaSettings, layout: TopicLayout, pattern: str, group: str | None,
-        options: ConsumerOptions, handler: RawHandler, dead_letter: Callable[[Message], Awaitable[None]],
-        on_close: Callable[[KafkaSubscription], None],
+        options: ConsumerOptions, dead_letter: Callable[[Message], Awaitable[None]],
+        on_close: Callable[[KafkaSubscription], None], concurrent: bool = False,
     ) -> None:
         self._settings = settings
         self._joined = asyncio.Event()
@@ -145,25 +148,36 @@ class KafkaSubscription:
         self._pattern = pattern
         self._group = group
         self._options = options
-        self._handler = handler
+        # Several records of one partition may be handed out before the first settles (max_in_flight > 1,
+        # batches); one at a time, a partition waits for its record to settle.
+        self._one_at_a_time = not concurrent and options.max_in_flight == 1
         self._dead_letter = dead_letter
         self._on_close = on_close
         self._consumer: AIOKafkaConsumer | None = None
         self._parts: dict[TopicPartition, PartitionState] = {}
         self._order: list[PartitionState] = []
         self._cursor = 0
+        self._last: PartitionState | None = None  # poll(1) stays on it for up to FAIRNESS_STREAK records
+        self._stay = 0
         self._buffered = 0
+        self._matched: dict[bytes, bool] = {}  # subject header -> matches the pattern (PartitionState.add)
         self._attempts: dict[tuple[str, int, int], int] = {}
         self._snapshot: dict[TopicPartition, int] = {}
-        self._wake = asyncio.Event()
-        self._space = asyncio.Event()
+        # The one consumer's wait in receive(): resolved when records are queued or settled (or on close).
+        self._waiter: asyncio.Future[None] | None = None
+        self._space = asyncio.Event()  # set when the fetch loop, waiting (_fetch_waits), may fetch again
+        self._fetch_waits = False
         self._commit_wanted = asyncio.Event()
         self._fetch_task: asyncio.Task[None] | None = None
-        self._dispatch_task: asyncio.Task[None] | None = None
         self._commit_task: asyncio.Task[None] | None = None
+        self._dead_letters: set[asyncio.Task[None]] = set()
+        # Set on settles while a revocation waits for in-flight records (_revoking > 0).
         self._progress = asyncio.Event()
+        self._revoking = 0
         self._closing = False
-        self._batches: tuple[BatchRawHandler, float] | None = None
+        self._clock = asyncio.get_running_loop().time
+        self.runtime: KafkaConsumer | None = None
+        """The consumer runtime over this source (set by the backend); the backend closes it."""
 
     @property
     def pattern(self) -> str:
@@ -183,7 +197,8 @@ class KafkaSubscription:
     # ---- start and stop ----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect and start consuming; raises a BackendError if the broker is unreachable."""
+        """Connect and start fetching (the runtime starts after); raises a BackendError if the broker is
+        unreachable."""
         s, options = self._settings, self._options
         consumer = AIOKafkaConsumer(
             bootstrap_servers=list(s.bootstrap_servers),
@@ -213,7 +228,6 @@ class KafkaSubscription:
         loop = asyncio.get_running_loop()
         name = self.kafka_group_id or "ephemeral"
         self._fetch_task = loop.create_task(self._fetch_loop(), name=f"squadbus-kafka-fetch-{name}")
-        self._dispatch_task = loop.create_task(self._dispatch_loop(), name=f"squadbus-kafka-dispatch-{name}")
         if self._group is not None:
             self._commit_task = loop.create_task(self._commit_loop(), name=f"squadbus-kafka-commit-{name}")
             if self._settings.join_wait:
@@ -246,18 +260,19 @@ class KafkaSubscription:
         self._order = list(self._parts.values())
 
     async def close(self) -> None:
-        """Stop fetching, finish handlers in progress, commit, leave the group. Idempotent."""
+        """Called by the runtime once its handlers finished: stop fetching, finish the dead letters in
+        progress, commit, leave the group. Idempotent."""
         if self._closing:
             return
         self._closing = True
-        self._wake.set()
+        self._notify()
         self._space.set()
         if self._fetch_task is not None:
             self._fetch_task.cancel()
-        for task in (self._fetch_task, self._dispatch_task):
-            if task is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._fetch_task
+        if self._dead_letters:
+            await asyncio.gather(*self._dead_letters, return_exceptions=True)
         if self._commit_task is not None:
             self._commit_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -280,6 +295,7 @@ class KafkaSubscription:
         while not self._closing:
             if self._buffered >= options.max_pending:
                 self._space.clear()
+                self._fetch_waits = True
                 await self._space.wait()
                 continue
             try:
@@ -296,15 +312,45 @@ class KafkaSubscription:
                     consumer.seek(tp, records[0].offset)
                     continue
                 before = part.floor
-                self._buffered += part.add(records, self._pattern)
+                self._buffered += part.add(records, self._pattern, self._matched)
                 moved = moved or part.floor != before
             if moved and self._group is not None:
                 self._commit_wanted.set()
-            self._wake.set()
+            self._notify()
 
-    # ---- handing records to the handler ------------------------------------------------------
+    # ---- handing out (DeliverySource) --------------------------------------------------------
 
-    def _pick(self, now: float, one_at_a_time: bool) -> tuple[PartitionState, ConsumerRecord] | None:
+    def poll(self, max_count: int) -> Sequence[Delivery]:
+        """Up to ``max_count`` deliveries of the partitions that are ready, decoded here, in offset order per
+        partition; undecodable records go to a dead-letter task instead (not counted in ``max_count``)."""
+        if self._closing or not self._buffered:
+            return ()
+        now = self._clock()
+        if max_count == 1:  # one delivery at a time, the hot path: no list
+            while (picked := self._pick(now)) is not None:
+                delivery = self._delivery_of(*picked)
+                if isinstance(delivery, KafkaDelivery):
+                    return (delivery,)
+                self._dead_letter_task(*picked, *delivery)
+            return ()
+        got: list[Delivery] = []
+        while len(got) < max_count and (picked := self._pick(now)) is not None:
+            delivery = self._delivery_of(*picked)
+            if isinstance(delivery, KafkaDelivery):
+                got.append(delivery)
+            else:
+                self._dead_letter_task(*picked, *delivery)
+        return got
+
+    def _pick(self, now: float) -> tuple[PartitionState, ConsumerRecord] | None:
+        """The next record to hand out: from the partition of the last one for up to FAIRNESS_STREAK
+        records in a row while it is ready (cheaper than a scan, still fair), else from the next ready
+        partition after it."""
+        one_at_a_time = self._one_at_a_time
+        part = self._last
+        if part is not None and self._stay and part.ready(now, one_at_a_time):
+            self._stay -= 1
+            return part, self._take(part)
         order = self._order
         count = len(order)
         for i in range(count):
@@ -312,97 +358,65 @@ class KafkaSubscription:
             part = order[index]
             if part.ready(now, one_at_a_time):
                 self._cursor = index + 1
+                self._last = part
+                self._stay = FAIRNESS_STREAK - 1
                 return part, self._take(part)
         return None
 
     def _take(self, part: PartitionState) -> ConsumerRecord:
         part.inflight += 1
         self._buffered -= 1
-        if self._buffered < self._options.max_pending and not self._space.is_set():
+        if self._fetch_waits and self._buffered < self._options.max_pending:
+            self._fetch_waits = False
             self._space.set()
         return part.queue.popleft()
 
-    async def _wait_for_work(self, now: float) -> None:
-        self._wake.clear()
+    async def receive(self, max_count: int, wait: float) -> Sequence[Delivery]:
         if self._closing:
-            return  # close() set the wake-up just cleared
-        waits = [p.blocked_until for p in self._order if p.queue and p.blocked_until > now]
-        timeout = min(waits) - now if waits else None
+            raise Closed(f"the subscription to {self._pattern!r} is closed")
+        got = self.poll(max_count)
+        if got or wait <= 0:
+            return got
+        now = self._clock()
+        held = [p.blocked_until for p in self._order if p.queue and p.blocked_until > now]
+        if held:  # a nacked record's delay ends: its partition is ready again
+            wait = min(wait, min(held) - now)
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
         try:
-            async with asyncio.timeout(timeout):
-                await self._wake.wait()
-        except TimeoutError:
-            pass
-
-    def use_batches(self, handler: BatchRawHandler, max_wait: float) -> None:
-        """Before start: hand the handler batches of up to ``batch_size`` records (one batch at a time),
-        waiting at most ``max_wait`` after the first for more. Order within a partition holds for the
-        start of handling, as with ``max_in_flight > 1``; commits never pass an unsettled record."""
-        self._batches = (handler, max_wait)
-
-    async def _dispatch_loop(self) -> None:
-        if self._batches is not None:
-            await self._dispatch_batches(*self._batches)
-            return
-        limit = self._options.max_in_flight
-        loop = asyncio.get_running_loop()
-        if limit == 1:
-            streak = 0
-            while not self._closing:
-                picked = self._pick(loop.time(), True)
-                if picked is None:
-                    streak = 0
-                    await self._wait_for_work(loop.time())
-                    continue
-                part, record = picked
-                while True:
-                    await self._handle(part, record)
-                    streak += 1
-                    # Stay on this partition for a while: cheaper than a scan, still fair.
-                    if not streak % _FAIRNESS_STREAK or self._closing or not part.ready(loop.time(), True):
-                        break
-                    record = self._take(part)
-                if streak >= _FAIRNESS_STREAK:
-                    streak = 0
-                    await asyncio.sleep(0)  # handlers that never suspend would starve the fetcher
-            return
-        inflight = InFlight(limit)
-        try:
-            while not self._closing:
-                await inflight.slot()
-                picked = self._pick(loop.time(), False)
-                if picked is None:
-                    inflight.give_back()
-                    await self._wait_for_work(loop.time())
-                    continue
-                inflight.start(self._handle(*picked))
+            await within(waiter, wait)
         finally:
-            await inflight.finish()
+            self._waiter = None
+        return self.poll(max_count)
 
-    async def _woken(self) -> None:
-        self._wake.clear()  # close() sets it again; fill_until does not suspend since its _closing check
-        await self._wake.wait()
+    def _notify(self) -> None:
+        """Wake the consumer waiting in :meth:`receive`, if it does."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
-    async def _dispatch_batches(self, handler: BatchRawHandler, max_wait: float) -> None:
-        loop = asyncio.get_running_loop()
-        limit = self._options.batch_size
-        while not self._closing:
-            picked = self._pick(loop.time(), False)
-            if picked is None:
-                await self._wait_for_work(loop.time())
-                continue
-            batch = [picked]
-            await fill_until(batch, limit, max_wait, take=lambda: self._pick(loop.time(), False),
-                             more=self._woken, stop=lambda: self._closing)
-            deliveries: list[Delivery] = []
-            for part, record in batch:
-                delivery = self._delivery_of(part, record)
-                if isinstance(delivery, KafkaDelivery):
-                    deliveries.append(delivery)
-                else:
-                    await self._dead_letter_malformed(part, record, *delivery)
-            if deliveries:
-                await invoke_batch(handler, deliveries, self._options)
+    def give_back(self, deliveries: Sequence[Delivery]) -> None:
+        """Back at the front of their partitions, as never handed out (the attempt is not counted)."""
+        attempts = self._attempts
+        for delivery in reversed(deliveries):
+            assert isinstance(delivery, KafkaDelivery)
+            part, record = delivery._part, delivery._record
+            part.inflight -= 1
+            if delivery.attempt > 1:
+                attempts[(record.topic, record.partition, record.offset)] = delivery.attempt - 1
+            if not part.revoked:
+                part.requeue(record, 0.0)
+                self._buffered += 1
+        if self._revoking:
+            self._progress.set()
+        self._notify()
+
+    def _dead_letter_task(self, part: PartitionState, record: ConsumerRecord, attempt: int, reason: str) -> None:
+        """Dead-letter an undecodable record in a task (awaited by close()): ``poll`` never waits."""
+        task = asyncio.get_running_loop().create_task(
+            self._dead_letter_malformed(part, record, attempt, reason),
+            name=f"squadbus-kafka-{self.kafka_group_id or 'ephemeral'}-malformed")
+        self._dead_letters.add(task)
+        task.add_done_callback(self._dead_letters.discard)
 
     def _delivery_of(self, part: PartitionState, record: ConsumerRecord) -> KafkaDelivery | tuple[int, str]:
         """The delivery of ``record``, or ``(attempt, why)`` when it is not an envelope (synchronous:
@@ -418,13 +432,6 @@ class KafkaSubscription:
         except MalformedMessage as exc:
             return attempt, str(exc)
         return KafkaDelivery(message, attempt=attempt, group=self._group, sub=self, part=part, record=record)
-
-    async def _handle(self, part: PartitionState, record: ConsumerRecord) -> None:
-        delivery = self._delivery_of(part, record)
-        if isinstance(delivery, KafkaDelivery):
-            await invoke(self._handler, delivery, self._options)
-        else:
-            await self._dead_letter_malformed(part, record, *delivery)
 
     async def _dead_letter_malformed(
         self, part: PartitionState, record: ConsumerRecord, attempt: int, reason: str
@@ -451,23 +458,26 @@ class KafkaSubscription:
 
     def _settle(self, part: PartitionState, record: ConsumerRecord) -> None:
         part.inflight -= 1
-        if part.settle(record.offset) and self._group is not None and self._parts.get(part.tp) is part:
+        if part.settle(record.offset) and self._group is not None and not part.revoked:
             self._commit_wanted.set()
-        self._wake.set()
-        self._progress.set()
+        if self._waiter is not None:
+            self._notify()
+        if self._revoking:
+            self._progress.set()
 
     def _retry(self, part: PartitionState, record: ConsumerRecord, delay: float, attempt: int) -> None:
         part.inflight -= 1
-        self._progress.set()
+        if self._revoking:
+            self._progress.set()
         key = (record.topic, record.partition, record.offset)
         self._attempts[key] = attempt
-        if self._parts.get(part.tp) is not part or self._closing:
+        if part.revoked or self._closing:
             # The partition moved on: its next owner re-reads from the committed offset
             # (and counts from 1 unless it is this member again).
             return
-        part.requeue(record, asyncio.get_running_loop().time() + delay)
+        part.requeue(record, self._clock() + delay)
         self._buffered += 1
-        self._wake.set()
+        self._notify()
 
     # ---- commits and rebalances --------------------------------------------------------------
 
@@ -505,24 +515,28 @@ class KafkaSubscription:
     def _reorder(self) -> None:
         self._order = list(self._parts.values())
         self._cursor = 0
+        self._last = None
 
     async def _on_revoked(self, revoked: Iterable[TopicPartition]) -> None:
         parts = [p for p in (self._parts.pop(tp, None) for tp in revoked) if p is not None]
         self._reorder()
         for part in parts:
+            part.revoked = True  # hands out nothing more; its settles wait for no commit of their own
             self._buffered -= len(part.queue)
             part.queue.clear()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._options.ack_wait
-        while any(p.inflight for p in parts) and loop.time() < deadline:
-            self._progress.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0.0, deadline - loop.time())):
-                    await self._progress.wait()
+        self._revoking += 1
+        try:
+            while any(p.inflight for p in parts) and loop.time() < deadline:
+                self._progress.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                        await self._progress.wait()
+        finally:
+            self._revoking -= 1
         if parts:
             await self._commit_now(parts)
-        for part in parts:
-            part.revoked = True
         self._space.set()
 
     async def _on_assigned(self, assigned: Iterable[TopicPartition]) -> None:
@@ -546,7 +560,7 @@ class KafkaSubscription:
                 logger.warning("positioning new group %s failed; using the end: %s", self.kafka_group_id, exc)
             finally:
                 consumer.resume(*fresh)
-        self._wake.set()
+        self._notify()
 
     async def _start_new_partitions(self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> None:
         """Start partitions the group never committed at the end *as of subscribe()*, and commit that.
@@ -574,3 +588,21 @@ class KafkaSubscription:
                 part = self._parts.get(tp)
                 if part is not None:
                     part.committed = part.floor = start
+
+
+class KafkaConsumer(Consumer):
+    """A subscription: core's consumer runtime over its :class:`KafkaSubscription` (``handler`` per delivery,
+    or ``batches``); the source starts fetching before, and commits and leaves the group after, it."""
+
+    def __init__(
+        self, source: KafkaSubscription, options: ConsumerOptions, *, handler: RawHandler | None = None,
+        batches: BatchRawHandler | None = None, max_wait: float = 0.0,
+    ) -> None:
+        super().__init__(source, options, handler=handler, batches=batches, max_wait=max_wait)
+        self.source = source
+        source.runtime = self
+
+    @property
+    def kafka_group_id(self) -> str | None:
+        """The Kafka consumer group id, ``durable_name(group, pattern)``."""
+        return self.source.kafka_group_id
