@@ -58,14 +58,19 @@ def test_route_agrees_with_topic_for_and_inbox_recipient_when_remembered_or_forg
 
 
 @pytest.mark.kafka
-async def test_publish_many_writes_keyed_placed_records_in_order_per_execution(tansu: TansuServer) -> None:
-    url = f"{tansu.url}?partitions={PARTITIONS}&idempotence=off&topic=t-{uuid.uuid4().hex[:10]}"
+@pytest.mark.parametrize(("batch_bytes", "content"), [(256 * 1024, "m"), (2048, "x" * 600)],
+                         ids=["one-batch-per-partition", "batches-fill-while-placing"])
+async def test_publish_many_writes_keyed_placed_records_in_order_per_execution(
+    tansu: TansuServer, batch_bytes: int, content: str
+) -> None:
+    url = (f"{tansu.url}?partitions={PARTITIONS}&idempotence=off&topic=t-{uuid.uuid4().hex[:10]}"
+           f"&max_batch_bytes={batch_bytes}")
     executions = [uuid.uuid4() for _ in range(3)]
     agent = f"agent-{uuid.uuid4().hex[:8]}"
     async with Bus.from_url(url) as bus:
         messages = [
-            envelope.build(subject=subjects.direct(agent), sender_id="pm", recipient_id=agent, content=f"m{i}",
-                           task_execution_id=executions[i % 3], headers={"attempt": str(i)})
+            envelope.build(subject=subjects.direct(agent), sender_id="pm", recipient_id=agent,
+                           content=f"{content}{i}", task_execution_id=executions[i % 3], headers={"attempt": str(i)})
             for i in range(30)
         ]
         await bus.publish_many(messages)

@@ -205,19 +205,22 @@ class KafkaPublisher:
         batch (or single record) with the positions (in ``messages``) of its records.
 
         Where a partition gets several records they go straight into batches
-        (aiokafka's ``create_batch`` / ``send_batch``), placed by the
-        producer's partitioner: no future, metadata wait and accumulator lookup
-        per record as ``send()`` has. A full batch is submitted and a new one
-        started; aiokafka queues a partition's batches in order. A partition
-        with one record gets a plain ``send()``: it joins the partition's batch
-        still waiting to go out, where ``send_batch`` would wait for that batch
-        to leave (at a low rate every record would wait a round trip). If this
-        raises, what was submitted so far is awaited (it may be stored) first.
+        (aiokafka's ``create_batch`` / ``send_batch``, see :class:`_Batches`),
+        placed by the producer's partitioner: no future, metadata wait and
+        accumulator lookup per record as ``send()`` has. A batch that fills is
+        submitted at once and aiokafka's sender given a turn, so the broker
+        stores it while the rest is placed; aiokafka queues a partition's
+        batches in order. A partition with one record gets a plain ``send()``:
+        it joins the partition's batch still waiting to go out, where
+        ``send_batch`` would wait for that batch to leave (at a low rate every
+        record would wait a round trip). If this raises, what was submitted so
+        far is awaited (it may be stored) first.
         """
         producer = self._producer
         if producer is None:
             raise ConnectionLost("the Kafka producer is not started")
-        places: dict[tuple[str, int], list[tuple[int, bytes, bytes, list[tuple[str, bytes]]]]] = {}
+        batches = _Batches(producer)
+        full = batches.full
         partitions: dict[str, list[int]] = {}
         submitted: list[tuple[asyncio.Future[Any], list[int]]] = []
         layout = self._layout
@@ -230,7 +233,7 @@ class KafkaPublisher:
                     ids = partitions[topic] = sorted(await producer.partitions_for(topic))
                 key = record_key(message)
                 value, headers = encode(message), record_headers(message)
-                places.setdefault((topic, partitioner(key, ids, ids)), []).append((position, key, value, headers))
+                batches.add(topic, partitioner(key, ids, ids), position, key, value, headers)
                 if inbox_key is not None:
                     # The inbox copy (.inboxes): keyed by the recipient, so an agent's messages share
                     # one partition, in publish order; acknowledged with the main record.
@@ -238,25 +241,19 @@ class KafkaPublisher:
                     ids = partitions.get(layout.inbox)
                     if ids is None:
                         ids = partitions[layout.inbox] = sorted(await producer.partitions_for(layout.inbox))
-                    places.setdefault((layout.inbox, partitioner(inbox_key, ids, ids)), []).append(
-                        (position, inbox_key, value, headers))
-            for (topic, partition), records in places.items():
-                if len(records) == 1:
-                    position, key, value, headers = records[0]
-                    ack = await producer.send(topic, value, key=key, headers=headers, partition=partition)
-                    submitted.append((ack, [position]))
-                    continue
-                batch = producer.create_batch()
-                positions: list[int] = []
-                for position, key, value, headers in records:
-                    if batch.append(timestamp=None, key=key, value=value, headers=headers) is None:
-                        # Full: submit it (in order after the partition's earlier batches), start the
-                        # next (an empty batch takes any record, however large).
+                    batches.add(layout.inbox, partitioner(inbox_key, ids, ids), position, inbox_key, value, headers)
+                if full:
+                    for topic, partition, batch, positions in full:
                         submitted.append((await _send_batch(producer, batch, topic, partition), positions))
-                        batch, positions = producer.create_batch(), []
-                        batch.append(timestamp=None, key=key, value=value, headers=headers)
-                    positions.append(position)
-                submitted.append((await _send_batch(producer, batch, topic, partition), positions))
+                    full.clear()
+                    await asyncio.sleep(0)  # aiokafka's sender takes them while the rest is placed
+            for (topic, partition), (batch, positions, first) in batches.open.items():
+                if batch is None:
+                    key, value, headers = first
+                    ack = await producer.send(topic, value, key=key, headers=headers, partition=partition)
+                else:
+                    ack = await _send_batch(producer, batch, topic, partition)
+                submitted.append((ack, positions))
         except BaseException:
             await asyncio.gather(*(ack for ack, _ in submitted), return_exceptions=True)
             raise
@@ -299,6 +296,42 @@ class KafkaPublisher:
         producer, self._producer = self._producer, None
         if producer is not None:
             await producer.stop()
+
+
+_Record = tuple[bytes, bytes, list[tuple[str, bytes]]]
+
+
+class _Batches:
+    """One submit's records per partition, in order: a partition's first record waits (alone it goes
+    by ``send()``); from the second on they go into a batch; a batch that fills is moved to ``full``
+    (to be submitted now) and the next one started (an empty batch takes any record, however large)."""
+
+    __slots__ = ("_producer", "full", "open")
+
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self._producer = producer
+        self.open: dict[tuple[str, int], list[Any]] = {}
+        """(topic, partition) -> [batch or None, positions of its records, first record]"""
+        self.full: list[tuple[str, int, Any, list[int]]] = []
+
+    def add(self, topic: str, partition: int, position: int, key: bytes, value: bytes,
+            headers: list[tuple[str, bytes]]) -> None:
+        entry = self.open.get((topic, partition))
+        if entry is None:
+            first: _Record = (key, value, headers)
+            self.open[(topic, partition)] = [None, [position], first]
+            return
+        batch = entry[0]
+        if batch is None:
+            batch = entry[0] = self._producer.create_batch()
+            first_key, first_value, first_headers = entry[2]
+            batch.append(timestamp=None, key=first_key, value=first_value, headers=first_headers)
+        if batch.append(timestamp=None, key=key, value=value, headers=headers) is None:
+            self.full.append((topic, partition, batch, entry[1]))
+            batch = entry[0] = self._producer.create_batch()
+            entry[1] = []
+            batch.append(timestamp=None, key=key, value=value, headers=headers)
+        entry[1].append(position)
 
 
 async def _send_batch(producer: AIOKafkaProducer, batch: Any, topic: str, partition: int) -> asyncio.Future[Any]:
