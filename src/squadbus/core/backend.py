@@ -36,15 +36,14 @@ from typing import Protocol, Self, runtime_checkable
 from uuid import UUID
 
 from squadbus.core import subjects
-from squadbus.core.consumer import InFlight, batch_only, invoke, invoke_batch, settles_itself
+from squadbus.core.consumer import invoke, invoke_batch, settles_itself
 from squadbus.core.envelope import Message, decode
 from squadbus.core.errors import ConfigError, MalformedMessage
 
 logger = logging.getLogger("squadbus.backend")
 
-# InFlight, batch_only, invoke, invoke_batch and settles_itself moved to squadbus.core.consumer; they are
-# re-exported here for the backends whose subscriptions do not run on a DeliverySource yet
-# (docs/design/inboxes.md, implementation plan: step 7 removes them).
+# invoke, invoke_batch and settles_itself live in squadbus.core.consumer; re-exported here for the code that
+# imports them from this module (the inbox hubs, core.batching, core.dispatch, core.broadcasts).
 __all__ = [
     "Backend",
     "BatchPublisher",
@@ -55,7 +54,6 @@ __all__ = [
     "DescribesGroups",
     "FailurePolicy",
     "GroupFigures",
-    "InFlight",
     "QueuedPublish",
     "RawHandler",
     "ReadsAll",
@@ -65,7 +63,6 @@ __all__ = [
     "SlowConsumerPolicy",
     "StartFrom",
     "Subscription",
-    "batch_only",
     "durable_name",
     "group_of",
     "invoke",

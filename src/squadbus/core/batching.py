@@ -15,51 +15,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
 
 from squadbus.core.backend import BatchRawHandler, ConsumerOptions, Delivery, RawHandler, invoke_batch
 from squadbus.core.dispatch import Handler
 from squadbus.core.envelope import Message
 
 BatchProcessor = Callable[[Sequence[Message]], Awaitable[None]]
-
-T = TypeVar("T")
-
-
-async def fill_batch(queue: asyncio.Queue[T], batch: list[T], limit: int, max_wait: float) -> None:
-    """Add to ``batch`` what ``queue`` holds, up to ``limit`` items, waiting at most ``max_wait``
-    seconds (from now) for more. The only suspension points are ``queue.get()``; if cancelled there,
-    ``batch`` holds everything taken so far, for the caller to give back.
-    """
-    await fill_until(batch, limit, max_wait, take=lambda: None if queue.empty() else queue.get_nowait(),
-                     more=queue.get, stop=lambda: False)
-
-
-async def fill_until(
-    items: list[T], limit: int, max_wait: float, *,
-    take: Callable[[], T | None], more: Callable[[], Awaitable[T | None]], stop: Callable[[], bool],
-) -> None:
-    """Append what ``take()`` gives to ``items``, up to ``limit``; when it gives None, await
-    ``more()`` (which gives an item, or None as a sign that something may be ready) and go on, for
-    at most ``max_wait`` seconds from now in all. Ends early once ``stop()`` is true; nothing
-    suspends between that check and ``more()`` starting."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + max_wait
-    while len(items) < limit and not stop():
-        item = take()
-        if item is not None:
-            items.append(item)
-            continue
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            return
-        try:
-            async with asyncio.timeout(remaining):
-                item = await more()
-        except TimeoutError:
-            return
-        if item is not None:
-            items.append(item)
 
 
 class _Batch:

@@ -24,9 +24,7 @@ consumer runtime in core"):
   and settle, give back a batch being gathered, then close the source.
 
 Every handler runs through :func:`invoke` / :func:`invoke_batch`, which nack
-what a bare handler left unsettled. The backends whose subscriptions do not
-run on a source yet import these two and :class:`InFlight` from
-``squadbus.core.backend`` (re-exported there until they move).
+what a bare handler left unsettled (the inbox hubs call :func:`invoke` too).
 """
 
 from __future__ import annotations
@@ -35,8 +33,8 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 from squadbus.core.errors import Closed
 
@@ -124,39 +122,6 @@ async def _run_batch(handler: BatchRawHandler, deliveries: Sequence[Delivery], o
 async def batch_only(delivery: Delivery) -> None:
     """The per-delivery handler of a batch subscription, which a backend never calls."""
     raise AssertionError("a batch subscription has no per-delivery handler")
-
-
-class InFlight:
-    """The handler tasks of one consumer with ``max_in_flight > 1``: at most ``limit`` at once.
-
-    ``await slot()`` before taking work, then ``start(handling)`` (its task frees the slot when it
-    ends) or ``give_back()`` when there was no work; ``await finish()`` waits for every task.
-    """
-
-    __slots__ = ("_running", "_slots")
-
-    def __init__(self, limit: int) -> None:
-        self._slots = asyncio.Semaphore(limit)
-        self._running: set[asyncio.Task[None]] = set()
-
-    async def slot(self) -> None:
-        await self._slots.acquire()
-
-    def give_back(self) -> None:
-        self._slots.release()
-
-    def start(self, handling: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(handling)
-        self._running.add(task)
-        task.add_done_callback(self._ended)
-
-    def _ended(self, task: asyncio.Task[None]) -> None:
-        self._running.discard(task)
-        self._slots.release()
-
-    async def finish(self) -> None:
-        if self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
 
 
 class Consumer:
@@ -271,7 +236,7 @@ class Consumer:
     async def _run_concurrently(self, limit: int, name: str) -> None:
         # Workers started as needed, up to ``limit``: each takes the next delivery and runs its handler; one
         # waits on the source when none is ready, and one with nothing to do while another waits ends. Not
-        # a task per delivery (InFlight): 20,000 stored messages into a Redis group with max_in_flight=8,
+        # a task per delivery: 20,000 stored messages into a Redis group with max_in_flight=8,
         # consumer CPU per message (min of 3, load ~2): 15.1 us with a task per delivery, 5.5-5.9 with
         # workers. Idle, a consumer holds one worker, whatever its max_in_flight.
         self._limit, self._name = limit, name

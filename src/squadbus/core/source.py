@@ -5,8 +5,7 @@ settles (each :class:`~squadbus.core.backend.Delivery` it hands out knows how
 to ack, nack and term itself); :mod:`squadbus.core.consumer` runs the
 handlers over it: one delivery or one batch at a time, ``max_in_flight``,
 fairness to the event loop, and close (docs/design/inboxes.md, "One consumer
-runtime in core"). The memory backend is one; the others move to it one at a
-time.
+runtime in core"). Every backend's subscriptions are one.
 """
 
 from __future__ import annotations

@@ -25,13 +25,11 @@ from typing import TYPE_CHECKING
 
 from squadbus.backends.memory.group import GroupBuffer, MemoryDelivery
 from squadbus.core.backend import ConsumerOptions, RawHandler, invoke
+from squadbus.core.consumer import FAIRNESS_STREAK
 from squadbus.core.envelope import Message
 
 if TYPE_CHECKING:
     from squadbus.backends.memory.backend import MemoryBackend
-
-_FAIRNESS_STREAK = 64
-
 
 class MemoryInbox:
     """One open of an agent's inbox: a member of its group, handing one delivery at a time to ``handler``."""
@@ -73,7 +71,7 @@ class MemoryInbox:
                 if self._closing:
                     return
                 streak += 1
-                if streak >= _FAIRNESS_STREAK:
+                if streak >= FAIRNESS_STREAK:
                     # Handlers that never suspend would otherwise starve the loop.
                     streak = 0
                     await asyncio.sleep(0)
