@@ -359,9 +359,52 @@ async def test_close_lets_the_handler_in_progress_finish_and_settle_first() -> N
     assert second.settled is None and list(source.ready) == [second], "nothing more is pulled once closing"
 
 
-async def _handled_when_others_ran(source: _ListSource, count: int) -> list[int]:
-    """Hand ``count`` deliveries to a handler that never suspends; how many it had handled each time another
-    task ran meanwhile."""
+def _hanging_consumer(route: str, source: _ListSource, started: list[Delivery]) -> Consumer:
+    """A consumer on ``route`` whose handler (or batch handler) never returns unless cancelled."""
+
+    async def handler(delivery: Delivery) -> None:
+        started.append(delivery)
+        await asyncio.Event().wait()
+
+    async def batch(deliveries: Sequence[Delivery]) -> None:
+        started.extend(deliveries)
+        await asyncio.Event().wait()
+
+    if route == "one at a time":
+        return Consumer(source, ConsumerOptions(), handler=handler)
+    if route == "max_in_flight":
+        return Consumer(source, ConsumerOptions(max_in_flight=2), handler=handler)
+    return Consumer(source, ConsumerOptions(batch_size=2), batches=batch, max_wait=0)
+
+
+@pytest.mark.parametrize("route", ["one at a time", "max_in_flight", "batches", "batches gathered ahead"])
+async def test_cancelling_a_close_raises_cancelled_and_still_closes(route: str) -> None:
+    # e.g. asyncio.wait_for(bus.close(), t) timing out while a handler hangs: the caller is cancelled, not the
+    # close swallowing it; the hanging handlers are cancelled (what they left unsettled is nacked), the source
+    # closes.
+    source = _AheadSource() if route == "batches gathered ahead" else _ListSource()
+    started: list[Delivery] = []
+    consumer = _hanging_consumer(route, source, started)
+    consumer.start("test")
+    source.add(*(_Delivery(n) for n in range(2)))
+    await _until(lambda: len(started) == (1 if route == "one at a time" else 2))
+    closing = asyncio.ensure_future(consumer.close())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not closing.done(), "close waits for the handlers in progress"
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    task = consumer._task
+    assert task is not None and task.done()
+    assert _workers("test") == 0
+    assert [d.settled for d in started] == ["nack"] * len(started)
+    assert source.closed
+
+
+async def _handled_when_others_ran(source: _ListSource, count: int, batch_size: int = 0) -> list[int]:
+    """Hand ``count`` deliveries to a handler (a batch handler when ``batch_size``) that never suspends; how
+    many it had handled each time another task ran meanwhile."""
     handled = 0
     handled_when_other_ran: list[int] = []
 
@@ -370,13 +413,22 @@ async def _handled_when_others_ran(source: _ListSource, count: int) -> list[int]
         handled += 1
         delivery.ack_soon()
 
+    async def batches(deliveries: Sequence[Delivery]) -> None:
+        nonlocal handled
+        handled += len(deliveries)
+        for delivery in deliveries:
+            delivery.ack_soon()
+
     async def other() -> None:
         while handled < count:
             handled_when_other_ran.append(handled)
             await asyncio.sleep(0)
 
     source.add(*(_Delivery(n) for n in range(count)))
-    consumer = Consumer(source, ConsumerOptions(), handler=handler)
+    if batch_size:
+        consumer = Consumer(source, ConsumerOptions(batch_size=batch_size), batches=batches)
+    else:
+        consumer = Consumer(source, ConsumerOptions(), handler=handler)
     consumer.start("test")
     await asyncio.gather(other(), _until(lambda: handled == count))
     await consumer.close()
@@ -395,6 +447,39 @@ async def test_a_source_names_how_many_deliveries_go_in_a_row_before_the_consume
     handled_when_other_ran = await _handled_when_others_ran(source, 32)
     # It yields every 8th delivery, once taken and before its handler: others run after 7, 15, ... handled.
     assert {n for n in handled_when_other_ran if 0 < n < 32} == {7, 15, 23, 31}, handled_when_other_ran
+
+
+@pytest.mark.parametrize("route", ["one at a time", "max_in_flight"])
+async def test_cancelled_at_its_fairness_yield_the_consumer_gives_back_what_it_took(route: str) -> None:
+    # Its tasks cancelled while they yield (the loop shutting down cancels every task): the deliveries taken
+    # for the next handler call go back to the source, not left in flight.
+    source = _ListSource()
+    source.fairness_streak = 1  # type: ignore[attr-defined]
+    handled: list[Delivery] = []
+
+    async def handler(delivery: Delivery) -> None:
+        handled.append(delivery)
+        delivery.ack_soon()
+
+    async def batches(deliveries: Sequence[Delivery]) -> None:
+        for delivery in deliveries:
+            await handler(delivery)
+
+    if route == "batches":
+        consumer = Consumer(source, ConsumerOptions(batch_size=2), batches=batches)
+    else:
+        consumer = Consumer(source, ConsumerOptions(max_in_flight=2 if route == "max_in_flight" else 1),
+                            handler=handler)
+    source.add(*(_Delivery(n) for n in range(8)))
+    consumer.start("test")
+    await _until(lambda: len(handled) >= 1)
+    while tasks := [task for task in asyncio.all_tasks() if task.get_name().startswith("test")]:
+        for task in tasks:
+            task.cancel()  # a worker may start meanwhile (the one a busy worker asked for): cancelled next round
+        await asyncio.wait(tasks)
+    assert sorted(_numbers([*handled, *source.given_back, *source.ready])) == list(range(8))
+    assert source.given_back and all(d.settled is None for d in source.given_back)
+    await consumer.close()
 
 
 @pytest.mark.parametrize("raises", [False, True])

@@ -30,7 +30,6 @@ what a bare handler left unsettled (the inbox hubs call :func:`invoke` too).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
@@ -153,6 +152,8 @@ class Consumer:
         self._idle: set[asyncio.Task[None]] = set()
         self._receivers = 0
         self._worker_check = False
+        # _run_batches_ahead: the batch handler's task (the last one started).
+        self._batch_task: asyncio.Task[None] | None = None
         self._limit = 1
         self._name = ""
         self._fairness_streak: int = getattr(source, "fairness_streak", FAIRNESS_STREAK)
@@ -206,7 +207,7 @@ class Consumer:
                 streak += 1
                 if streak >= fairness_streak:
                     streak = 0
-                    await asyncio.sleep(0)
+                    await self._yield(got)
             else:
                 streak = 0
                 self._waiting = True
@@ -222,6 +223,15 @@ class Consumer:
                 if not got:
                     continue
             await (handler(got[0]) if direct else _invoke(handler, got[0], options))
+
+    async def _yield(self, taken: Sequence[Delivery]) -> None:
+        """Let the other tasks run (fairness), holding ``taken`` for the next handler call: given back to the
+        source if cancelled meanwhile (a cancelled close, the loop shutting down)."""
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            self._source.give_back(taken)
+            raise
 
     async def _source_failed(self) -> None:
         """Log the source's failure being handled and pause (close() may cancel the pause)."""
@@ -276,7 +286,7 @@ class Consumer:
                 streak += 1
                 if streak >= fairness_streak:
                     streak = 0
-                    await asyncio.sleep(0)
+                    await self._yield(got)
             else:
                 streak = 0
                 if self._receivers:
@@ -347,7 +357,8 @@ class Consumer:
                     running = None
                 if self._closing:
                     break
-                running = loop.create_task(_run_batch(handler, batch, options), name=f"{name}-batch")
+                running = self._batch_task = loop.create_task(
+                    _run_batch(handler, batch, options), name=f"{name}-batch")
                 batch = []
                 await asyncio.sleep(0)  # the handler starts (its first write) before the next batch is gathered
         finally:
@@ -395,16 +406,37 @@ class Consumer:
 
     async def close(self) -> None:
         """Stop pulling: the handler calls in progress finish and settle, a batch still being gathered goes
-        back to the source (:meth:`DeliverySource.give_back`), then the source closes. Idempotent."""
+        back to the source (:meth:`DeliverySource.give_back`), then the source closes. Idempotent. Cancelled
+        while it waits for the handlers, it cancels them, still closes the source, and raises CancelledError."""
         if self._closing:
             return
         self._closing = True
         task = self._task
+        error: BaseException | None = None
         if task is not None:
             if self._waiting:
                 task.cancel()
             for worker in list(self._idle):
                 worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            try:
+                await asyncio.wait((task,))  # not `await task`: its cancellation is not the caller's
+            except asyncio.CancelledError:
+                # The caller is cancelled (a timeout around Bus.close, a shutdown): the handlers in progress
+                # are cancelled too (what they leave unsettled is nacked), the source still closes, and the
+                # cancellation goes on.
+                await self._abort(task)
+                await self._source.close()
+                raise
+            error = None if task.cancelled() else task.exception()
         await self._source.close()
+        if error is not None:
+            raise error
+
+    async def _abort(self, task: asyncio.Task[None]) -> None:
+        """Cancel the consumer's task, its workers and a batch handler running as a task; wait for them."""
+        running = [task, *self._workers]
+        if self._batch_task is not None:
+            running.append(self._batch_task)
+        for each in running:
+            each.cancel()
+        await asyncio.wait(running)
