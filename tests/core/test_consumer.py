@@ -449,7 +449,7 @@ async def test_a_source_names_how_many_deliveries_go_in_a_row_before_the_consume
     assert {n for n in handled_when_other_ran if 0 < n < 32} == {7, 15, 23, 31}, handled_when_other_ran
 
 
-@pytest.mark.parametrize("route", ["one at a time", "max_in_flight"])
+@pytest.mark.parametrize("route", ["one at a time", "max_in_flight", "batches"])
 async def test_cancelled_at_its_fairness_yield_the_consumer_gives_back_what_it_took(route: str) -> None:
     # Its tasks cancelled while they yield (the loop shutting down cancels every task): the deliveries taken
     # for the next handler call go back to the source, not left in flight.
@@ -480,6 +480,22 @@ async def test_cancelled_at_its_fairness_yield_the_consumer_gives_back_what_it_t
     assert sorted(_numbers([*handled, *source.given_back, *source.ready])) == list(range(8))
     assert source.given_back and all(d.settled is None for d in source.given_back)
     await consumer.close()
+
+
+@pytest.mark.parametrize("ahead", [False, True], ids=["batches", "batches gathered ahead"])
+async def test_a_batch_handler_that_never_suspends_does_not_starve_the_loop(ahead: bool) -> None:
+    count = FAIRNESS_STREAK * 4
+    source = _AheadSource() if ahead else _ListSource()
+    handled_when_other_ran = await _handled_when_others_ran(source, count, batch_size=4)
+    assert any(0 < n < count for n in handled_when_other_ran), handled_when_other_ran
+
+
+async def test_batches_yield_once_the_source_s_fairness_streak_of_deliveries_went_in_a_row() -> None:
+    source = _ListSource()
+    source.fairness_streak = 8  # type: ignore[attr-defined]
+    handled_when_other_ran = await _handled_when_others_ran(source, 32, batch_size=4)
+    # A yield once a batch brings the streak to 8 or more, before its handler: others run after 4, 12, 20, 28.
+    assert {n for n in handled_when_other_ran if 0 < n < 32} == {4, 12, 20, 28}, handled_when_other_ran
 
 
 @pytest.mark.parametrize("raises", [False, True])

@@ -16,12 +16,15 @@ consumer runtime in core"):
   (NATS) has the next batch gathered (in slices of :data:`AHEAD_SLICE`, the
   loop yielding between them) while the handler runs the current one;
 * fairness: after :data:`FAIRNESS_STREAK` deliveries in a row without waiting
-  for the source, it yields to the event loop once (handlers that never
-  suspend would otherwise starve it); a source may say how many with a
+  for the source (handed over one at a time or in batches), it yields to the
+  event loop once (handlers that never suspend would otherwise starve it); a
+  source may say how many with a
   ``fairness_streak`` attribute (Redis: its buffer's size, since it makes
   the consumer wait once that is handed out);
 * :meth:`Consumer.close`: stop pulling, let the handlers in progress finish
-  and settle, give back a batch being gathered, then close the source.
+  and settle, give back a batch being gathered, then close the source; a
+  cancelled close cancels the handlers, still closes the source and raises
+  CancelledError.
 
 Every handler runs through :func:`invoke` / :func:`invoke_batch`, which nack
 what a bare handler left unsettled (the inbox hubs call :func:`invoke` too).
@@ -313,11 +316,17 @@ class Consumer:
             await (handler(got[0]) if direct else _invoke(handler, got[0], options))
 
     async def _run_batches(self, handler: BatchRawHandler) -> None:
+        # Fairness as one at a time: once batches brought the fairness streak of deliveries in a row without
+        # waiting for the source, a yield before the next handler call (a batch handler that never suspends,
+        # on a source that always has some, would otherwise starve the loop).
         source, options = self._source, self._options
         limit = options.batch_size
+        fairness_streak = self._fairness_streak
+        streak = 0
         while not self._closing:
             batch = list(source.poll(limit))
             if not batch:
+                streak = 0
                 waited = await self._receive(limit, math.inf)
                 if waited is None:
                     return
@@ -329,6 +338,10 @@ class Consumer:
             except asyncio.CancelledError:
                 source.give_back(batch)  # closed while waiting for more
                 raise
+            streak += len(batch)
+            if streak >= fairness_streak:
+                streak = 0
+                await self._yield(batch)
             await invoke_batch(handler, batch, options)
 
     async def _run_batches_ahead(self, handler: BatchRawHandler, name: str) -> None:
