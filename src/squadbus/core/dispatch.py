@@ -179,6 +179,8 @@ def wrap(handler: Handler, options: ConsumerOptions, publish: Publish, stats: Di
     failed = settler.failed
 
     async def run(delivery: Delivery) -> None:
+        # Per record on every backend: attributes read directly (``_settled``, not the ``settled``
+        # property), the handler's coroutine awaited in place.
         stats.delivered += 1
         delivery._on_failure = failed
         if delivery.attempt > 1 or delivery.gap_before:
@@ -189,7 +191,7 @@ def wrap(handler: Handler, options: ConsumerOptions, publish: Publish, stats: Di
             except Exception as exc:  # a failing handler means nack, by contract
                 await failed(delivery, exc)
                 return
-            if delivery.settled is None:
+            if delivery._settled is None:
                 pending = delivery.ack_soon()
                 if pending is not None:
                     await pending

@@ -193,6 +193,37 @@ def _check_names(subject: str, sender_id: str, recipient_id: str | None, domain:
         subjects.validate_token(domain, what="domain")
 
 
+_KNOWN_KEPT = 65_536
+"""Names each of the decode path's memos of valid names holds (then it is emptied and refilled)."""
+_known_subjects: set[str] = set()
+_known_tokens: set[str] = set()
+"""Subjects and agent/domain tokens that passed validation: a pure memo like ``_check_names``'s cache.
+A decoded message's names are new strings each time; building and hashing ``_check_names``'s key costs more than
+three set lookups (decode of a 1 KiB envelope, timeit, 200,000 calls, 3 alternated runs: 1.32-1.37 us
+with ``_check_names`` alone, 1.19-1.21 with these sets)."""
+
+
+def _check_decoded_names(subject: str, sender_id: str, recipient_id: str | None, domain: str | None) -> None:
+    if (
+        subject in _known_subjects
+        and sender_id in _known_tokens
+        and (recipient_id is None or recipient_id in _known_tokens)
+        and (domain is None or domain in _known_tokens)
+    ):
+        return
+    _check_names(subject, sender_id, recipient_id, domain)  # raises InvalidMessage naming the first bad one
+    if len(_known_subjects) >= _KNOWN_KEPT:
+        _known_subjects.clear()
+    if len(_known_tokens) >= _KNOWN_KEPT:
+        _known_tokens.clear()
+    _known_subjects.add(subject)
+    _known_tokens.add(sender_id)
+    if recipient_id is not None:
+        _known_tokens.add(recipient_id)
+    if domain is not None:
+        _known_tokens.add(domain)
+
+
 def _is_text(value: object) -> bool:
     return value is None or value.__class__ is str
 
@@ -327,7 +358,7 @@ def decode(
     # The decoder checked every field's type (and created_at's timezone, message_type non-empty);
     # left are the names and the size.
     try:
-        _check_names(message.subject, message.sender_id, message.recipient_id, message.domain)
+        _check_decoded_names(message.subject, message.sender_id, message.recipient_id, message.domain)
         if message.metadata:
             check_metadata(message.metadata)
     except InvalidMessage as exc:
