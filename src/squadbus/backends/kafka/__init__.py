@@ -7,7 +7,9 @@ tested on tansu versus Apache Kafka: docs/backends/kafka.md.
 
 Package layout: :mod:`.settings` (URL and options), :mod:`.topics`
 (subject-to-topic mapping, topic creation), :mod:`.producer` (publishing),
-:mod:`.consumer` and :mod:`.partition` (consumer groups, commits, retries),
+:mod:`.consumer` (a subscription: core's consumer runtime), :mod:`.source` (its
+source of deliveries), :mod:`.membership` (group joins, rebalances, commits) and
+:mod:`.partition` (per-partition bookkeeping, retries),
 :mod:`.deadletter` (records that are not envelopes), :mod:`.ends` (the real end
 of partitions), :mod:`.replay`, :mod:`.read_all` (everything retained, once).
 """
@@ -15,12 +17,13 @@ of partitions), :mod:`.replay`, :mod:`.read_all` (everything retained, once).
 from __future__ import annotations
 
 from squadbus.backends.kafka.backend import KafkaBackend
-from squadbus.backends.kafka.consumer import KafkaDelivery, KafkaSubscription
+from squadbus.backends.kafka.consumer import KafkaConsumer, KafkaDelivery, KafkaSubscription
 from squadbus.backends.kafka.settings import Idempotence, KafkaSettings
 from squadbus.backends.kafka.topics import TopicLayout
 
 __all__ = [
-    "Idempotence", "KafkaBackend", "KafkaDelivery", "KafkaSettings", "KafkaSubscription", "TopicLayout", "from_url",
+    "Idempotence", "KafkaBackend", "KafkaConsumer", "KafkaDelivery", "KafkaSettings", "KafkaSubscription",
+    "TopicLayout", "from_url",
 ]
 
 
