@@ -564,3 +564,30 @@ async def test_a_source_failing_unexpectedly_is_logged_and_asked_again(
     await _until(lambda: handled == [1])
     assert "broker gone for a moment" in caplog.text
     await consumer.close()
+
+
+async def test_a_cancelled_close_of_a_memory_subscription_still_leaves_its_group() -> None:
+    # MemorySubscription.close() leaves the group after the runtime's close: also when that raised
+    # CancelledError (a member left behind would keep counting for the group's admission of publishers).
+    from squadbus.backends.memory.subscription import MemorySubscription
+    from squadbus.core.bus import Bus
+
+    entered = asyncio.Event()
+
+    async def hangs(delivery: Delivery) -> None:
+        entered.set()
+        await asyncio.Event().wait()
+
+    async with Bus.from_url("memory://") as bus:
+        sub = await bus.subscribe("agent.message.a", hangs, group="g")
+        assert isinstance(sub, MemorySubscription)
+        group = sub._group
+        await bus.publish(envelope.build(subject="agent.message.a", sender_id="pm", content="1"))
+        await asyncio.wait_for(entered.wait(), 5)
+        closing = asyncio.ensure_future(sub.close())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        assert sub not in group.members

@@ -92,7 +92,9 @@ class MemorySubscription(Consumer):
         self.start(f"squadbus-memory-{self._group.name or 'ephemeral'}")
 
     async def close(self) -> None:
-        await super().close()
-        if not self._left:
-            self._left = True
-            self._backend._remove_member(self)
+        try:
+            await super().close()
+        finally:  # also when the close was cancelled
+            if not self._left:
+                self._left = True
+                self._backend._remove_member(self)
