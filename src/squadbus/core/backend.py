@@ -39,6 +39,7 @@ from squadbus.core import subjects
 from squadbus.core.consumer import invoke, invoke_batch, settles_itself
 from squadbus.core.envelope import Message, decode
 from squadbus.core.errors import ConfigError, MalformedMessage
+from squadbus.core.tasks import cancel_and_wait
 
 logger = logging.getLogger("squadbus.backend")
 
@@ -335,9 +336,7 @@ async def leases_kept(deliveries: Sequence[Delivery], every: float) -> AsyncIter
     try:
         yield
     finally:
-        keeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await keeper
+        await cancel_and_wait(keeper)
 
 
 RawHandler = Callable[[Delivery], Awaitable[None]]

@@ -34,7 +34,6 @@ Everything runs on the event loop; there is no lock.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -45,6 +44,7 @@ from uuid import UUID
 import msgspec
 
 from squadbus.core.backoff import STORE_POLL, Backoff
+from squadbus.core.tasks import cancel_and_wait
 from squadbus.store.base import HistoryStore, StoredMessage
 
 logger = logging.getLogger("squadbus.service.sse")
@@ -378,13 +378,12 @@ class SseHub:
     async def close(self) -> None:
         """End every stream, stop polling and every feed. Idempotent."""
         self.end_streams()
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
-            self._poller = None
-        for feed in self._feeds.values():
-            feed.close()
+        poller, self._poller = self._poller, None
+        try:
+            await cancel_and_wait(poller)
+        finally:
+            for feed in self._feeds.values():
+                feed.close()
 
     async def _poll(self) -> None:
         while True:

@@ -42,7 +42,6 @@ Subscriptions and replay read from the primary only. The migration:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -70,6 +69,7 @@ from squadbus.core.envelope import Message
 from squadbus.core.errors import BackendError, BackendTimeout, ConfigError, InvalidMessage, PublishFailed, SquadbusError
 from squadbus.core.registry import open_backend
 from squadbus.core.settings import data_dir_from_env
+from squadbus.core.tasks import cancel_and_wait
 
 logger = logging.getLogger("squadbus.backends.dual")
 
@@ -119,10 +119,12 @@ class DualBackend:
     async def close(self) -> None:
         """Close both (idempotent); what is still spooled stays on disk for the next start."""
         drainer, self._drainer = self._drainer, None
-        if drainer is not None:
-            drainer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await drainer
+        try:
+            await cancel_and_wait(drainer)
+        finally:
+            await self._close_both()
+
+    async def _close_both(self) -> None:
         try:
             await self.primary.close()
         finally:

@@ -20,13 +20,13 @@ unsettled comes back to the group, after its nack's delay).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import TYPE_CHECKING
 
 from squadbus.backends.memory.group import GroupBuffer, MemoryDelivery
 from squadbus.core.backend import ConsumerOptions, RawHandler, invoke
 from squadbus.core.consumer import FAIRNESS_STREAK
 from squadbus.core.envelope import Message
+from squadbus.core.tasks import wait_ended
 
 if TYPE_CHECKING:
     from squadbus.backends.memory.backend import MemoryBackend
@@ -89,8 +89,7 @@ class MemoryInbox:
         if self._closing:
             return
         self._closing = True
-        task = self._task
-        if task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._backend._remove_member(self)
+        try:
+            await wait_ended(self._task)  # a cancelled close cancels the hand-over (its delivery is nacked)
+        finally:
+            self._backend._remove_member(self)

@@ -13,7 +13,6 @@ so nothing they need is missed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -22,6 +21,7 @@ import aio_pika
 from squadbus.backends.rabbitmq.log import read_log
 from squadbus.backends.rabbitmq.topology import ORIGINAL_KEY_HEADER
 from squadbus.core import subjects
+from squadbus.core.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from squadbus.backends.rabbitmq.backend import RabbitBackend
@@ -63,9 +63,7 @@ class BacklogCopier:
         """Stop a pass in progress (its waiting creators get CancelledError). Idempotent."""
         runner = self._runner
         if runner is not None and not runner.done():
-            runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await runner
+            await cancel_and_wait(runner)
 
     async def _run(self) -> None:
         while self._waiting:
