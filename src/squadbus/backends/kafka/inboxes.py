@@ -63,6 +63,7 @@ from squadbus.core.envelope import Message, decode
 from squadbus.core.errors import Closed, MalformedMessage, SquadbusError
 from squadbus.core.inbox_source import InboxHolder
 from squadbus.core.placement import InboxPlacement
+from squadbus.core.tasks import cancel_and_wait
 
 logger = logging.getLogger("squadbus.backends.kafka.inboxes")
 
@@ -276,19 +277,28 @@ class KafkaInboxHub:
                 "or set another inbox_group)", s.inbox_group, s.join_timeout)
 
     async def close(self) -> None:
-        """Stop fetching, give back what is queued, commit, leave the group. Idempotent."""
+        """Stop fetching, give back what is queued, commit, leave the group. Idempotent. Cancelled meanwhile,
+        it still ends its tasks and handlers, commits and leaves, then raises CancelledError."""
         if self._closed:
             return
         self._closed = True
         self._space.set()
-        for agent in list(self._agents.values()):
-            for holder in list(agent.holders):
-                await self.close_holder(holder)
-        for task in [*self._tasks, *self._handling]:
-            task.cancel()  # a handler cancelled while unsettled nacks its delivery (core.backend.invoke)
-        for task in [*self._tasks, *self._handling]:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        try:
+            for agent in list(self._agents.values()):
+                for holder in list(agent.holders):
+                    await self.close_holder(holder)
+        finally:
+            tasks = [*self._tasks, *self._handling]
+            try:
+                # A handler cancelled while unsettled nacks its delivery (core.backend.invoke).
+                await cancel_and_wait(*tasks)
+            finally:
+                if running := [task for task in tasks if not task.done()]:
+                    await asyncio.wait(running)  # re-cancelled with the caller: they end before the commit
+                await self._commit_and_leave()
+
+    async def _commit_and_leave(self) -> None:
+        """close()'s clean-up once the tasks and handlers ended: commit, leave the group."""
         consumer = self._consumer
         if consumer is None:
             return

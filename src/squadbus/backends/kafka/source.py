@@ -12,7 +12,6 @@ base class's (:mod:`.membership`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
@@ -30,6 +29,7 @@ from squadbus.core.consumer import FAIRNESS_STREAK
 from squadbus.core.envelope import Message, decode
 from squadbus.core.errors import Closed, MalformedMessage, SquadbusError
 from squadbus.core.source import within
+from squadbus.core.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from squadbus.backends.kafka.consumer import KafkaConsumer
@@ -175,23 +175,38 @@ class KafkaSubscription(GroupMembership):
 
     async def close(self) -> None:
         """Called by the runtime once its handlers finished: stop fetching, finish the dead letters in
-        progress, commit, leave the group. Idempotent."""
+        progress, commit, leave the group. Idempotent. Cancelled meanwhile (the dead letters in progress are
+        then cancelled too), it still commits and leaves, then raises CancelledError."""
         if self._closing:
             return
         self._closing = True
         self._notify()
         self._space.set()
-        if self._fetch_task is not None:
-            self._fetch_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._fetch_task
-        if self._dead_letters:
-            await asyncio.gather(*self._dead_letters, return_exceptions=True)
-        if self._commit_task is not None:
-            self._commit_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._commit_task
-            await self._commit_now()
+        try:
+            await cancel_and_wait(self._fetch_task)
+            if self._dead_letters:
+                await asyncio.gather(*self._dead_letters, return_exceptions=True)
+        finally:
+            if running := [task for task in (self._fetch_task, *self._dead_letters)
+                                 if task is not None and not task.done()]:
+                await asyncio.wait(running)  # re-cancelled with the caller: they end before the clean-up
+            await self._commit_and_leave()
+
+    async def _commit_and_leave(self) -> None:
+        """close()'s clean-up once fetching stopped: stop the commit loop, commit, leave the group."""
+        try:
+            if self._commit_task is not None:
+                try:
+                    await cancel_and_wait(self._commit_task)
+                finally:
+                    if not self._commit_task.done():
+                        await asyncio.wait((self._commit_task,))  # re-cancelled with the caller
+                    await self._commit_now()
+        finally:
+            await self._leave()
+
+    async def _leave(self) -> None:
+        """Leave the group (even from generation zero) and stop the driver's consumer; forget the subscription."""
         if self._consumer is not None:
             _leave_even_from_generation_zero(self._consumer)
             try:
