@@ -69,6 +69,7 @@ from squadbus.core.dispatch import DLQ_ATTEMPTS, DLQ_GROUP, DLQ_ORIGINAL_ID, DLQ
 from squadbus.core.envelope import Message, decode, new_id, utcnow
 from squadbus.core.errors import Closed, MalformedMessage, SquadbusError
 from squadbus.core.source import within
+from squadbus.core.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from squadbus.backends.nats.backend import NatsBackend
@@ -535,7 +536,8 @@ class NatsSubscription:
 
     async def close(self) -> None:
         """Called by the runtime once its handlers finished: stop pulling, nak what was received but
-        not handed out (in stream order), forget the subscription. Idempotent."""
+        not handed out (in stream order), forget the subscription. Idempotent. Cancelled while it waits
+        for its pull tasks, it still drains, naks and forgets, then raises CancelledError."""
         if self._closed:
             return
         self._closed = True
@@ -543,10 +545,15 @@ class NatsSubscription:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        try:
+            await cancel_and_wait(*self._tasks)
+        finally:
+            if running := [task for task in self._tasks if not task.done()]:
+                await asyncio.wait(running)  # re-cancelled with the caller: they end before the clean-up
+            await self._release()
+
+    async def _release(self) -> None:
+        """close()'s clean-up once the pull tasks ended: drain the inbox, nak what is queued, forget."""
         if self._sub is not None:
             # Drain, not unsubscribe: what the server sent before it saw the UNSUB reaches _on_msg,
             # which naks it; unsubscribed, the client dropped it and it stayed pending until ack_wait,
