@@ -68,6 +68,7 @@ from squadbus.core.envelope import Message, decode
 from squadbus.core.errors import Closed, MalformedMessage, SquadbusError
 from squadbus.core.inbox_source import INBOX_GROUP_PREFIX, InboxHolder
 from squadbus.core.placement import InboxPlacement
+from squadbus.core.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from squadbus.backends.rabbitmq.backend import RabbitBackend
@@ -501,16 +502,22 @@ class RabbitInboxHub:
 
     async def close(self) -> None:
         """Stop handing out, then close the channel: the broker puts everything unacknowledged back at
-        the head of its partition, for the standby or the next Bus. Idempotent."""
+        the head of its partition, for the standby or the next Bus. Idempotent. Cancelled while its handlers
+        end, it still closes the channel, then raises CancelledError."""
         if self._closed:
             return
         self._closed = True
         tasks = [*self._handling, *(t for t in (self._sweeper, self._regrouping) if t is not None)]
-        for task in tasks:
-            task.cancel()  # a handler cancelled while unsettled nacks its delivery: a no-op once closed
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        try:
+            # A handler cancelled while unsettled nacks its delivery: a no-op once closed.
+            await cancel_and_wait(*tasks)
+        finally:
+            if running := [task for task in tasks if not task.done()]:
+                await asyncio.wait(running)  # re-cancelled with the caller: they end before the channel closes
+            await self._close_channel()
+
+    async def _close_channel(self) -> None:
+        """close()'s clean-up once the handlers ended: forget the partitions, close the channel."""
         self._agents.clear()
         self._parts.clear()
         self._attempts.clear()

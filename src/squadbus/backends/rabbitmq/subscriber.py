@@ -75,6 +75,7 @@ from squadbus.core.dispatch import (
 from squadbus.core.envelope import Message, decode, new_id, utcnow
 from squadbus.core.errors import Closed, MalformedMessage, SquadbusError
 from squadbus.core.source import within
+from squadbus.core.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from squadbus.backends.rabbitmq.backend import RabbitBackend
@@ -541,20 +542,32 @@ class RabbitSubscription:
 
     async def close(self) -> None:
         """Called by the runtime once its handlers finished: stop (if not yet), requeue what was buffered,
-        given back or held for a nack's delay (in queue order), close the channel. Idempotent."""
+        given back or held for a nack's delay (in queue order), close the channel. Idempotent. Cancelled
+        meanwhile, it still requeues and closes the channel, then raises CancelledError."""
         if self._closed:
             return
-        await self.stop()
+        try:
+            await self.stop()
+        finally:
+            await self._requeue_and_close()
+
+    async def _requeue_and_close(self) -> None:
+        """close()'s clean-up once stopped: end the watchdog and the resuming, requeue, close the channel."""
         self._closed = True
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
         connected = self._backend.connected
-        for task in (self._watchdog, self._resuming):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        tasks = [t for t in (self._watchdog, self._resuming) if t is not None]
+        try:
+            await cancel_and_wait(*tasks)
+        finally:
+            if running := [task for task in tasks if not task.done()]:
+                await asyncio.wait(running)  # re-cancelled with the caller: they end before the requeue
+            await self._requeue(connected)
+
+    async def _requeue(self, connected: bool) -> None:
+        """Requeue what was buffered, given back or held for a nack's delay (in queue order); close the channel."""
         while self._returned:
             await self.send(self._returned.popleft()._msg, ack=False)
         while self._buffer:
