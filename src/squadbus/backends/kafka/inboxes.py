@@ -293,8 +293,6 @@ class KafkaInboxHub:
                 # A handler cancelled while unsettled nacks its delivery (core.backend.invoke).
                 await cancel_and_wait(*tasks)
             finally:
-                if running := [task for task in tasks if not task.done()]:
-                    await asyncio.wait(running)  # re-cancelled with the caller: they end before the commit
                 await self._commit_and_leave()
 
     async def _commit_and_leave(self) -> None:

@@ -12,6 +12,7 @@ base class's (:mod:`.membership`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
@@ -29,7 +30,7 @@ from squadbus.core.consumer import FAIRNESS_STREAK
 from squadbus.core.envelope import Message, decode
 from squadbus.core.errors import Closed, MalformedMessage, SquadbusError
 from squadbus.core.source import within
-from squadbus.core.tasks import cancel_and_wait
+from squadbus.core.tasks import cancel_and_wait, wait_ended
 
 if TYPE_CHECKING:
     from squadbus.backends.kafka.consumer import KafkaConsumer
@@ -184,12 +185,9 @@ class KafkaSubscription(GroupMembership):
         self._space.set()
         try:
             await cancel_and_wait(self._fetch_task)
-            if self._dead_letters:
-                await asyncio.gather(*self._dead_letters, return_exceptions=True)
+            with contextlib.suppress(Exception):  # as before, closing goes on whatever a dead letter raised
+                await wait_ended(*self._dead_letters)
         finally:
-            if running := [task for task in (self._fetch_task, *self._dead_letters)
-                                 if task is not None and not task.done()]:
-                await asyncio.wait(running)  # re-cancelled with the caller: they end before the clean-up
             await self._commit_and_leave()
 
     async def _commit_and_leave(self) -> None:

@@ -548,8 +548,6 @@ class NatsSubscription:
         try:
             await cancel_and_wait(*self._tasks)
         finally:
-            if running := [task for task in self._tasks if not task.done()]:
-                await asyncio.wait(running)  # re-cancelled with the caller: they end before the clean-up
             await self._release()
 
     async def _release(self) -> None:

@@ -512,8 +512,6 @@ class RabbitInboxHub:
             # A handler cancelled while unsettled nacks its delivery: a no-op once closed.
             await cancel_and_wait(*tasks)
         finally:
-            if running := [task for task in tasks if not task.done()]:
-                await asyncio.wait(running)  # re-cancelled with the caller: they end before the channel closes
             await self._close_channel()
 
     async def _close_channel(self) -> None:

@@ -562,8 +562,6 @@ class RabbitSubscription:
         try:
             await cancel_and_wait(*tasks)
         finally:
-            if running := [task for task in tasks if not task.done()]:
-                await asyncio.wait(running)  # re-cancelled with the caller: they end before the requeue
             await self._requeue(connected)
 
     async def _requeue(self, connected: bool) -> None:
