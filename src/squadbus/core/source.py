@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -86,3 +86,16 @@ async def within(ready: Awaitable[object], wait: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+async def poll_or_wait(
+    poll: Callable[[int], Sequence[Delivery]], ready: Callable[[], Awaitable[object]], max_count: int, wait: float
+) -> Sequence[Delivery]:
+    """A source's :meth:`DeliverySource.receive` after its closed check: what ``poll`` has now; else, once
+    ``ready()`` completed within ``wait`` seconds, what it has then (empty when the time ran out)."""
+    got = poll(max_count)
+    if got or wait <= 0:
+        return got
+    if not await within(ready(), wait):
+        return ()
+    return poll(max_count)

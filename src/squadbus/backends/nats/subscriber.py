@@ -68,7 +68,7 @@ from squadbus.core.consumer import Consumer
 from squadbus.core.dispatch import DLQ_ATTEMPTS, DLQ_GROUP, DLQ_ORIGINAL_ID, DLQ_REASON, DLQ_SUBJECT
 from squadbus.core.envelope import Message, decode, new_id, utcnow
 from squadbus.core.errors import Closed, MalformedMessage, SquadbusError
-from squadbus.core.source import within
+from squadbus.core.source import poll_or_wait
 from squadbus.core.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
@@ -403,16 +403,11 @@ class NatsSubscription:
     async def receive(self, max_count: int, wait: float) -> Sequence[Delivery]:
         if self._closing:
             raise Closed(f"the subscription to {self._pattern!r} is closed")
-        got = self.poll(max_count)
-        if got or wait <= 0:
-            return got
-        self._wake.set()
-        if not await within(self._ready(), wait):
-            return ()
-        return self.poll(max_count)
+        return await poll_or_wait(self.poll, self._ready, max_count, wait)
 
     async def _ready(self) -> None:
         """Wait until a message is queued (or the source closes)."""
+        self._wake.set()  # the pull loop fetches now: the queue ran dry
         while not self._queue and not self._closing:
             waiter = self._waiter = asyncio.get_running_loop().create_future()
             try:

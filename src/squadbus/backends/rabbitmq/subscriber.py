@@ -74,7 +74,7 @@ from squadbus.core.dispatch import (
 )
 from squadbus.core.envelope import Message, decode, new_id, utcnow
 from squadbus.core.errors import Closed, MalformedMessage, SquadbusError
-from squadbus.core.source import within
+from squadbus.core.source import poll_or_wait
 from squadbus.core.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
@@ -405,12 +405,7 @@ class RabbitSubscription:
     async def receive(self, max_count: int, wait: float) -> Sequence[Delivery]:
         if self._closed:
             raise Closed(f"the subscription to {self._pattern!r} is closed")
-        got = self.poll(max_count)
-        if got or wait <= 0:
-            return got
-        if not await within(self._ready(), wait):
-            return ()
-        return self.poll(max_count)
+        return await poll_or_wait(self.poll, self._ready, max_count, wait)
 
     async def _ready(self) -> None:
         """Wait until a message is buffered (or the source closes); stopped, until it closes. While parked

@@ -29,7 +29,7 @@ from squadbus.core.backend import BatchRawHandler, ConsumerOptions, Delivery, Ra
 from squadbus.core.consumer import Consumer
 from squadbus.core.envelope import Message, decode
 from squadbus.core.errors import Closed, MalformedMessage
-from squadbus.core.source import within
+from squadbus.core.source import poll_or_wait
 
 logger = logging.getLogger("squadbus.backends.redis.consumer")
 
@@ -253,12 +253,7 @@ class EntrySource:
     async def receive(self, max_count: int, wait: float) -> Sequence[Delivery]:
         if self.closing:
             raise Closed(f"the subscription to {self._pattern!r} is closed")
-        got = self.poll(max_count)
-        if got or wait <= 0:
-            return got
-        if not await within(self._ready(), wait):
-            return ()
-        return self.poll(max_count)
+        return await poll_or_wait(self.poll, self._ready, max_count, wait)
 
     async def _ready(self) -> None:
         """Wait until an entry may be handed out (or the source closes)."""
