@@ -5,7 +5,11 @@ These check what the command reports, never how fast: timings on a shared machin
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import io
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -13,9 +17,11 @@ from click.testing import CliRunner
 
 from squadbus.benchmarks.loops import DEFAULT_LOOP, uvloop_installed
 from squadbus.benchmarks.simulate import SimConfig
-from squadbus.benchmarks.simulate_squad import KINDS
+from squadbus.benchmarks.simulate_host import FLUSH_INTERVAL, Host, HostPlan
+from squadbus.benchmarks.simulate_squad import KINDS, Squad
 from squadbus.cli.main import main
 from squadbus.cli.simulate import simulate
+from squadbus.core.bus import Bus
 from squadbus.core.errors import ConfigError
 from squadbus.testing.servers.process import free_port
 
@@ -130,3 +136,30 @@ def test_squadbus_simulate_is_a_command_of_the_cli() -> None:
     result = CliRunner().invoke(main, ["simulate", "--agents", "10", "--msgs-per-hour", "60", "--processes", "2"])
     assert result.exit_code == 2
     assert "memory://" in result.output
+
+
+async def test_a_host_writes_its_deliveries_while_it_runs_not_only_when_it_stops() -> None:
+    # The hot path keeps only the receipt; a task of the host writes the lines every FLUSH_INTERVAL, so the
+    # receipts kept in memory stay bounded on a long run.
+    bus = Bus.from_url("memory://")
+    await bus.start()
+    log = io.StringIO()
+    plan = HostPlan(url="memory://", run_id="r1", agents=5, processes=1, host=0, rate_per_agent=0.0,
+                    log_path="unused")
+    host = Host(bus, plan, Squad(5), log)
+    try:
+        await host.open()
+        message = await bus.send("pm-dev", "pm-sales", "hi", "task",
+                                 metadata={"sim": "r1", "t": time.time(), "k": "direct"})
+        async with asyncio.timeout(10):
+            while "D " not in log.getvalue():
+                await asyncio.sleep(FLUSH_INTERVAL / 3)
+        [line] = [x for x in log.getvalue().splitlines() if x.startswith("D ")]
+        _, message_id, agent, latency_us = line.split()
+        assert (message_id, agent) == (str(message.id), "pm-sales") and int(latency_us) >= 1
+        assert host.figures.delivered == 1
+    finally:
+        await host.stop()
+        await bus.close()
+        gc.unfreeze()
+    assert sum(1 for x in log.getvalue().splitlines() if x.startswith("D ")) == 1  # not written again at stop
