@@ -9,7 +9,12 @@ the time to the last copy per round (median, worst), the longest GC pause per ge
 the end. Beside it, the guide's MessageBus (benchmarks/guide_bus.py: callbacks inline, no inbox)
 delivering the same broadcast in the same run, as the floor one Python loop can do.
 
+With ``--receive handler`` the agents are inboxes with a plain-function handler
+(``bus.inbox(agent, handler=...)``): the Bus calls it inline for each copy, no task per agent. Both
+(``--receive iterator handler``, the default) are measured in the same run, one after the other.
+
 Run: python bench/bench_fanout.py [--agents 2500 10000] [--rounds 15] [--url memory://] [--loop asyncio|uvloop]
+                                  [--receive iterator handler]
 
 This is what bounds `squadbus simulate --scenario 5` on one machine: a host of N agents hands a
 squad broadcast to its last agent about N x (CPU per copy) after the first.
@@ -28,6 +33,7 @@ from uuid import uuid4
 from squadbus.benchmarks.guide_bus import GuideMessageBus
 from squadbus.benchmarks.loops import DEFAULT_LOOP, LOOPS, run
 from squadbus.benchmarks.stats import Environment
+from squadbus.core.backend import Delivery
 from squadbus.core.bus import Bus
 from squadbus.core.inbox import Inbox
 
@@ -51,24 +57,29 @@ def percentile(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def squadbus_round_trip(url: str, agents: int, rounds: int) -> dict[str, float]:
+async def squadbus_round_trip(url: str, agents: int, rounds: int, receive: str) -> dict[str, float]:
     async with Bus.from_url(url) as bus:
-        inboxes = [bus.inbox(f"agent-{i}") for i in range(agents)]
-        for first in range(0, agents, 500):
-            await asyncio.gather(*(inbox.open() for inbox in inboxes[first:first + 500]))
         latencies: list[float] = []
         state = {"sent": 0.0, "left": 0}
         everyone = asyncio.Event()
 
+        def on_message(delivery: Delivery) -> None:  # the body of each agent's loop, or its handler
+            latencies.append(time.perf_counter() - state["sent"])
+            state["left"] -= 1
+            if state["left"] == 0:
+                everyone.set()
+
+        handler = on_message if receive == "handler" else None
+        inboxes = [bus.inbox(f"agent-{i}", handler=handler) for i in range(agents)]
+        for first in range(0, agents, 500):
+            await asyncio.gather(*(inbox.open() for inbox in inboxes[first:first + 500]))
+
         async def agent(inbox: Inbox) -> None:
             async for delivery in inbox:
                 async with delivery:
-                    latencies.append(time.perf_counter() - state["sent"])
-                    state["left"] -= 1
-                    if state["left"] == 0:
-                        everyone.set()
+                    on_message(delivery)
 
-        tasks = [asyncio.create_task(agent(inbox)) for inbox in inboxes]
+        tasks = [asyncio.create_task(agent(inbox)) for inbox in inboxes] if handler is None else []
         await asyncio.sleep(0.2)
         gc.collect()
         gc.freeze()
@@ -137,22 +148,26 @@ def main() -> int:
     parser.add_argument("--agents", type=int, nargs="+", default=[2500, 10000])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--url", default="memory://")
+    parser.add_argument("--receive", nargs="+", choices=("iterator", "handler"), default=["iterator", "handler"],
+                        help="agents as tasks iterating their inbox, or inboxes with a plain-function handler")
     parser.add_argument("--loop", choices=LOOPS, default=DEFAULT_LOOP,
                         help="event loop (default asyncio, as squadbus simulate)")
     args = parser.parse_args()
     env = Environment.current().as_dict()
     sys.stdout.write(f"{args.url}, {args.rounds} squad broadcasts per size, {args.loop} loop; {env}\n")
     for agents in args.agents:
-        ours = run(squadbus_round_trip(args.url, agents, args.rounds), args.loop)
+        for receive in args.receive:
+            ours = run(squadbus_round_trip(args.url, agents, args.rounds, receive), args.loop)
+            sys.stdout.write(
+                f"{agents:>6} inboxes  squadbus, {receive:<8}: {ours['cpu_us_per_copy']:5.1f} us CPU/copy, "
+                f"copy latency p50 {ours['p50_ms']:.1f} p99 {ours['p99_ms']:.1f} p99.9 {ours['p999_ms']:.1f} "
+                f"max {ours['max_ms']:.1f} ms, "
+                f"last copy median {ours['last_median_ms']:.1f} worst {ours['last_worst_ms']:.1f} ms, "
+                f"longest GC pause {ours['gc_longest_ms']:.1f} ms (gen 0/1/2 "
+                + "/".join(f"{t:.1f}" for t in ours["gc_by_gen_ms"])
+                + f"), {ours['gc_tracked']:,} objects tracked outside the frozen set\n")
         guide = run(guide_round_trip(agents, args.rounds), args.loop)
         sys.stdout.write(
-            f"{agents:>6} inboxes  squadbus: {ours['cpu_us_per_copy']:5.1f} us CPU/copy, copy latency "
-            f"p50 {ours['p50_ms']:.1f} p99 {ours['p99_ms']:.1f} p99.9 {ours['p999_ms']:.1f} "
-            f"max {ours['max_ms']:.1f} ms, "
-            f"last copy median {ours['last_median_ms']:.1f} worst {ours['last_worst_ms']:.1f} ms, "
-            f"longest GC pause {ours['gc_longest_ms']:.1f} ms (gen 0/1/2 "
-            + "/".join(f"{t:.1f}" for t in ours["gc_by_gen_ms"])
-            + f"), {ours['gc_tracked']:,} objects tracked outside the frozen set\n"
             f"{'':>15}guide MessageBus: {guide['cpu_us_per_copy']:5.1f} us CPU/copy, last copy median "
             f"{guide['last_median_ms']:.1f} worst {guide['last_worst_ms']:.1f} ms\n")
     return 0

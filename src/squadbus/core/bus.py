@@ -39,7 +39,7 @@ from squadbus.core.broadcasts import HOST_GROUP_PREFIX, BroadcastHub
 from squadbus.core.dispatch import BatchHandler, DispatchStats, Handler, wrap, wrap_batch
 from squadbus.core.envelope import DEFAULT_MAX_CONTENT_BYTES, Message
 from squadbus.core.errors import Closed, ConfigError, InvalidSubject, RequestTimeout
-from squadbus.core.inbox import Inbox
+from squadbus.core.inbox import Inbox, InboxHandler
 from squadbus.core.placement import InboxPlacement, PlacesInboxes
 from squadbus.core.registry import open_backend
 from squadbus.core.settings import Settings
@@ -412,6 +412,7 @@ class Bus:
         domains: Iterable[str] = (),
         broadcasts: bool = True,
         options: ConsumerOptions | None = None,
+        handler: InboxHandler | None = None,
     ) -> Inbox:
         """The inbox of ``agent_id``: its direct messages, plus squad and domain broadcasts.
 
@@ -421,8 +422,13 @@ class Bus:
         opening on. Use ``async with bus.inbox("dev-1") as inbox:``, then
         ``async for delivery in inbox:`` and ``async with delivery:`` (see
         :class:`~squadbus.core.inbox.Inbox`). ``close()`` closes it if still open.
+
+        ``handler`` instead of iterating: a plain function of the delivery is
+        called inline as each one arrives, with no task per agent (the cheap way
+        to host thousands of agents that react quickly); an ``async def`` is run
+        by one task of the inbox. Returning acks, raising fails the delivery.
         """
-        inbox = Inbox(self, str(agent_id), tuple(domains), broadcasts, options or self.consumer_options)
+        inbox = Inbox(self, str(agent_id), tuple(domains), broadcasts, options or self.consumer_options, handler)
         self._inboxes.add(inbox)
         return inbox
 

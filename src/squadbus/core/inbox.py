@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import inspect
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -14,13 +15,24 @@ from typing import TYPE_CHECKING
 from squadbus.core import subjects
 from squadbus.core.backend import ConsumerOptions, Delivery, StartFrom, Subscription
 from squadbus.core.dispatch import Handler, failure_policy, wrap
-from squadbus.core.errors import Closed, Nack, ReceiveTimeout
+from squadbus.core.errors import Closed, ConfigError, Nack, ReceiveTimeout
 from squadbus.core.inbox_source import MultiplexesInboxes
+from squadbus.core.tasks import cancel_and_wait, wait_ended
 
 if TYPE_CHECKING:
     from squadbus.core.bus import Bus
 
 logger = logging.getLogger("squadbus.inbox")
+
+InboxHandler = Callable[[Delivery], object]
+"""What ``bus.inbox(agent, handler=...)`` takes: a plain function of a delivery, called inline as each delivery
+arrives, or an ``async def`` run by the inbox's own task (see :class:`Inbox`)."""
+
+
+def is_async_handler(handler: object) -> bool:
+    """True for an ``async def`` (or an object whose ``__call__`` is one, or a partial of either)."""
+    call = type(handler).__call__ if callable(handler) else None
+    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(call)
 
 
 class _Mailbox:
@@ -290,12 +302,33 @@ class Inbox:
 
     Iterating or calling :meth:`get` on an inbox that is not open raises
     :class:`~squadbus.core.errors.Closed`; closing it ends the loops waiting on it.
+
+    **With a handler** (``bus.inbox(agent, handler=on_message)``) the inbox is not iterated; the
+    handler gets each delivery, in order, and settles it as a subscription's handler would: it returns
+    → ack (unless it settled the delivery itself); it raises → failed as above. What runs it:
+
+    * a plain function is called inline, by whatever hands the delivery over (the Bus's broadcast
+      fan-out, the direct messages' reader), with no task per agent. A squad broadcast to 10,000 such
+      inboxes is 10,000 function calls, not 10,000 task wake-ups (issue 15, scenario 5). It must not
+      block: for slow work it starts a task of its own (and settles the delivery when that ends, or
+      acks now and accepts that a crash loses the work);
+    * an ``async def`` is run by one task of the inbox, one delivery at a time (``async for`` with
+      ``async with delivery`` inside). Closing lets the delivery in hand finish within the Bus's
+      ``close_timeout``, then cancels it (the delivery is nacked).
     """
 
     def __init__(
-        self, bus: Bus, agent_id: str, domains: tuple[str, ...], broadcasts: bool, options: ConsumerOptions
+        self, bus: Bus, agent_id: str, domains: tuple[str, ...], broadcasts: bool, options: ConsumerOptions,
+        handler: InboxHandler | None = None,
     ) -> None:
         subjects.validate_token(agent_id, what="agent_id")
+        if handler is not None and not callable(handler):
+            raise ConfigError(f"the handler of the inbox of {agent_id} is not callable: {handler!r}")
+        self._handler = handler
+        # The plain-function handler called inline by offer() (None: queued for a loop or the inbox's task).
+        self._inline: InboxHandler | None = None if handler is None or is_async_handler(handler) else handler
+        self._runner: asyncio.Task[None] | None = None
+        self._settling: set[asyncio.Task[object]] = set()
         self.agent_id = agent_id
         self._group = f"inbox-{agent_id}"
         self._bus = bus
@@ -335,19 +368,21 @@ class Inbox:
         try:
             opts = dataclasses.replace(self._options, start=StartFrom.EARLIEST)
             backend = bus.backend
+            # A plain-function handler gets the direct messages where the subscription hands them over.
+            direct: Handler = self._enqueue if self._inline is None else self._handle_inline
             if isinstance(backend, MultiplexesInboxes):
                 # One set of connections per Bus for every agent (squadbus.core.inbox_source).
-                handler: Handler = self._enqueue
-                if bus.tracer is not None:
-                    handler = bus.tracer.handler(handler, self._direct)
+                handler = direct if bus.tracer is None else bus.tracer.handler(direct, self._direct)
                 raw = wrap(handler, opts, backend.publish, bus.stats)
                 self._shared = await backend.open_inbox(self.agent_id, raw, group=self.group, options=opts)
             else:
-                self._subs.append(await bus.subscribe(self._direct, self._enqueue, group=self.group, options=opts))
+                self._subs.append(await bus.subscribe(self._direct, direct, group=self.group, options=opts))
             if self._broadcasts:
                 on_failure = failure_policy(self._options, bus.backend.publish, bus.stats)
                 for subject in self._broadcasts:
                     await bus.broadcast_hub.join(subject, self, on_failure)
+            if self._handler is not None and self._inline is None:
+                self._runner = asyncio.create_task(self._run(self._handler), name=f"inbox-{self.agent_id}")
         except BaseException:
             await self.close()
             raise
@@ -365,13 +400,92 @@ class Inbox:
             delivery._waiter = None
 
     def offer(self, delivery: Delivery, wakeups: Wakeups | None = None) -> bool:
-        """Queue ``delivery`` for the agent without waiting for it to be settled (broadcast copies);
-        False if the inbox is not open. With ``wakeups`` (a fan-out to many inboxes) the agent's task is
-        woken when the batch is flushed."""
+        """Queue ``delivery`` for the agent without waiting for it to be settled (broadcast copies), or
+        hand it to a plain-function handler now; False if the inbox is not open. With ``wakeups`` (a
+        fan-out to many inboxes) the agent's task is woken when the batch is flushed."""
         if not self._open:
             return False
+        if self._inline is not None:
+            self._deliver_inline(delivery)
+            return True
         self._queue.put_nowait(delivery, wakeups)
         return True
+
+    # ---- with a handler ---------------------------------------------------------------------------
+
+    def _call_inline(self, delivery: Delivery) -> None:
+        assert self._inline is not None
+        returned = self._inline(delivery)
+        if returned is not None:
+            self._check_returned(returned)
+
+    def _check_returned(self, returned: object) -> None:
+        """What a plain-function handler returned, other than None: an awaitable is a mistake, said clearly."""
+        if inspect.isawaitable(returned):
+            if inspect.iscoroutine(returned):
+                returned.close()  # not awaited, and no "never awaited" warning on top of the error
+            raise ConfigError(
+                f"the handler of the inbox of {self.agent_id} returned an awaitable: a plain function is called "
+                "inline and must not await; pass an 'async def' to have it run by the inbox's task"
+            )
+
+    def _returned(self, delivery: Delivery, returned: object) -> None:
+        """Settle ``delivery`` (a broadcast copy) whose plain-function handler returned ``returned`` (not None)."""
+        try:
+            self._check_returned(returned)
+        except ConfigError as exc:
+            self._settle_later(delivery.fail(exc))
+            return
+        if delivery._settled is None:
+            pending = delivery.ack_soon()
+            if pending is not None:
+                self._settle_later(pending)
+
+    async def _handle_inline(self, delivery: Delivery) -> None:
+        """The direct subscription's handler with a plain-function handler (the Bus's wrapper settles)."""
+        self._call_inline(delivery)
+
+    def _deliver_inline(self, delivery: Delivery) -> None:
+        """Run the plain-function handler on ``delivery`` (a broadcast copy) and settle it by the outcome.
+
+        An ack of a copy is settled at once; a failure, or a settle that needs I/O, runs as a task of the
+        inbox (closing waits for it)."""
+        try:
+            self._call_inline(delivery)
+        except Exception as exc:
+            self._settle_later(delivery.fail(exc))
+            return
+        if delivery._settled is None:
+            pending = delivery.ack_soon()
+            if pending is not None:
+                self._settle_later(pending)
+
+    def _settle_later(self, settling: Awaitable[object]) -> None:
+        task: asyncio.Task[object] = asyncio.ensure_future(settling)
+        self._settling.add(task)
+        task.add_done_callback(self._settled_later)
+
+    def _settled_later(self, task: asyncio.Task[object]) -> None:
+        self._settling.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            logger.error("inbox of %s: settling a delivery failed: %s", self.agent_id, error, exc_info=error)
+
+    async def _run(self, handler: InboxHandler) -> None:
+        """The task of an inbox with an ``async def`` handler: one delivery at a time, settled by the outcome."""
+        while True:
+            try:
+                delivery = await self._anext()
+            except StopAsyncIteration:
+                return
+            async with delivery:
+                try:
+                    await handler(delivery)  # type: ignore[misc]  # an async def (is_async_handler)
+                except asyncio.CancelledError:
+                    if delivery.settled is None:
+                        # Given back with the backoff, as close() does: the direct subscription may still be
+                        # handing out, and a message back at once would be refused here again, an attempt lost.
+                        await self._give_back(delivery)
+                    raise
 
     async def close(self) -> None:
         """Stop receiving (idempotent): unsettled deliveries are nacked, loops waiting on the inbox end.
@@ -385,7 +499,8 @@ class Inbox:
             return
         self._open = False
         current, self._current = self._current, None
-        unsettled = [current] if current is not None and current.settled is None else []
+        # The delivery an async handler has in hand is its to finish (below), not to be nacked under it.
+        unsettled = [current] if current is not None and current.settled is None and self._runner is None else []
         queue = self._queue
         while not queue.empty():
             pending = queue.get_nowait()
@@ -394,6 +509,7 @@ class Inbox:
         queue.put_nowait(None)
         for delivery in unsettled:
             await self._give_back(delivery)
+        await self._stop_handler()
         subs, self._subs = self._subs, []
         shared, self._shared = self._shared, None
         leaving = [self._bus.broadcast_hub.leave(subject, self) for subject in self._broadcasts]
@@ -404,6 +520,21 @@ class Inbox:
     async def _give_back(self, delivery: Delivery) -> None:
         await delivery.nack(self._options.backoff(delivery.attempt))
 
+    async def _stop_handler(self) -> None:
+        """Let an async handler finish the delivery in hand (up to the Bus's ``close_timeout``, then cancel
+        it: the delivery is nacked), and wait for the settles a plain-function handler left running."""
+        runner, self._runner = self._runner, None
+        if runner is not None and runner is not asyncio.current_task():  # not closed from its own handler
+            try:
+                await asyncio.wait({runner}, timeout=self._bus.close_timeout)
+            finally:
+                if not runner.done():
+                    logger.warning("inbox of %s: its handler did not finish within close_timeout=%ss; cancelled",
+                                   self.agent_id, self._bus.close_timeout)
+                    await cancel_and_wait(runner)
+        if self._settling:
+            await wait_ended(*self._settling)
+
     async def __aenter__(self) -> Inbox:
         return await self.open()
 
@@ -413,6 +544,10 @@ class Inbox:
         await self.close()
 
     def _check_open(self) -> None:
+        if self._handler is not None:
+            raise ConfigError(
+                f"the inbox of {self.agent_id} has a handler: it gets the deliveries, the inbox is not iterated"
+            )
         if not self._open:
             raise Closed(
                 f"the inbox of {self.agent_id} is not open: use 'async with bus.inbox(...) as inbox:' "
@@ -435,6 +570,8 @@ class Inbox:
             waiter = _NextDelivery(self)
         waiter.busy = True
         return waiter  # type: ignore[return-value]
+
+    _anext = __anext__  # the task of an inbox with an async handler iterates with it (__aiter__ refuses)
 
     async def get(self, timeout: float | None = None) -> Delivery:
         """The next delivery; raises :class:`~squadbus.core.errors.ReceiveTimeout` after ``timeout`` seconds.

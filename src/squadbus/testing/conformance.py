@@ -726,6 +726,65 @@ class ConformanceSuite:
             assert again.attempt == (2 if self.features.shared_attempts else 1)
             await again.ack()
 
+    # ---- inboxes with a handler instead of a loop --------------------------------------------------
+
+    async def test_inbox_function_handler_gets_direct_and_broadcasts_and_retries_failures(self, bus: Bus) -> None:
+        agent, domain = _uid("agent"), _uid("dom")
+        options = ConsumerOptions(backoff_base=0.01, backoff_max=0.05, ack_wait=self.features.timeout * 2)
+        handled: list[tuple[str, int]] = []
+
+        def on_message(delivery: Delivery) -> None:  # a plain function: called inline, no task of its own
+            handled.append((delivery.message.content, delivery.attempt))
+            if delivery.message.content.startswith("flaky") and delivery.attempt == 1:
+                raise RuntimeError("try again")
+
+        await bus.send("pm", agent, "sent before it opened")
+        async with bus.inbox(agent, domains=[domain], options=options, handler=on_message):
+            for content in ("ok", "flaky direct"):
+                await bus.send("pm", agent, content)
+            await bus.broadcast("pm", "flaky squad")
+            await bus.broadcast("pm", "dev sync", domain=domain)
+            expected = [("sent before it opened", 1), ("ok", 1), ("flaky direct", 1), ("flaky direct", 2),
+                        ("flaky squad", 1), ("flaky squad", 2), ("dev sync", 1)]
+            await eventually(lambda: sorted(handled) == sorted(expected), self.features.timeout * 2,
+                             f"every message once, the two failures again (got {handled})")
+            direct = [content for content, _ in handled if content in ("sent before it opened", "ok")]
+            assert direct == ["sent before it opened", "ok"], "an agent's direct messages come in order"
+            await asyncio.sleep(0.3)
+        assert sorted(handled) == sorted(expected), "an acked delivery is not redelivered"
+
+    async def test_inbox_async_handler_takes_one_at_a_time_and_close_lets_it_finish(self, bus: Bus) -> None:
+        agent = _uid("agent")
+        running = 0
+        most = 0
+        handled: list[str] = []
+        started = asyncio.Event()
+
+        async def on_message(delivery: Delivery) -> None:
+            nonlocal running, most
+            running += 1
+            most = max(most, running)
+            if delivery.message.content == "slow":
+                started.set()
+            await asyncio.sleep(0.2 if delivery.message.content == "slow" else 0.01)
+            handled.append(delivery.message.content)
+            running -= 1
+
+        inbox = await bus.inbox(agent, broadcasts=False, handler=on_message).open()
+        for content in ("one", "two", "three"):
+            await bus.send("pm", agent, content)
+        await eventually(lambda: len(handled) == 3, self.features.timeout, "three messages handled")
+        assert handled == ["one", "two", "three"] and most == 1, "in order, one at a time"
+        with pytest.raises(ConfigError, match="has a handler"):
+            await inbox.get(0.1)
+        await bus.send("pm", agent, "slow")
+        await asyncio.wait_for(started.wait(), self.features.timeout)
+        await inbox.close()  # waits for the delivery in hand: it is acked, not given back
+        assert handled[-1] == "slow"
+        async with bus.inbox(agent, broadcasts=False) as again:
+            with pytest.raises(ReceiveTimeout):
+                await again.get(0.5)
+
     # ---- broadcasts to inboxes: read once per Bus, copied to each open inbox -------------------
 
     async def test_inbox_broadcasts_are_read_once_per_bus_and_reach_every_inbox(self, bus: Bus) -> None:
