@@ -66,7 +66,8 @@ def test_a_small_squad_on_memory_holds_and_every_kind_arrives(tmp_path: Path) ->
         assert last[kind]["max"] >= last[kind]["p50"] > 0
     assert last["squad"]["max"] >= routes["squad"]["p50"]
     assert "by route    direct+request+reply p50" in stdout and "last copy   squad broadcast median" in stdout
-    assert run["loop"] == DEFAULT_LOOP
+    assert run["loop"] == DEFAULT_LOOP and run["receive"] == "iterator"
+    assert "agents receive by iterator" in stdout
     assert run["rates"]["offered_msgs_per_s"] > 0 and run["rates"]["delivered_per_s"] > 0
     [host] = run["processes_figures"]["hosts"]
     assert host["rss_kib"] > 0 and host["gc_frozen"] is True and host["gc_frozen_objects"] > 0
@@ -83,6 +84,23 @@ def test_json_on_stdout_instead_of_the_table() -> None:
     document = json.loads(stdout)
     assert document["runs"][0]["agents"] == 20 and "environment" in document
     assert document["runs"][0]["loop"] == "asyncio"
+
+
+def test_agents_with_a_handler_get_every_delivery_once() -> None:
+    # --receive handler: each inbox calls a plain function inline, no task per agent; requests still answered.
+    code, stdout, _ = _run("--url", "memory://", "--agents", "20", "--msgs-per-hour", "60", "--speedup", "1200",
+                           "--duration", "2", "--p99-target", "60000", "--receive", "handler", "--json", "-")
+    assert code == 0, stdout
+    [run] = json.loads(stdout)["runs"]
+    assert run["receive"] == "handler" and run["held"] is True
+    assert run["delivered"]["total"] == run["delivered"]["expected"] > run["sent"]["total"] > 0
+    assert run["lost"] == 0 and run["duplicated"] == 0 and run["misrouted"] == 0
+    for kind in KINDS:
+        assert run["delivered"]["by_kind"][kind] > 0, kind
+    [host] = run["processes_figures"]["hosts"]
+    assert host["handler_errors"] == 0 and host["stale"] == 0
+    with pytest.raises(ConfigError, match="unknown --receive"):
+        SimConfig(url="memory://", agents=10, msgs_per_hour=60, receive="callback")
 
 
 def test_the_loop_is_asyncio_unless_uvloop_is_asked_for() -> None:

@@ -5,8 +5,10 @@ the history store (``--store-url``, default a temporary SQLite file), and
 starts ``processes`` host processes (:mod:`squadbus.benchmarks.simulate_host`;
 on ``memory://``, which lives inside one process, a single host runs in the
 parent itself). Each host opens ``bus.inbox(agent, domains=(domain,))`` for the
-agents placed on it (``crc32(agent_id) % processes``) and, once every host has
-opened, sends its agents' messages at the scenario's rate times the speed-up
+agents placed on it (``crc32(agent_id) % processes``); an agent takes its
+deliveries in a task of its own (``async for``, ``receive="iterator"``) or by a
+plain-function handler the inbox calls inline (``receive="handler"``, no task per
+agent). Once every host has opened, each sends its agents' messages at the scenario's rate times the speed-up
 (the mix is in :mod:`squadbus.benchmarks.simulate_squad`). After ``duration``
 seconds of sending, a drain period (ended early once every delivery and every
 row arrived) lets the last messages land; then every host is stopped and
@@ -60,7 +62,9 @@ from typing import Any, Protocol
 
 from squadbus.benchmarks.loops import DEFAULT_LOOP, check_loop
 from squadbus.benchmarks.simulate_host import (
+    ITERATOR,
     MODULE,
+    RECEIVE_MODES,
     GcPauses,
     Host,
     HostPlan,
@@ -118,9 +122,14 @@ class SimConfig:
     """The p99 a held scenario stays under; None: 10 ms, 50 ms on Kafka."""
     loop: str = DEFAULT_LOOP
     """The event loop of the parent and every host: ``asyncio`` or ``uvloop`` (squadbus.benchmarks.loops)."""
+    receive: str = ITERATOR
+    """How the agents take their deliveries: ``iterator`` (a task per agent, ``async for delivery in inbox``) or
+    ``handler`` (a plain function called inline by the inbox, no task per agent)."""
 
     def __post_init__(self) -> None:
         check_loop(self.loop)
+        if self.receive not in RECEIVE_MODES:
+            raise ConfigError(f"unknown --receive {self.receive!r}: expected {' or '.join(RECEIVE_MODES)}")
         if self.agents < 5:
             raise ConfigError("--agents must be at least 5 (a PM per domain)")
         if self.msgs_per_hour <= 0 or self.speedup <= 0 or self.duration <= 0:
@@ -445,7 +454,7 @@ class RunReport:
         return {
             "scenario": c.scenario, "agents": c.agents, "msgs_per_hour": c.msgs_per_hour, "url": c.url,
             "processes": c.processes, "speedup": c.speedup, "duration_s": c.duration, "drain_s": c.drain,
-            "warmup_s": c.warmup, "p99_target_ms": p99_target_ms(c), "loop": c.loop,
+            "warmup_s": c.warmup, "p99_target_ms": p99_target_ms(c), "loop": c.loop, "receive": c.receive,
             "held": self.held, "reasons": self.reasons, "verdict": self.verdict,
             "open": {"opened": self.opened, "of": c.agents, "seconds": round(self.open_seconds, 3),
                      "errors": self.open_errors},
@@ -518,7 +527,8 @@ async def _run(config: SimConfig, bus: Bus, workdir: Path, report: RunReport, pr
                           rate_per_agent=config.msgs_per_hour * config.speedup / 3600,
                           log_path=str(workdir / f"host-{i}.log"), open_timeout=config.open_timeout,
                           request_timeout=config.request_timeout, connect_timeout=config.connect_timeout,
-                          seed=config.seed, loop=config.loop) for i in range(config.processes)]
+                          seed=config.seed, loop=config.loop, receive=config.receive)
+                 for i in range(config.processes)]
         if is_memory(config.url):
             hosts.append(LocalHost(bus, plans[0], squad, Path(plans[0].log_path)))
         else:
@@ -741,7 +751,7 @@ def format_report(report: RunReport) -> str:
     rates, store, lat = d["rates"], d["store"], report.latency_ms
     lines = [
         f"{c.label} on {c.url}: {c.processes} host process(es), speed-up {c.speedup:g}×, "
-        f"{c.duration:g} s sending + up to {c.drain:g} s drain, {c.loop} loop",
+        f"{c.duration:g} s sending + up to {c.drain:g} s drain, {c.loop} loop, agents receive by {c.receive}",
         f"  open        {report.opened:,} of {c.agents:,} inboxes in {report.open_seconds:.2f} s"
         + (f"  ({'; '.join(report.open_errors)})" if report.open_errors else ""),
     ]

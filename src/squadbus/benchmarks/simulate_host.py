@@ -52,6 +52,7 @@ from squadbus.benchmarks.simulate_squad import (
     Squad,
     places_by_partition,
 )
+from squadbus.core.backend import Delivery
 from squadbus.core.bus import REPLY_TO, Bus
 from squadbus.core.envelope import Message
 from squadbus.core.errors import RequestTimeout
@@ -64,6 +65,13 @@ MODULE = "squadbus.benchmarks.simulate_host"
 CONTENT = "Status update: the build is green, the next step is waiting on review. " * 3
 MAX_IN_FLIGHT = 10_000
 """Sends (and requests waiting for their reply) a host keeps going at once before it falls behind the rate."""
+ITERATOR = "iterator"
+"""Each agent is a task looping ``async for delivery in inbox`` (the default)."""
+HANDLER = "handler"
+"""Each agent's inbox is opened with a plain-function handler, called inline as a delivery arrives: no task per
+agent (``bus.inbox(agent, handler=...)``)."""
+RECEIVE_MODES = (ITERATOR, HANDLER)
+"""How the simulated agents take their deliveries (``--receive``)."""
 FLUSH_INTERVAL = 0.15
 """Seconds between two writes of the deliveries received (their ``D`` lines) to the event log."""
 FLUSH_CHUNK = 1_000
@@ -91,6 +99,8 @@ class HostPlan:
     seed: int = 0
     loop: str = ASYNCIO
     """The host process's event loop (``squadbus.benchmarks.loops``)."""
+    receive: str = ITERATOR
+    """How the agents take their deliveries: :data:`ITERATOR` or :data:`HANDLER`."""
 
     def to_json(self) -> str:
         """The plan as the one argument of the host process."""
@@ -221,6 +231,8 @@ class Host:
         self._inboxes: list[Inbox] = []
         self._serving: list[asyncio.Task[None]] = []
         self._in_flight: set[asyncio.Task[None]] = set()
+        # Replies to requests started by agents with a handler: a strong reference until each ends.
+        self._replying: set[asyncio.Task[None]] = set()
         self._executions: dict[str, str] = {}
         # The deliveries received and not yet written to the log, one entry per delivery in each list: three
         # appends cost less on the hot path than a tuple per delivery, and add nothing for the GC to track.
@@ -236,20 +248,27 @@ class Host:
         """Open every local agent's inbox (squad and domain broadcasts too), ``open_concurrency`` at a time.
 
         Stops at the first failure or after ``open_timeout``; ``figures.open_error`` then says why.
-        Freezes the GC's view of everything allocated so far (``gc.freeze()``) once done.
+        Freezes the GC's view of everything allocated so far (``gc.freeze()``) once done. With
+        ``plan.receive == HANDLER`` each inbox gets a handler (:meth:`_handler_of`) and no agent has a task.
         """
         started = time.perf_counter()
         if self._writer is None:
             self._writer = asyncio.create_task(self._write_received_forever())
         gate = asyncio.Semaphore(self.plan.open_concurrency)
 
+        with_handler = self.plan.receive == HANDLER
+
         async def open_one(agent: Agent) -> None:
             async with gate:
-                inbox = self.bus.inbox(agent.id, domains=(agent.domain,))
+                if with_handler:
+                    inbox = self.bus.inbox(agent.id, domains=(agent.domain,), handler=self._handler_of(agent))
+                else:
+                    inbox = self.bus.inbox(agent.id, domains=(agent.domain,))
                 await inbox.open()
                 self._inboxes.append(inbox)
                 self.figures.opened += 1
-                self._serving.append(asyncio.create_task(self._serve(agent, inbox)))
+                if not with_handler:
+                    self._serving.append(asyncio.create_task(self._serve(agent, inbox)))
 
         tasks = [asyncio.create_task(open_one(agent)) for agent in self.local]
         try:
@@ -282,16 +301,51 @@ class Host:
                 else:
                     self._delivered(message, agent.id, float(meta["t"]))
                     if message.headers.get(REPLY_TO):
-                        sent_at = time.time()
-                        reply = await self.bus.reply(
-                            message, agent.id, "Done.", metadata={"sim": self.plan.run_id, "t": sent_at, "k": REPLY}
-                        )
-                        # Stored on every backend: Bus.reply also logs a reply sent to a native reply address.
-                        self._sent(reply.id, REPLY, str(message.sender_id), sent_at, True)
+                        await self._answer(message, agent.id)
                 await delivery.ack()
             except Exception as exc:  # counted and reported; the delivery is settled by the inbox (redelivered)
-                self.figures.handler_errors += 1
-                self.figures.first_handler_error = self.figures.first_handler_error or one_line(exc)
+                self._handler_error(exc)
+
+    def _handler_of(self, agent: Agent) -> Callable[[Delivery], None]:
+        """The plain-function handler of ``agent``'s inbox: what :meth:`_serve` does for a delivery, with the
+        reply to a request started as a task (the handler is called inline and must not wait)."""
+        run_id, figures, delivered, agent_id = self.plan.run_id, self.figures, self._delivered, agent.id
+
+        def on_delivery(delivery: Delivery) -> None:
+            try:
+                message = delivery.message
+                meta = message.metadata
+                if meta.get("sim") != run_id:
+                    figures.stale += 1  # left on the broker by an earlier run; acked
+                    return
+                delivered(message, agent_id, float(meta["t"]))
+                if message.headers.get(REPLY_TO):
+                    task = asyncio.create_task(self._answer_counted(message, agent_id))
+                    self._replying.add(task)
+                    task.add_done_callback(self._replying.discard)
+            except Exception as exc:  # counted, and raised: the inbox fails the delivery (redelivered)
+                self._handler_error(exc)
+                raise
+
+        return on_delivery
+
+    async def _answer(self, request: Message, agent_id: str) -> None:
+        sent_at = time.time()
+        reply = await self.bus.reply(
+            request, agent_id, "Done.", metadata={"sim": self.plan.run_id, "t": sent_at, "k": REPLY}
+        )
+        # Stored on every backend: Bus.reply also logs a reply sent to a native reply address.
+        self._sent(reply.id, REPLY, str(request.sender_id), sent_at, True)
+
+    async def _answer_counted(self, request: Message, agent_id: str) -> None:
+        try:
+            await self._answer(request, agent_id)
+        except Exception as exc:  # counted and reported (the request was acked: it times out at its sender)
+            self._handler_error(exc)
+
+    def _handler_error(self, exc: Exception) -> None:
+        self.figures.handler_errors += 1
+        self.figures.first_handler_error = self.figures.first_handler_error or one_line(exc)
 
     def _delivered(self, message: Message, agent_id: str, sent_at: float) -> None:
         # The harness's own cost per delivery is part of every later copy's latency: only the receipt here,
@@ -415,9 +469,9 @@ class Host:
         except Exception as exc:  # reported: a close that fails or hangs is one of the findings
             self.figures.close_error = one_line(exc) if not isinstance(exc, TimeoutError) else (
                 f"closing the inboxes took over {self.plan.close_timeout:g} s")
-        for task in self._serving:
+        for task in (*self._serving, *self._replying):
             task.cancel()
-        await asyncio.gather(*self._serving, return_exceptions=True)
+        await asyncio.gather(*self._serving, *self._replying, return_exceptions=True)
         if self._writer is not None:
             self._writer.cancel()
             await asyncio.gather(self._writer, return_exceptions=True)

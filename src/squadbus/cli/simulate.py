@@ -17,6 +17,7 @@ import click
 from squadbus.benchmarks.loops import DEFAULT_LOOP, LOOPS, run
 from squadbus.benchmarks.simulate import SimConfig, SimulateError, configs, format_report
 from squadbus.benchmarks.simulate import simulate as run_simulation
+from squadbus.benchmarks.simulate_host import ITERATOR, RECEIVE_MODES
 from squadbus.benchmarks.stats import Environment
 from squadbus.cli.errors import EXIT_ERROR, EXIT_USAGE
 from squadbus.core.errors import ConfigError
@@ -89,20 +90,24 @@ class ProgressLine:
 @click.option("--seed", default=0, type=int, show_default=True, help="Seed of the message mix.")
 @click.option("--loop", "loop", type=click.Choice(LOOPS), default=None,
               help="Event loop of the parent and every host (default asyncio; uvloop measured no better on memory://).")
+@click.option("--receive", type=click.Choice(RECEIVE_MODES), default=ITERATOR, show_default=True,
+              help="How agents take deliveries: a task per agent iterating its inbox, or a plain-function handler "
+                   "the inbox calls inline (no task per agent).")
 @click.option("--json", "json_path", default=None, metavar="FILE",
               help="Also write the figures as JSON to FILE ('-': JSON on stdout instead of the table).")
 @click.pass_context
 def simulate(ctx: click.Context, scenarios: tuple[int, ...], agents: int | None, msgs_per_hour: float | None,
              backend_url: str | None, store_url: str | None, processes: int, speedup: float, duration: float,
              drain: float, warmup: float, open_timeout: float, p99_target: float | None, seed: int,
-             loop: str | None, json_path: str | None) -> None:
+             loop: str | None, receive: str, json_path: str | None) -> None:
     """Simulated agents on real inboxes: rates, latency, losses, store lag, resources; held or not held."""
     base_url = ctx.obj.url if isinstance(ctx.obj, Settings) else Settings.from_env().url
     url = backend_url or base_url
     try:
         runs = configs(url, scenarios, agents, msgs_per_hour, processes=processes, speedup=speedup,
                        duration=duration, drain=drain, warmup=warmup, open_timeout=open_timeout,
-                       store_url=store_url, seed=seed, p99_target_ms=p99_target, loop=loop or DEFAULT_LOOP)
+                       store_url=store_url, seed=seed, p99_target_ms=p99_target, loop=loop or DEFAULT_LOOP,
+                       receive=receive)
     except ConfigError as exc:
         click.echo(f"squadbus: error: {exc}", err=True)
         ctx.exit(EXIT_USAGE)
