@@ -36,7 +36,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from squadbus.core.errors import Closed
 
@@ -59,6 +59,15 @@ _RETRY_SOURCE = 1.0  # seconds before pulling again after the source failed unex
 _SETTLES = "_squadbus_settles_every_delivery"
 
 HandlerT = TypeVar("HandlerT", bound=Callable[..., Awaitable[None]])
+S = TypeVar("S", bound="DeliverySource")
+
+
+@runtime_checkable
+class RuntimeHolder(Protocol):
+    """Optional for a :class:`~squadbus.core.source.DeliverySource`: a ``runtime`` attribute, which the
+    :class:`Consumer` over it sets to itself (a backend closes a subscription through its source's runtime)."""
+
+    runtime: Consumer[Any] | None
 
 
 def settles_itself(handler: HandlerT) -> HandlerT:
@@ -126,21 +135,26 @@ async def batch_only(delivery: Delivery) -> None:
     raise AssertionError("a batch subscription has no per-delivery handler")
 
 
-class Consumer:
+class Consumer(Generic[S]):
     """One subscription's handler run over its source: the :class:`~squadbus.core.backend.Subscription` a
     backend returns. Give it ``handler`` (one delivery per call, ``options.max_in_flight`` calls at a
     time) or ``batches`` (1 to ``options.batch_size`` deliveries per call, one call at a time, waiting at
-    most ``max_wait`` after the first delivery for more: a BatchSubscriber's), then :meth:`start` it."""
+    most ``max_wait`` after the first delivery for more: a BatchSubscriber's), then :meth:`start` it.
+    Generic in the source's type (:attr:`source`, for a backend's subclass); a source with a ``runtime``
+    attribute (:class:`RuntimeHolder`) gets it set to the consumer."""
 
     def __init__(
-        self, source: DeliverySource, options: ConsumerOptions, *, handler: RawHandler | None = None,
+        self, source: S, options: ConsumerOptions, *, handler: RawHandler | None = None,
         batches: BatchRawHandler | None = None, max_wait: float = 0.0,
     ) -> None:
         if (handler is None) == (batches is None):
             raise ValueError("a consumer needs one of handler and batches, not both")
         if max_wait < 0:
             raise ValueError("max_wait must be >= 0")
-        self._source = source
+        self.source: S = source
+        """The source of deliveries this consumer runs its handler over."""
+        if isinstance(source, RuntimeHolder):
+            source.runtime = self
         self._handler = handler or batch_only
         self._batch_handler = batches
         self._max_wait = max_wait
@@ -164,11 +178,11 @@ class Consumer:
 
     @property
     def pattern(self) -> str:
-        return self._source.pattern
+        return self.source.pattern
 
     @property
     def group(self) -> str | None:
-        return self._source.group
+        return self.source.group
 
     def start(self, name: str) -> None:
         """Start pulling from the source in a task named ``name``."""
@@ -187,7 +201,7 @@ class Consumer:
         unexpected failure of the source is logged, then it is asked again after a pause."""
         self._waiting = True
         try:
-            return await self._source.receive(max_count, wait)
+            return await self.source.receive(max_count, wait)
         except Closed:
             return None
         except Exception:
@@ -199,7 +213,7 @@ class Consumer:
     async def _run(self) -> None:
         # The hot path: no coroutine of its own per delivery while the source has some ready (poll), and
         # one (receive) per wait.
-        source, handler, options = self._source, self._handler, self._options
+        source, handler, options = self.source, self._handler, self._options
         poll, receive = source.poll, source.receive
         fairness_streak = self._fairness_streak
         direct = getattr(handler, _SETTLES, False)  # invoke()'s test, once
@@ -233,7 +247,7 @@ class Consumer:
         try:
             await asyncio.sleep(0)
         except asyncio.CancelledError:
-            self._source.give_back(taken)
+            self.source.give_back(taken)
             raise
 
     async def _source_failed(self) -> None:
@@ -278,7 +292,7 @@ class Consumer:
         """A worker: the next delivery, then its handler, until closing (or not needed)."""
         me = asyncio.current_task()
         assert me is not None
-        source, handler, options, idle = self._source, self._handler, self._options, self._idle
+        source, handler, options, idle = self.source, self._handler, self._options, self._idle
         poll, call_soon = source.poll, asyncio.get_running_loop().call_soon
         fairness_streak = self._fairness_streak
         direct = getattr(handler, _SETTLES, False)
@@ -319,7 +333,7 @@ class Consumer:
         # Fairness as one at a time: once batches brought the fairness streak of deliveries in a row without
         # waiting for the source, a yield before the next handler call (a batch handler that never suspends,
         # on a source that always has some, would otherwise starve the loop).
-        source, options = self._source, self._options
+        source, options = self.source, self._options
         limit = options.batch_size
         fairness_streak = self._fairness_streak
         streak = 0
@@ -348,7 +362,7 @@ class Consumer:
         # Batches one at a time, in order, but the next is gathered while the handler runs the current one
         # (a task): the db-writer's handler mostly waits on its database, and gathering after it returned
         # put the source's decoding (~5 ms of CPU per 500 NATS messages) between two writes.
-        source, options = self._source, self._options
+        source, options = self.source, self._options
         limit = options.batch_size
         loop = asyncio.get_running_loop()
         running: asyncio.Task[None] | None = None
@@ -388,7 +402,7 @@ class Consumer:
     async def _take(self, batch: list[Delivery], limit: int, running: asyncio.Task[None] | None) -> None:
         """Add to ``batch`` what the source has ready, up to ``limit``: at once, or in slices of
         :data:`AHEAD_SLICE` with a yield after each while ``running`` (the handler) has not finished."""
-        poll = self._source.poll
+        poll = self.source.poll
         if running is None or running.done():
             batch.extend(poll(limit - len(batch)))
             return
@@ -438,10 +452,10 @@ class Consumer:
                 # are cancelled too (what they leave unsettled is nacked), the source still closes, and the
                 # cancellation goes on.
                 await self._abort(task)
-                await self._source.close()
+                await self.source.close()
                 raise
             error = None if task.cancelled() else task.exception()
-        await self._source.close()
+        await self.source.close()
         if error is not None:
             raise error
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 from squadbus.backends.kafka.membership import _leave_even_from_generation_zero
 from squadbus.backends.kafka.source import KafkaDelivery, KafkaSubscription
-from squadbus.core.backend import BatchRawHandler, ConsumerOptions, RawHandler
 from squadbus.core.consumer import Consumer
 
 # KafkaDelivery, KafkaSubscription (.source) and _leave_even_from_generation_zero (.membership, used by
@@ -46,17 +45,9 @@ from squadbus.core.consumer import Consumer
 __all__ = ["KafkaConsumer", "KafkaDelivery", "KafkaSubscription", "_leave_even_from_generation_zero"]
 
 
-class KafkaConsumer(Consumer):
+class KafkaConsumer(Consumer[KafkaSubscription]):
     """A subscription: core's consumer runtime over its :class:`KafkaSubscription` (``handler`` per delivery,
     or ``batches``); the source starts fetching before, and commits and leaves the group after, it."""
-
-    def __init__(
-        self, source: KafkaSubscription, options: ConsumerOptions, *, handler: RawHandler | None = None,
-        batches: BatchRawHandler | None = None, max_wait: float = 0.0,
-    ) -> None:
-        super().__init__(source, options, handler=handler, batches=batches, max_wait=max_wait)
-        self.source = source
-        source.runtime = self
 
     @property
     def kafka_group_id(self) -> str | None:

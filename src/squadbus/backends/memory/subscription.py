@@ -73,7 +73,7 @@ class GroupSource:
         self.poll = _nothing
 
 
-class MemorySubscription(Consumer):
+class MemorySubscription(Consumer[GroupSource]):
     """One member of a group: the core runtime over its :class:`GroupSource` (``handler`` per delivery, or
     ``batches``: what is buffered, up to ``batch_size``, waiting at most ``max_wait`` after the first
     message for more); it leaves the group once closed."""

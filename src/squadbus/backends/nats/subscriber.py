@@ -62,7 +62,7 @@ from squadbus.backends.nats.consumers import PRIORITY_GROUP, pin_timeout
 from squadbus.backends.nats.pinned import TakeoverBuffer
 from squadbus.backends.nats.raw import InboxClient, RawMsg
 from squadbus.core import subjects
-from squadbus.core.backend import BatchRawHandler, ConsumerOptions, Delivery, RawHandler
+from squadbus.core.backend import ConsumerOptions, Delivery
 from squadbus.core.backoff import RECONNECT, WRITE_RETRY, Backoff
 from squadbus.core.consumer import Consumer
 from squadbus.core.dispatch import DLQ_ATTEMPTS, DLQ_GROUP, DLQ_ORIGINAL_ID, DLQ_REASON, DLQ_SUBJECT
@@ -179,8 +179,8 @@ class NatsSubscription:
         self._closed = False
         self._batch = options.batch_size
         self._half = self._batch // 2
-        self.runtime: Consumer | None = None
-        """The consumer runtime over this source (set by the backend); the backend closes it."""
+        self.runtime: Consumer[NatsSubscription] | None = None
+        """The consumer runtime over this source (set by core's Consumer); the backend closes it."""
         self.gathers_ahead = False
         """Read by core's consumer (batch mode): gather the next batch while the handler runs."""
         self._dead_letters: set[asyncio.Task[None]] = set()
@@ -571,17 +571,9 @@ class NatsSubscription:
         await self._backend.forget(self)
 
 
-class NatsConsumer(Consumer):
+class NatsConsumer(Consumer[NatsSubscription]):
     """A subscription: core's consumer runtime over its :class:`NatsSubscription` (``handler`` per delivery,
     or ``batches``); the source starts pulling before, and closes after, it."""
-
-    def __init__(
-        self, source: NatsSubscription, options: ConsumerOptions, *, handler: RawHandler | None = None,
-        batches: BatchRawHandler | None = None, max_wait: float = 0.0,
-    ) -> None:
-        super().__init__(source, options, handler=handler, batches=batches, max_wait=max_wait)
-        self.source = source
-        source.runtime = self
 
     @property
     def consumer(self) -> str:

@@ -204,8 +204,8 @@ class RabbitSubscription:
         # _closing: stop() began (nothing more handed out, arrivals requeued); _closed: close() began.
         self._closing = False
         self._closed = False
-        self.runtime: Consumer | None = None
-        """The consumer runtime over this source (set by :class:`RabbitConsumer`); the backend closes it."""
+        self.runtime: Consumer[RabbitSubscription] | None = None
+        """The consumer runtime over this source (set by core's Consumer); the backend closes it."""
         # ack_wait (group members only); _parked: after a give-back, this member holds and takes nothing.
         self._watched = group is not None
         self._leases: HandlerLeases[RabbitDelivery] = HandlerLeases(options.ack_wait)
@@ -580,7 +580,7 @@ class RabbitSubscription:
         self._backend.forget(self)
 
 
-class RabbitConsumer(Consumer):
+class RabbitConsumer(Consumer[RabbitSubscription]):
     """A subscription: core's consumer runtime over its :class:`RabbitSubscription` (``handler`` per
     delivery, or ``batches``, each under the member's ack_wait); the source consumes before, and closes
     after, it."""
@@ -592,8 +592,6 @@ class RabbitConsumer(Consumer):
         super().__init__(
             source, options, handler=None if handler is None else source.leased(handler),
             batches=None if batches is None else source.leased_batches(batches), max_wait=max_wait)
-        self.source = source
-        source.runtime = self
 
     async def close(self) -> None:
         """Stop the source's consumer, let the handlers in progress finish, then close the source."""

@@ -321,7 +321,7 @@ class EntrySource:
         """Extend ``ack_wait`` for ``entry`` (default: nothing to extend)."""
 
 
-class RedisSubscription(Consumer):
+class RedisSubscription(Consumer[EntrySource]):
     """A group member's or an ephemeral subscription: core's consumer runtime over its :class:`EntrySource`
     (``handler`` per delivery, or ``batches``); the source's reader starts before, and closes after, it."""
 
@@ -330,7 +330,6 @@ class RedisSubscription(Consumer):
         max_wait: float = 0.0,
     ) -> None:
         super().__init__(source, source.options, handler=handler, batches=batches, max_wait=max_wait)
-        self.source = source
         self.on_closed: Callable[[RedisSubscription], None] | None = None
 
     async def close(self) -> None:
