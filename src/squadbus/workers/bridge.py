@@ -37,6 +37,7 @@ from squadbus.core.backoff import Backoff, BackoffPolicy
 from squadbus.core.bus import Bus
 from squadbus.core.envelope import Message
 from squadbus.core.errors import BackendError, ConfigError
+from squadbus.core.tasks import cancel_and_wait
 
 logger = logging.getLogger("squadbus.workers.bridge")
 
@@ -119,10 +120,12 @@ class Bridge:
                     await asyncio.wait((attempt, stopping), return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     stopping.cancel()
-                if not attempt.done():
-                    attempt.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, BackendError):
-                        await attempt
+                    stopped = not attempt.done()  # the bridge stops, or this handler is cancelled
+                    if stopped:
+                        # Ended before this handler goes on, or before its own cancellation propagates.
+                        with contextlib.suppress(BackendError):
+                            await cancel_and_wait(attempt)
+                if stopped:
                     break
                 failure = attempt.exception()
                 if failure is None:
