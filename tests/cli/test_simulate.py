@@ -175,7 +175,7 @@ async def test_a_host_writes_its_deliveries_while_it_runs_not_only_when_it_stops
         [line] = [x for x in log.getvalue().splitlines() if x.startswith("D ")]
         _, message_id, agent, latency_us = line.split()
         assert (message_id, agent) == (str(message.id), "pm-sales") and int(latency_us) >= 1
-        assert host.figures.delivered == 1
+        assert host.status()["delivered"] == 1
     finally:
         await host.stop()
         await bus.close()

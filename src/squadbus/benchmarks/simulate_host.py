@@ -236,9 +236,11 @@ class Host:
         self._executions: dict[str, str] = {}
         # The deliveries received and not yet written to the log, one entry per delivery in each list: three
         # appends cost less on the hot path than a tuple per delivery, and add nothing for the GC to track.
+        # Emptied in place (the agents' handlers hold these lists), counted in figures.delivered by status().
         self._received: list[Message] = []
         self._received_by: list[str] = []
         self._latencies: list[float] = []
+        self._written = 0
         self._logged: tuple[Message | None, str] = (None, "")
         self._writer: asyncio.Task[None] | None = None
 
@@ -309,7 +311,8 @@ class Host:
     def _handler_of(self, agent: Agent) -> Callable[[Delivery], None]:
         """The plain-function handler of ``agent``'s inbox: what :meth:`_serve` does for a delivery, with the
         reply to a request started as a task (the handler is called inline and must not wait)."""
-        run_id, figures, delivered, agent_id = self.plan.run_id, self.figures, self._delivered, agent.id
+        run_id, figures, agent_id, now = self.plan.run_id, self.figures, agent.id, time.time
+        received, received_by, latencies = self._received, self._received_by, self._latencies
 
         def on_delivery(delivery: Delivery) -> None:
             try:
@@ -318,7 +321,11 @@ class Host:
                 if meta.get("sim") != run_id:
                     figures.stale += 1  # left on the broker by an earlier run; acked
                     return
-                delivered(message, agent_id, float(meta["t"]))
+                # _delivered, inline: called for every copy of a squad broadcast, its cost is in the later
+                # copies' latency.
+                latencies.append(now() - float(meta["t"]))
+                received.append(message)
+                received_by.append(agent_id)
                 if message.headers.get(REPLY_TO):
                     task = asyncio.create_task(self._answer_counted(message, agent_id))
                     self._replying.add(task)
@@ -353,7 +360,6 @@ class Host:
         self._latencies.append(time.time() - sent_at)
         self._received.append(message)
         self._received_by.append(agent_id)
-        self.figures.delivered += 1
 
     def _write_received(self, limit: int | None = None) -> None:
         """Write the ``D`` lines of the first ``limit`` deliveries received and not yet written (all: None)."""
@@ -368,6 +374,7 @@ class Host:
             lines.append(f"D {logged_id} {received_by[i]} {max(1, round(latencies[i] * 1e6))}\n")
         self._logged = (logged, logged_id)
         del received[:count], received_by[:count], latencies[:count]
+        self._written += count
         self._log.write("".join(lines))
 
     async def _write_received_forever(self) -> None:
@@ -481,6 +488,7 @@ class Host:
 
     def status(self) -> dict[str, Any]:
         """The figures as plain values."""
+        self.figures.delivered = self._written + len(self._received)
         return asdict(self.figures)
 
 
