@@ -11,7 +11,6 @@ in-process bus) and the guide's ``MessageBus`` (:mod:`.guide_bus`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from squadbus.benchmarks.openloop import drive
 from squadbus.benchmarks.stats import Result, median_of
 from squadbus.core.backend import ConsumerOptions, Delivery, Subscription
 from squadbus.core.bus import Bus
+from squadbus.core.tasks import cancel_and_wait
 
 PAYLOAD = "x" * 1024
 ROUNDS = 3
@@ -241,11 +241,8 @@ class QueueSide:
         await self._queue.put(loadgen.stamp(index).encode() + self._filler)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
 
 
 async def _broker(url: str) -> loadgen.Broker:

@@ -39,6 +39,7 @@ from squadbus.benchmarks.stats import Result, interleaved_rounds, median_of, pai
 from squadbus.core import envelope, subjects
 from squadbus.core.backend import ConsumerOptions, Delivery, StartFrom, Subscription
 from squadbus.core.bus import Bus
+from squadbus.core.tasks import cancel_and_wait
 
 CONTENT = "x" * 1024
 CHUNK = 500
@@ -402,11 +403,9 @@ class RawSide:
         await call(self._client, "XADD", self.key, "*", "m", loadgen.stamp(index).encode() + self._payload)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        with contextlib.suppress(Exception):  # the consuming task's own failure is not the stop's
+            await cancel_and_wait(task)
         for client in (self._client, self._reader):
             if client is not None:
                 with contextlib.suppress(Exception):

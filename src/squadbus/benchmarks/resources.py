@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from squadbus.core.tasks import cancel_and_wait
+
 SAMPLE_EVERY = 0.1
 """Seconds between two RSS samples of client and broker during a line."""
 DEFAULT_PORTS = {"redis": 6379, "rediss": 6379, "nats": 4222, "tls": 4222, "kafka": 9092, "amqp": 5672,
@@ -320,10 +322,7 @@ class Meter:
         cpu = time.process_time() - self._cpu0
         broker_cpu = self._broker_cpu()
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         self._sample()
         client_end = self._rss(None)
         client = Usage(Process(os.getpid(), _name(self.proc, os.getpid()) or "python", "this process"), cpu,
