@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from squadbus.benchmarks.loops import DEFAULT_LOOP, uvloop_installed
 from squadbus.benchmarks.simulate import SimConfig
-from squadbus.benchmarks.simulate_host import FLUSH_INTERVAL, Host, HostPlan
+from squadbus.benchmarks.simulate_host import FLUSH_INTERVAL, HANDLER, Host, HostPlan
 from squadbus.benchmarks.simulate_squad import KINDS, Squad
 from squadbus.cli.main import main
 from squadbus.cli.simulate import simulate
@@ -181,3 +181,29 @@ async def test_a_host_writes_its_deliveries_while_it_runs_not_only_when_it_stops
         await bus.close()
         gc.unfreeze()
     assert sum(1 for x in log.getvalue().splitlines() if x.startswith("D ")) == 1  # not written again at stop
+
+
+async def test_a_host_with_handlers_has_no_task_per_agent_and_still_answers_requests() -> None:
+    bus = Bus.from_url("memory://")
+    await bus.start()
+    plan = HostPlan(url="memory://", run_id="r2", agents=50, processes=1, host=0, rate_per_agent=0.0,
+                    log_path="unused", receive=HANDLER)
+    host = Host(bus, plan, Squad(50), io.StringIO())
+    before = len(asyncio.all_tasks())
+    try:
+        await host.open()
+        assert host.status()["opened"] == 50
+        assert len(asyncio.all_tasks()) - before < 25  # the Bus's and the host's own tasks, none per agent
+        reply = await bus.request("pm-dev", "dev-5", "status?", "request", timeout=5,
+                                  metadata={"sim": "r2", "t": time.time(), "k": "request"})
+        assert reply.sender_id == "dev-5" and reply.content == "Done."
+        await bus.broadcast("pm-dev", "news", "announcement", metadata={"sim": "r2", "t": time.time(), "k": "squad"})
+        async with asyncio.timeout(10):
+            while host.status()["delivered"] < 1 + 50:
+                await asyncio.sleep(0.01)
+        assert host.status()["handler_errors"] == 0
+    finally:
+        await host.stop()
+        await bus.close()
+        gc.unfreeze()
+    assert host.status()["delivered"] == 1 + 50
