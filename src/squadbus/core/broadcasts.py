@@ -65,40 +65,46 @@ class _Copy(Delivery):
     Its settlement is reported to the hub inline (no future or callback per copy: a squad
     broadcast to 2,500 inboxes of a host is 2,500 of these at once)."""
 
-    __slots__ = ("_fanout", "_hub", "_inbox", "delay")
+    __slots__ = ("_fanout", "_inbox", "delay")
 
-    def __init__(self, message: Message, attempt: int, inbox: Inbox, hub: BroadcastHub, fanout: _Fanout,
+    def __init__(self, message: Message, attempt: int, inbox: Inbox, fanout: _Fanout,
                  on_failure: FailurePolicy) -> None:
-        # Delivery.__init__ inlined: one of these per inbox per broadcast.
+        # Delivery.__init__ inlined, and only what every copy needs stored: one of these per inbox per
+        # broadcast (the group and gap_before are read from the class; delay is set by a nack).
         self.message = message
         self.attempt = attempt
-        self.group = inbox._group
-        self.gap_before = 0
         self._settled = None
         self._waiter = None
         self._on_failure = on_failure
-        self._hub = hub
         self._fanout = fanout
         self._inbox = inbox
-        self.delay = 0.0
+
+    @property
+    def group(self) -> str:  # type: ignore[override]  # Delivery's slot, read through the inbox: a store less
+        return self._inbox._group
+
+    @property
+    def gap_before(self) -> int:  # type: ignore[override]  # a copy never follows a gap
+        return 0
 
     def _ack(self) -> None:
         self._fanout.finish_one()  # what the hub's _settled does for an ack, one call less per copy
 
     def _nack(self, delay: float) -> None:
         self.delay = delay
-        self._hub._settled(self)
+        self._fanout.hub._settled(self)
 
     def _term(self) -> None:
-        self._hub._settled(self)
+        self._fanout.hub._settled(self)
 
 
 class _Fanout:
     """One broadcast being copied to a Bus's inboxes: ``done`` once every copy is settled or given up."""
 
-    __slots__ = ("done", "left", "subject")
+    __slots__ = ("done", "hub", "left", "subject")
 
-    def __init__(self, subject: str, count: int) -> None:
+    def __init__(self, hub: BroadcastHub, subject: str, count: int) -> None:
+        self.hub = hub
         self.subject = subject
         self.left = count
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -185,7 +191,7 @@ class BroadcastHub:
                 # items() was 10,000 tracked tuples per squad broadcast, each one more for the collector).
                 targets = dict(self._listeners.get(subject, {}))
                 if targets:
-                    fanout = _Fanout(subject, len(targets))
+                    fanout = _Fanout(self, subject, len(targets))
                     wakeups = Wakeups(asyncio.get_running_loop())
                     message, attempt = delivery.message, delivery.attempt
                     stats = self._bus.stats
@@ -195,7 +201,7 @@ class BroadcastHub:
                     acked = 0  # copies a handler acked by returning, counted down together after the loop
                     try:
                         for inbox, on_failure in targets.items():  # _offer inlined: once per inbox per broadcast
-                            copy = _Copy(message, attempt, inbox, self, fanout, on_failure)
+                            copy = _Copy(message, attempt, inbox, fanout, on_failure)
                             handler = inbox._inline
                             if handler is None:  # an agent's loop or the inbox's task takes it from its queue
                                 if not inbox.offer(copy, wakeups):
@@ -237,7 +243,7 @@ class BroadcastHub:
 
     def _offer(self, fanout: _Fanout, message: Message, attempt: int, inbox: Inbox, on_failure: FailurePolicy) -> None:
         """Put a copy in ``inbox``'s queue; it reports its settlement to :meth:`_settled`."""
-        copy = _Copy(message, attempt, inbox, self, fanout, on_failure)
+        copy = _Copy(message, attempt, inbox, fanout, on_failure)
         stats = self._bus.stats
         stats.delivered += 1
         if attempt > 1:
