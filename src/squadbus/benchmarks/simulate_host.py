@@ -257,15 +257,12 @@ class Host:
         if self._writer is None:
             self._writer = asyncio.create_task(self._write_received_forever())
         gate = asyncio.Semaphore(self.plan.open_concurrency)
-
         with_handler = self.plan.receive == HANDLER
 
         async def open_one(agent: Agent) -> None:
             async with gate:
-                if with_handler:
-                    inbox = self.bus.inbox(agent.id, domains=(agent.domain,), handler=self._handler_of(agent))
-                else:
-                    inbox = self.bus.inbox(agent.id, domains=(agent.domain,))
+                handler = self._handler_of(agent) if with_handler else None
+                inbox = self.bus.inbox(agent.id, domains=(agent.domain,), handler=handler)
                 await inbox.open()
                 self._inboxes.append(inbox)
                 self.figures.opened += 1
