@@ -436,12 +436,15 @@ class Inbox:
             )
 
     def _returned(self, delivery: Delivery, returned: object) -> None:
-        """Settle ``delivery`` (a broadcast copy) whose plain-function handler returned ``returned`` (not None)."""
-        try:
-            self._check_returned(returned)
-        except ConfigError as exc:
-            self._settle_later(delivery.fail(exc))
-            return
+        """Settle ``delivery`` (a broadcast copy) whose plain-function handler returned ``returned``: ack it
+        unless the handler settled it; an awaitable returned fails it. A settle that needs I/O (a failure's
+        nack or dead letter) runs as a task of the inbox, which closing waits for."""
+        if returned is not None:
+            try:
+                self._check_returned(returned)
+            except ConfigError as exc:
+                self._settle_later(delivery.fail(exc))
+                return
         if delivery._settled is None:
             pending = delivery.ack_soon()
             if pending is not None:
@@ -452,19 +455,14 @@ class Inbox:
         self._call_inline(delivery)
 
     def _deliver_inline(self, delivery: Delivery) -> None:
-        """Run the plain-function handler on ``delivery`` (a broadcast copy) and settle it by the outcome.
-
-        An ack of a copy is settled at once; a failure, or a settle that needs I/O, runs as a task of the
-        inbox (closing waits for it)."""
+        """Run the plain-function handler on ``delivery`` (a broadcast copy) and settle it by the outcome."""
+        assert self._inline is not None
         try:
-            self._call_inline(delivery)
+            returned = self._inline(delivery)
         except Exception as exc:
             self._settle_later(delivery.fail(exc))
             return
-        if delivery._settled is None:
-            pending = delivery.ack_soon()
-            if pending is not None:
-                self._settle_later(pending)
+        self._returned(delivery, returned)
 
     def _settle_later(self, settling: Awaitable[object]) -> None:
         task: asyncio.Task[object] = asyncio.ensure_future(settling)
