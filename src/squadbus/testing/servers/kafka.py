@@ -84,7 +84,7 @@ class TansuServer:
         self.proc = spawn(argv, self.log_path)
         try:
             wait_until(lambda: port_open(self.port), timeout, f"tansu on port {self.port}", self.proc)
-        except ServerUnavailable:
+        except BaseException:  # not ready, or the wait itself failed or was interrupted: never leave it running
             self.stop()
             raise
         return self

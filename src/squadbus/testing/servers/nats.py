@@ -116,7 +116,11 @@ class NatsNode:
     def start(self, timeout: float = READY_TIMEOUT) -> NatsNode:
         """Start (or restart) and wait until healthy."""
         self.spawn()
-        self.wait_ready(timeout)
+        try:
+            self.wait_ready(timeout)
+        except BaseException:  # not ready, or the wait itself failed or was interrupted: never leave it running
+            self.stop()
+            raise
         return self
 
     def log_tail(self, lines: int = 20) -> str:

@@ -124,19 +124,22 @@ class RabbitServer:
         if not os.access(SERVER_SCRIPT, os.X_OK) or shutil.which("epmd") is None:
             raise ServerUnavailable(f"{SERVER_SCRIPT} or epmd not found; run scripts/install.sh (apt rabbitmq-server)")
         self._write_config()
-        if self.epmd is None or self.epmd.poll() is not None:
-            self.epmd = spawn(
-                ["epmd", "-port", str(self.epmd_port), "-address", "127.0.0.1"], self.directory / "epmd.log",
-                env=self.env(),
-            )
-            wait_until(lambda: port_open(self.epmd_port), 10.0, f"epmd on port {self.epmd_port}", self.epmd)
-        self.proc = spawn([SERVER_SCRIPT], self.directory / "node.log", env=self.env())
         try:
+            if self.epmd is None or self.epmd.poll() is not None:
+                self.epmd = spawn(
+                    ["epmd", "-port", str(self.epmd_port), "-address", "127.0.0.1"], self.directory / "epmd.log",
+                    env=self.env(),
+                )
+                wait_until(lambda: port_open(self.epmd_port), 10.0, f"epmd on port {self.epmd_port}", self.epmd)
+            self.proc = spawn([SERVER_SCRIPT], self.directory / "node.log", env=self.env())
             wait_until(lambda: amqp_handshake(self.port), timeout, f"rabbitmq node on port {self.port}", self.proc)
         except ServerUnavailable as exc:
             tail = self.log_tail()
             self.stop_node()
             raise ServerUnavailable(f"{exc}\n{tail}") from exc
+        except BaseException:  # the wait itself failed or was interrupted: never leave epmd or the node running
+            self.stop()
+            raise
         return self
 
     def log_tail(self, lines: int = 30) -> str:

@@ -76,7 +76,7 @@ class RedisServer:
         self.proc = spawn(self.argv(), self.directory / "redis.log")
         try:
             wait_until(lambda: _ping(self.port), timeout, f"redis-server on port {self.port}", self.proc)
-        except ServerUnavailable:
+        except BaseException:  # not ready, or the wait itself failed or was interrupted: never leave it running
             self.stop()
             raise
         return self
