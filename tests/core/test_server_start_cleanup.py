@@ -26,10 +26,10 @@ def _failing_wait(*args: object, **kwargs: object) -> None:
 
 def _servers() -> list[tuple[str, ModuleType, Any]]:
     return [
-        ("tansu", kafka, lambda: kafka.TansuServer()),
+        ("tansu", kafka, kafka.TansuServer),
         ("redis", redis, lambda: redis.RedisServer("fast", directory=tempfile.mkdtemp(prefix="squadbus-redis-"))),
         ("nats", nats, lambda: nats.NatsServer(Path(tempfile.mkdtemp(prefix="squadbus-nats-")))),
-        ("rabbitmq", rabbitmq, lambda: rabbitmq.RabbitServer()),
+        ("rabbitmq", rabbitmq, rabbitmq.RabbitServer),
     ]
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from types import TracebackType
 
 from squadbus.testing.servers.process import (
-    ServerUnavailable,
     find_binary,
     free_port,
     kill9,
