@@ -123,7 +123,7 @@ class KafkaSubscription(GroupMembership):
         self._closing = False
         self._clock = asyncio.get_running_loop().time
         self.runtime: KafkaConsumer | None = None
-        """The consumer runtime over this source (set by the backend); the backend closes it."""
+        """The consumer runtime over this source (set by core's Consumer); the backend closes it."""
 
     @property
     def pattern(self) -> str:
