@@ -132,3 +132,15 @@ async def test_an_async_handler_may_close_its_own_inbox() -> None:
         await bus.send("pm", "dev-1", "the last message")
         await _until(lambda: not inbox_with_handler.is_open)
         assert handled == ["the last message"]
+
+
+async def test_a_function_handler_waiting_on_its_copy_sees_it_acked_when_it_returns() -> None:
+    settled: list[asyncio.Future[str]] = []
+
+    def on_message(delivery: Delivery) -> None:
+        settled.append(delivery.settled_future())  # e.g. work started elsewhere that waits for the outcome
+
+    async with Bus.from_url("memory://") as bus, bus.inbox("dev-1", handler=on_message):
+        await bus.broadcast("pm", "all hands")
+        await _until(lambda: bool(settled))
+        assert await asyncio.wait_for(settled[0], WAIT) == "ack"

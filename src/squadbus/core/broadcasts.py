@@ -114,6 +114,13 @@ class _Fanout:
         if self.left == 0 and not self.done.done():
             self.done.set_result(None)
 
+    def finish(self, count: int) -> None:
+        """``count`` copies settled at once (none: nothing changes)."""
+        if count:
+            self.left -= count
+            if self.left == 0 and not self.done.done():
+                self.done.set_result(None)
+
 
 class BroadcastHub:
     """The broadcast subscriptions of one Bus, shared by its inboxes.
@@ -217,15 +224,13 @@ class BroadcastHub:
                             except Exception as exc:
                                 inbox._settle_later(copy.fail(exc))
                                 continue
-                            if returned is not None:
-                                inbox._returned(copy, returned)
-                            elif copy._settled is None:
-                                copy._settled = "ack"
+                            if returned is None and copy._settled is None and copy._waiter is None:
+                                copy._settled = "ack"  # nobody waits on it: counted, not reported one by one
                                 acked += 1
+                            else:
+                                inbox._returned(copy, returned)
                     finally:
-                        if acked:
-                            fanout.left -= acked - 1
-                            fanout.finish_one()
+                        fanout.finish(acked)
                         wakeups.flush()  # the agents given a copy are woken whatever happens to the rest
                     async with leases_kept([delivery], max(0.05, self._bus.consumer_options.ack_wait / 3)):
                         await asyncio.wait({fanout.done})

@@ -419,12 +419,6 @@ class Inbox:
 
     # ---- with a handler ---------------------------------------------------------------------------
 
-    def _call_inline(self, delivery: Delivery) -> None:
-        assert self._inline is not None
-        returned = self._inline(delivery)
-        if returned is not None:
-            self._check_returned(returned)
-
     def _check_returned(self, returned: object) -> None:
         """What a plain-function handler returned, other than None: an awaitable is a mistake, said clearly."""
         if inspect.isawaitable(returned):
@@ -452,7 +446,10 @@ class Inbox:
 
     async def _handle_inline(self, delivery: Delivery) -> None:
         """The direct subscription's handler with a plain-function handler (the Bus's wrapper settles)."""
-        self._call_inline(delivery)
+        assert self._inline is not None
+        returned = self._inline(delivery)
+        if returned is not None:
+            self._check_returned(returned)
 
     def _deliver_inline(self, delivery: Delivery) -> None:
         """Run the plain-function handler on ``delivery`` (a broadcast copy) and settle it by the outcome."""
