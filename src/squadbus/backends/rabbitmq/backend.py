@@ -20,6 +20,13 @@ Mapping (docs/backends/rabbitmq.md says why):
 
 One robust connection per backend (aio-pika reconnects and restores channels, queues,
 bindings and consumers), one confirm channel for publishing, one channel per subscription.
+
+Queues that several processes may create at once (group queues, inbox partitions) are created under the
+namespace's **setup lock**, an exclusive queue ``<namespace>.setup-lock`` held by one connection at a
+time (the broker drops it with its connection, so a crashed holder frees it). Checking, creating and
+filling a queue with the log's backlog then happens once, and no process consumes a quorum queue another
+one is still creating: RabbitMQ answers a declare of such a queue before its Ra server runs, and a
+``basic.consume`` on it then closes the consumer's whole connection with ``541 INTERNAL_ERROR``.
 """
 
 from __future__ import annotations
@@ -66,7 +73,7 @@ from squadbus.core.backend import (
     read_back,
 )
 from squadbus.core.envelope import Message, decode
-from squadbus.core.errors import BackendError, Closed, ConfigError, ConnectionLost, MalformedMessage
+from squadbus.core.errors import BackendError, BackendTimeout, Closed, ConfigError, ConnectionLost, MalformedMessage
 from squadbus.core.inbox_source import InboxHolder
 from squadbus.core.placement import InboxPlacement
 
@@ -90,6 +97,9 @@ class RabbitBackend:
         self._group_locks: dict[str, asyncio.Lock] = {}
         self._probe: aio_pika.abc.AbstractConnection | None = None
         self._probe_lock = asyncio.Lock()
+        self._setup_mutex = asyncio.Lock()  # taking and giving back the setup lock (see setup_lock)
+        self._setup_users = 0
+        self._setup_channel: aio_pika.abc.AbstractChannel | None = None
         self._backlog = BacklogCopier(self)
         self.inboxes = RabbitInboxHub(self)
         """The inbox hub: every open inbox of this backend (see :mod:`.inboxes`)."""
@@ -340,17 +350,12 @@ class RabbitBackend:
         # their own, one at a time.
         found: dict[str, int | None] = {}
         async with self._probe_lock:
-            if self._probe is None or self._probe.is_closed:
-                s = self.settings
-                self._probe = await aio_pika.connect(
-                    s.driver_url(), timeout=s.connect_timeout, ssl_context=s.ssl_context(),
-                    client_properties={"connection_name": f"squadbus {s.namespace} probe"},
-                )
+            probe = await self._probe_connection()
             channel: aio_pika.abc.AbstractChannel | None = None
             try:
                 for name in names:
                     if channel is None or channel.is_closed:
-                        channel = await self._probe.channel()
+                        channel = await probe.channel()
                     try:
                         queue = await channel.declare_queue(name, passive=True)
                     except aiormq.exceptions.ChannelNotFoundEntity:
@@ -363,6 +368,81 @@ class RabbitBackend:
                     with contextlib.suppress(Exception):
                         await channel.close()
         return found
+
+    async def _probe_connection(self) -> aio_pika.abc.AbstractConnection:
+        """The plain connection of passive declares and the setup lock (opened on first use)."""
+        if self._probe is None or self._probe.is_closed:
+            s = self.settings
+            self._probe = await aio_pika.connect(
+                s.driver_url(), timeout=s.connect_timeout, ssl_context=s.ssl_context(),
+                client_properties={"connection_name": f"squadbus {s.namespace} probe"},
+            )
+        return self._probe
+
+    @contextlib.asynccontextmanager
+    async def setup_lock(self) -> AsyncIterator[None]:
+        """Hold the namespace's setup lock: one process at a time (see the module docstring).
+
+        Tasks of this Bus share one hold (the first takes the lock, the last gives it back), so groups
+        created at once here still share their reads of the log; each group's own lock keeps its creation
+        one at a time. Waits while another process holds it, up to ``setup_timeout`` (then BackendTimeout).
+        """
+        async with self._setup_mutex:
+            if self._setup_users == 0:
+                self._setup_channel = await self._take_setup_lock()
+            self._setup_users += 1
+        try:
+            yield
+        finally:
+            self._setup_users -= 1
+            if self._setup_users == 0:
+                await asyncio.shield(self._give_setup_lock())  # given back even when this task is cancelled
+
+    async def _take_setup_lock(self) -> aio_pika.abc.AbstractChannel:
+        # The lock is the exclusive queue <namespace>.setup-lock of the probe connection: another connection
+        # declaring it is refused (RESOURCE_LOCKED, closing that channel) until it is deleted or its
+        # connection goes. The same connection could declare it again: hence the mutex and the one hold.
+        s = self.settings
+        name = s.setup_lock_queue
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + s.setup_timeout
+        pause = 0.01
+        while True:
+            try:
+                async with self._probe_lock:
+                    channel = await (await self._probe_connection()).channel()
+            except Exception as exc:
+                raise translate(exc, f"take the setup lock {name}") from exc
+            try:
+                await channel.declare_queue(name, exclusive=True)
+                return channel
+            except aiormq.exceptions.ChannelLockedResource:  # held elsewhere; the refusal closed the channel
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise BackendTimeout(
+                        f"another process has held the setup lock {name} for more than {s.setup_timeout:g} s "
+                        "(it creates the squad's queues and copies the log's backlog into them; raise "
+                        "setup_timeout for a long log)") from None
+                await asyncio.sleep(min(pause, left))
+                pause = min(0.2, pause * 2)
+            except BaseException as exc:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+                if isinstance(exc, Exception):
+                    raise translate(exc, f"take the setup lock {name}") from exc
+                raise
+
+    async def _give_setup_lock(self) -> None:
+        async with self._setup_mutex:
+            channel = self._setup_channel
+            if self._setup_users or channel is None:
+                return  # taken again meanwhile: the new hold gives it back
+            self._setup_channel = None
+            # Not deleted (connection gone): the broker dropped the exclusive queue with the connection.
+            with contextlib.suppress(Exception):
+                await channel.queue_delete(self.settings.setup_lock_queue)
+            with contextlib.suppress(Exception):
+                await channel.close()
 
     async def _register(self, name: str, group: str, pattern: str) -> None:
         try:
@@ -392,7 +472,7 @@ class RabbitBackend:
 
     async def _ensure_group(self, name: str, group: str, pattern: str, start: StartFrom) -> None:
         lock = self._group_locks.setdefault(name, asyncio.Lock())
-        async with lock:
+        async with lock, self.setup_lock():
             what = f"create the queue {name}"
             try:
                 created = not await self._queue_exists(name)

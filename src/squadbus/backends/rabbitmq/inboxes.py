@@ -279,7 +279,13 @@ class RabbitInboxHub:
             await self._consume(channel, index)
 
     async def _ensure_queues(self) -> None:
-        """Create the partition queues that do not exist yet, bound to their route, with the log's backlog."""
+        """Create the partition queues that do not exist yet, bound to their route, with the log's backlog,
+        under the squad's setup lock: other processes opening inboxes now neither create nor fill them a
+        second time, nor consume one before it is complete (see :mod:`.backend`)."""
+        async with self._backend.setup_lock():
+            await self._create_missing_queues()
+
+    async def _create_missing_queues(self) -> None:
         backend, s = self._backend, self._settings
         names = {p: s.inbox_partition_queue(p) for p in range(s.inbox_partitions)}
         found = await backend.ready_counts(list(names.values()))

@@ -12,7 +12,9 @@ attempts to reconnect after the connection was lost), ``dedupe_window`` (s, 0 = 
 ``dedupe_size`` (ids remembered by the in-process publish window),
 ``single_active_consumer`` (``true``: every group queue this URL declares hands its messages to one
 member at a time, the others standing by: per-execution order across members, no shared work),
-``tls_ca`` (path; ``amqps://`` turns TLS on with the system CAs).
+``tls_ca`` (path; ``amqps://`` turns TLS on with the system CAs), ``setup_timeout`` (s, default 120: how
+long a process waits for another one that holds the squad's setup lock while it creates queues and copies
+the log's backlog into them).
 
 Inboxes (docs/design/inboxes.md, RabbitMQ): ``inbox_partitions`` (queues an agent's direct messages
 are spread over by ``crc32(agent) % inbox_partitions``; every process of the squad must use the same
@@ -51,7 +53,7 @@ class Profile(enum.Enum):
 _URL_OPTIONS = (
     "profile", "namespace", "log_max_age", "log_max_bytes", "publish_timeout", "connect_timeout",
     "reconnect_interval", "dedupe_window", "dedupe_size", "tls_ca", "single_active_consumer",
-    "inbox_partitions", "inbox_hosts", "inbox_host", "inbox_prefetch", "inbox_unclaimed",
+    "inbox_partitions", "inbox_hosts", "inbox_host", "inbox_prefetch", "inbox_unclaimed", "setup_timeout",
 )
 
 
@@ -81,6 +83,7 @@ class RabbitSettings:
     inbox_host: int = 0
     inbox_prefetch: int = 1000
     inbox_unclaimed: float = 3600.0
+    setup_timeout: float = 120.0
 
     @property
     def classic_queues(self) -> bool:
@@ -94,8 +97,8 @@ class RabbitSettings:
             raise ConfigError("namespace is longer than 100 characters")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port {self.port} is out of range")
-        if min(self.publish_timeout, self.connect_timeout, self.reconnect_interval) <= 0:
-            raise ConfigError("publish_timeout, connect_timeout and reconnect_interval must be positive")
+        if min(self.publish_timeout, self.connect_timeout, self.reconnect_interval, self.setup_timeout) <= 0:
+            raise ConfigError("publish_timeout, connect_timeout, reconnect_interval and setup_timeout must be positive")
         if self.log_max_age < 0 or self.log_max_bytes < 0 or self.dedupe_window < 0 or self.dedupe_size < 0:
             raise ConfigError("log_max_age, log_max_bytes, dedupe_window and dedupe_size must be >= 0")
         if not 1 <= self.inbox_partitions <= 1024:
@@ -148,6 +151,11 @@ class RabbitSettings:
     def registry_queue(self) -> str:
         """The stream queue where each group's creation is recorded (its queue, name and pattern)."""
         return f"{self.namespace}.groups"
+
+    @property
+    def setup_lock_queue(self) -> str:
+        """The exclusive queue a process holds while it creates queues of the squad (one at a time)."""
+        return f"{self.namespace}.setup-lock"
 
     def inbox_partition_queue(self, partition: int) -> str:
         """The queue where the direct messages of the agents of inbox partition ``partition`` wait (quorum,
