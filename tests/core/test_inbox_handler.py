@@ -144,3 +144,33 @@ async def test_a_function_handler_waiting_on_its_copy_sees_it_acked_when_it_retu
         await bus.broadcast("pm", "all hands")
         await _until(lambda: bool(settled))
         assert await asyncio.wait_for(settled[0], WAIT) == "ack"
+
+
+async def test_function_handlers_that_keep_their_copies_get_one_copy_each_acked() -> None:
+    # A copy its handler returned without keeping is reused for the next inbox (one allocation less per
+    # copy); one the handler kept must stay its own: its inbox, its group, its outcome.
+    kept: list[tuple[str, Delivery]] = []
+    counted: list[str] = []
+
+    def keeper_of(agent: str) -> Callable[[Delivery], None]:
+        def on_message(delivery: Delivery) -> None:
+            kept.append((agent, delivery))
+        return on_message
+
+    def counter_of(agent: str) -> Callable[[Delivery], None]:
+        def on_message(delivery: Delivery) -> None:
+            counted.append(agent)  # keeps nothing of the delivery
+        return on_message
+
+    agents = [f"dev-{n}" for n in range(40)]
+    async with Bus.from_url("memory://") as bus:
+        inboxes = [bus.inbox(a, handler=keeper_of(a) if n % 3 == 0 else counter_of(a)) for n, a in enumerate(agents)]
+        await asyncio.gather(*(inbox.open() for inbox in inboxes))
+        sent = await bus.broadcast("pm", "all hands")
+        await _until(lambda: len(kept) + len(counted) == len(agents))
+        assert sorted(counted) == sorted(a for n, a in enumerate(agents) if n % 3)
+        assert len({id(d) for _, d in kept}) == len(kept) == len(agents[::3])
+        for agent, delivery in kept:
+            assert delivery.message.id == sent.id and delivery.settled == "ack"
+            assert delivery.group == next(i for i in inboxes if i.agent_id == agent)._group
+        await asyncio.gather(*(inbox.close() for inbox in inboxes))

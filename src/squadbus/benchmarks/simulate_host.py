@@ -240,6 +240,8 @@ class Host:
         self._received: list[Message] = []
         self._received_by: list[str] = []
         self._latencies: list[float] = []
+        # The last message a handler agent received, its send time and whether it is a request (_handler_of).
+        self._last_delivered: list[Any] = [None, 0.0, False]
         self._written = 0
         self._logged: tuple[Message | None, str] = (None, "")
         self._writer: asyncio.Task[None] | None = None
@@ -310,20 +312,23 @@ class Host:
         reply to a request started as a task (the handler is called inline and must not wait)."""
         run_id, figures, agent_id, now = self.plan.run_id, self.figures, agent.id, time.time
         received, received_by, latencies = self._received, self._received_by, self._latencies
+        last = self._last_delivered  # shared by the host's agents: a broadcast's copies share one Message
 
         def on_delivery(delivery: Delivery) -> None:
             try:
                 message = delivery.message
-                meta = message.metadata
-                if meta.get("sim") != run_id:
-                    figures.stale += 1  # left on the broker by an earlier run; acked
-                    return
+                if message is not last[0]:  # its send time and kind read once per message, not per copy
+                    meta = message.metadata
+                    if meta.get("sim") != run_id:
+                        figures.stale += 1  # left on the broker by an earlier run; acked
+                        return
+                    last[:] = message, float(meta["t"]), bool(message.headers.get(REPLY_TO))
                 # _delivered, inline: called for every copy of a squad broadcast, its cost is in the later
                 # copies' latency.
-                latencies.append(now() - float(meta["t"]))
+                latencies.append(now() - last[1])
                 received.append(message)
                 received_by.append(agent_id)
-                if message.headers.get(REPLY_TO):
+                if last[2]:
                     task = asyncio.create_task(self._answer_counted(message, agent_id))
                     self._replying.add(task)
                     task.add_done_callback(self._replying.discard)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from sys import getrefcount
 from typing import TYPE_CHECKING
 
 from squadbus.core import subjects
@@ -206,12 +207,12 @@ class BroadcastHub:
                     if attempt > 1:
                         stats.redelivered += len(targets)
                     acked = 0  # copies a handler acked by returning, counted down together after the loop
+                    spare: _Copy | None = None  # a copy its handler returned without keeping: the next one
                     try:
                         for inbox, on_failure in targets.items():  # _offer inlined: once per inbox per broadcast
-                            copy = _Copy(message, attempt, inbox, fanout, on_failure)
                             handler = inbox._inline
                             if handler is None:  # an agent's loop or the inbox's task takes it from its queue
-                                if not inbox.offer(copy, wakeups):
+                                if not inbox.offer(_Copy(message, attempt, inbox, fanout, on_failure), wakeups):
                                     fanout.finish_one()
                                 continue
                             # A plain-function handler, called here (what Inbox.offer would do, three calls less
@@ -219,14 +220,22 @@ class BroadcastHub:
                             if not inbox._open:
                                 fanout.finish_one()
                                 continue
+                            if spare is None:
+                                copy = _Copy(message, attempt, inbox, fanout, on_failure)
+                            else:
+                                copy, spare = spare, None
+                                copy._inbox, copy._on_failure, copy._settled = inbox, on_failure, None
                             try:
                                 returned = handler(copy)
                             except Exception as exc:
                                 inbox._settle_later(copy.fail(exc))
                                 continue
                             if returned is None and copy._settled is None and copy._waiter is None:
-                                copy._settled = "ack"  # nobody waits on it: counted, not reported one by one
-                                acked += 1
+                                acked += 1  # nobody waits on it: counted, not reported one by one
+                                if getrefcount(copy) == 2:  # only here (and the call's argument): reused
+                                    spare = copy
+                                else:
+                                    copy._settled = "ack"
                             else:
                                 inbox._returned(copy, returned)
                     finally:
