@@ -5,6 +5,7 @@ start used to stop the process only on ServerUnavailable, so it kept running aft
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from squadbus.testing.servers import kafka, nats, rabbitmq, redis
+from squadbus.testing.servers import kafka, nats, postgres, rabbitmq, redis
 
 
 class _CheckFailed(RuntimeError):
@@ -62,3 +63,37 @@ def test_a_start_that_fails_otherwise_stops_the_server(
         server.stop()
         if hasattr(server, "cleanup"):  # RabbitServer removes its own temporary directory
             server.cleanup()
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie has ended: the postmaster is pg_ctl's child, not ours)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.postgres
+def test_a_postgres_start_that_fails_otherwise_stops_the_postmaster(monkeypatch: pytest.MonkeyPatch) -> None:
+    # pg_ctl starts the postmaster as a daemon (not spawn()): its PID is read from postmaster.pid once pg_ctl is done
+    base = Path(tempfile.mkdtemp(prefix="squadbus-pg-"))
+    server = postgres.PostgresServer(base)
+    started: list[int] = []
+
+    def failing_wait(*args: object, **kwargs: object) -> None:
+        if (pid := server.pid()) is not None:
+            started.append(pid)
+        _failing_wait()
+
+    monkeypatch.setattr(postgres, "wait_until", failing_wait)
+    try:
+        server.init()
+        with pytest.raises(_CheckFailed):
+            server.start()
+        assert started, "postgres: nothing was started"
+        left = [pid for pid in started if _alive(pid)]
+        assert not left, f"postgres: postmaster {left} left running after its start failed"
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)

@@ -85,13 +85,17 @@ class PostgresServer:
         self._run([initdb, "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"])
 
     def start(self) -> None:
-        """Start the server and wait until it accepts connections."""
+        """Start the server and wait until it accepts connections; a start that fails in any way stops it again."""
         server_options = " ".join(
             ["-p", str(self.port), "-k", str(self.base), "-c", "listen_addresses=127.0.0.1", *self.options]
         )
-        self._run([_pg_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "30",
-                   "-o", server_options, "start"])
-        wait_until(lambda: port_open(self.port), 10.0, "postgres")
+        try:
+            self._run([_pg_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "30",
+                       "-o", server_options, "start"])
+            wait_until(lambda: port_open(self.port), 10.0, "postgres")
+        except BaseException:  # pg_ctl gave up or was interrupted, or the wait failed: never leave it running
+            self.stop()
+            raise
 
     def pid(self) -> int | None:
         """The postmaster PID, or None when it is not running."""
