@@ -43,6 +43,7 @@ from squadbus.benchmarks.resources import Meter, Process, Resources
 from squadbus.core import subjects
 from squadbus.core.backend import Delivery, Subscription
 from squadbus.core.bus import Bus
+from squadbus.core.tasks import cancel_and_wait
 
 INDEX_DIGITS = 12
 """Each message's content (and each raw payload) starts with its index, zero-padded to this width."""
@@ -348,7 +349,7 @@ async def measure(side: Side, load: Load, broker: Broker, *, label: str, progres
             except TimeoutError:
                 pass  # what never arrived is reported as lost
             finally:
-                with_progress.cancel()
+                await cancel_and_wait(with_progress)
         if meter is not None:
             resources = await meter.stop(seen)
         progress.done()
@@ -428,7 +429,7 @@ async def _drive(side: Side, load: Load, timeline: Timeline, progress: Progress,
     try:
         await asyncio.gather(*(sender() for _ in range(load.senders)))
     finally:
-        reporter.cancel()
+        await cancel_and_wait(reporter)
     if failure:
         exc = failure[0]
         raise BenchError(f"{side.name}: a send failed after {acked} acks: {type(exc).__name__}: {exc}") from exc
