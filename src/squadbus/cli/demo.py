@@ -32,6 +32,7 @@ from squadbus.core.bus import Bus
 from squadbus.core.envelope import Message
 from squadbus.core.errors import SquadbusError
 from squadbus.core.inbox import Inbox
+from squadbus.core.tasks import cancel_and_wait
 
 Mirror = Callable[[Message], Awaitable[None]]
 WRAP_UP = "that's the login page shipped, thanks all"
@@ -110,9 +111,7 @@ async def run_demo(url: str, mirror: Mirror | None = None, *, where: str = "") -
             await bus.broadcast("pm", WRAP_UP, "announcement", task_execution_id=execution)
             await asyncio.wait_for(narrator, timeout=30)
         finally:
-            for task in (*workers, narrator):
-                task.cancel()
-            await asyncio.gather(*workers, narrator, return_exceptions=True)
+            await cancel_and_wait(*workers, narrator)  # an agent that failed on its own raises here
             for inbox in (*inboxes.values(), reviewer):
                 await inbox.close()
         say("squad done")
