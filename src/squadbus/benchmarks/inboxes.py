@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 
 from squadbus.core.bus import Bus
 from squadbus.core.inbox import Inbox
+from squadbus.core.tasks import cancel_and_wait
 
 BATCH = 500
 """Sends, opens and closes are awaited this many at a time."""
@@ -141,9 +142,7 @@ async def steady_state(
     server_cpu = (cpu_seconds(server_pid) - cpu0) / (time.perf_counter() - wall0)
     gc.callbacks.remove(timed)
     probed = await probe() if probe is not None else {}
-    for worker in workers:
-        worker.cancel()
-    await asyncio.gather(*workers, return_exceptions=True)
+    await cancel_and_wait(*workers)  # an agent whose inbox failed raises here: its figures would be short
     ordered = sorted(latencies)
 
     def pct(p: float) -> float:
