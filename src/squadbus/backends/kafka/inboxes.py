@@ -464,6 +464,7 @@ class KafkaInboxHub:
             if not await self._commit_now(list(self._parts.values())):
                 await asyncio.sleep(0.2)
                 self._commit_wanted.set()
+            await asyncio.sleep(self._settings.commit_interval_ms / 1000)  # what settles meanwhile: one commit
 
     def _release_unclaimed(self) -> None:
         """Settle records whose agent has not opened here within ``inbox_unclaimed_ms`` (logged)."""

@@ -133,6 +133,7 @@ class GroupMembership:
             if not await self._commit_now():
                 await asyncio.sleep(0.2)
                 self._commit_wanted.set()
+            await asyncio.sleep(self._settings.commit_interval_ms / 1000)  # what settles meanwhile: one commit
 
     async def _commit_now(self, parts: Iterable[PartitionState] | None = None) -> bool:
         """Commit the floors that moved; False when a retry makes sense."""
