@@ -537,6 +537,25 @@ class ConformanceSuite:
         if self.features.splits_work:
             assert member_a.messages and member_b.messages, "both members should get work"
 
+    async def test_buses_creating_one_group_at_once_get_each_earlier_message_once(
+        self, bus: Bus, open_bus: BusFactory
+    ) -> None:
+        # Several processes starting the same consumer (the db-writer on every host, say) create its group
+        # at the same moment: what was sent before is delivered once, not once per creator (RabbitMQ copied
+        # the log's backlog into the new queue once per process that found it missing).
+        agent, group = _uid("agent"), _uid("g")
+        sent = [(await bus.send("pm", agent, f"before-{i}")).id for i in range(10)]
+        members = [bus, await open_bus(), await open_bus()]
+        got = Collector()
+        options = ConsumerOptions(start=StartFrom.EARLIEST)
+        await asyncio.gather(*(m.subscribe(subjects.direct(agent), got, group=group, options=options)
+                               for m in members))
+        await eventually(lambda: set(sent) <= set(got.ids), self.features.timeout * 2, "every earlier message")
+        await asyncio.sleep(0.5)  # time for a second copy to arrive, if one were made
+        counts = Counter(got.ids)
+        assert set(counts) == set(sent)
+        assert max(counts.values()) == 1, "an earlier message delivered more than once"
+
     async def test_group_resumes_after_close(self, bus: Bus, open_bus: BusFactory) -> None:
         agent, group = _uid("agent"), _uid("g")
         first = Collector()
