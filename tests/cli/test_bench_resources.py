@@ -155,3 +155,17 @@ def test_cpu_between_readings_is_the_thread_sum_unless_threads_ended() -> None:
     # a thread with 2 s of CPU ended: the live-thread sum dropped, the ticks kept it
     assert CpuReading(threads=8.5, ticks=10.5).since(start) == 10.5 - 10.0
     assert CpuReading(threads=None, ticks=11.0).since(CpuReading(None, 10.0)) == 1.0
+
+
+def test_a_cancelled_meter_has_stopped_sampling_when_cancel_returns() -> None:
+    # loadgen cancels its meter when a line fails, then stops the side: the sampler must not run on behind it.
+    meter = Meter(Process(None, reason="none"), every=0.01)
+
+    async def line() -> list[str]:
+        meter.start()
+        await asyncio.sleep(0.03)
+        await meter.cancel()
+        await meter.cancel()  # idempotent
+        return [t.get_coro().__qualname__ for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+    assert asyncio.run(line()) == []

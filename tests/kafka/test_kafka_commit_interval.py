@@ -51,16 +51,15 @@ async def _until_committed(settings: KafkaSettings, group_id: str, topic: str, c
 async def test_the_inbox_hub_commits_at_most_every_commit_interval_and_on_close(tansu: TansuServer) -> None:
     url = _url(tansu)
     settings = KafkaSettings.from_url(url)
-    async with Bus.from_url(url) as bus:
-        async with bus.inbox("dev-1", broadcasts=False) as inbox:
-            for n in range(2):
-                await bus.send("pm", "dev-1", f"m{n}")
-                delivery = await inbox.get(TIMEOUT)
-                await delivery.ack()
-                if n == 0:  # the first settled floor is committed at once ...
-                    await _until_committed(settings, settings.inbox_group, settings.inbox_topic, 1)
-            await asyncio.sleep(HELD)  # ... the next one waits for the interval
-            assert await _committed(settings, settings.inbox_group, settings.inbox_topic) == 1
+    async with Bus.from_url(url) as bus, bus.inbox("dev-1", broadcasts=False) as inbox:
+        for n in range(2):
+            await bus.send("pm", "dev-1", f"m{n}")
+            delivery = await inbox.get(TIMEOUT)
+            await delivery.ack()
+            if n == 0:  # the first settled floor is committed at once ...
+                await _until_committed(settings, settings.inbox_group, settings.inbox_topic, 1)
+        await asyncio.sleep(HELD)  # ... the next one waits for the interval
+        assert await _committed(settings, settings.inbox_group, settings.inbox_topic) == 1
     # ... or for close.
     assert await _committed(settings, settings.inbox_group, settings.inbox_topic) == 2
 

@@ -355,7 +355,7 @@ async def measure(side: Side, load: Load, broker: Broker, *, label: str, progres
         progress.done()
     finally:
         if meter is not None:
-            meter.cancel()
+            await meter.cancel()
         await side.stop()
     seen_times = [t for t in timeline.seen[:sent] if not math.isnan(t)]
     last = max(seen_times) if seen_times else ended

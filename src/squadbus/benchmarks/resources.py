@@ -310,11 +310,11 @@ class Meter:
         self._starts = dict(self._peaks)
         self._task = asyncio.create_task(self._sampler())
 
-    def cancel(self) -> None:
-        """Stop sampling without a result (the line failed); idempotent."""
+    async def cancel(self) -> None:
+        """Stop sampling without a result (the line failed); the sampler has ended when it returns. Idempotent."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
+            await cancel_and_wait(task)
 
     async def stop(self, messages: int) -> Resources:
         """The last snapshot: usage from :meth:`start` until now, for ``messages`` messages moved."""
