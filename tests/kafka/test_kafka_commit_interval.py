@@ -1,6 +1,7 @@
-"""``commit_interval_ms``: a group member and the inbox hub commit their settled floor at most that often
-(each commit is a broker write: once per settled batch, commits took a third of tansu's CPU in
-``simulate --scenario 5``); close still commits what is settled, so a restart redelivers nothing."""
+"""Consumer settings on tansu. ``commit_interval_ms``: a group member and the inbox hub commit their settled
+floor at most that often (each commit is a broker write; once per settled batch they were a fifth of tansu's
+CPU in bench_inboxes_kafka at 280 msgs/s); close still commits what is settled, so a restart redelivers
+nothing. ``fetch_max_wait_ms=0`` is refused on tansu, whose fetches would then never return a record."""
 
 from __future__ import annotations
 
@@ -87,3 +88,9 @@ def test_commit_interval_ms_is_checked() -> None:
     assert KafkaSettings.from_url("kafka://127.0.0.1:9092?commit_interval_ms=0").commit_interval_ms == 0
     with pytest.raises(ConfigError, match="commit_interval_ms"):
         KafkaSettings.from_url("kafka://127.0.0.1:9092?commit_interval_ms=-1")
+
+
+async def test_connecting_to_tansu_with_a_zero_fetch_wait_is_refused_clearly(tansu: TansuServer) -> None:
+    # tansu's fetch reads nothing with max_wait 0: every subscription would stay empty without a word.
+    with pytest.raises(ConfigError, match="fetch_max_wait_ms=0 on tansu"):
+        await Bus.from_url(f"{_url(tansu)}&fetch_max_wait_ms=0").start()

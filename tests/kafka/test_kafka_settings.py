@@ -87,3 +87,10 @@ def test_group_timeouts_tuned_for_tansu_unless_the_url_sets_them() -> None:
     assert (session.session_timeout_ms, session.heartbeat_interval_ms) == (6000, 1000)
     both = KafkaSettings.from_url("kafka://h?session_timeout_ms=8000&heartbeat_interval_ms=2000")
     assert both.for_broker("tansu_cluster") is both
+
+
+def test_a_zero_fetch_wait_is_refused_on_tansu_only() -> None:
+    zero = KafkaSettings.from_url("kafka://h?fetch_max_wait_ms=0")
+    with pytest.raises(ConfigError, match="fetch_max_wait_ms=0 on tansu"):
+        zero.for_broker("tansu_cluster")
+    assert zero.for_broker("MkU3OEVBNTcwNTJENDM2Qk") is zero  # Apache Kafka answers a zero wait at once

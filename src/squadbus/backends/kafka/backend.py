@@ -33,7 +33,7 @@ from squadbus.core.backend import (
     Subscription,
 )
 from squadbus.core.envelope import Message
-from squadbus.core.errors import BackendError, Closed, ConnectionLost
+from squadbus.core.errors import BackendError, Closed, ConfigError, ConnectionLost
 from squadbus.core.placement import InboxPlacement
 
 logger = logging.getLogger("squadbus.backends.kafka")
@@ -104,7 +104,11 @@ class KafkaBackend:
         except (KafkaError, TimeoutError) as exc:
             await self._publisher.stop()
             raise self._connect_error(exc, held.cause()) from exc
-        tuned = self.settings.for_broker(await self._publisher.cluster_id())
+        try:
+            tuned = self.settings.for_broker(await self._publisher.cluster_id())
+        except ConfigError:
+            await self._publisher.stop()
+            raise
         if tuned is not self.settings:
             logger.info("kafka: tansu broker, group session %d ms / heartbeat %d ms (set them in the URL to change)",
                         tuned.session_timeout_ms, tuned.heartbeat_interval_ms)
