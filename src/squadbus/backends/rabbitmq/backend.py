@@ -408,12 +408,10 @@ class RabbitBackend:
         deadline = loop.time() + s.setup_timeout
         pause = 0.01
         while True:
+            channel: aio_pika.abc.AbstractChannel | None = None
             try:
                 async with self._probe_lock:
                     channel = await (await self._probe_connection()).channel()
-            except Exception as exc:
-                raise translate(exc, f"take the setup lock {name}") from exc
-            try:
                 await channel.declare_queue(name, exclusive=True)
                 return channel
             except aiormq.exceptions.ChannelLockedResource:  # held elsewhere; the refusal closed the channel
@@ -426,8 +424,9 @@ class RabbitBackend:
                 await asyncio.sleep(min(pause, left))
                 pause = min(0.2, pause * 2)
             except BaseException as exc:
-                with contextlib.suppress(Exception):
-                    await channel.close()
+                if channel is not None:
+                    with contextlib.suppress(Exception):
+                        await channel.close()
                 if isinstance(exc, Exception):
                     raise translate(exc, f"take the setup lock {name}") from exc
                 raise
