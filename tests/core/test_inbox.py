@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -203,6 +204,44 @@ async def test_leaving_the_bus_never_replaces_the_agents_error(caplog: pytest.Lo
 async def _until(check: Callable[[], bool]) -> None:
     while not check():
         await asyncio.sleep(0.01)
+
+
+async def test_where_broadcasts_are_kept_apart_the_hub_reads_the_squad_and_the_domains_apart() -> None:
+    """A backend that keeps broadcasts apart (Kafka's broadcast topic) serves a broadcasts-only pattern without
+    reading direct messages: the hub then holds ``agent.message.broadcast`` and ``agent.message.domain.>``
+    (however many domains) instead of ``agent.message.>``, and each broadcast still reaches its inboxes once."""
+    backend = MemoryBackend()
+    backend.literal_subscriptions_cheap = False  # type: ignore[attr-defined]
+    backend.broadcasts_apart = True  # type: ignore[attr-defined]
+    subscribed: list[str] = []
+    subscribe = backend.subscribe
+
+    async def recording(pattern: str, *args: Any, **kwargs: Any) -> Any:
+        subscribed.append(pattern)
+        return await subscribe(pattern, *args, **kwargs)
+
+    backend.subscribe = recording  # type: ignore[method-assign]
+    async with Bus(backend) as bus:
+        dev = await bus.inbox("dev-1", domains=("dev",)).open()
+        sales = await bus.inbox("sales-1", domains=("sales", "support")).open()
+        assert sorted(subscribed) == ["agent.message.broadcast", "agent.message.domain.>"]
+        assert bus.broadcast_hub.subscriptions == 2
+        squad = await bus.broadcast("pm", "all hands")
+        to_dev = await bus.broadcast("pm-dev", "dev only", domain="dev")
+        to_support = await bus.broadcast("pm-support", "support only", domain="support")
+        direct = await bus.send("pm", "dev-1", "just you")
+        got: dict[str, set[Any]] = {"dev-1": set(), "sales-1": set()}
+        for inbox, name, count in ((dev, "dev-1", 3), (sales, "sales-1", 2)):
+            for _ in range(count):
+                got[name].add((delivery := await inbox.get(2)).message.id)
+                await delivery.ack()
+            with pytest.raises(ReceiveTimeout):
+                await inbox.get(0.2)
+        assert got == {"dev-1": {squad.id, to_dev.id, direct.id}, "sales-1": {squad.id, to_support.id}}
+        await sales.close()
+        assert bus.broadcast_hub.subscriptions == 2  # dev still listens to both
+        await dev.close()
+        assert bus.broadcast_hub.subscriptions == 0
 
 
 async def test_where_literal_subscriptions_are_not_cheap_the_hub_reads_all_broadcasts_once() -> None:

@@ -241,7 +241,7 @@ def test_the_inbox_assignor_places_by_slot_and_gives_orphans_to_the_least_loaded
 def test_settings_of_inboxes() -> None:
     s = KafkaSettings.from_url("kafka://h?topic=sq&inbox_hosts=4&inbox_host=3&inboxes=true")
     assert (s.inbox_topic, s.inbox_group, s.inbox_hosts, s.inbox_host) == ("sq.inbox", "sq.inboxes", 4, 3)
-    assert KafkaSettings.from_url("kafka://h?inboxes=false").topics == (
+    assert KafkaSettings.from_url("kafka://h?inboxes=false&broadcasts_apart=false").topics == (
         "agent-messages", "agent-messages-replies", "agent-messages-dlq")
     for bad in ("inbox_hosts=2&inbox_host=2", "inbox_hosts=-1", "inbox_unclaimed_ms=0", "inbox_topic=agent-messages"):
         with pytest.raises(ConfigError):

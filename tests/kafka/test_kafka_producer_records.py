@@ -44,17 +44,22 @@ def test_key_and_headers_of_a_record() -> None:
 
 
 @pytest.mark.parametrize("inboxes", [True, False])
-def test_route_agrees_with_topic_for_and_inbox_recipient_when_remembered_or_forgotten(
-    inboxes: bool, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("apart", [True, False])
+def test_route_agrees_with_topic_for_and_copy_for_when_remembered_or_forgotten(
+    inboxes: bool, apart: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(topics, "ROUTES_REMEMBERED", 3)
-    layout = TopicLayout(KafkaSettings(topic="m", inboxes=inboxes))
+    layout = TopicLayout(KafkaSettings(topic="m", inboxes=inboxes, broadcasts_apart=apart))
     names = ["agent.message.dev-1", "agent.message.broadcast", "agent.message.domain.dev", "agent.reply.r1",
-             "agent.dlq.writer", "agent.message.dev.x", "other.subject", "agent.message.dev-2"]
+             "agent.dlq.writer", "agent.message.dev.x", "other.subject", "agent.message.dev-2",
+             "agent.message.domain.dev.x"]
     for subject in names + names:  # the second pass is answered from what is remembered, or recomputed
-        recipient = layout.inbox_recipient(subject)
-        assert layout.route(subject) == (layout.topic_for(subject), None if recipient is None else recipient.encode())
-    assert layout.route("agent.message.dev-1")[1] == (b"dev-1" if inboxes else None)
+        assert layout.route(subject) == (layout.topic_for(subject), *(layout.copy_for(subject) or (None, None)))
+    assert layout.route("agent.message.dev-1") == ("m", "m.inbox", b"dev-1") if inboxes else ("m", None, None)
+    for broadcast in ("agent.message.broadcast", "agent.message.domain.dev", "agent.message.domain.dev.x"):
+        assert layout.route(broadcast) == (("m", "m.broadcasts", None) if apart else ("m", None, None))
+    for other in ("agent.message.dev.x", "other.subject", "agent.reply.r1", "agent.dlq.writer"):
+        assert layout.route(other)[1:] == (None, None)
 
 
 @pytest.mark.kafka
@@ -91,6 +96,37 @@ async def test_publish_many_writes_keyed_placed_records_in_order_per_execution(
     assert [r.value for r in sorted(inbox, key=lambda r: r.offset)] == [envelope.encode(m) for m in messages]
     assert {(r.key, r.partition) for r in inbox} == {(agent.encode(), partition_for(agent.encode(),
                                                                                      list(range(PARTITIONS))))}
+
+
+@pytest.mark.kafka
+async def test_broadcasts_get_a_copy_on_the_broadcast_topic_keyed_as_the_main_record(tansu: TansuServer) -> None:
+    """Squad and domain broadcasts are written to the main and the broadcast topic, direct messages are not
+    (their copy is the inbox topic's), whether published one by one or in a batch."""
+    url = f"{tansu.url}?partitions={PARTITIONS}&idempotence=off&topic=t-{uuid.uuid4().hex[:10]}"
+    execution = uuid.uuid4()
+    async with Bus.from_url(url) as bus:
+        broadcasts = [
+            envelope.build(subject=subjects.BROADCAST, sender_id="pm", content="all hands"),
+            envelope.build(subject=subjects.domain("dev"), sender_id="pm-dev", content="dev",
+                           task_execution_id=execution),
+        ]
+        directs = [envelope.build(subject=subjects.direct(f"dev-{i}"), sender_id="pm", recipient_id=f"dev-{i}",
+                                  content=str(i), task_execution_id=execution) for i in range(5)]
+        await bus.publish_many([directs[0], broadcasts[0], *directs[1:3]])
+        for message in (broadcasts[1], *directs[3:]):
+            await bus.backend.publish(message)
+        assert isinstance(bus.backend, KafkaBackend)
+        settings = bus.backend.settings
+    main = await _read(settings, settings.topic, 7)
+    assert sorted(r.value for r in main) == sorted(envelope.encode(m) for m in broadcasts + directs)
+    copies = await _read(settings, settings.broadcast_topic, 2)
+    assert sorted(r.value for r in copies) == sorted(envelope.encode(m) for m in broadcasts)
+    for record in copies:
+        message = next(m for m in broadcasts if str(m.id).encode() == dict(record.headers)["squadbus-id"])
+        assert record.key == record_key(message)
+        assert record.partition == partition_for(record.key, list(range(PARTITIONS)))
+    inbox = await _read(settings, settings.inbox_topic, 5)
+    assert sorted(r.value for r in inbox) == sorted(envelope.encode(m) for m in directs)
 
 
 async def _read(settings: KafkaSettings, topic: str, count: int) -> list[Any]:

@@ -21,7 +21,7 @@ def test_url_parsing_and_defaults() -> None:
     )
     assert s.bootstrap_servers == ("k1:9092", "k2:9092")
     assert (s.partitions, s.retention_ms, s.idempotence) == (12, 3_600_000, Idempotence.ON)
-    assert s.topics == ("squad", "squad-replies", "squad-dlq", "squad.inbox")
+    assert s.topics == ("squad", "squad-replies", "squad-dlq", "squad.inbox", "squad.broadcasts")
     assert s.create_topics is False and s.publish_timeout == 2.5
     default = KafkaSettings.from_url("kafka://")
     assert default.bootstrap_servers == ("127.0.0.1:9092",)
@@ -54,13 +54,31 @@ def test_subject_to_topic(subject: str, topic: str) -> None:
 
 
 @pytest.mark.parametrize(("pattern", "topics"), [
-    ("agent.message.dev-1", ["m"]), ("agent.message.>", ["m"]), ("agent.message.domain.*", ["m"]),
+    ("agent.message.dev-1", ["m"]), ("agent.message.>", ["m"]), ("agent.message.domain.*", ["m.broadcasts"]),
+    ("agent.message.broadcast", ["m.broadcasts"]), ("agent.message.domain.>", ["m.broadcasts"]),
+    ("agent.message.domain.dev", ["m.broadcasts"]), ("agent.message.*", ["m"]), ("agent.message.*.>", ["m"]),
+    ("agent.message.domain", ["m"]), ("agent.*.domain.dev", ["m", "m-replies", "m-dlq"]),
     ("agent.reply.tok.*", ["m-replies"]), ("agent.dlq.g", ["m-dlq"]), ("agent.dlq.>", ["m-dlq"]),
     ("agent.>", ["m", "m-replies", "m-dlq"]), (">", ["m", "m-replies", "m-dlq"]),
     ("agent.*.x", ["m", "m-replies", "m-dlq"]), ("agent.*", ["m"]), ("*.dlq.g", ["m", "m-dlq"]),
 ])
 def test_pattern_to_topics(pattern: str, topics: list[str]) -> None:
+    """A pattern matching broadcasts only reads the broadcast topic; with ``broadcasts_apart`` off, the main one."""
     assert TopicLayout(KafkaSettings(topic="m")).topics_for(pattern) == topics
+    apart_off = TopicLayout(KafkaSettings(topic="m", broadcasts_apart=False))
+    assert apart_off.topics_for(pattern) == [t.replace("m.broadcasts", "m") for t in topics]
+
+
+def test_broadcast_topic_is_named_after_the_main_topic_and_apart_from_the_others() -> None:
+    settings = from_url("kafka://h:1?topic=sq&broadcast_topic=sq-b").settings
+    assert settings.broadcast_topic == "sq-b" and settings.broadcasts_apart
+    assert KafkaSettings(topic="sq").topics == ("sq", "sq-replies", "sq-dlq", "sq.inbox", "sq.broadcasts")
+    assert KafkaSettings(topic="sq", broadcasts_apart=False).topics == ("sq", "sq-replies", "sq-dlq", "sq.inbox")
+    assert TopicLayout(KafkaSettings(topic="sq")).all == ("sq", "sq-replies", "sq-dlq", "sq.broadcasts")
+    with pytest.raises(ConfigError, match="different topics"):
+        KafkaSettings(topic="sq", broadcast_topic="sq-replies")
+    with pytest.raises(ConfigError, match="invalid Kafka topic name"):
+        from_url("kafka://h:1?broadcast_topic=a%20b")
 
 
 def test_compose_file_is_single_node_kraft_without_zookeeper() -> None:

@@ -20,7 +20,12 @@ client (Kafka: one consumer per subscription, ``literal_subscriptions_cheap =
 False`` on the backend class), the hub holds one subscription on
 ``agent.message.>`` for all its broadcast subjects instead of one per subject,
 so a host reads the log once, not once per subject (six times for the squad
-and five domains), and acks at once what no inbox of it listens to.
+and five domains), and acks at once what no inbox of it listens to. Where
+such a backend also keeps broadcasts apart (``broadcasts_apart`` true on the
+backend: a pattern matching broadcasts only reads a log of broadcasts only,
+Kafka's broadcast topic), the hub holds two: ``agent.message.broadcast`` and
+``agent.message.domain.>``, and reads no direct message at all (no one
+pattern matches both without matching direct messages).
 
 The subscription is ephemeral by default: an inbox hears broadcasts while it
 is open. With ``Bus(host_id=...)`` it is the durable group
@@ -58,6 +63,9 @@ logger = logging.getLogger("squadbus.inbox")
 HOST_GROUP_PREFIX = "inbox-host-"
 ONE_READ = f"{subjects.MESSAGE_PREFIX}.>"
 """The one pattern a hub subscribes to where literal subscriptions are not cheap."""
+DOMAINS_READ = f"{subjects.DOMAIN_PREFIX}.>"
+"""The pattern carrying every domain broadcast where broadcasts are kept apart."""
+_DOMAIN_PREFIX = subjects.DOMAIN_PREFIX + "."
 
 
 class _Copy(Delivery):
@@ -145,9 +153,16 @@ class BroadcastHub:
         return len(self._subs)
 
     def _key(self, subject: str) -> str:
-        """The subscription that carries ``subject``: its own, or the one read of ``ONE_READ``."""
-        if getattr(self._bus.backend, "literal_subscriptions_cheap", True):
+        """The subscription that carries ``subject``: its own, the domains' one read of ``DOMAINS_READ``
+        where broadcasts are kept apart, or the one read of ``ONE_READ`` (module docstring)."""
+        backend = self._bus.backend
+        if getattr(backend, "literal_subscriptions_cheap", True):
             return subject
+        if getattr(backend, "broadcasts_apart", False):
+            if subject == subjects.BROADCAST:
+                return subject
+            if subject.startswith(_DOMAIN_PREFIX):
+                return DOMAINS_READ
         return ONE_READ
 
     async def join(self, subject: str, inbox: Inbox, on_failure: FailurePolicy) -> None:
@@ -177,8 +192,8 @@ class BroadcastHub:
                 return
             self._listeners.pop(subject, None)
             key = self._key(subject)
-            if key != subject and self._listeners:
-                return  # the one read still carries other subjects
+            if key != subject and any(self._key(other) == key for other in self._listeners):
+                return  # the shared read still carries other subjects
             sub = self._subs.pop(key, None)
         if sub is not None:
             await sub.close()

@@ -54,8 +54,8 @@ class KafkaBackend:
     """
 
     literal_subscriptions_cheap = False
-    """Every subscription is a consumer reading the whole topic: the Bus's broadcast hub reads all its
-    broadcast subjects with one subscription (``core/broadcasts.py``)."""
+    """Every subscription is a consumer reading whole topics: the Bus's broadcast hub reads its broadcast
+    subjects with one subscription, or two with ``broadcasts_apart`` (``core/broadcasts.py``)."""
 
     name = "kafka"
 
@@ -73,6 +73,12 @@ class KafkaBackend:
     def idempotent(self) -> bool:
         """True when the producer runs with idempotence (the broker granted it)."""
         return self._publisher.idempotent
+
+    @property
+    def broadcasts_apart(self) -> bool:
+        """True when broadcasts have a topic of their own (``broadcasts_apart``, :mod:`.topics`): a pattern
+        matching broadcasts only reads that topic, and the broadcast hub reads no direct message."""
+        return self.layout.broadcasts is not None
 
     async def connect(self) -> None:
         """Create missing topics (if ``create_topics``) and start the producer.

@@ -168,7 +168,7 @@ class KafkaPublisher:
                     logger.exception("publish batch failed unexpectedly")
                     _fail_all(queued, PublishFailed(f"publish failed unexpectedly: {exc!r}"))
                     continue
-                # A direct message has two records (main and inbox topic), maybe in two batches:
+                # A direct message or a broadcast has two records (main and copy topic), maybe in two batches:
                 # its publish returns once every batch holding one of its records is acknowledged.
                 owed = [0] * len(queued)
                 for _, positions in submitted:
@@ -227,21 +227,22 @@ class KafkaPublisher:
         partitioner = self._partitioner
         try:
             for position, message in enumerate(messages):
-                topic, inbox_key = layout.route(message.subject)
+                topic, copy_topic, copy_key = layout.route(message.subject)
                 ids = partitions.get(topic)
                 if ids is None:
                     ids = partitions[topic] = sorted(await producer.partitions_for(topic))
                 key = record_key(message)
                 value, headers = encode(message), record_headers(message)
                 batches.add(topic, partitioner(key, ids, ids), position, key, value, headers)
-                if inbox_key is not None:
-                    # The inbox copy (.inboxes): keyed by the recipient, so an agent's messages share
-                    # one partition, in publish order; acknowledged with the main record.
-                    assert layout.inbox is not None
-                    ids = partitions.get(layout.inbox)
+                if copy_topic is not None:
+                    # The inbox copy (.inboxes), keyed by the recipient so an agent's messages share one
+                    # partition in publish order, or the broadcast copy, keyed as the main record;
+                    # acknowledged with the main record.
+                    copy_key = copy_key or key
+                    ids = partitions.get(copy_topic)
                     if ids is None:
-                        ids = partitions[layout.inbox] = sorted(await producer.partitions_for(layout.inbox))
-                    batches.add(layout.inbox, partitioner(inbox_key, ids, ids), position, inbox_key, value, headers)
+                        ids = partitions[copy_topic] = sorted(await producer.partitions_for(copy_topic))
+                    batches.add(copy_topic, partitioner(copy_key, ids, ids), position, copy_key, value, headers)
                 if full:
                     for topic, partition, batch, positions in full:
                         submitted.append((await _send_batch(producer, batch, topic, partition), positions))

@@ -68,6 +68,15 @@ class KafkaSettings:
     ``inbox_unclaimed_ms``: how long a record for an agent whose inbox is not
     open anywhere in its partition's owner keeps that partition's commit floor
     before it is released undelivered (logged).
+
+    Broadcasts apart: with ``broadcasts_apart`` on (the default) a squad or
+    domain broadcast (``agent.message.broadcast``, ``agent.message.domain.>``)
+    is also written to ``broadcast_topic`` (default ``<topic>.broadcasts``),
+    and a subscription whose pattern matches broadcasts only (a Bus's broadcast
+    hub, or ``agent.message.domain.dev``) reads that topic instead of the main
+    one, so it no longer reads (and drops) every direct message of the squad.
+    Every process of a squad must agree on it: a reader with it on does not see
+    the broadcasts of a publisher with it off.
     """
 
     bootstrap_servers: tuple[str, ...] = (f"127.0.0.1:{DEFAULT_PORT}",)
@@ -96,6 +105,8 @@ class KafkaSettings:
     inbox_hosts: int = 0
     inbox_host: int = 0
     inbox_unclaimed_ms: int = 3_600_000
+    broadcasts_apart: bool = True
+    broadcast_topic: str = ""
     given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
     """The options the URL set (not an option itself)."""
 
@@ -108,11 +119,14 @@ class KafkaSettings:
             object.__setattr__(self, "dlq_topic", f"{self.topic}-dlq")
         if not self.inbox_topic:
             object.__setattr__(self, "inbox_topic", f"{self.topic}.inbox")
-        for name in (self.topic, self.reply_topic, self.dlq_topic, self.inbox_topic):
+        if not self.broadcast_topic:
+            object.__setattr__(self, "broadcast_topic", f"{self.topic}.broadcasts")
+        names = (self.topic, self.reply_topic, self.dlq_topic, self.inbox_topic, self.broadcast_topic)
+        for name in names:
             if not _TOPIC_NAME.match(name) or name in (".", ".."):
                 raise ConfigError(f"invalid Kafka topic name {name!r}")
-        if len({self.topic, self.reply_topic, self.dlq_topic, self.inbox_topic}) != 4:
-            raise ConfigError("topic, reply_topic, dlq_topic and inbox_topic must be four different topics")
+        if len(set(names)) != len(names):
+            raise ConfigError("topic, reply_topic, dlq_topic, inbox_topic and broadcast_topic must be different topics")
         if not self.inbox_group:
             # One group per squad (topic): squads sharing a broker must not rebalance each other.
             object.__setattr__(self, "inbox_group", f"{self.topic}.inboxes")
@@ -153,8 +167,10 @@ class KafkaSettings:
 
     @property
     def topics(self) -> tuple[str, ...]:
-        """The topics squadbus uses: main, replies, dead letters, and the inbox topic if ``inboxes``."""
-        return (self.topic, self.reply_topic, self.dlq_topic) + ((self.inbox_topic,) if self.inboxes else ())
+        """The topics squadbus uses: main, replies, dead letters, the inbox topic if ``inboxes`` and the
+        broadcast topic if ``broadcasts_apart``."""
+        return ((self.topic, self.reply_topic, self.dlq_topic) + ((self.inbox_topic,) if self.inboxes else ())
+                + ((self.broadcast_topic,) if self.broadcasts_apart else ()))
 
     @classmethod
     def from_url(cls, url: str) -> KafkaSettings:

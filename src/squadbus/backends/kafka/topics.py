@@ -9,12 +9,20 @@ Three topics (names from :class:`KafkaSettings`):
   broadcasts, and any other subject;
 * ``inbox_topic`` (with ``inboxes`` on) a second copy of each direct message
   ``agent.message.<agent>``, keyed by the recipient, read only by the inbox
-  group (:mod:`.inboxes`); no subscription pattern reads it.
+  group (:mod:`.inboxes`); no subscription pattern reads it;
+* ``broadcast_topic`` (with ``broadcasts_apart`` on) a second copy of each
+  squad and domain broadcast (``agent.message.broadcast``,
+  ``agent.message.domain.<domain>[.<more>]``), keyed as in the main topic.
 
 A subscription consumes every topic its pattern can match (``agent.>``
-reads all three, ``agent.message.>`` only the main topic) and filters
-records client-side by the subject header with
-:func:`squadbus.core.subjects.matches`.
+reads main, replies and dead letters, ``agent.message.>`` only the main
+topic) and filters records client-side by the subject header with
+:func:`squadbus.core.subjects.matches`. A pattern that matches broadcasts
+only (``agent.message.broadcast``, ``agent.message.domain.>``) reads the
+broadcast topic instead of the main one when there is one: every subject it
+can match has its copy there, and it skips the squad's direct messages
+(a Bus's broadcast hub read the whole main topic on every host, 280 records/s
+in scenario 5, to keep a few broadcasts; docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ _TOPIC_ALREADY_EXISTS = 36
 _DLQ_TOKENS = ("agent", "dlq")
 _REPLY_TOKENS = ("agent", "reply")
 _DIRECT_PREFIX = subjects.MESSAGE_PREFIX + "."
+_DOMAIN_PREFIX = subjects.DOMAIN_PREFIX + "."
+_DOMAIN_TOKENS = tuple(subjects.DOMAIN_PREFIX.split("."))
 
 
 def _prefix_could_match(pattern: str, prefix: tuple[str, str]) -> bool:
@@ -47,28 +57,39 @@ def _prefix_could_match(pattern: str, prefix: tuple[str, str]) -> bool:
     return len(tokens) > len(prefix)
 
 
-def _inside_prefix(pattern: str, prefix: tuple[str, str]) -> bool:
+def _inside_prefix(pattern: str, prefix: tuple[str, ...]) -> bool:
     """True when every subject ``pattern`` matches starts with ``<prefix>.``."""
     tokens = pattern.split(".")
     return len(tokens) > len(prefix) and tuple(tokens[: len(prefix)]) == prefix
 
 
+def is_broadcast(subject: str) -> bool:
+    """True for a squad or domain broadcast subject (its copy goes to the broadcast topic)."""
+    return subject == subjects.BROADCAST or subject.startswith(_DOMAIN_PREFIX)
+
+
+def broadcasts_only(pattern: str) -> bool:
+    """True when every subject ``pattern`` matches is a broadcast (:func:`is_broadcast`)."""
+    return pattern == subjects.BROADCAST or _inside_prefix(pattern, _DOMAIN_TOKENS)
+
+
 class TopicLayout:
     """Maps subjects to topics and subscription patterns to the topics to read."""
 
-    __slots__ = ("_routes", "dlq", "inbox", "main", "replies")
+    __slots__ = ("_routes", "broadcasts", "dlq", "inbox", "main", "replies")
 
     def __init__(self, settings: KafkaSettings) -> None:
         self.main = settings.topic
         self.replies = settings.reply_topic
         self.dlq = settings.dlq_topic
         self.inbox = settings.inbox_topic if settings.inboxes else None
-        self._routes: dict[str, tuple[str, bytes | None]] = {}
+        self.broadcasts = settings.broadcast_topic if settings.broadcasts_apart else None
+        self._routes: dict[str, tuple[str, str | None, bytes | None]] = {}
 
     @property
-    def all(self) -> tuple[str, str, str]:
-        """Every topic of the layout."""
-        return (self.main, self.replies, self.dlq)
+    def all(self) -> tuple[str, ...]:
+        """Every topic a subscription pattern can read (not the inbox topic, read by the inbox group only)."""
+        return (self.main, self.replies, self.dlq) + ((self.broadcasts,) if self.broadcasts else ())
 
     def topic_for(self, subject: str) -> str:
         """The topic a message published on ``subject`` goes to."""
@@ -86,21 +107,34 @@ class TopicLayout:
         agent = subject[len(_DIRECT_PREFIX):]
         return None if "." in agent or agent in subjects.RESERVED_AGENT_IDS else agent
 
-    def route(self, subject: str) -> tuple[str, bytes | None]:
-        """Where a message on ``subject`` is written: its topic, and the inbox copy's key (the
-        recipient, encoded; see :meth:`inbox_recipient`) or None. Remembered per subject (the
-        publish path asks once per message; a squad has few subjects per agent), at most
-        ``ROUTES_REMEMBERED`` of them."""
+    def copy_for(self, subject: str) -> tuple[str, bytes | None] | None:
+        """The second record a message on ``subject`` gets, as ``(topic, key)``: the inbox copy keyed by
+        its recipient (:meth:`inbox_recipient`), the broadcast copy (key None: the main record's key), or
+        None."""
+        recipient = self.inbox_recipient(subject)
+        if recipient is not None:
+            assert self.inbox is not None
+            return self.inbox, recipient.encode()
+        if self.broadcasts is not None and is_broadcast(subject):
+            return self.broadcasts, None
+        return None
+
+    def route(self, subject: str) -> tuple[str, str | None, bytes | None]:
+        """Where a message on ``subject`` is written: its topic, then the topic and key of its copy
+        (:meth:`copy_for`; both None when it has none). Remembered per subject (the publish path asks
+        once per message; a squad has few subjects per agent), at most ``ROUTES_REMEMBERED`` of them."""
         found = self._routes.get(subject)
         if found is None:
             if len(self._routes) >= ROUTES_REMEMBERED:
                 self._routes.clear()  # bounded memory; a forgotten subject costs one more lookup
-            recipient = self.inbox_recipient(subject)
-            found = self._routes[subject] = (self.topic_for(subject), None if recipient is None else recipient.encode())
+            copy = self.copy_for(subject)
+            found = self._routes[subject] = (self.topic_for(subject), *(copy or (None, None)))
         return found
 
     def topics_for(self, pattern: str) -> list[str]:
         """The topics a subscription to ``pattern`` must read (at least one)."""
+        if self.broadcasts is not None and broadcasts_only(pattern):
+            return [self.broadcasts]
         found = []
         in_dlq, in_replies = _inside_prefix(pattern, _DLQ_TOKENS), _inside_prefix(pattern, _REPLY_TOKENS)
         if not in_dlq and not in_replies:
