@@ -53,7 +53,7 @@ from squadbus.backends.kafka._driver import (
 from squadbus.backends.kafka.consumer import _leave_even_from_generation_zero
 from squadbus.backends.kafka.deadletter import malformed_dead_letter
 from squadbus.backends.kafka.inbox_assignor import InboxAssignor
-from squadbus.backends.kafka.partition import PartitionState, header_subject
+from squadbus.backends.kafka.partition import GAP_RETRY_DELAY, PartitionState, header_subject
 from squadbus.backends.kafka.partitioner import partition_for
 from squadbus.backends.kafka.producer import ID_HEADER, translate
 from squadbus.backends.kafka.settings import KafkaSettings
@@ -309,6 +309,7 @@ class KafkaInboxHub:
 
     async def _fetch_loop(self, consumer: AIOKafkaConsumer) -> None:
         max_pending = _DEFAULTS.max_pending
+        clock = asyncio.get_running_loop().time
         while not self._closed:
             if self._buffered >= max_pending:
                 self._space.clear()
@@ -324,17 +325,25 @@ class KafkaInboxHub:
                 logger.exception("inbox fetch of %s failed unexpectedly, retrying", self._topic)
                 await asyncio.sleep(0.5)
                 continue
-            moved = False
-            for tp, records in batch.items():
+            moved = again = False
+            now = clock()
+            for tp, fetched in batch.items():
                 part = self._parts.get(tp.partition)
                 if part is None or part.revoked:
                     continue
+                records, missing = part.state.take_until_gap(
+                    fetched, fetched[0].offset if part.high < 0 else part.high, now)
+                if missing is not None:  # the fetch skipped an offset: read the partition again from it
+                    consumer.seek(tp, missing)
+                    again = True
                 floor = part.state.floor
                 for record in records:
                     self._route(part, record)
                 moved = moved or part.state.floor != floor
             if moved:
                 self._commit_wanted.set()
+            if again:
+                await asyncio.sleep(GAP_RETRY_DELAY)
 
     def _route(self, part: _Part, record: ConsumerRecord) -> None:
         offset = record.offset

@@ -21,7 +21,7 @@ from squadbus.backends.kafka._driver import AIOKafkaConsumer, ConsumerRecord, Ka
 from squadbus.backends.kafka.deadletter import malformed_dead_letter
 from squadbus.backends.kafka.ends import high_watermarks_now
 from squadbus.backends.kafka.membership import GroupMembership, _leave_even_from_generation_zero, _Listener
-from squadbus.backends.kafka.partition import PartitionState, header_subject
+from squadbus.backends.kafka.partition import GAP_RETRY_DELAY, PartitionState, header_subject
 from squadbus.backends.kafka.producer import ID_HEADER, translate
 from squadbus.backends.kafka.settings import KafkaSettings
 from squadbus.backends.kafka.topics import TopicLayout
@@ -231,19 +231,28 @@ class KafkaSubscription(GroupMembership):
                 logger.warning("fetch for %s failed, retrying: %s", self.kafka_group_id or self._pattern, exc)
                 await asyncio.sleep(0.5)
                 continue
-            moved = False
-            for tp, records in batch.items():
+            moved = again = False
+            now = self._clock()
+            for tp, fetched in batch.items():
                 part = self._parts.get(tp)
                 if part is None:
                     # Assigned but not set up yet (a rebalance is running): fetch it again later.
-                    consumer.seek(tp, records[0].offset)
+                    consumer.seek(tp, fetched[0].offset)
                     continue
+                expected = part.next_offset
+                records, missing = part.take_until_gap(fetched, fetched[0].offset if expected is None else expected,
+                                                       now)
+                if missing is not None:  # the fetch skipped an offset: read the partition again from it
+                    consumer.seek(tp, missing)
+                    again = True
                 before = part.floor
                 self._buffered += part.add(records, self._pattern, self._matched)
                 moved = moved or part.floor != before
             if moved and self._group is not None:
                 self._commit_wanted.set()
             self._notify()
+            if again:
+                await asyncio.sleep(GAP_RETRY_DELAY)
 
     # ---- handing out (DeliverySource) --------------------------------------------------------
 
