@@ -44,12 +44,12 @@ import struct
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from squadbus.backends.kafka import KafkaBackend, KafkaSettings
+from squadbus.backends.kafka import Idempotence, KafkaBackend, KafkaSettings
 from squadbus.benchmarks import loadgen
 from squadbus.benchmarks.openloop import drive
 from squadbus.benchmarks.stats import Result, abba, median_of, paired_ratio
@@ -111,6 +111,19 @@ def _line(name: str, count: int, elapsed: float, notes: str, cpu: tuple[float, f
 def _settings(url: str, topic: str) -> KafkaSettings:
     """The settings of ``url`` with fresh topics (a later ``topic=`` wins)."""
     return KafkaSettings.from_url(f"{url}{'&' if '?' in url else '?'}topic={topic}")
+
+
+async def _tuned(settings: KafkaSettings) -> KafkaSettings:
+    """``settings`` as squadbus's backend runs them on the broker it meets (on tansu: the group timeouts and the
+    fetch wait of ``KafkaSettings.for_broker``), so the raw client does the same work with the same waits."""
+    backend = KafkaBackend(replace(settings, create_topics=False, idempotence=Idempotence.OFF))
+    await backend.connect()
+    try:
+        tuned = backend.settings
+    finally:
+        await backend.close()
+    return replace(settings, session_timeout_ms=tuned.session_timeout_ms,
+                   heartbeat_interval_ms=tuned.heartbeat_interval_ms, fetch_max_wait_ms=tuned.fetch_max_wait_ms)
 
 
 async def _until(check: Callable[[], bool], limit: float, what: str) -> None:
@@ -270,7 +283,7 @@ async def raw_throughput(
     in a second topic keyed by the recipient (the same key for every message,
     as every message goes to one agent); the window counts messages.
     """
-    settings = KafkaSettings.from_url(url)
+    settings = await _tuned(KafkaSettings.from_url(url))
     tag = uuid.uuid4().hex[:8]
     topic = await _raw_topic(settings, tag, *((".inbox",) if inbox_copy else ()))
     inbox, recipient = f"{topic}.inbox", f"bench-{tag}".encode()
@@ -335,7 +348,7 @@ async def raw_throughput(
 
 async def raw_latency(url: str, count: int, rate: float) -> Result:
     """Raw aiokafka: open loop at ``rate``; the record value carries its index."""
-    settings = KafkaSettings.from_url(url)
+    settings = await _tuned(KafkaSettings.from_url(url))
     tag = uuid.uuid4().hex[:8]
     topic = await _raw_topic(settings, tag)
     producer = _raw_producer(settings)
@@ -428,7 +441,7 @@ async def run(
 class RawSide:
     """The raw side of ``squadbus bench`` on Kafka: each sender awaits one record's ack (``acks="all"``,
     no linger, the backend's batch size), one group consumer runs ``getmany`` + ``commit()`` per batch
-    with the URL's session and fetch settings."""
+    with the session and fetch settings squadbus runs on the broker (:func:`_tuned`)."""
 
     def __init__(self, url: str, size: int, tag: str) -> None:
         import aiokafka
@@ -445,6 +458,7 @@ class RawSide:
                                                      content="x" * (size - loadgen.INDEX_DIGITS)))
 
     async def start(self, deliver: Callable[[int], None]) -> dict[str, float]:
+        self.settings = await _tuned(self.settings)  # not timed: squadbus's probe, not the raw client's work
         t0 = time.perf_counter()
         self.topic = await _raw_topic(self.settings, self.tag)
         producer = self._producer = _raw_producer(self.settings)

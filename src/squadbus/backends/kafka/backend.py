@@ -116,8 +116,9 @@ class KafkaBackend:
             await self._publisher.stop()
             raise
         if tuned is not self.settings:
-            logger.info("kafka: tansu broker, group session %d ms / heartbeat %d ms (set them in the URL to change)",
-                        tuned.session_timeout_ms, tuned.heartbeat_interval_ms)
+            logger.info("kafka: tansu broker, group session %d ms / heartbeat %d ms, fetch wait %d ms (set them in "
+                        "the URL to change)", tuned.session_timeout_ms, tuned.heartbeat_interval_ms,
+                        tuned.fetch_max_wait_ms)
             self.settings = tuned
         self._connected = True
 
