@@ -1,6 +1,6 @@
 """A fetch that skips an offset loses nothing: the partition is read again from the missing offset.
 
-Seen on tansu 0.6 in scenario 5 (1 run in 4 at ``fetch_max_wait_ms=25``): the db-writer group's fetch of
+Seen on tansu 0.6 in scenario 5 (4 runs of 18 at ``fetch_max_wait_ms=25``): the db-writer group's fetch of
 ``agent-messages[0]`` returned offset 912 right after 910; 911 was in the topic at the end of the run but
 never delivered, so the store missed one row. A broker that makes a later record visible before an
 earlier one (or answers with the later batch first, which aiokafka's fetcher then skips past) does that.
