@@ -21,7 +21,7 @@ import pytest
 
 from squadbus.backends.kafka import partition
 from squadbus.backends.kafka._driver import AIOKafkaConsumer, TopicPartition
-from squadbus.backends.kafka.partition import PartitionState
+from squadbus.backends.kafka.partition import GapGuard
 from squadbus.core import envelope, subjects
 from squadbus.core.backend import ConsumerOptions, Delivery, StartFrom
 from squadbus.core.bus import Bus
@@ -47,33 +47,33 @@ def _offsets(records: list[Any]) -> list[int]:
 
 
 def test_contiguous_records_and_re_reads_are_all_taken() -> None:
-    state = PartitionState(TopicPartition("t", 0))
-    taken, missing = state.take_until_gap(_records(5, 6, 7), 5, 0.0)
+    guard = GapGuard(TopicPartition("t", 0))
+    taken, missing = guard.take(_records(5, 6, 7), 5, 0.0)
     assert (_offsets(taken), missing) == ([5, 6, 7], None)
-    taken, missing = state.take_until_gap(_records(3, 4, 5, 6), 5, 0.0)  # 3, 4: re-read after a seek
+    taken, missing = guard.take(_records(3, 4, 5, 6), 5, 0.0)  # 3, 4: re-read after a seek
     assert (_offsets(taken), missing) == ([3, 4, 5, 6], None)
 
 
 def test_records_after_a_missing_offset_are_left_to_read_again() -> None:
-    state = PartitionState(TopicPartition("t", 0))
-    taken, missing = state.take_until_gap(_records(5, 6, 8, 9), 5, 0.0)
+    guard = GapGuard(TopicPartition("t", 0))
+    taken, missing = guard.take(_records(5, 6, 8, 9), 5, 0.0)
     assert (_offsets(taken), missing) == ([5, 6], 7)
-    taken, missing = state.take_until_gap(_records(8, 9), 7, 0.0)  # the fetch from 7 started after it
+    taken, missing = guard.take(_records(8, 9), 7, 0.0)  # the fetch from 7 started after it
     assert (_offsets(taken), missing) == ([], 7)
-    taken, missing = state.take_until_gap(_records(7, 8, 9), 7, 0.1)  # it is there now
+    taken, missing = guard.take(_records(7, 8, 9), 7, 0.1)  # it is there now
     assert (_offsets(taken), missing) == ([7, 8, 9], None)
 
 
 def test_a_gap_that_stays_is_taken_as_one_after_the_patience(caplog: pytest.LogCaptureFixture) -> None:
-    state = PartitionState(TopicPartition("t", 2))
-    assert state.take_until_gap(_records(9, 10), 7, 100.0)[1] == 7
-    assert state.take_until_gap(_records(9, 10), 7, 100.0 + partition.GAP_PATIENCE / 2)[1] == 7
+    guard = GapGuard(TopicPartition("t", 2))
+    assert guard.take(_records(9, 10), 7, 100.0)[1] == 7
+    assert guard.take(_records(9, 10), 7, 100.0 + partition.GAP_PATIENCE / 2)[1] == 7
     with caplog.at_level(logging.WARNING, logger="squadbus.backends.kafka"):
-        taken, missing = state.take_until_gap(_records(9, 10), 7, 100.0 + partition.GAP_PATIENCE)
+        taken, missing = guard.take(_records(9, 10), 7, 100.0 + partition.GAP_PATIENCE)
     assert (_offsets(taken), missing) == ([9, 10], None)
     assert any("offsets 7-8 of t[2]" in r.getMessage() for r in caplog.records)
     # A later gap is read again as the first one was.
-    assert state.take_until_gap(_records(12), 11, 200.0)[1] == 11
+    assert guard.take(_records(12), 11, 200.0)[1] == 11
 
 
 def _url(tansu: TansuServer, tag: str) -> str:
@@ -144,3 +144,21 @@ async def _drop_in(monkeypatch: pytest.MonkeyPatch, *, suffix: str) -> list[Topi
 
     monkeypatch.setattr(AIOKafkaConsumer, "getmany", getmany)
     return dropped
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("reader", ["read_all", "replay"])
+async def test_history_reads_get_every_record_when_a_fetch_skips_one(
+    tansu: TansuServer, monkeypatch: pytest.MonkeyPatch, reader: str
+) -> None:
+    tag = uuid.uuid4().hex[:10]
+    execution = uuid.uuid4()
+    async with Bus.from_url(f"{_url(tansu, tag)}&inboxes=false") as bus:
+        sent = [await bus.send("pm", "dev-1", f"m{i}", task_execution_id=execution) for i in range(COUNT)]
+        dropped = await _drop_in(monkeypatch, suffix="")
+        if reader == "read_all":
+            got = [m.id async for m in bus.backend.read_all(subjects.direct("dev-1"))]  # type: ignore[attr-defined]
+        else:
+            got = [m.id async for _, m in bus.replay(execution)]
+    assert dropped == [TopicPartition(f"t-{tag}", 0)]
+    assert got == [m.id for m in sent]

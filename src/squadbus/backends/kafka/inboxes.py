@@ -331,7 +331,7 @@ class KafkaInboxHub:
                 part = self._parts.get(tp.partition)
                 if part is None or part.revoked:
                     continue
-                records, missing = part.state.take_until_gap(
+                records, missing = part.state.gaps.take(
                     fetched, fetched[0].offset if part.high < 0 else part.high, now)
                 if missing is not None:  # the fetch skipped an offset: read the partition again from it
                     consumer.seek(tp, missing)

@@ -12,7 +12,7 @@ fetch of a partition returned offset 912 right after 910, and 911 (in the
 topic at the end) was never delivered, so the db-writer's store missed a row.
 A broker that makes a later record visible before an earlier one, or answers
 with the later batch first (aiokafka's fetcher then skips past the earlier),
-does that. :meth:`PartitionState.take_until_gap` keeps what comes before a
+does that. :class:`GapGuard` keeps what comes before a
 missing offset and tells the fetch loop to read the partition again from it;
 our topics have no legitimate gaps (no compaction, no transaction markers from
 squadbus's producers), but another producer's transaction markers would be
@@ -50,6 +50,48 @@ def header_subject(record: ConsumerRecord) -> str | None:
     return None
 
 
+class GapGuard:
+    """One partition's offsets a fetch skipped, read again until they come or ``GAP_PATIENCE`` has passed
+    (module docstring)."""
+
+    __slots__ = ("gap", "since", "tp")
+
+    def __init__(self, tp: TopicPartition) -> None:
+        self.tp = tp
+        self.gap = -1  # the missing offset being read again, since ``since`` (loop time)
+        self.since = 0.0
+
+    def take(self, records: Sequence[ConsumerRecord], expected: int,
+             now: float) -> tuple[Sequence[ConsumerRecord], int | None]:
+        """``records`` (one fetch of the partition, in offset order) up to the first offset at or after
+        ``expected`` that is missing, and that offset: the caller leaves the rest, seeks back to it and
+        fetches again. All of them and None when none is missing, or when the same offset has been missing
+        for ``GAP_PATIENCE`` seconds (logged: taken as a real gap). Records below ``expected`` are re-reads
+        and do not count."""
+        if not records:
+            return records, None
+        if records[0].offset == expected and records[-1].offset == expected + len(records) - 1:
+            return records, None  # contiguous from where the last fetch ended: the common case, no loop
+        for index, record in enumerate(records):
+            offset = record.offset
+            if offset < expected:
+                continue
+            if offset > expected:
+                if expected != self.gap:
+                    self.gap, self.since = expected, now
+                    logger.info("the fetch of %s[%d] skipped offsets %d-%d; reading them again", self.tp.topic,
+                                self.tp.partition, expected, offset - 1)
+                if now - self.since < GAP_PATIENCE:
+                    return records[:index], expected
+                logger.warning(
+                    "offsets %d-%d of %s[%d] are still missing after %.1f s of fetching again; going on without "
+                    "them (a gap in the partition)", expected, offset - 1, self.tp.topic, self.tp.partition,
+                    GAP_PATIENCE)
+                self.gap = -1
+            expected = offset + 1
+        return records, None
+
+
 class PartitionState:
     """One assigned partition: its queue of records to deliver and its commit floor.
 
@@ -61,8 +103,7 @@ class PartitionState:
     """
 
     __slots__ = (
-        "blocked_until", "committed", "floor", "gap", "gap_since", "inflight", "outstanding", "queue", "revoked",
-        "settled", "tp",
+        "blocked_until", "committed", "floor", "gaps", "inflight", "outstanding", "queue", "revoked", "settled", "tp",
     )
 
     def __init__(self, tp: TopicPartition) -> None:
@@ -75,8 +116,7 @@ class PartitionState:
         self.inflight = 0
         self.blocked_until = 0.0
         self.revoked = False
-        self.gap = -1  # a missing offset being read again (take_until_gap), since gap_since (loop time)
-        self.gap_since = 0.0
+        self.gaps = GapGuard(tp)
 
     @property
     def next_offset(self) -> int | None:
@@ -84,37 +124,6 @@ class PartitionState:
         if self.outstanding:
             return self.outstanding[-1] + 1
         return self.floor
-
-    def take_until_gap(self, records: Sequence[ConsumerRecord], expected: int,
-                       now: float) -> tuple[Sequence[ConsumerRecord], int | None]:
-        """``records`` (one fetch of this partition, in offset order) up to the first offset at or after
-        ``expected`` that is missing, and that offset: the caller leaves the rest, seeks back to it and
-        fetches again (module docstring). All of them and None when none is missing, or when the same
-        offset has been missing for ``GAP_PATIENCE`` seconds (logged: taken as a real gap). Records below
-        ``expected`` are re-reads and do not count."""
-        if not records:
-            return records, None
-        first, count = records[0].offset, len(records)
-        if first == expected and records[-1].offset == expected + count - 1:
-            return records, None  # contiguous from where the last fetch ended: the common case, no loop
-        for index, record in enumerate(records):
-            offset = record.offset
-            if offset < expected:
-                continue
-            if offset > expected:
-                if expected != self.gap:
-                    self.gap, self.gap_since = expected, now
-                    logger.info("the fetch of %s[%d] skipped offsets %d-%d; reading them again", self.tp.topic,
-                                self.tp.partition, expected, offset - 1)
-                if now - self.gap_since < GAP_PATIENCE:
-                    return records[:index], expected
-                logger.warning(
-                    "offsets %d-%d of %s[%d] are still missing after %.1f s of fetching again; going on without "
-                    "them (a gap in the partition)", expected, offset - 1, self.tp.topic, self.tp.partition,
-                    GAP_PATIENCE)
-                self.gap = -1
-            expected = offset + 1
-        return records, None
 
     def add(self, records: Sequence[ConsumerRecord], pattern: str, matched: dict[bytes, bool]) -> int:
         """Queue the records matching ``pattern``, settle the rest; returns how many were queued.

@@ -8,7 +8,8 @@ after ``since`` (``offsets_for_times``; a record's timestamp is taken when
 it is sent, after the message's ``created_at``, so no message is missed),
 up to the partition's end as of the start of the replay (its real end,
 :mod:`.ends`: tansu lists less after a batched publish). Positions are Kafka
-offsets in that partition.
+offsets in that partition. An offset a fetch skipped is read again
+(:class:`.partition.GapGuard`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from uuid import UUID
 
 from squadbus.backends.kafka._driver import KafkaError, TopicPartition
 from squadbus.backends.kafka.ends import groupless_consumer, high_watermarks
+from squadbus.backends.kafka.partition import GAP_RETRY_DELAY, GapGuard
 from squadbus.backends.kafka.partitioner import partition_for
 from squadbus.backends.kafka.producer import translate
 from squadbus.backends.kafka.settings import KafkaSettings
@@ -55,9 +57,16 @@ async def replay_execution(
             return
         consumer.seek(tp, start)
         position = start
+        guard, clock = GapGuard(tp), asyncio.get_running_loop().time
         while position < end:
             batch = await consumer.getmany(tp, timeout_ms=_READ_MS, max_records=500)
-            for record in batch.get(tp, ()):
+            records, missing = guard.take(batch.get(tp, ()), position, clock())
+            if missing is not None:  # the fetch skipped an offset (partition.py): read again from it
+                consumer.seek(tp, missing)
+                await asyncio.sleep(GAP_RETRY_DELAY)
+            for record in records:
+                if record.offset < position:
+                    continue  # read already
                 position = record.offset + 1
                 if record.offset >= end:
                     return

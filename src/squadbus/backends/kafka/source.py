@@ -240,7 +240,7 @@ class KafkaSubscription(GroupMembership):
                     consumer.seek(tp, fetched[0].offset)
                     continue
                 expected = part.next_offset
-                records, missing = part.take_until_gap(fetched, fetched[0].offset if expected is None else expected,
+                records, missing = part.gaps.take(fetched, fetched[0].offset if expected is None else expected,
                                                        now)
                 if missing is not None:  # the fetch skipped an offset: read the partition again from it
                     consumer.seek(tp, missing)
