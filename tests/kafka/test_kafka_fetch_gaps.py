@@ -84,7 +84,7 @@ def _url(tansu: TansuServer, tag: str) -> str:
 async def test_a_group_gets_every_record_when_a_fetch_skips_one(
     tansu: TansuServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    dropped = await _drop_in(monkeypatch, suffix="")
+    dropped = _drop_in(monkeypatch, suffix="")
     tag = uuid.uuid4().hex[:10]
     execution = uuid.uuid4()
     async with Bus.from_url(_url(tansu, tag)) as bus:
@@ -109,7 +109,7 @@ async def test_a_group_gets_every_record_when_a_fetch_skips_one(
 async def test_an_inbox_gets_every_record_when_a_fetch_skips_one(
     tansu: TansuServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    dropped = await _drop_in(monkeypatch, suffix=".inbox")
+    dropped = _drop_in(monkeypatch, suffix=".inbox")
     tag = uuid.uuid4().hex[:10]
     async with Bus.from_url(_url(tansu, tag)) as bus:
         sent = [await bus.send("pm", "dev-1", f"m{i}") for i in range(COUNT)]
@@ -125,7 +125,7 @@ async def test_an_inbox_gets_every_record_when_a_fetch_skips_one(
     assert got == [m.id for m in sent]
 
 
-async def _drop_in(monkeypatch: pytest.MonkeyPatch, *, suffix: str) -> list[TopicPartition]:
+def _drop_in(monkeypatch: pytest.MonkeyPatch, *, suffix: str) -> list[TopicPartition]:
     """Make the driver's fetch drop offset DROPPED once in the first topic ending with ``suffix`` whose
     answer also holds a later record (as tansu's did; aiokafka's position then moves past it). Returns the
     list the dropped partition is put in."""
@@ -155,7 +155,7 @@ async def test_history_reads_get_every_record_when_a_fetch_skips_one(
     execution = uuid.uuid4()
     async with Bus.from_url(f"{_url(tansu, tag)}&inboxes=false") as bus:
         sent = [await bus.send("pm", "dev-1", f"m{i}", task_execution_id=execution) for i in range(COUNT)]
-        dropped = await _drop_in(monkeypatch, suffix="")
+        dropped = _drop_in(monkeypatch, suffix="")
         if reader == "read_all":
             got = [m.id async for m in bus.backend.read_all(subjects.direct("dev-1"))]  # type: ignore[attr-defined]
         else:

@@ -43,7 +43,6 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from squadbus.backends.kafka._driver import (
     AIOKafkaConsumer,
-    CommitFailedError,
     ConsumerRebalanceListener,
     ConsumerRecord,
     IllegalStateError,
@@ -53,7 +52,7 @@ from squadbus.backends.kafka._driver import (
 from squadbus.backends.kafka.consumer import _leave_even_from_generation_zero
 from squadbus.backends.kafka.deadletter import malformed_dead_letter
 from squadbus.backends.kafka.inbox_assignor import InboxAssignor
-from squadbus.backends.kafka.partition import GAP_RETRY_DELAY, PartitionState, header_subject
+from squadbus.backends.kafka.partition import GAP_RETRY_DELAY, PartitionState, commit_floors, header_subject
 from squadbus.backends.kafka.partitioner import partition_for
 from squadbus.backends.kafka.producer import ID_HEADER, translate
 from squadbus.backends.kafka.settings import KafkaSettings
@@ -501,22 +500,7 @@ class KafkaInboxHub:
         consumer = self._consumer
         if consumer is None:
             return True
-        targets = [(p, p.state.to_commit()) for p in parts]
-        offsets = {p.state.tp: floor for p, floor in targets if floor is not None}
-        if not offsets:
-            return True
-        try:
-            await consumer.commit(offsets)
-        except (CommitFailedError, IllegalStateError) as exc:
-            logger.info("inbox commit skipped during a rebalance: %s", exc)
-            return True
-        except KafkaError as exc:
-            logger.warning("inbox commit failed, will retry: %s", exc)
-            return False
-        for part, floor in targets:
-            if floor is not None:
-                part.state.committed = floor
-        return True
+        return await commit_floors(consumer, [p.state for p in parts], "inbox commit")
 
     async def _on_revoked(self, revoked: Iterable[TopicPartition]) -> None:
         parts = [p for p in (self._parts.pop(tp.partition, None) for tp in revoked) if p is not None]

@@ -18,14 +18,12 @@ from collections.abc import Iterable
 
 from squadbus.backends.kafka._driver import (
     AIOKafkaConsumer,
-    CommitFailedError,
     ConsumerRebalanceListener,
-    IllegalStateError,
     KafkaError,
     TopicPartition,
 )
 from squadbus.backends.kafka.ends import high_watermarks, high_watermarks_now
-from squadbus.backends.kafka.partition import PartitionState
+from squadbus.backends.kafka.partition import PartitionState, commit_floors
 from squadbus.backends.kafka.settings import KafkaSettings
 from squadbus.core.backend import ConsumerOptions, StartFrom, durable_name
 
@@ -139,24 +137,8 @@ class GroupMembership:
         """Commit the floors that moved; False when a retry makes sense."""
         consumer = self._consumer
         assert consumer is not None
-        targets = [(p, p.to_commit()) for p in (self._parts.values() if parts is None else parts)]
-        offsets = {p.tp: floor for p, floor in targets if floor is not None}
-        if not offsets:
-            return True
-        try:
-            await consumer.commit(offsets)
-        except (CommitFailedError, IllegalStateError) as exc:
-            # The group is rebalancing: these partitions may belong to another member now,
-            # which re-reads from the last committed offset (at-least-once).
-            logger.info("commit for %s skipped during a rebalance: %s", self.kafka_group_id, exc)
-            return True
-        except KafkaError as exc:
-            logger.warning("commit for %s failed, will retry: %s", self.kafka_group_id, exc)
-            return False
-        for part, floor in targets:
-            if floor is not None:
-                part.committed = floor
-        return True
+        return await commit_floors(consumer, self._parts.values() if parts is None else parts,
+                                   f"commit for {self.kafka_group_id}")
 
     def _reorder(self) -> None:
         self._order = list(self._parts.values())

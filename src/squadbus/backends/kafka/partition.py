@@ -23,9 +23,16 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
-from squadbus.backends.kafka._driver import ConsumerRecord, TopicPartition
+from squadbus.backends.kafka._driver import (
+    AIOKafkaConsumer,
+    CommitFailedError,
+    ConsumerRecord,
+    IllegalStateError,
+    KafkaError,
+    TopicPartition,
+)
 from squadbus.backends.kafka.producer import SUBJECT_HEADER
 from squadbus.core import subjects
 
@@ -209,3 +216,26 @@ class PartitionState:
         if self.floor is None or self.floor == self.committed:
             return None
         return self.floor
+
+
+async def commit_floors(consumer: AIOKafkaConsumer, states: Iterable[PartitionState], what: str) -> bool:
+    """Commit the floors of ``states`` that moved since their last commit (one request); False when a retry
+    makes sense. A commit refused because the group is rebalancing is not retried: those partitions may
+    belong to another member now, which reads again from the last committed offset (at-least-once).
+    ``what`` names the committer in the logs."""
+    targets = [(state, state.to_commit()) for state in states]
+    offsets = {state.tp: floor for state, floor in targets if floor is not None}
+    if not offsets:
+        return True
+    try:
+        await consumer.commit(offsets)
+    except (CommitFailedError, IllegalStateError) as exc:
+        logger.info("%s skipped during a rebalance: %s", what, exc)
+        return True
+    except KafkaError as exc:
+        logger.warning("%s failed, will retry: %s", what, exc)
+        return False
+    for state, floor in targets:
+        if floor is not None:
+            state.committed = floor
+    return True
