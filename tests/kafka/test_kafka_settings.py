@@ -75,6 +75,9 @@ def test_broadcast_topic_is_named_after_the_main_topic_and_apart_from_the_others
     assert KafkaSettings(topic="sq").topics == ("sq", "sq-replies", "sq-dlq", "sq.inbox", "sq.broadcasts")
     assert KafkaSettings(topic="sq", broadcasts_apart=False).topics == ("sq", "sq-replies", "sq-dlq", "sq.inbox")
     assert TopicLayout(KafkaSettings(topic="sq")).all == ("sq", "sq-replies", "sq-dlq", "sq.broadcasts")
+    assert [KafkaSettings(topic="sq").partitions_of(t) for t in ("sq", "sq.inbox", "sq.broadcasts")] == [8, 8, 1]
+    with pytest.raises(ConfigError, match="broadcast_partitions"):
+        from_url("kafka://h:1?broadcast_partitions=0")
     with pytest.raises(ConfigError, match="different topics"):
         KafkaSettings(topic="sq", broadcast_topic="sq-replies")
     with pytest.raises(ConfigError, match="invalid Kafka topic name"):

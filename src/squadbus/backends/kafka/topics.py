@@ -12,7 +12,8 @@ Three topics (names from :class:`KafkaSettings`):
   group (:mod:`.inboxes`); no subscription pattern reads it;
 * ``broadcast_topic`` (with ``broadcasts_apart`` on) a second copy of each
   squad and domain broadcast (``agent.message.broadcast``,
-  ``agent.message.domain.<domain>[.<more>]``), keyed as in the main topic.
+  ``agent.message.domain.<domain>[.<more>]``), keyed as in the main topic;
+  ``broadcast_partitions`` partitions (1) when squadbus creates it.
 
 A subscription consumes every topic its pattern can match (``agent.>``
 reads main, replies and dead letters, ``agent.message.>`` only the main
@@ -153,7 +154,7 @@ async def ensure_topics(admin: AIOKafkaAdminClient, settings: KafkaSettings) -> 
     """
     config = {"retention.ms": str(settings.retention_ms)}
     wanted = [
-        NewTopic(name, settings.partitions, settings.replication_factor, topic_configs=config)
+        NewTopic(name, settings.partitions_of(name), settings.replication_factor, topic_configs=config)
         for name in settings.topics
     ]
     response = await admin.create_topics(wanted)
@@ -165,7 +166,8 @@ async def ensure_topics(admin: AIOKafkaAdminClient, settings: KafkaSettings) -> 
             raise KafkaError(f"creating topic {topic!r} failed with error {code}: {message}")
     if created:
         logger.info(
-            "created topics %s (%d partitions, replication %d, retention.ms %d)",
-            ", ".join(created), settings.partitions, settings.replication_factor, settings.retention_ms,
+            "created topics %s (replication %d, retention.ms %d)",
+            ", ".join(f"{name} ({settings.partitions_of(name)} partitions)" for name in created),
+            settings.replication_factor, settings.retention_ms,
         )
     return created
