@@ -100,3 +100,31 @@ async def test_a_held_setup_lock_is_waited_for_within_setup_timeout_and_freed_by
             assert delivery.message.id == sent.id
     finally:
         await holder.close()
+
+
+async def test_a_take_of_the_setup_lock_cancelled_in_the_declare_gives_it_back(
+        rabbitmq_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cancel that arrives once the broker created the lock queue for this connection, before its answer is
+    read, must not leave the lock held until this Bus closes: other processes would wait for it."""
+    url = f"{rabbitmq_url}&setup_timeout=0.5"
+    lock = RabbitSettings.from_url(url).setup_lock_queue
+    declare = aio_pika.Channel.declare_queue
+    cancelled: list[str] = []
+
+    async def declare_then_cancelled(self: aio_pika.Channel, name: str | None = None, **kwargs: object) -> object:
+        queue = await declare(self, name, **kwargs)  # type: ignore[arg-type]
+        if name == lock and not cancelled:
+            cancelled.append(name)
+            raise asyncio.CancelledError  # as if cancelled right after the broker answered
+        return queue
+
+    monkeypatch.setattr(aio_pika.Channel, "declare_queue", declare_then_cancelled)
+    got: asyncio.Queue[Delivery] = asyncio.Queue()
+    async with Bus.from_url(url) as first, Bus.from_url(url) as other:
+        with pytest.raises(asyncio.CancelledError):
+            await first.subscribe(subjects.direct("dev-1"), got.put, group="audit")
+        assert cancelled == [lock]
+        await other.subscribe(subjects.direct("dev-1"), got.put, group="audit")  # not BackendTimeout
+        sent = await other.send("pm", "dev-1", "hi")
+        delivery = await asyncio.wait_for(got.get(), 10)
+        assert delivery.message.id == sent.id

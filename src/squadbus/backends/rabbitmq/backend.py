@@ -425,8 +425,9 @@ class RabbitBackend:
                 pause = min(0.2, pause * 2)
             except BaseException as exc:
                 if channel is not None:
-                    with contextlib.suppress(Exception):
-                        await channel.close()
+                    # Cancelled in the declare, the broker may have made this connection the holder before its
+                    # answer was read: give it back, or other processes wait until this Bus closes.
+                    await asyncio.shield(_close_lock_channel(channel, name, delete=not isinstance(exc, Exception)))
                 if isinstance(exc, Exception):
                     raise translate(exc, f"take the setup lock {name}") from exc
                 raise
@@ -556,3 +557,13 @@ class RabbitBackend:
             message = read_back(msg.body, pattern, since, on_unreadable)
             if message is not None:
                 yield message
+
+
+async def _close_lock_channel(channel: aio_pika.abc.AbstractChannel, name: str, *, delete: bool) -> None:
+    """Close a channel of a setup-lock take that failed; ``delete``: drop the lock queue first (a queue this
+    connection does not hold is refused, which is fine)."""
+    if delete:
+        with contextlib.suppress(Exception):
+            await channel.queue_delete(name)
+    with contextlib.suppress(Exception):
+        await channel.close()
