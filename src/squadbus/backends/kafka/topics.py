@@ -1,6 +1,6 @@
 """Topic layout: which subjects live in which topic, and topic creation.
 
-Three topics (names from :class:`KafkaSettings`):
+The topics (names from :class:`KafkaSettings`):
 
 * ``dlq_topic``   ``agent.dlq.>``   dead letters of every group;
 * ``reply_topic`` ``agent.reply.>`` replies to requests (read by short-lived
