@@ -103,3 +103,11 @@ def test_squad_pattern_rejects_what_is_not_under_agent(pattern: str) -> None:
 def test_squad_pattern_rejects_malformed() -> None:
     with pytest.raises(InvalidSubject):
         subjects.validate_squad_pattern("agent..x")
+
+
+def test_is_broadcast_names_the_squad_and_domain_broadcasts_only() -> None:
+    assert subjects.is_broadcast(subjects.BROADCAST)
+    assert subjects.is_broadcast(subjects.domain("dev")) and subjects.is_broadcast("agent.message.domain.dev.x")
+    for other in ("agent.message.dev-1", "agent.message.domain", "agent.message.domainx", "agent.reply.t.r",
+                  "agent.dlq.writer", "agent.message.broadcast.x"):
+        assert not subjects.is_broadcast(other), other

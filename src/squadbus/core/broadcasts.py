@@ -65,7 +65,6 @@ ONE_READ = f"{subjects.MESSAGE_PREFIX}.>"
 """The one pattern a hub subscribes to where literal subscriptions are not cheap."""
 DOMAINS_READ = f"{subjects.DOMAIN_PREFIX}.>"
 """The pattern carrying every domain broadcast where broadcasts are kept apart."""
-_DOMAIN_PREFIX = subjects.DOMAIN_PREFIX + "."
 
 
 class _Copy(Delivery):
@@ -158,11 +157,8 @@ class BroadcastHub:
         backend = self._bus.backend
         if getattr(backend, "literal_subscriptions_cheap", True):
             return subject
-        if getattr(backend, "broadcasts_apart", False):
-            if subject == subjects.BROADCAST:
-                return subject
-            if subject.startswith(_DOMAIN_PREFIX):
-                return DOMAINS_READ
+        if getattr(backend, "broadcasts_apart", False) and subjects.is_broadcast(subject):
+            return subject if subject == subjects.BROADCAST else DOMAINS_READ
         return ONE_READ
 
     async def join(self, subject: str, inbox: Inbox, on_failure: FailurePolicy) -> None:

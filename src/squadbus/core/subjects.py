@@ -28,6 +28,7 @@ ROOT = "agent"
 MESSAGE_PREFIX = "agent.message"
 BROADCAST = "agent.message.broadcast"
 DOMAIN_PREFIX = "agent.message.domain"
+_DOMAIN_DOT = DOMAIN_PREFIX + "."
 REPLY_PREFIX = "agent.reply"
 DLQ_PREFIX = "agent.dlq"
 ALL = "agent.>"
@@ -160,6 +161,11 @@ def direct(recipient_id: str) -> str:
 def domain(name: str) -> str:
     """Subject of a broadcast to every agent of one domain."""
     return f"{DOMAIN_PREFIX}.{validate_token(name, what='domain')}"
+
+
+def is_broadcast(subject: str) -> bool:
+    """True for a squad broadcast subject or a domain broadcast subject (``agent.message.domain.<...>``)."""
+    return subject == BROADCAST or subject.startswith(_DOMAIN_DOT)
 
 
 def reply(token: str, request_id: str) -> str:

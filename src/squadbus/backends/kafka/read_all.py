@@ -55,7 +55,7 @@ async def read_all(
                 for record in records:
                     if record.offset >= left.get(tp, 0):
                         break
-                    expected[tp] = max(expected[tp], record.offset + 1)
+                    expected[tp] = record.offset + 1
                     message = read_back(record.value or b"", pattern, since, on_unreadable)
                     if message is not None:
                         yield message

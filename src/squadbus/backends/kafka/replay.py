@@ -65,8 +65,6 @@ async def replay_execution(
                 consumer.seek(tp, missing)
                 await asyncio.sleep(GAP_RETRY_DELAY)
             for record in records:
-                if record.offset < position:
-                    continue  # read already
                 position = record.offset + 1
                 if record.offset >= end:
                     return

@@ -41,7 +41,6 @@ _TOPIC_ALREADY_EXISTS = 36
 _DLQ_TOKENS = ("agent", "dlq")
 _REPLY_TOKENS = ("agent", "reply")
 _DIRECT_PREFIX = subjects.MESSAGE_PREFIX + "."
-_DOMAIN_PREFIX = subjects.DOMAIN_PREFIX + "."
 _DOMAIN_TOKENS = tuple(subjects.DOMAIN_PREFIX.split("."))
 
 
@@ -64,13 +63,8 @@ def _inside_prefix(pattern: str, prefix: tuple[str, ...]) -> bool:
     return len(tokens) > len(prefix) and tuple(tokens[: len(prefix)]) == prefix
 
 
-def is_broadcast(subject: str) -> bool:
-    """True for a squad or domain broadcast subject (its copy goes to the broadcast topic)."""
-    return subject == subjects.BROADCAST or subject.startswith(_DOMAIN_PREFIX)
-
-
 def broadcasts_only(pattern: str) -> bool:
-    """True when every subject ``pattern`` matches is a broadcast (:func:`is_broadcast`)."""
+    """True when every subject ``pattern`` matches is a broadcast (:func:`~squadbus.core.subjects.is_broadcast`)."""
     return pattern == subjects.BROADCAST or _inside_prefix(pattern, _DOMAIN_TOKENS)
 
 
@@ -116,7 +110,7 @@ class TopicLayout:
         if recipient is not None:
             assert self.inbox is not None
             return self.inbox, recipient.encode()
-        if self.broadcasts is not None and is_broadcast(subject):
+        if self.broadcasts is not None and subjects.is_broadcast(subject):
             return self.broadcasts, None
         return None
 
